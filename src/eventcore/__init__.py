@@ -1,0 +1,60 @@
+"""eventcore: event sourcing with atomic multi-stream commands.
+
+A command reads several streams, decides, and appends to several streams
+atomically, with optimistic concurrency on every stream it read.
+
+    import eventcore as ec
+    store = ec.connect("sqlite:///bank.db")
+    ec.execute(store, Deposit(account=ec.StreamId("account-1"), amount=10))
+"""
+from ._impl import IMPL as __impl__
+from .commands import Command, require
+from .errors import (
+    BusinessRuleViolation,
+    CommandTimeoutError,
+    ConcurrencyError,
+    EventCoreError,
+    SerializationError,
+    StoreUnavailableError,
+    UndeclaredStreamError,
+    UnknownEventTypeError,
+    ValidationError,
+)
+from .events import Event, EventToWrite, Metadata, RecordedEvent, emit
+from .executor import ExecutionResult, RetryPolicy, execute
+from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
+from .stores import connect
+from .stores.base import EventStore
+from .streams import StreamId
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ANY",
+    "BusinessRuleViolation",
+    "Command",
+    "CommandTimeoutError",
+    "ConcurrencyError",
+    "Event",
+    "EventCoreError",
+    "EventStore",
+    "EventToWrite",
+    "ExecutionResult",
+    "ExpectedVersion",
+    "Metadata",
+    "NO_STREAM",
+    "RecordedEvent",
+    "RetryPolicy",
+    "STREAM_EXISTS",
+    "SerializationError",
+    "StoreUnavailableError",
+    "StreamId",
+    "UndeclaredStreamError",
+    "UnknownEventTypeError",
+    "ValidationError",
+    "__impl__",
+    "connect",
+    "emit",
+    "execute",
+    "require",
+]

@@ -1,0 +1,107 @@
+"""Event serialization: msgspec JSON payloads in, `RecordedEvent` envelopes out.
+
+Every backend hands rows to `decode_rows` in one layout (see `ROW_COLUMNS`), so
+the decoding, and its Cython twin, is shared by all stores.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+
+import msgspec
+
+from ..errors import SerializationError, UnknownEventTypeError
+from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, event_class
+
+#: The row layout every store returns for decoding.
+ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us")
+
+def _enc_hook(obj):
+    # str subclasses (StreamId in an event field) are not native to msgspec.
+    if isinstance(obj, str):
+        return str(obj)
+    raise NotImplementedError(f"objects of type {type(obj).__name__} are not JSON-serializable")
+
+
+_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+_metadata_decoder = msgspec.json.Decoder(Metadata)
+_decoders: dict[type, msgspec.json.Decoder] = {}
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_UUID = uuid.UUID
+_new_uuid = uuid.UUID.__new__
+_set = object.__setattr__
+
+
+def encode_event(event: Event) -> tuple:
+    """(type name, JSON payload bytes) for an event."""
+    try:
+        return type(event).__event_type__, _encoder.encode(event)
+    except AttributeError:
+        raise SerializationError(f"not an ec.Event: {type(event).__name__}") from None
+    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode {type(event).__name__}: {exc}") from exc
+
+
+def encode_metadata(metadata) -> bytes | None:
+    """JSON bytes for metadata, or None when there is nothing to store."""
+    if metadata is None or metadata == EMPTY_METADATA:
+        return None
+    try:
+        return _encoder.encode(metadata)
+    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
+        raise SerializationError(f"cannot encode metadata: {exc}") from exc
+
+
+def _decoder_for(type_name: str, position, stream_id) -> msgspec.json.Decoder:
+    cls = event_class(type_name)
+    if cls is None:
+        raise UnknownEventTypeError(type_name, position, stream_id)
+    dec = _decoders.get(cls)
+    if dec is None:
+        dec = _decoders[cls] = msgspec.json.Decoder(cls)
+    return dec
+
+
+def _uuid_from_bytes(raw) -> uuid.UUID:
+    u = _new_uuid(_UUID)
+    _set(u, "int", int.from_bytes(raw, "big"))
+    _set(u, "is_safe", uuid.SafeUUID.unknown)
+    return u
+
+
+def recorded_at_from_us(us: int) -> _dt.datetime:
+    return _EPOCH + _dt.timedelta(microseconds=us)
+
+
+def decode_rows(rows) -> list:
+    """Decode stored rows (layout `ROW_COLUMNS`) into `RecordedEvent`s, in the given order."""
+    out = []
+    append = out.append
+    cache: dict = {}
+    for position, sid, version, event_id, type_name, data, metadata, recorded_us in rows:
+        dec = cache.get(type_name)
+        if dec is None:
+            dec = cache[type_name] = _decoder_for(type_name, position, sid)
+        try:
+            payload = dec.decode(data)
+            md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise SerializationError(
+                f"cannot decode event of type {type_name!r} at position {position} "
+                f"(stream {sid!r}, version {version}): {exc}"
+            ) from exc
+        if len(event_id) != 16:
+            raise SerializationError(f"corrupt event id at position {position}: {len(event_id)} bytes")
+        append(
+            RecordedEvent(
+                sid,
+                version,
+                position,
+                _uuid_from_bytes(event_id),
+                type_name,
+                payload,
+                md,
+                _EPOCH + _dt.timedelta(microseconds=recorded_us),
+            )
+        )
+    return out

@@ -1,0 +1,117 @@
+"""The event model: `Event` (what happened), `Metadata` (who and why), `RecordedEvent` (as stored).
+
+Event classes register themselves under a stable type name — `__event_type__`
+when the class sets it, else the class name, never a module path — so stored
+events stay readable after code moves. The registry maps names back to classes
+on read; an unknown name is a typed error, never a silently dropped event.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import uuid
+from typing import Any, ClassVar
+
+import msgspec
+
+from .errors import ValidationError
+from .streams import StreamId, stream_id as _stream_id
+
+_registry: dict[str, type["Event"]] = {}
+_registry_lock = threading.Lock()
+
+
+class Event(msgspec.Struct):
+    """Base class of domain events (a msgspec Struct).
+
+    The stored type name is the class name, or `__event_type__` when set::
+
+        class Deposited(ec.Event):
+            __event_type__ = "bank.Deposited"   # optional: pin the stored name
+            amount: int
+    """
+
+    __event_type__: ClassVar[str]
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # Read from the class's own dict: a subclass must not inherit its parent's name.
+        name = cls.__dict__.get("__event_type__") or cls.__name__
+        if not isinstance(name, str) or not name or len(name) > 255:
+            raise TypeError(f"{cls.__qualname__}.__event_type__ must be a non-empty str of at most 255 characters")
+        cls.__event_type__ = name
+        register_event_type(cls)
+
+
+def _qualified(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def register_event_type(cls: type[Event]) -> None:
+    """Register `cls` under its type name (done automatically for every `Event` subclass).
+
+    Two different classes claiming one name is an error; redefining the same
+    class (same module and qualified name, e.g. on reload) replaces it.
+    """
+    name = cls.__event_type__
+    with _registry_lock:
+        existing = _registry.get(name)
+        if existing is not None and existing is not cls and _qualified(existing) != _qualified(cls):
+            raise TypeError(
+                f"event type name {name!r} is already used by {_qualified(existing)}; "
+                f"set __event_type__ on {_qualified(cls)} to a unique, stable name"
+            )
+        _registry[name] = cls
+
+
+def event_class(type_name: str) -> type[Event] | None:
+    """The registered `Event` class for a stored type name, or None."""
+    return _registry.get(type_name)
+
+
+class Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
+    """Who and why: stored with every event and returned on read."""
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    user_id: str | None = None
+    custom: dict[str, Any] = {}
+
+
+EMPTY_METADATA = Metadata()
+
+
+class RecordedEvent(msgspec.Struct, frozen=True):
+    """An event as stored: its envelope and its decoded payload.
+
+    `version` is 1-based and gap-free within the stream; `position` is the
+    global, commit-ordered position in the store's feed; `event_id` is a UUIDv7.
+    """
+
+    stream_id: str
+    version: int
+    position: int
+    event_id: uuid.UUID
+    type: str
+    data: Any
+    metadata: Metadata
+    recorded_at: _dt.datetime
+
+
+class EventToWrite(msgspec.Struct, frozen=True):
+    """An event bound to the stream it goes to; made by `emit(...)`."""
+
+    stream_id: StreamId
+    event: Event
+    metadata: Metadata | None = None
+
+
+def emit(stream: str, event: Event, metadata: Metadata | None = None) -> EventToWrite:
+    """Name the stream an event goes to: `return [ec.emit(self.account, Deposited(amount=1))]`."""
+    if not isinstance(event, Event):
+        raise ValidationError(
+            f"emit() takes an ec.Event instance, got {type(event).__name__}: {event!r}"
+        )
+    if metadata is not None and not isinstance(metadata, Metadata):
+        raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+    return EventToWrite(_stream_id(stream), event, metadata)

@@ -1,0 +1,63 @@
+"""Store backends and `connect(url)`, which picks one from the URL scheme.
+
+memory://                 in-process, for tests
+sqlite:///relative.db     embedded default (sqlite:////absolute/path.db for an absolute path)
+postgresql://...          production (its own module, imported only when asked for)
+"""
+from __future__ import annotations
+
+import importlib
+from urllib.parse import parse_qsl, urlsplit
+
+from ..errors import ValidationError
+from .base import EventStore
+
+# scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
+_BACKENDS = {
+    "memory": ("eventcore.stores.memory", "MemoryStore"),
+    "sqlite": ("eventcore.stores.sqlite", "SQLiteStore"),
+    "postgresql": ("eventcore.stores.postgres", "PostgresStore"),
+    "postgres": ("eventcore.stores.postgres", "PostgresStore"),
+}
+
+
+def connect(url: str, **options) -> EventStore:
+    """Open the store a URL names. Options come from the URL query and/or keyword arguments (which win).
+
+    >>> store = connect("sqlite:///bank.db")             # doctest: +SKIP
+    >>> store = connect("sqlite:///bank.db?synchronous=normal&timeout=5")  # doctest: +SKIP
+    """
+    if not isinstance(url, str) or "://" not in url:
+        raise ValidationError(
+            f"store URL must look like memory://, sqlite:///path.db or postgresql://..., got {url!r}"
+        )
+    scheme = url.split("://", 1)[0].lower()
+    backend = _BACKENDS.get(scheme)
+    if backend is None:
+        raise ValidationError(f"unknown store scheme {scheme!r} in {url!r}; supported: memory, sqlite, postgresql")
+    module_name, class_name = backend
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise ValidationError(f"the {scheme} backend is not available in this version of eventcore") from None
+        raise ImportError(f"the {scheme} backend needs {exc.name!r}: pip install 'pyeventcore[postgres]'") from exc
+    cls = getattr(module, class_name)
+    if scheme == "memory":
+        if url.split("://", 1)[1].strip("/"):
+            raise ValidationError(f"memory:// takes no path or options, got {url!r}")
+        return cls(**options)
+    if scheme == "sqlite":
+        parts = urlsplit(url)
+        if parts.netloc:
+            raise ValidationError(
+                f"sqlite URLs have no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}"
+            )
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        merged = dict(parse_qsl(parts.query, keep_blank_values=True))
+        merged.update(options)
+        unknown = set(merged) - {"timeout", "synchronous"}
+        if unknown:
+            raise ValidationError(f"unknown sqlite option(s) {sorted(unknown)}; known: synchronous, timeout")
+        return cls(path, **merged)
+    return cls.from_url(url, **options)

@@ -1,0 +1,272 @@
+"""The store contract every backend implements, and the validation they share.
+
+A store appends events atomically across streams, each stream guarded by an
+expected version, and reads them back by stream or as one commit-ordered feed.
+Encoding and validation happen here, before a backend takes any lock or opens
+any transaction, so bad input is rejected with nothing written.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import time
+import uuid
+from abc import ABC, abstractmethod
+from typing import Iterable, Iterator, Mapping, Sequence
+
+from .. import _impl
+from ..errors import ValidationError
+from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RecordedEvent
+from ..expected import ANY, validate_expected
+from ..streams import stream_id as _stream_id
+
+#: Most events accepted by one `append`. A single append is one transaction
+#: holding the write lock; past ~100k rows a batch belongs in the batch writer.
+MAX_EVENTS_PER_APPEND = 100_000
+
+#: Rows per page of `read_all`: large enough that the per-query cost vanishes
+#: (~1k rows decode in about a millisecond), small enough to bound memory.
+DEFAULT_PAGE_SIZE = 1000
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+
+
+class PreparedAppend:
+    """An append validated and encoded, ready for a backend to check versions and write.
+
+    Columns are parallel lists (one entry per event) so a backend can pass
+    them as arrays in one statement; `expected` covers every participant
+    stream, written or read-only.
+    """
+
+    __slots__ = ("stream_ids", "types", "payloads", "metadatas", "event_ids", "events", "metadata_objs",
+                 "expected", "recorded_at_us")
+
+    def __init__(self, stream_ids, types, payloads, metadatas, event_ids, events, metadata_objs, expected):
+        self.stream_ids = stream_ids
+        self.types = types
+        self.payloads = payloads
+        self.metadatas = metadatas
+        self.event_ids = event_ids
+        self.events = events
+        self.metadata_objs = metadata_objs
+        self.expected = expected
+        self.recorded_at_us = time.time_ns() // 1000
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+    def recorded(self, versions: Sequence[int], positions: Sequence[int]) -> list[RecordedEvent]:
+        """The `RecordedEvent`s of this append once the backend assigned versions and positions."""
+        at = _EPOCH + _dt.timedelta(microseconds=self.recorded_at_us)
+        return [
+            RecordedEvent(sid, v, p, uuid.UUID(bytes=eid), t, ev, md if md is not None else EMPTY_METADATA, at)
+            for sid, v, p, eid, t, ev, md in zip(
+                self.stream_ids, versions, positions, self.event_ids, self.types, self.events, self.metadata_objs
+            )
+        ]
+
+
+def prepare_append(
+    events: Iterable[EventToWrite],
+    expected: Mapping[str, int] | None,
+    metadata: Metadata | None,
+) -> PreparedAppend:
+    """Validate and encode an append. Raises ValidationError / SerializationError; writes nothing."""
+    if metadata is not None and not isinstance(metadata, Metadata):
+        raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+    exp: dict[str, int] = {}
+    if expected:
+        for sid, want in expected.items():
+            sid = _stream_id(sid)
+            exp[sid] = validate_expected(sid, want)
+    stream_ids, types, payloads, metadatas, objs, mds = [], [], [], [], [], []
+    encode_event = _impl.encode_event
+    encode_metadata = _impl.encode_metadata
+    default_md_bytes = encode_metadata(metadata)
+    for item in events:
+        if type(item) is not EventToWrite:
+            raise ValidationError(
+                f"append() takes ec.emit(stream, event) items, got {type(item).__name__}: {item!r}"
+            )
+        ev = item.event
+        if not isinstance(ev, Event):
+            raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
+        sid = item.stream_id
+        type_name, payload = encode_event(ev)
+        md = item.metadata
+        if md is None:
+            md, md_bytes = metadata, default_md_bytes
+        else:
+            md_bytes = encode_metadata(md)
+        stream_ids.append(sid)
+        types.append(type_name)
+        payloads.append(payload)
+        metadatas.append(md_bytes)
+        objs.append(ev)
+        mds.append(md)
+        if sid not in exp:
+            exp[sid] = ANY
+    if len(stream_ids) > MAX_EVENTS_PER_APPEND:
+        raise ValidationError(
+            f"an append holds at most {MAX_EVENTS_PER_APPEND} events, got {len(stream_ids)}; "
+            "use the batch writer for bulk ingestion"
+        )
+    event_ids = _impl.new_event_ids(len(stream_ids))
+    return PreparedAppend(stream_ids, types, payloads, metadatas, event_ids, objs, mds, exp)
+
+
+def _type_names(types) -> tuple[str, ...] | None:
+    if types is None:
+        return None
+    if isinstance(types, (str, type)):
+        types = (types,)
+    names = []
+    for t in types:
+        if isinstance(t, type) and issubclass(t, Event):
+            names.append(t.__event_type__)
+        elif isinstance(t, str):
+            names.append(t)
+        else:
+            raise ValidationError(f"types filter takes event type names or ec.Event classes, got {t!r}")
+    return tuple(names)
+
+
+class EventStore(ABC):
+    """The store contract. Backends implement the underscored primitives; the public methods validate."""
+
+    #: The URL scheme this backend answers to (e.g. "sqlite").
+    scheme: str = ""
+
+    # -- writing ----------------------------------------------------------------
+
+    def append(
+        self,
+        events: Iterable[EventToWrite],
+        expected: Mapping[str, int] | None = None,
+        *,
+        metadata: Metadata | None = None,
+    ) -> list[RecordedEvent]:
+        """Append events to one or more streams atomically.
+
+        `expected` maps stream id -> expected version (an int, `ec.NO_STREAM`,
+        `ec.ANY`, `ec.STREAM_EXISTS`). Streams listed without events are
+        read-only participants: checked, not written. Streams written but not
+        listed are not checked. Either every event is written, with gap-free
+        versions and consecutive positions, or none is and ConcurrencyError
+        names the first conflicting stream (in sorted order).
+        """
+        prepared = prepare_append(events, expected, metadata)
+        if not prepared.expected:
+            return []
+        return self._append(prepared)
+
+    @abstractmethod
+    def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
+        """Check every expected version and write every event, atomically."""
+
+    # -- reading ----------------------------------------------------------------
+
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
+        """A stream's events in version order, from `from_version` (1-based)."""
+        sid = _stream_id(stream_id)
+        if type(from_version) is not int or from_version < 1:
+            raise ValidationError(f"from_version must be an int >= 1, got {from_version!r}")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValidationError(f"limit must be an int >= 0 or None, got {limit!r}")
+        return self._read_stream(sid, from_version, limit)
+
+    def read_streams(self, stream_ids: Iterable[str]) -> dict[str, list[RecordedEvent]]:
+        """Every event of several streams, read at one point in time (one round trip where possible).
+
+        Returns stream id -> events in version order; streams without events map to [].
+        """
+        ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+        if not ids:
+            return {}
+        return self._read_streams(ids)
+
+    def stream_version(self, stream_id: str) -> int:
+        """A stream's current version (0 if it has no events)."""
+        return self.stream_versions([stream_id])[_stream_id(stream_id)]
+
+    def stream_versions(self, stream_ids: Iterable[str]) -> dict[str, int]:
+        """Current version of each stream (0 for streams without events)."""
+        ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+        if not ids:
+            return {}
+        return self._stream_versions(ids)
+
+    def read_all(
+        self,
+        *,
+        after_position: int = 0,
+        types: Iterable[str | type] | None = None,
+        stream_prefix: str | None = None,
+        limit: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+    ) -> Iterator[RecordedEvent]:
+        """Every event after `after_position`, in ascending global position, fetched page by page.
+
+        Filters: `types` (type names or Event classes) and `stream_prefix`.
+        A position once returned is never followed by a lower one on a later call.
+        """
+        if type(after_position) is not int or after_position < 0:
+            raise ValidationError(f"after_position must be an int >= 0, got {after_position!r}")
+        if type(page_size) is not int or page_size < 1:
+            raise ValidationError(f"page_size must be an int >= 1, got {page_size!r}")
+        if limit is not None and (type(limit) is not int or limit < 0):
+            raise ValidationError(f"limit must be an int >= 0 or None, got {limit!r}")
+        if stream_prefix is not None and (not isinstance(stream_prefix, str) or "\x00" in stream_prefix):
+            raise ValidationError(f"stream_prefix must be a str without NUL, got {stream_prefix!r}")
+        names = _type_names(types)
+        return self._iter_all(after_position, names, stream_prefix or None, limit, page_size)
+
+    def _iter_all(self, after, names, prefix, limit, page_size) -> Iterator[RecordedEvent]:
+        remaining = limit
+        while remaining is None or remaining > 0:
+            n = page_size if remaining is None else min(page_size, remaining)
+            page = self._read_all_page(after, names, prefix, n)
+            yield from page
+            if len(page) < n:
+                return
+            after = page[-1].position
+            if remaining is not None:
+                remaining -= len(page)
+
+    def head_position(self) -> int:
+        """The highest global position visible to readers (0 for an empty store)."""
+        return self._head_position()
+
+    @abstractmethod
+    def _read_stream(self, stream_id: str, from_version: int, limit: int | None) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    def _read_streams(self, stream_ids: list[str]) -> dict[str, list[RecordedEvent]]: ...
+
+    @abstractmethod
+    def _stream_versions(self, stream_ids: list[str]) -> dict[str, int]: ...
+
+    @abstractmethod
+    def _read_all_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    def _head_position(self) -> int: ...
+
+    # -- life cycle ---------------------------------------------------------------
+
+    def close(self) -> None:
+        """Release connections. The store cannot be used afterwards."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def group_by_stream(stream_ids: list[str], events: list[RecordedEvent]) -> dict[str, list[RecordedEvent]]:
+    """Split position-ordered events of several streams into stream -> events (version order)."""
+    out: dict[str, list[RecordedEvent]] = {sid: [] for sid in stream_ids}
+    for e in events:
+        out[e.stream_id].append(e)
+    return out

@@ -1,0 +1,86 @@
+"""In-memory store (`memory://`): the contract with nothing durable, for tests and benchmarks.
+
+Events are kept encoded, exactly as a database would hold them, and decoded on
+read, so serialization behaves as on every other backend. One lock guards the
+whole store; it is held only for version checks and list appends, never while
+decoding.
+"""
+from __future__ import annotations
+
+import threading
+
+from .. import _impl
+from ..events import RecordedEvent
+from .base import EventStore, PreparedAppend, group_by_stream
+
+
+class MemoryStore(EventStore):
+    scheme = "memory"
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._rows: list[tuple] = []  # row layout of codec.ROW_COLUMNS; index = position - 1
+        self._streams: dict[str, list[int]] = {}  # stream -> row indexes, version order
+
+    def __repr__(self) -> str:
+        return "MemoryStore()"
+
+    @property
+    def url(self) -> str:
+        return "memory://"
+
+    def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
+        streams = self._streams
+        with self._lock:
+            current = {sid: len(streams.get(sid, ())) for sid in p.expected}
+            _impl.check_expected_versions(p.expected, current)
+            versions = _impl.assign_versions(p.stream_ids, current)
+            rows = self._rows
+            first = len(rows) + 1
+            positions = range(first, first + len(p))
+            at = p.recorded_at_us
+            for sid, v, pos, eid, t, data, md in zip(
+                p.stream_ids, versions, positions, p.event_ids, p.types, p.payloads, p.metadatas
+            ):
+                rows.append((pos, sid, v, eid, t, data, md, at))
+                idx = streams.get(sid)
+                if idx is None:
+                    idx = streams[sid] = []
+                idx.append(pos - 1)
+        return p.recorded(versions, positions)
+
+    def _read_stream(self, stream_id, from_version, limit):
+        with self._lock:
+            idx = self._streams.get(stream_id, ())
+            stop = None if limit is None else from_version - 1 + limit
+            rows = [self._rows[i] for i in idx[from_version - 1 : stop]]
+        return _impl.decode_rows(rows)
+
+    def _read_streams(self, stream_ids):
+        with self._lock:
+            idx = [i for sid in stream_ids for i in self._streams.get(sid, ())]
+            rows = [self._rows[i] for i in sorted(idx)]
+        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+
+    def _stream_versions(self, stream_ids):
+        with self._lock:
+            return {sid: len(self._streams.get(sid, ())) for sid in stream_ids}
+
+    def _read_all_page(self, after, types, prefix, limit):
+        out = []
+        with self._lock:
+            rows = self._rows
+            for i in range(after, len(rows)):
+                row = rows[i]
+                if types is not None and row[4] not in types:
+                    continue
+                if prefix is not None and not row[1].startswith(prefix):
+                    continue
+                out.append(row)
+                if len(out) >= limit:
+                    break
+        return _impl.decode_rows(out)
+
+    def _head_position(self):
+        with self._lock:
+            return len(self._rows)

@@ -1,0 +1,271 @@
+"""Embedded SQLite store (`sqlite:///path`): the default backend, durable, no server needed.
+
+WAL journal, `synchronous=FULL` by default (an acknowledged append survives a
+power cut; `?synchronous=normal` trades that for speed), one connection per
+thread, several processes may share one file. Writers serialise on SQLite's
+database write lock (`BEGIN IMMEDIATE`), so versions are checked and positions
+assigned under that lock: positions are in commit order and a reader of the
+feed can never skip an event. Events are immutable: triggers reject UPDATE and
+DELETE.
+"""
+from __future__ import annotations
+
+import os
+import sqlite3
+import threading
+import weakref
+
+import msgspec
+
+from .. import _impl
+from ..errors import StoreUnavailableError, ValidationError
+from ..events import RecordedEvent
+from .base import EventStore, PreparedAppend, group_by_stream
+
+SCHEMA_VERSION = 1
+
+_SCHEMA_STATEMENTS = (
+    """CREATE TABLE IF NOT EXISTS events (
+        position    INTEGER PRIMARY KEY,
+        stream_id   TEXT    NOT NULL,
+        version     INTEGER NOT NULL CHECK (version >= 1),
+        event_id    BLOB    NOT NULL UNIQUE,
+        type        TEXT    NOT NULL,
+        data        BLOB    NOT NULL,
+        metadata    BLOB,
+        recorded_at INTEGER NOT NULL,
+        UNIQUE (stream_id, version)
+    )""",
+    """CREATE TRIGGER IF NOT EXISTS events_are_immutable_update BEFORE UPDATE ON events
+       BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (UPDATE rejected)'); END""",
+    """CREATE TRIGGER IF NOT EXISTS events_are_immutable_delete BEFORE DELETE ON events
+       BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (DELETE rejected)'); END""",
+)
+
+_COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at"
+
+# Stream ids travel as one JSON array parameter (json_each), so each statement
+# has one fixed text and stays in sqlite3's statement cache whatever the number of streams.
+_SQL_VERSIONS_AND_HEAD = (
+    "SELECT stream_id, MAX(version) FROM events "
+    "WHERE stream_id IN (SELECT value FROM json_each(?)) GROUP BY stream_id "
+    "UNION ALL SELECT NULL, MAX(position) FROM events"
+)
+_SQL_VERSIONS = (
+    "SELECT stream_id, MAX(version) FROM events "
+    "WHERE stream_id IN (SELECT value FROM json_each(?)) GROUP BY stream_id"
+)
+_SQL_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_SQL_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
+_SQL_READ_STREAMS = (
+    f"SELECT {_COLUMNS} FROM events WHERE stream_id IN (SELECT value FROM json_each(?)) ORDER BY position"
+)
+_SQL_HEAD = "SELECT COALESCE(MAX(position), 0) FROM events"
+
+
+def _read_all_sql(with_types: bool, with_prefix: bool) -> str:
+    sql = f"SELECT {_COLUMNS} FROM events WHERE position > ?"
+    if with_types:
+        sql += " AND type IN (SELECT value FROM json_each(?))"
+    if with_prefix:
+        sql += " AND substr(stream_id, 1, ?) = ?"
+    return sql + " ORDER BY position LIMIT ?"
+
+
+_SQL_READ_ALL = {(t, p): _read_all_sql(t, p) for t in (False, True) for p in (False, True)}
+
+_json = msgspec.json.Encoder(enc_hook=str)  # StreamId is a str subclass msgspec does not know
+_SYNCHRONOUS = {"off", "normal", "full", "extra"}
+
+
+def _json_list(items) -> str:
+    return _json.encode(list(items)).decode()
+
+
+class SQLiteStore(EventStore):
+    """Events in one SQLite file. Thread-safe and multi-process safe.
+
+    `timeout` (seconds) bounds how long a writer waits for another writer's lock
+    before StoreUnavailableError.
+    """
+
+    scheme = "sqlite"
+
+    def __init__(self, path: str, *, timeout: float = 10.0, synchronous: str = "full") -> None:
+        if not path or path == ":memory:":
+            raise ValidationError("sqlite store needs a file path (sqlite:///events.db); use memory:// for a throwaway store")
+        synchronous = str(synchronous).lower()
+        if synchronous not in _SYNCHRONOUS:
+            raise ValidationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, got {synchronous!r}")
+        try:
+            timeout = float(timeout)
+        except (TypeError, ValueError):
+            raise ValidationError(f"timeout must be a number of seconds, got {timeout!r}") from None
+        if not timeout > 0:
+            raise ValidationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        self.path = os.path.abspath(path)
+        self.timeout = timeout
+        self.synchronous = synchronous
+        self._local = threading.local()
+        self._conns: list[sqlite3.Connection] = []
+        self._conns_lock = threading.Lock()
+        self._closed = False
+        _after_fork_reset.add(self)
+        self._init_schema()
+
+    def __repr__(self) -> str:
+        return f"SQLiteStore({self.path!r})"
+
+    @property
+    def url(self) -> str:
+        return f"sqlite:///{self.path}"
+
+    # -- connections ---------------------------------------------------------------
+
+    def _connect(self) -> sqlite3.Connection:
+        if self._closed:
+            raise StoreUnavailableError(f"{self!r} is closed")
+        try:
+            conn = sqlite3.connect(self.path, timeout=self.timeout, isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot open SQLite database {self.path!r}: {exc}") from exc
+        with self._conns_lock:
+            self._conns.append(conn)
+        self._local.conn = conn
+        return conn
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        return conn if conn is not None else self._connect()
+
+    def _reset_after_fork(self) -> None:
+        # A SQLite connection must not be used across fork(): the child opens its own.
+        self._local = threading.local()
+        self._conns = []
+        self._conns_lock = threading.Lock()
+
+    def _init_schema(self) -> None:
+        conn = self._conn()
+        try:
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                version = conn.execute("PRAGMA user_version").fetchone()[0]
+                if version > SCHEMA_VERSION:
+                    raise StoreUnavailableError(
+                        f"{self.path!r} has schema version {version}, newer than this eventcore "
+                        f"understands ({SCHEMA_VERSION}); upgrade eventcore"
+                    )
+                if version < SCHEMA_VERSION:
+                    for statement in _SCHEMA_STATEMENTS:
+                        conn.execute(statement)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"cannot initialise SQLite database {self.path!r}: {exc}") from exc
+
+    def close(self) -> None:
+        self._closed = True
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+        for conn in conns:
+            try:
+                conn.close()
+            except sqlite3.Error:
+                pass
+        self._local = threading.local()
+
+    # -- writing -------------------------------------------------------------------
+
+    def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
+        conn = self._conn()
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                current = {}
+                head = 0
+                for sid, v in conn.execute(_SQL_VERSIONS_AND_HEAD, (_json_list(p.expected),)):
+                    if sid is None:
+                        head = v or 0
+                    else:
+                        current[sid] = v
+                _impl.check_expected_versions(p.expected, current)
+                versions = _impl.assign_versions(p.stream_ids, current)
+                positions = range(head + 1, head + 1 + len(p))
+                at = p.recorded_at_us
+                conn.executemany(
+                    _SQL_INSERT,
+                    [
+                        (pos, sid, v, eid, t, data, md, at)
+                        for pos, sid, v, eid, t, data, md in zip(
+                            positions, p.stream_ids, versions, p.event_ids, p.types, p.payloads, p.metadatas
+                        )
+                    ],
+                )
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
+            raise StoreUnavailableError(f"SQLite append failed on {self.path!r}: {exc}") from exc
+        return p.recorded(versions, positions)
+
+    # -- reading -------------------------------------------------------------------
+
+    def _query(self, sql: str, params: tuple) -> list:
+        try:
+            return self._conn().execute(sql, params).fetchall()
+        except sqlite3.Error as exc:
+            raise StoreUnavailableError(f"SQLite read failed on {self.path!r}: {exc}") from exc
+
+    def _read_stream(self, stream_id, from_version, limit):
+        rows = self._query(_SQL_READ_STREAM, (stream_id, from_version, -1 if limit is None else limit))
+        return _impl.decode_rows(rows)
+
+    def _read_streams(self, stream_ids):
+        rows = self._query(_SQL_READ_STREAMS, (_json_list(stream_ids),))
+        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+
+    def _stream_versions(self, stream_ids):
+        out = dict.fromkeys(stream_ids, 0)
+        out.update(self._query(_SQL_VERSIONS, (_json_list(stream_ids),)))
+        return out
+
+    def _read_all_page(self, after, types, prefix, limit):
+        params: list = [after]
+        if types is not None:
+            params.append(_json_list(types))
+        if prefix is not None:
+            params += [len(prefix), prefix]
+        params.append(limit)
+        rows = self._query(_SQL_READ_ALL[types is not None, prefix is not None], tuple(params))
+        return _impl.decode_rows(rows)
+
+    def _head_position(self):
+        return self._query(_SQL_HEAD, ())[0][0]
+
+
+class _ForkRegistry:
+    def __init__(self) -> None:
+        self._stores: "weakref.WeakSet[SQLiteStore]" = weakref.WeakSet()
+        if hasattr(os, "register_at_fork"):
+            os.register_at_fork(after_in_child=self._reset)
+
+    def add(self, store: SQLiteStore) -> None:
+        self._stores.add(store)
+
+    def _reset(self) -> None:
+        for store in list(self._stores):
+            store._reset_after_fork()
+
+
+_after_fork_reset = _ForkRegistry()
