@@ -1,0 +1,328 @@
+"""`eventcore bench`: the reference report's workloads, run against a real store, with its tables.
+
+Each workload sets up its streams (not timed), then runs its operations from
+`concurrency` threads and records every operation's latency. The report is the
+same whether printed as a table or as JSON lines: throughput, success, retries,
+P50/P95/P99/min/max latency.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import random
+import shutil
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+from . import _impl
+from .errors import EventCoreError, ValidationError
+from .events import emit
+from .executor import RetryPolicy, execute
+from .expected import NO_STREAM
+from .stores import connect
+from .workloads import AccountOpened, DepositMoney, ProductStocked, TransferMoney, random_order, MoneyDeposited
+
+WORKLOADS = ("deposit", "transfer", "order", "batch")
+DEFAULT_OPS = {"deposit": 1000, "transfer": 1000, "order": 500, "batch": 2000}
+#: Events per append in the batch workload: the report's 2,000 events in 20 batches.
+DEFAULT_BATCH_SIZE = 100
+#: Accounts/products the commands spread over. 100 keeps conflicts rare but
+#: present at high concurrency, as in a real ledger with hot accounts.
+ACCOUNTS = 100
+PRODUCTS = 100
+CUSTOMERS = 50
+#: Benchmarks retry conflicts generously: a conflict is normal under load, a
+#: failure should mean something is wrong.
+BENCH_RETRY = RetryPolicy(max_retries=20, base_delay=0.001, max_delay=0.05)
+#: Progress is shown only for runs longer than this many seconds.
+PROGRESS_AFTER_S = 2.0
+
+
+@dataclass
+class BenchResult:
+    workload: str
+    backend: str
+    impl: str
+    ops: int
+    concurrency: int
+    succeeded: int = 0
+    failed: int = 0
+    retries: int = 0
+    events: int = 0
+    duration_s: float = 0.0
+    latencies_s: list = field(default_factory=list, repr=False)
+    errors: dict = field(default_factory=dict)
+
+    def percentile(self, q: float) -> float:
+        """Nearest-rank percentile of the latencies, in milliseconds."""
+        data = self.latencies_s
+        if not data:
+            return 0.0
+        data = sorted(data)
+        rank = max(1, min(len(data), int(-(-q * len(data) // 100))))
+        return data[rank - 1] * 1000.0
+
+    def as_dict(self) -> dict:
+        d = self.duration_s or float("nan")
+        return {
+            "workload": self.workload,
+            "backend": self.backend,
+            "impl": self.impl,
+            "ops": self.ops,
+            "concurrency": self.concurrency,
+            "succeeded": self.succeeded,
+            "failed": self.failed,
+            "success_rate": round(100.0 * self.succeeded / self.ops, 2) if self.ops else 0.0,
+            "retries": self.retries,
+            "events": self.events,
+            "duration_s": round(self.duration_s, 4),
+            "throughput_ops_s": round(self.succeeded / d, 1),
+            "events_per_s": round(self.events / d, 1),
+            "latency_ms": {
+                "p50": round(self.percentile(50), 3),
+                "p95": round(self.percentile(95), 3),
+                "p99": round(self.percentile(99), 3),
+                "min": round(min(self.latencies_s) * 1000, 3) if self.latencies_s else 0.0,
+                "max": round(max(self.latencies_s) * 1000, 3) if self.latencies_s else 0.0,
+            },
+            "errors": dict(self.errors),
+        }
+
+
+def format_table(r: dict) -> str:
+    title = {
+        "deposit": "Single-stream commands: deposits",
+        "transfer": "Multi-stream commands: two-account transfers",
+        "order": "Multi-stream commands: e-commerce orders (customer + 1-5 products)",
+        "batch": "Batch writes: direct store appends",
+    }[r["workload"]]
+    unit = "batches" if r["workload"] == "batch" else "ops"
+    lat = r["latency_ms"]
+    rows = [
+        ("Operations", f"{r['ops']:,} {unit}"),
+        ("Success rate", f"{r['success_rate']:.1f} % ({r['succeeded']:,} succeeded, {r['failed']:,} failed)"),
+        ("Throughput", f"{r['throughput_ops_s']:,.1f} {unit}/s"),
+        ("Events written", f"{r['events']:,} ({r['events_per_s']:,.1f} events/s)"),
+        ("Conflict retries", f"{r['retries']:,}"),
+        ("P50 latency", f"{lat['p50']:.2f} ms"),
+        ("P95 latency", f"{lat['p95']:.2f} ms"),
+        ("P99 latency", f"{lat['p99']:.2f} ms"),
+        ("Min latency", f"{lat['min']:.2f} ms"),
+        ("Max latency", f"{lat['max']:.2f} ms"),
+        ("Duration", f"{r['duration_s']:.2f} s"),
+    ]
+    for name, count in sorted(r["errors"].items()):
+        rows.append((f"Error: {name}", f"{count:,}"))
+    w1 = max(len(a) for a, _ in rows)
+    w2 = max(len(b) for _, b in rows)
+    lines = [
+        f"{title} — backend {r['backend']}, impl {r['impl']}, concurrency {r['concurrency']}",
+        f"| {'Metric'.ljust(w1)} | {'Value'.ljust(w2)} |",
+        f"|{'-' * (w1 + 2)}|{'-' * (w2 + 2)}|",
+    ]
+    lines += [f"| {a.ljust(w1)} | {b.ljust(w2)} |" for a, b in rows]
+    return "\n".join(lines)
+
+
+class _Progress:
+    """Prints progress to stderr once a run has lasted PROGRESS_AFTER_S seconds."""
+
+    def __init__(self, label: str, total: int, done, stream=sys.stderr) -> None:
+        self.label, self.total, self.done, self.stream = label, total, done, stream
+        self._stop = threading.Event()
+        self._shown = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def __enter__(self):
+        self._start = time.perf_counter()
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        tty = self.stream.isatty()
+        interval = 0.5 if tty else 5.0
+        if self._stop.wait(PROGRESS_AFTER_S):
+            return
+        while True:
+            n = self.done()
+            rate = n / (time.perf_counter() - self._start)
+            msg = f"{self.label}: {n:,}/{self.total:,} ({100.0 * n / max(1, self.total):.0f} %, {rate:,.0f}/s)"
+            self.stream.write(("\r" + msg) if tty else (msg + "\n"))
+            self.stream.flush()
+            self._shown = True
+            if self._stop.wait(interval):
+                return
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        if self._shown and self.stream.isatty():
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _run_ops(result: BenchResult, op, progress: bool) -> None:
+    """Run op(i) for i in range(result.ops) from result.concurrency threads."""
+    counter = itertools.count()
+    done = itertools.count()
+    finished = [0]
+    lock = threading.Lock()
+    perf = time.perf_counter
+
+    def worker() -> None:
+        lat = []
+        ok = failed = retries = events = 0
+        errors: dict = {}
+        while True:
+            i = next(counter)
+            if i >= result.ops:
+                break
+            t0 = perf()
+            try:
+                n_events, attempts = op(i)
+            except EventCoreError as exc:
+                failed += 1
+                errors[type(exc).__name__] = errors.get(type(exc).__name__, 0) + 1
+            else:
+                ok += 1
+                events += n_events
+                retries += attempts - 1
+            lat.append(perf() - t0)
+            finished[0] = next(done) + 1
+        with lock:
+            result.latencies_s.extend(lat)
+            result.succeeded += ok
+            result.failed += failed
+            result.retries += retries
+            result.events += events
+            for k, v in errors.items():
+                result.errors[k] = result.errors.get(k, 0) + v
+
+    threads = [threading.Thread(target=worker, name=f"bench-{k}") for k in range(result.concurrency)]
+    t0 = perf()
+    if progress:
+        with _Progress(result.workload, result.ops, lambda: finished[0]):
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+    else:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    result.duration_s = perf() - t0
+
+
+def _setup_balances(store, prefix: str, n: int, kind: str) -> list[str]:
+    ids = [f"{prefix}{kind}-{k}" for k in range(n)]
+    event = AccountOpened(1_000_000_000) if kind == "account" else ProductStocked(1_000_000_000)
+    store.append([emit(s, event) for s in ids], {s: NO_STREAM for s in ids})
+    return ids
+
+
+def run_workload(
+    store,
+    workload: str,
+    *,
+    backend: str,
+    ops: int | None = None,
+    concurrency: int = 1,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict:
+    """Run one workload against an open store and return its report (see BenchResult.as_dict)."""
+    if workload not in WORKLOADS:
+        raise ValidationError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
+    ops = DEFAULT_OPS[workload] if ops is None else ops
+    if ops < 1:
+        raise ValidationError(f"--ops must be >= 1, got {ops}")
+    if concurrency < 1:
+        raise ValidationError(f"--concurrency must be >= 1, got {concurrency}")
+    # A run-unique prefix: benches can share one database file without colliding.
+    prefix = f"bench-{uuid.uuid4().hex[:8]}-"
+    local = threading.local()
+
+    def rng() -> random.Random:
+        r = getattr(local, "rng", None)
+        if r is None:
+            r = local.rng = random.Random(f"{seed}-{threading.current_thread().name}")
+        return r
+
+    if workload == "deposit":
+        accounts = [f"{prefix}account-{k}" for k in range(ACCOUNTS)]
+
+        def op(i):
+            res = execute(store, DepositMoney(accounts[i % ACCOUNTS], 100), retry=BENCH_RETRY)
+            return len(res.events), res.attempts
+
+    elif workload == "transfer":
+        accounts = _setup_balances(store, prefix, ACCOUNTS, "account")
+
+        def op(i):
+            source, target = rng().sample(accounts, 2)
+            res = execute(store, TransferMoney(source, target, rng().randint(1, 100)), retry=BENCH_RETRY)
+            return len(res.events), res.attempts
+
+    elif workload == "order":
+        products = _setup_balances(store, prefix, PRODUCTS, "product")
+        customers = [f"{prefix}customer-{k}" for k in range(CUSTOMERS)]
+
+        def op(i):
+            cmd = random_order(rng(), customers[i % CUSTOMERS], products, f"order-{i}")
+            res = execute(store, cmd, retry=BENCH_RETRY)
+            return len(res.events), res.attempts
+
+    else:  # batch: `ops` events in appends of `batch_size`, each to 10 new streams
+        if batch_size < 1:
+            raise ValidationError(f"--batch-size must be >= 1, got {batch_size}")
+        per_stream = max(1, batch_size // 10)
+        n_batches = -(-ops // batch_size)
+
+        def op(i):
+            size = min(batch_size, ops - i * batch_size)
+            streams = [f"{prefix}batch-{i}-{k}" for k in range(-(-size // per_stream))]
+            events = [emit(streams[j // per_stream], MoneyDeposited(j + 1)) for j in range(size)]
+            written = store.append(events, {s: NO_STREAM for s in streams})
+            return len(written), 1
+
+        result = BenchResult(workload, backend, _impl.IMPL, n_batches, concurrency)
+        _run_ops(result, op, progress)
+        return result.as_dict()
+
+    result = BenchResult(workload, backend, _impl.IMPL, ops, concurrency)
+    _run_ops(result, op, progress)
+    return result.as_dict()
+
+
+class BenchStore:
+    """Opens the store a bench run asks for; removes a temporary SQLite file afterwards."""
+
+    def __init__(self, backend: str, path: str | None = None, dsn: str | None = None) -> None:
+        self.backend = backend
+        self._tmpdir = None
+        if backend == "memory":
+            self.url = "memory://"
+        elif backend == "sqlite":
+            if path is None:
+                self._tmpdir = tempfile.mkdtemp(prefix="eventcore-bench-")
+                path = os.path.join(self._tmpdir, "bench.db")
+            self.url = f"sqlite:///{os.path.abspath(path)}"
+        else:
+            raise ValidationError(f"backend {backend!r} is not available in this version; choose memory or sqlite")
+        self.store = None
+
+    def __enter__(self):
+        self.store = connect(self.url)
+        return self.store
+
+    def __exit__(self, *exc) -> None:
+        if self.store is not None:
+            self.store.close()
+        if self._tmpdir is not None:
+            shutil.rmtree(self._tmpdir, ignore_errors=True)

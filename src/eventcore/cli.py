@@ -1,0 +1,102 @@
+"""The `eventcore` command line.
+
+    eventcore bench deposit|transfer|order|batch|all [--backend memory|sqlite] [--ops N]
+                    [--concurrency N] [--batch-size N] [--path FILE] [--json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__, _impl
+from .errors import EventCoreError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, not a usage dump
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.replace("_", "").replace(",", ""))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .bench import WORKLOADS
+
+    parser = _Parser(prog="eventcore", description="eventcore: event sourcing with atomic multi-stream commands")
+    parser.add_argument("--version", action="version", version=f"eventcore {__version__} (impl {_impl.IMPL})")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+
+    bench = sub.add_parser(
+        "bench",
+        help="run the reference report's workloads and print their tables",
+        description="Run the reference report's workloads against a store and print a table per workload.",
+    )
+    bench.add_argument(
+        "workloads", nargs="+", metavar="WORKLOAD", choices=WORKLOADS + ("all",),
+        help=f"one or more of: {', '.join(WORKLOADS)}, all",
+    )
+    bench.add_argument("--backend", choices=("memory", "sqlite"), default="sqlite",
+                       help="store to run against (default: sqlite, in a temporary file unless --path)")
+    bench.add_argument("--path", help="SQLite file to use (kept afterwards)")
+    bench.add_argument("--ops", type=_positive_int,
+                       help="operations per workload (default: 1000 deposit/transfer, 500 order, 2000 events for batch)")
+    bench.add_argument("--concurrency", type=_positive_int, default=1, help="threads issuing operations (default 1)")
+    bench.add_argument("--batch-size", type=_positive_int, default=100, help="events per append in the batch workload")
+    bench.add_argument("--seed", type=int, default=0, help="random seed for the workload's choices")
+    bench.add_argument("--json", action="store_true", help="print one JSON object per workload instead of tables")
+    bench.add_argument("--no-progress", action="store_true", help="never print progress to stderr")
+    return parser
+
+
+def _cmd_bench(args) -> int:
+    from .bench import WORKLOADS, BenchStore, format_table, run_workload
+
+    if args.path and args.backend != "sqlite":
+        raise EventCoreError("--path applies to --backend sqlite only")
+    workloads = list(WORKLOADS) if "all" in args.workloads else list(dict.fromkeys(args.workloads))
+    status = 0
+    with BenchStore(args.backend, args.path) as store:
+        for i, name in enumerate(workloads):
+            report = run_workload(
+                store, name, backend=args.backend, ops=args.ops, concurrency=args.concurrency,
+                batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+            )
+            if args.json:
+                print(json.dumps(report), flush=True)
+            else:
+                if i:
+                    print()
+                print(format_table(report), flush=True)
+            if report["failed"]:
+                status = 1
+    return status
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "bench":
+            return _cmd_bench(args)
+    except EventCoreError as exc:
+        print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"eventcore {args.command}: interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
