@@ -1,0 +1,24 @@
+"""The README's example is the real file in examples/, and it runs."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_readme_embeds_the_bank_example_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "bank.py").read_text().rstrip()
+    assert example in readme
+
+
+def test_bank_example_runs_twice(tmp_path):
+    script = ROOT / "examples" / "bank.py"
+    for run in (1, 2):
+        proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "transfer wrote 2 events in 1 attempt(s)" in proc.stdout
+        assert "refused: insufficient funds in account-bob" in proc.stdout
+    assert (tmp_path / "bank.db").exists()
