@@ -1,0 +1,187 @@
+"""Every SQL text of the PostgreSQL backend, in one place.
+
+Identifiers (the schema name) are quoted with psycopg's `sql.Identifier`, every
+value is a parameter. Migrations are numbered and append-only: never edit one
+that has shipped, add the next.
+
+Global order. `position` is `(transaction id << 20) + index within the
+transaction`. Readers of the feed only see positions below
+`pg_snapshot_xmin(pg_current_snapshot()) << 20`: every transaction with an id
+under xmin has finished, so nothing can later appear below a position a reader
+has passed. Transactions commit out of order; the fence makes readers wait for
+the oldest one still running instead of skipping it. 20 bits leave 1,048,575
+events per transaction and 2^43 transaction ids (28 years at a sustained
+10,000 write transactions per second) within a bigint.
+"""
+from __future__ import annotations
+
+from psycopg import sql
+
+#: Bits of `position` that index an event within its transaction.
+POSITION_SHIFT = 20
+MAX_EVENTS_PER_TRANSACTION = (1 << POSITION_SHIFT) - 1
+
+#: SQLSTATE raised by the append function on a version conflict (class "EC": eventcore).
+CONFLICT_SQLSTATE = "EC409"
+#: SQLSTATE for more events in one transaction than positions allow.
+TOO_MANY_SQLSTATE = "EC413"
+
+MIGRATIONS: list[tuple[int, str, str]] = [
+    (
+        1,
+        "events, streams, append function, immutability triggers",
+        """
+CREATE TABLE {s}.streams (
+    stream_id text PRIMARY KEY CHECK (length(stream_id) BETWEEN 1 AND 255),
+    version   bigint NOT NULL CHECK (version >= 0)
+);
+
+CREATE TABLE {s}.events (
+    position    bigint PRIMARY KEY,
+    stream_id   text        NOT NULL,
+    version     bigint      NOT NULL CHECK (version >= 1),
+    event_id    uuid        NOT NULL UNIQUE,
+    type        text        NOT NULL,
+    data        jsonb       NOT NULL,
+    metadata    jsonb,
+    recorded_at timestamptz NOT NULL DEFAULT now(),
+    UNIQUE (stream_id, version)
+);
+
+CREATE FUNCTION {s}.reject_event_change() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'eventcore: events are immutable (% rejected)', TG_OP USING ERRCODE = 'EC405';
+END $$;
+
+CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON {s}.events
+    FOR EACH ROW EXECUTE FUNCTION {s}.reject_event_change();
+CREATE TRIGGER events_are_immutable_truncate BEFORE TRUNCATE ON {s}.events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.reject_event_change();
+
+-- One round trip per append, whatever the number of streams.
+-- p_streams: every participant (written or read-only), sorted by the client so
+-- that every writer locks rows in one order and no two can deadlock.
+CREATE FUNCTION {s}.append_events(
+    p_streams       text[],
+    p_expected      bigint[],
+    p_counts        int[],
+    p_event_streams text[],
+    p_event_ids     uuid[],
+    p_types         text[],
+    p_data          text[],
+    p_metadata      text[]
+) RETURNS TABLE (versions bigint[], first_position bigint, recorded_at_us bigint)
+LANGUAGE plpgsql AS $$
+DECLARE
+    v_versions bigint[];
+    v_base     bigint;
+    v_start    bigint;
+    v_n        int := coalesce(array_length(p_event_streams, 1), 0);
+BEGIN
+    -- 1. Lock every participant, in the given order, creating missing streams at
+    --    version 0: a read-only participant is locked too, so it cannot change
+    --    between this check and the commit (no write skew).
+    INSERT INTO {s}.streams AS s (stream_id, version)
+    SELECT unnest(p_streams), 0
+    ON CONFLICT (stream_id) DO UPDATE SET version = s.version WHERE false;
+
+    -- 2. Their versions, read under the locks.
+    SELECT array_agg(s.version ORDER BY p.ord) INTO v_versions
+    FROM unnest(p_streams) WITH ORDINALITY AS p(stream_id, ord)
+    JOIN {s}.streams s ON s.stream_id = p.stream_id;
+
+    -- 3. Check every expectation before anything is written.
+    FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+        IF p_expected[i] <> -1 AND (
+               (p_expected[i] = -2 AND v_versions[i] = 0)
+            OR (p_expected[i] >= 0 AND v_versions[i] <> p_expected[i])) THEN
+            RAISE EXCEPTION 'version conflict on stream %', p_streams[i]
+                USING ERRCODE = 'EC409',
+                      DETAIL = json_build_object('stream_id', p_streams[i], 'expected', p_expected[i],
+                                                 'actual', v_versions[i])::text;
+        END IF;
+    END LOOP;
+
+    IF v_n = 0 THEN
+        RETURN QUERY SELECT v_versions, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+
+    -- 4. Advance the heads of the written streams.
+    UPDATE {s}.streams s SET version = s.version + c.n
+    FROM unnest(p_streams, p_counts) AS c(stream_id, n)
+    WHERE s.stream_id = c.stream_id AND c.n > 0;
+
+    -- 5. Positions: this transaction's id, shifted, plus the next free index in it.
+    v_base := (pg_current_xact_id()::text::bigint) << 20;
+    SELECT coalesce(max(e.position), v_base) INTO v_start
+    FROM {s}.events e WHERE e.position > v_base AND e.position < v_base + 1048576;
+    IF v_start - v_base + v_n > 1048575 THEN
+        RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
+    END IF;
+
+    -- 6. The events, with per-stream versions following the heads read in step 2.
+    INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata)
+    SELECT v_start + e.ord,
+           e.stream_id,
+           h.version + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.ord),
+           e.event_id, e.type, e.data::jsonb, e.metadata::jsonb
+    FROM unnest(p_event_streams, p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS e(stream_id, event_id, type, data, metadata, ord)
+    JOIN unnest(p_streams, v_versions) AS h(stream_id, version) ON h.stream_id = e.stream_id;
+
+    RETURN QUERY SELECT v_versions, v_start + 1, (extract(epoch FROM now()) * 1000000)::bigint;
+END $$;
+""",
+    ),
+]
+
+SCHEMA_VERSION = MIGRATIONS[-1][0]
+
+
+def q(template: str, schema: str) -> sql.Composed:
+    """Format a statement with the (quoted) schema name."""
+    return sql.SQL(template).format(s=sql.Identifier(schema))
+
+
+# Row layout of codec.ROW_COLUMNS.
+_COLUMNS = (
+    "position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text, "
+    "(extract(epoch FROM recorded_at) * 1000000)::bigint"
+)
+# Everything below this position belongs to finished transactions (see module docstring).
+FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
+
+APPEND = (
+    "SELECT versions, first_position, recorded_at_us FROM {s}.append_events("
+    "%s::text[], %s::bigint[], %s::int[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
+)
+READ_STREAM = (
+    f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s"
+)
+READ_STREAMS = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position"
+STREAM_VERSIONS = "SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
+HEAD = f"SELECT coalesce(max(position), 0) FROM {{s}}.events WHERE position < {FENCE}"
+EVENT_BY_ID = "SELECT position FROM {s}.events WHERE event_id = %s"
+
+
+def read_all_sql(with_types: bool, with_prefix: bool) -> str:
+    text = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE position > %s AND position < {FENCE}"
+    if with_types:
+        text += " AND type = ANY(%s::text[])"
+    if with_prefix:
+        text += " AND starts_with(stream_id, %s)"
+    return text + " ORDER BY position LIMIT %s"
+
+
+MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {s}"
+CREATE_MIGRATIONS = (
+    "CREATE TABLE IF NOT EXISTS {s}.schema_migrations ("
+    "version int PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
+)
+CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations"
+RECORD_MIGRATION = "INSERT INTO {s}.schema_migrations (version, description) VALUES (%s, %s)"
+SCHEMA_VERSION_IF_EXISTS = (
+    "SELECT CASE WHEN to_regclass(%s) IS NULL THEN 0 ELSE -1 END"
+)
