@@ -300,12 +300,22 @@ def run_workload(
     return result.as_dict()
 
 
-class BenchStore:
-    """Opens the store a bench run asks for; removes a temporary SQLite file afterwards."""
+#: Schema the bench writes to on a user's PostgreSQL, so it never mixes with application data.
+BENCH_SCHEMA = "eventcore_bench"
 
-    def __init__(self, backend: str, path: str | None = None, dsn: str | None = None) -> None:
+
+class BenchStore:
+    """Opens the store a bench run asks for, and removes what it created for the run afterwards.
+
+    sqlite: a temporary file unless `path`; postgres: `dsn` (or EVENTCORE_DSN),
+    else a temporary local cluster started from the installed binaries.
+    """
+
+    def __init__(self, backend: str, path: str | None = None, dsn: str | None = None, log=sys.stderr) -> None:
         self.backend = backend
         self._tmpdir = None
+        self._cluster = None
+        self._log = log
         if backend == "memory":
             self.url = "memory://"
         elif backend == "sqlite":
@@ -313,16 +323,36 @@ class BenchStore:
                 self._tmpdir = tempfile.mkdtemp(prefix="eventcore-bench-")
                 path = os.path.join(self._tmpdir, "bench.db")
             self.url = f"sqlite:///{os.path.abspath(path)}"
+        elif backend == "postgres":
+            self.url = dsn or os.environ.get("EVENTCORE_DSN") or None
         else:
-            raise ValidationError(f"backend {backend!r} is not available in this version; choose memory or sqlite")
+            raise ValidationError(f"unknown backend {backend!r}; choose memory, sqlite or postgres")
         self.store = None
 
     def __enter__(self):
-        self.store = connect(self.url)
+        try:
+            if self.backend == "postgres":
+                if self.url is None:
+                    from .stores.pgcluster import TemporaryCluster
+
+                    self._cluster = TemporaryCluster()
+                    print("eventcore bench: no --dsn or EVENTCORE_DSN; starting a temporary PostgreSQL cluster "
+                          "(removed afterwards)", file=self._log, flush=True)
+                    self.url = self._cluster.start()
+                self.store = connect(self.url, schema=BENCH_SCHEMA)
+            else:
+                self.store = connect(self.url)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self.store
 
     def __exit__(self, *exc) -> None:
         if self.store is not None:
             self.store.close()
+            self.store = None
+        if self._cluster is not None:
+            self._cluster.stop()
+            self._cluster = None
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)

@@ -45,9 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
         "workloads", nargs="+", metavar="WORKLOAD", choices=WORKLOADS + ("all",),
         help=f"one or more of: {', '.join(WORKLOADS)}, all",
     )
-    bench.add_argument("--backend", choices=("memory", "sqlite"), default="sqlite",
+    bench.add_argument("--backend", choices=("memory", "sqlite", "postgres"), default="sqlite",
                        help="store to run against (default: sqlite, in a temporary file unless --path)")
     bench.add_argument("--path", help="SQLite file to use (kept afterwards)")
+    bench.add_argument("--dsn", help="PostgreSQL URL for --backend postgres (default: $EVENTCORE_DSN, else a "
+                                     "temporary local cluster); the bench writes to schema eventcore_bench")
     bench.add_argument("--ops", type=_positive_int,
                        help="operations per workload (default: 1000 deposit/transfer, 500 order, 2000 events for batch)")
     bench.add_argument("--concurrency", type=_positive_int, default=1, help="threads issuing operations (default 1)")
@@ -55,7 +57,38 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seed", type=int, default=0, help="random seed for the workload's choices")
     bench.add_argument("--json", action="store_true", help="print one JSON object per workload instead of tables")
     bench.add_argument("--no-progress", action="store_true", help="never print progress to stderr")
+
+    migrate = sub.add_parser(
+        "migrate",
+        help="create or upgrade the PostgreSQL schema",
+        description="Apply pending schema migrations (idempotent; safe to run from several processes at once).",
+    )
+    migrate.add_argument("--dsn", help="PostgreSQL URL (default: $EVENTCORE_DSN)")
+    migrate.add_argument("--schema", default=None, help="schema name (default: eventcore, or ?schema= in the URL)")
     return parser
+
+
+def _dsn(args) -> str:
+    import os
+
+    dsn = args.dsn or os.environ.get("EVENTCORE_DSN")
+    if not dsn:
+        raise EventCoreError("no database: pass --dsn URL or set EVENTCORE_DSN")
+    return dsn
+
+
+def _cmd_migrate(args) -> int:
+    from .stores import connect
+    from .stores.postgres import redact
+
+    dsn = _dsn(args)
+    if not dsn.startswith(("postgresql://", "postgres://")):
+        raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got {dsn.split('://')[0]}://...")
+    options = {"schema": args.schema} if args.schema else {}
+    with connect(dsn, **options) as store:  # connecting migrates (migrate=true is the default)
+        version = store.schema_version()
+        print(f"schema {store.schema!r} at {redact(dsn)} is at version {version}")
+    return 0
 
 
 def _cmd_bench(args) -> int:
@@ -63,9 +96,11 @@ def _cmd_bench(args) -> int:
 
     if args.path and args.backend != "sqlite":
         raise EventCoreError("--path applies to --backend sqlite only")
+    if args.dsn and args.backend != "postgres":
+        raise EventCoreError("--dsn applies to --backend postgres only")
     workloads = list(WORKLOADS) if "all" in args.workloads else list(dict.fromkeys(args.workloads))
     status = 0
-    with BenchStore(args.backend, args.path) as store:
+    with BenchStore(args.backend, args.path, args.dsn) as store:
         for i, name in enumerate(workloads):
             report = run_workload(
                 store, name, backend=args.backend, ops=args.ops, concurrency=args.concurrency,
@@ -88,6 +123,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "bench":
             return _cmd_bench(args)
+        if args.command == "migrate":
+            return _cmd_migrate(args)
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
