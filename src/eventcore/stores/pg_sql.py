@@ -71,7 +71,11 @@ CREATE FUNCTION {s}.append_events(
     p_data          text[],
     p_metadata      text[]
 ) RETURNS TABLE (versions bigint[], first_position bigint, recorded_at_us bigint)
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql
+-- Runs with the owner's rights, so application roles need no UPDATE on stream heads;
+-- a fixed search_path keeps a caller's objects from being resolved inside it.
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
 DECLARE
     v_versions bigint[];
     v_base     bigint;
@@ -132,6 +136,8 @@ BEGIN
 
     RETURN QUERY SELECT v_versions, v_start + 1, (extract(epoch FROM now()) * 1000000)::bigint;
 END $$;
+
+REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 """,
     ),
 ]
@@ -185,3 +191,20 @@ RECORD_MIGRATION = "INSERT INTO {s}.schema_migrations (version, description) VAL
 SCHEMA_VERSION_IF_EXISTS = (
     "SELECT CASE WHEN to_regclass(%s) IS NULL THEN 0 ELSE -1 END"
 )
+
+
+def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
+    """What an application role needs to append and read, and nothing more.
+
+    It may SELECT and INSERT events (never UPDATE, DELETE or TRUNCATE them), read
+    stream heads and call the append function, which moves the heads with its
+    owner's rights (SECURITY DEFINER). Migrations need the schema owner.
+    """
+    s, r = sql.Identifier(schema), sql.Identifier(role)
+    return [
+        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT ON {}.events TO {}").format(s, r),
+        sql.SQL("GRANT SELECT ON {}.streams TO {}").format(s, r),
+        sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
+    ]

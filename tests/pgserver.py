@@ -1,0 +1,69 @@
+"""PostgreSQL for the tests: EVENTCORE_TEST_DSN when set, else a throwaway cluster for the session.
+
+Under CI=true a missing PostgreSQL fails the run; elsewhere its tests are skipped
+with the reason. Each test gets its own schema, so tests never see each other's events.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import uuid
+
+import pytest
+
+import eventcore as ec
+
+_cluster = None
+_error: str | None = None
+
+
+def _start() -> str | None:
+    global _cluster, _error
+    dsn = os.environ.get("EVENTCORE_TEST_DSN")
+    if dsn:
+        return dsn
+    if _error is not None:
+        return None
+    try:
+        import psycopg  # noqa: F401
+        from eventcore.stores.pgcluster import TemporaryCluster
+
+        _cluster = TemporaryCluster(settings={"max_connections": 200})
+        atexit.register(_cluster.stop)  # also on an interrupted run
+        return _cluster.start()
+    except Exception as exc:  # report why, once
+        _error = f"{type(exc).__name__}: {exc}"
+        _cluster = None
+        return None
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    dsn = _start()
+    if dsn is None:
+        message = f"PostgreSQL unavailable (set EVENTCORE_TEST_DSN or install the server binaries): {_error}"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    yield dsn
+    if _cluster is not None:
+        _cluster.stop()
+
+
+@pytest.fixture
+def pg_schema(pg_dsn):
+    """A fresh schema name for one test, dropped afterwards."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def postgres_store(request):
+    """Factory for conftest.BACKENDS: a PostgreSQL store in a schema of its own."""
+    dsn = request.getfixturevalue("pg_dsn")
+    schema = request.getfixturevalue("pg_schema")
+    return ec.connect(dsn, schema=schema, pool_size=20)

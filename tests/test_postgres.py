@@ -1,0 +1,398 @@
+"""PostgreSQL-specific guarantees: a feed that never skips, one-round-trip appends, migrations,
+immutability, least privilege, hostile input, connection loss and timeouts — on a real server."""
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+import pytest
+
+import eventcore as ec
+
+psycopg = pytest.importorskip("psycopg")
+from psycopg import sql  # noqa: E402
+
+from eventcore.stores import pg_sql  # noqa: E402
+from eventcore.stores.base import prepare_append  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("pg_dsn")
+
+
+class Noted(ec.Event):
+    __event_type__ = "pgtest.Noted"
+    text: str
+
+
+class Credited(ec.Event):
+    __event_type__ = "pgtest.Credited"
+    amount: int
+
+
+class Debited(ec.Event):
+    __event_type__ = "pgtest.Debited"
+    amount: int
+
+
+class Move(ec.Command):
+    source: ec.StreamId
+    target: ec.StreamId
+    amount: int
+
+    def initial_state(self):
+        return {}
+
+    def apply(self, state, e):
+        sign = -1 if isinstance(e.data, Debited) else 1
+        state[e.stream_id] = state.get(e.stream_id, 0) + sign * e.data.amount
+        return state
+
+    def handle(self, state):
+        ec.require(state.get(self.source, 0) >= self.amount, "insufficient funds")
+        return [ec.emit(self.source, Debited(self.amount)), ec.emit(self.target, Credited(self.amount))]
+
+
+@pytest.fixture
+def pg(pg_dsn, pg_schema):
+    store = ec.connect(pg_dsn, schema=pg_schema, pool_size=20)
+    yield store
+    store.close()
+
+
+def _raw(dsn):
+    return psycopg.connect(dsn, autocommit=True)
+
+
+def _append_in_open_transaction(conn, schema, stream, text):
+    """Call the append function inside a transaction the caller keeps open."""
+    p = prepare_append([ec.emit(stream, Noted(text))], {stream: ec.ANY}, None)
+    conn.execute(
+        pg_sql.q(pg_sql.APPEND, schema),
+        ([stream], [ec.ANY], [1], [stream], [uuid.UUID(bytes=p.event_ids[0])], p.types,
+         [p.payloads[0].decode()], [None]),
+    )
+
+
+# -- global order that never skips ----------------------------------------------------------
+
+def test_reader_never_skips_an_event_committed_late(pg, pg_dsn, pg_schema):
+    """A appends and stays open, B appends and commits; the reader must not pass A."""
+    pg.append([ec.emit("before", Noted("0"))])
+    seen = [e.position for e in pg.read_all()]
+    assert len(seen) == 1
+
+    a = psycopg.connect(pg_dsn)  # not autocommit: the transaction stays open
+    try:
+        _append_in_open_transaction(a, pg_schema, "writer-a", "A")
+        pg.append([ec.emit("writer-b", Noted("B"))])  # commits while A is open
+        # B is committed, but a reader may not see it yet: that would let A land behind it.
+        polled = list(pg.read_all(after_position=seen[-1]))
+        assert polled == []
+        assert pg.head_position() == seen[-1]
+        # Stream reads are not fenced: commands always see every committed event.
+        assert [e.data.text for e in pg.read_stream("writer-b")] == ["B"]
+        a.commit()
+    finally:
+        a.close()
+
+    later = list(pg.read_all(after_position=seen[-1]))
+    assert [e.data.text for e in later] == ["A", "B"]  # A's transaction started first
+    assert all(e.position > seen[-1] for e in later)
+    assert [e.position for e in later] == sorted(e.position for e in later)
+    assert pg.head_position() == later[-1].position
+
+
+def test_tailing_reader_collects_every_event_in_order(pg):
+    """Writer threads with overlapping commits; a tailing reader ends with exactly the table, in order."""
+    writers, per_writer = 6, 60
+    done = threading.Event()
+    collected = []
+    errors = []
+
+    def tail():
+        last = 0
+        while True:
+            finished = done.is_set()
+            page = list(pg.read_all(after_position=last, page_size=37))
+            for e in page:
+                assert e.position > last
+                last = e.position
+                collected.append(e)
+            if finished and not page:
+                return
+
+    def write(w):
+        rng = random.Random(w)
+        try:
+            for i in range(per_writer):
+                streams = rng.sample([f"s-{k}" for k in range(8)], rng.randint(1, 3))
+                pg.append([ec.emit(s, Noted(f"{w}-{i}")) for s in streams])
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    reader = threading.Thread(target=tail)
+    reader.start()
+    threads = [threading.Thread(target=write, args=(w,)) for w in range(writers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    done.set()
+    reader.join(timeout=60)
+    assert not errors
+    final = list(pg.read_all())
+    assert [e.event_id for e in collected] == [e.event_id for e in final]
+    assert len({e.event_id for e in final}) == len(final)
+    assert sum(1 for e in final if e.type == "pgtest.Noted") == len(final)
+
+
+# -- one round trip, prepared statements ------------------------------------------------------
+
+def test_append_and_read_streams_are_one_statement_each(pg, monkeypatch):
+    """A three-stream command costs one statement to read and one to append."""
+    pg.append([ec.emit("acct-a", Credited(100))])
+    cmd = Move(ec.StreamId("acct-a"), ec.StreamId("acct-b"), 10)
+    ec.execute(pg, cmd)  # warm: statements get prepared on first use
+    calls = []
+    real = psycopg.Connection.execute
+
+    def counting(self, query, params=None, **kw):
+        calls.append(query)
+        return real(self, query, params, **kw)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    result = ec.execute(pg, cmd)
+    monkeypatch.undo()
+    assert result.attempts == 1 and len(result.events) == 2
+    assert len(calls) == 2
+
+
+def test_conflict_leaves_nothing_and_names_the_stream(pg):
+    pg.append([ec.emit("x", Noted("1"))])
+    head = pg.head_position()
+    with pytest.raises(ec.ConcurrencyError) as info:
+        pg.append([ec.emit("x", Noted("2")), ec.emit("y", Noted("3"))], {"x": 0, "y": ec.NO_STREAM})
+    assert (info.value.stream_id, info.value.expected, info.value.actual) == ("x", 0, 1)
+    assert pg.head_position() == head
+    assert pg.stream_versions(["x", "y"]) == {"x": 1, "y": 0}
+
+
+def test_losers_of_a_race_leave_no_version_gaps(pg):
+    barrier = threading.Barrier(8)
+    outcomes = []
+
+    def race(i):
+        barrier.wait()
+        try:
+            pg.append([ec.emit("hot", Noted(str(i)))], {"hot": ec.NO_STREAM})
+            outcomes.append("won")
+        except ec.ConcurrencyError:
+            outcomes.append("lost")
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert outcomes.count("won") == 1
+    pg.append([ec.emit("hot", Noted("next"))], {"hot": 1})
+    assert [e.version for e in pg.read_stream("hot")] == [1, 2]
+
+
+# -- schema, migrations, immutability -----------------------------------------------------------
+
+def test_migrations_are_idempotent_and_race_free(pg_dsn, pg_schema):
+    results, errors = [], []
+
+    def open_store():
+        try:
+            s = ec.connect(pg_dsn, schema=pg_schema, pool_size=2)
+            results.append(s.schema_version())
+            s.close()
+        except Exception as exc:  # pragma: no cover
+            errors.append(exc)
+
+    threads = [threading.Thread(target=open_store) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert results == [pg_sql.SCHEMA_VERSION] * 6
+    with _raw(pg_dsn) as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT version FROM {}.schema_migrations").format(sql.Identifier(pg_schema))
+        ).fetchall()
+    assert rows == [(v,) for v, _, _ in pg_sql.MIGRATIONS]
+
+
+def test_migrate_command(pg_dsn, pg_schema, capsys):
+    from eventcore.cli import main
+
+    assert main(["migrate", "--dsn", pg_dsn, "--schema", pg_schema]) == 0
+    assert f"at version {pg_sql.SCHEMA_VERSION}" in capsys.readouterr().out
+    assert main(["migrate", "--dsn", pg_dsn, "--schema", pg_schema]) == 0
+
+
+def test_unmigrated_schema_is_a_typed_error_when_migration_is_off(pg_dsn, pg_schema):
+    with pytest.raises(ec.StoreUnavailableError, match="eventcore migrate"):
+        ec.connect(pg_dsn, schema=pg_schema, migrate=False)
+
+
+@pytest.mark.parametrize("statement", [
+    "UPDATE {s}.events SET type = 'x'",
+    "DELETE FROM {s}.events",
+    "TRUNCATE {s}.events",
+])
+def test_events_are_immutable_even_for_the_owner(pg, pg_dsn, pg_schema, statement):
+    pg.append([ec.emit("imm", Noted("keep"))])
+    with _raw(pg_dsn) as conn:
+        with pytest.raises(psycopg.Error, match="immutable"):
+            conn.execute(pg_sql.q(statement, pg_schema))
+    assert [e.data.text for e in pg.read_stream("imm")] == ["keep"]
+
+
+def test_two_schemas_share_a_database(pg_dsn, pg_schema):
+    other = pg_schema + "_b"
+    a = ec.connect(pg_dsn, schema=pg_schema)
+    b = ec.connect(pg_dsn, schema=other)
+    try:
+        a.append([ec.emit("s", Noted("in a"))])
+        assert list(b.read_all()) == []
+        assert b.stream_version("s") == 0
+    finally:
+        a.close()
+        b.close()
+        with _raw(pg_dsn) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(other)))
+
+
+# -- security -------------------------------------------------------------------------------------
+
+HOSTILE = "x'); DROP TABLE events; --"
+
+
+def test_hostile_stream_ids_types_and_metadata_round_trip(pg):
+    md = ec.Metadata(user_id="'; DELETE FROM events; --", custom={"q": "\"); DROP SCHEMA public; --"})
+    pg.append([ec.emit(HOSTILE, Noted("$1 %s {s} \\x00"))], metadata=md)
+    [e] = pg.read_stream(HOSTILE)
+    assert e.stream_id == HOSTILE and e.data.text == "$1 %s {s} \\x00" and e.metadata == md
+    assert [x.stream_id for x in pg.read_all(stream_prefix="x');")] == [HOSTILE]
+    assert list(pg.read_all(types=["'; DROP TABLE x; --"])) == []
+
+
+def test_hostile_schema_name_is_quoted(pg_dsn):
+    schema = 'ev"il; DROP TABLE x; --'
+    store = ec.connect(pg_dsn, schema=schema)
+    try:
+        store.append([ec.emit("s", Noted("ok"))])
+        assert [e.data.text for e in store.read_stream("s")] == ["ok"]
+    finally:
+        store.close()
+        with _raw(pg_dsn) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+
+
+def test_least_privilege_role_can_append_and_read_but_not_rewrite(pg, pg_dsn, pg_schema):
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    grants = pg_sql.least_privilege_grants(pg_schema, role)
+    with _raw(pg_dsn) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        for statement in grants:
+            admin.execute(statement)
+    try:
+        app_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+        app = ec.connect(app_dsn, schema=pg_schema, migrate=False)
+        try:
+            app.append([ec.emit("lp-a", Credited(5))], {"lp-a": ec.NO_STREAM})
+            app.append([ec.emit("lp-a", Debited(1)), ec.emit("lp-b", Credited(1))], {"lp-a": 1})
+            assert [e.version for e in app.read_stream("lp-a")] == [1, 2]
+            assert len(list(app.read_all())) == 3
+        finally:
+            app.close()
+        with psycopg.connect(app_dsn, autocommit=True) as conn:
+            for statement in ("UPDATE {s}.events SET type = 'x'", "DELETE FROM {s}.events",
+                              "TRUNCATE {s}.events", "UPDATE {s}.streams SET version = 0",
+                              "DROP TABLE {s}.events"):
+                with pytest.raises(psycopg.errors.InsufficientPrivilege):
+                    conn.execute(pg_sql.q(statement, pg_schema))
+    finally:
+        with _raw(pg_dsn) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- connections, options, timeouts -----------------------------------------------------------------
+
+def _terminate_store_connections(dsn, schema):
+    with _raw(dsn) as conn:
+        conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE application_name = %s AND pid <> pg_backend_pid()",
+            (f"eventcore:{schema}",),
+        )
+
+
+def test_connection_lost_before_append_is_retried_without_duplicates(pg, pg_dsn, pg_schema):
+    pg.append([ec.emit("cl-a", Credited(100))])
+    _terminate_store_connections(pg_dsn, pg_schema)
+    result = ec.execute(pg, Move(ec.StreamId("cl-a"), ec.StreamId("cl-b"), 10),
+                        retry=ec.RetryPolicy(max_retries=5))
+    assert [e.version for e in pg.read_stream("cl-b")] == [1]
+    assert [e.version for e in pg.read_stream("cl-a")] == [1, 2]
+    assert result.stream_versions == {"cl-a": 2, "cl-b": 1}
+    # The pool recovered by itself.
+    assert pg.stream_version("cl-a") == 2
+
+
+def test_append_lost_after_commit_is_recognised_by_event_id(pg):
+    """If the connection drops after the append committed, the store finds the events by id."""
+    p = prepare_append([ec.emit("amb", Noted("once")), ec.emit("amb2", Noted("twice"))], None, None)
+    written = pg._append(p)
+    recovered = pg._resolve_ambiguous(p, uuid.UUID(bytes=p.event_ids[0]), RuntimeError("simulated"))
+    assert [(e.stream_id, e.version, e.position, e.event_id) for e in recovered] == \
+        [(e.stream_id, e.version, e.position, e.event_id) for e in written]
+    assert len(pg.read_stream("amb")) == 1
+
+
+def test_append_not_committed_after_connection_loss_is_retryable(pg):
+    p = prepare_append([ec.emit("amb3", Noted("never"))], None, None)
+    with pytest.raises(ec.StoreUnavailableError) as info:
+        pg._resolve_ambiguous(p, uuid.UUID(bytes=p.event_ids[0]), RuntimeError("simulated"))
+    assert info.value.maybe_committed is False
+    assert pg.stream_version("amb3") == 0
+
+
+def test_statement_timeout_is_typed_and_leaves_nothing(pg_dsn, pg_schema):
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=0.2)
+    try:
+        store.append([ec.emit("slow", Noted("1"))])
+        with psycopg.connect(pg_dsn) as blocker:  # holds the stream's row lock
+            blocker.execute(pg_sql.q("SELECT 1 FROM {s}.streams WHERE stream_id = 'slow' FOR UPDATE", pg_schema))
+            with pytest.raises(ec.StoreUnavailableError, match="statement_timeout"):
+                store.append([ec.emit("slow", Noted("2"))], {"slow": 1})
+            blocker.rollback()
+        assert [e.data.text for e in store.read_stream("slow")] == ["1"]
+    finally:
+        store.close()
+
+
+def test_unreachable_server_fails_fast_with_a_typed_error(tmp_path):
+    started = time.monotonic()
+    with pytest.raises(ec.StoreUnavailableError) as info:
+        ec.connect(f"postgresql://nobody:secret@/db?host={tmp_path}&port=1&connect_timeout=1")
+    assert time.monotonic() - started < 30  # bounded by connect_timeout, never a hang
+    assert "secret" not in str(info.value)
+
+
+def test_url_options_and_bad_options(pg_dsn, pg_schema):
+    sep = "&" if "?" in pg_dsn else "?"
+    store = ec.connect(f"{pg_dsn}{sep}schema={pg_schema}&pool_size=3&statement_timeout=5")
+    try:
+        assert store.schema == pg_schema and store.pool_size == 3 and store.statement_timeout == 5
+    finally:
+        store.close()
+    for bad in ({"pool_size": 0}, {"statement_timeout": -1}, {"schema": ""}, {"nonsense": 1}):
+        with pytest.raises(ec.ValidationError):
+            ec.connect(pg_dsn, **bad)
