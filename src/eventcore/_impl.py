@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 
-from ._pure import codec as _codec, ids as _ids, versions as _versions
+from ._pure import codec as _codec, copy as _copy, ids as _ids, versions as _versions
 
 _requested = os.environ.get("EVENTCORE_IMPL", "").strip().lower()
 if _requested not in ("", "c", "python"):
@@ -23,6 +23,7 @@ decode_rows = _codec.decode_rows
 new_event_ids = _ids.new_event_ids
 check_expected_versions = _versions.check_expected_versions
 assign_versions = _versions.assign_versions
+encode_copy_rows = _copy.encode_copy_rows
 
 IMPL = "python"
 
@@ -44,4 +45,5 @@ if _requested in ("", "c"):
         new_event_ids = _speedups.new_event_ids
         check_expected_versions = _speedups.check_expected_versions
         assign_versions = _speedups.assign_versions
+        encode_copy_rows = _speedups.encode_copy_rows
         IMPL = "c"

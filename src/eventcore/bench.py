@@ -278,7 +278,7 @@ def run_workload(
             res = execute(store, cmd, retry=BENCH_RETRY)
             return len(res.events), res.attempts
 
-    else:  # batch: `ops` events in appends of `batch_size`, each to 10 new streams
+    else:  # batch: `ops` events in append_batch calls of `batch_size`, each to 10 new streams
         if batch_size < 1:
             raise ValidationError(f"--batch-size must be >= 1, got {batch_size}")
         per_stream = max(1, batch_size // 10)
@@ -288,8 +288,8 @@ def run_workload(
             size = min(batch_size, ops - i * batch_size)
             streams = [f"{prefix}batch-{i}-{k}" for k in range(-(-size // per_stream))]
             events = [emit(streams[j // per_stream], MoneyDeposited(j + 1)) for j in range(size)]
-            written = store.append(events, {s: NO_STREAM for s in streams})
-            return len(written), 1
+            written = store.append_batch(events, {s: NO_STREAM for s in streams})
+            return written.count, 1
 
         result = BenchResult(workload, backend, _impl.IMPL, n_batches, concurrency)
         _run_ops(result, op, progress)

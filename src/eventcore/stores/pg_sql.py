@@ -58,18 +58,17 @@ CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON {s}.events
 CREATE TRIGGER events_are_immutable_truncate BEFORE TRUNCATE ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.reject_event_change();
 
--- One round trip per append, whatever the number of streams.
--- p_streams: every participant (written or read-only), sorted by the client so
--- that every writer locks rows in one order and no two can deadlock.
-CREATE FUNCTION {s}.append_events(
-    p_streams       text[],
-    p_expected      bigint[],
-    p_counts        int[],
-    p_event_streams text[],
-    p_event_ids     uuid[],
-    p_types         text[],
-    p_data          text[],
-    p_metadata      text[]
+-- Steps shared by both write paths. p_streams: every participant (written or
+-- read-only), sorted by the client so every writer locks rows in one order and
+-- no two can deadlock. Checks every expectation before writing anything, then
+-- advances the heads and returns the heads as they were, the first position
+-- for this append's p_n events and the commit timestamp. The caller inserts
+-- the events (append_events below, or the batch writer's COPY) in the same transaction.
+CREATE FUNCTION {s}.reserve_append(
+    p_streams  text[],
+    p_expected bigint[],
+    p_counts   int[],
+    p_n        int
 ) RETURNS TABLE (versions bigint[], first_position bigint, recorded_at_us bigint)
 LANGUAGE plpgsql
 -- Runs with the owner's rights, so application roles need no UPDATE on stream heads;
@@ -80,7 +79,6 @@ DECLARE
     v_versions bigint[];
     v_base     bigint;
     v_start    bigint;
-    v_n        int := coalesce(array_length(p_event_streams, 1), 0);
 BEGIN
     -- 1. Lock every participant, in the given order, creating missing streams at
     --    version 0: a read-only participant is locked too, so it cannot change
@@ -106,7 +104,7 @@ BEGIN
         END IF;
     END LOOP;
 
-    IF v_n = 0 THEN
+    IF p_n = 0 THEN
         RETURN QUERY SELECT v_versions, 0::bigint, 0::bigint;
         RETURN;
     END IF;
@@ -120,23 +118,50 @@ BEGIN
     v_base := (pg_current_xact_id()::text::bigint) << 20;
     SELECT coalesce(max(e.position), v_base) INTO v_start
     FROM {s}.events e WHERE e.position > v_base AND e.position < v_base + 1048576;
-    IF v_start - v_base + v_n > 1048575 THEN
+    IF v_start - v_base + p_n > 1048575 THEN
         RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
     END IF;
-
-    -- 6. The events, with per-stream versions following the heads read in step 2.
-    INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata)
-    SELECT v_start + e.ord,
-           e.stream_id,
-           h.version + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.ord),
-           e.event_id, e.type, e.data::jsonb, e.metadata::jsonb
-    FROM unnest(p_event_streams, p_event_ids, p_types, p_data, p_metadata)
-             WITH ORDINALITY AS e(stream_id, event_id, type, data, metadata, ord)
-    JOIN unnest(p_streams, v_versions) AS h(stream_id, version) ON h.stream_id = e.stream_id;
 
     RETURN QUERY SELECT v_versions, v_start + 1, (extract(epoch FROM now()) * 1000000)::bigint;
 END $$;
 
+-- One round trip per append, whatever the number of streams.
+CREATE FUNCTION {s}.append_events(
+    p_streams       text[],
+    p_expected      bigint[],
+    p_counts        int[],
+    p_event_streams text[],
+    p_event_ids     uuid[],
+    p_types         text[],
+    p_data          text[],
+    p_metadata      text[]
+) RETURNS TABLE (versions bigint[], first_position bigint, recorded_at_us bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_versions bigint[];
+    v_first    bigint;
+    v_at       bigint;
+BEGIN
+    SELECT r.versions, r.first_position, r.recorded_at_us INTO v_versions, v_first, v_at
+    FROM {s}.reserve_append(p_streams, p_expected, p_counts,
+                            coalesce(array_length(p_event_streams, 1), 0)) r;
+
+    -- The events, with per-stream versions following the heads as they were.
+    INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+    SELECT v_first - 1 + e.ord,
+           e.stream_id,
+           h.version + row_number() OVER (PARTITION BY e.stream_id ORDER BY e.ord),
+           e.event_id, e.type, e.data::jsonb, e.metadata::jsonb, now()
+    FROM unnest(p_event_streams, p_event_ids, p_types, p_data, p_metadata)
+             WITH ORDINALITY AS e(stream_id, event_id, type, data, metadata, ord)
+    JOIN unnest(p_streams, v_versions) AS h(stream_id, version) ON h.stream_id = e.stream_id;
+
+    RETURN QUERY SELECT v_versions, v_first, v_at;
+END $$;
+
+REVOKE ALL ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 """,
     ),
@@ -161,6 +186,11 @@ FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 APPEND = (
     "SELECT versions, first_position, recorded_at_us FROM {s}.append_events("
     "%s::text[], %s::bigint[], %s::int[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
+)
+RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
+COPY_EVENTS = (
+    "COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at) "
+    "FROM STDIN (FORMAT BINARY)"
 )
 READ_STREAM = (
     f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s"
@@ -206,5 +236,6 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT, INSERT ON {}.events TO {}").format(s, r),
         sql.SQL("GRANT SELECT ON {}.streams TO {}").format(s, r),
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
     ]
