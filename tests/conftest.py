@@ -1,0 +1,47 @@
+"""Shared fixtures. `store` runs a test once per backend in `BACKENDS`.
+
+To add a backend (e.g. PostgreSQL), add one entry to `BACKENDS`: a factory
+taking the pytest `request` and returning an open store. A factory may pull
+other fixtures (a server, a schema name) with `request.getfixturevalue(...)`.
+"""
+from __future__ import annotations
+
+import pytest
+
+import eventcore
+
+
+def _memory_store(request):
+    return eventcore.connect("memory://")
+
+
+def _sqlite_store(request):
+    tmp_path = request.getfixturevalue("tmp_path")
+    return eventcore.connect(f"sqlite:///{tmp_path / 'events.db'}")
+
+
+#: backend name -> factory(request) -> open EventStore
+BACKENDS = {
+    "memory": _memory_store,
+    "sqlite": _sqlite_store,
+}
+
+
+def pytest_report_header(config):
+    return f"eventcore impl: {eventcore.__impl__}"
+
+
+@pytest.fixture(params=list(BACKENDS))
+def backend(request) -> str:
+    """The name of the backend under test."""
+    return request.param
+
+
+@pytest.fixture
+def store(backend, request):
+    """An empty store of each backend, closed after the test."""
+    s = BACKENDS[backend](request)
+    try:
+        yield s
+    finally:
+        s.close()

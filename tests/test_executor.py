@@ -1,0 +1,530 @@
+"""The command executor: read, fold, decide, append with every stream read version-checked."""
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+import pytest
+
+import eventcore as ec
+from domain import Deposit, Deposited, Noted, OrderPlaced, StockAdded, StockReserved, Transfer, Withdrawn, balance
+
+SID = ec.StreamId
+
+
+# -- results ----------------------------------------------------------------------------
+
+
+def test_execute_returns_execution_result(store):
+    store.append([ec.emit("other", Noted())])
+    md = ec.Metadata(user_id="alice", correlation_id="c-1")
+    result = ec.execute(store, Deposit(account=SID("acct-1"), amount=10), metadata=md)
+    assert isinstance(result, ec.ExecutionResult)
+    assert result.attempts == 1
+    assert len(result.events) == 1
+    e = result.events[0]
+    assert (e.stream_id, e.version, e.position, e.data) == ("acct-1", 1, 2, Deposited(amount=10, balance=10))
+    assert e.metadata == md
+    assert result.stream_versions == {"acct-1": 1}
+    assert result.position == 2
+    assert store.read_stream("acct-1") == result.events
+    assert store.read_stream("acct-1")[0].metadata == md
+
+    result = ec.execute(store, Deposit(account=SID("acct-1"), amount=5))
+    assert (result.events[0].version, result.position, result.stream_versions) == (2, 3, {"acct-1": 2})
+    assert balance(store, "acct-1") == 15
+
+
+def test_execute_multi_stream_result(store):
+    ec.execute(store, Deposit(account=SID("a"), amount=10))
+    result = ec.execute(store, Transfer(source=SID("a"), target=SID("b"), amount=4))
+    assert [(e.stream_id, e.version, e.position) for e in result.events] == [("a", 2, 2), ("b", 1, 3)]
+    assert result.stream_versions == {"a": 2, "b": 1}
+    assert result.position == 3
+    assert (balance(store, "a"), balance(store, "b")) == (6, 4)
+
+
+def test_plain_str_stream_field_is_validated(store):
+    # msgspec does not validate on construction; the executor must.
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, Deposit(account="", amount=1))
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, Deposit(account="a\x00", amount=1))
+    result = ec.execute(store, Deposit(account="plain", amount=1))
+    assert result.events[0].stream_id == "plain"
+    assert store.head_position() == 1
+
+
+def test_execute_rejects_non_commands_and_bad_metadata(store):
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, Deposited(amount=1))
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, Deposit(account=SID("a"), amount=1), metadata={"user_id": "x"})
+    with pytest.raises(ec.ValidationError):
+        ec.RetryPolicy(max_retries=-1)
+    assert store.head_position() == 0
+
+
+# -- business rules and bad decisions ---------------------------------------------------------
+
+
+class CountingTransfer(Transfer):
+    calls: int = 0
+
+    def handle(self, state):
+        self.calls += 1
+        return super().handle(state)
+
+
+def test_business_rule_violation_writes_nothing_and_is_not_retried(store):
+    ec.execute(store, Deposit(account=SID("a"), amount=3))
+    cmd = CountingTransfer(source=SID("a"), target=SID("b"), amount=5)
+    with pytest.raises(ec.BusinessRuleViolation, match="insufficient funds"):
+        ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=5))
+    assert cmd.calls == 1
+    assert store.head_position() == 1
+    assert store.read_stream("b") == []
+    with pytest.raises(ec.BusinessRuleViolation, match="positive"):
+        ec.execute(store, Deposit(account=SID("a"), amount=0))
+    assert store.head_position() == 1
+
+
+def test_require():
+    ec.require(True, "fine")
+    ec.require(1, "fine")
+    with pytest.raises(ec.BusinessRuleViolation, match="^nope$"):
+        ec.require(False, "nope")
+    with pytest.raises(ec.EventCoreError):
+        ec.require([], "empty")
+
+
+class EmitsUndeclared(ec.Command):
+    account: ec.StreamId
+
+    def handle(self, state):
+        return [ec.emit(self.account, Noted()), ec.emit("somewhere-else", Noted())]
+
+
+def test_undeclared_stream_writes_nothing(store):
+    with pytest.raises(ec.UndeclaredStreamError) as info:
+        ec.execute(store, EmitsUndeclared(account=SID("a")))
+    err = info.value
+    assert err.stream_id == "somewhere-else"
+    assert err.command == "EmitsUndeclared"
+    assert "a" in err.declared
+    assert "somewhere-else" in str(err)
+    assert store.head_position() == 0
+    assert store.read_stream("a") == []
+
+
+class ReturnsJunk(ec.Command):
+    account: ec.StreamId
+    junk: Any = None
+
+    def handle(self, state):
+        return [ec.emit(self.account, Noted()), self.junk]
+
+
+@pytest.mark.parametrize("junk", [Noted(), ("a", Noted()), "a", None], ids=repr)
+def test_handle_returning_non_emit_items_writes_nothing(store, junk):
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, ReturnsJunk(account=SID("a"), junk=junk))
+    assert store.head_position() == 0
+
+
+class DoesNothing(ec.Command):
+    account: ec.StreamId
+    result: Any = None
+
+    def handle(self, state):
+        return self.result
+
+
+@pytest.mark.parametrize("returned", [None, [], ()], ids=repr)
+def test_handle_returning_nothing_writes_nothing(store, returned):
+    store.append([ec.emit("a", Noted())])
+    result = ec.execute(store, DoesNothing(account=SID("a"), result=returned))
+    assert result.events == []
+    assert result.position is None
+    assert result.attempts == 1
+    assert result.stream_versions == {"a": 1}
+    assert store.head_position() == 1
+
+
+def test_handle_may_return_a_generator(store):
+    class Gen(ec.Command):
+        a: ec.StreamId
+
+        def handle(self, state):
+            yield ec.emit(self.a, Noted(text="1"))
+            yield ec.emit(self.a, Noted(text="2"))
+
+    result = ec.execute(store, Gen(a=SID("g")))
+    assert [e.version for e in result.events] == [1, 2]
+
+
+# -- conflicts and retries --------------------------------------------------------------
+
+
+class Interfering(ec.Command):
+    """Reads `watched` (read-only) and `target`; writes `target` only.
+
+    On the first `interfere` calls of handle() it appends directly to `watched`,
+    as a concurrent writer would between the executor's read and its append.
+    """
+
+    watched: ec.StreamId
+    target: ec.StreamId
+    store: Any = None
+    interfere: int = 1
+    calls: int = 0
+
+    def initial_state(self):
+        return []
+
+    def apply(self, state, event):
+        return state + [(event.stream_id, event.version)]
+
+    def handle(self, state):
+        self.calls += 1
+        if self.calls <= self.interfere:
+            self.store.append([ec.emit(self.watched, Noted(text=f"interference {self.calls}"))])
+        return [ec.emit(self.target, Noted(text=f"seen {len(state)}"))]
+
+
+def test_read_only_participant_change_causes_retry(store):
+    store.append([ec.emit("limits", Noted())])
+    cmd = Interfering(watched=SID("limits"), target=SID("acct"), store=store, interfere=1)
+    result = ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=3, base_delay=0))
+    assert result.attempts == 2
+    assert cmd.calls == 2
+    # The retry decided on fresh state: it saw the interfering event.
+    assert result.events[0].data.text == "seen 2"
+    assert result.stream_versions == {"limits": 2, "acct": 1}
+    assert [e.version for e in store.read_stream("acct")] == [1]
+    assert store.stream_version("limits") == 2
+
+
+def test_retries_exhausted_raises_concurrency_error(store):
+    cmd = Interfering(watched=SID("limits"), target=SID("acct"), store=store, interfere=10)
+    with pytest.raises(ec.ConcurrencyError) as info:
+        ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=0))
+    assert cmd.calls == 1
+    err = info.value
+    assert (err.stream_id, err.expected, err.actual) == ("limits", 0, 1)
+    assert store.read_stream("acct") == []
+
+    cmd = Interfering(watched=SID("limits2"), target=SID("acct"), store=store, interfere=10)
+    with pytest.raises(ec.ConcurrencyError):
+        ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=2, base_delay=0))
+    assert cmd.calls == 3  # one attempt plus two retries
+    assert store.read_stream("acct") == []
+    assert store.stream_version("limits2") == 3
+
+
+def test_retry_policy_delay_is_bounded():
+    policy = ec.RetryPolicy(max_retries=10, base_delay=0.01, max_delay=0.05)
+    for n in range(1, 12):
+        assert 0 <= policy.delay(n) <= min(0.05, 0.01 * 2 ** (n - 1))
+    fixed = ec.RetryPolicy(base_delay=0.01, max_delay=0.05, jitter=False)
+    assert [fixed.delay(n) for n in (1, 2, 3, 4)] == [0.01, 0.02, 0.04, 0.05]
+
+
+def test_timeout_with_a_command_that_always_conflicts(store):
+    cmd = Interfering(watched=SID("busy"), target=SID("acct"), store=store, interfere=10**9)
+    policy = ec.RetryPolicy(max_retries=10**9, base_delay=0.001, max_delay=0.005)
+    with pytest.raises(ec.CommandTimeoutError) as info:
+        ec.execute(store, cmd, retry=policy, timeout=0.05)
+    assert isinstance(info.value, TimeoutError)
+    assert isinstance(info.value, ec.EventCoreError)
+    assert cmd.calls >= 1
+    assert store.read_stream("acct") == []
+
+
+# -- declared, dynamic and discovered streams -------------------------------------------------
+
+
+class ListStreams(ec.Command):
+    main: ec.StreamId
+    others: list[ec.StreamId]
+    more: tuple[ec.StreamId, ...] = ()
+
+    def initial_state(self):
+        return []
+
+    def apply(self, state, event):
+        return state + [event.stream_id]
+
+    def handle(self, state):
+        return [ec.emit(s, Noted(text=",".join(state))) for s in [self.main, *self.others, *self.more]]
+
+
+def test_list_of_stream_ids_fields_are_declared(store):
+    store.append([ec.emit("x", Noted()), ec.emit("y", Noted())])
+    result = ec.execute(store, ListStreams(main=SID("m"), others=[SID("x"), SID("y")], more=(SID("z"),)))
+    assert [e.stream_id for e in result.events] == ["m", "x", "y", "z"]
+    assert result.stream_versions == {"m": 1, "x": 2, "y": 2, "z": 1}
+    assert result.events[0].data.text == "x,y"
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, ListStreams(main=SID("m"), others=[SID("x"), ""]))
+
+
+def test_list_stream_fields_take_part_in_version_check(store):
+    class Watch(ListStreams):
+        store: Any = None
+        calls: int = 0
+
+        def handle(self, state):
+            self.calls += 1
+            if self.calls == 1:
+                self.store.append([ec.emit(self.others[1], Noted())])
+            return [ec.emit(self.main, Noted())]
+
+    cmd = Watch(main=SID("m"), others=[SID("r1"), SID("r2")], store=store)
+    result = ec.execute(store, cmd, retry=ec.RetryPolicy(base_delay=0))
+    assert result.attempts == 2
+    assert result.stream_versions == {"m": 1, "r1": 0, "r2": 1}
+
+
+class Ledger(ec.Command):
+    """Declares its streams only through streams()."""
+
+    names: list[str]
+
+    def streams(self):
+        return [f"ledger-{n}" for n in self.names]
+
+    def handle(self, state):
+        return [ec.emit(f"ledger-{n}", Noted(text=n)) for n in self.names]
+
+
+def test_dynamic_streams(store):
+    result = ec.execute(store, Ledger(names=["a", "b", "c"]))
+    assert [e.stream_id for e in result.events] == ["ledger-a", "ledger-b", "ledger-c"]
+    assert result.stream_versions == {"ledger-a": 1, "ledger-b": 1, "ledger-c": 1}
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, Ledger(names=["ok", "bad\n"]))
+    assert store.head_position() == 3
+
+
+class ReserveStock(ec.Command):
+    """An order command: the order stream reveals which product streams to read."""
+
+    order: ec.StreamId
+    quantity: int = 1
+    store: Any = None
+    interfere_with: str | None = None
+    calls: int = 0
+
+    def initial_state(self):
+        return {"products": [], "stock": {}, "reserved": False}
+
+    def apply(self, state, event):
+        d = event.data
+        if isinstance(d, OrderPlaced):
+            state["products"] = list(d.products)
+        elif isinstance(d, StockAdded):
+            state["stock"][event.stream_id] = state["stock"].get(event.stream_id, 0) + d.quantity
+        elif isinstance(d, StockReserved):
+            state["stock"][event.stream_id] = state["stock"].get(event.stream_id, 0) - d.quantity
+            if d.order == self.order:
+                state["reserved"] = True
+        return state
+
+    def discover(self, state):
+        return [f"product-{p}" for p in state["products"]]
+
+    def handle(self, state):
+        self.calls += 1
+        if self.calls == 1 and self.interfere_with:
+            self.store.append([ec.emit(self.interfere_with, StockAdded(quantity=1))])
+        ec.require(state["products"], "unknown order")
+        ec.require(not state["reserved"], "already reserved")
+        out = []
+        for p in state["products"]:
+            sid = f"product-{p}"
+            ec.require(state["stock"].get(sid, 0) >= self.quantity, f"out of stock: {p}")
+            out.append(ec.emit(sid, StockReserved(order=self.order, quantity=self.quantity)))
+        return out
+
+
+def _seed_order(store, order="order-1", products=("p1", "p2")):
+    store.append([ec.emit(f"product-{p}", StockAdded(quantity=2)) for p in products])
+    store.append([ec.emit(order, OrderPlaced(products=list(products)))])
+
+
+def test_discovered_streams_are_read_and_writable(store):
+    _seed_order(store)
+    result = ec.execute(store, ReserveStock(order=SID("order-1")))
+    assert [e.stream_id for e in result.events] == ["product-p1", "product-p2"]
+    assert result.stream_versions == {"order-1": 1, "product-p1": 2, "product-p2": 2}
+    with pytest.raises(ec.BusinessRuleViolation, match="already reserved"):
+        ec.execute(store, ReserveStock(order=SID("order-1")))
+    with pytest.raises(ec.BusinessRuleViolation, match="unknown order"):
+        ec.execute(store, ReserveStock(order=SID("order-404")))
+
+
+def test_discovered_streams_take_part_in_version_check(store):
+    _seed_order(store)
+    cmd = ReserveStock(order=SID("order-1"), store=store, interfere_with="product-p2")
+    result = ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=3, base_delay=0))
+    assert result.attempts == 2
+    assert result.stream_versions == {"order-1": 1, "product-p1": 2, "product-p2": 3}
+
+    _seed_order(store, "order-2", ("p3",))
+    cmd = ReserveStock(order=SID("order-2"), store=store, interfere_with="product-p3")
+    with pytest.raises(ec.ConcurrencyError) as info:
+        ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=0))
+    assert (info.value.stream_id, info.value.expected, info.value.actual) == ("product-p3", 1, 2)
+    assert [type(e.data) for e in store.read_stream("product-p3")] == [StockAdded, StockAdded]
+
+
+def test_discovered_stream_read_only_participant(store):
+    """A discovered stream that is read but not written is still version-checked."""
+
+    class Audit(ReserveStock):
+        def handle(self, state):
+            self.calls += 1
+            if self.calls == 1:
+                self.store.append([ec.emit("product-p1", StockAdded(quantity=5))])
+            return [ec.emit(self.order, Noted(text=str(sorted(state["stock"].items()))))]
+
+    _seed_order(store)
+    cmd = Audit(order=SID("order-1"), store=store)
+    result = ec.execute(store, cmd, retry=ec.RetryPolicy(base_delay=0))
+    assert result.attempts == 2
+    assert result.events[0].data.text == str([("product-p1", 7), ("product-p2", 2)])
+
+
+class MultiRoundDiscovery(ec.Command):
+    """Each stream names the next one: discovery runs one round per hop."""
+
+    start: ec.StreamId
+
+    def initial_state(self):
+        return []
+
+    def apply(self, state, event):
+        return state + [event.data.text]
+
+    def discover(self, state):
+        return [s for s in state if s]
+
+    def handle(self, state):
+        return [ec.emit(s, Noted()) for s in [self.start, *[s for s in state if s]]]
+
+
+def test_multi_round_discovery(store):
+    store.append([ec.emit("hop-0", Noted(text="hop-1")), ec.emit("hop-1", Noted(text="hop-2"))])
+    store.append([ec.emit("hop-2", Noted(text=""))])
+    result = ec.execute(store, MultiRoundDiscovery(start=SID("hop-0")))
+    assert result.stream_versions == {"hop-0": 2, "hop-1": 2, "hop-2": 2}
+
+
+class Unbounded(ec.Command):
+    start: ec.StreamId
+
+    def discover(self, state):
+        return [f"endless-{uuid.uuid4()}"]
+
+    def handle(self, state):
+        return [ec.emit(self.start, Noted())]
+
+
+def test_unbounded_discovery_raises_validation_error(store):
+    with pytest.raises(ec.ValidationError, match="discover"):
+        ec.execute(store, Unbounded(start=SID("s")))
+    assert store.head_position() == 0
+
+
+class BadDiscovery(ec.Command):
+    start: ec.StreamId
+
+    def discover(self, state):
+        return ["bad\x00id"]
+
+    def handle(self, state):
+        return [ec.emit(self.start, Noted())]
+
+
+def test_bad_discovered_stream_id_rejected(store):
+    with pytest.raises(ec.ValidationError):
+        ec.execute(store, BadDiscovery(start=SID("s")))
+    assert store.head_position() == 0
+
+
+# -- folding ---------------------------------------------------------------------------
+
+
+class Recorder(ec.Command):
+    first: ec.StreamId
+    second: ec.StreamId
+
+    def initial_state(self):
+        return []
+
+    def apply(self, state, event):
+        return state + [event.position]
+
+    def handle(self, state):
+        return [ec.emit(self.first, Noted(text=",".join(map(str, state))))]
+
+
+def test_fold_order_follows_global_position(store):
+    store.append([ec.emit("B", Noted())])  # 1
+    store.append([ec.emit("A", Noted())])  # 2
+    store.append([ec.emit("B", Noted()), ec.emit("A", Noted())])  # 3, 4
+    store.append([ec.emit("other", Noted())])  # 5
+    store.append([ec.emit("A", Noted())])  # 6
+    store.append([ec.emit("B", Noted())])  # 7
+    result = ec.execute(store, Recorder(first=SID("A"), second=SID("B")))
+    assert result.events[0].data.text == "1,2,3,4,6,7"
+    result = ec.execute(store, Recorder(first=SID("B"), second=SID("A")))
+    assert result.events[0].data.text == "1,2,3,4,6,7,8"
+
+
+def test_fold_sees_recorded_envelopes(store):
+    seen = []
+
+    class Inspect(ec.Command):
+        a: ec.StreamId
+
+        def apply(self, state, event):
+            seen.append(event)
+            return state
+
+        def handle(self, state):
+            return None
+
+    md = ec.Metadata(user_id="u")
+    written = store.append([ec.emit("env", Deposited(amount=1))], metadata=md)
+    ec.execute(store, Inspect(a=SID("env")))
+    assert seen == written
+    assert isinstance(seen[0], ec.RecordedEvent) and seen[0].metadata == md
+
+
+def test_per_event_metadata_from_handle(store):
+    class Tagged(ec.Command):
+        a: ec.StreamId
+
+        def handle(self, state):
+            return [
+                ec.emit(self.a, Noted(text="plain")),
+                ec.emit(self.a, Noted(text="tagged"), metadata=ec.Metadata(causation_id="evt-9")),
+            ]
+
+    md = ec.Metadata(correlation_id="req-1", user_id="alice", custom={"k": "v"})
+    ec.execute(store, Tagged(a=SID("t")), metadata=md)
+    read = store.read_stream("t")
+    assert read[0].metadata == md
+    assert read[1].metadata == ec.Metadata(causation_id="evt-9")
+
+
+def test_withdrawn_and_deposited_fold_across_streams(store):
+    ec.execute(store, Deposit(account=SID("a"), amount=10))
+    ec.execute(store, Transfer(source=SID("a"), target=SID("b"), amount=10))
+    with pytest.raises(ec.BusinessRuleViolation):
+        ec.execute(store, Transfer(source=SID("a"), target=SID("b"), amount=1))
+    ec.execute(store, Transfer(source=SID("b"), target=SID("a"), amount=3))
+    assert (balance(store, "a"), balance(store, "b")) == (3, 7)
+    assert [type(e.data) for e in store.read_all()] == [Deposited, Withdrawn, Deposited, Withdrawn, Deposited]
