@@ -10,6 +10,9 @@ import pytest
 
 import eventcore
 
+# PostgreSQL fixtures (pg_dsn, pg_schema): a throwaway cluster or EVENTCORE_TEST_DSN.
+pytest_plugins = ["pgserver"]
+
 
 def _memory_store(request):
     return eventcore.connect("memory://")
@@ -24,6 +27,7 @@ def _sqlite_store(request):
 BACKENDS = {
     "memory": _memory_store,
     "sqlite": _sqlite_store,
+    "postgres": lambda request: __import__("pgserver").postgres_store(request),
 }
 
 

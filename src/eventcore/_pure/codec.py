@@ -20,7 +20,7 @@ def _enc_hook(obj):
     # str subclasses (StreamId in an event field) are not native to msgspec.
     if isinstance(obj, str):
         return str(obj)
-    raise NotImplementedError(f"objects of type {type(obj).__name__} are not JSON-serializable")
+    raise TypeError(f"objects of type {type(obj).__name__} are not JSON-serializable")
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)

@@ -19,7 +19,7 @@ from .. import _impl
 from ..errors import ValidationError
 from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RecordedEvent
 from ..expected import ANY, validate_expected
-from ..streams import stream_id as _stream_id
+from ..streams import StreamId, stream_id as _stream_id
 
 #: Most events accepted by one `append`. A single append is one transaction
 #: holding the write lock; past ~100k rows a batch belongs in the batch writer.
@@ -99,10 +99,14 @@ def prepare_append(
         if not isinstance(ev, Event):
             raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
         sid = item.stream_id
+        if type(sid) is not StreamId:  # an EventToWrite built by hand, not by emit()
+            sid = _stream_id(sid)
         type_name, payload = encode_event(ev)
         md = item.metadata
         if md is None:
             md, md_bytes = metadata, default_md_bytes
+        elif type(md) is not Metadata:  # an EventToWrite built by hand, not by emit()
+            raise ValidationError(f"event metadata must be an ec.Metadata, got {type(md).__name__}: {md!r}")
         else:
             md_bytes = encode_metadata(md)
         stream_ids.append(sid)

@@ -102,8 +102,11 @@ class PostgresStore(EventStore):
         if unknown:
             raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
         libpq_query = [(k, v) for k, v in query if k not in _OPTIONS]
-        scheme = "postgresql"
-        dsn = urlunsplit((scheme, parts.netloc, parts.path, urlencode(libpq_query), parts.fragment))
+        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(libpq_query), parts.fragment))
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
+        except psycopg.ProgrammingError as exc:
+            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {exc}") from None
         return cls(dsn, **merged)
 
     def __init__(
