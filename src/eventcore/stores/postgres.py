@@ -89,6 +89,13 @@ def redact(dsn: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
+def _connection_lost(exc: Exception) -> bool:
+    """A failure after which the server may or may not have committed (not a cancelled statement)."""
+    return isinstance(exc, (psycopg.OperationalError, pg_errors.AdminShutdown)) and not isinstance(
+        exc, pg_errors.QueryCanceled
+    )
+
+
 class PostgresStore(EventStore):
     scheme = "postgresql"
 
@@ -131,7 +138,8 @@ class PostgresStore(EventStore):
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema) for name in (
-            "APPEND", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD", "EVENT_BY_ID")}
+            "APPEND", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD", "EVENT_BY_ID",
+            "READ_FROM_POSITION")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema) for t in (False, True) for p in (False, True)
         }
@@ -270,7 +278,7 @@ class PostgresStore(EventStore):
                 sent = True
                 versions_before, first_position, recorded_at_us = conn.execute(self._sql["APPEND"], params).fetchone()
         except (pg_errors.Error, PoolTimeout) as exc:
-            if sent and isinstance(exc, (psycopg.OperationalError, pg_errors.AdminShutdown)):
+            if sent and _connection_lost(exc):
                 return self._resolve_ambiguous(p, event_ids[0], exc)
             self._raise_write_error(exc)
         current = dict(zip(streams, versions_before))
@@ -314,13 +322,13 @@ class PostgresStore(EventStore):
             raise StoreUnavailableError(
                 f"PostgreSQL connection lost during an append, which did not commit: {cause}"
             ) from cause
-        first = rows[0][0]
-        ids = {bytes(b) for b in p.event_ids}
-        written = self._fetch(
-            pg_sql.q(pg_sql.read_all_sql(False, False).replace(f" AND position < {pg_sql.FENCE}", ""), self.schema),
-            (first - 1, len(p)),
-        )
-        recorded = [e for e in _impl.decode_rows(written) if e.event_id.bytes in ids]
+        # One append's events have consecutive positions starting at the first event's.
+        written = _impl.decode_rows(self._fetch("READ_FROM_POSITION", (rows[0][0], len(p))))
+        if [e.event_id.bytes for e in written] != list(p.event_ids):
+            raise StoreUnavailableError(
+                "PostgreSQL connection lost during an append; its first event is stored but the rest "
+                "does not match what was sent", maybe_committed=True) from cause
+        recorded = written
         return [type(e)(e.stream_id, e.version, e.position, e.event_id, e.type, ev, e.metadata, e.recorded_at)
                 for e, ev in zip(recorded, p.events)]
 
@@ -356,7 +364,7 @@ class PostgresStore(EventStore):
                         copy.write(buf)
                     sent = True  # from here on, a lost connection may have committed
         except (pg_errors.Error, PoolTimeout) as exc:
-            if sent and isinstance(exc, (psycopg.OperationalError, pg_errors.AdminShutdown)):
+            if sent and _connection_lost(exc):
                 recorded = self._resolve_ambiguous(p, uuid.UUID(bytes=p.event_ids[0]), exc)
                 return recorded[0].position, recorded[-1].position, {e.stream_id: e.version for e in recorded}
             self._raise_write_error(exc)
