@@ -24,6 +24,7 @@ new_event_ids = _ids.new_event_ids
 check_expected_versions = _versions.check_expected_versions
 assign_versions = _versions.assign_versions
 encode_copy_rows = _copy.encode_copy_rows
+encode_copy_events = _copy.encode_copy_events
 
 IMPL = "python"
 
@@ -46,4 +47,5 @@ if _requested in ("", "c"):
         check_expected_versions = _speedups.check_expected_versions
         assign_versions = _speedups.assign_versions
         encode_copy_rows = _speedups.encode_copy_rows
+        encode_copy_events = _speedups.encode_copy_events
         IMPL = "c"

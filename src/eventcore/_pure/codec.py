@@ -74,34 +74,39 @@ def recorded_at_from_us(us: int) -> _dt.datetime:
 
 
 def decode_rows(rows) -> list:
-    """Decode stored rows (layout `ROW_COLUMNS`) into `RecordedEvent`s, in the given order."""
+    """Decode stored rows (layout `ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
+
+    A corrupt row (wrong shape, undecodable payload, bad id or timestamp) raises
+    SerializationError naming its position; an unregistered type raises
+    UnknownEventTypeError. Nothing is ever skipped.
+    """
     out = []
     append = out.append
     cache: dict = {}
-    for position, sid, version, event_id, type_name, data, metadata, recorded_us in rows:
+    for row in rows:
+        if len(row) != 8:
+            raise SerializationError(f"a stored row has {len(row)} columns, expected 8")
+        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        if type(type_name) is not str:
+            raise SerializationError(f"corrupt type name at position {position}: {type_name!r}")
         dec = cache.get(type_name)
         if dec is None:
             dec = cache[type_name] = _decoder_for(type_name, position, sid)
         try:
             payload = dec.decode(data)
             md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
                 f"(stream {sid!r}, version {version}): {exc}"
             ) from exc
-        if len(event_id) != 16:
-            raise SerializationError(f"corrupt event id at position {position}: {len(event_id)} bytes")
-        append(
-            RecordedEvent(
-                sid,
-                version,
-                position,
-                _uuid_from_bytes(event_id),
-                type_name,
-                payload,
-                md,
-                _EPOCH + _dt.timedelta(microseconds=recorded_us),
-            )
-        )
+        except TypeError as exc:
+            raise SerializationError(f"corrupt payload at position {position}: {exc}") from exc
+        if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
+            raise SerializationError(f"corrupt event id at position {position}")
+        try:
+            at = _EPOCH + _dt.timedelta(microseconds=recorded_us)
+        except (OverflowError, TypeError, ValueError):
+            raise SerializationError(f"corrupt recorded_at at position {position}: {recorded_us!r}") from None
+        append(RecordedEvent(sid, version, position, _uuid_from_bytes(event_id), type_name, payload, md, at))
     return out

@@ -4,11 +4,18 @@ Rows follow the events table's column order (`COPY_COLUMNS`): position int8,
 stream_id text, version int8, event_id uuid, type text, data jsonb, metadata
 jsonb (NULL when empty), recorded_at timestamptz. jsonb's binary form is a
 version byte (1) followed by the JSON text, which is exactly what msgspec
-produced, so payloads are framed, never re-encoded.
+produces, so payloads are framed, never re-encoded.
 """
 from __future__ import annotations
 
 import struct
+
+import msgspec
+
+from ..errors import SerializationError
+from ..events import EMPTY_METADATA, Metadata
+from . import ids as _ids
+from .codec import _encoder
 
 COPY_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at")
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
@@ -16,16 +23,31 @@ COPY_TRAILER = struct.pack(">h", -1)
 
 #: Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
 PG_EPOCH_OFFSET_US = 946_684_800_000_000
+_MAX_FIELD = 0x7FFF_FFFF  # a COPY field length is an int32
+_INT64_MAX = 0x7FFF_FFFF_FFFF_FFFF
 
-# field count, position (len + int8)
-_ROW_START = struct.Struct(">hiq")
-# version (len + int8), then event id length
+_ROW_START = struct.Struct(">hiq")  # field count 8; position: length 8, int8
 _INT8 = struct.Struct(">iq")
 _LEN = struct.Struct(">i")
 _UUID_FIELD = _LEN.pack(16)
 _NULL = _LEN.pack(-1)
 _JSONB_VERSION = b"\x01"
-_TIMESTAMP = struct.Struct(">iq")
+_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError)
+
+
+def _utf8(value, what: str, i: int) -> bytes:
+    if not isinstance(value, str):
+        raise SerializationError(f"{what} {i} must be a str, got {type(value).__name__}")
+    try:
+        return value.encode()
+    except UnicodeError as exc:
+        raise SerializationError(f"{what} {i} is not valid UTF-8 text: {exc}") from None
+
+
+def _int64(value, what: str, i: int) -> int:
+    if not isinstance(value, int) or not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+        raise SerializationError(f"{what} {i} must be an int within int64, got {value!r}")
+    return value
 
 
 def encode_copy_rows(
@@ -43,39 +65,108 @@ def encode_copy_rows(
 
     `event_ids` are 16-byte UUIDs, `payloads` and `metadatas` msgspec JSON bytes
     (metadata may be None), `recorded_at_us` microseconds since the Unix epoch.
+    On error `buf` is left as it was.
     """
     n = len(stream_ids)
     if not (len(versions) == len(event_ids) == len(types) == len(payloads) == len(metadatas) == n):
-        raise ValueError("encode_copy_rows: column lists differ in length")
-    ts = _TIMESTAMP.pack(8, recorded_at_us - PG_EPOCH_OFFSET_US)
+        raise SerializationError("encode_copy_rows: column lists differ in length")
+    if first_position > _INT64_MAX - n:
+        raise SerializationError("position overflows int64")
+    ts = _INT8.pack(8, recorded_at_us - PG_EPOCH_OFFSET_US)
+    out = bytearray()
     row_start = _ROW_START.pack
     int8 = _INT8.pack
     length = _LEN.pack
-    position = first_position
     for i in range(n):
-        sid = stream_ids[i].encode()
-        typ = types[i].encode()
+        sid = _utf8(stream_ids[i], "stream id", i)
+        typ = _utf8(types[i], "type", i)
+        version = _int64(versions[i], "version", i)
         eid = event_ids[i]
-        if len(eid) != 16:
-            raise ValueError(f"event id {i} is {len(eid)} bytes, not 16")
+        if type(eid) is not bytes or len(eid) != 16:
+            raise SerializationError(f"event id {i} must be 16 bytes")
         data = payloads[i]
+        if type(data) is not bytes:
+            raise SerializationError(f"payload {i} must be bytes, got {type(data).__name__}")
         md = metadatas[i]
-        buf += row_start(8, 8, position)  # 8 columns; position: length 8, int8
-        buf += length(len(sid))
-        buf += sid
-        buf += int8(8, versions[i])
-        buf += _UUID_FIELD
-        buf += eid
-        buf += length(len(typ))
-        buf += typ
-        buf += length(len(data) + 1)
-        buf += _JSONB_VERSION
-        buf += data
+        if md is not None and type(md) is not bytes:
+            raise SerializationError(f"metadata {i} must be bytes or None, got {type(md).__name__}")
+        if len(sid) > _MAX_FIELD or len(typ) > _MAX_FIELD or len(data) >= _MAX_FIELD or (
+            md is not None and len(md) >= _MAX_FIELD
+        ):
+            raise SerializationError(f"row {i} has a field longer than a COPY field allows (2 GiB)")
+        out += row_start(8, 8, first_position + i)
+        out += length(len(sid))
+        out += sid
+        out += int8(8, version)
+        out += _UUID_FIELD
+        out += eid
+        out += length(len(typ))
+        out += typ
+        out += length(len(data) + 1)
+        out += _JSONB_VERSION
+        out += data
         if md is None:
-            buf += _NULL
+            out += _NULL
         else:
-            buf += length(len(md) + 1)
-            buf += _JSONB_VERSION
-            buf += md
-        buf += ts
-        position += 1
+            out += length(len(md) + 1)
+            out += _JSONB_VERSION
+            out += md
+        out += ts
+    buf += out
+
+
+def encode_copy_events(
+    buf: bytearray,
+    first_position: int,
+    stream_ids: list,
+    events: list,
+    metadatas: list,
+    heads: dict,
+    recorded_at_us: int,
+) -> list:
+    """Fused ingestion encoder: for each event make a UUIDv7, take the next version of its
+    stream from `heads` (advanced in place), msgspec-encode the payload and metadata
+    (ec.Metadata or None) with jsonb framing, and frame the row into `buf`.
+
+    Returns the event ids (16-byte strings). On error `buf` and `heads` are left as they were.
+    """
+    n = len(stream_ids)
+    if len(events) != n or len(metadatas) != n:
+        raise SerializationError("encode_copy_events: column lists differ in length")
+    if first_position > _INT64_MAX - n:
+        raise SerializationError("position overflows int64")
+    event_ids = _ids.new_event_ids(n)
+    new_heads: dict = {}
+    types, payloads, mds, versions = [], [], [], []
+    encode = _encoder.encode
+    for i in range(n):
+        sid = stream_ids[i]
+        _utf8(sid, "stream id", i)
+        ev = events[i]
+        try:
+            name = type(ev).__event_type__
+        except AttributeError:
+            raise SerializationError(f"event {i} is not an ec.Event: {type(ev).__name__}") from None
+        head = new_heads.get(sid)
+        if head is None:
+            head = _int64(heads.get(sid, 0), "stream head", i)
+        new_heads[sid] = head + 1
+        versions.append(head + 1)
+        try:
+            payloads.append(encode(ev))
+        except _ENCODE_ERRORS as exc:
+            raise SerializationError(f"cannot encode event {i} ({type(ev).__name__}): {exc}") from exc
+        md = metadatas[i]
+        if md is None or md == EMPTY_METADATA:
+            mds.append(None)
+        elif type(md) is not Metadata:
+            raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
+        else:
+            try:
+                mds.append(encode(md))
+            except _ENCODE_ERRORS as exc:
+                raise SerializationError(f"cannot encode metadata {i}: {exc}") from exc
+        types.append(name)
+    encode_copy_rows(buf, first_position, stream_ids, versions, event_ids, types, payloads, mds, recorded_at_us)
+    heads.update(new_heads)
+    return event_ids

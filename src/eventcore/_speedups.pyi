@@ -1,0 +1,32 @@
+"""Type stubs of the compiled hot path (ext/_speedups.pyx); the pure-Python twins in
+eventcore._pure have the same signatures."""
+from typing import Any, Iterable
+
+from .events import Event, Metadata, RecordedEvent
+
+def encode_event(event: Event) -> tuple[str, bytes]: ...
+def encode_metadata(metadata: Metadata | None) -> bytes | None: ...
+def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]: ...
+def new_event_ids(count: int) -> list[bytes]: ...
+def check_expected_versions(expected: dict[str, int], current: dict[str, int]) -> None: ...
+def assign_versions(stream_ids: list[str], heads: dict[str, int]) -> list[int]: ...
+def encode_copy_rows(
+    buf: bytearray,
+    first_position: int,
+    stream_ids: list[str],
+    versions: list[int],
+    event_ids: list[bytes],
+    types: list[str],
+    payloads: list[bytes],
+    metadatas: list[bytes | None],
+    recorded_at_us: int,
+) -> None: ...
+def encode_copy_events(
+    buf: bytearray,
+    first_position: int,
+    stream_ids: list[str],
+    events: list[Event],
+    metadatas: list[Metadata | None],
+    heads: dict[str, int],
+    recorded_at_us: int,
+) -> list[bytes]: ...
