@@ -18,9 +18,13 @@ from domain import (
     Opaque,
     Transfer,
     Withdrawn,
+    assert_consecutive,
     assert_decisions_saw_every_prior_event,
+    assert_feed_positions,
     assert_gap_free,
     balance,
+    feed_positions,
+    ordinals,
 )
 
 emit = ec.emit
@@ -45,10 +49,12 @@ def test_empty_store(store):
 
 def test_append_returns_recorded_events(store):
     out = store.append([emit("acct-1", Deposited(amount=5)), emit("acct-2", Noted(text="hi"))])
-    assert [(e.stream_id, e.version, e.position, e.type) for e in out] == [
-        ("acct-1", 1, 1, "test.Deposited"),
-        ("acct-2", 1, 2, "test.Noted"),
+    assert [(e.stream_id, e.version, e.type) for e in out] == [
+        ("acct-1", 1, "test.Deposited"),
+        ("acct-2", 1, "test.Noted"),
     ]
+    assert_consecutive(out)
+    assert store.head_position() == out[-1].position
     assert out[0].data == Deposited(amount=5)
     assert out[1].data == Noted(text="hi")
     assert all(isinstance(e, ec.RecordedEvent) for e in out)
@@ -62,11 +68,16 @@ def test_gap_free_versions_and_consecutive_positions(store):
     for _ in range(30):
         batch = [emit(rng.choice(streams), Deposited(amount=1)) for _ in range(rng.randint(1, 4))]
         head = store.head_position()
+        before = feed_positions(store)
         out = store.append(batch)
-        # One append takes consecutive positions right after the previous head.
-        assert [e.position for e in out] == list(range(head + 1, head + 1 + len(batch)))
+        # One append takes consecutive positions, all above the previous head, and becomes the new head.
+        assert len(out) == len(batch)
+        assert_consecutive(out)
+        assert out[0].position > head
+        assert store.head_position() == out[-1].position
+        assert feed_positions(store) == before + [e.position for e in out]
     assert_gap_free(store, streams)
-    assert store.head_position() == sum(store.stream_version(s) for s in streams)
+    assert len(feed_positions(store)) == sum(store.stream_version(s) for s in streams)
 
 
 def test_several_events_to_one_stream_in_one_append(store):
@@ -79,7 +90,11 @@ def test_several_events_to_one_stream_in_one_append(store):
 def test_many_streams_in_one_append_and_one_read(store):
     streams = [f"wide-{i}" for i in range(1500)]
     out = store.append([emit(s, Noted(text=s)) for s in streams], {s: ec.NO_STREAM for s in streams})
-    assert [e.position for e in out] == list(range(1, 1501))
+    assert len(out) == 1500
+    assert_consecutive(out)
+    assert [e.stream_id for e in out] == streams
+    written = store.head_position(), feed_positions(store)
+    assert written == (out[-1].position, [e.position for e in out])
     got = store.read_streams(streams + ["wide-none"])
     assert len(got) == 1501 and got["wide-none"] == []
     assert all([e.data.text for e in got[s]] == [s] for s in streams)
@@ -87,12 +102,38 @@ def test_many_streams_in_one_append_and_one_read(store):
     with pytest.raises(ec.ConcurrencyError) as info:
         store.append([emit("wide-x", Noted())], {**dict.fromkeys(streams, 1), "wide-999": 0})
     assert info.value.stream_id == "wide-999"
-    assert store.head_position() == 1500
+    assert (store.head_position(), feed_positions(store)) == written
 
 
 def test_append_of_nothing_writes_nothing(store):
     assert store.append([]) == []
     assert store.head_position() == 0
+
+
+def test_append_batch_positions(store):
+    first = store.append([emit("b-0", Noted(text="before"))])
+    streams = [f"b-{i}" for i in range(1, 6)]
+    batch = [emit(streams[i % 5], Noted(text=str(i))) for i in range(23)]
+    result = store.append_batch(batch, {s: ec.NO_STREAM for s in streams})
+    assert result.count == 23
+    assert result.stream_versions == {s: len(range(i, 23, 5)) for i, s in enumerate(streams)}
+    # One call: consecutive positions, in the order given, after every earlier append's.
+    assert result.first_position > first[0].position
+    assert result.last_position == result.first_position + 22
+    feed = list(store.read_all())
+    assert [e.position for e in feed] == [first[0].position, *range(result.first_position, result.last_position + 1)]
+    assert [e.data.text for e in feed[1:]] == [str(i) for i in range(23)]
+    assert [e.stream_id for e in feed[1:]] == [streams[i % 5] for i in range(23)]
+    assert store.head_position() == result.last_position
+    later = store.append([emit("b-0", Noted(text="after"))])
+    assert later[0].position > result.last_position
+    assert_feed_positions(store)
+    # A conflicting batch writes nothing; an empty one neither.
+    before = _snapshot(store)
+    with pytest.raises(ec.ConcurrencyError):
+        store.append_batch([emit("b-1", Noted())], {"b-1": ec.NO_STREAM})
+    assert store.append_batch([]).count == 0
+    assert _snapshot(store) == before
 
 
 # -- atomicity and expected versions --------------------------------------------------
@@ -110,9 +151,11 @@ def test_failed_multi_stream_append_writes_nothing(store):
     assert (err.stream_id, err.expected, err.actual) == ("b", 5, 1)
     assert _snapshot(store) == before
     assert store.stream_versions(["a", "b", "c"]) == {"a": 1, "b": 1, "c": 0}
-    # The store still works, and positions continue without a hole.
+    # The store still works: the next event is the feed's 3rd, above every earlier position.
     out = store.append([emit("c", Deposited(amount=1))], {"c": ec.NO_STREAM})
-    assert out[0].position == 3
+    assert out[0].position > before[0]
+    assert feed_positions(store) == [p for p, *_ in before[1]] + [out[0].position]
+    assert ordinals(store)[out[0].position] == 3
     assert_gap_free(store)
 
 
@@ -163,20 +206,23 @@ def test_read_only_participant_exact_version_conflict_message(store):
 
 
 def test_read_only_participant_unchanged_is_not_written(store):
-    store.append([emit("ro", Noted())])
+    ro = store.append([emit("ro", Noted())])
     out = store.append([emit("w", Deposited(amount=1))], {"ro": 1, "w": ec.NO_STREAM})
     assert [(e.stream_id, e.version) for e in out] == [("w", 1)]
     assert store.stream_version("ro") == 1
-    assert store.head_position() == 2
+    assert [(e.stream_id, e.position) for e in store.read_all()] == [("ro", ro[0].position), ("w", out[0].position)]
+    assert store.head_position() == out[0].position
 
 
 def test_check_only_append(store):
     store.append([emit("ro", Noted())])
+    before = _snapshot(store)
     assert store.append([], {"ro": 1}) == []
     with pytest.raises(ec.ConcurrencyError) as info:
         store.append([], {"ro": 0})
     assert (info.value.stream_id, info.value.actual) == ("ro", 1)
-    assert store.head_position() == 1
+    assert _snapshot(store) == before
+    assert len(before[1]) == 1
 
 
 def test_expected_exact(store):
@@ -216,9 +262,11 @@ def test_expected_stream_exists(store):
     assert store.append([emit("s", Noted())], {"s": ec.STREAM_EXISTS})[0].version == 2
     # As a read-only participant too.
     assert store.append([emit("t", Noted())], {"s": ec.STREAM_EXISTS})[0].version == 1
+    before = _snapshot(store)
     with pytest.raises(ec.ConcurrencyError):
         store.append([emit("t", Noted())], {"missing": ec.STREAM_EXISTS})
-    assert store.head_position() == 3
+    assert _snapshot(store) == before
+    assert [(sid, v) for _, sid, v, _ in before[1]] == [("s", 1), ("s", 2), ("t", 1)]
 
 
 def test_expected_version_constants_are_distinct():
@@ -282,35 +330,48 @@ def _feed_fixture(store):
 def test_read_all_order_and_paging(store):
     written = _feed_fixture(store)
     feed = list(store.read_all())
-    assert [e.position for e in feed] == list(range(1, 9))
-    assert feed == written
+    assert len(feed) == 8
+    assert feed == written  # the feed is exactly the appended events, in append order
+    pos = assert_feed_positions(store)  # strictly increasing; head; after_position at, between and past positions
     for page_size in (1, 2, 3, 7, 8, 9, 1000):
         assert list(store.read_all(page_size=page_size)) == feed
-    assert [e.position for e in store.read_all(after_position=3)] == [4, 5, 6, 7, 8]
-    assert [e.position for e in store.read_all(after_position=3, page_size=2)] == [4, 5, 6, 7, 8]
-    assert list(store.read_all(after_position=8)) == []
-    assert list(store.read_all(after_position=100)) == []
+    # after_position = the 3rd event's position: the 4th to 8th events.
+    assert list(store.read_all(after_position=pos[2])) == feed[3:]
+    assert list(store.read_all(after_position=pos[2], page_size=2)) == feed[3:]
+    assert list(store.read_all(after_position=pos[2] + 1)) == [e for e in feed if e.position > pos[2] + 1]
+    assert list(store.read_all(after_position=pos[7])) == []
+    assert list(store.read_all(after_position=pos[7] + 100)) == []
+    assert list(store.read_all(after_position=0)) == feed
 
 
 def test_read_all_limit(store):
     _feed_fixture(store)
-    assert [e.position for e in store.read_all(limit=3)] == [1, 2, 3]
-    assert [e.position for e in store.read_all(limit=3, page_size=2)] == [1, 2, 3]
-    assert [e.position for e in store.read_all(limit=5, page_size=1, after_position=2)] == [3, 4, 5, 6, 7]
+    pos = feed_positions(store)
+    assert [e.position for e in store.read_all(limit=3)] == pos[0:3]
+    assert [e.position for e in store.read_all(limit=3, page_size=2)] == pos[0:3]
+    assert [e.position for e in store.read_all(limit=5, page_size=1, after_position=pos[1])] == pos[2:7]
     assert list(store.read_all(limit=0)) == []
     assert len(list(store.read_all(limit=100, page_size=3))) == 8
 
 
+def _nth(store):
+    """(pos, nth): pos[n - 1] is the n-th event's position; nth(events) -> each event's place in the feed."""
+    pos = feed_positions(store)
+    ords = ordinals(store)
+    return pos, lambda events: [ords[e.position] for e in events]
+
+
 def test_read_all_type_filter(store):
     _feed_fixture(store)
+    pos, nth = _nth(store)
     by_name = [e.position for e in store.read_all(types=["test.Deposited"])]
-    assert by_name == [1, 2, 5, 8]
+    assert nth(store.read_all(types=["test.Deposited"])) == [1, 2, 5, 8]
     assert [e.position for e in store.read_all(types=[Deposited])] == by_name
     assert [e.position for e in store.read_all(types=Deposited)] == by_name
     assert [e.position for e in store.read_all(types="test.Deposited")] == by_name
     assert [e.position for e in store.read_all(types=[Deposited], page_size=1)] == by_name
-    assert [e.position for e in store.read_all(types=[Withdrawn, "test.Noted"])] == [3, 4, 6, 7]
-    assert [e.position for e in store.read_all(types=[Deposited], after_position=2, limit=1)] == [5]
+    assert nth(store.read_all(types=[Withdrawn, "test.Noted"])) == [3, 4, 6, 7]
+    assert nth(store.read_all(types=[Deposited], after_position=pos[1], limit=1)) == [5]
     assert list(store.read_all(types=["test.NoSuchType"])) == []
     assert list(store.read_all(types=[])) == []
     with pytest.raises(ec.ValidationError):
@@ -319,12 +380,13 @@ def test_read_all_type_filter(store):
 
 def test_read_all_stream_prefix_filter(store):
     _feed_fixture(store)
-    assert [e.position for e in store.read_all(stream_prefix="acct-")] == [1, 2, 4, 5, 7]
-    assert [e.position for e in store.read_all(stream_prefix="acct-1")] == [1, 4, 5]
-    assert [e.position for e in store.read_all(stream_prefix="acc")] == [1, 2, 4, 5, 7, 8]
-    assert [e.position for e in store.read_all(stream_prefix="log-", page_size=1)] == [3, 6]
-    assert [e.position for e in store.read_all(stream_prefix="acct-", types=[Withdrawn])] == [4, 7]
-    assert [e.position for e in store.read_all(stream_prefix="acct-", after_position=4, limit=2)] == [5, 7]
+    pos, nth = _nth(store)
+    assert nth(store.read_all(stream_prefix="acct-")) == [1, 2, 4, 5, 7]
+    assert nth(store.read_all(stream_prefix="acct-1")) == [1, 4, 5]
+    assert nth(store.read_all(stream_prefix="acc")) == [1, 2, 4, 5, 7, 8]
+    assert nth(store.read_all(stream_prefix="log-", page_size=1)) == [3, 6]
+    assert nth(store.read_all(stream_prefix="acct-", types=[Withdrawn])) == [4, 7]
+    assert nth(store.read_all(stream_prefix="acct-", after_position=pos[3], limit=2)) == [5, 7]
     assert list(store.read_all(stream_prefix="zzz")) == []
     # "%" and "_" are ordinary characters in a prefix, not wildcards.
     store.append([emit("a_b", Noted()), emit("a%c", Noted()), emit("axb", Noted())])
@@ -355,22 +417,27 @@ def test_read_all_sees_appends_made_between_pages(store):
     store.append([emit("s", Noted(text=str(i))) for i in range(4)])
     it = store.read_all(page_size=2)
     first = [next(it), next(it)]
-    store.append([emit("s", Noted(text="late"))])
+    late = store.append([emit("s", Noted(text="late"))])
     rest = list(it)
-    assert [e.position for e in first + rest] == [1, 2, 3, 4, 5]
+    assert [e.data.text for e in first + rest] == ["0", "1", "2", "3", "late"]
+    assert first + rest == list(store.read_all())
+    assert rest[-1] == late[0]
 
 
 def test_versions_and_head(store):
     assert store.head_position() == 0
-    store.append([emit("a", Noted()), emit("b", Noted()), emit("a", Noted())])
+    first = store.append([emit("a", Noted()), emit("b", Noted()), emit("a", Noted())])
     assert store.stream_version("a") == 2
     assert store.stream_version(ec.StreamId("b")) == 1
     assert store.stream_version("c") == 0
     assert store.stream_versions(["a", "b", "c"]) == {"a": 2, "b": 1, "c": 0}
     assert store.stream_versions([]) == {}
-    assert store.head_position() == 3
-    store.append([emit("c", Noted())])
-    assert store.head_position() == 4
+    assert store.head_position() == first[-1].position
+    assert feed_positions(store) == [e.position for e in first]
+    second = store.append([emit("c", Noted())])
+    assert second[0].position > first[-1].position
+    assert store.head_position() == second[0].position
+    assert feed_positions(store) == [e.position for e in first + second]
     assert store.stream_versions(["c"]) == {"c": 1}
 
 
@@ -454,7 +521,8 @@ def test_unknown_event_type_on_read_raises(store):
         __event_type__ = "test.conformance.Ghost"
         n: int
 
-    store.append([emit("g", Noted()), emit("g", Ghost(n=1)), emit("h", Noted())])
+    out = store.append([emit("g", Noted()), emit("g", Ghost(n=1)), emit("h", Noted())])
+    ghost = out[1].position
     saved = eventcore.events._registry.pop("test.conformance.Ghost")
     try:
         with pytest.raises(ec.UnknownEventTypeError) as info:
@@ -462,22 +530,23 @@ def test_unknown_event_type_on_read_raises(store):
         err = info.value
         assert isinstance(err, ec.SerializationError)
         assert err.type_name == "test.conformance.Ghost"
-        assert err.position == 2
-        assert "test.conformance.Ghost" in str(err) and "position 2" in str(err)
+        assert err.position == ghost
+        assert "test.conformance.Ghost" in str(err) and f"position {ghost}" in str(err)
         with pytest.raises(ec.UnknownEventTypeError) as info:
             list(store.read_all())
-        assert info.value.position == 2
+        assert info.value.position == ghost
         with pytest.raises(ec.UnknownEventTypeError):
             store.read_streams(["h", "g"])
         with pytest.raises(ec.UnknownEventTypeError):
             list(store.read_all(stream_prefix="g", page_size=1))
         # The event is not silently dropped; reads that do not touch it still work.
-        assert [e.position for e in store.read_all(types=["test.Noted"])] == [1, 3]
+        assert [e.position for e in store.read_all(types=["test.Noted"])] == [out[0].position, out[2].position]
         assert len(store.read_stream("h")) == 1
-        assert store.read_stream("g", limit=1)[0].position == 1
+        assert store.read_stream("g", limit=1)[0].position == out[0].position
     finally:
         eventcore.events._registry["test.conformance.Ghost"] = saved
     assert store.read_stream("g")[1].data == Ghost(n=1)
+    assert list(store.read_all()) == out
 
 
 # -- bad input is rejected and writes nothing ---------------------------------------------
@@ -501,9 +570,12 @@ BAD_STREAM_IDS = [
 
 def _assert_nothing_written(store, before):
     assert _snapshot(store) == before
-    # ...and the store is still usable afterwards.
-    pos = store.head_position()
-    assert store.append([emit("after", Noted())])[0].position == pos + 1
+    # ...and the store is still usable afterwards: the next event lands right after the old feed.
+    head, events = before
+    out = store.append([emit("after", Noted())])
+    assert out[0].position > head
+    assert feed_positions(store) == [p for p, *_ in events] + [out[0].position]
+    assert store.head_position() == out[0].position
 
 
 @pytest.mark.parametrize("bad", BAD_STREAM_IDS)
@@ -773,9 +845,12 @@ def test_random_transfers_conserve_money(store):
     balances = {a: balance(store, a) for a in accounts}
     assert sum(balances.values()) == opening * len(accounts)
     assert all(b >= 0 for b in balances.values()), balances  # no write skew past the business rule
-    assert store.head_position() == len(accounts) + 2 * outcomes["ok"]
+    feed = feed_positions(store)
+    assert len(feed) == len(accounts) + 2 * outcomes["ok"]
+    assert store.head_position() == feed[-1]
     withdrawn = [e for e in store.read_all(types=[Withdrawn])]
-    deposited = [e for e in store.read_all(types=[Deposited], after_position=len(accounts))]
+    # Deposits after the opening ones (the first len(accounts) events of the feed).
+    deposited = [e for e in store.read_all(types=[Deposited], after_position=feed[len(accounts) - 1])]
     assert len(withdrawn) == len(deposited) == outcomes["ok"]
     for a in accounts:
         assert_decisions_saw_every_prior_event(store, a)
@@ -783,4 +858,5 @@ def test_random_transfers_conserve_money(store):
     for w in withdrawn:
         d = list(store.read_all(after_position=w.position, limit=1))[0]
         assert isinstance(d.data, Deposited) and d.data.amount == w.data.amount
+        assert d.position == w.position + 1  # one append: consecutive positions
     assert_gap_free(store, accounts)

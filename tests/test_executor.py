@@ -7,40 +7,67 @@ from typing import Any
 import pytest
 
 import eventcore as ec
-from domain import Deposit, Deposited, Noted, OrderPlaced, StockAdded, StockReserved, Transfer, Withdrawn, balance
+from domain import (
+    Deposit,
+    Deposited,
+    Noted,
+    OrderPlaced,
+    StockAdded,
+    StockReserved,
+    Transfer,
+    Withdrawn,
+    balance,
+    feed_positions,
+    ordinals,
+)
 
 SID = ec.StreamId
+
+
+def _snapshot(store):
+    """Everything observable about the store's contents."""
+    return store.head_position(), [(e.position, e.stream_id, e.version, e.event_id) for e in store.read_all()]
 
 
 # -- results ----------------------------------------------------------------------------
 
 
 def test_execute_returns_execution_result(store):
-    store.append([ec.emit("other", Noted())])
+    other = store.append([ec.emit("other", Noted())])[0]
     md = ec.Metadata(user_id="alice", correlation_id="c-1")
     result = ec.execute(store, Deposit(account=SID("acct-1"), amount=10), metadata=md)
     assert isinstance(result, ec.ExecutionResult)
     assert result.attempts == 1
     assert len(result.events) == 1
     e = result.events[0]
-    assert (e.stream_id, e.version, e.position, e.data) == ("acct-1", 1, 2, Deposited(amount=10, balance=10))
+    assert (e.stream_id, e.version, e.data) == ("acct-1", 1, Deposited(amount=10, balance=10))
     assert e.metadata == md
     assert result.stream_versions == {"acct-1": 1}
-    assert result.position == 2
+    # The 2nd event of the feed, after the earlier append's.
+    assert e.position > other.position
+    assert result.position == e.position == store.head_position()
+    assert feed_positions(store) == [other.position, e.position]
     assert store.read_stream("acct-1") == result.events
     assert store.read_stream("acct-1")[0].metadata == md
 
     result = ec.execute(store, Deposit(account=SID("acct-1"), amount=5))
-    assert (result.events[0].version, result.position, result.stream_versions) == (2, 3, {"acct-1": 2})
+    assert (result.events[0].version, result.stream_versions) == (2, {"acct-1": 2})
+    assert result.position == result.events[0].position > e.position
+    assert feed_positions(store) == [other.position, e.position, result.position]
     assert balance(store, "acct-1") == 15
 
 
 def test_execute_multi_stream_result(store):
-    ec.execute(store, Deposit(account=SID("a"), amount=10))
+    opened = ec.execute(store, Deposit(account=SID("a"), amount=10))
     result = ec.execute(store, Transfer(source=SID("a"), target=SID("b"), amount=4))
-    assert [(e.stream_id, e.version, e.position) for e in result.events] == [("a", 2, 2), ("b", 1, 3)]
+    assert [(e.stream_id, e.version) for e in result.events] == [("a", 2), ("b", 1)]
+    # One append: consecutive positions, in emit order, after the earlier command's.
+    first = result.events[0].position
+    assert first > opened.position
+    assert [e.position for e in result.events] == [first, first + 1]
     assert result.stream_versions == {"a": 2, "b": 1}
-    assert result.position == 3
+    assert result.position == first + 1
+    assert feed_positions(store) == [opened.position, first, first + 1]
     assert (balance(store, "a"), balance(store, "b")) == (6, 4)
 
 
@@ -52,7 +79,8 @@ def test_plain_str_stream_field_is_validated(store):
         ec.execute(store, Deposit(account="a\x00", amount=1))
     result = ec.execute(store, Deposit(account="plain", amount=1))
     assert result.events[0].stream_id == "plain"
-    assert store.head_position() == 1
+    assert feed_positions(store) == [result.position]
+    assert store.head_position() == result.position
 
 
 def test_execute_rejects_non_commands_and_bad_metadata(store):
@@ -78,15 +106,17 @@ class CountingTransfer(Transfer):
 
 def test_business_rule_violation_writes_nothing_and_is_not_retried(store):
     ec.execute(store, Deposit(account=SID("a"), amount=3))
+    before = _snapshot(store)
+    assert len(before[1]) == 1
     cmd = CountingTransfer(source=SID("a"), target=SID("b"), amount=5)
     with pytest.raises(ec.BusinessRuleViolation, match="insufficient funds"):
         ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=5))
     assert cmd.calls == 1
-    assert store.head_position() == 1
+    assert _snapshot(store) == before
     assert store.read_stream("b") == []
     with pytest.raises(ec.BusinessRuleViolation, match="positive"):
         ec.execute(store, Deposit(account=SID("a"), amount=0))
-    assert store.head_position() == 1
+    assert _snapshot(store) == before
 
 
 def test_require():
@@ -143,12 +173,13 @@ class DoesNothing(ec.Command):
 @pytest.mark.parametrize("returned", [None, [], ()], ids=repr)
 def test_handle_returning_nothing_writes_nothing(store, returned):
     store.append([ec.emit("a", Noted())])
+    before = _snapshot(store)
     result = ec.execute(store, DoesNothing(account=SID("a"), result=returned))
     assert result.events == []
     assert result.position is None
     assert result.attempts == 1
     assert result.stream_versions == {"a": 1}
-    assert store.head_position() == 1
+    assert _snapshot(store) == before
 
 
 def test_handle_may_return_a_generator(store):
@@ -304,7 +335,8 @@ def test_dynamic_streams(store):
     assert result.stream_versions == {"ledger-a": 1, "ledger-b": 1, "ledger-c": 1}
     with pytest.raises(ec.ValidationError):
         ec.execute(store, Ledger(names=["ok", "bad\n"]))
-    assert store.head_position() == 3
+    assert feed_positions(store) == [e.position for e in result.events]
+    assert store.head_position() == result.position
 
 
 class ReserveStock(ec.Command):
@@ -471,16 +503,23 @@ class Recorder(ec.Command):
 
 
 def test_fold_order_follows_global_position(store):
-    store.append([ec.emit("B", Noted())])  # 1
-    store.append([ec.emit("A", Noted())])  # 2
-    store.append([ec.emit("B", Noted()), ec.emit("A", Noted())])  # 3, 4
-    store.append([ec.emit("other", Noted())])  # 5
-    store.append([ec.emit("A", Noted())])  # 6
-    store.append([ec.emit("B", Noted())])  # 7
-    result = ec.execute(store, Recorder(first=SID("A"), second=SID("B")))
-    assert result.events[0].data.text == "1,2,3,4,6,7"
-    result = ec.execute(store, Recorder(first=SID("B"), second=SID("A")))
-    assert result.events[0].data.text == "1,2,3,4,6,7,8"
+    store.append([ec.emit("B", Noted())])  # 1st event of the feed
+    store.append([ec.emit("A", Noted())])  # 2nd
+    store.append([ec.emit("B", Noted()), ec.emit("A", Noted())])  # 3rd, 4th
+    store.append([ec.emit("other", Noted())])  # 5th
+    store.append([ec.emit("A", Noted())])  # 6th
+    store.append([ec.emit("B", Noted())])  # 7th
+    first = ec.execute(store, Recorder(first=SID("A"), second=SID("B")))  # writes the 8th
+    second = ec.execute(store, Recorder(first=SID("B"), second=SID("A")))
+    ords = ordinals(store)
+
+    def folded(result):
+        """The feed places of the events the command folded, in fold order."""
+        return [ords[int(p)] for p in result.events[0].data.text.split(",")]
+
+    assert folded(first) == [1, 2, 3, 4, 6, 7]
+    assert ords[first.position] == 8
+    assert folded(second) == [1, 2, 3, 4, 6, 7, 8]
 
 
 def test_fold_sees_recorded_envelopes(store):

@@ -12,6 +12,13 @@ from domain import Deposit, Deposited, Noted, assert_gap_free, deposit_worker
 emit = ec.emit
 
 
+def assert_dense(store) -> None:
+    """SQLite (unlike the store contract, and unlike PostgreSQL) hands out positions 1, 2, 3, ... with no hole."""
+    positions = [e.position for e in store.read_all(page_size=97)]
+    assert positions == list(range(1, len(positions) + 1))
+    assert store.head_position() == len(positions)
+
+
 @pytest.fixture
 def db_path(tmp_path):
     return tmp_path / "events.db"
@@ -153,6 +160,7 @@ def test_several_processes_append_to_one_file(url):
     with ec.connect(url) as store:
         assert store.head_position() == total
         assert_gap_free(store, STREAMS)
+        assert_dense(store)
         events = list(store.read_all())
         assert len(events) == total
         assert sum(e.data.amount for e in events) == total
@@ -180,8 +188,24 @@ def test_forked_processes_share_an_open_store(sqlite_store):
     assert [p.exitcode for p in procs] == [0, 0, 0]
     assert sqlite_store.head_position() == 1 + 3 * 25
     assert_gap_free(sqlite_store, STREAMS)
+    assert_dense(sqlite_store)
     # The parent's own connection still works after the children are gone.
     assert sqlite_store.append([emit("shared-1", Deposited(amount=1))])[0].position == 77
+
+
+def test_positions_are_dense(sqlite_store):
+    """A property of the SQLite backend: positions are 1..n, and a failed append leaves no hole."""
+    assert sqlite_store.head_position() == 0
+    out = sqlite_store.append([emit("a", Noted()), emit("b", Noted())])
+    assert [e.position for e in out] == [1, 2]
+    with pytest.raises(ec.ConcurrencyError):
+        sqlite_store.append([emit("a", Noted()), emit("c", Noted())], {"a": 5})
+    with pytest.raises(ec.ValidationError):
+        sqlite_store.append([emit("a", Noted()), "junk"])
+    assert sqlite_store.append([emit("c", Noted())])[0].position == 3
+    batch = sqlite_store.append_batch([emit(f"d-{i}", Noted()) for i in range(5)])
+    assert (batch.first_position, batch.last_position) == (4, 8)
+    assert_dense(sqlite_store)
 
 
 # -- URLs and options ------------------------------------------------------------------------
