@@ -20,17 +20,18 @@ from .errors import (
     UnknownEventTypeError,
     ValidationError,
 )
-from .events import Event, EventToWrite, Metadata, RecordedEvent, emit
+from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit
 from .executor import ExecutionResult, RetryPolicy, execute
 from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
 from .stores import connect
-from .stores.base import EventStore
+from .stores.base import BatchResult, EventStore, IngestError, IngestResult
 from .streams import StreamId
 
 __version__ = "0.1.0"
 
 __all__ = [
     "ANY",
+    "BatchResult",
     "BusinessRuleViolation",
     "Command",
     "CommandTimeoutError",
@@ -41,8 +42,11 @@ __all__ = [
     "EventToWrite",
     "ExecutionResult",
     "ExpectedVersion",
+    "IngestError",
+    "IngestResult",
     "Metadata",
     "NO_STREAM",
+    "RawEvent",
     "RecordedEvent",
     "RetryPolicy",
     "STREAM_EXISTS",

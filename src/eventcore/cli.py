@@ -65,6 +65,25 @@ def build_parser() -> argparse.ArgumentParser:
     )
     migrate.add_argument("--dsn", help="PostgreSQL URL (default: $EVENTCORE_DSN)")
     migrate.add_argument("--schema", default=None, help="schema name (default: eventcore, or ?schema= in the URL)")
+
+    ingest = sub.add_parser(
+        "ingest",
+        help="stream a JSON Lines file of events into a store",
+        description=(
+            'Stream a JSON Lines file (one {"stream", "type", "data", "metadata"} object per line; gzip allowed) '
+            "into a store, one transaction per batch. A malformed line stops the run with its line number and "
+            "nothing of that batch written, unless --skip-invalid."
+        ),
+    )
+    ingest.add_argument("file", metavar="FILE", help="JSON Lines file (.jsonl or .jsonl.gz)")
+    ingest.add_argument("--dsn", help="store URL (postgresql://..., sqlite:///file.db; default: $EVENTCORE_DSN)")
+    ingest.add_argument("--batch-size", type=_positive_int, default=10_000,
+                        help="events per transaction (default 10000)")
+    ingest.add_argument("--skip-invalid", action="store_true",
+                        help="write malformed lines to a rejects file instead of stopping")
+    ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
+    ingest.add_argument("--json", action="store_true", help="print the summary as one JSON object")
+    ingest.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     return parser
 
 
@@ -89,6 +108,92 @@ def _cmd_migrate(args) -> int:
         version = store.schema_version()
         print(f"schema {store.schema!r} at {redact(dsn)} is at version {version}")
     return 0
+
+
+def _cmd_ingest(args) -> int:
+    import json as _json
+    import time
+
+    from .jsonl import BadLine, JsonLinesReader
+    from .stores import connect
+    from .stores.base import IngestError
+
+    dsn = _dsn(args)
+    rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
+    rejects = None
+
+    def reject(bad: BadLine) -> None:
+        nonlocal rejects
+        if rejects is None:
+            rejects = open(rejects_path, "wb")
+        rejects.write(bad.text.rstrip(b"\n") + b"\n")
+
+    progress_state = {"events": 0}
+    started = time.perf_counter()
+    tty = sys.stderr.isatty()
+    last_draw = [0.0]
+
+    def draw(final: bool = False) -> None:
+        if args.no_progress:
+            return
+        now = time.perf_counter()
+        if not final and now - last_draw[0] < (0.2 if tty else 5.0):
+            return
+        last_draw[0] = now
+        done = progress_state["events"]
+        rate = done / max(now - started, 1e-9)
+        frac = reader.progress()
+        bar = "#" * int(frac * 30)
+        line = f"ingest [{bar:<30}] {frac * 100:5.1f} %  {done:,} events  {rate:,.0f} events/s"
+        sys.stderr.write(("\r" + line + ("\n" if final else "")) if tty else line + "\n")
+        sys.stderr.flush()
+
+    def on_batch(total: int) -> None:
+        progress_state["events"] = total
+        draw()
+
+    status, error = 0, None
+    with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
+        with connect(dsn) as store:
+            try:
+                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch)
+                events, batches = result.events, result.batches
+                first, last = result.first_position, result.last_position
+            except BadLine as bad:
+                status, error = 1, f"line {bad.line}: {bad.reason}"
+                events, batches, first, last = progress_state["events"], None, None, None
+            except IngestError as exc:
+                cause = exc.__cause__ or exc
+                status, error = 1, f"near line {reader.lines}: {cause}"
+                events, batches, first, last = exc.committed, None, None, None
+            finally:
+                if rejects is not None:
+                    rejects.close()
+        draw(final=True)
+    elapsed = time.perf_counter() - started
+    summary = {
+        "file": args.file,
+        "events": events,
+        "batches": batches,
+        "lines": reader.lines,
+        "rejected": reader.rejected,
+        "rejects_file": rejects_path if reader.rejected else None,
+        "duration_s": round(elapsed, 3),
+        "events_per_s": round(events / elapsed, 1) if elapsed > 0 else 0.0,
+        "first_position": first,
+        "last_position": last,
+        "error": error,
+    }
+    if args.json:
+        print(_json.dumps(summary))
+    else:
+        verb = "ingested" if status == 0 else "stopped after committing"
+        print(f"{verb} {events:,} events from {args.file} in {elapsed:.2f} s ({summary['events_per_s']:,.0f} events/s)")
+        if reader.rejected:
+            print(f"{reader.rejected:,} invalid line(s) written to {rejects_path}")
+        if error:
+            print(f"error: {error}; nothing of the failing batch was written", file=sys.stderr)
+    return status
 
 
 def _cmd_bench(args) -> int:
@@ -125,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_bench(args)
         if args.command == "migrate":
             return _cmd_migrate(args)
+        if args.command == "ingest":
+            return _cmd_ingest(args)
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2

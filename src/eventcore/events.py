@@ -98,17 +98,47 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     recorded_at: _dt.datetime
 
 
+class RawEvent(msgspec.Struct, frozen=True):
+    """An event given as its stored form: a type name and a JSON object (bytes), written as-is.
+
+    For copying events between stores and for bulk ingestion of JSON Lines
+    (`eventcore ingest`); reading it back needs an `Event` class of that type name.
+    """
+
+    type: str
+    data: bytes
+
+
+_raw_json = msgspec.json.Decoder(msgspec.Raw)
+
+
+def validate_raw_event(event: RawEvent) -> tuple[str, bytes]:
+    """(type, data) of a RawEvent, or ValidationError: type non-empty, data one JSON object."""
+    t, data = event.type, event.data
+    if type(t) is not str or not t or len(t) > 255:
+        raise ValidationError(f"RawEvent.type must be a non-empty str of at most 255 characters, got {t!r}")
+    if type(data) is not bytes:
+        raise ValidationError(f"RawEvent.data must be JSON bytes, got {type(data).__name__}")
+    try:
+        _raw_json.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValidationError(f"RawEvent.data of type {t!r} is not valid JSON: {exc}") from None
+    if not data.lstrip()[:1] == b"{":
+        raise ValidationError(f"RawEvent.data of type {t!r} must be a JSON object")
+    return t, data
+
+
 class EventToWrite(msgspec.Struct, frozen=True):
     """An event bound to the stream it goes to; made by `emit(...)`."""
 
     stream_id: StreamId
-    event: Event
+    event: Event | RawEvent
     metadata: Metadata | None = None
 
 
-def emit(stream: str, event: Event, metadata: Metadata | None = None) -> EventToWrite:
+def emit(stream: str, event: Event | RawEvent, metadata: Metadata | None = None) -> EventToWrite:
     """Name the stream an event goes to: `return [ec.emit(self.account, Deposited(amount=1))]`."""
-    if not isinstance(event, Event):
+    if not isinstance(event, (Event, RawEvent)):
         raise ValidationError(
             f"emit() takes an ec.Event instance, got {type(event).__name__}: {event!r}"
         )

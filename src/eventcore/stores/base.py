@@ -16,8 +16,8 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import msgspec
 
 from .. import _impl
-from ..errors import ValidationError
-from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RecordedEvent
+from ..errors import EventCoreError, ValidationError
+from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
 
@@ -96,12 +96,15 @@ def prepare_append(
                 f"append() takes ec.emit(stream, event) items, got {type(item).__name__}: {item!r}"
             )
         ev = item.event
-        if not isinstance(ev, Event):
-            raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
         sid = item.stream_id
         if type(sid) is not StreamId:  # an EventToWrite built by hand, not by emit()
             sid = _stream_id(sid)
-        type_name, payload = encode_event(ev)
+        if isinstance(ev, Event):
+            type_name, payload = encode_event(ev)
+        elif type(ev) is RawEvent:
+            type_name, payload = validate_raw_event(ev)
+        else:
+            raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
         md = item.metadata
         if md is None:
             md, md_bytes = metadata, default_md_bytes
@@ -134,6 +137,66 @@ class BatchResult(msgspec.Struct, frozen=True):
     last_position: int
     stream_versions: dict[str, int]
     duration_s: float
+
+
+class IngestResult(msgspec.Struct, frozen=True):
+    """What `ingest` committed: events and batches (one transaction each), position range, time taken."""
+
+    events: int
+    batches: int
+    first_position: int
+    last_position: int
+    duration_s: float
+
+    @property
+    def events_per_s(self) -> float:
+        return self.events / self.duration_s if self.duration_s > 0 else 0.0
+
+
+class IngestError(EventCoreError):
+    """An ingest stopped at a batch. Every earlier batch is committed; nothing of the failed one is.
+
+    `committed` is the number of events committed before the failure, `item`
+    the 0-based index of the item being read or the first item of the failed
+    batch; the original error is the `__cause__`.
+    """
+
+    def __init__(self, message: str, committed: int, item: int):
+        self.committed = committed
+        self.item = item
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.committed, self.item))
+
+
+#: Events per ingest transaction: big enough that per-transaction costs (lock,
+#: reserve, commit flush) vanish, small enough to bound memory (~10 MB of rows).
+DEFAULT_INGEST_BATCH = 10_000
+
+
+def _ingest_item(item, metadata):
+    """(stream id, event, metadata) of one ingest item, validated."""
+    if type(item) is EventToWrite:
+        sid, ev, md = item.stream_id, item.event, item.metadata
+    elif type(item) is tuple and 2 <= len(item) <= 3:
+        sid, ev = item[0], item[1]
+        md = item[2] if len(item) == 3 else None
+    else:
+        raise ValidationError(
+            f"ingest takes ec.emit(...) items or (stream_id, event[, metadata]) tuples, got {type(item).__name__}"
+        )
+    if type(sid) is not StreamId:
+        sid = _stream_id(sid)
+    if not isinstance(ev, Event):
+        if type(ev) is not RawEvent:
+            raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
+        validate_raw_event(ev)
+    if md is None:
+        md = metadata
+    elif type(md) is not Metadata:
+        raise ValidationError(f"metadata must be an ec.Metadata, got {type(md).__name__}")
+    return sid, ev, md
 
 
 def _type_names(types) -> tuple[str, ...] | None:
@@ -213,6 +276,97 @@ class EventStore(ABC):
         if not recorded:
             return 0, 0, versions
         return recorded[0].position, recorded[-1].position, versions
+
+    def ingest(
+        self,
+        items: Iterable,
+        *,
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        expected: Mapping[str, int] | None = None,
+        metadata: Metadata | None = None,
+        on_batch=None,
+    ) -> IngestResult:
+        """Stream any number of events into the store, one transaction per `batch_size` events.
+
+        `items`: `ec.emit(...)` objects or `(stream_id, event[, metadata])` tuples,
+        consumed lazily, so memory stays bounded by one batch whatever the input.
+        The atomicity unit is the batch: it commits whole or not at all, and an
+        error stops the ingest with IngestError (earlier batches stay committed).
+        Versions are checked like `append`: streams named in `expected` are
+        checked against it in the first batch that writes them and against the
+        version this ingest left them at in every later batch; other streams are
+        appended at whatever version they have. `on_batch(events_so_far)` is
+        called after each commit.
+        """
+        if type(batch_size) is not int or not 1 <= batch_size <= MAX_EVENTS_PER_BATCH:
+            raise ValidationError(f"batch_size must be an int in 1..{MAX_EVENTS_PER_BATCH}, got {batch_size!r}")
+        if metadata is not None and not isinstance(metadata, Metadata):
+            raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+        checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
+        started = time.perf_counter()
+        total = batches = 0
+        first_position = last_position = 0
+        sids: list = []
+        evs: list = []
+        mds: list = []
+        batch_start = 0  # index of the current batch's first item
+
+        def commit() -> None:
+            nonlocal total, batches, first_position, last_position, batch_start
+            exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
+            try:
+                first, last, after = self._ingest_batch(sids, evs, mds, exp)
+            except EventCoreError as exc:
+                raise IngestError(
+                    f"ingest stopped at the batch starting with item {batch_start} "
+                    f"({total:,} events committed before it, none of this batch): {exc}",
+                    total, batch_start,
+                ) from exc
+            for sid in checks.keys() & after.keys():
+                checks[sid] = after[sid]
+            total += len(sids)
+            batches += 1
+            first_position = first_position or first
+            last_position = last
+            batch_start += len(sids)
+            sids.clear()
+            evs.clear()
+            mds.clear()
+            if on_batch is not None:
+                on_batch(total)
+
+        for index, item in enumerate(items):
+            try:
+                sid, ev, md = _ingest_item(item, metadata)
+            except EventCoreError as exc:
+                raise IngestError(
+                    f"ingest stopped at item {index} ({total:,} events committed before its batch, "
+                    f"none of it): {exc}", total, index,
+                ) from exc
+            sids.append(sid)
+            evs.append(ev)
+            mds.append(md)
+            if len(sids) >= batch_size:
+                commit()
+        if sids:
+            commit()
+        return IngestResult(total, batches, first_position, last_position, time.perf_counter() - started)
+
+    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict) -> tuple[int, int, dict]:
+        """Write one validated ingest batch atomically: (first position, last position, stream -> version after)."""
+        encode_event = _impl.encode_event
+        encode_metadata = _impl.encode_metadata
+        types, payloads, md_bytes = [], [], []
+        for ev, md in zip(events, metadatas):
+            t, data = encode_event(ev) if type(ev) is not RawEvent else (ev.type, ev.data)
+            types.append(t)
+            payloads.append(data)
+            md_bytes.append(encode_metadata(md))
+        prepared = PreparedAppend(
+            list(stream_ids), types, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
+            list(events), list(metadatas), expected,
+        )
+        return self._append_batch(prepared)
 
     # -- reading ----------------------------------------------------------------
 

@@ -199,8 +199,11 @@ READ_STREAMS = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s::t
 STREAM_VERSIONS = "SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
 HEAD = f"SELECT coalesce(max(position), 0) FROM {{s}}.events WHERE position < {FENCE}"
 EVENT_BY_ID = "SELECT position FROM {s}.events WHERE event_id = %s"
-# Unfenced: used only to fetch back an append known to have committed.
-READ_FROM_POSITION = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE position >= %s ORDER BY position LIMIT %s"
+# Unfenced: used only to fetch back a write known to have committed.
+COMMITTED_ROWS = (
+    "SELECT position, stream_id, version, uuid_send(event_id) FROM {s}.events "
+    "WHERE position >= %s ORDER BY position LIMIT %s"
+)
 
 
 def read_all_sql(with_types: bool, with_prefix: bool) -> str:

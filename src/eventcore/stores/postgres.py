@@ -29,7 +29,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 
 from .. import _impl
 from ..errors import ConcurrencyError, EventCoreError, StoreUnavailableError, ValidationError
-from ..events import RecordedEvent
+from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream
@@ -139,7 +139,7 @@ class PostgresStore(EventStore):
         self._dsn = dsn
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema) for name in (
             "APPEND", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD", "EVENT_BY_ID",
-            "READ_FROM_POSITION")}
+            "COMMITTED_ROWS")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema) for t in (False, True) for p in (False, True)
         }
@@ -279,7 +279,7 @@ class PostgresStore(EventStore):
                 versions_before, first_position, recorded_at_us = conn.execute(self._sql["APPEND"], params).fetchone()
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
-                return self._resolve_ambiguous(p, event_ids[0], exc)
+                return self._resolve_ambiguous(p, exc)
             self._raise_write_error(exc)
         current = dict(zip(streams, versions_before))
         versions = _impl.assign_versions(p.stream_ids, current)
@@ -304,71 +304,106 @@ class PostgresStore(EventStore):
             raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
         raise exc
 
-    def _resolve_ambiguous(self, p: PreparedAppend, first_id: uuid.UUID, cause: Exception) -> list[RecordedEvent]:
-        """The connection failed after the append was sent: look up whether it committed.
+    def _find_committed(self, event_ids: list, cause: Exception) -> list[tuple]:
+        """The connection failed after a write was sent: did it commit?
 
-        Event ids are made before the write and unique in the table, so the
-        first event's id tells. Committed -> return what was written; not
-        committed -> safe to retry; unknown (server still away) -> maybe_committed.
+        Event ids are made before the write and unique in the table, and one
+        write's events have consecutive positions, so the first id settles it.
+        Committed -> its rows (position, stream_id, version, event_id); not
+        committed -> StoreUnavailableError, safe to retry; unknown (server still
+        away) -> StoreUnavailableError(maybe_committed=True).
         """
         try:
-            rows = self._fetch("EVENT_BY_ID", (first_id,))
+            found = self._fetch("EVENT_BY_ID", (uuid.UUID(bytes=event_ids[0]),))
         except StoreUnavailableError:
             raise StoreUnavailableError(
-                f"PostgreSQL connection lost during an append; whether it committed is unknown: {cause}",
+                f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
                 maybe_committed=True,
             ) from cause
-        if not rows:
+        if not found:
+            raise StoreUnavailableError(f"PostgreSQL connection lost during a write, which did not commit: {cause}") from cause
+        rows = self._fetch("COMMITTED_ROWS", (found[0][0], len(event_ids)))
+        if [bytes(r[3]) for r in rows] != list(event_ids):
             raise StoreUnavailableError(
-                f"PostgreSQL connection lost during an append, which did not commit: {cause}"
-            ) from cause
-        # One append's events have consecutive positions starting at the first event's.
-        written = _impl.decode_rows(self._fetch("READ_FROM_POSITION", (rows[0][0], len(p))))
-        if [e.event_id.bytes for e in written] != list(p.event_ids):
-            raise StoreUnavailableError(
-                "PostgreSQL connection lost during an append; its first event is stored but the rest "
-                "does not match what was sent", maybe_committed=True) from cause
-        recorded = written
-        return [type(e)(e.stream_id, e.version, e.position, e.event_id, e.type, ev, e.metadata, e.recorded_at)
-                for e, ev in zip(recorded, p.events)]
+                "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
+                "match what was sent", maybe_committed=True) from cause
+        return rows
 
-    def _append_batch(self, p: PreparedAppend) -> tuple[int, int, dict]:
-        """One transaction: reserve (lock, check, advance heads) then binary COPY of every row."""
-        streams = sorted(p.expected)
+    def _resolve_ambiguous(self, p: PreparedAppend, cause: Exception) -> list[RecordedEvent]:
+        rows = self._find_committed(p.event_ids, cause)
+        return p.recorded([r[2] for r in rows], [r[0] for r in rows])
+
+    def _reserve_and_copy(self, expected: dict, stream_ids: list, fill) -> tuple[int, int, dict]:
+        """One transaction: reserve (lock, check, advance heads), then a binary COPY whose rows
+        `fill(copy, first_position, heads, recorded_at_us)` writes (returning the event ids)."""
+        streams = sorted(expected)
         counts: dict = {}
-        for sid in p.stream_ids:
+        for sid in stream_ids:
             counts[sid] = counts.get(sid, 0) + 1
-        n = len(p)
-        encode = _impl.encode_copy_rows
+        n = len(stream_ids)
+        event_ids: list = []
         sent = False
         try:
             with self._pool.connection() as conn:
                 with conn.transaction():
                     before, first, at_us = conn.execute(
-                        self._sql["RESERVE"], (streams, [p.expected[s] for s in streams],
-                                               [counts.get(s, 0) for s in streams], n)
+                        self._sql["RESERVE"],
+                        (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
                     ).fetchone()
                     heads = dict(zip(streams, before))
-                    versions = _impl.assign_versions(p.stream_ids, heads)
                     with conn.cursor().copy(self._sql["COPY_EVENTS"]) as copy:
-                        buf = bytearray(_copy.COPY_HEADER)
-                        for start in range(0, n, COPY_CHUNK_ROWS):
-                            stop = start + COPY_CHUNK_ROWS
-                            encode(buf, first + start, p.stream_ids[start:stop], versions[start:stop],
-                                   p.event_ids[start:stop], p.types[start:stop], p.payloads[start:stop],
-                                   p.metadatas[start:stop], at_us)
-                            if len(buf) >= COPY_FLUSH_BYTES:
-                                copy.write(buf)
-                                buf = bytearray()
-                        buf += _copy.COPY_TRAILER
-                        copy.write(buf)
+                        event_ids = fill(copy, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
-                recorded = self._resolve_ambiguous(p, uuid.UUID(bytes=p.event_ids[0]), exc)
-                return recorded[0].position, recorded[-1].position, {e.stream_id: e.version for e in recorded}
+                rows = self._find_committed(event_ids, exc)
+                return rows[0][0], rows[-1][0], {r[1]: r[2] for r in rows}
             self._raise_write_error(exc)
         return first, first + n - 1, {s: heads[s] for s in counts}
+
+    def _append_batch(self, p: PreparedAppend) -> tuple[int, int, dict]:
+        """append_batch: rows already encoded by prepare_append, framed by encode_copy_rows."""
+        n = len(p)
+
+        def fill(copy, first, heads, at_us):
+            versions = _impl.assign_versions(p.stream_ids, heads)
+            encode = _impl.encode_copy_rows
+            buf = bytearray(_copy.COPY_HEADER)
+            for start in range(0, n, COPY_CHUNK_ROWS):
+                stop = start + COPY_CHUNK_ROWS
+                encode(buf, first + start, p.stream_ids[start:stop], versions[start:stop], p.event_ids[start:stop],
+                       p.types[start:stop], p.payloads[start:stop], p.metadatas[start:stop], at_us)
+                if len(buf) >= COPY_FLUSH_BYTES:
+                    copy.write(buf)
+                    buf = bytearray()
+            buf += _copy.COPY_TRAILER
+            copy.write(buf)
+            return p.event_ids
+
+        return self._reserve_and_copy(p.expected, p.stream_ids, fill)
+
+    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict) -> tuple[int, int, dict]:
+        """ingest: ids, versions, payload encoding and row framing fused in encode_copy_events."""
+        if any(type(ev) is RawEvent for ev in events):
+            return super()._ingest_batch(stream_ids, events, metadatas, expected)
+        n = len(stream_ids)
+
+        def fill(copy, first, heads, at_us):
+            encode = _impl.encode_copy_events
+            ids: list = []
+            buf = bytearray(_copy.COPY_HEADER)
+            for start in range(0, n, COPY_CHUNK_ROWS):
+                stop = start + COPY_CHUNK_ROWS
+                ids += encode(buf, first + start, stream_ids[start:stop], events[start:stop],
+                              metadatas[start:stop], heads, at_us)
+                if len(buf) >= COPY_FLUSH_BYTES:
+                    copy.write(buf)
+                    buf = bytearray()
+            buf += _copy.COPY_TRAILER
+            copy.write(buf)
+            return ids
+
+        return self._reserve_and_copy(expected, stream_ids, fill)
 
     # -- reading -------------------------------------------------------------------------
 

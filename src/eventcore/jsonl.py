@@ -1,0 +1,127 @@
+"""JSON Lines ingestion (`eventcore ingest FILE`): one event per line, streamed into a store.
+
+Each line is `{"stream": ..., "type": ..., "data": {...}, "metadata": {...}}`
+(metadata optional; its keys are those of `ec.Metadata`). The payload is kept
+as the exact JSON text of the line (msgspec.Raw): it is validated, never
+re-encoded. Files ending in .gz (or starting with gzip's magic bytes) are
+decompressed on the fly; memory stays bounded by one batch.
+"""
+from __future__ import annotations
+
+import gzip
+import io
+import os
+from typing import BinaryIO, Iterator
+
+import msgspec
+
+from .errors import EventCoreError, ValidationError
+from .events import Metadata, RawEvent
+from .streams import stream_id as _stream_id
+
+
+class JsonLine(msgspec.Struct, forbid_unknown_fields=True):
+    stream: str
+    type: str
+    data: msgspec.Raw
+    metadata: Metadata | None = None
+
+
+_decoder = msgspec.json.Decoder(JsonLine)
+
+
+class BadLine(ValidationError):
+    """A line of the input that is not a valid event; carries its 1-based `line` number."""
+
+    def __init__(self, line: int, reason: str, text: bytes = b""):
+        self.line = line
+        self.reason = reason
+        self.text = text
+        super().__init__(f"line {line}: {reason}")
+
+    def __reduce__(self):
+        return (type(self), (self.line, self.reason, self.text))
+
+
+def parse_line(number: int, raw: bytes) -> tuple:
+    """(stream id, RawEvent, metadata) of one line, or BadLine."""
+    try:
+        line = _decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        raise BadLine(number, f"not a valid event line: {exc}", raw) from None
+    data = bytes(line.data)
+    if data[:1] != b"{":
+        raise BadLine(number, "`data` must be a JSON object", raw)
+    try:
+        sid = _stream_id(line.stream)
+    except ValidationError as exc:
+        raise BadLine(number, f"bad `stream`: {exc}", raw) from None
+    if not line.type or len(line.type) > 255:
+        raise BadLine(number, "`type` must be a non-empty string of at most 255 characters", raw)
+    return sid, RawEvent(line.type, data), line.metadata
+
+
+class JsonLinesReader:
+    """Iterates (stream id, RawEvent, metadata) over a JSON Lines file, gzip or plain.
+
+    `on_bad(BadLine)` decides what happens to a malformed line: by default it
+    raises, stopping the ingest; `eventcore ingest --skip-invalid` writes the
+    line to a rejects file and carries on. `progress()` is the fraction of the
+    (compressed) file read so far.
+    """
+
+    def __init__(self, path: str, on_bad=None) -> None:
+        self.path = path
+        self.on_bad = on_bad
+        self.lines = 0
+        self.rejected = 0
+        try:
+            self._raw: BinaryIO = open(path, "rb")
+        except OSError as exc:
+            raise ValidationError(f"cannot open {path!r}: {exc.strerror}") from None
+        self._size = os.fstat(self._raw.fileno()).st_size
+        magic = self._raw.read(2)
+        self._raw.seek(0)
+        self._stream: BinaryIO = (
+            gzip.GzipFile(fileobj=self._raw, mode="rb") if magic == b"\x1f\x8b" else self._raw
+        )
+        self._buffered = io.BufferedReader(self._stream, buffer_size=1 << 20) if self._stream is not self._raw else self._raw
+
+    def progress(self) -> float:
+        try:
+            return self._raw.tell() / self._size if self._size else 1.0
+        except (OSError, ValueError):
+            return 0.0
+
+    def __iter__(self) -> Iterator[tuple]:
+        number = 0
+        try:
+            for raw in self._buffered:
+                number += 1
+                self.lines = number
+                stripped = raw.strip()
+                if not stripped:
+                    continue
+                try:
+                    yield parse_line(number, stripped)
+                except BadLine as bad:
+                    if self.on_bad is None:
+                        raise
+                    self.rejected += 1
+                    self.on_bad(bad)
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            if isinstance(exc, EventCoreError):
+                raise
+            raise ValidationError(f"cannot read {self.path!r} after line {number}: {exc}") from None
+
+    def close(self) -> None:
+        try:
+            self._stream.close()
+        finally:
+            self._raw.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
