@@ -239,17 +239,50 @@ def test_impl_python_is_selectable():
     assert proc.stdout.strip() == "python"
 
 
-@pytest.mark.skipif(_HAS_EXTENSION, reason="the compiled extension is built; EVENTCORE_IMPL=c loads it")
+_HIDE_EXTENSION = (
+    "import sys\n"
+    "class _Hide:\n"
+    "    def find_spec(self, name, path=None, target=None):\n"
+    "        if name == 'eventcore._speedups':\n"
+    "            raise ImportError('hidden by the test: no compiled extension')\n"
+    "sys.meta_path.insert(0, _Hide())\n"
+)
+
+
+def _import_without_extension(impl):
+    env = dict(os.environ)
+    env.pop("EVENTCORE_IMPL", None)
+    if impl is not None:
+        env["EVENTCORE_IMPL"] = impl
+    return subprocess.run(
+        [sys.executable, "-c", _HIDE_EXTENSION + "import eventcore; print(eventcore.__impl__)"],
+        env=env, capture_output=True, text=True,
+    )
+
+
 def test_impl_c_without_extension_is_an_import_error():
-    proc = _import_in_subprocess("c")
+    proc = _import_without_extension("c")
     assert proc.returncode != 0
     assert "ImportError" in proc.stderr
     assert "EVENTCORE_IMPL=c" in proc.stderr
     assert "_speedups" in proc.stderr
-    # Empty means best available: Python here.
-    proc = _import_in_subprocess("")
+    # Empty means best available: Python when the extension cannot load.
+    proc = _import_without_extension("")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "python"
+
+
+def test_impl_c_with_extension_loads_it():
+    proc = _import_in_subprocess("c")
+    if not _HAS_EXTENSION:
+        assert proc.returncode != 0 and "ImportError" in proc.stderr
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI builds the compiled extension; it is missing", pytrace=False)
+        return
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "c"
+    proc = _import_in_subprocess("")
+    assert proc.stdout.strip() == "c"
 
 
 def test_impl_bogus_is_an_import_error():
