@@ -1,0 +1,78 @@
+"""Benchmark session set-up: one PostgreSQL server for every benchmark, ratios printed at the end.
+
+Run:  python -m pytest bench/ -p no:cacheprovider --benchmark-columns=median,min,max,rounds
+(needs `pip install -e '.[bench]'`). PostgreSQL: EVENTCORE_BENCH_DSN, else a throwaway
+cluster started from the installed binaries with default durability (fsync on).
+EVENTCORE_BENCH_EVENTS scales the ingest benchmarks (default 1,000,000 events).
+"""
+from __future__ import annotations
+
+import os
+import platform
+import uuid
+
+import pytest
+
+import eventcore as ec
+
+#: name -> median seconds (or any "lower is better" figure), filled by the benchmarks.
+MEDIANS: dict[str, float] = {}
+#: name -> (value, unit) for figures that are not timings (throughputs, memory).
+FIGURES: dict[str, tuple[float, str]] = {}
+#: (label, numerator, denominator, target) ratios of rates: denominator_time / numerator_time.
+RATIOS: list[tuple[str, str, str, str]] = []
+
+_cluster = None
+
+
+@pytest.fixture(scope="session")
+def pg_dsn():
+    global _cluster
+    dsn = os.environ.get("EVENTCORE_BENCH_DSN") or os.environ.get("EVENTCORE_TEST_DSN")
+    if dsn:
+        yield dsn
+        return
+    from eventcore.stores.pgcluster import TemporaryCluster
+
+    _cluster = TemporaryCluster(settings={"max_connections": 100})
+    yield _cluster.start()
+    _cluster.stop()
+
+
+@pytest.fixture
+def fresh_schema(pg_dsn):
+    """A new, migrated eventcore schema per call (same table and indexes for every contender)."""
+    import psycopg
+    from psycopg import sql
+
+    made = []
+
+    def make() -> str:
+        name = f"bench_{uuid.uuid4().hex[:10]}"
+        ec.connect(pg_dsn, schema=name, pool_size=1).close()
+        made.append(name)
+        return name
+
+    yield make
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        for name in made:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def record(name: str, benchmark) -> None:
+    MEDIANS[name] = benchmark.stats.stats.median
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not MEDIANS and not FIGURES:
+        return
+    tr = terminalreporter
+    tr.section("eventcore benchmark summary")
+    tr.write_line(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
+                  f"eventcore impl {ec.__impl__}")
+    for name, (value, unit) in FIGURES.items():
+        tr.write_line(f"  {name:<58} {value:>14,.1f} {unit}")
+    for label, num, den, target in RATIOS:
+        if num in MEDIANS and den in MEDIANS and MEDIANS[num] > 0:
+            ratio = MEDIANS[den] / MEDIANS[num]
+            tr.write_line(f"  {label:<58} {ratio:>14.2f}x   (target {target})")
