@@ -114,10 +114,47 @@ def test_ingest_is_lazy_and_bounded(store):
     assert result.events == 3000 and committed_at[-1] == 3000
 
 
+def test_parallel_lanes_keep_every_stream_in_order(store):
+    seen = []
+    result = store.ingest(_items(3000, streams=11), batch_size=200, parallel=3, on_batch=seen.append)
+    assert result.events == 3000 and result.batches >= 15
+    assert seen == sorted(seen) and seen[-1] == 3000
+    for k in range(11):
+        texts = [int(e.data.text) for e in store.read_stream(f"ing-{k}")]
+        assert texts == list(range(k, 3000, 11))  # input order within each stream
+    assert_gap_free(store)
+    assert_feed_positions(store)
+    feed = feed_positions(store)
+    assert (result.first_position, result.last_position) == (feed[0], feed[-1])
+
+
+def test_parallel_ingest_failure_stops_with_committed_batches_intact(store):
+    def items():
+        yield from _items(1000, streams=5)
+        yield ("ing-1", "not an event")
+        yield from _items(1000, streams=5)
+
+    with pytest.raises(ec.IngestError) as info:
+        store.ingest(items(), batch_size=100, parallel=2)
+    assert info.value.item == 1000
+    written = feed_positions(store)
+    assert info.value.committed <= len(written) <= 1000
+    assert len(written) % 100 == 0  # whole batches only: a lane's partial batch is never written
+    assert_gap_free(store)
+    for k in range(5):
+        texts = [int(e.data.text) for e in store.read_stream(f"ing-{k}")]
+        assert texts == list(range(k, 5 * len(texts), 5))  # a prefix of the stream's input
+
+
 def test_ingest_validates_options(store):
     for bad in (0, -1, "10", 2_000_000):
         with pytest.raises(ec.ValidationError):
             store.ingest([], batch_size=bad)
+    for bad in (0, 33, "2", 1.5):
+        with pytest.raises(ec.ValidationError):
+            store.ingest([], parallel=bad)
+    with pytest.raises(ec.IngestError):
+        store.ingest([([1, 2], Noted("unhashable stream id"))])
     assert store.ingest([]).events == 0
 
 

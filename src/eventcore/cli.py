@@ -79,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--dsn", help="store URL (postgresql://..., sqlite:///file.db; default: $EVENTCORE_DSN)")
     ingest.add_argument("--batch-size", type=_positive_int, default=10_000,
                         help="events per transaction (default 10000)")
+    ingest.add_argument("--parallel", type=_positive_int, default=1,
+                        help="connections writing at once; each stream stays on one, in file order (default 1)")
     ingest.add_argument("--skip-invalid", action="store_true",
                         help="write malformed lines to a rejects file instead of stopping")
     ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
@@ -156,7 +158,7 @@ def _cmd_ingest(args) -> int:
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
             try:
-                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch)
+                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel)
                 events, batches = result.events, result.batches
                 first, last = result.first_position, result.last_position
             except BadLine as bad:
