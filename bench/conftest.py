@@ -15,6 +15,15 @@ import pytest
 
 import eventcore as ec
 
+class Measured(ec.Event):
+    """The benchmarks' event: a sensor reading (a short string, a float and an int)."""
+
+    __event_type__ = "bench.Measured"
+    sensor: str
+    value: float
+    seq: int
+
+
 #: name -> median seconds (or any "lower is better" figure), filled by the benchmarks.
 MEDIANS: dict[str, float] = {}
 #: name -> (value, unit) for figures that are not timings (throughputs, memory).

@@ -7,18 +7,12 @@ import pytest
 import eventcore as ec
 from eventcore._pure import copy as py_copy
 
-from conftest import FIGURES, RATIOS, record
+from conftest import FIGURES, RATIOS, Measured, record
 
 C = pytest.importorskip("eventcore._speedups")
 
 N = 100_000
 
-
-class Measured(ec.Event):
-    __event_type__ = "bench.Measured"
-    sensor: str
-    value: float
-    seq: int
 
 
 @pytest.fixture(scope="module")

@@ -34,19 +34,13 @@ from eventcore._pure import codec
 from eventcore._pure.copy import COPY_HEADER, COPY_TRAILER
 from eventcore.stores import pg_sql
 
-from conftest import FIGURES, MEDIANS, RATIOS, record
+from conftest import FIGURES, MEDIANS, RATIOS, Measured, record
 
 N = int(os.environ.get("EVENTCORE_BENCH_EVENTS", "1000000"))
 STREAMS = 1000
 BATCH = 10_000
 CHUNK = 256 * 1024
 
-
-class Measured(ec.Event):
-    __event_type__ = "bench.Measured"
-    sensor: str
-    value: float
-    seq: int
 
 
 @pytest.fixture(scope="module")
