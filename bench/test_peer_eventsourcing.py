@@ -167,3 +167,4 @@ def test_ingest_eventsourcing(benchmark, pg_dsn):
 
 
 RATIOS.append(("ingest: eventcore vs eventsourcing (same events)", "ingest_eventcore", "ingest_eventsourcing", ">= 5x"))
+RATIOS.append(("ingest: eventcore, 2 lanes vs eventsourcing", "ingest_eventcore_2_lanes", "ingest_eventsourcing", ">= 5x"))
