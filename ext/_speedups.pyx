@@ -104,6 +104,8 @@ cdef inline const char* _utf8(object s, Py_ssize_t* size, str what, Py_ssize_t i
 
 
 cdef inline int64_t _as_i64(object v, str what, Py_ssize_t i) except? -1:
+    if not isinstance(v, int):
+        raise SerializationError(f"{what} {i} must be an int within int64, got {v!r}")
     try:
         return <int64_t>v
     except (OverflowError, TypeError) as exc:
@@ -191,6 +193,15 @@ def decode_rows(rows):
 _id_lock = _threading.Lock()
 cdef int64_t _last_ms = 0
 cdef int64_t _counter = 0
+
+
+def _reinit_after_fork():
+    global _id_lock
+    _id_lock = _threading.Lock()  # another thread may have held it at fork()
+
+
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def new_event_ids(Py_ssize_t count):
@@ -406,7 +417,10 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                 found = PyDict_GetItem(new_heads, sid)
                 if found is NULL:
                     found = PyDict_GetItem(heads, sid)
-                version = (0 if found is NULL else _as_i64(<object>found, "stream head", i)) + 1
+                version = 0 if found is NULL else _as_i64(<object>found, "stream head", i)
+                if version >= 0x7FFFFFFFFFFFFFFF:
+                    raise SerializationError(f"stream head {i} is at the int64 limit")
+                version += 1
                 new_heads[sid] = version
                 counter += 1
                 if counter > 0xFFF:

@@ -53,6 +53,14 @@ class Move(ec.Command):
         return [ec.emit(self.source, Debited(self.amount)), ec.emit(self.target, Credited(self.amount))]
 
 
+class Note(ec.Command):
+    stream: ec.StreamId
+    text: str
+
+    def handle(self, state):
+        return [ec.emit(self.stream, Noted(self.text))]
+
+
 @pytest.fixture
 def pg(pg_dsn, pg_schema):
     store = ec.connect(pg_dsn, schema=pg_schema, pool_size=20)
@@ -69,7 +77,7 @@ def _append_in_open_transaction(conn, schema, stream, text):
     p = prepare_append([ec.emit(stream, Noted(text))], {stream: ec.ANY}, None)
     conn.execute(
         pg_sql.q(pg_sql.APPEND, schema),
-        ([stream], [ec.ANY], [1], [stream], [uuid.UUID(bytes=p.event_ids[0])], p.types,
+        ([stream], [ec.ANY], [stream], [uuid.UUID(bytes=p.event_ids[0])], p.types,
          [p.payloads[0].decode()], [None]),
     )
 
@@ -350,7 +358,7 @@ def test_append_lost_after_commit_is_recognised_by_event_id(pg):
     """If the connection drops after the append committed, the store finds the events by id."""
     p = prepare_append([ec.emit("amb", Noted("once")), ec.emit("amb2", Noted("twice"))], None, None)
     written = pg._append(p)
-    recovered = pg._resolve_ambiguous(p, RuntimeError("simulated"))
+    recovered = pg._resolve_ambiguous(p, RuntimeError("simulated"), None)
     assert [(e.stream_id, e.version, e.position, e.event_id) for e in recovered] == \
         [(e.stream_id, e.version, e.position, e.event_id) for e in written]
     assert len(pg.read_stream("amb")) == 1
@@ -359,7 +367,7 @@ def test_append_lost_after_commit_is_recognised_by_event_id(pg):
 def test_append_not_committed_after_connection_loss_is_retryable(pg):
     p = prepare_append([ec.emit("amb3", Noted("never"))], None, None)
     with pytest.raises(ec.StoreUnavailableError) as info:
-        pg._resolve_ambiguous(p, RuntimeError("simulated"))
+        pg._resolve_ambiguous(p, RuntimeError("simulated"), None)
     assert info.value.maybe_committed is False
     assert pg.stream_version("amb3") == 0
 
@@ -369,7 +377,7 @@ def test_statement_timeout_is_typed_and_leaves_nothing(pg_dsn, pg_schema):
     try:
         store.append([ec.emit("slow", Noted("1"))])
         with psycopg.connect(pg_dsn) as blocker:  # holds the stream's row lock
-            blocker.execute(pg_sql.q("SELECT 1 FROM {s}.streams WHERE stream_id = 'slow' FOR UPDATE", pg_schema))
+            blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('slow', 0))")  # the stream's lock
             with pytest.raises(ec.StoreUnavailableError, match="statement_timeout"):
                 store.append([ec.emit("slow", Noted("2"))], {"slow": 1})
             blocker.rollback()
@@ -396,3 +404,114 @@ def test_url_options_and_bad_options(pg_dsn, pg_schema):
     for bad in ({"pool_size": 0}, {"statement_timeout": -1}, {"schema": ""}, {"nonsense": 1}):
         with pytest.raises(ec.ValidationError):
             ec.connect(pg_dsn, **bad)
+
+
+# -- races around locks: version order, lost connections ---------------------------------------------
+
+def _lock_stream(conn, stream):
+    """Hold `stream`'s append lock in `conn`'s open transaction, as a long writer of that stream would."""
+    conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (stream,))
+
+
+def _wait_for_lock_waiters(dsn, n, timeout=20.0, exclude_pid=0):
+    deadline = time.monotonic() + timeout
+    with _raw(dsn) as conn:
+        while time.monotonic() < deadline:
+            waiting = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid() AND pid <> %s", (exclude_pid,)
+            ).fetchone()[0]
+            if waiting >= n:
+                return
+            time.sleep(0.02)
+    raise AssertionError(f"expected {n} backend(s) waiting on a lock")
+
+
+def test_versions_rise_with_positions_when_a_writer_waits_on_a_lock(pg, pg_dsn):
+    """T1 (writes A and S, reads B) waits on B's lock; T2 writes S and commits first. S's versions must
+    still rise with its positions, so commands keep working on S."""
+    pg.append([ec.emit("A", Noted("0")), ec.emit("B", Noted("0"))])
+    holder = psycopg.connect(pg_dsn)
+    out = {}
+    try:
+        _lock_stream(holder, "B")
+        t1 = threading.Thread(target=lambda: out.update(t1=pg.append(
+            [ec.emit("A", Noted("t1")), ec.emit("S", Noted("t1"))], {"B": ec.ANY})))
+        t1.start()
+        _wait_for_lock_waiters(pg_dsn, 1)
+        out["t2"] = pg.append([ec.emit("S", Noted("t2"))])
+        holder.rollback()
+        t1.join(timeout=30)
+    finally:
+        holder.close()
+    s_events = pg.read_stream("S")
+    assert [e.version for e in s_events] == [1, 2]
+    assert s_events[0].position < s_events[1].position
+    feed_s = [e.version for e in pg.read_all(stream_prefix="S")]
+    assert feed_s == [1, 2]
+    assert [e.version for e in pg.read_streams(["S"])["S"]] == [1, 2]
+    result = ec.execute(pg, Note(ec.StreamId("S"), "after"), retry=ec.RetryPolicy(max_retries=0))
+    assert result.stream_versions["S"] == 3
+
+
+def test_lost_connection_while_blocked_never_applies_twice(pg, pg_dsn):
+    """The client loses its connection while its append waits on a lock; the server would carry on.
+    The store ends that backend before deciding the append did not commit, so the retry is the only write."""
+    import os
+    import socket
+    from contextlib import contextmanager
+
+    pg.append([ec.emit("lc-a", Credited(100))])
+    captured = []
+    real = pg._pool.connection
+
+    @contextmanager
+    def recording(*args, **kwargs):
+        with real(*args, **kwargs) as conn:
+            captured.append(conn)
+            yield conn
+
+    pg._pool.connection = recording
+    holder = psycopg.connect(pg_dsn)
+    out = {}
+    try:
+        _lock_stream(holder, "lc-a")
+        worker = threading.Thread(target=lambda: out.update(result=ec.execute(
+            pg, Move(ec.StreamId("lc-a"), ec.StreamId("lc-b"), 10), retry=ec.RetryPolicy(max_retries=10))))
+        worker.start()
+        _wait_for_lock_waiters(pg_dsn, 1)
+        victim = captured[-1]
+        victim_pid = victim.info.backend_pid
+        sock = socket.socket(fileno=os.dup(victim.pgconn.socket))
+        sock.shutdown(socket.SHUT_RDWR)
+        sock.close()
+        # The store ends the lost backend, finds nothing committed, and retries: the retry waits in turn.
+        _wait_for_lock_waiters(pg_dsn, 1, exclude_pid=victim_pid)
+        with _raw(pg_dsn) as conn:
+            assert not conn.execute("SELECT count(*) FROM pg_stat_activity WHERE pid = %s", (victim_pid,)).fetchone()[0]
+        holder.rollback()
+        worker.join(timeout=60)
+    finally:
+        pg._pool.connection = real
+        holder.close()
+    assert out["result"].attempts >= 2
+    assert [(e.version, e.data.amount) for e in pg.read_stream("lc-b")] == [(1, 10)]
+    assert [type(e.data).__name__ for e in pg.read_stream("lc-a")] == ["Credited", "Debited"]
+
+
+def test_data_postgres_cannot_hold_is_a_typed_error(pg):
+    with pytest.raises(ec.SerializationError):
+        pg.append([ec.emit("nul", Noted("a\x00b"))])
+    with pytest.raises(ec.SerializationError):
+        pg.append_batch([ec.emit("nul", Noted("a\x00b"))])
+    with pytest.raises(ec.IngestError) as info:
+        pg.ingest([("nul", Noted("a\x00b"))])
+    assert isinstance(info.value.__cause__, ec.SerializationError)
+    assert pg.stream_version("nul") == 0
+
+
+def test_append_function_refuses_a_second_append_in_one_transaction(pg, pg_dsn, pg_schema):
+    with psycopg.connect(pg_dsn) as conn:
+        _append_in_open_transaction(conn, pg_schema, "twice", "1")
+        with pytest.raises(psycopg.Error, match="one append per transaction"):
+            _append_in_open_transaction(conn, pg_schema, "twice", "2")

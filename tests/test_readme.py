@@ -22,3 +22,18 @@ def test_bank_example_runs_twice(tmp_path):
         assert "transfer wrote 2 events in 1 attempt(s)" in proc.stdout
         assert "refused: insufficient funds in account-bob" in proc.stdout
     assert (tmp_path / "bank.db").exists()
+
+
+def test_readme_least_privilege_grants_match_the_code():
+    import re
+
+    from eventcore.stores.pg_sql import least_privilege_grants
+
+    readme = (ROOT / "README.md").read_text()
+    documented = [line.rstrip(";") for line in re.findall(r"^GRANT .*;$", readme, flags=re.M)]
+    expected = [g.as_string(None).replace('"', "") for g in least_privilege_grants("eventcore", "app")]
+    normalise = lambda text: re.sub(r"\s+", " ", text)  # noqa: E731
+    # The README folds the two SELECT grants on streams and schema_migrations into one statement.
+    assert sorted(map(normalise, documented)) == sorted(map(normalise, [
+        e for e in expected if "streams" not in e and "schema_migrations" not in e
+    ] + ["GRANT SELECT ON eventcore.streams, eventcore.schema_migrations TO app"]))

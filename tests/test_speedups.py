@@ -281,3 +281,16 @@ def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
         except ec.SerializationError as exc:
             outcomes.append(("error", type(exc)))
     assert outcomes[0] == outcomes[1]
+
+
+@pytest.mark.parametrize("impl", list(IMPLS))
+def test_non_int_versions_and_heads_at_the_limit_are_rejected(impl):
+    rows = IMPLS[impl]["encode_copy_rows"]
+    with pytest.raises(ec.SerializationError):
+        rows(bytearray(), 1, ["s"], [2.7], [b"0" * 16], ["T"], [b"{}"], [None], 0)
+    events = IMPLS[impl]["encode_copy_events"]
+    for head in (1.9, "3", 2**63 - 1, 2**64):
+        buf, heads = bytearray(), {"s": head}
+        with pytest.raises(ec.SerializationError):
+            events(buf, 1, ["s"], [Item(1, "a")], [None], heads, 0)
+        assert buf == bytearray() and heads == {"s": head}

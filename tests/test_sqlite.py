@@ -278,3 +278,42 @@ def test_postgres_url_without_a_server_fails_cleanly(url):
     with pytest.raises((ec.EventCoreError, ImportError)):
         store = ec.connect(url)
         store.close()
+
+
+def test_fork_while_another_thread_holds_the_write_lock(tmp_path):
+    """A lock held by another thread at fork() would stay held in the child forever."""
+    import os
+    import threading
+
+    url = f"sqlite:///{tmp_path / 'fork.db'}"
+    store = ec.connect(url)
+    store.append([ec.emit("parent", Noted("before"))])
+    held, release = threading.Event(), threading.Event()
+
+    def hold():
+        with store._write_lock:
+            held.set()
+            release.wait(30)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    held.wait(10)
+    pid = os.fork()
+    if pid == 0:  # child: must be able to write, through the inherited store and a new one
+        code = 1
+        try:
+            import signal
+
+            signal.alarm(20)  # a deadlock ends the child instead of hanging the suite
+            store.append([ec.emit("child", Noted("inherited store"))])
+            other = ec.connect(url)
+            other.append([ec.emit("child", Noted("new store"))])
+            code = 0
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    release.set()
+    t.join()
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert [e.data.text for e in store.read_stream("child")] == ["inherited store", "new store"]
+    store.close()

@@ -166,7 +166,7 @@ def _cmd_ingest(args) -> int:
                 events, batches, first, last = progress_state["events"], None, None, None
             except IngestError as exc:
                 cause = exc.__cause__ or exc
-                status, error = 1, f"near line {reader.lines}: {cause}"
+                status, error = 1, f"{cause} (stopped after reading line {reader.lines})"
                 events, batches, first, last = exc.committed, None, None, None
             finally:
                 if rejects is not None:

@@ -150,6 +150,8 @@ def encode_copy_events(
         head = new_heads.get(sid)
         if head is None:
             head = _int64(heads.get(sid, 0), "stream head", i)
+        if head >= _INT64_MAX:
+            raise SerializationError(f"stream head {i} is at the int64 limit")
         new_heads[sid] = head + 1
         versions.append(head + 1)
         try:

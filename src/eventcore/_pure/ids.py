@@ -13,6 +13,15 @@ _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
 
+
+def _reinit_after_fork() -> None:
+    global _lock
+    _lock = threading.Lock()  # another thread may have held it at fork()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_reinit_after_fork)
+
 # rand_a (12 bits) holds a per-millisecond counter (RFC 9562, method 1), so ids
 # made by this process in the same millisecond still sort in creation order.
 _COUNTER_MAX = 0xFFF

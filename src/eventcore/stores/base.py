@@ -178,6 +178,19 @@ class IngestError(EventCoreError):
 DEFAULT_INGEST_BATCH = 10_000
 
 
+def _settle(lanes) -> list:
+    """Wait for every lane's batch in flight; return the IngestErrors they raised."""
+    errors = []
+    for lane in lanes:
+        if lane.pending is not None:
+            try:
+                lane.pending.result()
+            except IngestError as exc:
+                errors.append(exc)
+            lane.pending = None
+    return errors
+
+
 class _Lane:
     """One ingest lane: the batch being filled and the batch in flight."""
 
@@ -404,18 +417,27 @@ class EventStore(ABC):
             for lane in lanes:
                 if lane.sids:
                     flush(lane)
+        except IngestError as exc:
+            if pool is None:
+                raise
+            # Other lanes' batches in flight may still commit: settle them, then report exactly
+            # what is committed. Lanes' partly filled batches are not written, so with several
+            # lanes there is no single resume point: re-ingest by event ids, or check the streams.
+            _settle(lanes)
+            raise IngestError(
+                f"{exc} [parallel ingest: {state['events']:,} events committed in all, across lanes]",
+                state["events"], exc.item,
+            ) from exc.__cause__
         finally:
             if pool is not None:
-                errors = []
-                for lane in lanes:
-                    if lane.pending is not None:
-                        try:
-                            lane.pending.result()
-                        except BaseException as exc:  # noqa: BLE001 - re-raised below
-                            errors.append(exc)
+                errors = _settle(lanes)
                 pool.shutdown(wait=True)
                 if errors and sys.exc_info()[1] is None:
-                    raise errors[0]
+                    exc = errors[0]
+                    raise IngestError(
+                        f"{exc} [parallel ingest: {state['events']:,} events committed in all, across lanes]",
+                        state["events"], exc.item,
+                    ) from exc.__cause__
         return IngestResult(state["events"], state["batches"], state["first"], state["last"],
                             time.perf_counter() - started)
 

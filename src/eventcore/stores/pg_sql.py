@@ -9,9 +9,12 @@ transaction`. Readers of the feed only see positions below
 `pg_snapshot_xmin(pg_current_snapshot()) << 20`: every transaction with an id
 under xmin has finished, so nothing can later appear below a position a reader
 has passed. Transactions commit out of order; the fence makes readers wait for
-the oldest one still running instead of skipping it. 20 bits leave 1,048,575
-events per transaction and 2^43 transaction ids (28 years at a sustained
-10,000 write transactions per second) within a bigint.
+the oldest one still running instead of skipping it (any transaction of the
+cluster that holds an id: keep transactions short). Within one stream, positions
+rise with versions because every stream lock is taken before the transaction's
+first write, which is when PostgreSQL assigns its id (see reserve_append).
+20 bits leave 1,048,575 events per transaction and 2^43 transaction ids (28
+years at a sustained 10,000 write transactions per second) within a bigint.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ MAX_EVENTS_PER_TRANSACTION = (1 << POSITION_SHIFT) - 1
 
 #: SQLSTATE raised by the append function on a version conflict (class "EC": eventcore).
 CONFLICT_SQLSTATE = "EC409"
+#: SQLSTATEs of arguments the server refuses (a caller bypassing the library, or a second append in one transaction).
+BAD_CALL_SQLSTATES = ("EC400", "EC412")
 #: SQLSTATE for more events in one transaction than positions allow.
 TOO_MANY_SQLSTATE = "EC413"
 
@@ -59,11 +64,11 @@ CREATE TRIGGER events_are_immutable_truncate BEFORE TRUNCATE ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.reject_event_change();
 
 -- Steps shared by both write paths. p_streams: every participant (written or
--- read-only), sorted by the client so every writer locks rows in one order and
--- no two can deadlock. Checks every expectation before writing anything, then
--- advances the heads and returns the heads as they were, the first position
--- for this append's p_n events and the commit timestamp. The caller inserts
--- the events (append_events below, or the batch writer's COPY) in the same transaction.
+-- read-only), p_counts: how many events each gets (0: read-only), p_n: their sum.
+-- Locks every participant, checks every expectation before writing anything,
+-- advances the heads, and returns the heads as they were, the first position
+-- for this append's events and the commit timestamp. The caller inserts the
+-- events (append_events below, or the batch writer's COPY) in the same transaction.
 CREATE FUNCTION {s}.reserve_append(
     p_streams  text[],
     p_expected bigint[],
@@ -78,19 +83,44 @@ AS $$
 DECLARE
     v_versions bigint[];
     v_base     bigint;
-    v_start    bigint;
+    v_lock     record;
 BEGIN
-    -- 1. Lock every participant, in the given order, creating missing streams at
-    --    version 0: a read-only participant is locked too, so it cannot change
-    --    between this check and the commit (no write skew).
-    INSERT INTO {s}.streams AS s (stream_id, version)
-    SELECT unnest(p_streams), 0
-    ON CONFLICT (stream_id) DO UPDATE SET version = s.version WHERE false;
+    -- Positions come from the transaction id, which PostgreSQL assigns at a
+    -- transaction's first write. Every lock below is taken before that write, so
+    -- of two writers of one stream the later one (in lock order) always gets the
+    -- higher id, and a stream's versions rise with its positions. A transaction
+    -- that already wrote has its id, fixed before these locks: refuse it.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
+            USING ERRCODE = 'EC412';
+    END IF;
+    IF coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_expected, 1), 0)
+       OR coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_counts, 1), 0)
+       OR p_n <> coalesce((SELECT sum(c) FROM unnest(p_counts) c), 0) THEN
+        RAISE EXCEPTION 'eventcore: reserve_append arguments disagree' USING ERRCODE = 'EC400';
+    END IF;
 
-    -- 2. Their versions, read under the locks.
-    SELECT array_agg(s.version ORDER BY p.ord) INTO v_versions
+    -- 1. Lock every participant: exclusive for written streams, shared for read-only
+    --    ones (a read-only stream cannot change before this commits: no write skew;
+    --    readers of one stream do not queue behind each other). Advisory locks, taken
+    --    in one global order (the key), so no two writers deadlock; they assign no
+    --    transaction id and also cover streams that do not exist yet.
+    FOR v_lock IN
+        SELECT hashtextextended(p.stream_id, 0) AS k, bool_or(p.n > 0) AS exclusive
+        FROM unnest(p_streams, p_counts) AS p(stream_id, n)
+        GROUP BY 1 ORDER BY 1
+    LOOP
+        IF v_lock.exclusive THEN
+            PERFORM pg_advisory_xact_lock(v_lock.k);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(v_lock.k);
+        END IF;
+    END LOOP;
+
+    -- 2. Their versions, read under the locks (0: no such stream).
+    SELECT array_agg(coalesce(s.version, 0) ORDER BY p.ord) INTO v_versions
     FROM unnest(p_streams) WITH ORDINALITY AS p(stream_id, ord)
-    JOIN {s}.streams s ON s.stream_id = p.stream_id;
+    LEFT JOIN {s}.streams s ON s.stream_id = p.stream_id;
 
     -- 3. Check every expectation before anything is written.
     FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
@@ -108,28 +138,26 @@ BEGIN
         RETURN QUERY SELECT v_versions, 0::bigint, 0::bigint;
         RETURN;
     END IF;
-
-    -- 4. Advance the heads of the written streams.
-    UPDATE {s}.streams s SET version = s.version + c.n
-    FROM unnest(p_streams, p_counts) AS c(stream_id, n)
-    WHERE s.stream_id = c.stream_id AND c.n > 0;
-
-    -- 5. Positions: this transaction's id, shifted, plus the next free index in it.
-    v_base := (pg_current_xact_id()::text::bigint) << 20;
-    SELECT coalesce(max(e.position), v_base) INTO v_start
-    FROM {s}.events e WHERE e.position > v_base AND e.position < v_base + 1048576;
-    IF v_start - v_base + p_n > 1048575 THEN
+    IF p_n > 1048575 THEN
         RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
     END IF;
 
-    RETURN QUERY SELECT v_versions, v_start + 1, (extract(epoch FROM now()) * 1000000)::bigint;
+    -- 4. Advance the heads of the written streams: the first write, so the transaction id is assigned now.
+    INSERT INTO {s}.streams AS s (stream_id, version)
+    SELECT c.stream_id, c.n FROM unnest(p_streams, p_counts) AS c(stream_id, n) WHERE c.n > 0
+    ON CONFLICT (stream_id) DO UPDATE SET version = s.version + excluded.version;
+
+    -- 5. Positions: this transaction's id, shifted (see the module docstring).
+    v_base := (pg_current_xact_id()::text::bigint) << 20;
+    RETURN QUERY SELECT v_versions, v_base + 1, (extract(epoch FROM now()) * 1000000)::bigint;
 END $$;
 
--- One round trip per append, whatever the number of streams.
+-- One round trip per append, whatever the number of streams. Per-stream counts
+-- are computed here from the events themselves, and every event must belong to
+-- a listed participant.
 CREATE FUNCTION {s}.append_events(
     p_streams       text[],
     p_expected      bigint[],
-    p_counts        int[],
     p_event_streams text[],
     p_event_ids     uuid[],
     p_types         text[],
@@ -140,13 +168,20 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
+    v_counts   int[];
     v_versions bigint[];
     v_first    bigint;
     v_at       bigint;
+    v_n        int := coalesce(array_length(p_event_streams, 1), 0);
+    v_rows     bigint;
 BEGIN
+    SELECT array_agg(coalesce(c.n, 0) ORDER BY p.ord) INTO v_counts
+    FROM unnest(p_streams) WITH ORDINALITY AS p(stream_id, ord)
+    LEFT JOIN (SELECT e.stream_id, count(*)::int AS n FROM unnest(p_event_streams) AS e(stream_id) GROUP BY 1) c
+           ON c.stream_id = p.stream_id;
+
     SELECT r.versions, r.first_position, r.recorded_at_us INTO v_versions, v_first, v_at
-    FROM {s}.reserve_append(p_streams, p_expected, p_counts,
-                            coalesce(array_length(p_event_streams, 1), 0)) r;
+    FROM {s}.reserve_append(p_streams, p_expected, v_counts, v_n) r;
 
     -- The events, with per-stream versions following the heads as they were.
     INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
@@ -157,12 +192,17 @@ BEGIN
     FROM unnest(p_event_streams, p_event_ids, p_types, p_data, p_metadata)
              WITH ORDINALITY AS e(stream_id, event_id, type, data, metadata, ord)
     JOIN unnest(p_streams, v_versions) AS h(stream_id, version) ON h.stream_id = e.stream_id;
+    GET DIAGNOSTICS v_rows = ROW_COUNT;
+    IF v_rows <> v_n THEN
+        RAISE EXCEPTION 'eventcore: % event(s) name a stream missing from the participants', v_n - v_rows
+            USING ERRCODE = 'EC400';
+    END IF;
 
     RETURN QUERY SELECT v_versions, v_first, v_at;
 END $$;
 
 REVOKE ALL ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) FROM PUBLIC;
-REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 """,
     ),
 ]
@@ -185,7 +225,7 @@ FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 
 APPEND = (
     "SELECT versions, first_position, recorded_at_us FROM {s}.append_events("
-    "%s::text[], %s::bigint[], %s::int[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
+    "%s::text[], %s::bigint[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
 )
 RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
 COPY_EVENTS = (
@@ -198,6 +238,9 @@ READ_STREAM = (
 READ_STREAMS = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position"
 STREAM_VERSIONS = "SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
 HEAD = f"SELECT coalesce(max(position), 0) FROM {{s}}.events WHERE position < {FENCE}"
+# Ending a lost connection's backend (its own role may end it), then checking that it is gone.
+TERMINATE_BACKEND = "SELECT pg_terminate_backend(%s, %s)"
+BACKEND_ALIVE = "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = %s"
 EVENT_BY_ID = "SELECT position FROM {s}.events WHERE event_id = %s"
 # Unfenced: used only to fetch back a write known to have committed.
 COMMITTED_ROWS = (
@@ -242,5 +285,5 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT ON {}.streams TO {}").format(s, r),
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
-        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], int[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
     ]

@@ -28,7 +28,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .. import _impl
-from ..errors import ConcurrencyError, EventCoreError, StoreUnavailableError, ValidationError
+from ..errors import ConcurrencyError, EventCoreError, SerializationError, StoreUnavailableError, ValidationError
 from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
@@ -42,6 +42,8 @@ DEFAULT_POOL_SIZE = 10
 #: them to psycopg: 1,000 rows of ~100-byte events is ~150 KiB; flushing at
 #: 256 KiB keeps memory flat whatever the batch size.
 COPY_CHUNK_ROWS = 1000
+#: How long to wait for a lost connection's backend to end before declaring the outcome unknown.
+BACKEND_GONE_TIMEOUT_MS = 5000
 COPY_FLUSH_BYTES = 256 * 1024
 _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate"}
 
@@ -90,10 +92,19 @@ def redact(dsn: str) -> str:
 
 
 def _connection_lost(exc: Exception) -> bool:
-    """A failure after which the server may or may not have committed (not a cancelled statement)."""
-    return isinstance(exc, (psycopg.OperationalError, pg_errors.AdminShutdown)) and not isinstance(
-        exc, pg_errors.QueryCanceled
-    )
+    """A failure after which the server may or may not have committed.
+
+    Client-side failures (no SQLSTATE: the socket broke), connection exceptions
+    (class 08) and server shutdowns (57P01-57P03). Not errors the server raised
+    for the statement itself (a deadlock, a cancelled statement, a lock timeout),
+    which roll the transaction back for certain.
+    """
+    if not isinstance(exc, psycopg.Error):
+        return False
+    state = exc.sqlstate
+    if state is None:
+        return isinstance(exc, psycopg.OperationalError)
+    return state.startswith("08") or state.startswith("57P")
 
 
 class PostgresStore(EventStore):
@@ -257,29 +268,27 @@ class PostgresStore(EventStore):
     # -- writing -----------------------------------------------------------------------
 
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
-        streams = sorted(p.expected)  # one global lock order: no deadlocks between writers
-        counts: dict = {}
-        for sid in p.stream_ids:
-            counts[sid] = counts.get(sid, 0) + 1
+        # The server locks in its own global order; sorting here makes it report the
+        # first conflicting stream in sorted order, as every backend does.
+        streams = sorted(p.expected)
         event_ids = [uuid.UUID(bytes=b) for b in p.event_ids]
         params = (
             streams,
             [p.expected[s] for s in streams],
-            [counts.get(s, 0) for s in streams],
             p.stream_ids,
             event_ids,
             p.types,
             [d.decode() for d in p.payloads],
             [None if m is None else m.decode() for m in p.metadatas],
         )
-        sent = False
+        backend = None  # set once the append may have reached the server
         try:
             with self._pool.connection() as conn:
-                sent = True
+                backend = conn.info.backend_pid
                 versions_before, first_position, recorded_at_us = conn.execute(self._sql["APPEND"], params).fetchone()
         except (pg_errors.Error, PoolTimeout) as exc:
-            if sent and _connection_lost(exc):
-                return self._resolve_ambiguous(p, exc)
+            if backend is not None and _connection_lost(exc):
+                return self._resolve_ambiguous(p, exc, backend)
             self._raise_write_error(exc)
         current = dict(zip(streams, versions_before))
         versions = _impl.assign_versions(p.stream_ids, current)
@@ -296,41 +305,53 @@ class PostgresStore(EventStore):
         if exc.sqlstate == pg_sql.CONFLICT_SQLSTATE:
             d = json.loads(exc.diag.message_detail)
             raise ConcurrencyError(d["stream_id"], d["expected"], d["actual"]) from None
-        if exc.sqlstate == pg_sql.TOO_MANY_SQLSTATE:
-            raise ValidationError(str(exc)) from None
+        if exc.sqlstate == pg_sql.TOO_MANY_SQLSTATE or exc.sqlstate in pg_sql.BAD_CALL_SQLSTATES:
+            raise ValidationError(f"PostgreSQL refused the append: {exc}") from None
+        if isinstance(exc, psycopg.DataError):  # e.g. a \u0000 in a payload, which jsonb cannot hold
+            raise SerializationError(f"PostgreSQL rejected the events' data; nothing was written: {exc}") from None
+        if isinstance(exc, psycopg.IntegrityError):
+            raise ValidationError(f"PostgreSQL rejected the append; nothing was written: {exc}") from None
         if isinstance(exc, pg_errors.QueryCanceled):
             raise StoreUnavailableError(f"write cancelled (statement_timeout); nothing was written: {exc}") from exc
-        if isinstance(exc, psycopg.OperationalError):
-            raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
-        raise exc
+        # Anything else ended the statement, and with it the transaction: nothing was written.
+        raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
 
-    def _find_committed(self, event_ids: list, cause: Exception) -> list[tuple]:
+    def _find_committed(self, event_ids: list, cause: Exception, backend_pid: int | None) -> list[tuple]:
         """The connection failed after a write was sent: did it commit?
 
-        Event ids are made before the write and unique in the table, and one
-        write's events have consecutive positions, so the first id settles it.
-        Committed -> its rows (position, stream_id, version, event_id); not
-        committed -> StoreUnavailableError, safe to retry; unknown (server still
-        away) -> StoreUnavailableError(maybe_committed=True).
+        The server may not have noticed: a backend waiting on a lock carries on
+        and could commit later. So first end that backend and wait until it is
+        gone; after that its transaction is settled. Event ids are made before
+        the write and unique in the table, and one write's events have
+        consecutive positions, so the first id tells. Committed -> its rows
+        (position, stream_id, version, event_id); not committed ->
+        StoreUnavailableError, safe to retry; unknown (server away, backend not
+        confirmed gone) -> StoreUnavailableError(maybe_committed=True).
         """
+        unknown = StoreUnavailableError(
+            f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
+            maybe_committed=True,
+        )
         try:
-            found = self._fetch("EVENT_BY_ID", (uuid.UUID(bytes=event_ids[0]),))
-        except StoreUnavailableError:
-            raise StoreUnavailableError(
-                f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
-                maybe_committed=True,
-            ) from cause
+            with self._pool.connection() as conn:
+                if backend_pid is not None:
+                    conn.execute(pg_sql.TERMINATE_BACKEND, (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
+                    if conn.execute(pg_sql.BACKEND_ALIVE, (backend_pid,), prepare=False).fetchone()[0]:
+                        raise unknown from cause
+                found = conn.execute(self._sql["EVENT_BY_ID"], (uuid.UUID(bytes=event_ids[0]),)).fetchall()
+                rows = conn.execute(self._sql["COMMITTED_ROWS"], (found[0][0], len(event_ids))).fetchall() if found else []
+        except (psycopg.Error, PoolTimeout):
+            raise unknown from cause
         if not found:
             raise StoreUnavailableError(f"PostgreSQL connection lost during a write, which did not commit: {cause}") from cause
-        rows = self._fetch("COMMITTED_ROWS", (found[0][0], len(event_ids)))
         if [bytes(r[3]) for r in rows] != list(event_ids):
             raise StoreUnavailableError(
                 "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
                 "match what was sent", maybe_committed=True) from cause
         return rows
 
-    def _resolve_ambiguous(self, p: PreparedAppend, cause: Exception) -> list[RecordedEvent]:
-        rows = self._find_committed(p.event_ids, cause)
+    def _resolve_ambiguous(self, p: PreparedAppend, cause: Exception, backend_pid: int | None) -> list[RecordedEvent]:
+        rows = self._find_committed(p.event_ids, cause, backend_pid)
         return p.recorded([r[2] for r in rows], [r[0] for r in rows])
 
     def _reserve_and_copy(self, expected: dict, stream_ids: list, fill) -> tuple[int, int, dict]:
@@ -343,8 +364,10 @@ class PostgresStore(EventStore):
         n = len(stream_ids)
         event_ids: list = []
         sent = False
+        backend = None
         try:
             with self._pool.connection() as conn:
+                backend = conn.info.backend_pid
                 with conn.transaction():
                     before, first, at_us = conn.execute(
                         self._sql["RESERVE"],
@@ -356,7 +379,7 @@ class PostgresStore(EventStore):
                     sent = True  # from here on, a lost connection may have committed
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
-                rows = self._find_committed(event_ids, exc)
+                rows = self._find_committed(event_ids, exc, backend)
                 return rows[0][0], rows[-1][0], {r[1]: r[2] for r in rows}
             self._raise_write_error(exc)
         return first, first + n - 1, {s: heads[s] for s in counts}

@@ -145,6 +145,7 @@ class SQLiteStore(EventStore):
         self._local = threading.local()
         self._conns = []
         self._conns_lock = threading.Lock()
+        self._write_lock = _write_lock_for(self.path)
 
     def _init_schema(self) -> None:
         conn = self._conn()
@@ -285,6 +286,10 @@ class _ForkRegistry:
         self._stores.add(store)
 
     def _reset(self) -> None:
+        # A lock held by another thread at fork() stays held forever in the child: start afresh.
+        global _write_locks_guard
+        _write_locks.clear()
+        _write_locks_guard = threading.Lock()
         for store in list(self._stores):
             store._reset_after_fork()
 
