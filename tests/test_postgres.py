@@ -515,3 +515,15 @@ def test_append_function_refuses_a_second_append_in_one_transaction(pg, pg_dsn, 
         _append_in_open_transaction(conn, pg_schema, "twice", "1")
         with pytest.raises(psycopg.Error, match="one append per transaction"):
             _append_in_open_transaction(conn, pg_schema, "twice", "2")
+
+
+def test_batch_over_thousands_of_streams_fits_the_lock_table(pg):
+    """More streams than PostgreSQL's lock table holds (one advisory lock per stream ran out of
+    shared memory at 50,000 streams in the test cluster)."""
+    n = 50_000
+    result = pg.append_batch([ec.emit(f"many-{i}", Noted(str(i))) for i in range(n)])
+    assert result.count == n and len(result.stream_versions) == n
+    assert pg.stream_versions(["many-0", f"many-{n - 1}"]) == {"many-0": 1, f"many-{n - 1}": 1}
+    with pytest.raises(ec.ConcurrencyError):
+        pg.append_batch([ec.emit(f"many-{i}", Noted("again")) for i in range(3000)],
+                        {f"many-{i}": ec.NO_STREAM for i in range(3000)})

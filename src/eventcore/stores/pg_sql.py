@@ -104,18 +104,27 @@ BEGIN
     --    ones (a read-only stream cannot change before this commits: no write skew;
     --    readers of one stream do not queue behind each other). Advisory locks, taken
     --    in one global order (the key), so no two writers deadlock; they assign no
-    --    transaction id and also cover streams that do not exist yet.
-    FOR v_lock IN
-        SELECT hashtextextended(p.stream_id, 0) AS k, bool_or(p.n > 0) AS exclusive
-        FROM unnest(p_streams, p_counts) AS p(stream_id, n)
-        GROUP BY 1 ORDER BY 1
-    LOOP
-        IF v_lock.exclusive THEN
-            PERFORM pg_advisory_xact_lock(v_lock.k);
-        ELSE
-            PERFORM pg_advisory_xact_lock_shared(v_lock.k);
-        END IF;
-    END LOOP;
+    --    transaction id and also cover streams that do not exist yet. Every append
+    --    first takes the store-wide key shared; an append naming more than 2,048
+    --    streams (a bulk batch) takes it exclusive instead of one lock per stream,
+    --    since PostgreSQL's lock table holds only 64 locks per connection by default
+    --    (max_locks_per_transaction), and waits for the appends in progress.
+    IF coalesce(array_length(p_streams, 1), 0) > 2048 THEN
+        PERFORM pg_advisory_xact_lock(7311142570156060530);  -- 'eventcor' in ASCII: the store-wide key
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
+        FOR v_lock IN
+            SELECT hashtextextended(p.stream_id, 0) AS k, bool_or(p.n > 0) AS exclusive
+            FROM unnest(p_streams, p_counts) AS p(stream_id, n)
+            GROUP BY 1 ORDER BY 1
+        LOOP
+            IF v_lock.exclusive THEN
+                PERFORM pg_advisory_xact_lock(v_lock.k);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(v_lock.k);
+            END IF;
+        END LOOP;
+    END IF;
 
     -- 2. Their versions, read under the locks (0: no such stream).
     SELECT array_agg(coalesce(s.version, 0) ORDER BY p.ord) INTO v_versions
