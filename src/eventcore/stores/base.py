@@ -8,7 +8,6 @@ any transaction, so bad input is rejected with nothing written.
 from __future__ import annotations
 
 import datetime as _dt
-import sys
 import threading
 import time
 import uuid
@@ -178,17 +177,13 @@ class IngestError(EventCoreError):
 DEFAULT_INGEST_BATCH = 10_000
 
 
-def _settle(lanes) -> list:
-    """Wait for every lane's batch in flight; return the IngestErrors they raised."""
-    errors = []
-    for lane in lanes:
-        if lane.pending is not None:
-            try:
-                lane.pending.result()
-            except IngestError as exc:
-                errors.append(exc)
-            lane.pending = None
-    return errors
+class _BatchFailed(Exception):
+    """Internal: an ingest batch failed in its lane; carries the batch's first item index."""
+
+    def __init__(self, start: int, cause: EventCoreError):
+        self.start = start
+        self.cause = cause
+        super().__init__(str(cause))
 
 
 class _Lane:
@@ -360,22 +355,20 @@ class EventStore(ABC):
         state = {"events": 0, "batches": 0, "first": 0, "last": 0}
         lock = threading.Lock()
         lanes = [_Lane() for _ in range(parallel)]
-        pool = ThreadPoolExecutor(parallel, thread_name_prefix="eventcore-ingest") if parallel > 1 else None
+        # One code path for any number of lanes: worker threads write, one batch in flight per
+        # lane, while this thread reads and validates the next. With one lane this measured no
+        # faster than writing inline (71k vs 73k events/s, noise): the server is the bottleneck.
+        pool = ThreadPoolExecutor(parallel, thread_name_prefix="eventcore-ingest")
         # Stream ids repeat: validate each distinct one once (bounded, so memory stays flat).
         valid_ids: dict = {}
 
         def write(sids: list, evs: list, mds: list, start: int) -> None:
             with lock:
                 exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
-                done = state["events"]
             try:
                 first, last, after = self._ingest_batch(sids, evs, mds, exp)
             except EventCoreError as exc:
-                raise IngestError(
-                    f"ingest stopped at the batch starting with item {start} "
-                    f"({done:,} events committed before it, none of this batch): {exc}",
-                    done, start,
-                ) from exc
+                raise _BatchFailed(start, exc) from exc
             with lock:
                 for sid in checks.keys() & after.keys():
                     checks[sid] = after[sid]
@@ -390,23 +383,19 @@ class EventStore(ABC):
         def flush(lane: "_Lane") -> None:
             batch = (lane.sids, lane.evs, lane.mds, lane.start)
             lane.sids, lane.evs, lane.mds = [], [], []
-            if pool is None:
-                write(*batch)
-                return
             if lane.pending is not None:
                 lane.pending.result()  # one batch in flight per lane: order within the lane, bounded memory
             lane.pending = pool.submit(write, *batch)
 
+        failure: tuple | None = None  # (item index, in a batch?, cause)
         try:
             for index, item in enumerate(items):
                 try:
                     sid, ev, md = _ingest_item(item, metadata, valid_ids)
                 except EventCoreError as exc:
-                    raise IngestError(
-                        f"ingest stopped at item {index} ({state['events']:,} events committed before its "
-                        f"batch, none of it): {exc}", state["events"], index,
-                    ) from exc
-                lane = lanes[hash(sid) % parallel] if pool is not None else lanes[0]
+                    failure = (index, False, exc)
+                    break
+                lane = lanes[hash(sid) % parallel] if parallel > 1 else lanes[0]
                 if not lane.sids:
                     lane.start = index
                 lane.sids.append(sid)
@@ -414,30 +403,35 @@ class EventStore(ABC):
                 lane.mds.append(md)
                 if len(lane.sids) >= batch_size:
                     flush(lane)
-            for lane in lanes:
-                if lane.sids:
-                    flush(lane)
-        except IngestError as exc:
-            if pool is None:
-                raise
-            # Other lanes' batches in flight may still commit: settle them, then report exactly
-            # what is committed. Lanes' partly filled batches are not written, so with several
-            # lanes there is no single resume point: re-ingest by event ids, or check the streams.
-            _settle(lanes)
-            raise IngestError(
-                f"{exc} [parallel ingest: {state['events']:,} events committed in all, across lanes]",
-                state["events"], exc.item,
-            ) from exc.__cause__
+            else:
+                for lane in lanes:
+                    if lane.sids:
+                        flush(lane)
+        except _BatchFailed as exc:
+            failure = (exc.start, True, exc.cause)
         finally:
-            if pool is not None:
-                errors = _settle(lanes)
-                pool.shutdown(wait=True)
-                if errors and sys.exc_info()[1] is None:
-                    exc = errors[0]
-                    raise IngestError(
-                        f"{exc} [parallel ingest: {state['events']:,} events committed in all, across lanes]",
-                        state["events"], exc.item,
-                    ) from exc.__cause__
+            # Settle every batch in flight (they may still commit) before reporting what is committed.
+            for lane in lanes:
+                if lane.pending is not None:
+                    try:
+                        lane.pending.result()
+                    except _BatchFailed as exc:
+                        if failure is None:
+                            failure = (exc.start, True, exc.cause)
+                    lane.pending = None
+            pool.shutdown(wait=True)
+        if failure is not None:
+            item, in_batch, cause = failure
+            where = f"the batch starting with item {item}" if in_batch else f"item {item}"
+            lanes_note = (
+                "; with several lanes there is no single resume point: other lanes' partly filled batches "
+                "were not written" if parallel > 1 else ""
+            )
+            raise IngestError(
+                f"ingest stopped at {where}: {cause} ({state['events']:,} events committed, "
+                f"none of {'that' if in_batch else 'its'} batch{lanes_note})",
+                state["events"], item,
+            ) from cause
         return IngestResult(state["events"], state["batches"], state["first"], state["last"],
                             time.perf_counter() - started)
 
