@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 
-import eventcore as ec
 from eventcore._pure import copy as py_copy
 
 from conftest import FIGURES, RATIOS, Measured, record

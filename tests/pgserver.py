@@ -25,7 +25,7 @@ def _start() -> str | None:
     if _error is not None:
         return None
     try:
-        import psycopg  # noqa: F401
+        __import__("psycopg")  # the PostgreSQL tests need the driver; say so once if it is missing
         from eventcore.stores.pgcluster import TemporaryCluster
 
         _cluster = TemporaryCluster(settings={"max_connections": 200})

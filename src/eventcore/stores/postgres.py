@@ -45,6 +45,8 @@ COPY_CHUNK_ROWS = 1000
 #: 1 MiB 60.0k, 4 MiB 52.9k: flat within noise up to 1 MiB, slower past it. 64 KiB
 #: means one write per encoder chunk and flat memory.
 COPY_FLUSH_BYTES = 64 * 1024
+#: How long to wait for a lost connection's backend to end before declaring the outcome unknown.
+BACKEND_GONE_TIMEOUT_MS = 5000
 _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate"}
 
 
