@@ -85,7 +85,8 @@ class RecordedEvent(msgspec.Struct, frozen=True):
     """An event as stored: its envelope and its decoded payload.
 
     `version` is 1-based and gap-free within the stream; `position` is the
-    global, commit-ordered position in the store's feed; `event_id` is a UUIDv7.
+    global position in the store's feed (strictly increasing; a reader never finds a
+    new event below a position it has seen); `event_id` is a UUIDv7.
     """
 
     stream_id: str

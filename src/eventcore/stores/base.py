@@ -1,7 +1,7 @@
 """The store contract every backend implements, and the validation they share.
 
 A store appends events atomically across streams, each stream guarded by an
-expected version, and reads them back by stream or as one commit-ordered feed.
+expected version, and reads them back by stream or as one global feed that never skips an event.
 Encoding and validation happen here, before a backend takes any lock or opens
 any transaction, so bad input is rejected with nothing written.
 """

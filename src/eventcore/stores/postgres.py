@@ -5,7 +5,7 @@ function `append_events` locks every participant in sorted order, checks every
 expected version before writing anything, advances the heads and inserts the
 events), one round trip for `read_streams`, prepared statements throughout
 (`prepare_threshold=0`), a psycopg_pool of autocommit connections, and a
-commit-ordered feed that never skips (see `pg_sql` on the position fence).
+global feed that never skips (see `pg_sql` on the position fence).
 
 Options (keyword arguments or URL query parameters; keywords win):
 schema (default "eventcore"), pool_size (10), pool_min_size (1),
