@@ -21,7 +21,7 @@ from .errors import (
     ValidationError,
 )
 from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit
-from .executor import ExecutionResult, RetryPolicy, execute
+from .executor import ExecutionResult, RetryPolicy, StateCache, execute
 from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
 from .stores import connect
 from .stores.base import BatchResult, EventStore, IngestError, IngestResult
@@ -51,6 +51,7 @@ __all__ = [
     "RetryPolicy",
     "STREAM_EXISTS",
     "SerializationError",
+    "StateCache",
     "StoreUnavailableError",
     "StreamId",
     "UndeclaredStreamError",
