@@ -93,38 +93,79 @@ class BenchResult:
         }
 
 
+#: Targets per workload and metric: the reference report's (5,000-10,000 ops/s, P95 < 10 ms,
+#: >= 20,000 events/s in batches, 100 % success) and the command-throughput issue's for the
+#: multi-stream workloads.
+TARGETS = {
+    "deposit": {"throughput": 5000.0, "p95": 10.0, "success": 100.0},
+    "transfer": {"throughput": 3000.0, "success": 100.0},
+    "order": {"throughput": 2000.0, "success": 100.0},
+    "batch": {"events_per_s": 20000.0, "success": 100.0},
+}
+#: What the original (Rust) EventCore measured on PostgreSQL, for contrast.
+ORIGINAL = {
+    "deposit": {"throughput": "62-90 ops/s", "success": "100 %", "p50": "8-12 ms", "p95": "14-20 ms",
+                "min": "6 ms", "max": "72 ms"},
+    "transfer": {"throughput": "0 ops/s", "success": "0 % (library bug)"},
+    "order": {"throughput": "0 ops/s", "success": "0 % (library bug)"},
+    "batch": {"events_per_s": "0 events/s", "success": "0 % (library bug)"},
+}
+
+
+def _status(ok: bool | None) -> str:
+    return "" if ok is None else ("met" if ok else "MISSED")
+
+
 def format_table(r: dict) -> str:
+    """The reference report's table for one workload: our figures, the targets, a status, the original's."""
+    w = r["workload"]
     title = {
         "deposit": "Single-stream commands: deposits",
         "transfer": "Multi-stream commands: two-account transfers",
         "order": "Multi-stream commands: e-commerce orders (customer + 1-5 products)",
         "batch": "Batch writes: direct store appends",
-    }[r["workload"]]
-    unit = "batches" if r["workload"] == "batch" else "ops"
+    }[w]
+    unit = "batches" if w == "batch" else "ops"
     lat = r["latency_ms"]
+    target = TARGETS[w]
+    original = ORIGINAL[w]
+
+    def row(metric, value, key=None, target_text="", ok=None):
+        return (metric, value, target_text, _status(ok), original.get(key, "") if key else "")
+
     rows = [
-        ("Operations", f"{r['ops']:,} {unit}"),
-        ("Success rate", f"{r['success_rate']:.1f} % ({r['succeeded']:,} succeeded, {r['failed']:,} failed)"),
-        ("Throughput", f"{r['throughput_ops_s']:,.1f} {unit}/s"),
-        ("Events written", f"{r['events']:,} ({r['events_per_s']:,.1f} events/s)"),
-        ("Conflict retries", f"{r['retries']:,}"),
-        ("P50 latency", f"{lat['p50']:.2f} ms"),
-        ("P95 latency", f"{lat['p95']:.2f} ms"),
-        ("P99 latency", f"{lat['p99']:.2f} ms"),
-        ("Min latency", f"{lat['min']:.2f} ms"),
-        ("Max latency", f"{lat['max']:.2f} ms"),
-        ("Duration", f"{r['duration_s']:.2f} s"),
+        row("Operations", f"{r['ops']:,} {unit}"),
+        row("Success rate", f"{r['success_rate']:.1f} % ({r['succeeded']:,} ok, {r['failed']:,} failed)", "success",
+            "100 %", r["success_rate"] >= target["success"]),
+        row("Throughput", f"{r['throughput_ops_s']:,.1f} {unit}/s", "throughput",
+            f">= {target['throughput']:,.0f} ops/s" if "throughput" in target else "",
+            r["throughput_ops_s"] >= target["throughput"] if "throughput" in target else None),
+        row("Events written", f"{r['events']:,} ({r['events_per_s']:,.1f} events/s)", "events_per_s",
+            f">= {target['events_per_s']:,.0f} events/s" if "events_per_s" in target else "",
+            r["events_per_s"] >= target["events_per_s"] if "events_per_s" in target else None),
+        row("Conflict retries", f"{r['retries']:,}"),
+        row("P50 latency", f"{lat['p50']:.2f} ms", "p50"),
+        row("P95 latency", f"{lat['p95']:.2f} ms", "p95", f"< {target['p95']:.0f} ms" if "p95" in target else "",
+            lat["p95"] < target["p95"] if "p95" in target else None),
+        row("P99 latency", f"{lat['p99']:.2f} ms"),
+        row("Min latency", f"{lat['min']:.2f} ms", "min"),
+        row("Max latency", f"{lat['max']:.2f} ms", "max"),
+        row("Duration", f"{r['duration_s']:.2f} s"),
     ]
     for name, count in sorted(r["errors"].items()):
-        rows.append((f"Error: {name}", f"{count:,}"))
-    w1 = max(len(a) for a, _ in rows)
-    w2 = max(len(b) for _, b in rows)
+        rows.append(row(f"Error: {name}", f"{count:,}"))
+    header = ("Metric", "Value", "Target", "Status", "Original EventCore (PostgreSQL)")
+    widths = [max(len(str(x[i])) for x in rows + [header]) for i in range(5)]
+
+    def line(cells):
+        return "| " + " | ".join(str(c).ljust(widths[i]) for i, c in enumerate(cells)) + " |"
+
     lines = [
         f"{title} — backend {r['backend']}, impl {r['impl']}, concurrency {r['concurrency']}",
-        f"| {'Metric'.ljust(w1)} | {'Value'.ljust(w2)} |",
-        f"|{'-' * (w1 + 2)}|{'-' * (w2 + 2)}|",
+        line(header),
+        "|" + "|".join("-" * (wd + 2) for wd in widths) + "|",
     ]
-    lines += [f"| {a.ljust(w1)} | {b.ljust(w2)} |" for a, b in rows]
+    lines += [line(x) for x in rows]
     return "\n".join(lines)
 
 
