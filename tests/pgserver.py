@@ -67,3 +67,10 @@ def postgres_store(request):
     dsn = request.getfixturevalue("pg_dsn")
     schema = request.getfixturevalue("pg_schema")
     return ec.connect(dsn, schema=schema, pool_size=20)
+
+
+def postgres_group_commit_store(request):
+    """Factory for conftest.BACKENDS: PostgreSQL with library-level group commit."""
+    dsn = request.getfixturevalue("pg_dsn")
+    schema = request.getfixturevalue("pg_schema")
+    return ec.connect(dsn, schema=schema, pool_size=20, group_commit=True)

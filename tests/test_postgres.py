@@ -527,3 +527,77 @@ def test_batch_over_thousands_of_streams_fits_the_lock_table(pg):
     with pytest.raises(ec.ConcurrencyError):
         pg.append_batch([ec.emit(f"many-{i}", Noted("again")) for i in range(3000)],
                         {f"many-{i}": ec.NO_STREAM for i in range(3000)})
+
+
+# -- group commit ---------------------------------------------------------------------------------------
+
+def test_group_commit_members_keep_their_own_outcomes(pg_dsn, pg_schema):
+    """One transaction for several appends: a conflicting member or one with data PostgreSQL
+    rejects fails alone; the others commit, one after the other in the same transaction."""
+    store = ec.connect(pg_dsn, schema=pg_schema, group_commit=True)
+    try:
+        store.append([ec.emit("g-a", Noted("0"))])
+        group = [
+            prepare_append([ec.emit("g-a", Noted("1"))], {"g-a": 1}, None),
+            prepare_append([ec.emit("g-b", Noted("x"))], {"g-a": 1}, None),   # read-only g-a: stale after member 1
+            prepare_append([ec.emit("g-c", Noted("2")), ec.emit("g-a", Noted("3"))], {"g-a": 2}, None),
+            prepare_append([ec.emit("g-d", Noted("4"))], {"g-d": ec.NO_STREAM}, None),
+        ]
+        results = store._append_group(group)
+        assert [type(r).__name__ for r in results] == ["list", "ConcurrencyError", "list", "list"]
+        assert (results[1].stream_id, results[1].expected, results[1].actual) == ("g-a", 1, 2)
+        assert [e.data.text for e in store.read_stream("g-a")] == ["0", "1", "3"]
+        assert store.stream_version("g-b") == 0
+        positions = [e.position for r in (results[0], results[2], results[3]) for e in r]
+        assert positions == sorted(positions) and len(set(p >> 20 for p in positions)) == 1  # one transaction
+        for r in (results[0], results[2], results[3]):
+            for e in r:
+                [stored] = [x for x in store.read_stream(e.stream_id) if x.version == e.version]
+                assert stored.event_id == e.event_id and stored.position == e.position
+        bad = store._append_group([
+            prepare_append([ec.emit("g-e", Noted("fine"))], None, None),
+            prepare_append([ec.emit("g-f", Noted("nul \x00"))], None, None),
+        ])
+        assert isinstance(bad[0], list) and isinstance(bad[1], ec.SerializationError)
+        assert store.stream_versions(["g-e", "g-f"]) == {"g-e": 1, "g-f": 0}
+    finally:
+        store.close()
+
+
+def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
+    store = ec.connect(pg_dsn, schema=pg_schema, pool_size=8, group_commit=True)
+    try:
+        store.append([ec.emit(f"gt-{k}", Credited(1000)) for k in range(6)])
+        errors = []
+
+        def work(w):
+            import random
+
+            rng = random.Random(w)
+            try:
+                for _ in range(40):
+                    a, b = rng.sample([f"gt-{k}" for k in range(6)], 2)
+                    try:
+                        ec.execute(store, Move(ec.StreamId(a), ec.StreamId(b), rng.randint(1, 50)),
+                                   retry=ec.RetryPolicy(max_retries=50))
+                    except ec.BusinessRuleViolation:
+                        pass
+            except Exception as exc:  # pragma: no cover
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors
+        assert store._group.appends > store._group.groups  # some transactions carried several commands
+        total = 0
+        for k in range(6):
+            events = store.read_stream(f"gt-{k}")
+            assert [e.version for e in events] == list(range(1, len(events) + 1))
+            assert [e.position for e in events] == sorted(e.position for e in events)
+            total += sum(-e.data.amount if isinstance(e.data, Debited) else e.data.amount for e in events)
+        assert total == 6000
+    finally:
+        store.close()

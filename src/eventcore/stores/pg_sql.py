@@ -210,8 +210,109 @@ BEGIN
     RETURN QUERY SELECT v_versions, v_first, v_at;
 END $$;
 
+-- Group commit: several independent appends in one transaction, one WAL flush for all.
+-- Member m's participants are the p_streams entries whose p_member is m; its events
+-- are those whose p_event_member is m. Every participant of every member is locked
+-- first (as in reserve_append), then each member is checked and written on its own:
+-- a member whose expectations fail is reported and skipped, never failing the others.
+CREATE FUNCTION {s}.append_many(
+    p_member        int[],
+    p_streams       text[],
+    p_expected      bigint[],
+    p_event_member  int[],
+    p_event_streams text[],
+    p_event_ids     uuid[],
+    p_types         text[],
+    p_data          text[],
+    p_metadata      text[]
+) RETURNS TABLE (member int, versions bigint[], first_position bigint, conflict text, recorded_at_us bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lock     record;
+    v_members  int := coalesce((SELECT max(m) FROM unnest(p_member) m), 0);
+    v_streams  text[];
+    v_expected bigint[];
+    v_versions bigint[];
+    v_n        int;
+    v_base     bigint := NULL;
+    v_next     bigint := 1;
+    v_conflict text;
+    v_at       bigint := (extract(epoch FROM now()) * 1000000)::bigint;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
+            USING ERRCODE = 'EC412';
+    END IF;
+    IF coalesce(array_length(p_event_streams, 1), 0) > 1048575 THEN
+        RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
+    END IF;
+
+    -- 1. Every lock of every member, before the first write (see reserve_append).
+    IF coalesce(array_length(p_streams, 1), 0) > 2048 THEN
+        PERFORM pg_advisory_xact_lock(7311142570156060530);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
+        FOR v_lock IN
+            SELECT hashtextextended(p.stream_id, 0) AS k,
+                   bool_or(EXISTS (SELECT 1 FROM unnest(p_event_member, p_event_streams) AS e(m, s)
+                                   WHERE e.m = p.m AND e.s = p.stream_id)) AS exclusive
+            FROM unnest(p_member, p_streams) AS p(m, stream_id)
+            GROUP BY 1 ORDER BY 1
+        LOOP
+            IF v_lock.exclusive THEN
+                PERFORM pg_advisory_xact_lock(v_lock.k);
+            ELSE
+                PERFORM pg_advisory_xact_lock_shared(v_lock.k);
+            END IF;
+        END LOOP;
+    END IF;
+
+    -- 2. Each member on its own: check, then write (heads first, then events).
+    FOR m IN 1 .. v_members LOOP
+        SELECT array_agg(x.s ORDER BY x.ord), array_agg(x.e ORDER BY x.ord) INTO v_streams, v_expected
+        FROM unnest(p_member, p_streams, p_expected) WITH ORDINALITY AS x(mm, s, e, ord) WHERE x.mm = m;
+        SELECT array_agg(coalesce(st.version, 0) ORDER BY x.ord) INTO v_versions
+        FROM unnest(v_streams) WITH ORDINALITY AS x(s, ord) LEFT JOIN {s}.streams st ON st.stream_id = x.s;
+        v_conflict := NULL;
+        FOR i IN 1 .. coalesce(array_length(v_streams, 1), 0) LOOP
+            IF v_expected[i] <> -1 AND (
+                   (v_expected[i] = -2 AND v_versions[i] = 0)
+                OR (v_expected[i] >= 0 AND v_versions[i] <> v_expected[i])) THEN
+                v_conflict := json_build_object('stream_id', v_streams[i], 'expected', v_expected[i],
+                                                'actual', v_versions[i])::text;
+                EXIT;
+            END IF;
+        END LOOP;
+        SELECT count(*) INTO v_n FROM unnest(p_event_member) AS e(mm) WHERE e.mm = m;
+        IF v_conflict IS NOT NULL OR v_n = 0 THEN
+            RETURN QUERY SELECT m, v_versions, 0::bigint, v_conflict, v_at;
+            CONTINUE;
+        END IF;
+        INSERT INTO {s}.streams AS st (stream_id, version)
+        SELECT e.s, count(*) FROM unnest(p_event_member, p_event_streams) AS e(mm, s) WHERE e.mm = m GROUP BY e.s
+        ON CONFLICT (stream_id) DO UPDATE SET version = st.version + excluded.version;
+        IF v_base IS NULL THEN
+            v_base := (pg_current_xact_id()::text::bigint) << 20;  -- assigned by the write above
+        END IF;
+        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+        SELECT v_base + v_next - 1 + row_number() OVER (ORDER BY e.ord),
+               e.s,
+               h.version + row_number() OVER (PARTITION BY e.s ORDER BY e.ord),
+               e.id, e.t, e.d::jsonb, e.md::jsonb, now()
+        FROM unnest(p_event_member, p_event_streams, p_event_ids, p_types, p_data, p_metadata)
+                 WITH ORDINALITY AS e(mm, s, id, t, d, md, ord)
+        JOIN unnest(v_streams, v_versions) AS h(s, version) ON h.s = e.s
+        WHERE e.mm = m;
+        RETURN QUERY SELECT m, v_versions, v_base + v_next, NULL::text, v_at;
+        v_next := v_next + v_n;
+    END LOOP;
+END $$;
+
 REVOKE ALL ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
+REVOKE ALL ON FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 """,
     ),
 ]
@@ -235,6 +336,10 @@ FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 APPEND = (
     "SELECT versions, first_position, recorded_at_us FROM {s}.append_events("
     "%s::text[], %s::bigint[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
+)
+APPEND_MANY = (
+    "SELECT member, versions, first_position, conflict, recorded_at_us FROM {s}.append_many("
+    "%s::int[], %s::text[], %s::bigint[], %s::int[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
 )
 RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
 COPY_EVENTS = (
@@ -295,4 +400,5 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
     ]

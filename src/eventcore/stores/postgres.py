@@ -15,6 +15,7 @@ pool_timeout (seconds to wait for a free connection, 30), migrate (true).
 from __future__ import annotations
 
 import json
+import threading
 import uuid
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -47,7 +48,11 @@ COPY_CHUNK_ROWS = 1000
 COPY_FLUSH_BYTES = 64 * 1024
 #: How long to wait for a lost connection's backend to end before declaring the outcome unknown.
 BACKEND_GONE_TIMEOUT_MS = 5000
-_OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate"}
+_OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate",
+            "group_commit"}
+#: Most appends one group commit carries: enough to share a WAL flush widely, few enough
+#: that the server function's per-member scans stay short.
+MAX_GROUP = 64
 
 
 def _bool(value) -> bool:
@@ -91,6 +96,79 @@ def redact(dsn: str) -> str:
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
     query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+class _GroupCommitter:
+    """Library-level group commit: appends issued meanwhile by other threads share one transaction.
+
+    The first caller to find no commit in flight becomes the leader: it takes
+    every append queued (up to MAX_GROUP) and writes them with one call of the
+    server function `append_many`, each with its own version checks and its own
+    outcome. Appends that arrive meanwhile queue up; when the leader's own
+    append is done it hands leadership to the oldest waiting one. A lone
+    append therefore goes out at once, with no added wait.
+    """
+
+    class _Request:
+        __slots__ = ("prepared", "done", "result", "lead")
+
+        def __init__(self, prepared: PreparedAppend) -> None:
+            self.prepared = prepared
+            self.done = threading.Event()
+            self.result = None
+            self.lead = False
+
+    def __init__(self, store: "PostgresStore") -> None:
+        self._store = store
+        self._lock = threading.Lock()
+        self._queue: list = []
+        self._busy = False
+        #: Transactions written and appends carried, for measurement.
+        self.groups = 0
+        self.appends = 0
+
+    def submit(self, prepared: PreparedAppend) -> list[RecordedEvent]:
+        req = self._Request(prepared)
+        with self._lock:
+            self._queue.append(req)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            req.done.wait()
+            lead = req.lead
+        if lead:
+            self._lead(req)
+        if isinstance(req.result, BaseException):
+            raise req.result
+        return req.result
+
+    def _lead(self, own: "_GroupCommitter._Request") -> None:
+        while True:
+            with self._lock:
+                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
+                if not group:
+                    self._busy = False
+                    return
+            try:
+                results = self._store._append_group([r.prepared for r in group])
+            except BaseException as exc:  # noqa: BLE001 - every waiter must be released
+                results = [exc] * len(group)
+            self.groups += 1
+            self.appends += len(group)
+            for r, res in zip(group, results):
+                r.result = res
+                if r is not own:
+                    r.done.set()
+            if own.result is not None:
+                with self._lock:
+                    if not self._queue:
+                        self._busy = False
+                        return
+                    heir = self._queue[0]
+                    # The heir stays queued: it leads the next group, which includes its own append.
+                heir.lead = True
+                heir.done.set()
+                return
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -140,6 +218,7 @@ class PostgresStore(EventStore):
         statement_timeout: float = 30.0,
         pool_timeout: float = 30.0,
         migrate: bool = True,
+        group_commit: bool = False,
     ) -> None:
         if not isinstance(schema, str) or not schema or len(schema) > 63 or "\x00" in schema:
             raise ValidationError(f"schema must be a non-empty name of at most 63 characters, got {schema!r}")
@@ -150,9 +229,10 @@ class PostgresStore(EventStore):
         self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
+        self._group = _GroupCommitter(self) if _bool(group_commit) else None
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema) for name in (
             "APPEND", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD", "EVENT_BY_ID",
-            "COMMITTED_ROWS")}
+            "COMMITTED_ROWS", "APPEND_MANY")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema) for t in (False, True) for p in (False, True)
         }
@@ -270,6 +350,11 @@ class PostgresStore(EventStore):
     # -- writing -----------------------------------------------------------------------
 
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
+        if self._group is not None:
+            return self._group.submit(p)
+        return self._append_one(p)
+
+    def _append_one(self, p: PreparedAppend) -> list[RecordedEvent]:
         # The server locks in its own global order; sorting here makes it report the
         # first conflicting stream in sorted order, as every backend does.
         streams = sorted(p.expected)
@@ -297,6 +382,71 @@ class PostgresStore(EventStore):
         positions = range(first_position, first_position + len(p))
         p.recorded_at_us = recorded_at_us
         return p.recorded(versions, positions)
+
+    def _append_group(self, group: list) -> list:
+        """One transaction for several appends: [(recorded events | exception)] in the same order."""
+        if len(group) == 1:
+            try:
+                return [self._append_one(group[0])]
+            except Exception as exc:  # noqa: BLE001 - handed to that append's caller
+                return [exc]
+        member, streams, expected = [], [], []
+        ev_member, ev_streams, ev_ids, types, data, metas = [], [], [], [], [], []
+        for m, p in enumerate(group, start=1):
+            for sid in sorted(p.expected):
+                member.append(m)
+                streams.append(sid)
+                expected.append(p.expected[sid])
+            ev_member.extend([m] * len(p))
+            ev_streams.extend(p.stream_ids)
+            ev_ids.extend(uuid.UUID(bytes=b) for b in p.event_ids)
+            types.extend(p.types)
+            data.extend(d.decode() for d in p.payloads)
+            metas.extend(None if x is None else x.decode() for x in p.metadatas)
+        backend = None
+        try:
+            with self._pool.connection() as conn:
+                backend = conn.info.backend_pid
+                rows = conn.execute(self._sql["APPEND_MANY"], (member, streams, expected, ev_member, ev_streams,
+                                                               ev_ids, types, data, metas)).fetchall()
+        except (pg_errors.Error, PoolTimeout) as exc:
+            if backend is not None and _connection_lost(exc):
+                out = []
+                for p in group:  # the backend is ended once, by the first lookup
+                    try:
+                        out.append(self._resolve_ambiguous(p, exc, backend))
+                    except Exception as err:  # noqa: BLE001
+                        out.append(err)
+                    backend = None
+                return out
+            if isinstance(exc, psycopg.DataError) or getattr(exc, "sqlstate", None) in pg_sql.BAD_CALL_SQLSTATES:
+                # One member's data failed the whole group: write each alone, so only it fails.
+                return self._append_each(group)
+            try:
+                self._raise_write_error(exc)
+            except Exception as err:  # noqa: BLE001
+                return [err] * len(group)
+        out: list = [None] * len(group)
+        for m, versions_before, first, conflict, at_us in rows:
+            p = group[m - 1]
+            if conflict is not None:
+                d = json.loads(conflict)
+                out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
+                continue
+            current = dict(zip(sorted(p.expected), versions_before))
+            versions = _impl.assign_versions(p.stream_ids, current)
+            p.recorded_at_us = at_us
+            out[m - 1] = p.recorded(versions, range(first, first + len(p)))
+        return out
+
+    def _append_each(self, group: list) -> list:
+        out = []
+        for p in group:
+            try:
+                out.append(self._append_one(p))
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
 
     def _raise_write_error(self, exc: Exception):
         """Translate a failed write whose outcome is known (nothing was written) into eventcore's errors."""
