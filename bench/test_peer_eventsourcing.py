@@ -17,6 +17,11 @@ check that the table holds exactly N rows over the 1,000 aggregates, then drop t
 
 Why this mode is the fastest supported one (eventsourcing 9.5.6, psycopg 3.3):
 
+* Caveat for readers of the comparison: this mode skips the default mode's
+  LOCK TABLE ... IN EXCLUSIVE MODE, so with several concurrent writers its
+  notification ids could commit out of order and a log follower could skip an
+  event. It is the fastest mode, not a safe one for concurrent writers; eventcore's
+  ingest keeps its never-skip guarantee while being measured.
 * POSTGRES_ENABLE_DB_FUNCTIONS=y: the application recorder calls its stored function
   (one statement per batch) instead of the default pipeline of LOCK TABLE + NOTIFY + INSERT.
   The default mode is also unusable for bulk batches: with more than about 2,000-3,000 events
