@@ -69,10 +69,6 @@ def _uuid_from_bytes(raw) -> uuid.UUID:
     return u
 
 
-def recorded_at_from_us(us: int) -> _dt.datetime:
-    return _EPOCH + _dt.timedelta(microseconds=us)
-
-
 def decode_rows(rows) -> list:
     """Decode stored rows (layout `ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
 

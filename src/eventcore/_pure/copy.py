@@ -1,6 +1,6 @@
 """COPY BINARY encoding of event rows: the batch writer's hot path (pure-Python twin).
 
-Rows follow the events table's column order (`COPY_COLUMNS`): position int8,
+Rows follow the column list of pg_sql.COPY_EVENTS: position int8,
 stream_id text, version int8, event_id uuid, type text, data jsonb, metadata
 jsonb (NULL when empty), recorded_at timestamptz. jsonb's binary form is a
 version byte (1) followed by the JSON text, which is exactly what msgspec
@@ -17,7 +17,6 @@ from ..events import EMPTY_METADATA, Metadata
 from . import ids as _ids
 from .codec import _encoder
 
-COPY_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at")
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 COPY_TRAILER = struct.pack(">h", -1)
 

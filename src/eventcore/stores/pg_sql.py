@@ -63,6 +63,40 @@ CREATE TRIGGER events_are_immutable BEFORE UPDATE OR DELETE ON {s}.events
 CREATE TRIGGER events_are_immutable_truncate BEFORE TRUNCATE ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.reject_event_change();
 
+-- The locks of every append: exclusive for streams it writes (p_written), shared for
+-- streams it only reads (a read-only stream cannot change before the append commits:
+-- no write skew; readers of one stream do not queue behind each other). Advisory locks,
+-- taken in one global order (the key), so no two writers deadlock; they assign no
+-- transaction id, so callers take them before their first write (see reserve_append),
+-- and they also cover streams that do not exist yet. Every append first takes the
+-- store-wide key shared; one naming more than 2,048 streams (a bulk batch) takes it
+-- exclusive instead of one lock per stream, since PostgreSQL's lock table holds only
+-- 64 locks per connection by default (max_locks_per_transaction; 50,000 per-stream
+-- locks ran out of shared memory), and so waits for the appends in progress.
+CREATE FUNCTION {s}.lock_streams(p_streams text[], p_written boolean[]) RETURNS void
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_lock record;
+BEGIN
+    IF coalesce(array_length(p_streams, 1), 0) > 2048 THEN
+        PERFORM pg_advisory_xact_lock(7311142570156060530);  -- 'eventcor' in ASCII: the store-wide key
+        RETURN;
+    END IF;
+    PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
+    FOR v_lock IN
+        SELECT hashtextextended(p.stream_id, 0) AS k, bool_or(p.w) AS exclusive
+        FROM unnest(p_streams, p_written) AS p(stream_id, w)
+        GROUP BY 1 ORDER BY 1
+    LOOP
+        IF v_lock.exclusive THEN
+            PERFORM pg_advisory_xact_lock(v_lock.k);
+        ELSE
+            PERFORM pg_advisory_xact_lock_shared(v_lock.k);
+        END IF;
+    END LOOP;
+END $$;
+
 -- Steps shared by both write paths. p_streams: every participant (written or
 -- read-only), p_counts: how many events each gets (0: read-only), p_n: their sum.
 -- Locks every participant, checks every expectation before writing anything,
@@ -83,7 +117,6 @@ AS $$
 DECLARE
     v_versions bigint[];
     v_base     bigint;
-    v_lock     record;
 BEGIN
     -- Positions come from the transaction id, which PostgreSQL assigns at a
     -- transaction's first write. Every lock below is taken before that write, so
@@ -100,31 +133,8 @@ BEGIN
         RAISE EXCEPTION 'eventcore: reserve_append arguments disagree' USING ERRCODE = 'EC400';
     END IF;
 
-    -- 1. Lock every participant: exclusive for written streams, shared for read-only
-    --    ones (a read-only stream cannot change before this commits: no write skew;
-    --    readers of one stream do not queue behind each other). Advisory locks, taken
-    --    in one global order (the key), so no two writers deadlock; they assign no
-    --    transaction id and also cover streams that do not exist yet. Every append
-    --    first takes the store-wide key shared; an append naming more than 2,048
-    --    streams (a bulk batch) takes it exclusive instead of one lock per stream,
-    --    since PostgreSQL's lock table holds only 64 locks per connection by default
-    --    (max_locks_per_transaction), and waits for the appends in progress.
-    IF coalesce(array_length(p_streams, 1), 0) > 2048 THEN
-        PERFORM pg_advisory_xact_lock(7311142570156060530);  -- 'eventcor' in ASCII: the store-wide key
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
-        FOR v_lock IN
-            SELECT hashtextextended(p.stream_id, 0) AS k, bool_or(p.n > 0) AS exclusive
-            FROM unnest(p_streams, p_counts) AS p(stream_id, n)
-            GROUP BY 1 ORDER BY 1
-        LOOP
-            IF v_lock.exclusive THEN
-                PERFORM pg_advisory_xact_lock(v_lock.k);
-            ELSE
-                PERFORM pg_advisory_xact_lock_shared(v_lock.k);
-            END IF;
-        END LOOP;
-    END IF;
+    -- 1. Lock every participant (see lock_streams), before the first write.
+    PERFORM {s}.lock_streams(p_streams, (SELECT array_agg(c > 0 ORDER BY o) FROM unnest(p_counts) WITH ORDINALITY AS x(c, o)));
 
     -- 2. Their versions, read under the locks (0: no such stream).
     SELECT array_agg(coalesce(s.version, 0) ORDER BY p.ord) INTO v_versions
@@ -230,7 +240,6 @@ LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_lock     record;
     v_members  int := coalesce((SELECT max(m) FROM unnest(p_member) m), 0);
     v_streams  text[];
     v_expected bigint[];
@@ -249,25 +258,12 @@ BEGIN
         RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
     END IF;
 
-    -- 1. Every lock of every member, before the first write (see reserve_append).
-    IF coalesce(array_length(p_streams, 1), 0) > 2048 THEN
-        PERFORM pg_advisory_xact_lock(7311142570156060530);
-    ELSE
-        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
-        FOR v_lock IN
-            SELECT hashtextextended(p.stream_id, 0) AS k,
-                   bool_or(EXISTS (SELECT 1 FROM unnest(p_event_member, p_event_streams) AS e(m, s)
-                                   WHERE e.m = p.m AND e.s = p.stream_id)) AS exclusive
-            FROM unnest(p_member, p_streams) AS p(m, stream_id)
-            GROUP BY 1 ORDER BY 1
-        LOOP
-            IF v_lock.exclusive THEN
-                PERFORM pg_advisory_xact_lock(v_lock.k);
-            ELSE
-                PERFORM pg_advisory_xact_lock_shared(v_lock.k);
-            END IF;
-        END LOOP;
-    END IF;
+    -- 1. Every lock of every member, before the first write (see lock_streams): a participant
+    --    is written if its member has an event for it.
+    PERFORM {s}.lock_streams(p_streams, (
+        SELECT array_agg(EXISTS (SELECT 1 FROM unnest(p_event_member, p_event_streams) AS e(em, es)
+                                 WHERE e.em = x.m AND e.es = x.s) ORDER BY x.o)
+        FROM unnest(p_member, p_streams) WITH ORDINALITY AS x(m, s, o)));
 
     -- 2. Each member on its own: check, then write (heads first, then events).
     FOR m IN 1 .. v_members LOOP
@@ -310,6 +306,7 @@ BEGIN
     END LOOP;
 END $$;
 
+REVOKE ALL ON FUNCTION {s}.lock_streams(text[], boolean[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 REVOKE ALL ON FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
@@ -380,9 +377,6 @@ CREATE_MIGRATIONS = (
 )
 CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations"
 RECORD_MIGRATION = "INSERT INTO {s}.schema_migrations (version, description) VALUES (%s, %s)"
-SCHEMA_VERSION_IF_EXISTS = (
-    "SELECT CASE WHEN to_regclass(%s) IS NULL THEN 0 ELSE -1 END"
-)
 
 
 def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
