@@ -68,6 +68,24 @@ def fresh_schema(pg_dsn):
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
 
 
+def eventsourcing_env(pg_dsn: str, schema: str, **settings: str) -> dict[str, str]:
+    """The `eventsourcing` library's settings for the benchmark server (Unix socket dir or TCP host)."""
+    from psycopg.conninfo import conninfo_to_dict
+
+    p = conninfo_to_dict(pg_dsn)
+    user = p.get("user") or os.environ.get("PGUSER") or "postgres"
+    return {
+        "PERSISTENCE_MODULE": "eventsourcing.postgres",
+        "POSTGRES_DBNAME": p.get("dbname") or user,
+        "POSTGRES_HOST": p.get("host") or "localhost",
+        "POSTGRES_PORT": str(p.get("port") or "5432"),
+        "POSTGRES_USER": user,
+        "POSTGRES_PASSWORD": p.get("password") or "",
+        "POSTGRES_SCHEMA": schema,
+        **settings,
+    }
+
+
 def record(name: str, benchmark) -> None:
     MEDIANS[name] = benchmark.stats.stats.median
 

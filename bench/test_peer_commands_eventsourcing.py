@@ -50,12 +50,11 @@ pytest.importorskip("eventsourcing.postgres")  # needs the [postgres] extra (psy
 
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
-from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from eventsourcing.application import Application  # noqa: E402
 from eventsourcing.domain import Aggregate, event  # noqa: E402
 
-from conftest import FIGURES, RATIOS, record  # noqa: E402
+from conftest import FIGURES, RATIOS, eventsourcing_env, record  # noqa: E402
 
 OPS = int(os.environ.get("EVENTCORE_BENCH_OPS", "1000"))
 ACCOUNTS = 100
@@ -115,17 +114,7 @@ TABLE = "bank_events"
 
 def _env(pg_dsn: str, schema: str) -> dict[str, str]:
     """Where the server is and which schema to use; every other setting is the library default."""
-    p = conninfo_to_dict(pg_dsn)
-    user = p.get("user") or os.environ.get("PGUSER") or "postgres"
-    return {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "POSTGRES_DBNAME": p.get("dbname") or user,
-        "POSTGRES_HOST": p.get("host") or "localhost",
-        "POSTGRES_PORT": str(p.get("port") or "5432"),
-        "POSTGRES_USER": user,
-        "POSTGRES_PASSWORD": p.get("password") or "",
-        "POSTGRES_SCHEMA": schema,
-    }
+    return eventsourcing_env(pg_dsn, schema)
 
 
 def _topic_counts(pg_dsn: str, schema: str) -> tuple[Counter, dict[uuid.UUID, int]]:

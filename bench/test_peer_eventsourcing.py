@@ -50,12 +50,11 @@ pytest.importorskip("eventsourcing.postgres")  # needs the [postgres] extra (psy
 
 import psycopg  # noqa: E402
 from psycopg import sql  # noqa: E402
-from psycopg.conninfo import conninfo_to_dict  # noqa: E402
 
 from eventsourcing.application import Application  # noqa: E402
 from eventsourcing.domain import Aggregate  # noqa: E402
 
-from conftest import FIGURES, RATIOS, record  # noqa: E402
+from conftest import FIGURES, RATIOS, eventsourcing_env, record  # noqa: E402
 
 N = int(os.environ.get("EVENTCORE_BENCH_EVENTS", "1000000"))
 STREAMS = 1_000
@@ -80,21 +79,8 @@ TABLE = "sensoringest_events"
 
 
 def _env(pg_dsn: str, schema: str) -> dict[str, str]:
-    """eventsourcing's settings for the benchmark server (Unix socket dir or TCP host both work)."""
-    p = conninfo_to_dict(pg_dsn)
-    user = p.get("user") or os.environ.get("PGUSER") or "postgres"
-    return {
-        "PERSISTENCE_MODULE": "eventsourcing.postgres",
-        "POSTGRES_DBNAME": p.get("dbname") or user,
-        "POSTGRES_HOST": p.get("host") or "localhost",
-        "POSTGRES_PORT": str(p.get("port") or "5432"),
-        "POSTGRES_USER": user,
-        "POSTGRES_PASSWORD": p.get("password") or "",
-        "POSTGRES_SCHEMA": schema,
-        "POSTGRES_ENABLE_DB_FUNCTIONS": "y",
-        "POSTGRES_POOL_SIZE": "1",
-        "CREATE_TABLE": "y",
-    }
+    """The fastest bulk mode (see the module docstring), on the benchmark server."""
+    return eventsourcing_env(pg_dsn, schema, POSTGRES_ENABLE_DB_FUNCTIONS="y", POSTGRES_POOL_SIZE="1", CREATE_TABLE="y")
 
 
 def _make_events(n: int) -> list:
