@@ -204,16 +204,25 @@ if hasattr(_os, "register_at_fork"):
     _os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
+cdef inline void _write_event_id(char* p, int64_t ms, int64_t counter, const unsigned char* r) noexcept nogil:
+    cdef int k
+    for k in range(6):
+        p[k] = <char>((ms >> (40 - 8 * k)) & 0xFF)
+    p[6] = <char>(0x70 | ((counter >> 8) & 0x0F))
+    p[7] = <char>(counter & 0xFF)
+    p[8] = <char>(0x80 | (r[0] & 0x3F))
+    for k in range(1, 8):
+        p[8 + k] = <char>r[k]
+
+
 def new_event_ids(Py_ssize_t count):
     """`count` UUIDv7 values as 16-byte big-endian strings, strictly increasing within the process."""
     global _last_ms, _counter
     cdef list out = []
     cdef bytes rand, one
     cdef const unsigned char* r
-    cdef char* p
     cdef int64_t ms, counter
     cdef Py_ssize_t i
-    cdef int k
     if count <= 0:
         return out
     rand = _os.urandom(8 * count)
@@ -232,29 +241,11 @@ def new_event_ids(Py_ssize_t count):
                 ms += 1
                 counter = 0
             one = PyBytes_FromStringAndSize(NULL, 16)
-            p = PyBytes_AS_STRING(one)
-            for k in range(6):
-                p[k] = <char>((ms >> (40 - 8 * k)) & 0xFF)
-            p[6] = <char>(0x70 | ((counter >> 8) & 0x0F))
-            p[7] = <char>(counter & 0xFF)
-            p[8] = <char>(0x80 | (r[8 * i] & 0x3F))
-            for k in range(1, 8):
-                p[8 + k] = <char>r[8 * i + k]
+            _write_event_id(PyBytes_AS_STRING(one), ms, counter, r + 8 * i)
             out.append(one)
         _last_ms = ms
         _counter = counter
     return out
-
-
-cdef inline void _write_event_id(char* p, int64_t ms, int64_t counter, const unsigned char* r) noexcept nogil:
-    cdef int k
-    for k in range(6):
-        p[k] = <char>((ms >> (40 - 8 * k)) & 0xFF)
-    p[6] = <char>(0x70 | ((counter >> 8) & 0x0F))
-    p[7] = <char>(counter & 0xFF)
-    p[8] = <char>(0x80 | (r[0] & 0x3F))
-    for k in range(1, 8):
-        p[8 + k] = <char>r[k]
 
 
 # ----------------------------------------------------------------------------- versions
