@@ -15,6 +15,7 @@ psycopg = pytest.importorskip("psycopg")
 from psycopg import sql  # noqa: E402
 
 from eventcore.stores import pg_sql  # noqa: E402
+from eventcore.stores.postgres import _encode_group  # noqa: E402
 from eventcore.stores.base import prepare_append  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("pg_dsn")
@@ -75,11 +76,7 @@ def _raw(dsn):
 def _append_in_open_transaction(conn, schema, stream, text):
     """Call the append function inside a transaction the caller keeps open."""
     p = prepare_append([ec.emit(stream, Noted(text))], {stream: ec.ANY}, None)
-    conn.execute(
-        pg_sql.q(pg_sql.APPEND, schema),
-        ([stream], [ec.ANY], [stream], [uuid.UUID(bytes=p.event_ids[0])], p.types,
-         [p.payloads[0].decode()], [None]),
-    )
+    conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, schema), (_encode_group([p]),)).fetchall()
 
 
 # -- global order that never skips ----------------------------------------------------------
@@ -542,24 +539,27 @@ def test_batch_over_thousands_of_streams_fits_the_lock_table(pg):
 # -- group commit ---------------------------------------------------------------------------------------
 
 def test_group_commit_members_keep_their_own_outcomes(pg_dsn, pg_schema):
-    """One transaction for several appends: a conflicting member or one with data PostgreSQL
-    rejects fails alone; the others commit, one after the other in the same transaction."""
+    """One transaction for several appends on distinct streams: a conflicting member or one with
+    data PostgreSQL rejects fails alone; the others commit, in member order, in the same transaction."""
     store = ec.connect(pg_dsn, schema=pg_schema, group_commit=True)
     try:
-        store.append([ec.emit("g-a", Noted("0"))])
+        store.append([ec.emit("g-a", Noted("0")), ec.emit("g-r", Noted("0"))])
         group = [
             prepare_append([ec.emit("g-a", Noted("1"))], {"g-a": 1}, None),
-            prepare_append([ec.emit("g-b", Noted("x"))], {"g-a": 1}, None),   # read-only g-a: stale after member 1
-            prepare_append([ec.emit("g-c", Noted("2")), ec.emit("g-a", Noted("3"))], {"g-a": 2}, None),
-            prepare_append([ec.emit("g-d", Noted("4"))], {"g-d": ec.NO_STREAM}, None),
+            prepare_append([ec.emit("g-b", Noted("x"))], {"g-r": 0}, None),   # read-only g-r: stale
+            prepare_append([ec.emit("g-c", Noted("2")), ec.emit("g-q", Noted("3")), ec.emit("g-c", Noted("4"))],
+                           {"g-c": ec.NO_STREAM, "g-q": ec.ANY, "g-s": 0}, None),  # g-s read, absent: fine
+            prepare_append([ec.emit("g-d", Noted("5"))], {"g-d": ec.NO_STREAM}, None),
         ]
         results = store._append_group(group)
         assert [type(r).__name__ for r in results] == ["list", "ConcurrencyError", "list", "list"]
-        assert (results[1].stream_id, results[1].expected, results[1].actual) == ("g-a", 1, 2)
-        assert [e.data.text for e in store.read_stream("g-a")] == ["0", "1", "3"]
-        assert store.stream_version("g-b") == 0
+        assert (results[1].stream_id, results[1].expected, results[1].actual) == ("g-r", 0, 1)
+        assert [e.data.text for e in store.read_stream("g-a")] == ["0", "1"]
+        assert [(e.data.text, e.version) for e in store.read_stream("g-c")] == [("2", 1), ("4", 2)]
+        assert store.stream_versions(["g-b", "g-s", "g-q"]) == {"g-b": 0, "g-s": 0, "g-q": 1}
         positions = [e.position for r in (results[0], results[2], results[3]) for e in r]
         assert positions == sorted(positions) and len(set(p >> 20 for p in positions)) == 1  # one transaction
+        assert positions == list(range(positions[0], positions[0] + len(positions)))  # dense within it
         for r in (results[0], results[2], results[3]):
             for e in r:
                 [stored] = [x for x in store.read_stream(e.stream_id) if x.version == e.version]
@@ -572,6 +572,23 @@ def test_group_commit_members_keep_their_own_outcomes(pg_dsn, pg_schema):
         assert store.stream_versions(["g-e", "g-f"]) == {"g-e": 1, "g-f": 0}
     finally:
         store.close()
+
+
+def test_group_members_on_one_stream_are_refused_by_the_server(pg, pg_dsn, pg_schema):
+    """The client never groups two appends on one stream (their checks would not be independent);
+    a caller that does gets EC400 from the server and nothing is written; the store then falls
+    back to one transaction per append, so each still gets its own outcome."""
+    pg.append([ec.emit("o-a", Noted("0"))])
+    group = [prepare_append([ec.emit("o-a", Noted("1"))], {"o-a": 1}, None),
+             prepare_append([ec.emit("o-b", Noted("2"))], {"o-a": 1}, None)]
+    with _raw(pg_dsn) as conn:
+        with pytest.raises(psycopg.Error) as info:
+            conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, pg_schema), (_encode_group(group),)).fetchall()
+        assert info.value.sqlstate == "EC400"
+    assert pg.stream_versions(["o-a", "o-b"]) == {"o-a": 1, "o-b": 0}
+    results = pg._append_group(group)
+    assert type(results[0]) is list and isinstance(results[1], ec.ConcurrencyError)
+    assert pg.stream_version("o-a") == 2 and pg.stream_version("o-b") == 0
 
 
 def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):

@@ -312,6 +312,194 @@ REVOKE ALL ON FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[
 REVOKE ALL ON FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]) FROM PUBLIC;
 """,
     ),
+    (
+        2,
+        "append_group: one set-based append function for single and group commits",
+        """
+-- One write path for every command append, alone or sharing a transaction with
+-- others (the client's group commit). Set-based: a handful of statements per call
+-- whatever the number of members, where append_many ran five per member.
+--
+-- p_group is a JSON array of members; member = [participants, events];
+-- participant = [stream_id, expected version]; event = [stream_id, event id (hex),
+-- type, data (JSON), metadata (JSON or null)]. One JSON parameter instead of nine
+-- arrays: the client encodes it in one msgspec call with the payloads embedded
+-- verbatim (psycopg's list dumpers cost more than the server's JSON parser).
+--
+-- Members must not share a stream (the client groups disjoint appends; a second
+-- append on a stream waits for the next group), so each member's check is
+-- independent of the others: a member whose expectations fail is reported and
+-- skipped, the others are written. Locks: every participant, in one global order,
+-- before the first write, as in lock_streams (see there and reserve_append).
+CREATE FUNCTION {s}.append_group(p_group jsonb)
+RETURNS TABLE (member int, versions bigint[], first_position bigint, conflict text, recorded_at_us bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_pm    int[];      -- participants: member, stream, expected version, written by its member
+    v_ps    text[];
+    v_pe    bigint[];
+    v_pw    boolean[];
+    v_heads bigint[];   -- participants' versions, read under the locks
+    v_em    int[];      -- events: member, stream, id, type, data, metadata
+    v_es    text[];
+    v_ei    uuid[];
+    v_et    text[];
+    v_ed    jsonb[];
+    v_emd   jsonb[];
+    v_bad   int[];      -- members whose expectations fail
+    v_good  bigint;     -- events of the other members
+    v_rows  bigint;
+    v_base  bigint := 0;
+    v_at    bigint := (extract(epoch FROM now()) * 1000000)::bigint;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
+            USING ERRCODE = 'EC412';
+    END IF;
+
+    SELECT array_agg(m.ord::int ORDER BY m.ord, e.ord), array_agg(e.doc->>0 ORDER BY m.ord, e.ord),
+           array_agg((e.doc->>1)::uuid ORDER BY m.ord, e.ord), array_agg(e.doc->>2 ORDER BY m.ord, e.ord),
+           array_agg(e.doc->3 ORDER BY m.ord, e.ord),
+           array_agg(nullif(e.doc->4, 'null'::jsonb) ORDER BY m.ord, e.ord)
+      INTO v_em, v_es, v_ei, v_et, v_ed, v_emd
+      FROM jsonb_array_elements(p_group) WITH ORDINALITY AS m(doc, ord),
+           jsonb_array_elements(m.doc->1) WITH ORDINALITY AS e(doc, ord);
+    IF array_length(v_em, 1) > 1048575 THEN  -- (v_em is NULL for a check-only append: no events)
+        RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
+    END IF;
+
+    SELECT array_agg(m.ord::int ORDER BY m.ord, p.ord), array_agg(p.doc->>0 ORDER BY m.ord, p.ord),
+           array_agg((p.doc->>1)::bigint ORDER BY m.ord, p.ord),
+           array_agg(EXISTS (SELECT 1 FROM unnest(v_em, v_es) AS ev(m, s) WHERE ev.m = m.ord AND ev.s = p.doc->>0)
+                     ORDER BY m.ord, p.ord)
+      INTO v_pm, v_ps, v_pe, v_pw
+      FROM jsonb_array_elements(p_group) WITH ORDINALITY AS m(doc, ord),
+           jsonb_array_elements(m.doc->0) WITH ORDINALITY AS p(doc, ord);
+    IF v_ps IS NULL OR (SELECT count(DISTINCT s) FROM unnest(v_ps) s) <> array_length(v_ps, 1) THEN
+        RAISE EXCEPTION 'eventcore: append_group members must list distinct streams' USING ERRCODE = 'EC400';
+    END IF;
+
+    -- 1. Lock every participant before the first write (see lock_streams).
+    IF array_length(v_ps, 1) > 2048 THEN
+        PERFORM pg_advisory_xact_lock(7311142570156060530);
+    ELSE
+        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
+        PERFORM CASE WHEN x.w THEN pg_advisory_xact_lock(x.k) ELSE pg_advisory_xact_lock_shared(x.k) END
+          FROM (SELECT hashtextextended(p.s, 0) AS k, bool_or(p.w) AS w
+                  FROM unnest(v_ps, v_pw) AS p(s, w) GROUP BY 1 ORDER BY 1 OFFSET 0) AS x;
+    END IF;
+
+    -- 2. Versions under the locks, and the members whose expectations fail.
+    SELECT array_agg(coalesce(st.version, 0) ORDER BY x.o) INTO v_heads
+      FROM unnest(v_ps) WITH ORDINALITY AS x(s, o) LEFT JOIN {s}.streams st ON st.stream_id = x.s;
+    SELECT coalesce(array_agg(DISTINCT x.m), ARRAY[]::int[]) INTO v_bad
+      FROM unnest(v_pm, v_pe, v_heads) AS x(m, e, h)
+     WHERE x.e <> -1 AND ((x.e = -2 AND x.h = 0) OR (x.e >= 0 AND x.h <> x.e));
+
+    -- 3. Heads of the other members' written streams: the first write, so the id is assigned now.
+    INSERT INTO {s}.streams AS st (stream_id, version)
+    SELECT ev.s, count(*) FROM unnest(v_em, v_es) AS ev(m, s) WHERE ev.m <> ALL (v_bad) GROUP BY ev.s
+    ON CONFLICT (stream_id) DO UPDATE SET version = st.version + excluded.version;
+    GET DIAGNOSTICS v_good = ROW_COUNT;
+    IF v_good > 0 THEN
+        v_base := (pg_current_xact_id()::text::bigint) << 20;
+
+        -- 4. Their events: positions in order from this transaction's base, versions from the heads.
+        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+        SELECT v_base + row_number() OVER (ORDER BY ev.o),
+               ev.s,
+               h.h + row_number() OVER (PARTITION BY ev.s ORDER BY ev.o),
+               ev.id, ev.t, ev.d, ev.md, now()
+          FROM unnest(v_em, v_es, v_ei, v_et, v_ed, v_emd) WITH ORDINALITY AS ev(m, s, id, t, d, md, o)
+          JOIN unnest(v_pm, v_ps, v_heads) AS h(m, s, h) ON h.m = ev.m AND h.s = ev.s
+         WHERE ev.m <> ALL (v_bad);
+        GET DIAGNOSTICS v_rows = ROW_COUNT;
+        SELECT count(*) INTO v_good FROM unnest(v_em) AS ev(m) WHERE ev.m <> ALL (v_bad);
+        IF v_rows <> v_good THEN
+            RAISE EXCEPTION 'eventcore: % event(s) name a stream missing from their participants', v_good - v_rows
+                USING ERRCODE = 'EC400';
+        END IF;
+    END IF;
+
+    -- 5. One row per member: heads as they were, its first position (0: not written), its conflict.
+    RETURN QUERY
+    WITH part AS (
+        SELECT x.m,
+               array_agg(x.h ORDER BY x.o) AS heads,
+               (array_agg(json_build_object('stream_id', x.s, 'expected', x.e, 'actual', x.h)::text ORDER BY x.o)
+                   FILTER (WHERE x.e <> -1 AND ((x.e = -2 AND x.h = 0) OR (x.e >= 0 AND x.h <> x.e))))[1] AS conflict
+          FROM unnest(v_pm, v_ps, v_pe, v_heads) WITH ORDINALITY AS x(m, s, e, h, o)
+         GROUP BY x.m
+    ), counts AS (
+        SELECT ev.m, count(*) AS n FROM unnest(v_em) AS ev(m) GROUP BY ev.m
+    )
+    SELECT part.m, part.heads,
+           CASE WHEN part.conflict IS NOT NULL OR coalesce(counts.n, 0) = 0 THEN 0::bigint
+                ELSE v_base + 1 + coalesce(sum(counts.n) FILTER (WHERE part.conflict IS NULL)
+                                           OVER (ORDER BY part.m ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
+           END::bigint,
+           part.conflict, v_at
+      FROM part LEFT JOIN counts ON counts.m = part.m
+     ORDER BY part.m;
+END $$;
+
+REVOKE ALL ON FUNCTION {s}.append_group(jsonb) FROM PUBLIC;
+-- Replaced by append_group.
+DROP FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]);
+DROP FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]);
+""",
+    ),
+    (
+        3,
+        "projections: checkpoints, dead letters, NOTIFY on append",
+        """
+-- One row per projector: the position of the last event it has processed (0: none).
+-- A projector writes its checkpoint in the same transaction as its read model, with a
+-- compare-and-set on the old position (see eventcore.stores.pg_projections).
+CREATE TABLE {s}.projection_checkpoints (
+    name       text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
+    position   bigint NOT NULL DEFAULT 0 CHECK (position >= 0),
+    state      text NOT NULL DEFAULT 'idle',
+    error      text,
+    owner      text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Events a projector skipped (error strategy "skip", or "retry" that gave up): the event as
+-- stored and the error, written in the transaction that moves the checkpoint past it.
+CREATE TABLE {s}.projection_dead_letters (
+    projector   text        NOT NULL,
+    position    bigint      NOT NULL,
+    stream_id   text        NOT NULL,
+    version     bigint      NOT NULL,
+    event_id    uuid        NOT NULL,
+    type        text        NOT NULL,
+    data        jsonb       NOT NULL,
+    metadata    jsonb,
+    recorded_at timestamptz NOT NULL,
+    error       text        NOT NULL,
+    attempts    int         NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projector, position)
+);
+
+-- Live projections LISTEN on 'eventcore_' || md5(schema name): one wake-up per committed
+-- writing statement (an append or a batch COPY); NOTIFY is delivered at commit, and
+-- listeners poll as well, so a lost notification only delays them.
+CREATE FUNCTION {s}.notify_events() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_notify('eventcore_' || md5(TG_TABLE_SCHEMA), '');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
+""",
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -330,14 +518,7 @@ _COLUMNS = (
 # Everything below this position belongs to finished transactions (see module docstring).
 FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 
-APPEND = (
-    "SELECT versions, first_position, recorded_at_us FROM {s}.append_events("
-    "%s::text[], %s::bigint[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
-)
-APPEND_MANY = (
-    "SELECT member, versions, first_position, conflict, recorded_at_us FROM {s}.append_many("
-    "%s::int[], %s::text[], %s::bigint[], %s::int[], %s::text[], %s::uuid[], %s::text[], %s::text[], %s::text[])"
-)
+APPEND_GROUP = "SELECT member, versions, first_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)"
 RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
 COPY_EVENTS = (
     "COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at) "
@@ -384,7 +565,8 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
 
     It may SELECT and INSERT events (never UPDATE, DELETE or TRUNCATE them), read
     stream heads and call the append function, which moves the heads with its
-    owner's rights (SECURITY DEFINER). Migrations need the schema owner.
+    owner's rights (SECURITY DEFINER), and run projections (their checkpoints and
+    dead letters). Migrations need the schema owner.
     """
     s, r = sql.Identifier(schema), sql.Identifier(role)
     return [
@@ -393,6 +575,7 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT ON {}.streams TO {}").format(s, r),
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
-        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
-        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]) TO {}").format(s, r),
+        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_group(jsonb) TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
     ]

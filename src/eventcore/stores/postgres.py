@@ -17,7 +17,10 @@ from __future__ import annotations
 import json
 import threading
 import uuid
+from collections import deque
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import msgspec
 
 try:
     import psycopg
@@ -53,6 +56,8 @@ _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statemen
 #: Most appends one group commit carries: enough to share a WAL flush widely, few enough
 #: that the server function's per-member scans stay short.
 MAX_GROUP = 64
+#: Group commits written at once (see _GroupCommitter).
+GROUPS_IN_FLIGHT = 2
 
 
 def _bool(value) -> bool:
@@ -101,28 +106,31 @@ def redact(dsn: str) -> str:
 class _GroupCommitter:
     """Library-level group commit: appends issued meanwhile by other threads share one transaction.
 
-    The first caller to find no commit in flight becomes the leader: it takes
-    every append queued (up to MAX_GROUP) and writes them with one call of the
-    server function `append_many`, each with its own version checks and its own
-    outcome. Appends that arrive meanwhile queue up; when the leader's own
-    append is done it hands leadership to the oldest waiting one. A lone
-    append therefore goes out at once, with no added wait.
+    Leadership is a token; there are `in_flight` of them. An append that finds a
+    token free takes it and goes out at once, carrying with it every append
+    already queued (up to MAX_GROUP, and never two appends on one stream: a
+    group's members are checked independently, so the second waits for the next
+    group). An append that finds every token taken queues. When a leader's group
+    is written, it hands its token to the oldest queued append, which leads the
+    next group. A lone append therefore never waits, and with two tokens one
+    group is being written while the next one's WAL flush is pending.
     """
 
     class _Request:
-        __slots__ = ("prepared", "done", "result", "lead")
+        __slots__ = ("prepared", "streams", "done", "result", "lead")
 
         def __init__(self, prepared: PreparedAppend) -> None:
             self.prepared = prepared
+            self.streams = prepared.expected.keys()
             self.done = threading.Event()
             self.result = None
             self.lead = False
 
-    def __init__(self, store: "PostgresStore") -> None:
+    def __init__(self, store: "PostgresStore", in_flight: int) -> None:
         self._store = store
         self._lock = threading.Lock()
-        self._queue: list = []
-        self._busy = False
+        self._queue: deque = deque()
+        self._free = in_flight
         #: Transactions written and appends carried, for measurement.
         self.groups = 0
         self.appends = 0
@@ -130,9 +138,11 @@ class _GroupCommitter:
     def submit(self, prepared: PreparedAppend) -> list[RecordedEvent]:
         req = self._Request(prepared)
         with self._lock:
-            self._queue.append(req)
-            lead = not self._busy
-            self._busy = True
+            lead = self._free > 0
+            if lead:
+                self._free -= 1
+            else:
+                self._queue.append(req)
         if not lead:
             req.done.wait()
             lead = req.lead
@@ -142,33 +152,65 @@ class _GroupCommitter:
             raise req.result
         return req.result
 
+    def _take(self, own: "_GroupCommitter._Request") -> list:
+        """Own request plus queued ones on other streams, oldest first (call with the lock held)."""
+        group = [own]
+        if not self._queue:
+            return group
+        taken = set(own.streams)
+        kept: deque = deque()
+        queue = self._queue
+        while queue and len(group) < MAX_GROUP:
+            r = queue.popleft()
+            if taken.isdisjoint(r.streams):
+                taken.update(r.streams)
+                group.append(r)
+            else:
+                kept.append(r)
+        kept.extend(queue)
+        self._queue = kept
+        return group
+
     def _lead(self, own: "_GroupCommitter._Request") -> None:
-        while True:
-            with self._lock:
-                group, self._queue = self._queue[:MAX_GROUP], self._queue[MAX_GROUP:]
-                if not group:
-                    self._busy = False
-                    return
-            try:
-                results = self._store._append_group([r.prepared for r in group])
-            except BaseException as exc:  # noqa: BLE001 - every waiter must be released
-                results = [exc] * len(group)
-            self.groups += 1
-            self.appends += len(group)
-            for r, res in zip(group, results):
-                r.result = res
-                if r is not own:
-                    r.done.set()
-            if own.result is not None:
-                with self._lock:
-                    if not self._queue:
-                        self._busy = False
-                        return
-                    heir = self._queue[0]
-                    # The heir stays queued: it leads the next group, which includes its own append.
-                heir.lead = True
-                heir.done.set()
+        with self._lock:
+            group = self._take(own)
+        try:
+            results = self._store._append_group([r.prepared for r in group])
+        except BaseException as exc:  # noqa: BLE001 - every waiter must be released
+            results = [exc] * len(group)
+        self.groups += 1
+        self.appends += len(group)
+        for r, res in zip(group, results):
+            r.result = res
+            if r is not own:
+                r.done.set()
+        with self._lock:
+            if not self._queue:
+                self._free += 1
                 return
+            heir = self._queue.popleft()
+        heir.lead = True  # it leads the next group, its own append first
+        heir.done.set()
+
+
+#: Stream ids are a str subclass, which msgspec hands to the hook: encoded as plain strings.
+_encode_json = msgspec.json.Encoder(enc_hook=str).encode
+_Raw = msgspec.Raw
+
+
+def _encode_group(group: list) -> str:
+    """The append_group argument: [[participants, events], ...] (see pg_sql migration 2).
+
+    Payloads and metadata are already JSON: embedded verbatim, never re-encoded."""
+    doc = []
+    for p in group:
+        expected = p.expected
+        doc.append((
+            [(s, expected[s]) for s in sorted(expected)],
+            [(sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md))
+             for sid, eid, t, d, md in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas)],
+        ))
+    return _encode_json(doc).decode()
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -229,10 +271,10 @@ class PostgresStore(EventStore):
         self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
-        self._group = _GroupCommitter(self) if _bool(group_commit) else None
+        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema) for name in (
-            "APPEND", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD", "EVENT_BY_ID",
-            "COMMITTED_ROWS", "APPEND_MANY")}
+            "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",
+            "EVENT_BY_ID", "COMMITTED_ROWS")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema) for t in (False, True) for p in (False, True)
         }
@@ -352,75 +394,37 @@ class PostgresStore(EventStore):
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
         if self._group is not None:
             return self._group.submit(p)
-        return self._append_one(p)
+        result = self._append_group([p])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
 
-    def _append_one(self, p: PreparedAppend) -> list[RecordedEvent]:
-        # The server locks in its own global order; sorting here makes it report the
-        # first conflicting stream in sorted order, as every backend does.
-        streams = sorted(p.expected)
-        event_ids = [uuid.UUID(bytes=b) for b in p.event_ids]
-        params = (
-            streams,
-            [p.expected[s] for s in streams],
-            p.stream_ids,
-            event_ids,
-            p.types,
-            [d.decode() for d in p.payloads],
-            [None if m is None else m.decode() for m in p.metadatas],
-        )
+    def _append_group(self, group: list) -> list:
+        """One transaction, one round trip, for one or several appends on distinct streams.
+
+        Returns, in order, each append's recorded events or its exception: a
+        member whose versions conflict gets its ConcurrencyError and the others
+        are written. If one member's data fails the whole statement (e.g. a
+        \\u0000 that jsonb cannot hold), each is written alone so only it fails.
+        """
+        doc = _encode_group(group)
         backend = None  # set once the append may have reached the server
         try:
             with self._pool.connection() as conn:
                 backend = conn.info.backend_pid
-                versions_before, first_position, recorded_at_us = conn.execute(self._sql["APPEND"], params).fetchone()
-        except (pg_errors.Error, PoolTimeout) as exc:
-            if backend is not None and _connection_lost(exc):
-                return self._resolve_ambiguous(p, exc, backend)
-            self._raise_write_error(exc)
-        current = dict(zip(streams, versions_before))
-        versions = _impl.assign_versions(p.stream_ids, current)
-        positions = range(first_position, first_position + len(p))
-        p.recorded_at_us = recorded_at_us
-        return p.recorded(versions, positions)
-
-    def _append_group(self, group: list) -> list:
-        """One transaction for several appends: [(recorded events | exception)] in the same order."""
-        if len(group) == 1:
-            try:
-                return [self._append_one(group[0])]
-            except Exception as exc:  # noqa: BLE001 - handed to that append's caller
-                return [exc]
-        member, streams, expected = [], [], []
-        ev_member, ev_streams, ev_ids, types, data, metas = [], [], [], [], [], []
-        for m, p in enumerate(group, start=1):
-            for sid in sorted(p.expected):
-                member.append(m)
-                streams.append(sid)
-                expected.append(p.expected[sid])
-            ev_member.extend([m] * len(p))
-            ev_streams.extend(p.stream_ids)
-            ev_ids.extend(uuid.UUID(bytes=b) for b in p.event_ids)
-            types.extend(p.types)
-            data.extend(d.decode() for d in p.payloads)
-            metas.extend(None if x is None else x.decode() for x in p.metadatas)
-        backend = None
-        try:
-            with self._pool.connection() as conn:
-                backend = conn.info.backend_pid
-                rows = conn.execute(self._sql["APPEND_MANY"], (member, streams, expected, ev_member, ev_streams,
-                                                               ev_ids, types, data, metas)).fetchall()
+                rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
                 out = []
                 for p in group:  # the backend is ended once, by the first lookup
                     try:
                         out.append(self._resolve_ambiguous(p, exc, backend))
-                    except Exception as err:  # noqa: BLE001
+                    except Exception as err:  # noqa: BLE001 - handed to that append's caller
                         out.append(err)
                     backend = None
                 return out
-            if isinstance(exc, psycopg.DataError) or getattr(exc, "sqlstate", None) in pg_sql.BAD_CALL_SQLSTATES:
-                # One member's data failed the whole group: write each alone, so only it fails.
+            if len(group) > 1 and (
+                    isinstance(exc, psycopg.DataError) or getattr(exc, "sqlstate", None) in pg_sql.BAD_CALL_SQLSTATES):
                 return self._append_each(group)
             try:
                 self._raise_write_error(exc)
@@ -433,8 +437,7 @@ class PostgresStore(EventStore):
                 d = json.loads(conflict)
                 out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
                 continue
-            current = dict(zip(sorted(p.expected), versions_before))
-            versions = _impl.assign_versions(p.stream_ids, current)
+            versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
             p.recorded_at_us = at_us
             out[m - 1] = p.recorded(versions, range(first, first + len(p)))
         return out
@@ -443,9 +446,10 @@ class PostgresStore(EventStore):
         out = []
         for p in group:
             try:
-                out.append(self._append_one(p))
+                result = self._append_group([p])[0]
             except Exception as exc:  # noqa: BLE001
-                out.append(exc)
+                result = exc
+            out.append(result)
         return out
 
     def _raise_write_error(self, exc: Exception):
