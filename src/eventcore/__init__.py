@@ -23,6 +23,18 @@ from .errors import (
 from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit
 from .executor import ExecutionResult, RetryPolicy, StateCache, execute
 from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
+from .projections import (
+    DeadLetter,
+    ProjectionContext,
+    ProjectionError,
+    ProjectionRunner,
+    ProjectionStatus,
+    Projector,
+    Retry,
+    dead_letters,
+    projection_status,
+    run_projection,
+)
 from .stores import connect
 from .stores.base import BatchResult, EventStore, IngestError, IngestResult
 from .streams import StreamId
@@ -36,6 +48,7 @@ __all__ = [
     "Command",
     "CommandTimeoutError",
     "ConcurrencyError",
+    "DeadLetter",
     "Event",
     "EventCoreError",
     "EventStore",
@@ -46,8 +59,14 @@ __all__ = [
     "IngestResult",
     "Metadata",
     "NO_STREAM",
+    "ProjectionContext",
+    "ProjectionError",
+    "ProjectionRunner",
+    "ProjectionStatus",
+    "Projector",
     "RawEvent",
     "RecordedEvent",
+    "Retry",
     "RetryPolicy",
     "STREAM_EXISTS",
     "SerializationError",
@@ -59,7 +78,10 @@ __all__ = [
     "ValidationError",
     "__impl__",
     "connect",
+    "dead_letters",
     "emit",
     "execute",
+    "projection_status",
     "require",
+    "run_projection",
 ]

@@ -2,11 +2,14 @@
 
     eventcore bench deposit|transfer|order|batch|all [--backend memory|sqlite] [--ops N]
                     [--concurrency N] [--batch-size N] [--path FILE] [--json]
+    eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--dsn URL]
+    eventcore projections [--json] [--dsn URL]
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from . import __version__, _impl
@@ -86,12 +89,44 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+
+    tail = sub.add_parser(
+        "tail",
+        help="print events in feed order as JSON lines",
+        description=(
+            "Print the store's events in global feed order, one JSON object per line with the keys of "
+            "ec.RecordedEvent (stream_id, version, position, event_id, type, data, metadata, recorded_at). "
+            "Events of types this process does not know are printed as stored. With --follow, keep printing "
+            "new events as they are committed (SIGINT/SIGTERM end it)."
+        ),
+    )
+    tail.add_argument("--dsn", help="store URL (postgresql://..., sqlite:///file.db; default: $EVENTCORE_DSN)")
+    tail.add_argument("--follow", "-f", action="store_true", help="keep running and print new events live")
+    tail.add_argument("--type", action="append", metavar="T",
+                      help="only events of this type name (repeat or comma-separate for several)")
+    tail.add_argument("--prefix", metavar="P", help="only events of streams whose id starts with P")
+    tail.add_argument("--from", dest="from_position", type=int, default=0, metavar="POSITION",
+                      help="start at this global position, inclusive (default: the beginning); positions are "
+                           "opaque cursors: pass one printed earlier, e.g. the last one seen + 1")
+    tail.add_argument("--interval", type=float, default=None,
+                      help="seconds between polls with --follow (default 0.2; on PostgreSQL 1.0, "
+                           "behind LISTEN/NOTIFY wake-ups)")
+
+    projections = sub.add_parser(
+        "projections",
+        help="list projectors with their checkpoint, lag and state",
+        description=(
+            "List the projectors recorded in a store: checkpoint (the last position processed), lag (head "
+            "position minus checkpoint), pending events, state (running, stopped, failed, dead, idle) and "
+            "dead letters."
+        ),
+    )
+    projections.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
+    projections.add_argument("--json", action="store_true", help="one JSON object per projector")
     return parser
 
 
 def _dsn(args) -> str:
-    import os
-
     dsn = args.dsn or os.environ.get("EVENTCORE_DSN")
     if not dsn:
         raise EventCoreError("no database: pass --dsn URL or set EVENTCORE_DSN")
@@ -198,6 +233,90 @@ def _cmd_ingest(args) -> int:
     return status
 
 
+def _cmd_tail(args) -> int:
+    import signal
+    import threading
+
+    from .projections import follow_waiter, read_rows, row_json
+    from .stores import connect
+
+    if args.from_position < 0:
+        raise EventCoreError(f"--from must be a position >= 0, got {args.from_position}")
+    if args.interval is not None and not args.interval > 0:
+        raise EventCoreError(f"--interval must be > 0 seconds, got {args.interval}")
+    types = None
+    if args.type:
+        types = tuple(t for chunk in args.type for t in chunk.split(",") if t)
+    prefix = args.prefix or None
+    after = max(0, args.from_position - 1)
+    out = sys.stdout.buffer
+    page = 1000
+    stop = threading.Event()
+    previous = {}
+    if args.follow and threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        with connect(_dsn(args)) as store:
+            waiter = follow_waiter(store) if args.follow else None
+            interval = args.interval or (1.0 if store.scheme == "postgresql" else 0.2)
+            try:
+                while not stop.is_set():
+                    if waiter is not None:
+                        waiter.clear_wake()
+                    rows = read_rows(store, after, types, prefix, page)
+                    if rows:
+                        out.write(b"".join(row_json(row) + b"\n" for row in rows))
+                        out.flush()
+                        after = rows[-1][0]
+                    if len(rows) < page:
+                        if waiter is None:
+                            break
+                        waiter.wait(interval, stop)
+            finally:
+                if waiter is not None:
+                    waiter.close()
+    except BrokenPipeError:  # `eventcore tail | head`: the reader is gone
+        try:
+            sys.stdout = open(os.devnull, "w")
+        except OSError:
+            pass
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 0
+
+
+def _cmd_projections(args) -> int:
+    from .projections import projection_status
+    from .stores import connect
+
+    with connect(_dsn(args)) as store:
+        rows = projection_status(store)
+    if args.json:
+        for r in rows:
+            d = {f: getattr(r, f) for f in r.__struct_fields__}
+            d["updated_at"] = r.updated_at.isoformat() if r.updated_at else None
+            print(json.dumps(d))
+        return 0
+    if not rows:
+        print("no projectors recorded in this store")
+        return 0
+    header = ("NAME", "CHECKPOINT", "LAG", "PENDING", "STATE", "DEAD LETTERS", "UPDATED")
+    table = [header] + [
+        (r.name, str(r.position), str(r.lag), str(r.pending), r.state, str(r.dead_letters),
+         r.updated_at.strftime("%Y-%m-%d %H:%M:%S") if r.updated_at else "-")
+        for r in rows
+    ]
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
+    for r in rows:
+        if r.error:
+            print(f"{r.name}: {r.error}", file=sys.stderr)
+    return 0
+
+
 def _cmd_bench(args) -> int:
     from .bench import WORKLOADS, BenchStore, format_table, run_workload
 
@@ -234,6 +353,10 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_migrate(args)
         if args.command == "ingest":
             return _cmd_ingest(args)
+        if args.command == "tail":
+            return _cmd_tail(args)
+        if args.command == "projections":
+            return _cmd_projections(args)
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2

@@ -539,6 +539,14 @@ class EventStore(ABC):
     @abstractmethod
     def _head_position(self) -> int: ...
 
+    def _read_all_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple]:
+        """One page of the feed as stored rows, undecoded (layout codec.ROW_COLUMNS).
+
+        For readers that must see every event even when it cannot be decoded in
+        this process (projections, `eventcore tail`); a backend without it raises.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot read raw rows")
+
     # -- life cycle ---------------------------------------------------------------
 
     def close(self) -> None:

@@ -84,3 +84,19 @@ class MemoryStore(EventStore):
     def _head_position(self):
         with self._lock:
             return len(self._rows)
+
+    def _read_all_rows(self, after, types, prefix, limit):
+        """Like `_read_all_page`, but the stored rows undecoded (layout codec.ROW_COLUMNS)."""
+        out = []
+        with self._lock:
+            rows = self._rows
+            for i in range(after, len(rows)):
+                row = rows[i]
+                if types is not None and row[4] not in types:
+                    continue
+                if prefix is not None and not row[1].startswith(prefix):
+                    continue
+                out.append(row)
+                if len(out) >= limit:
+                    break
+        return out

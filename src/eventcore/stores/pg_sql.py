@@ -500,6 +500,55 @@ CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
 """,
     ),
+    (
+        3,
+        "projections: checkpoints, dead letters, NOTIFY on append",
+        """
+-- One row per projector: the position of the last event it has processed (0: none).
+-- A projector writes its checkpoint in the same transaction as its read model, with a
+-- compare-and-set on the old position (see eventcore.stores.pg_projections).
+CREATE TABLE {s}.projection_checkpoints (
+    name       text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
+    position   bigint NOT NULL DEFAULT 0 CHECK (position >= 0),
+    state      text NOT NULL DEFAULT 'idle',
+    error      text,
+    owner      text,
+    updated_at timestamptz NOT NULL DEFAULT now()
+);
+
+-- Events a projector skipped (error strategy "skip", or "retry" that gave up): the event as
+-- stored and the error, written in the transaction that moves the checkpoint past it.
+CREATE TABLE {s}.projection_dead_letters (
+    projector   text        NOT NULL,
+    position    bigint      NOT NULL,
+    stream_id   text        NOT NULL,
+    version     bigint      NOT NULL,
+    event_id    uuid        NOT NULL,
+    type        text        NOT NULL,
+    data        jsonb       NOT NULL,
+    metadata    jsonb,
+    recorded_at timestamptz NOT NULL,
+    error       text        NOT NULL,
+    attempts    int         NOT NULL,
+    failed_at   timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (projector, position)
+);
+
+-- Live projections LISTEN on 'eventcore_' || md5(schema name): one wake-up per committed
+-- writing statement (an append or a batch COPY); NOTIFY is delivered at commit, and
+-- listeners poll as well, so a lost notification only delays them.
+CREATE FUNCTION {s}.notify_events() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+BEGIN
+    PERFORM pg_notify('eventcore_' || md5(TG_TABLE_SCHEMA), '');
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
+    FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
+""",
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -576,6 +625,8 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_group(jsonb) TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
     ]

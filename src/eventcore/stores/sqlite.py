@@ -262,6 +262,16 @@ class SQLiteStore(EventStore):
     def _head_position(self):
         return self._query(_SQL_HEAD, ())[0][0]
 
+    def _read_all_rows(self, after, types, prefix, limit):
+        """Like `_read_all_page`, but the stored rows undecoded (layout codec.ROW_COLUMNS)."""
+        params: list = [after]
+        if types is not None:
+            params.append(_json_list(types))
+        if prefix is not None:
+            params += [len(prefix), prefix]
+        params.append(limit)
+        return self._query(_SQL_READ_ALL[types is not None, prefix is not None], tuple(params))
+
 
 _write_locks: dict[str, threading.Lock] = {}
 _write_locks_guard = threading.Lock()

@@ -1,0 +1,255 @@
+"""PostgreSQL side of projections (see eventcore.projections).
+
+One dedicated connection per running projector does everything: it holds the
+leader lock (a session advisory lock, so the server drops it the moment the
+process dies or the connection breaks), LISTENs for appends, reads the feed and
+runs each batch's transaction — the handler's read-model writes and the
+checkpoint's compare-and-set commit together. Because the batch runs on the
+connection that holds the lock, an instance that lost its connection cannot
+commit anything afterwards; the compare-and-set on the old checkpoint catches
+anything else. Tables and the NOTIFY trigger come from migration 3 (pg_sql).
+"""
+from __future__ import annotations
+
+import hashlib
+import select
+import threading
+import time
+import uuid
+from contextlib import contextmanager
+
+import psycopg
+from psycopg import sql
+
+from ..errors import EventCoreError, StoreUnavailableError
+from ..projections import DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value, _LostLeadership
+from . import pg_sql
+
+#: First key of the two-int advisory locks of projectors ('ecpr'); the second is hashtext(schema, name).
+#: Two-int advisory locks never collide with the single-bigint stream locks of the append path.
+LOCK_CLASS = 0x65637072
+
+_TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
+_UNLOCK = "SELECT pg_advisory_unlock(%s, hashtext(%s))"
+_LOCK_HELD = (
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
+    "AND l.classid = {cls}::oid AND l.objid = hashtext({key})::oid)"
+)
+_ENSURE = "INSERT INTO {s}.projection_checkpoints (name) VALUES (%s) ON CONFLICT (name) DO NOTHING"
+_LOAD = "SELECT position FROM {s}.projection_checkpoints WHERE name = %s"
+_ADVANCE = "UPDATE {s}.projection_checkpoints SET position = %s, updated_at = now() WHERE name = %s AND position = %s"
+_RESET = "UPDATE {s}.projection_checkpoints SET position = 0, updated_at = now() WHERE name = %s"
+_CLEAR_DEAD = "DELETE FROM {s}.projection_dead_letters WHERE projector = %s"
+_STATE = "UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, updated_at = now() WHERE name = %s"
+_DEAD_LETTER = (
+    "INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data, "
+    "metadata, recorded_at, error, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, "
+    "'epoch'::timestamptz + %s * interval '1 microsecond', %s, %s) "
+    "ON CONFLICT (projector, position) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, "
+    "failed_at = now()"
+)
+_DEAD_LETTERS = (
+    "SELECT position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text, "
+    "(extract(epoch FROM recorded_at) * 1000000)::bigint, error, attempts, failed_at "
+    "FROM {s}.projection_dead_letters WHERE projector = %s ORDER BY position"
+)
+_STATUS = (
+    "WITH f AS MATERIALIZED (SELECT " + pg_sql.FENCE + " AS fence), "
+    "h AS MATERIALIZED (SELECT coalesce(max(position), 0) AS head FROM {s}.events, f WHERE position < f.fence) "
+    "SELECT c.name, c.position, h.head, "
+    "(SELECT count(*) FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence), "
+    "c.state, c.error, c.owner, c.updated_at, "
+    "(SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projector = c.name), "
+    + _LOCK_HELD.format(cls="%(cls)s", key="%(prefix)s || c.name") + " "
+    "FROM {s}.projection_checkpoints c, h WHERE (%(name)s::text IS NULL OR c.name = %(name)s) ORDER BY c.name"
+)
+
+
+def channel(schema: str) -> str:
+    """The NOTIFY channel of a schema's appends (see migration 3)."""
+    return "eventcore_" + hashlib.md5(schema.encode()).hexdigest()
+
+
+def _key_prefix(schema: str) -> str:
+    return f"{len(schema)}:{schema}:"
+
+
+def _q(template: str, schema: str) -> sql.Composed:
+    return pg_sql.q(template, schema)
+
+
+class PostgresBackend(_Backend):
+    """A projector's dedicated connection: leader lock, LISTEN, reads and batch transactions."""
+
+    def __init__(self, store, name: str, listen: bool = True) -> None:
+        super().__init__(store, name)
+        self.listen = listen
+        self.connection: psycopg.Connection | None = None
+        self._held = False
+        self._woken = threading.Event()
+        s = store.schema
+        self._key = _key_prefix(s) + name
+        self._sql = {k: _q(v, s) for k, v in (
+            ("ensure", _ENSURE), ("load", _LOAD), ("advance", _ADVANCE), ("reset", _RESET), ("clear", _CLEAR_DEAD),
+            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD))}
+        self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
+
+    # -- connection --------------------------------------------------------------------
+
+    def open(self) -> None:
+        store = self.store
+        try:
+            self.connection = psycopg.connect(
+                store._dsn, autocommit=True, connect_timeout=max(1, int(store.connect_timeout)),
+                options=f"-c statement_timeout={int(store.statement_timeout * 1000)}",
+                application_name=f"eventcore-projection:{self.name}"[:63],
+            )
+            if self.listen:
+                self.connection.add_notify_handler(lambda n: self._woken.set())
+                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel(store.schema))))
+        except psycopg.Error as exc:
+            self.close()
+            raise StoreUnavailableError(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
+
+    def close(self) -> None:
+        conn, self.connection = self.connection, None
+        self._held = False
+        if conn is not None:
+            try:
+                conn.close()
+            except psycopg.Error:
+                pass
+
+    def broken(self) -> bool:
+        return self.connection is None or self.connection.broken or self.connection.closed
+
+    def _exec(self, query, params=()) -> list:
+        try:
+            cur = self.connection.execute(query, params)
+            return cur.fetchall() if cur.description is not None else []
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailableError(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
+        except psycopg.Error as exc:
+            if self.broken():
+                raise StoreUnavailableError(f"projection {self.name!r}: connection lost: {exc}") from exc
+            hint = " (run `eventcore migrate`: projections need schema version 3)" if isinstance(
+                exc, psycopg.errors.UndefinedTable) else ""
+            raise EventCoreError(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
+
+    # -- leadership --------------------------------------------------------------------
+
+    def try_acquire(self) -> bool:
+        self._held = bool(self._exec(_TRY_LOCK, (LOCK_CLASS, self._key))[0][0])
+        return self._held
+
+    def release(self) -> None:
+        if self._held and not self.broken():
+            try:
+                self._exec(_UNLOCK, (LOCK_CLASS, self._key))
+            except EventCoreError:
+                pass
+        self._held = False
+
+    # -- checkpoint --------------------------------------------------------------------
+
+    def load(self) -> int:
+        self._exec(self._sql["ensure"], (self.name,))
+        return self._exec(self._sql["load"], (self.name,))[0][0]
+
+    def head(self) -> int:
+        return self._exec(self._sql["head"])[0][0]
+
+    def read_rows(self, after, types, prefix, limit) -> list:
+        params: list = [after]
+        if types is not None:
+            params.append(list(types))
+        if prefix is not None:
+            params.append(prefix)
+        params.append(limit)
+        return self._exec(self._read[types is not None, prefix is not None], tuple(params))
+
+    @contextmanager
+    def transaction(self):
+        try:
+            with self.connection.transaction():
+                yield self
+        except psycopg.OperationalError as exc:
+            raise StoreUnavailableError(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
+
+    def advance(self, old: int, new: int) -> None:
+        cur = self.connection.execute(self._sql["advance"], (new, self.name, old))
+        if cur.rowcount != 1:
+            raise _LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
+
+    def dead_letter(self, row, error: str, attempts: int) -> None:
+        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        self.connection.execute(self._sql["dead"], (
+            self.name, position, sid, version, uuid.UUID(bytes=bytes(event_id)), type_name, data, metadata,
+            recorded_us, error, attempts))
+
+    def reset(self) -> None:
+        self.connection.execute(self._sql["reset"], (self.name,))
+        self.connection.execute(self._sql["clear"], (self.name,))
+
+    def set_state(self, state: str, error, owner) -> None:
+        self._exec(self._sql["ensure"], (self.name,))
+        self._exec(self._sql["state"], (state, error, owner, self.name))
+
+    # -- waiting -----------------------------------------------------------------------
+
+    def clear_wake(self) -> None:
+        self._woken.clear()
+
+    def wait(self, timeout: float, stop: threading.Event) -> None:
+        """Until a NOTIFY arrives (or arrived since clear_wake), `timeout` passes or `stop` is set.
+
+        Notifications are taken by a notify handler only (psycopg calls it for those that arrive
+        during any statement): the connection's socket is watched, and when it is readable a
+        trivial statement makes psycopg read what came in.
+        """
+        if not self.listen:
+            stop.wait(timeout)
+            return
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and not self._woken.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                readable, _, _ = select.select([self.connection.fileno()], [], [], min(left, 0.2))
+            except (OSError, ValueError, psycopg.Error) as exc:
+                raise StoreUnavailableError(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
+            if readable:
+                self._exec("SELECT 1")
+
+
+def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
+    params = {"cls": LOCK_CLASS, "prefix": _key_prefix(store.schema), "name": name}
+    rows = store._fetch(_q(_STATUS, store.schema), params)
+    out = []
+    for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
+        out.append(ProjectionStatus(n, position, head_now, max(0, head_now - position), pending,
+                                    _effective_state(state, held), error, owner, updated, dead))
+    return out
+
+
+def pg_dead_letters(store, name: str) -> list[DeadLetter]:
+    import datetime as _dt
+
+    rows = store._fetch(_q(_DEAD_LETTERS, store.schema), (name,))
+    return [
+        DeadLetter(name, pos, sid, ver, uuid.UUID(bytes=bytes(eid)), t, _json_value(data), _json_value(md),
+                   _EPOCH + _dt.timedelta(microseconds=at), err, att, failed)
+        for pos, sid, ver, eid, t, data, md, at, err, att, failed in rows
+    ]
+
+
+def pg_read_rows(store, after: int, types, prefix, limit: int) -> list:
+    params: list = [after]
+    if types is not None:
+        params.append(list(types))
+    if prefix is not None:
+        params.append(prefix)
+    params.append(limit)
+    return store._fetch(store._read_all_sql[types is not None, prefix is not None], tuple(params))

@@ -1,0 +1,671 @@
+"""Projections: catch-up and live, checkpointed, never skipping, exactly-once with a transactional
+read model across SIGKILL, take-over by a second instance, poison events, rebuild, lag, and the
+`eventcore tail` / `eventcore projections` commands — on every backend where it applies."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+
+import eventcore as ec
+from conftest import BACKENDS
+from eventcore.cli import main
+
+HERE = Path(__file__).resolve().parent
+WORKER = HERE / "projection_worker.py"
+DEADLINE = 60.0
+
+
+class Counted(ec.Event):
+    __event_type__ = "projtest.Counted"
+    n: int
+
+
+class Noise(ec.Event):
+    __event_type__ = "projtest.Noise"
+    text: str
+
+
+def wait_until(cond, timeout: float = DEADLINE, what: str = "condition"):
+    """Poll `cond` until it is true (no timing assertions: the deadline only bounds a hang)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def store(request):
+    s = BACKENDS[request.param](request)
+    yield s
+    s.close()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def durable_store(request):
+    s = BACKENDS[request.param](request)
+    yield s
+    s.close()
+
+
+def store_url(store) -> str:
+    """A URL another process can open the same store with."""
+    if store.scheme == "sqlite":
+        return store.url
+    dsn = store._dsn
+    return f"{dsn}{'&' if '?' in dsn else '?'}schema={store.schema}"
+
+
+class Collector(ec.Projector):
+    """A read model in memory: position -> (stream, version, event id), idempotent by position."""
+
+    def __init__(self, name="collector", **kw):
+        super().__init__(name, **kw)
+        self.seen: dict = {}
+        self.order: list = []
+        self.lock = threading.Lock()
+
+    def handle(self, event, ctx):
+        with self.lock:
+            if event.position not in self.seen:
+                self.order.append(event.position)
+            self.seen[event.position] = (event.stream_id, event.version, event.event_id, event.type)
+
+
+def feed(store) -> list:
+    return [(e.position, (e.stream_id, e.version, e.event_id, e.type)) for e in store.read_all()]
+
+
+# -- catch-up, live, checkpoints ------------------------------------------------------------------------
+
+
+def test_catch_up_then_live_then_resume_from_checkpoint(store):
+    store.append([ec.emit(f"acct-{i % 4}", Counted(i)) for i in range(30)])
+    proj = Collector(batch_size=7)
+    runner = ec.ProjectionRunner(store, proj, poll_interval=0.05).start()
+    wait_until(lambda: runner.caught_up.is_set() and len(proj.seen) == 30, what="catch-up")
+    for i in range(30, 45):
+        store.append([ec.emit(f"acct-{i % 4}", Counted(i))])
+    wait_until(lambda: len(proj.seen) == 45, what="live events")
+    runner.stop()
+    runner.join(DEADLINE)
+    assert [p for p, _ in feed(store)] == proj.order
+    assert runner.position == store.head_position()
+    (status,) = ec.projection_status(store)
+    assert (status.name, status.position, status.lag, status.pending, status.state) == (
+        "collector", store.head_position(), 0, 0, "stopped")
+    assert runner.batches < 45  # checkpoints per batch, not per event
+
+    # A restart resumes after its checkpoint: only new events are handled.
+    store.append([ec.emit("acct-9", Counted(99))])
+    again = Collector(batch_size=7)
+    ec.run_projection(store, again, until_caught_up=True)
+    assert [store.read_stream("acct-9")[0].position] == again.order
+
+
+def test_filters_by_type_and_prefix_and_checkpoint_passes_filtered_events(store):
+    store.append([ec.emit("acct-1", Counted(1)), ec.emit("other-1", Counted(2)), ec.emit("acct-2", Noise("x"))])
+    proj = Collector(types=[Counted], stream_prefix="acct-")
+    runner = ec.run_projection(store, proj, until_caught_up=True)
+    assert [v[0] for v in proj.seen.values()] == ["acct-1"]
+    # Caught up: the checkpoint moved past the events it does not want, so the lag is 0.
+    assert runner.position == store.head_position()
+    assert ec.projection_status(store, "collector")[0].lag == 0
+
+
+def test_stop_by_event_finishes_cleanly_and_records_state(store):
+    stop = threading.Event()
+    proj = Collector()
+    runner = ec.ProjectionRunner(store, proj, stop_event=stop, poll_interval=0.05).start()
+    wait_until(runner.caught_up.is_set, what="idle runner")
+    store.append([ec.emit("s-1", Counted(1))])
+    wait_until(lambda: len(proj.seen) == 1, what="live event")
+    stop.set()
+    runner.join(DEADLINE)
+    assert not runner._thread.is_alive()
+    assert ec.projection_status(store)[0].state == "stopped"
+
+
+def test_lag_is_reported_while_behind(store):
+    store.append([ec.emit(f"s-{i}", Counted(i)) for i in range(10)])
+    proj = Collector(batch_size=3)
+    ec.run_projection(store, proj, until_caught_up=True)
+    store.append([ec.emit("late", Counted(1)), ec.emit("late", Counted(2))])
+    (status,) = ec.projection_status(store)
+    assert status.pending == 2
+    assert status.lag == store.head_position() - status.position > 0
+    assert status.state == "stopped"
+
+
+# -- never skip ----------------------------------------------------------------------------------------
+
+
+def _slow_committer(store, stop: threading.Event, seed: int, written: list):
+    """PostgreSQL: appends whose transactions get their id early and commit late, out of order."""
+    import psycopg
+
+    from eventcore.stores import pg_sql
+
+    rng = random.Random(seed)
+    reserve = pg_sql.q(pg_sql.RESERVE, store.schema)
+    insert = pg_sql.q("INSERT INTO {s}.events (position, stream_id, version, event_id, type, data) "
+                      "VALUES (%s, %s, %s, %s, %s, %s::jsonb)", store.schema)
+    with psycopg.connect(store._dsn, autocommit=True) as conn:
+        k = 0
+        while not stop.is_set():
+            sid = f"slow-{seed}-{k % 3}"
+            with conn.transaction():
+                versions, first, _ = conn.execute(reserve, ([sid], [ec.ANY], [1], 1)).fetchone()
+                time.sleep(rng.uniform(0, 0.03))  # the id is taken: later transactions commit first
+                conn.execute(insert, (first, sid, versions[0] + 1, uuid.uuid4(), "projtest.Counted",
+                                      json.dumps({"n": k})))
+            written.append(first)
+            k += 1
+
+
+def test_live_projection_never_skips_under_overlapping_out_of_order_commits(store):
+    proj = Collector(batch_size=25)
+    runner = ec.ProjectionRunner(store, proj, poll_interval=0.02).start()
+    stop = threading.Event()
+    errors: list = []
+    written: list = []
+
+    def writer(w: int):
+        rng = random.Random(w)
+        try:
+            k = 0
+            while not stop.is_set():
+                n = rng.randint(1, 3)
+                store.append([ec.emit(f"w{w}-{rng.randint(0, 4)}", Counted(k + j)) for j in range(n)])
+                k += n
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    def slow(w: int):
+        try:
+            _slow_committer(store, stop, w, written)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    threads = [threading.Thread(target=writer, args=(w,)) for w in range(4)]
+    if store.scheme == "postgresql":
+        threads += [threading.Thread(target=slow, args=(100 + w,)) for w in range(3)]
+    for t in threads:
+        t.start()
+    wait_until(lambda: len(proj.seen) >= 400, what="events projected while writers run")
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    head = store.head_position()
+    wait_until(lambda: runner.position >= head, what="projection to reach the head")
+    runner.stop()
+    runner.join(DEADLINE)
+
+    expected = feed(store)
+    assert len(expected) >= 400
+    if store.scheme == "postgresql":
+        assert written and set(written) <= {p for p, _ in expected}
+    # The live read model equals a rebuild from scratch, event for event, in order.
+    assert proj.order == [p for p, _ in expected]
+    assert [proj.seen[p] for p in proj.order] == [v for _, v in expected]
+    rebuilt = Collector("rebuilt")
+    ec.run_projection(store, rebuilt, until_caught_up=True)
+    assert rebuilt.order == proj.order and rebuilt.seen == proj.seen
+
+
+# -- poison events -------------------------------------------------------------------------------------
+
+
+def _poisoned(store):
+    store.append([ec.emit("p-1", Counted(1)), ec.emit("p-1", Counted(2))])
+    store.append([ec.emit("p-2", ec.RawEvent("projtest.NeverDefined", b'{"x": 1}'))],
+                 metadata=ec.Metadata(user_id="u-1"))
+    store.append([ec.emit("p-1", Counted(13)), ec.emit("p-1", Counted(4))])
+    return {e.data.n if hasattr(e.data, "n") else "raw": e.position for e in _raw_feed(store)}
+
+
+def _raw_feed(store):
+    from eventcore.projections import read_rows
+
+    class _E:
+        pass
+
+    out = []
+    for row in read_rows(store, 0, None, None, 1000):
+        e = _E()
+        e.position = row[0]
+        if row[4] == "projtest.Counted":
+            e.data = Counted(json.loads(row[5])["n"])
+        else:
+            e.data = object()
+        out.append(e)
+    return out
+
+
+class Unlucky(Collector):
+    """Fails on n == 13: always, or for the first `failures` attempts."""
+
+    def __init__(self, failures=None, **kw):
+        super().__init__("unlucky", **kw)
+        self.failures = failures
+        self.attempts = 0
+
+    def handle(self, event, ctx):
+        if event.data.n == 13:
+            self.attempts += 1
+            if self.failures is None or self.attempts <= self.failures:
+                raise RuntimeError("thirteen is unlucky")
+        super().handle(event, ctx)
+
+
+def test_skip_writes_dead_letters_with_event_and_error(store):
+    pos = _poisoned(store)
+    proj = Unlucky(on_error="skip")
+    runner = ec.run_projection(store, proj, until_caught_up=True)
+    assert sorted(proj.seen) == [pos[1], pos[2], pos[4]]
+    assert runner.position == store.head_position()
+    letters = ec.dead_letters(store, "unlucky")
+    assert [d.position for d in letters] == [pos["raw"], pos[13]]
+    raw, bad = letters
+    assert (raw.stream_id, raw.version, raw.type, raw.data) == ("p-2", 1, "projtest.NeverDefined", {"x": 1})
+    assert raw.metadata == {"user_id": "u-1"}
+    assert "UnknownEventTypeError" in raw.error and "projtest.NeverDefined" in raw.error
+    assert (bad.stream_id, bad.version, bad.type, bad.data, bad.attempts) == ("p-1", 3, "projtest.Counted", {"n": 13}, 1)
+    assert bad.error == "RuntimeError: thirteen is unlucky"
+    assert bad.event_id == store.read_stream("p-1")[2].event_id
+    (status,) = ec.projection_status(store)
+    assert status.dead_letters == 2 and status.lag == 0
+
+
+def test_fatal_is_the_default_and_never_passes_the_event(store):
+    pos = _poisoned(store)
+    with pytest.raises(ec.ProjectionError) as info:
+        ec.run_projection(store, Unlucky(), until_caught_up=True)
+    assert info.value.position == pos["raw"]  # an undecodable event stops it: never dropped silently
+    assert "projtest.NeverDefined" in str(info.value)
+    (status,) = ec.projection_status(store)
+    assert status.state == "failed" and status.position == pos[2] and "NeverDefined" in status.error
+    assert ec.dead_letters(store, "unlucky") == []
+    # Running again stops at the same event: the checkpoint never moved past it.
+    with pytest.raises(ec.ProjectionError):
+        ec.run_projection(store, Unlucky(), until_caught_up=True)
+    assert ec.projection_status(store)[0].position == pos[2]
+
+
+def test_retry_recovers_a_transient_failure(store):
+    pos = _poisoned(store)
+    proj = Unlucky(failures=2, on_error=ec.Retry(attempts=3, backoff=0.001, then="skip"),
+                   types=[Counted])
+    ec.run_projection(store, proj, until_caught_up=True)
+    assert sorted(proj.seen) == [pos[1], pos[2], pos[13], pos[4]]
+    assert proj.attempts == 3
+    assert ec.dead_letters(store, "unlucky") == []
+
+
+def test_retry_then_skip_and_retry_then_fatal(store):
+    pos = _poisoned(store)
+    proj = Unlucky(on_error=ec.Retry(attempts=3, backoff=0.001, then="skip"))
+    ec.run_projection(store, proj, until_caught_up=True)
+    letters = ec.dead_letters(store, "unlucky")
+    # The undecodable event is not retried (decoding again cannot succeed); the failing one is, 3 times.
+    assert [(d.position, d.attempts) for d in letters] == [(pos["raw"], 1), (pos[13], 3)]
+    assert proj.attempts == 1 + 3  # once in its batch, then 3 attempts alone
+    assert sorted(proj.seen) == [pos[1], pos[2], pos[4]]
+
+    other = Unlucky(on_error="retry", types=[Counted])
+    other.name = "unlucky-fatal"
+    other.on_error = ec.Retry(attempts=2, backoff=0.001)
+    with pytest.raises(ec.ProjectionError) as info:
+        ec.run_projection(store, other, until_caught_up=True)
+    assert info.value.position == pos[13] and "after 2 attempt(s)" in str(info.value)
+    assert isinstance(info.value.__cause__, RuntimeError)
+    assert isinstance(info.value.event, ec.RecordedEvent) and info.value.event.data == Counted(13)
+
+
+def test_bad_error_strategy_is_rejected():
+    with pytest.raises(ec.ValidationError):
+        ec.Projector("x", handler=print, on_error="ignore")
+    with pytest.raises(ec.ValidationError):
+        ec.Projector("x")  # no handler
+    with pytest.raises(ec.ValidationError):
+        ec.Retry(then="shrug")
+
+
+# -- rebuild -------------------------------------------------------------------------------------------
+
+
+def test_rebuild_resets_the_read_model_and_replays(store):
+    store.append([ec.emit(f"r-{i % 2}", Counted(i)) for i in range(12)])
+    resets = []
+
+    class Sums(ec.Projector):
+        name = "sums"
+
+        def __init__(self):
+            super().__init__()
+            self.sums = {}
+
+        def handle(self, event, ctx):
+            self.sums[event.stream_id] = self.sums.get(event.stream_id, 0) + event.data.n
+
+        def reset(self, ctx):
+            resets.append(ctx.position)
+            self.sums.clear()
+
+    proj = Sums()
+    ec.run_projection(store, proj, until_caught_up=True)
+    first = dict(proj.sums)
+    proj.sums["r-0"] = -1  # a corrupted read model
+    ec.run_projection(store, proj, until_caught_up=True)
+    assert proj.sums["r-0"] == -1  # nothing new: nothing replayed
+    ec.run_projection(store, proj, until_caught_up=True, rebuild=True)
+    assert proj.sums == first and resets == [store.head_position()]
+
+
+# -- one active instance per name ------------------------------------------------------------------------
+
+
+def test_second_instance_in_process_waits_and_takes_over(store):
+    store.append([ec.emit("t-1", Counted(i)) for i in range(5)])
+    a, b = Collector(), Collector()
+    ra = ec.ProjectionRunner(store, a, poll_interval=0.02, lock_poll_interval=0.02).start()
+    wait_until(lambda: ra.leading.is_set() and ra.caught_up.is_set(), what="first instance leading")
+    rb = ec.ProjectionRunner(store, b, poll_interval=0.02, lock_poll_interval=0.02).start()
+    store.append([ec.emit("t-1", Counted(5))])
+    wait_until(lambda: len(a.seen) == 6, what="leader handles the new event")
+    assert not rb.leading.is_set() and b.seen == {}
+    ra.stop()
+    ra.join(DEADLINE)
+    wait_until(rb.leading.is_set, what="take-over")
+    store.append([ec.emit("t-1", Counted(6))])
+    wait_until(lambda: len(b.seen) == 1, what="new leader handles only events after the checkpoint")
+    rb.stop()
+    rb.join(DEADLINE)
+    assert set(a.seen) | set(b.seen) == {p for p, _ in feed(store)} and not set(a.seen) & set(b.seen)
+
+
+# -- real processes: SIGKILL mid-batch, take-over -------------------------------------------------------
+
+
+def _worker(store, mode: str, **env) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), store_url(store), mode], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, env={**os.environ, **{k: str(v) for k, v in env.items()}},
+    )
+    assert proc.stdout.readline().strip() == "started", proc.stderr.read() if proc.poll() is not None else ""
+    return proc
+
+
+def _effects(store) -> list:
+    if store.scheme == "postgresql":
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(store._dsn, autocommit=True) as conn:
+            exists = conn.execute("SELECT to_regclass(%s) IS NOT NULL",
+                                  (sql.Identifier(store.schema).as_string(conn) + ".effects",)).fetchone()[0]
+            if not exists:
+                return []
+            return conn.execute(sql.SQL("SELECT position, n FROM {}.effects ORDER BY position").format(
+                sql.Identifier(store.schema))).fetchall()
+    import sqlite3
+
+    with sqlite3.connect(store.path) as conn:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'effects'").fetchall():
+            return []
+        return conn.execute("SELECT position, n FROM effects ORDER BY position").fetchall()
+
+
+def _totals(store) -> dict:
+    if store.scheme == "postgresql":
+        import psycopg
+        from psycopg import sql
+
+        with psycopg.connect(store._dsn, autocommit=True) as conn:
+            return dict(conn.execute(sql.SQL("SELECT stream_id, total FROM {}.totals").format(
+                sql.Identifier(store.schema))).fetchall())
+    import sqlite3
+
+    with sqlite3.connect(store.path) as conn:
+        return dict(conn.execute("SELECT stream_id, total FROM totals").fetchall())
+
+
+def _expected_totals(store) -> dict:
+    out: dict = {}
+    for e in store.read_all(types=[Counted]):
+        out[e.stream_id] = out.get(e.stream_id, 0) + e.data.n
+    return out
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(DEADLINE)
+    proc.stdout.close()
+    proc.stderr.close()
+
+
+def test_sigkill_mid_batch_then_restart_applies_each_event_exactly_once(durable_store):
+    store = durable_store
+    for chunk in range(5):
+        store.append([ec.emit(f"k-{i % 3}", Counted(chunk * 20 + i + 1)) for i in range(20)])
+    proc = _worker(store, "live", HANG_AT=55)  # batches of 20: event 55 is in the middle of the third
+    try:
+        assert proc.stdout.readline().strip() == "hanging", proc.stderr.read()
+    finally:
+        _kill(proc)
+    committed = _effects(store)
+    checkpoint = ec.projection_status(store, "totals")[0].position
+    assert len(committed) == 40 and committed[-1][0] == checkpoint  # two whole batches, nothing of the third
+    assert ec.projection_status(store, "totals")[0].state == "dead"
+
+    proc = _worker(store, "once")
+    out, err = proc.communicate(timeout=DEADLINE)
+    assert proc.returncode == 0, err
+    effects = _effects(store)
+    assert [n for _, n in effects] == list(range(1, 101))  # each effect exactly once, in feed order
+    assert [p for p, _ in effects] == [e.position for e in store.read_all()]
+    assert _totals(store) == _expected_totals(store)
+    assert ec.projection_status(store, "totals")[0].position == store.head_position()
+
+
+def test_take_over_after_the_leader_is_killed(durable_store):
+    store = durable_store
+    store.append([ec.emit(f"t-{i % 3}", Counted(i + 1)) for i in range(30)])
+    procs = [_worker(store, "live"), _worker(store, "live")]
+    try:
+        owners = {f"{os.uname().nodename}:{p.pid}": p for p in procs}
+
+        def leader():
+            st = ec.projection_status(store, "totals")
+            if st and st[0].state == "running" and st[0].owner in owners and st[0].pending == 0:
+                return owners[st[0].owner]
+            return None
+
+        first = wait_until(leader, what="a leader that caught up")
+        store.append([ec.emit(f"t-{i % 3}", Counted(i + 1)) for i in range(30, 50)])
+        wait_until(lambda: ec.projection_status(store, "totals")[0].pending == 0, what="live events")
+        _kill(first)
+        store.append([ec.emit(f"t-{i % 3}", Counted(i + 1)) for i in range(50, 80)])
+        second = wait_until(lambda: (lambda p: p if p is not None and p is not first else None)(leader()),
+                            what="the other instance to take over and catch up")
+        assert second.poll() is None
+        effects = _effects(store)
+        assert [n for _, n in effects] == list(range(1, 81))
+        assert _totals(store) == _expected_totals(store)
+        second.send_signal(signal.SIGTERM)  # a clean stop on a signal
+        out, err = second.communicate(timeout=DEADLINE)
+        assert second.returncode == 0 and "stopped" in out, err
+        assert ec.projection_status(store, "totals")[0].state == "stopped"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                _kill(p)
+
+
+# -- PostgreSQL specifics ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def pg(pg_dsn, pg_schema):
+    s = ec.connect(pg_dsn, schema=pg_schema)
+    yield s
+    s.close()
+
+
+def test_postgres_handler_writes_commit_with_the_checkpoint(pg):
+    """A failing batch leaves neither its read-model rows nor a checkpoint move behind."""
+    from psycopg import sql
+
+    table = sql.SQL("{}.seen").format(sql.Identifier(pg.schema))
+    pg.append([ec.emit("x", Counted(i)) for i in range(1, 6)])
+
+    def setup(ctx):
+        ctx.connection.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (n int)").format(table))
+
+    def handle(events, ctx):
+        for e in events:
+            ctx.connection.execute(sql.SQL("INSERT INTO {} VALUES (%s)").format(table), (e.data.n,))
+        if any(e.data.n == 4 for e in events):
+            raise ValueError("no fours")
+
+    proj = ec.Projector("tx", batch_handler=handle, setup=setup, batch_size=10)
+    with pytest.raises(ec.ProjectionError):
+        ec.run_projection(pg, proj, until_caught_up=True)
+    with pg._pool.connection() as conn:
+        rows = [r[0] for r in conn.execute(sql.SQL("SELECT n FROM {} ORDER BY n").format(table))]
+    # The batch of 5 failed and was replayed one event per transaction: 1..3 committed, then 4 failed.
+    assert rows == [1, 2, 3]
+    assert ec.projection_status(pg, "tx")[0].position == pg.read_stream("x")[2].position
+
+
+def test_postgres_wakes_up_on_notify_not_only_by_polling(pg):
+    from eventcore.stores.pg_projections import PostgresBackend
+
+    backend = PostgresBackend(pg, "probe")
+    backend.open()
+    try:
+        backend.clear_wake()
+        pg.append([ec.emit("n-1", Counted(1))])
+        stop = threading.Event()
+        # A long poll interval: only the NOTIFY from the append's trigger can end this wait early.
+        started = time.monotonic()
+        backend.wait(DEADLINE, stop)
+        assert time.monotonic() - started < DEADLINE
+        assert backend._woken.is_set()
+    finally:
+        backend.close()
+
+
+def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):
+    import psycopg
+    from psycopg import sql
+
+    from eventcore.stores import pg_sql
+
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        for statement in pg_sql.least_privilege_grants(pg_schema, role):
+            admin.execute(statement)
+    try:
+        app_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+        app = ec.connect(app_dsn, schema=pg_schema, migrate=False)
+        try:
+            pos = _poisoned(app)
+            proj = Unlucky(on_error="skip")
+            ec.run_projection(app, proj, until_caught_up=True, rebuild=True)
+            assert sorted(proj.seen) == [pos[1], pos[2], pos[4]]
+            assert [d.position for d in ec.dead_letters(app, "unlucky")] == [pos["raw"], pos[13]]
+            assert ec.projection_status(app)[0].lag == 0
+        finally:
+            app.close()
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+# -- command line ------------------------------------------------------------------------------------------
+
+FIELDS = list(ec.RecordedEvent.__struct_fields__)
+
+
+def test_tail_prints_recorded_event_fields_as_json_lines(durable_store, capsys):
+    store = durable_store
+    store.append([ec.emit("acct-1", Counted(1)), ec.emit("other-1", Noise("hi"))],
+                 metadata=ec.Metadata(correlation_id="c-1"))
+    store.append([ec.emit("acct-2", ec.RawEvent("projtest.Unregistered", b'{"k": [1, 2]}'))])
+    url = store_url(store)
+    assert main(["tail", "--dsn", url]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert FIELDS == ["stream_id", "version", "position", "event_id", "type", "data", "metadata", "recorded_at"]
+    assert all(list(obj) == FIELDS for obj in lines)
+    events = list(store.read_all(types=[Counted, Noise]))
+    assert [(o["stream_id"], o["version"], o["position"], o["event_id"], o["type"]) for o in lines[:2]] == [
+        (e.stream_id, e.version, e.position, str(e.event_id), e.type) for e in events]
+    assert lines[0]["data"] == {"n": 1} and lines[0]["metadata"] == {"correlation_id": "c-1"}
+    assert lines[2]["type"] == "projtest.Unregistered" and lines[2]["data"] == {"k": [1, 2]}
+    assert lines[2]["metadata"] == {}
+
+    assert main(["tail", "--dsn", url, "--type", "projtest.Noise"]) == 0
+    assert [json.loads(x)["stream_id"] for x in capsys.readouterr().out.splitlines()] == ["other-1"]
+    assert main(["tail", "--dsn", url, "--prefix", "acct-"]) == 0
+    assert [json.loads(x)["stream_id"] for x in capsys.readouterr().out.splitlines()] == ["acct-1", "acct-2"]
+    assert main(["tail", "--dsn", url, "--from", str(lines[1]["position"])]) == 0
+    assert [json.loads(x)["position"] for x in capsys.readouterr().out.splitlines()] == [
+        lines[1]["position"], lines[2]["position"]]
+
+
+def test_tail_follow_prints_new_events_live(durable_store):
+    store = durable_store
+    store.append([ec.emit("f-1", Counted(1))])
+    env = {**os.environ, "EVENTCORE_DSN": store_url(store)}
+    proc = subprocess.Popen([sys.executable, "-m", "eventcore", "tail", "--follow", "--interval", "0.05"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert json.loads(proc.stdout.readline())["data"] == {"n": 1}
+        store.append([ec.emit("f-2", Counted(2))])
+        line = json.loads(proc.stdout.readline())
+        assert (line["stream_id"], line["data"]) == ("f-2", {"n": 2})
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=DEADLINE)
+        assert proc.returncode == 0, err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+
+
+def test_projections_command_lists_checkpoint_lag_and_state(durable_store, capsys):
+    store = durable_store
+    store.append([ec.emit(f"c-{i}", Counted(i)) for i in range(3)])
+    ec.run_projection(store, Collector("alpha"), until_caught_up=True)
+    with pytest.raises(ec.ProjectionError):
+        ec.run_projection(store, ec.Projector("beta", handler=lambda e, ctx: 1 / 0), until_caught_up=True)
+    store.append([ec.emit("c-9", Counted(9))])
+    url = store_url(store)
+    assert main(["projections", "--dsn", url, "--json"]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["name"] for r in rows] == ["alpha", "beta"]
+    alpha, beta = rows
+    assert alpha["state"] == "stopped" and alpha["pending"] == 1 and alpha["lag"] == store.head_position() - alpha["position"]
+    assert beta["state"] == "failed" and beta["pending"] == 4 and "ZeroDivisionError" in beta["error"]
+    assert main(["projections", "--dsn", url]) == 0
+    out = capsys.readouterr()
+    assert out.out.splitlines()[0].split() == ["NAME", "CHECKPOINT", "LAG", "PENDING", "STATE", "DEAD", "LETTERS",
+                                               "UPDATED"]
+    assert "alpha" in out.out and "failed" in out.out and "ZeroDivisionError" in out.err
