@@ -669,3 +669,39 @@ def test_projections_command_lists_checkpoint_lag_and_state(durable_store, capsy
     assert out.out.splitlines()[0].split() == ["NAME", "CHECKPOINT", "LAG", "PENDING", "STATE", "DEAD", "LETTERS",
                                                "UPDATED"]
     assert "alpha" in out.out and "failed" in out.out and "ZeroDivisionError" in out.err
+
+
+def test_postgres_projection_reconnects_after_losing_its_connection(pg, pg_dsn):
+    import psycopg
+    from psycopg import sql
+
+    table = sql.SQL("{}.effects").format(sql.Identifier(pg.schema))
+
+    def setup(ctx):
+        ctx.connection.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (position bigint)").format(table))
+
+    def handle(events, ctx):
+        ctx.connection.cursor().executemany(sql.SQL("INSERT INTO {} VALUES (%s)").format(table),
+                                            [(e.position,) for e in events])
+
+    def effects():
+        with pg._pool.connection() as conn:
+            return [r[0] for r in conn.execute(sql.SQL("SELECT position FROM {} ORDER BY position").format(table))]
+
+    proj = ec.Projector("reconnect", batch_handler=handle, setup=setup)
+    runner = ec.ProjectionRunner(pg, proj, poll_interval=0.05, reconnect_backoff=0.05).start()
+    try:
+        wait_until(runner.leading.is_set, what="the projection to lead (its table exists)")
+        pg.append([ec.emit("r", Counted(i)) for i in range(10)])
+        wait_until(lambda: len(effects()) == 10, what="first events")
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            ended = admin.execute("SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                                  "WHERE application_name = 'eventcore-projection:reconnect'").fetchone()[0]
+        assert ended == 1
+        pg.append([ec.emit("r", Counted(i)) for i in range(10, 20)])
+        wait_until(lambda: len(effects()) == 20, what="events after the reconnect")
+    finally:
+        runner.stop()
+        runner.join(DEADLINE)
+    assert effects() == [e.position for e in pg.read_all()]
+    assert ec.projection_status(pg, "reconnect")[0].state == "stopped"

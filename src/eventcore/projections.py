@@ -572,7 +572,7 @@ class _SQLiteBackend(_Backend):
         return True
 
 
-def _backend(store: EventStore, name: str) -> _Backend:
+def _backend(store: EventStore, name: str, listen: bool = True) -> _Backend:
     scheme = getattr(store, "scheme", "")
     if scheme == "memory":
         return _MemoryBackend(store, name)
@@ -581,7 +581,7 @@ def _backend(store: EventStore, name: str) -> _Backend:
     if scheme == "postgresql":
         from .stores.pg_projections import PostgresBackend
 
-        return PostgresBackend(store, name)
+        return PostgresBackend(store, name, listen)
     raise ValidationError(f"projections are not supported on {type(store).__name__}")
 
 
@@ -625,6 +625,7 @@ class ProjectionRunner:
         rebuild: bool = False,
         handle_signals: bool = False,
         reconnect_backoff: float = 0.5,
+        listen: bool = True,
     ) -> None:
         if not isinstance(projector, Projector):
             raise ValidationError(f"run_projection takes an ec.Projector, got {type(projector).__name__}")
@@ -640,6 +641,7 @@ class ProjectionRunner:
         self.rebuild = rebuild
         self.handle_signals = handle_signals
         self.reconnect_backoff = reconnect_backoff
+        self.listen = listen
         self.caught_up = threading.Event()
         self.leading = threading.Event()
         self.position = 0
@@ -685,28 +687,30 @@ class ProjectionRunner:
         previous = self._install_signals()
         try:
             while not self.stop_event.is_set():
-                backend = self._backend = _backend(self.store, self.projector.name)
+                backend = self._backend = _backend(self.store, self.projector.name, self.listen)
                 try:
                     backend.open()
                     if not self._acquire(backend):
                         return self
-                    self._lead(backend)
+                    try:
+                        self._lead(backend)
+                    except _Stopped:
+                        pass
+                    self._record(backend, "stopped", None)
                     return self
-                except _Stopped:
-                    return self
-                except ProjectionError as exc:
-                    self.error = exc
-                    self._record(backend, "failed", str(exc))
-                    raise
                 except (StoreUnavailableError, _LostLeadership) as exc:
                     # The connection (and with it the lock) is gone, or another instance leads:
                     # start again from the stored checkpoint.
                     log.warning("projection %r: %s; reconnecting", self.projector.name, exc)
                     self.stop_event.wait(self.reconnect_backoff)
+                except Exception as exc:
+                    self.error = exc
+                    if self._held and not backend.broken():
+                        self._record(backend, "failed", str(exc) if isinstance(exc, ProjectionError)
+                                     else _describe(exc))
+                    raise
                 finally:
                     self.leading.clear()
-                    if self._held and not backend.broken() and self.error is None:
-                        self._record(backend, "stopped", None)
                     try:
                         backend.release()
                         backend.close()
@@ -875,7 +879,8 @@ def run_projection(store: EventStore, projector: Projector, **options) -> Projec
     model via `projector.reset(ctx)`, then replay), `poll_interval` (seconds
     between polls; on PostgreSQL the fallback behind LISTEN/NOTIFY, default 1.0,
     else 0.1), `lock_poll_interval` (how often a waiting instance tries to take
-    over, 0.5 s). Returns the runner once stopped; raises ProjectionError when
+    over, 0.5 s), `listen` (PostgreSQL: False polls only, for poolers that drop
+    LISTEN). Returns the runner once stopped; raises ProjectionError when
     the error strategy is "fatal" and an event fails.
     """
     return ProjectionRunner(store, projector, **options).run()
