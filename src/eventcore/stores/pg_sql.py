@@ -317,187 +317,111 @@ REVOKE ALL ON FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], u
         "append_group: one set-based append function for single and group commits",
         """
 -- One write path for every command append, alone or sharing a transaction with
--- others (the client's group commit). Set-based: a handful of statements per call
--- whatever the number of members, where append_many ran five per member.
+-- others (the client's group commit). Two SQL statements per call whatever the
+-- number of members: every statement plpgsql runs costs tens of microseconds of
+-- server CPU (a first version of this function ran eight and cost 3x a plain
+-- INSERT). The first takes the locks, the second reads the heads under them,
+-- checks, writes and reports. The locks need a statement of their own: the
+-- write's snapshot must be taken after them, and the transaction id (positions)
+-- assigned after them (see reserve_append).
 --
--- p_group is a JSON array of members; member = [participants, events];
--- participant = [stream_id, expected version]; event = [stream_id, event id (hex),
--- type, data (JSON), metadata (JSON or null)]. One JSON parameter instead of nine
--- arrays: the client encodes it in one msgspec call with the payloads embedded
--- verbatim (psycopg's list dumpers cost more than the server's JSON parser).
+-- p_group: a JSON object, "n" = participants in all, "g" = [member, ...]; member = [participants,
+-- events]; participant = [stream_id, expected version, written (0/1)]; event =
+-- [stream_id, event id (hex), type, data (JSON), metadata (JSON or null), ordinal in the
+-- group (1, 2, ...; positions are base + ordinal)]. One JSON
+-- parameter instead of nine arrays: the client encodes it in one msgspec call with
+-- the payloads embedded verbatim, and the server parses it once per statement.
 --
 -- Members must not share a stream (the client groups disjoint appends; a second
 -- append on a stream waits for the next group), so each member's check is
 -- independent of the others: a member whose expectations fail is reported and
--- skipped, the others are written. Locks: every participant, in one global order,
--- before the first write, as in lock_streams (see there and reserve_append).
+-- skipped, the others are written. The "written" flags only choose lock modes: a
+-- caller that lies about them can make its own append fail on the (stream_id,
+-- version) key, never write out of order.
 CREATE FUNCTION {s}.append_group(p_group jsonb)
-RETURNS TABLE (member int, versions bigint[], first_position bigint, conflict text, recorded_at_us bigint)
+RETURNS TABLE (member int, versions bigint[], base_position bigint, conflict text, recorded_at_us bigint)
 LANGUAGE plpgsql
 SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 DECLARE
-    v_pm    int[];      -- participants: member, stream, expected version, written by its member
-    v_ps    text[];
-    v_pe    bigint[];
-    v_pw    boolean[];
-    v_heads bigint[];   -- participants' versions, read under the locks
-    v_em    int[];      -- events: member, stream, id, type, data, metadata
-    v_es    text[];
-    v_ei    uuid[];
-    v_et    text[];
-    v_ed    jsonb[];
-    v_emd   jsonb[];
-    v_bad   int[];      -- members whose expectations fail
-    v_good  bigint;     -- events of the other members
-    v_rows  bigint;
-    v_base  bigint := 0;
-    v_at    bigint := (extract(epoch FROM now()) * 1000000)::bigint;
+    v_bulk     boolean := (p_group->>'n')::int > 2048;
+    v_parts    bigint;
+    v_distinct bigint;
+    v_void     text;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
             USING ERRCODE = 'EC412';
     END IF;
 
-    SELECT array_agg(m.ord::int ORDER BY m.ord, e.ord), array_agg(e.doc->>0 ORDER BY m.ord, e.ord),
-           array_agg((e.doc->>1)::uuid ORDER BY m.ord, e.ord), array_agg(e.doc->>2 ORDER BY m.ord, e.ord),
-           array_agg(e.doc->3 ORDER BY m.ord, e.ord),
-           array_agg(nullif(e.doc->4, 'null'::jsonb) ORDER BY m.ord, e.ord)
-      INTO v_em, v_es, v_ei, v_et, v_ed, v_emd
-      FROM jsonb_array_elements(p_group) WITH ORDINALITY AS m(doc, ord),
-           jsonb_array_elements(m.doc->1) WITH ORDINALITY AS e(doc, ord);
-    IF array_length(v_em, 1) > 1048575 THEN  -- (v_em is NULL for a check-only append: no events)
-        RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
-    END IF;
-
-    SELECT array_agg(m.ord::int ORDER BY m.ord, p.ord), array_agg(p.doc->>0 ORDER BY m.ord, p.ord),
-           array_agg((p.doc->>1)::bigint ORDER BY m.ord, p.ord),
-           array_agg(EXISTS (SELECT 1 FROM unnest(v_em, v_es) AS ev(m, s) WHERE ev.m = m.ord AND ev.s = p.doc->>0)
-                     ORDER BY m.ord, p.ord)
-      INTO v_pm, v_ps, v_pe, v_pw
-      FROM jsonb_array_elements(p_group) WITH ORDINALITY AS m(doc, ord),
-           jsonb_array_elements(m.doc->0) WITH ORDINALITY AS p(doc, ord);
-    IF v_ps IS NULL OR (SELECT count(DISTINCT s) FROM unnest(v_ps) s) <> array_length(v_ps, 1) THEN
-        RAISE EXCEPTION 'eventcore: append_group members must list distinct streams' USING ERRCODE = 'EC400';
-    END IF;
-
-    -- 1. Lock every participant before the first write (see lock_streams).
-    IF array_length(v_ps, 1) > 2048 THEN
-        PERFORM pg_advisory_xact_lock(7311142570156060530);
+    -- 1. Lock every participant before the first write (see lock_streams): the
+    --    store-wide key, then one key per stream in key order, exclusive if written.
+    --    Over 2,048 participants: the store-wide key alone, exclusive.
+    IF v_bulk THEN
+        v_void := pg_advisory_xact_lock(7311142570156060530)::text;
     ELSE
-        PERFORM pg_advisory_xact_lock_shared(7311142570156060530);
-        PERFORM CASE WHEN x.w THEN pg_advisory_xact_lock(x.k) ELSE pg_advisory_xact_lock_shared(x.k) END
-          FROM (SELECT hashtextextended(p.s, 0) AS k, bool_or(p.w) AS w
-                  FROM unnest(v_ps, v_pw) AS p(s, w) GROUP BY 1 ORDER BY 1 OFFSET 0) AS x;
+        v_void := pg_advisory_xact_lock_shared(7311142570156060530)::text;
+    END IF;
+    SELECT count(*), count(DISTINCT o.s),
+           count(CASE WHEN v_bulk THEN NULL
+                      WHEN o.w THEN pg_advisory_xact_lock(o.k)::text
+                      ELSE pg_advisory_xact_lock_shared(o.k)::text END)
+      INTO v_parts, v_distinct
+      FROM (SELECT p.doc->>0 AS s, hashtextextended(p.doc->>0, 0) AS k, (p.doc->>2)::int > 0 AS w
+              FROM jsonb_array_elements(p_group->'g') AS m(doc), jsonb_array_elements(m.doc->0) AS p(doc)
+             ORDER BY 2 OFFSET 0) AS o;
+    IF v_distinct <> v_parts OR v_parts <> (p_group->>'n')::int THEN
+        RAISE EXCEPTION 'eventcore: append_group participants must be distinct streams, "n" of them'
+            USING ERRCODE = 'EC400';
     END IF;
 
-    -- 2. Versions under the locks, and the members whose expectations fail.
-    SELECT array_agg(coalesce(st.version, 0) ORDER BY x.o) INTO v_heads
-      FROM unnest(v_ps) WITH ORDINALITY AS x(s, o) LEFT JOIN {s}.streams st ON st.stream_id = x.s;
-    SELECT coalesce(array_agg(DISTINCT x.m), ARRAY[]::int[]) INTO v_bad
-      FROM unnest(v_pm, v_pe, v_heads) AS x(m, e, h)
-     WHERE x.e <> -1 AND ((x.e = -2 AND x.h = 0) OR (x.e >= 0 AND x.h <> x.e));
-
-    -- 3. Heads of the other members' written streams: the first write, so the id is assigned now.
-    INSERT INTO {s}.streams AS st (stream_id, version)
-    SELECT ev.s, count(*) FROM unnest(v_em, v_es) AS ev(m, s) WHERE ev.m <> ALL (v_bad) GROUP BY ev.s
-    ON CONFLICT (stream_id) DO UPDATE SET version = st.version + excluded.version;
-    GET DIAGNOSTICS v_good = ROW_COUNT;
-    IF v_good > 0 THEN
-        v_base := (pg_current_xact_id()::text::bigint) << 20;
-
-        -- 4. Their events: positions in order from this transaction's base, versions from the heads.
-        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
-        SELECT v_base + row_number() OVER (ORDER BY ev.o),
-               ev.s,
-               h.h + row_number() OVER (PARTITION BY ev.s ORDER BY ev.o),
-               ev.id, ev.t, ev.d, ev.md, now()
-          FROM unnest(v_em, v_es, v_ei, v_et, v_ed, v_emd) WITH ORDINALITY AS ev(m, s, id, t, d, md, o)
-          JOIN unnest(v_pm, v_ps, v_heads) AS h(m, s, h) ON h.m = ev.m AND h.s = ev.s
-         WHERE ev.m <> ALL (v_bad);
-        GET DIAGNOSTICS v_rows = ROW_COUNT;
-        SELECT count(*) INTO v_good FROM unnest(v_em) AS ev(m) WHERE ev.m <> ALL (v_bad);
-        IF v_rows <> v_good THEN
-            RAISE EXCEPTION 'eventcore: % event(s) name a stream missing from their participants', v_good - v_rows
-                USING ERRCODE = 'EC400';
-        END IF;
-    END IF;
-
-    -- 5. One row per member: heads as they were, its first position (0: not written), its conflict.
+    -- 2. Under the locks: heads, each member's check, then the heads and events of the
+    --    members that pass, and one row per member: heads as they were, its conflict (JSON,
+    --    or NULL), and the base position (0: nothing written). An event's position is base +
+    --    its ordinal in the whole group: a member that fails leaves a gap, which the
+    --    position contract allows (strictly increasing, never skipping, not dense). Its
+    --    version is its stream's head + its rank in the stream; an event whose stream is not
+    --    a participant of its member gets no version, which NOT NULL refuses.
     RETURN QUERY
-    WITH part AS (
-        SELECT x.m,
-               array_agg(x.h ORDER BY x.o) AS heads,
-               (array_agg(json_build_object('stream_id', x.s, 'expected', x.e, 'actual', x.h)::text ORDER BY x.o)
-                   FILTER (WHERE x.e <> -1 AND ((x.e = -2 AND x.h = 0) OR (x.e >= 0 AND x.h <> x.e))))[1] AS conflict
-          FROM unnest(v_pm, v_ps, v_pe, v_heads) WITH ORDINALITY AS x(m, s, e, h, o)
-         GROUP BY x.m
-    ), counts AS (
-        SELECT ev.m, count(*) AS n FROM unnest(v_em) AS ev(m) GROUP BY ev.m
+    WITH heads AS (
+        SELECT m.ord::int AS m, p.ord AS o, p.doc->>0 AS s, (p.doc->>1)::bigint AS e,
+               coalesce((SELECT st.version FROM {s}.streams st WHERE st.stream_id = p.doc->>0), 0) AS h
+          FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
+               jsonb_array_elements(m.doc->0) WITH ORDINALITY AS p(doc, ord)
+    ), members AS (
+        SELECT h.m, array_agg(h.h ORDER BY h.o) AS heads,
+               (array_agg(json_build_object('stream_id', h.s, 'expected', h.e, 'actual', h.h)::text ORDER BY h.o)
+                   FILTER (WHERE h.e <> -1 AND ((h.e = -2 AND h.h = 0) OR (h.e >= 0 AND h.h <> h.e))))[1] AS conflict
+          FROM heads h GROUP BY h.m
+    ), numbered AS (
+        SELECT ev.n, ev.s, ev.id, ev.t, ev.d, ev.md,
+               (SELECT h.h FROM heads h WHERE h.m = ev.m AND h.s = ev.s)
+                   + row_number() OVER (PARTITION BY ev.s ORDER BY ev.n) AS v
+          FROM (SELECT m.ord::int AS m, (e.doc->>5)::bigint AS n, e.doc->>0 AS s, (e.doc->>1)::uuid AS id,
+                       e.doc->>2 AS t, e.doc->3 AS d, nullif(e.doc->4, 'null'::jsonb) AS md
+                  FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
+                       jsonb_array_elements(m.doc->1) AS e(doc)) AS ev
+         WHERE ev.m IN (SELECT mb.m FROM members mb WHERE mb.conflict IS NULL)
+    ), base AS (
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM numbered) THEN (pg_current_xact_id()::text::bigint) << 20
+                    ELSE 0 END AS b
+    ), moved AS (
+        INSERT INTO {s}.streams AS st (stream_id, version)
+        SELECT x.s, max(x.v) FROM numbered x GROUP BY x.s
+        ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version
+    ), inserted AS (
+        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, now() FROM numbered x, base
     )
-    SELECT part.m, part.heads,
-           CASE WHEN part.conflict IS NOT NULL OR coalesce(counts.n, 0) = 0 THEN 0::bigint
-                ELSE v_base + 1 + coalesce(sum(counts.n) FILTER (WHERE part.conflict IS NULL)
-                                           OVER (ORDER BY part.m ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0)
-           END::bigint,
-           part.conflict, v_at
-      FROM part LEFT JOIN counts ON counts.m = part.m
-     ORDER BY part.m;
+    SELECT mb.m, mb.heads, (SELECT base.b FROM base), mb.conflict, (extract(epoch FROM now()) * 1000000)::bigint
+      FROM members mb
+     ORDER BY mb.m;
 END $$;
 
 REVOKE ALL ON FUNCTION {s}.append_group(jsonb) FROM PUBLIC;
 -- Replaced by append_group.
 DROP FUNCTION {s}.append_events(text[], bigint[], text[], uuid[], text[], text[], text[]);
 DROP FUNCTION {s}.append_many(int[], text[], bigint[], int[], text[], uuid[], text[], text[], text[]);
-""",
-    ),
-    (
-        3,
-        "projections: checkpoints, dead letters, NOTIFY on append",
-        """
--- One row per projector: the position of the last event it has processed (0: none).
--- A projector writes its checkpoint in the same transaction as its read model, with a
--- compare-and-set on the old position (see eventcore.stores.pg_projections).
-CREATE TABLE {s}.projection_checkpoints (
-    name       text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
-    position   bigint NOT NULL DEFAULT 0 CHECK (position >= 0),
-    state      text NOT NULL DEFAULT 'idle',
-    error      text,
-    owner      text,
-    updated_at timestamptz NOT NULL DEFAULT now()
-);
-
--- Events a projector skipped (error strategy "skip", or "retry" that gave up): the event as
--- stored and the error, written in the transaction that moves the checkpoint past it.
-CREATE TABLE {s}.projection_dead_letters (
-    projector   text        NOT NULL,
-    position    bigint      NOT NULL,
-    stream_id   text        NOT NULL,
-    version     bigint      NOT NULL,
-    event_id    uuid        NOT NULL,
-    type        text        NOT NULL,
-    data        jsonb       NOT NULL,
-    metadata    jsonb,
-    recorded_at timestamptz NOT NULL,
-    error       text        NOT NULL,
-    attempts    int         NOT NULL,
-    failed_at   timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (projector, position)
-);
-
--- Live projections LISTEN on 'eventcore_' || md5(schema name): one wake-up per committed
--- writing statement (an append or a batch COPY); NOTIFY is delivered at commit, and
--- listeners poll as well, so a lost notification only delays them.
-CREATE FUNCTION {s}.notify_events() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
-AS $$
-BEGIN
-    PERFORM pg_notify('eventcore_' || md5(TG_TABLE_SCHEMA), '');
-    RETURN NULL;
-END $$;
-
-CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
-    FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
 """,
     ),
     (
@@ -567,7 +491,7 @@ _COLUMNS = (
 # Everything below this position belongs to finished transactions (see module docstring).
 FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
 
-APPEND_GROUP = "SELECT member, versions, first_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)"
+APPEND_GROUP = "SELECT member, versions, base_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)"
 RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
 COPY_EVENTS = (
     "COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at) "
@@ -625,8 +549,6 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_group(jsonb) TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
     ]

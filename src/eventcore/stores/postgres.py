@@ -199,18 +199,22 @@ _Raw = msgspec.Raw
 
 
 def _encode_group(group: list) -> str:
-    """The append_group argument: [[participants, events], ...] (see pg_sql migration 2).
-
-    Payloads and metadata are already JSON: embedded verbatim, never re-encoded."""
-    doc = []
+    """The append_group argument: {"n": participants, "g": [[participants, events], ...]} (see
+    pg_sql migration 2). Payloads and metadata are already JSON: embedded verbatim, never re-encoded.
+    Events are numbered 1, 2, ... across the group: their positions are the base position + that."""
+    members = []
+    n = 0
+    ordinal = 0
     for p in group:
         expected = p.expected
-        doc.append((
-            [(s, expected[s]) for s in sorted(expected)],
-            [(sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md))
-             for sid, eid, t, d, md in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas)],
-        ))
-    return _encode_json(doc).decode()
+        written = set(p.stream_ids)
+        n += len(expected)
+        events = []
+        for sid, eid, t, d, md in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas):
+            ordinal += 1
+            events.append((sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md), ordinal))
+        members.append(([(s, expected[s], 1 if s in written else 0) for s in sorted(expected)], events))
+    return _encode_json({"n": n, "g": members}).decode()
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -430,8 +434,13 @@ class PostgresStore(EventStore):
                 self._raise_write_error(exc)
             except Exception as err:  # noqa: BLE001
                 return [err] * len(group)
+        firsts = []  # ordinal of each member's first event in the group (see _encode_group)
+        ordinal = 1
+        for p in group:
+            firsts.append(ordinal)
+            ordinal += len(p)
         out: list = [None] * len(group)
-        for m, versions_before, first, conflict, at_us in rows:
+        for m, versions_before, base, conflict, at_us in rows:
             p = group[m - 1]
             if conflict is not None:
                 d = json.loads(conflict)
@@ -439,6 +448,7 @@ class PostgresStore(EventStore):
                 continue
             versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
             p.recorded_at_us = at_us
+            first = base + firsts[m - 1]
             out[m - 1] = p.recorded(versions, range(first, first + len(p)))
         return out
 
