@@ -552,22 +552,21 @@ def test_postgres_handler_writes_commit_with_the_checkpoint(pg):
     assert ec.projection_status(pg, "tx")[0].position == pg.read_stream("x")[2].position
 
 
-def test_postgres_wakes_up_on_notify_not_only_by_polling(pg):
-    from eventcore.stores.pg_projections import PostgresBackend
-
-    backend = PostgresBackend(pg, "probe")
-    backend.open()
+def test_postgres_follows_live_on_notify_without_polling(pg):
+    """With a poll interval far beyond the test's deadline, only LISTEN/NOTIFY can deliver live events."""
+    proj = Collector()
+    runner = ec.ProjectionRunner(pg, proj, poll_interval=100 * DEADLINE).start()
     try:
-        backend.clear_wake()
-        pg.append([ec.emit("n-1", Counted(1))])
-        stop = threading.Event()
-        # A long poll interval: only the NOTIFY from the append's trigger can end this wait early.
-        started = time.monotonic()
-        backend.wait(DEADLINE, stop)
-        assert time.monotonic() - started < DEADLINE
-        assert backend._woken.is_set()
+        wait_until(lambda: runner.leading.is_set() and runner.caught_up.is_set(), what="an idle leader")
+        for i in range(3):
+            pg.append([ec.emit("n-1", Counted(i))])
+            wait_until(lambda: len(proj.seen) == i + 1, what=f"live event {i} via NOTIFY")
+        pg.append_batch([ec.emit(f"n-{k}", Counted(k)) for k in range(50)])  # COPY notifies too
+        wait_until(lambda: len(proj.seen) == 53, what="a batch via NOTIFY")
     finally:
-        backend.close()
+        runner.stop()
+        runner.join(DEADLINE)
+    assert proj.order == [p for p, _ in feed(pg)]
 
 
 def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):

@@ -331,8 +331,10 @@ class _Backend:
 
     def clear_wake(self) -> None: ...
 
-    def wait(self, timeout: float, stop: threading.Event) -> None:
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
+        """Sleep until `timeout` passes or `stop` is set; True if woken by a notification of new events."""
         stop.wait(timeout)
+        return False
 
     def broken(self) -> bool:
         return False
@@ -750,8 +752,10 @@ class ProjectionRunner:
         self.position = position
         self.leading.set()
         log.info("projection %r: leading from position %d", p.name, position)
+        woken, retry = False, 0.0
         while not self.stop_event.is_set():
             backend.clear_wake()
+            before = self.position
             head = backend.head()
             rows = backend.read_rows(self.position, p.type_names, p.stream_prefix, p.batch_size)
             if rows:
@@ -766,9 +770,16 @@ class ProjectionRunner:
                 self.caught_up.set()
                 if self.until_caught_up:
                     return
-                backend.wait(self.poll_interval, self.stop_event)
+                if woken and self.position == before:
+                    # Woken by a NOTIFY, yet nothing new is visible: the feed's fence is waiting for
+                    # an older transaction. Look again soon (backing off) rather than after a full poll.
+                    retry = min(self.poll_interval, retry * 2 if retry else 0.005)
+                else:
+                    retry = 0.0
+                woken = backend.wait(retry or self.poll_interval, self.stop_event)
             else:
                 self.caught_up.clear()
+                woken, retry = False, 0.0
 
     def _process(self, backend: _Backend, rows: list) -> None:
         events, errors = _decode(rows)

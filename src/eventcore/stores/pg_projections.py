@@ -20,6 +20,7 @@ from contextlib import contextmanager
 
 import psycopg
 from psycopg import sql
+from psycopg_pool import PoolTimeout
 
 from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value, _LostLeadership
@@ -201,8 +202,9 @@ class PostgresBackend(_Backend):
     def clear_wake(self) -> None:
         self._woken.clear()
 
-    def wait(self, timeout: float, stop: threading.Event) -> None:
+    def wait(self, timeout: float, stop: threading.Event) -> bool:
         """Until a NOTIFY arrives (or arrived since clear_wake), `timeout` passes or `stop` is set.
+        True if a notification ended it.
 
         Notifications are taken by a notify handler only (psycopg calls it for those that arrive
         during any statement): the connection's socket is watched, and when it is readable a
@@ -210,23 +212,36 @@ class PostgresBackend(_Backend):
         """
         if not self.listen:
             stop.wait(timeout)
-            return
+            return False
         deadline = time.monotonic() + timeout
         while not stop.is_set() and not self._woken.is_set():
             left = deadline - time.monotonic()
             if left <= 0:
-                return
+                break
             try:
                 readable, _, _ = select.select([self.connection.fileno()], [], [], min(left, 0.2))
             except (OSError, ValueError, psycopg.Error) as exc:
                 raise StoreUnavailableError(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
             if readable:
                 self._exec("SELECT 1")
+        return self._woken.is_set()
+
+
+def _fetch(store, query, params=()) -> list:
+    """A statement on a connection of the store's pool (status, dead letters, tail)."""
+    try:
+        with store._pool.connection() as conn:
+            return conn.execute(query, params).fetchall()
+    except psycopg.errors.UndefinedTable as exc:
+        raise EventCoreError(f"schema {store.schema!r} has no projection tables: run `eventcore migrate` "
+                             f"(projections need schema version 3): {exc}") from exc
+    except (psycopg.OperationalError, PoolTimeout) as exc:
+        raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
 
 
 def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
     params = {"cls": LOCK_CLASS, "prefix": _key_prefix(store.schema), "name": name}
-    rows = store._fetch(_q(_STATUS, store.schema), params)
+    rows = _fetch(store, _q(_STATUS, store.schema), params)
     out = []
     for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
         out.append(ProjectionStatus(n, position, head_now, max(0, head_now - position), pending,
@@ -237,7 +252,7 @@ def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
 def pg_dead_letters(store, name: str) -> list[DeadLetter]:
     import datetime as _dt
 
-    rows = store._fetch(_q(_DEAD_LETTERS, store.schema), (name,))
+    rows = _fetch(store, _q(_DEAD_LETTERS, store.schema), (name,))
     return [
         DeadLetter(name, pos, sid, ver, uuid.UUID(bytes=bytes(eid)), t, _json_value(data), _json_value(md),
                    _EPOCH + _dt.timedelta(microseconds=at), err, att, failed)
@@ -252,4 +267,4 @@ def pg_read_rows(store, after: int, types, prefix, limit: int) -> list:
     if prefix is not None:
         params.append(prefix)
     params.append(limit)
-    return store._fetch(store._read_all_sql[types is not None, prefix is not None], tuple(params))
+    return _fetch(store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), store.schema), tuple(params))
