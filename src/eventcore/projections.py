@@ -389,10 +389,14 @@ class _MemoryBackend(_Backend):
 
     @contextmanager
     def transaction(self):
-        self._ops = []
+        self._ops, self._expect = [], None
         try:
             yield self
-            with self.state.lock:
+            with self.state.lock:  # all or nothing: the compare-and-set first, then every write
+                cp = self.state.checkpoints[self.name]
+                if self._expect is not None and cp["position"] != self._expect:
+                    raise _LostLeadership(f"checkpoint of {self.name!r} is at {cp['position']}, "
+                                          f"expected {self._expect}")
                 for op in self._ops:
                     op()
         finally:
@@ -401,10 +405,9 @@ class _MemoryBackend(_Backend):
     def advance(self, old, new):
         def op():
             cp = self.state.checkpoints[self.name]
-            if cp["position"] != old:
-                raise _LostLeadership(f"checkpoint of {self.name!r} is at {cp['position']}, expected {old}")
             cp["position"] = new
             cp["updated_at"] = _dt.datetime.now(_dt.timezone.utc)
+        self._expect = old
         self._ops.append(op)
 
     def dead_letter(self, row, error, attempts):
