@@ -569,6 +569,32 @@ def test_postgres_follows_live_on_notify_without_polling(pg):
     assert proj.order == [p for p, _ in feed(pg)]
 
 
+def test_postgres_appends_notify_only_while_a_projector_listens(pg, pg_dsn):
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(pg_dsn, autocommit=True) as listener:
+        oid = listener.execute("SELECT to_regclass(%s)::oid", (
+            sql.Identifier(pg.schema).as_string(listener) + ".events",)).fetchone()[0]
+        listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"eventcore_events_{oid}")))
+
+        def notified() -> int:
+            return len(list(listener.notifies(timeout=0.5)))  # drains; only a count is asserted
+
+        pg.append([ec.emit("q", Counted(1))])
+        assert notified() == 0  # nobody listens: appends do not pay for NOTIFY
+        runner = ec.ProjectionRunner(pg, Collector(), poll_interval=100 * DEADLINE).start()
+        try:
+            wait_until(runner.leading.is_set, what="a listening projector")
+            pg.append([ec.emit("q", Counted(2))])
+            wait_until(notified, what="a NOTIFY while a projector listens")
+        finally:
+            runner.stop()
+            runner.join(DEADLINE)
+        pg.append([ec.emit("q", Counted(3))])
+        assert notified() == 0
+
+
 def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):
     import psycopg
     from psycopg import sql
@@ -585,7 +611,8 @@ def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):
         app = ec.connect(app_dsn, schema=pg_schema, migrate=False)
         try:
             pos = _poisoned(app)
-            proj = Unlucky(on_error="skip")
+            app.append_batch([ec.emit("p-9", Noise("copy"))])  # COPY as the role fires the NOTIFY trigger
+            proj = Unlucky(on_error="skip", types=[Counted, "projtest.NeverDefined"])
             ec.run_projection(app, proj, until_caught_up=True, rebuild=True)
             assert sorted(proj.seen) == [pos[1], pos[2], pos[4]]
             assert [d.position for d in ec.dead_letters(app, "unlucky")] == [pos["raw"], pos[13]]

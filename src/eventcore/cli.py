@@ -109,8 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help="start at this global position, inclusive (default: the beginning); positions are "
                            "opaque cursors: pass one printed earlier, e.g. the last one seen + 1")
     tail.add_argument("--interval", type=float, default=None,
-                      help="seconds between polls with --follow (default 0.2; on PostgreSQL 1.0, "
-                           "behind LISTEN/NOTIFY wake-ups)")
+                      help="seconds between polls with --follow (default 0.2; on PostgreSQL a NOTIFY, sent "
+                           "while a live projector listens, wakes it earlier)")
 
     projections = sub.add_parser(
         "projections",
@@ -259,7 +259,7 @@ def _cmd_tail(args) -> int:
     try:
         with connect(_dsn(args)) as store:
             waiter = follow_waiter(store) if args.follow else None
-            interval = args.interval or (1.0 if store.scheme == "postgresql" else 0.2)
+            interval = args.interval or 0.2
             try:
                 while not stop.is_set():
                     if waiter is not None:

@@ -11,7 +11,6 @@ anything else. Tables and the NOTIFY trigger come from migration 3 (pg_sql).
 """
 from __future__ import annotations
 
-import hashlib
 import select
 import threading
 import time
@@ -42,7 +41,9 @@ _LOAD = "SELECT position FROM {s}.projection_checkpoints WHERE name = %s"
 _ADVANCE = "UPDATE {s}.projection_checkpoints SET position = %s, updated_at = now() WHERE name = %s AND position = %s"
 _RESET = "UPDATE {s}.projection_checkpoints SET position = 0, updated_at = now() WHERE name = %s"
 _CLEAR_DEAD = "DELETE FROM {s}.projection_dead_letters WHERE projector = %s"
-_STATE = "UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, updated_at = now() WHERE name = %s"
+_STATE = ("UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, listening = %s, "
+          "updated_at = now() WHERE name = %s")
+_CHANNEL = "SELECT 'eventcore_events_' || to_regclass(%s)::oid::text"
 _DEAD_LETTER = (
     "INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data, "
     "metadata, recorded_at, error, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, "
@@ -65,11 +66,6 @@ _STATUS = (
     + _LOCK_HELD.format(cls="%(cls)s", key="%(prefix)s || c.name") + " "
     "FROM {s}.projection_checkpoints c, h WHERE (%(name)s::text IS NULL OR c.name = %(name)s) ORDER BY c.name"
 )
-
-
-def channel(schema: str) -> str:
-    """The NOTIFY channel of a schema's appends (see migration 3)."""
-    return "eventcore_" + hashlib.md5(schema.encode()).hexdigest()
 
 
 def _key_prefix(schema: str) -> str:
@@ -107,8 +103,13 @@ class PostgresBackend(_Backend):
                 application_name=f"eventcore-projection:{self.name}"[:63],
             )
             if self.listen:
+                # The channel of this schema's appends (migration 3): named after the events table's oid.
+                events = sql.SQL("{}.events").format(sql.Identifier(store.schema)).as_string(self.connection)
+                channel = self.connection.execute(_CHANNEL, (events,)).fetchone()[0]
+                if channel is None:
+                    raise EventCoreError(f"schema {store.schema!r} has no events table: run `eventcore migrate`")
                 self.connection.add_notify_handler(lambda n: self._woken.set())
-                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel(store.schema))))
+                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             self.close()
             raise StoreUnavailableError(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
@@ -195,7 +196,8 @@ class PostgresBackend(_Backend):
 
     def set_state(self, state: str, error, owner) -> None:
         self._exec(self._sql["ensure"], (self.name,))
-        self._exec(self._sql["state"], (state, error, owner, self.name))
+        # While it runs and listens, appends send NOTIFY (see migration 3); otherwise they need not.
+        self._exec(self._sql["state"], (state, error, owner, self.listen and state == "running", self.name))
 
     # -- waiting -----------------------------------------------------------------------
 

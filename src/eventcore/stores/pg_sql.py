@@ -437,6 +437,7 @@ CREATE TABLE {s}.projection_checkpoints (
     state      text NOT NULL DEFAULT 'idle',
     error      text,
     owner      text,
+    listening  boolean NOT NULL DEFAULT false,  -- running and LISTENing: appends notify (see below)
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -458,16 +459,22 @@ CREATE TABLE {s}.projection_dead_letters (
     PRIMARY KEY (projector, position)
 );
 
--- Live projections LISTEN on 'eventcore_' || md5(schema name): one wake-up per committed
--- writing statement (an append or a batch COPY); NOTIFY is delivered at commit, and
--- listeners poll as well, so a lost notification only delays them.
+-- Live projections LISTEN on 'eventcore_events_' || (the events table's oid): one wake-up
+-- per committed writing statement (an append or a batch COPY), delivered at commit. Sent only
+-- while a projector that listens is recorded as running: a transaction that sent NOTIFY commits
+-- under one cluster-wide lock, which appends should not pay for when nobody listens. Listeners
+-- also poll, so a missed notification only delays them. SECURITY DEFINER: the batch writer's
+-- COPY runs as the application role, which must not need rights on the projection tables.
 CREATE FUNCTION {s}.notify_events() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    PERFORM pg_notify('eventcore_' || md5(TG_TABLE_SCHEMA), '');
+    IF EXISTS (SELECT 1 FROM {s}.projection_checkpoints WHERE listening) THEN
+        PERFORM pg_notify('eventcore_events_' || TG_RELID::text, '');
+    END IF;
     RETURN NULL;
 END $$;
+REVOKE ALL ON FUNCTION {s}.notify_events() FROM PUBLIC;
 
 CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
