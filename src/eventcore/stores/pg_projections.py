@@ -25,16 +25,17 @@ from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value, _LostLeadership
 from . import pg_sql
 
-#: First key of the two-int advisory locks of projectors ('ecpr'); the second is hashtext(schema, name).
-#: Two-int advisory locks never collide with the single-bigint stream locks of the append path.
-LOCK_CLASS = 0x65637072
+#: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
+#: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
+LOCK_SEED = 0x65637072  # 'ecpr'
 
-_TRY_LOCK = "SELECT pg_try_advisory_lock(%s, hashtext(%s))"
-_UNLOCK = "SELECT pg_advisory_unlock(%s, hashtext(%s))"
+_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, %s))"
+_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended(%s, %s))"
+# A bigint advisory key shows in pg_locks as classid (high 32 bits), objid (low 32 bits), objsubid 1.
 _LOCK_HELD = (
-    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 2 "
+    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
     "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND l.classid = {cls}::oid AND l.objid = hashtext({key})::oid)"
+    "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended({key}, {seed}))"
 )
 _ENSURE = "INSERT INTO {s}.projection_checkpoints (name) VALUES (%s) ON CONFLICT (name) DO NOTHING"
 _LOAD = "SELECT position FROM {s}.projection_checkpoints WHERE name = %s"
@@ -63,7 +64,7 @@ _STATUS = (
     "(SELECT count(*) FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence), "
     "c.state, c.error, c.owner, c.updated_at, "
     "(SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projector = c.name), "
-    + _LOCK_HELD.format(cls="%(cls)s", key="%(prefix)s || c.name") + " "
+    + _LOCK_HELD.format(key="%(prefix)s || c.name", seed="%(seed)s") + " "
     "FROM {s}.projection_checkpoints c, h WHERE (%(name)s::text IS NULL OR c.name = %(name)s) ORDER BY c.name"
 )
 
@@ -142,13 +143,13 @@ class PostgresBackend(_Backend):
     # -- leadership --------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
-        self._held = bool(self._exec(_TRY_LOCK, (LOCK_CLASS, self._key))[0][0])
+        self._held = bool(self._exec(_TRY_LOCK, (self._key, LOCK_SEED))[0][0])
         return self._held
 
     def release(self) -> None:
         if self._held and not self.broken():
             try:
-                self._exec(_UNLOCK, (LOCK_CLASS, self._key))
+                self._exec(_UNLOCK, (self._key, LOCK_SEED))
             except EventCoreError:
                 pass
         self._held = False
@@ -242,7 +243,7 @@ def _fetch(store, query, params=()) -> list:
 
 
 def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
-    params = {"cls": LOCK_CLASS, "prefix": _key_prefix(store.schema), "name": name}
+    params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name}
     rows = _fetch(store, _q(_STATUS, store.schema), params)
     out = []
     for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
