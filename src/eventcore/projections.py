@@ -27,8 +27,12 @@ follows the feed live until asked to stop:
   failing event. An event this process cannot decode is an error like any other:
   never dropped silently.
 * **Live.** PostgreSQL: LISTEN/NOTIFY wake-ups (migration 3 notifies on every
-  append) plus a polling fallback every `poll_interval` seconds (for poolers
-  that drop LISTEN); SQLite and memory: polling.
+  append while a listening projector is recorded as running) plus a polling
+  fallback every `poll_interval` seconds (for poolers that drop LISTEN); SQLite
+  and memory: polling.
+* **At-least-once elsewhere.** A read model outside the batch's transaction (not
+  written through `ctx.connection`) may see a batch again: after a crash, and
+  when a failing batch is replayed one event per transaction.
 """
 from __future__ import annotations
 
