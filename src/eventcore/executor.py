@@ -9,6 +9,7 @@ fresh state after an exponential, jittered, bounded backoff.
 """
 from __future__ import annotations
 
+import operator
 import random
 import threading
 import time
@@ -85,7 +86,7 @@ def _fold(command: Command, by_stream: dict, streams: list) -> Any:
         events = by_stream[streams[0]]
     else:
         events = [e for sid in streams for e in by_stream[sid]]
-        events.sort(key=_position)
+        events.sort(key=_position)  # runs of sorted events: timsort merges them
     state = command.initial_state()
     apply = command.apply
     for e in events:
@@ -93,8 +94,7 @@ def _fold(command: Command, by_stream: dict, streams: list) -> Any:
     return state
 
 
-def _position(e: RecordedEvent) -> int:
-    return e.position
+_position = operator.attrgetter("position")
 
 
 def _read_and_fold(store, command: Command, streams: list) -> tuple[Any, dict]:
@@ -134,7 +134,9 @@ def _handle(command: Command, state: Any, versions: dict) -> list:
     return out
 
 
-class _CacheEntry:
+class _Folded:
+    """A command type's folded state over some streams, and the versions it was folded at."""
+
     __slots__ = ("lock", "state", "versions", "valid")
 
     def __init__(self) -> None:
@@ -145,53 +147,163 @@ class _CacheEntry:
 
 
 class StateCache:
-    """Opt-in, bounded, in-process cache of folded command state: `execute(..., cache=cache)`.
+    """Opt-in, bounded, in-process cache of what commands read: `execute(..., cache=cache)`.
 
-    An entry holds, per store, command type and declared streams, the state
-    folded so far and the version of every stream it covers. A command on warm
-    streams skips the read and goes straight to the version-checked append: one
-    round trip in all. If anyone else wrote to one of those streams meanwhile,
-    the append's expected versions no longer match, nothing is written, and the
-    command runs again on state read afresh (that retry is not counted against
-    the retry policy). So a decision made on stale state can never commit.
+    It keeps, per store, two things. Per stream: its version and, for streams of at
+    most `max_stream_events` events, the events themselves. Per command type and
+    streams: the state last folded and the versions it was folded at. A command
+    whose streams are all known here skips the read: it reuses the folded state if
+    those streams have not moved since, else folds the cached events (a transfer
+    between two accounts other commands touched), and goes straight to the
+    version-checked append: one round trip in all. Streams not cached are read (only
+    those), and remembered. Every append through the cache moves its entries on.
+
+    If anyone else wrote to one of those streams meanwhile, the append's expected
+    versions no longer match, nothing is written, the command's streams are
+    forgotten and it runs again on state read afresh (that retry is not counted
+    against the retry policy). So a decision made on stale state can never commit.
 
     Commands of one type on the same streams run one at a time in this process
     (they would conflict anyway). The cache assumes that `initial_state()` and
     `apply()` depend only on the events, not on the command's other fields.
-    At most `max_entries` entries are kept, least recently used evicted first.
+    Bounds: `max_entries` streams and as many folded states, least recently used
+    evicted first, and at most `max_events` events held in all.
     """
 
-    def __init__(self, max_entries: int = 10_000) -> None:
-        if type(max_entries) is not int or max_entries < 1:
-            raise ValidationError(f"max_entries must be an int >= 1, got {max_entries!r}")
+    def __init__(self, max_entries: int = 10_000, max_stream_events: int = 1_000, max_events: int = 200_000) -> None:
+        for name, value in (("max_entries", max_entries), ("max_stream_events", max_stream_events),
+                            ("max_events", max_events)):
+            if type(value) is not int or value < (1 if name == "max_entries" else 0):
+                raise ValidationError(f"{name} must be an int >= {1 if name == 'max_entries' else 0}, got {value!r}")
         self.max_entries = max_entries
-        self._entries: OrderedDict = OrderedDict()
+        self.max_stream_events = max_stream_events
+        self.max_events = max_events
+        self._folded: OrderedDict = OrderedDict()
+        #: (id(store), stream id) -> (version, tuple of events or None when not kept)
+        self._streams: OrderedDict = OrderedDict()
+        self._events = 0
         self._lock = threading.Lock()
-        #: Commands served from the cache, read afresh, and cache hits that proved stale.
+        #: Commands served without a read, commands that read, and cache hits that proved stale.
         self.hits = 0
         self.misses = 0
         self.stale = 0
 
     def __len__(self) -> int:
-        return len(self._entries)
+        """Streams known to the cache."""
+        return len(self._streams)
 
     def clear(self) -> None:
         with self._lock:
-            self._entries.clear()
+            self._folded.clear()
+            self._streams.clear()
+            self._events = 0
 
-    def _entry(self, key) -> _CacheEntry:
+    def _folded_entry(self, key) -> _Folded:
         with self._lock:
-            entry = self._entries.get(key)
+            entry = self._folded.get(key)
             if entry is None:
-                entry = self._entries[key] = _CacheEntry()
-                while len(self._entries) > self.max_entries:
-                    self._entries.popitem(last=False)
+                entry = self._folded[key] = _Folded()
+                while len(self._folded) > self.max_entries:
+                    self._folded.popitem(last=False)
             else:
-                self._entries.move_to_end(key)
+                self._folded.move_to_end(key)
             return entry
 
+    def _versions(self, store, stream_ids) -> dict | None:
+        """Cached versions of these streams, or None if one is not cached."""
+        sid_key = id(store)
+        streams = self._streams
+        out = {}
+        for sid in stream_ids:
+            entry = streams.get((sid_key, sid))
+            if entry is None:
+                return None
+            out[sid] = entry[0]
+        return out
 
-def _remember(entry: _CacheEntry, command: Command, state: Any, recorded: list, versions: dict) -> None:
+    def _events_of(self, store, stream_ids) -> dict:
+        """{stream: events} for the streams whose events are cached."""
+        sid_key = id(store)
+        out = {}
+        with self._lock:
+            for sid in stream_ids:
+                key = (sid_key, sid)
+                entry = self._streams.get(key)
+                if entry is not None and entry[1] is not None:
+                    self._streams.move_to_end(key)
+                    out[sid] = list(entry[1])
+        return out
+
+    def _set(self, key, version: int, events) -> None:
+        """Store one stream's entry (call with the lock held)."""
+        old = self._streams.pop(key, None)
+        if old is not None and old[1] is not None:
+            self._events -= len(old[1])
+        if events is not None and len(events) > self.max_stream_events:
+            events = None
+        self._streams[key] = (version, events)
+        if events is not None:
+            self._events += len(events)
+        while len(self._streams) > self.max_entries or self._events > self.max_events:
+            _, (_, dropped) = self._streams.popitem(last=False)
+            if dropped is not None:
+                self._events -= len(dropped)
+
+    def _remember_read(self, store, by_stream: dict) -> None:
+        sid_key = id(store)
+        with self._lock:
+            for sid, events in by_stream.items():
+                self._set((sid_key, sid), events[-1].version if events else 0, tuple(events))
+
+    def _remember_append(self, store, recorded: list, before: dict) -> None:
+        """Move the entries of the streams an append wrote on from `before` (their versions as checked)."""
+        written: dict = {}
+        for e in recorded:
+            written.setdefault(e.stream_id, []).append(e)
+        sid_key = id(store)
+        with self._lock:
+            for sid, events in written.items():
+                key = (sid_key, sid)
+                entry = self._streams.get(key)
+                if entry is None or entry[0] != before.get(sid):
+                    self._forget_key(key)  # moved by someone else meanwhile: read it afresh next time
+                    continue
+                old = entry[1]
+                self._set(key, events[-1].version, None if old is None else old + tuple(events))
+
+    def _forget_key(self, key) -> None:
+        entry = self._streams.pop(key, None)
+        if entry is not None and entry[1] is not None:
+            self._events -= len(entry[1])
+
+    def _forget(self, store, stream_ids) -> None:
+        sid_key = id(store)
+        with self._lock:
+            for sid in stream_ids:
+                self._forget_key((sid_key, sid))
+
+
+class _CachedReads:
+    """`read_streams` through a StateCache: cached streams from memory, the rest in one read."""
+
+    __slots__ = ("cache", "store", "reads", "cached")
+
+    def __init__(self, cache: StateCache, store) -> None:
+        self.cache, self.store, self.reads, self.cached = cache, store, 0, 0
+
+    def read_streams(self, stream_ids) -> dict:
+        got = self.cache._events_of(self.store, stream_ids)
+        self.cached += len(got)
+        missing = [s for s in stream_ids if s not in got]
+        if missing:
+            fresh = self.store.read_streams(missing)
+            self.reads += 1
+            self.cache._remember_read(self.store, fresh)
+            got.update(fresh)
+        return {s: got[s] for s in stream_ids}
+
+
+def _remember(entry: _Folded, command: Command, state: Any, recorded: list, versions: dict) -> None:
     """Cache the state after a successful append: it succeeded at exactly the versions
     folded, so folding what it wrote gives the state as stored now."""
     entry.valid = False
@@ -228,7 +340,7 @@ def execute(
     streams = declared_streams(command)
     if cache is None:
         return _run(store, command, streams, policy, metadata, timeout, None, None)
-    entry = cache._entry((id(store), type(command), tuple(streams)))
+    entry = cache._folded_entry((id(store), type(command), tuple(streams)))
     with entry.lock:
         return _run(store, command, streams, policy, metadata, timeout, entry, cache)
 
@@ -239,20 +351,30 @@ def _run(store, command, streams, policy, metadata, timeout, entry, cache) -> Ex
     free_retry_used = False
     while True:
         attempt += 1
-        from_cache = entry is not None and entry.valid
+        from_cache = False
         try:
-            if from_cache:
-                state, versions = entry.state, dict(entry.versions)
-                found = command.discover(state)
-                if found and any(_stream_id(x) not in versions for x in found):
-                    entry.valid = from_cache = False  # discovery moved on: read afresh
-            if not from_cache:
+            if entry is None:
                 state, versions = _read_and_fold(store, command, streams)
-                if entry is not None:  # fresh state is worth keeping even if handle() refuses
-                    cache.misses += 1
-                    entry.state, entry.versions, entry.valid = state, dict(versions), True
             else:
-                cache.hits += 1
+                state = versions = None
+                if entry.valid and cache._versions(store, entry.versions) == entry.versions:
+                    # The folded state is current as far as this process knows.
+                    found = command.discover(entry.state)
+                    if not found or all(_stream_id(x) in entry.versions for x in found):
+                        state, versions = entry.state, dict(entry.versions)
+                if versions is None:
+                    reader = _CachedReads(cache, store)
+                    state, versions = _read_and_fold(reader, command, streams)
+                    # Fresh state is worth keeping even if handle() refuses.
+                    entry.state, entry.versions, entry.valid = state, dict(versions), True
+                    from_cache = reader.cached > 0  # some of it may be stale
+                    if reader.reads:
+                        cache.misses += 1
+                    else:
+                        cache.hits += 1
+                else:
+                    from_cache = True
+                    cache.hits += 1
             events = _handle(command, state, versions)
             if not events:
                 return ExecutionResult([], attempt, versions)
@@ -261,6 +383,8 @@ def _run(store, command, streams, policy, metadata, timeout, entry, cache) -> Ex
                     f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s)); nothing was written"
                 )
             recorded = store.append(events, versions, metadata=metadata)
+            if entry is not None:
+                cache._remember_append(store, recorded, versions)
             for e in recorded:
                 versions[e.stream_id] = e.version
             if entry is not None:
@@ -270,6 +394,7 @@ def _run(store, command, streams, policy, metadata, timeout, entry, cache) -> Ex
             failure: Exception = exc
             if entry is not None:
                 entry.valid = False
+                cache._forget(store, versions)
             if from_cache and not free_retry_used:
                 # The cached state was stale: read afresh at once, not counted as a retry.
                 cache.stale += 1
@@ -279,6 +404,7 @@ def _run(store, command, streams, policy, metadata, timeout, entry, cache) -> Ex
         except StoreUnavailableError as exc:
             if entry is not None:
                 entry.valid = False
+                cache._forget(store, versions or streams)
             if exc.maybe_committed:
                 raise
             failure = exc

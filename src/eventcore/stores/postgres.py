@@ -276,11 +276,12 @@ class PostgresStore(EventStore):
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
         self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
-        self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema) for name in (
+        # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
+        self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
             "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",
             "EVENT_BY_ID", "COMMITTED_ROWS")}
         self._read_all_sql = {
-            (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema) for t in (False, True) for p in (False, True)
+            (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
         }
         options = f"-c statement_timeout={int(self.statement_timeout * 1000)}"
         self._pool = ConnectionPool(
@@ -382,7 +383,7 @@ class PostgresStore(EventStore):
     # -- helpers ---------------------------------------------------------------------
 
     def _fetch(self, name_or_sql, params: tuple) -> list:
-        query = self._sql[name_or_sql] if isinstance(name_or_sql, str) else name_or_sql
+        query = self._sql.get(name_or_sql, name_or_sql)
         try:
             with self._pool.connection() as conn:
                 return conn.execute(query, params).fetchall()
