@@ -100,6 +100,7 @@ def test_catch_up_then_live_then_resume_from_checkpoint(store):
     for i in range(30, 45):
         store.append([ec.emit(f"acct-{i % 4}", Counted(i))])
     wait_until(lambda: len(proj.seen) == 45, what="live events")
+    wait_until(lambda: runner.lag() == 0, what="lag 0 from the API")
     runner.stop()
     runner.join(DEADLINE)
     assert [p for p, _ in feed(store)] == proj.order
@@ -334,6 +335,12 @@ def test_retry_then_skip_and_retry_then_fatal(store):
     assert info.value.position == pos[13] and "after 2 attempt(s)" in str(info.value)
     assert isinstance(info.value.__cause__, RuntimeError)
     assert isinstance(info.value.event, ec.RecordedEvent) and info.value.event.data == Counted(13)
+
+
+def test_signal_handling_needs_the_main_thread(store):
+    runner = ec.ProjectionRunner(store, Collector(), handle_signals=True, until_caught_up=True).start()
+    with pytest.raises(ec.ValidationError, match="main thread"):
+        runner.join(DEADLINE)
 
 
 def test_bad_error_strategy_is_rejected():
