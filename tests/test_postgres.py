@@ -594,9 +594,12 @@ def test_group_members_on_one_stream_are_refused_by_the_server(pg, pg_dsn, pg_sc
 
 
 def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
+    """Twelve threads transferring among 24 accounts: commands on distinct accounts share
+    transactions, those on a common account run one after the other (in-process stream locks)."""
+    N = 24
     store = ec.connect(pg_dsn, schema=pg_schema, pool_size=8, group_commit=True)
     try:
-        store.append([ec.emit(f"gt-{k}", Credited(1000)) for k in range(6)])
+        store.append([ec.emit(f"gt-{k}", Credited(1000)) for k in range(N)])
         errors = []
 
         def work(w):
@@ -605,7 +608,7 @@ def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
             rng = random.Random(w)
             try:
                 for _ in range(40):
-                    a, b = rng.sample([f"gt-{k}" for k in range(6)], 2)
+                    a, b = rng.sample([f"gt-{k}" for k in range(N)], 2)
                     try:
                         ec.execute(store, Move(ec.StreamId(a), ec.StreamId(b), rng.randint(1, 50)),
                                    retry=ec.RetryPolicy(max_retries=50))
@@ -614,7 +617,7 @@ def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
             except Exception as exc:  # pragma: no cover
                 errors.append(exc)
 
-        threads = [threading.Thread(target=work, args=(w,)) for w in range(8)]
+        threads = [threading.Thread(target=work, args=(w,)) for w in range(12)]
         for t in threads:
             t.start()
         for t in threads:
@@ -622,11 +625,11 @@ def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
         assert not errors
         assert store._group.appends > store._group.groups  # some transactions carried several commands
         total = 0
-        for k in range(6):
+        for k in range(N):
             events = store.read_stream(f"gt-{k}")
             assert [e.version for e in events] == list(range(1, len(events) + 1))
             assert [e.position for e in events] == sorted(e.position for e in events)
             total += sum(-e.data.amount if isinstance(e.data, Debited) else e.data.amount for e in events)
-        assert total == 6000
+        assert total == N * 1000
     finally:
         store.close()
