@@ -28,7 +28,7 @@ BACKENDS = {
     "memory": _memory_store,
     "sqlite": _sqlite_store,
     "postgres": lambda request: __import__("pgserver").postgres_store(request),
-    "postgres-group": lambda request: __import__("pgserver").postgres_group_commit_store(request),
+    "postgres-single": lambda request: __import__("pgserver").postgres_single_commit_store(request),
 }
 
 

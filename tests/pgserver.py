@@ -63,14 +63,14 @@ def pg_schema(pg_dsn):
 
 
 def postgres_store(request):
-    """Factory for conftest.BACKENDS: a PostgreSQL store in a schema of its own."""
+    """Factory for conftest.BACKENDS: a PostgreSQL store in a schema of its own (group commit on, the default)."""
     dsn = request.getfixturevalue("pg_dsn")
     schema = request.getfixturevalue("pg_schema")
     return ec.connect(dsn, schema=schema, pool_size=20)
 
 
-def postgres_group_commit_store(request):
-    """Factory for conftest.BACKENDS: PostgreSQL with library-level group commit."""
+def postgres_single_commit_store(request):
+    """Factory for conftest.BACKENDS: PostgreSQL with group commit off (one transaction per append)."""
     dsn = request.getfixturevalue("pg_dsn")
     schema = request.getfixturevalue("pg_schema")
-    return ec.connect(dsn, schema=schema, pool_size=20, group_commit=True)
+    return ec.connect(dsn, schema=schema, pool_size=20, group_commit=False)

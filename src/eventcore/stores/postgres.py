@@ -1,16 +1,19 @@
 """PostgreSQL store (`postgresql://...`): the production backend.
 
 One round trip per append whatever the number of streams (the server-side
-function `append_events` locks every participant in sorted order, checks every
+function `append_group` locks every participant in sorted order, checks every
 expected version before writing anything, advances the heads and inserts the
-events), one round trip for `read_streams`, prepared statements throughout
-(`prepare_threshold=0`), a psycopg_pool of autocommit connections, and a
-global feed that never skips (see `pg_sql` on the position fence).
+events), one round trip for `read_streams`, statements rendered once and
+prepared on first use (`prepare_threshold=0`), a psycopg_pool of autocommit
+connections, group commit (appends from concurrent threads share one
+transaction), and a global feed that never skips (see `pg_sql` on the position
+fence).
 
 Options (keyword arguments or URL query parameters; keywords win):
 schema (default "eventcore"), pool_size (10), pool_min_size (1),
 connect_timeout (seconds, 10), statement_timeout (seconds, 30; 0 = none),
-pool_timeout (seconds to wait for a free connection, 30), migrate (true).
+pool_timeout (seconds to wait for a free connection, 30), migrate (true),
+group_commit (true).
 """
 from __future__ import annotations
 
@@ -264,7 +267,7 @@ class PostgresStore(EventStore):
         statement_timeout: float = 30.0,
         pool_timeout: float = 30.0,
         migrate: bool = True,
-        group_commit: bool = False,
+        group_commit: bool = True,
     ) -> None:
         if not isinstance(schema, str) or not schema or len(schema) > 63 or "\x00" in schema:
             raise ValidationError(f"schema must be a non-empty name of at most 63 characters, got {schema!r}")
