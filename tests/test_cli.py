@@ -66,12 +66,32 @@ def test_bench_table_output(capsys):
     assert "100.0 %" in out
 
 
+def test_bench_scaling_table_and_cache(capsys):
+    """Several concurrencies: one JSON report each, or a scaling table and the best one's table."""
+    argv = ["bench", "transfer", "--backend", "memory", "--ops", "40", "--concurrency", "1,3", "--cache",
+            "--no-progress"]
+    assert main([*argv, "--json"]) == 0
+    reports = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [(r["concurrency"], r["cache"], r["succeeded"]) for r in reports] == [(1, True, 40), (3, True, 40)]
+    assert reports[0]["cpu"]["client_us_per_op"] > 0 and reports[0]["cpu"]["server_cores"] is None
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Scaling: transfer") and "| Concurrency |" in out and "StateCache on" in out
+    assert "At the best concurrency" in out
+
+
+def test_bench_group_commit_flag_is_postgres_only(capsys):
+    assert main(["bench", "deposit", "--backend", "memory", "--no-group-commit", "--ops", "5"]) == 2
+    assert "--no-group-commit applies to --backend postgres only" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize(
     "argv, fragment",
     [
         (["bench", "nope"], "invalid choice: 'nope'"),
         (["bench", "deposit", "--ops", "0"], "expected a positive integer"),
         (["bench", "deposit", "--concurrency", "x"], "expected a positive integer"),
+        (["bench", "deposit", "--concurrency", "1,0"], "expected a positive integer"),
         (["bench", "deposit", "--backend", "oracle"], "invalid choice: 'oracle'"),
         (["bench"], "required"),
     ],

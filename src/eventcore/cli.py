@@ -1,7 +1,8 @@
 """The `eventcore` command line.
 
-    eventcore bench deposit|transfer|order|batch|all [--backend memory|sqlite] [--ops N]
-                    [--concurrency N] [--batch-size N] [--path FILE] [--json]
+    eventcore bench deposit|transfer|order|batch|all [--backend memory|sqlite|postgres] [--ops N]
+                    [--concurrency N[,N...]] [--cache] [--no-group-commit] [--batch-size N]
+                    [--path FILE] [--dsn URL] [--json]
     eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--dsn URL]
     eventcore projections [--json] [--dsn URL]
 """
@@ -31,6 +32,10 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _int_list(text: str) -> list[int]:
+    return [_positive_int(part) for part in text.split(",") if part.strip()] or [_positive_int(text)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .bench import WORKLOADS
 
@@ -55,7 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
                                      "temporary local cluster); the bench writes to schema eventcore_bench")
     bench.add_argument("--ops", type=_positive_int,
                        help="operations per workload (default: 1000 deposit/transfer, 500 order, 2000 events for batch)")
-    bench.add_argument("--concurrency", type=_positive_int, default=1, help="threads issuing operations (default 1)")
+    bench.add_argument("--concurrency", type=_int_list, default=[1], metavar="N[,N...]",
+                       help="threads issuing operations (default 1); several, e.g. 1,4,8,16, run the workload at "
+                            "each and print a scaling table")
+    bench.add_argument("--cache", action="store_true",
+                       help="run commands with an ec.StateCache (warm streams skip the read)")
+    bench.add_argument("--no-group-commit", action="store_true",
+                       help="PostgreSQL: one transaction per append instead of sharing them between threads")
     bench.add_argument("--batch-size", type=_positive_int, default=100, help="events per append in the batch workload")
     bench.add_argument("--seed", type=int, default=0, help="random seed for the workload's choices")
     bench.add_argument("--json", action="store_true", help="print one JSON object per workload instead of tables")
@@ -318,28 +329,41 @@ def _cmd_projections(args) -> int:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import WORKLOADS, BenchStore, format_table, run_workload
+    from .bench import WORKLOADS, BenchStore, format_scaling, format_table, run_workload
 
     if args.path and args.backend != "sqlite":
         raise EventCoreError("--path applies to --backend sqlite only")
     if args.dsn and args.backend != "postgres":
         raise EventCoreError("--dsn applies to --backend postgres only")
+    if args.no_group_commit and args.backend != "postgres":
+        raise EventCoreError("--no-group-commit applies to --backend postgres only")
     workloads = list(WORKLOADS) if "all" in args.workloads else list(dict.fromkeys(args.workloads))
+    concurrencies = list(dict.fromkeys(args.concurrency))
     status = 0
-    with BenchStore(args.backend, args.path, args.dsn) as store:
-        for i, name in enumerate(workloads):
-            report = run_workload(
-                store, name, backend=args.backend, ops=args.ops, concurrency=args.concurrency,
-                batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
-            )
+    first = True
+    with BenchStore(args.backend, args.path, args.dsn, group_commit=not args.no_group_commit) as store:
+        for name in workloads:
+            reports = []
+            for concurrency in concurrencies:
+                report = run_workload(
+                    store, name, backend=args.backend, ops=args.ops, concurrency=concurrency,
+                    batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, cache=args.cache,
+                )
+                reports.append(report)
+                if report["failed"]:
+                    status = 1
+                if args.json:
+                    print(json.dumps(report), flush=True)
             if args.json:
-                print(json.dumps(report), flush=True)
-            else:
-                if i:
-                    print()
-                print(format_table(report), flush=True)
-            if report["failed"]:
-                status = 1
+                continue
+            if not first:
+                print()
+            first = False
+            best = max(reports, key=lambda r: r["throughput_ops_s"])
+            if len(reports) > 1:
+                print(format_scaling(reports), flush=True)
+                print(f"\nAt the best concurrency ({best['concurrency']}):")
+            print(format_table(best), flush=True)
     return status
 
 
