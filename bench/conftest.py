@@ -7,8 +7,11 @@ EVENTCORE_BENCH_EVENTS scales the ingest benchmarks (default 1,000,000 events).
 """
 from __future__ import annotations
 
+import itertools
 import os
 import platform
+import random
+import threading
 import uuid
 
 import pytest
@@ -86,6 +89,48 @@ def eventsourcing_env(pg_dsn: str, schema: str, **settings: str) -> dict[str, st
     }
 
 
+#: Threads the command benchmarks (test_commands.py, test_peer_commands_eventsourcing.py) split a round over.
+CONCURRENCY = (1, 8)
+
+
+def transfer_pairs(ops: int, accounts: int) -> list[tuple[int, int]]:
+    """The transfer workload's plan, the same for every contender and concurrency: for op i, the
+    (source, target) account indexes, two distinct picks of random.Random(7)."""
+    rng = random.Random(7)
+    return [tuple(rng.sample(range(accounts), 2)) for _ in range(ops)]
+
+
+def run_split(concurrency: int, ops: int, op) -> None:
+    """Call op(worker, i) once for each i in range(ops), on `concurrency` threads (worker = 0..concurrency-1).
+
+    The threads take indexes from one shared itertools.count(), so each is done exactly once, in
+    roughly increasing order. Concurrency 1 runs in the calling thread; otherwise the threads are
+    started and joined here, and the first exception a thread raised is raised again.
+    """
+    counter = itertools.count()
+    errors: list[BaseException] = []
+
+    def worker(w: int) -> None:
+        try:
+            for i in counter:
+                if i >= ops or errors:
+                    return
+                op(w, i)
+        except BaseException as exc:  # re-raised in the calling thread
+            errors.append(exc)
+
+    if concurrency == 1:
+        worker(0)
+    else:
+        threads = [threading.Thread(target=worker, args=(w,), name=f"bench-{w}") for w in range(concurrency)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    if errors:
+        raise errors[0]
+
+
 def record(name: str, benchmark) -> None:
     MEDIANS[name] = benchmark.stats.stats.median
 
@@ -98,8 +143,8 @@ def pytest_terminal_summary(terminalreporter):
     tr.write_line(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
                   f"eventcore impl {ec.__impl__}")
     for name, (value, unit) in FIGURES.items():
-        tr.write_line(f"  {name:<58} {value:>14,.1f} {unit}")
+        tr.write_line(f"  {name:<68} {value:>14,.1f} {unit}")
     for label, num, den, target in RATIOS:
         if num in MEDIANS and den in MEDIANS and MEDIANS[num] > 0:
             ratio = MEDIANS[den] / MEDIANS[num]
-            tr.write_line(f"  {label:<58} {ratio:>14.2f}x   (target {target})")
+            tr.write_line(f"  {label:<68} {ratio:>14.2f}x   (target {target})")

@@ -1,4 +1,4 @@
-"""Command throughput on PostgreSQL, sequential, against the floor and a peer, in one session.
+"""Command throughput on PostgreSQL, on 1 and on 8 threads, against the floor and a peer, in one session.
 
 * cmd_*_eventcore        ec.execute of the workloads' commands (read every stream, fold, decide,
                          one version-checked append), with and without the opt-in StateCache;
@@ -7,63 +7,154 @@
                          UNIQUE (stream_id, version) is the version check — the floor any library pays;
 * cmd_*_eventsourcing    the `eventsourcing` library (bench/test_peer_commands_eventsourcing.py).
 
-OPS = EVENTCORE_BENCH_OPS (default 1,000) operations over 100 accounts, medians of 3 rounds, each
-round in a fresh schema.
+OPS = EVENTCORE_BENCH_OPS (default 1,000) operations over 100 accounts (opening balance 10**9),
+medians of 3 rounds, each round in a fresh schema.
+* deposit: op i deposits 1 into account i % 100.
+* transfer: op i moves 1 between the i-th (source, target) pair of a plan drawn once, in setup,
+  from random.Random(7) (conftest.transfer_pairs: the same plan for every contender and concurrency).
+
+Concurrency c (1 or 8; names with no suffix are c = 1, `_c8` is c = 8): the OPS operations of a
+round are shared by c threads, each taking the next op index from one itertools.count(), so every
+op is done once (conftest.run_split). c = 1 runs in the benchmark's thread; for c = 8 starting and
+joining the threads is part of the timed round.
+
+* eventcore: one store per round, `ec.connect(dsn, pool_size=max(2, c))` with the store's defaults
+  otherwise (group commit on: concurrent appends share a transaction; the pool opens connections
+  as they are needed); the cache variant shares one `ec.StateCache()` among the round's threads;
+  every execute has `retry=ec.RetryPolicy(max_retries=50, base_delay=0.001, max_delay=0.05)`.
+* raw: one autocommit connection per thread (prepare_threshold=0), opened in setup; a unique
+  violation (another thread wrote the stream first) re-reads and tries again, without limit.
+
+Untimed: setup (schema, store or connections, the 100 AccountOpened events) and, after each round,
+the check: every account's versions are 1..n with no gap, n is 1 + its round-robin share of the
+deposits or 1 + the number of plan transfers it is in, and the balances sum to the opening total
+(+ OPS for deposit). Conflicts retried (attempts beyond the first) and, for the cache variant,
+stale cache hits are in the JSON's extra_info.
 """
 from __future__ import annotations
 
 import json
 import os
-import random
+from collections import Counter, defaultdict
 
 import psycopg
 import pytest
 from psycopg import sql
 
 import eventcore as ec
-from eventcore.workloads import AccountOpened, DepositMoney, TransferMoney
+from eventcore.workloads import AccountOpened, DepositMoney, MoneyWithdrawn, TransferMoney
 
-from conftest import FIGURES, MEDIANS, RATIOS, record
+from conftest import CONCURRENCY, FIGURES, MEDIANS, RATIOS, record, run_split, transfer_pairs
 
 OPS = int(os.environ.get("EVENTCORE_BENCH_OPS", "1000"))
 ACCOUNTS = 100
+OPENING_BALANCE = 10**9
+RETRY = ec.RetryPolicy(max_retries=50, base_delay=0.001, max_delay=0.05)
 
 
 def _accounts(prefix):
     return [ec.StreamId(f"{prefix}-{k}") for k in range(ACCOUNTS)]
 
 
+def _suffix(concurrency: int) -> str:
+    """Median names: no suffix for 1 thread (the names the ratio lines always used), `_c8` for 8."""
+    return "" if concurrency == 1 else f"_c{concurrency}"
+
+
+def _label(concurrency: int) -> str:
+    return "" if concurrency == 1 else f", {concurrency} threads"
+
+
+def _expected(workload: str, pairs) -> tuple[list[int], int]:
+    """Events each account must hold after a round, and the balances' total."""
+    if workload == "deposit":
+        counts = [1 + OPS // ACCOUNTS + (1 if k < OPS % ACCOUNTS else 0) for k in range(ACCOUNTS)]
+        return counts, ACCOUNTS * OPENING_BALANCE + OPS
+    touched = Counter()
+    for a, b in pairs:
+        touched[a] += 1
+        touched[b] += 1
+    return [1 + touched[k] for k in range(ACCOUNTS)], ACCOUNTS * OPENING_BALANCE
+
+
+def _check(workload, pairs, accounts, versions: dict, total: int) -> None:
+    counts, expected_total = _expected(workload, pairs)
+    assert set(versions) == set(accounts), sorted(set(versions) ^ set(accounts))[:5]
+    for k, account in enumerate(accounts):
+        assert sorted(versions[account]) == list(range(1, counts[k] + 1)), (account, len(versions[account]), counts[k])
+    assert total == expected_total, (total, expected_total)
+
+
+def _check_eventcore(store, accounts, workload, pairs) -> None:
+    versions, total = defaultdict(list), 0
+    for e in store.read_all():
+        versions[e.stream_id].append(e.version)
+        data = e.data
+        if type(data) is AccountOpened:
+            total += data.initial_balance
+        elif type(data) is MoneyWithdrawn:
+            total -= data.amount
+        else:
+            total += data.amount
+    _check(workload, pairs, [str(a) for a in accounts], versions, total)
+
+
 @pytest.mark.benchmark(group="commands")
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=lambda c: f"c{c}")
 @pytest.mark.parametrize("variant", ["plain", "cache"])
 @pytest.mark.parametrize("workload", ["deposit", "transfer"])
-def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant):
-    stores = []
+def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, concurrency):
+    pairs = transfer_pairs(OPS, ACCOUNTS)
+    pending = []  # the round last set up: checked and closed before the next one, or at the end
+    retried = []  # attempts beyond the first, one entry per retried command
+    stale = []  # per round, StateCache hits that proved stale (re-run outside the retry policy)
+
+    def finish():
+        while pending:
+            store, accounts, cache = pending.pop()
+            if cache is not None:
+                stale.append(cache.stale)
+            try:
+                _check_eventcore(store, accounts, workload, pairs)
+            finally:
+                store.close()
 
     def setup():
-        store = ec.connect(pg_dsn, schema=fresh_schema(), pool_size=2)
+        finish()
+        store = ec.connect(pg_dsn, schema=fresh_schema(), pool_size=max(2, concurrency))
         accounts = _accounts("acct")
-        store.append([ec.emit(a, AccountOpened(10**9)) for a in accounts], {a: ec.NO_STREAM for a in accounts})
-        stores.append(store)
-        return (store, accounts, ec.StateCache() if variant == "cache" else None), {}
+        cache = ec.StateCache() if variant == "cache" else None
+        pending.append((store, accounts, cache))
+        store.append([ec.emit(a, AccountOpened(OPENING_BALANCE)) for a in accounts],
+                     {a: ec.NO_STREAM for a in accounts})
+        return (store, accounts, cache), {}
 
     def run(store, accounts, cache):
-        rng = random.Random(7)
-        for i in range(OPS):
-            if workload == "deposit":
-                ec.execute(store, DepositMoney(accounts[i % ACCOUNTS], 1), cache=cache)
-            else:
-                a, b = rng.sample(accounts, 2)
-                ec.execute(store, TransferMoney(a, b, 1), cache=cache)
+        if workload == "deposit":
+            def op(_worker, i):
+                result = ec.execute(store, DepositMoney(accounts[i % ACCOUNTS], 1), cache=cache, retry=RETRY)
+                if result.attempts > 1:
+                    retried.append(result.attempts - 1)
+        else:
+            def op(_worker, i):
+                a, b = pairs[i]
+                result = ec.execute(store, TransferMoney(accounts[a], accounts[b], 1), cache=cache, retry=RETRY)
+                if result.attempts > 1:
+                    retried.append(result.attempts - 1)
+        run_split(concurrency, OPS, op)
 
-    benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
-    per_op = 1 if workload == "deposit" else 2
-    assert len(list(stores[-1].read_all())) == ACCOUNTS + per_op * OPS
-    for s in stores:
-        s.close()
-    name = f"cmd_{workload}_eventcore" + ("_cache" if variant == "cache" else "")
+    try:
+        benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
+        finish()
+    finally:
+        for store, _, _ in pending:
+            store.close()
+    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, concurrency=concurrency,
+                                retries_all_rounds=sum(retried), cache_stale_per_round=stale)
+    name = f"cmd_{workload}_eventcore" + ("_cache" if variant == "cache" else "") + _suffix(concurrency)
     record(name, benchmark)
-    FIGURES[f"{workload}, eventcore{' + StateCache' if variant == 'cache' else ''} ({ec.__impl__}): ops/s"] = (
-        OPS / MEDIANS[name], "ops/s")
+    FIGURES[f"{workload}, eventcore{' + StateCache' if variant == 'cache' else ''} ({ec.__impl__})"
+            f"{_label(concurrency)}: ops/s"] = (OPS / MEDIANS[name], "ops/s")
 
 
 _RAW_TABLE = """
@@ -76,26 +167,50 @@ CREATE TABLE {t} (
     UNIQUE (stream_id, version)
 )"""
 
+_RAW_CHECK = """
+SELECT stream_id, array_agg(version),
+       sum(CASE WHEN type = 'withdrawn' THEN -(data->>'amount')::bigint ELSE (data->>'amount')::bigint END)
+FROM {t} GROUP BY stream_id"""
+
 
 @pytest.mark.benchmark(group="commands")
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=lambda c: f"c{c}")
 @pytest.mark.parametrize("workload", ["deposit", "transfer"])
-def test_commands_raw_psycopg(benchmark, pg_dsn, fresh_schema, workload):
-    conns = []
+def test_commands_raw_psycopg(benchmark, pg_dsn, fresh_schema, workload, concurrency):
+    pairs = transfer_pairs(OPS, ACCOUNTS)
+    accounts = [f"acct-{k}" for k in range(ACCOUNTS)]
+    pending = []  # (connections, table) of the round last set up
+    retried = []
+
+    def finish():
+        while pending:
+            conns, table = pending.pop()
+            try:
+                versions, total = {}, 0
+                for sid, vs, balance in conns[0].execute(sql.SQL(_RAW_CHECK).format(t=table)):
+                    versions[sid] = vs
+                    total += balance
+                _check(workload, pairs, accounts, versions, total)
+            finally:
+                for c in conns:
+                    c.close()
 
     def setup():
+        finish()
         schema = fresh_schema()
-        conn = psycopg.connect(pg_dsn, autocommit=True, prepare_threshold=0)
         table = sql.Identifier(schema, "raw_events")
-        conn.execute(sql.SQL(_RAW_TABLE).format(t=table))
-        accounts = [f"acct-{k}" for k in range(ACCOUNTS)]
-        with conn.cursor() as cur:
+        conns = []
+        pending.append((conns, table))
+        for _ in range(concurrency):
+            conns.append(psycopg.connect(pg_dsn, autocommit=True, prepare_threshold=0))
+        conns[0].execute(sql.SQL(_RAW_TABLE).format(t=table))
+        with conns[0].cursor() as cur:
             cur.executemany(sql.SQL("INSERT INTO {} (stream_id, version, type, data) VALUES (%s, 1, 'opened', %s)")
-                            .format(table), [(a, json.dumps({"amount": 10**9})) for a in accounts])
-        conns.append((conn, table))
+                            .format(table), [(a, json.dumps({"amount": OPENING_BALANCE})) for a in accounts])
         read = sql.SQL("SELECT stream_id, version, type, data::text FROM {} WHERE stream_id = ANY(%s) ORDER BY position").format(table)
         insert1 = sql.SQL("INSERT INTO {} (stream_id, version, type, data) VALUES (%s, %s, %s, %s)").format(table)
         insert2 = sql.SQL("INSERT INTO {} (stream_id, version, type, data) VALUES (%s, %s, %s, %s), (%s, %s, %s, %s)").format(table)
-        return (conn, accounts, read, insert1, insert2), {}
+        return (conns, read, insert1, insert2), {}
 
     def fold(rows):
         balance, version = {}, {}
@@ -105,39 +220,51 @@ def test_commands_raw_psycopg(benchmark, pg_dsn, fresh_schema, workload):
             version[sid] = v
         return balance, version
 
-    def run(conn, accounts, read, insert1, insert2):
-        rng = random.Random(7)
-        for i in range(OPS):
+    def run(conns, read, insert1, insert2):
+        def op(worker, i):
+            conn = conns[worker]
             while True:  # retry on a version conflict, as a library would
                 if workload == "deposit":
                     a = accounts[i % ACCOUNTS]
                     _, version = fold(conn.execute(read, ([a],)).fetchall())
                     try:
                         conn.execute(insert1, (a, version[a] + 1, "deposited", '{"amount": 1}'))
-                        break
+                        return
                     except psycopg.errors.UniqueViolation:
+                        retried.append(1)
                         continue
-                a, b = rng.sample(accounts, 2)
+                s, t = pairs[i]
+                a, b = accounts[s], accounts[t]
                 balance, version = fold(conn.execute(read, ([a, b],)).fetchall())
                 assert balance[a] >= 1
                 try:
                     conn.execute(insert2, (a, version[a] + 1, "withdrawn", '{"amount": 1}',
                                            b, version[b] + 1, "deposited", '{"amount": 1}'))
-                    break
+                    return
                 except psycopg.errors.UniqueViolation:
+                    retried.append(1)
                     continue
 
-    benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
-    conn, table = conns[-1]
-    per_op = 1 if workload == "deposit" else 2
-    assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table)).fetchone()[0] == ACCOUNTS + per_op * OPS
-    for c, _ in conns:
-        c.close()
-    record(f"cmd_{workload}_raw", benchmark)
-    FIGURES[f"{workload}, hand-written psycopg (the floor): ops/s"] = (OPS / MEDIANS[f"cmd_{workload}_raw"], "ops/s")
+        run_split(concurrency, OPS, op)
+
+    try:
+        benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
+        finish()
+    finally:
+        for conns, _ in pending:
+            for c in conns:
+                c.close()
+    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, concurrency=concurrency,
+                                retries_all_rounds=len(retried))
+    name = f"cmd_{workload}_raw{_suffix(concurrency)}"
+    record(name, benchmark)
+    FIGURES[f"{workload}, hand-written psycopg (the floor){_label(concurrency)}: ops/s"] = (
+        OPS / MEDIANS[name], "ops/s")
 
 
-RATIOS.append(("deposit: eventcore vs hand-written psycopg", "cmd_deposit_eventcore", "cmd_deposit_raw", ">= 0.8x"))
-RATIOS.append(("deposit: eventcore + StateCache vs hand-written psycopg", "cmd_deposit_eventcore_cache", "cmd_deposit_raw", ">= 0.8x"))
-RATIOS.append(("transfer: eventcore vs hand-written psycopg", "cmd_transfer_eventcore", "cmd_transfer_raw", ">= 0.8x"))
-RATIOS.append(("transfer: eventcore + StateCache vs hand-written psycopg", "cmd_transfer_eventcore_cache", "cmd_transfer_raw", ">= 0.8x"))
+for _c in CONCURRENCY:
+    for _workload in ("deposit", "transfer"):
+        for _variant, _what in (("", "eventcore"), ("_cache", "eventcore + StateCache")):
+            RATIOS.append((f"{_workload}{_label(_c)}: {_what} vs hand-written psycopg",
+                           f"cmd_{_workload}_eventcore{_variant}{_suffix(_c)}",
+                           f"cmd_{_workload}_raw{_suffix(_c)}", ">= 0.8x"))

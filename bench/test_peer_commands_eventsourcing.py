@@ -1,7 +1,7 @@
 """Peer comparison for the reference report's command workloads: single-account deposits and
 two-account transfers written with the `eventsourcing` library (https://pypi.org/project/eventsourcing/,
 9.5.6, PostgreSQL persistence through psycopg 3), on the same server as eventcore's side
-(bench/test_commands.py, recorded as cmd_deposit_eventcore / cmd_transfer_eventcore).
+(bench/test_commands.py, recorded as cmd_deposit_eventcore / cmd_transfer_eventcore, `_c8` for 8 threads).
 
 Set-up: the library's recommended style. A `Bank` Application subclass holds the command methods
 and an `Account` Aggregate class holds the events:
@@ -20,26 +20,38 @@ left at its default (off), unlike bench/test_peer_eventsourcing.py. In the defau
 save() runs one pipelined transaction: SET LOCAL lock_timeout, LOCK TABLE ... IN EXCLUSIVE MODE,
 NOTIFY, INSERT ... RETURNING notification_id. Holding the table lock means concurrent writers
 commit notification ids in order, so a reader that follows the notification log never skips an
-event that commits late. The DB-function mode (es_insert_events_uuid, 9.5.6) runs only NOTIFY +
-INSERT, with no table lock. It is faster, but concurrent writers can then commit notification
-ids out of order, so it is not the setting that is safe for concurrent writers. Both workloads
-here are sequential (one thread), but the peer is configured as a concurrent application would be.
+event that commits late. It also means the saves of all threads commit one at a time. The
+DB-function mode (es_insert_events_uuid, 9.5.6) runs only NOTIFY + INSERT, with no table lock. It
+is faster, but concurrent writers can then commit notification ids out of order, so it is not the
+setting that is safe for concurrent writers.
+
+Concurrency c (1 or 8): one Application per round, shared by c threads, each taking the next op
+index from one itertools.count() (conftest.run_split; c = 1 runs in the benchmark's thread, for
+c = 8 starting and joining the threads is timed). Sharing is how the library is meant to be used:
+without an aggregate cache, Repository.get and save() keep no shared mutable state, and each call
+takes its own connection from the datastore's psycopg_pool pool (default POSTGRES_POOL_SIZE 5 +
+POSTGRES_MAX_OVERFLOW 10 = up to 15 connections, enough for 8 threads, so both are left at their
+defaults; the pool opens connections 6..8 when threads first wait for one). Two threads that read
+the same account and both save: the second INSERT violates the primary key and save() raises
+eventsourcing.persistence.IntegrityError (the library's own threaded test retries on it); the
+command is then run again from the get(), up to 50 times, with no delay (the table lock means the
+winner has committed by then). Retries are counted in the JSON's extra_info.
 
 Timed, per round: OPS commands, OPS = EVENTCORE_BENCH_OPS (default 1,000).
-* deposit: account i % 100 gets a deposit of 1, round robin.
-* transfer: random.Random(0) picks 2 distinct accounts of the 100 and an amount in 1..100.
-  The picks are drawn in setup, and each round replays the same sequence.
+* deposit: op i deposits 1 into account i % 100.
+* transfer: op i moves 1 between the i-th (source, target) pair of a plan drawn once, in setup,
+  from random.Random(7) (conftest.transfer_pairs: the same plan as eventcore's and the raw side's).
 Untimed, done in setup: a fresh schema, the Application (which creates its table there), and the
 100 accounts saved with an opening balance of 1,000,000,000 (eventcore's bench uses the same
 balance, so no transfer is refused). Afterwards, also untimed: check the table holds exactly
 100 Created events plus OPS Deposited (deposit) or OPS Withdrawn + OPS Deposited (transfer), and
 that each account's versions are 1..n with no gap. For deposit, each account's count must match
-the round robin. For transfer, the balances must sum to the opening total. Then drop the schema.
+the round robin; for transfer, 1 + the number of plan transfers it is in. The balances must sum
+to the opening total (+ OPS for deposit). Then drop the schema.
 """
 from __future__ import annotations
 
 import os
-import random
 import uuid
 from collections import Counter
 
@@ -53,13 +65,14 @@ from psycopg import sql  # noqa: E402
 
 from eventsourcing.application import Application  # noqa: E402
 from eventsourcing.domain import Aggregate, event  # noqa: E402
+from eventsourcing.persistence import IntegrityError  # noqa: E402
 
-from conftest import FIGURES, RATIOS, eventsourcing_env, record  # noqa: E402
+from conftest import CONCURRENCY, FIGURES, RATIOS, eventsourcing_env, record, run_split, transfer_pairs  # noqa: E402
 
 OPS = int(os.environ.get("EVENTCORE_BENCH_OPS", "1000"))
 ACCOUNTS = 100
 OPENING_BALANCE = 1_000_000_000
-SEED = 0
+MAX_RETRIES = 50
 
 
 class InsufficientFunds(Exception):
@@ -177,6 +190,22 @@ class _Rounds:
                     conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
 
+def _retrying(retried: list, command, *args) -> None:
+    """Run an application command; on a version clash (IntegrityError from save()) run it again."""
+    for attempt in range(MAX_RETRIES + 1):
+        try:
+            command(*args)
+            return
+        except IntegrityError:
+            if attempt == MAX_RETRIES:
+                raise
+            retried.append(1)
+
+
+def _suffix(concurrency: int) -> str:
+    return "" if concurrency == 1 else f"_c{concurrency}"
+
+
 def _run_rounds(benchmark, rounds: _Rounds, run) -> None:
     try:
         benchmark.pedantic(run, setup=rounds.setup, rounds=3, iterations=1)
@@ -186,11 +215,17 @@ def _run_rounds(benchmark, rounds: _Rounds, run) -> None:
 
 
 @pytest.mark.benchmark(group="commands")
-def test_cmd_deposit_eventsourcing(benchmark, pg_dsn):
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=lambda c: f"c{c}")
+def test_cmd_deposit_eventsourcing(benchmark, pg_dsn, concurrency):
+    retried = []
+
     def run(app: Bank, ids: list[uuid.UUID]) -> None:
         deposit = app.deposit
-        for i in range(OPS):
-            deposit(ids[i % ACCOUNTS], 1)
+
+        def op(_worker, i):
+            _retrying(retried, deposit, ids[i % ACCOUNTS], 1)
+
+        run_split(concurrency, OPS, op)
 
     def check(app, ids, topics, per_account):
         assert topics == Counter(Created=ACCOUNTS, Deposited=OPS), topics
@@ -201,34 +236,33 @@ def test_cmd_deposit_eventsourcing(benchmark, pg_dsn):
         assert sum(app.balance(a) for a in ids) == ACCOUNTS * OPENING_BALANCE + OPS
 
     _run_rounds(benchmark, _Rounds(pg_dsn, check), run)
-    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, mode="Application + Aggregate, default settings")
-    record("cmd_deposit_eventsourcing", benchmark)
-    FIGURES["cmd_deposit_eventsourcing"] = (OPS / benchmark.stats.stats.median, "ops/s")
-
-
-def _transfer_plan(n: int) -> list[tuple[int, int, int]]:
-    rng = random.Random(SEED)
-    plan = []
-    for _ in range(n):
-        source, target = rng.sample(range(ACCOUNTS), 2)
-        plan.append((source, target, rng.randint(1, 100)))
-    return plan
+    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, concurrency=concurrency, retries_all_rounds=len(retried),
+                                mode="Application + Aggregate, default settings")
+    name = f"cmd_deposit_eventsourcing{_suffix(concurrency)}"
+    record(name, benchmark)
+    FIGURES[name] = (OPS / benchmark.stats.stats.median, "ops/s")
 
 
 @pytest.mark.benchmark(group="commands")
-def test_cmd_transfer_eventsourcing(benchmark, pg_dsn):
-    plan = _transfer_plan(OPS)
+@pytest.mark.parametrize("concurrency", CONCURRENCY, ids=lambda c: f"c{c}")
+def test_cmd_transfer_eventsourcing(benchmark, pg_dsn, concurrency):
+    plan = transfer_pairs(OPS, ACCOUNTS)
+    retried = []
 
     def run(app: Bank, ids: list[uuid.UUID]) -> None:
         transfer = app.transfer
-        for source, target, amount in plan:
-            transfer(ids[source], ids[target], amount)
+
+        def op(_worker, i):
+            source, target = plan[i]
+            _retrying(retried, transfer, ids[source], ids[target], 1)
+
+        run_split(concurrency, OPS, op)
 
     def check(app, ids, topics, per_account):
         assert topics == Counter(Created=ACCOUNTS, Withdrawn=OPS, Deposited=OPS), topics
         assert sorted(per_account) == sorted(ids)
         touched = Counter()
-        for source, target, _ in plan:
+        for source, target in plan:
             touched[source] += 1
             touched[target] += 1
         for k, account_id in enumerate(ids):
@@ -236,11 +270,18 @@ def test_cmd_transfer_eventsourcing(benchmark, pg_dsn):
         assert sum(app.balance(a) for a in ids) == ACCOUNTS * OPENING_BALANCE
 
     _run_rounds(benchmark, _Rounds(pg_dsn, check), run)
-    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, seed=SEED,
+    benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, concurrency=concurrency, retries_all_rounds=len(retried),
+                                plan="random.Random(7) pairs, amount 1",
                                 mode="Application + Aggregate, save(a, b), default settings")
-    record("cmd_transfer_eventsourcing", benchmark)
-    FIGURES["cmd_transfer_eventsourcing"] = (OPS / benchmark.stats.stats.median, "ops/s")
+    name = f"cmd_transfer_eventsourcing{_suffix(concurrency)}"
+    record(name, benchmark)
+    FIGURES[name] = (OPS / benchmark.stats.stats.median, "ops/s")
 
 
-RATIOS.append(("deposit: eventcore vs eventsourcing", "cmd_deposit_eventcore", "cmd_deposit_eventsourcing", ">= 10x"))
-RATIOS.append(("transfer: eventcore vs eventsourcing", "cmd_transfer_eventcore", "cmd_transfer_eventsourcing", ">= 10x"))
+for _c in CONCURRENCY:
+    for _workload in ("deposit", "transfer"):
+        for _variant, _what in (("", "eventcore"), ("_cache", "eventcore + StateCache")):
+            _threads = "" if _c == 1 else f", {_c} threads"
+            RATIOS.append((f"{_workload}{_threads}: {_what} vs eventsourcing",
+                           f"cmd_{_workload}_eventcore{_variant}{_suffix(_c)}",
+                           f"cmd_{_workload}_eventsourcing{_suffix(_c)}", ">= 10x"))
