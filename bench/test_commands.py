@@ -121,7 +121,9 @@ def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, 
 
     def setup():
         finish()
-        store = ec.connect(pg_dsn, schema=fresh_schema(), pool_size=max(2, concurrency))
+        # The pool opened whole in setup, as the raw contender opens its connections there.
+        store = ec.connect(pg_dsn, schema=fresh_schema(), pool_size=max(2, concurrency),
+                           pool_min_size=max(2, concurrency))
         accounts = _accounts("acct")
         cache = ec.StateCache() if variant == "cache" else None
         pending.append((store, accounts, cache))
