@@ -38,7 +38,7 @@ def test_bench_all_workloads_succeed_json(backend, capsys, tmp_path):
 def test_bench_writes_what_it_reports(tmp_path):
     """The bench's counts are the store's contents, and transfers conserve money."""
     store = ec.connect(f"sqlite:///{tmp_path / 'b.db'}")
-    r = run_workload(store, "transfer", backend="sqlite", ops=200, concurrency=4)
+    r = run_workload(store, "transfer", backend="sqlite", ops=200, concurrency=4, warmup=False)
     assert r["succeeded"] == 200 and r["failed"] == 0
     events = list(store.read_all())
     # 100 accounts opened (one batch) + 2 events per transfer

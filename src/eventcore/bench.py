@@ -38,6 +38,9 @@ CUSTOMERS = 50
 #: Benchmarks retry conflicts generously: a conflict is normal under load, a
 #: failure should mean something is wrong.
 BENCH_RETRY = RetryPolicy(max_retries=20, base_delay=0.001, max_delay=0.05)
+#: Untimed operations before each run (at least; 4 per thread at higher concurrency): one per
+#: connection of the bench's pool, since connections are handed out in turn.
+WARMUP_OPS = 16
 #: Progress is shown only for runs longer than this many seconds.
 PROGRESS_AFTER_S = 2.0
 
@@ -334,10 +337,19 @@ def run_workload(
     seed: int = 0,
     progress: bool = False,
     cache: bool = False,
+    warmup: bool = True,
 ) -> dict:
     """Run one workload against an open store and return its report (see BenchResult.as_dict).
 
-    cache: run the commands with one shared `StateCache` (warm streams skip the read)."""
+    cache: run the commands with one shared `StateCache` (warm streams skip the read).
+    warmup: first run a few untimed operations of the workload on streams of their own, enough
+    to use every pooled connection once: a connection's first statements cost several times a
+    warm one's (the server compiles and plans the append functions per connection), which
+    would otherwise dominate short runs such as the 20-batch workload."""
+    if warmup:
+        run_workload(store, workload, backend=backend, ops=max(WARMUP_OPS, 4 * concurrency) *
+                     (batch_size if workload == "batch" else 1), concurrency=concurrency,
+                     batch_size=batch_size, seed=seed + 1, cache=cache, warmup=False)
     if workload not in WORKLOADS:
         raise ValidationError(f"unknown workload {workload!r}; choose from {', '.join(WORKLOADS)}")
     ops = DEFAULT_OPS[workload] if ops is None else ops

@@ -201,6 +201,10 @@ _encode_json = msgspec.json.Encoder(enc_hook=str).encode
 _Raw = msgspec.Raw
 
 
+#: An append_group argument with no members: what _warm_up sends.
+_EMPTY_GROUP = '{"n": 0, "g": []}'
+
+
 def _encode_group(group: list) -> str:
     """The append_group argument: {"n": participants, "g": [[participants, events], ...]} (see
     pg_sql migration 2). Payloads and metadata are already JSON: embedded verbatim, never re-encoded.
@@ -301,6 +305,7 @@ class PostgresStore(EventStore):
             },
             open=False,
             name=f"eventcore:{schema}",
+            configure=self._warm_up,
         )
         try:
             self._pool.open(wait=True, timeout=self.connect_timeout)
@@ -317,6 +322,20 @@ class PostgresStore(EventStore):
         except BaseException:
             self._pool.close()
             raise
+
+    def _warm_up(self, conn) -> None:
+        """Run on every new pool connection before it is handed out: prepare the hot statements and
+        have the server compile the append functions and plan their statements (measured: the first
+        append_batch on a cold connection took 10-15 ms against 3-4 ms warm; a pool hands its
+        connections out in turn, so without this the first commands of a run each paid it). Writes nothing.
+        Errors (e.g. a schema not yet migrated) are ignored: the statements are then prepared on
+        first use."""
+        try:
+            conn.execute(self._sql["APPEND_GROUP"], (_EMPTY_GROUP,)).fetchall()
+            conn.execute(self._sql["RESERVE"], ([], [], [], 0)).fetchall()  # no events: returns before writing
+            conn.execute(self._sql["READ_STREAMS"], ([],)).fetchall()
+        except psycopg.Error:
+            pass
 
     def __repr__(self) -> str:
         return f"PostgresStore({redact(self._dsn)!r}, schema={self.schema!r})"
