@@ -567,3 +567,66 @@ def test_withdrawn_and_deposited_fold_across_streams(store):
     ec.execute(store, Transfer(source=SID("b"), target=SID("a"), amount=3))
     assert (balance(store, "a"), balance(store, "b")) == (3, 7)
     assert [type(e.data) for e in store.read_all()] == [Deposited, Withdrawn, Deposited, Withdrawn, Deposited]
+
+
+class _Gate(ec.Command):
+    """Deposits 1, but its decision waits until the test opens the gate (holding its stream meanwhile)."""
+
+    account: ec.StreamId
+    entered: Any
+    gate: Any
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + event.data.amount
+
+    def handle(self, state):
+        self.entered.set()
+        assert self.gate.wait(10)
+        return [ec.emit(self.account, Deposited(amount=1, balance=state + 1))]
+
+
+def test_commands_of_one_process_on_a_stream_queue_instead_of_conflicting(store):
+    """Threads of one process on one stream run one after the other: none fails its version
+    check, so no retry is needed, and every deposit is there."""
+    import threading
+
+    acct = ec.StreamId("q-1")
+    errors = []
+
+    def work():
+        try:
+            for _ in range(15):
+                ec.execute(store, Deposit(acct, 1), retry=ec.RetryPolicy(max_retries=0))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert [e.version for e in store.read_stream(acct)] == list(range(1, 61))
+
+
+def test_waiting_for_a_stream_held_in_the_process_respects_the_timeout(store):
+    import threading
+
+    acct = ec.StreamId("q-2")
+    entered, gate = threading.Event(), threading.Event()
+    holder = threading.Thread(target=lambda: ec.execute(store, _Gate(acct, entered, gate)))
+    holder.start()
+    try:
+        assert entered.wait(10)
+        with pytest.raises(ec.CommandTimeoutError, match="waiting for other commands of this process"):
+            ec.execute(store, Deposit(acct, 5), timeout=0.2)
+        assert store.stream_version(acct) == 0
+    finally:
+        gate.set()
+        holder.join()
+    assert [e.data.amount for e in store.read_stream(acct)] == [1]
+    ec.execute(store, Deposit(acct, 5), timeout=5)  # free again
+    assert store.stream_version(acct) == 2

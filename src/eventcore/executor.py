@@ -363,26 +363,26 @@ def execute(
     store_key = id(store)
     locks = sorted({hash((store_key, sid)) % STREAM_LOCK_STRIPES for sid in streams})
     held = []
+    deadline = None if timeout is None else time.monotonic() + timeout
     try:
         for k in locks:
             lock = _STREAM_LOCKS[k]
-            if not lock.acquire(timeout=-1 if timeout is None else timeout):
+            if not lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
                 raise CommandTimeoutError(
                     f"{type(command).__name__} timed out after {timeout}s waiting for other commands of this "
                     "process on the same streams; nothing was written"
                 )
             held.append(lock)
         if cache is None:
-            return _run(store, command, streams, policy, metadata, timeout, None, None)
+            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None)
         entry = cache._folded_entry((store_key, type(command), tuple(streams)))
-        return _run(store, command, streams, policy, metadata, timeout, entry, cache)
+        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache)
     finally:
         for lock in reversed(held):
             lock.release()
 
 
-def _run(store, command, streams, policy, metadata, timeout, entry, cache) -> ExecutionResult:
-    deadline = None if timeout is None else time.monotonic() + timeout
+def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache) -> ExecutionResult:
     attempt = 0
     free_retry_used = False
     while True:
