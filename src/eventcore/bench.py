@@ -120,7 +120,8 @@ TARGETS = {
     "deposit": {"throughput": 5000.0, "p95": 10.0, "success": 100.0},
     "transfer": {"throughput": 3000.0, "success": 100.0},
     "order": {"throughput": 2000.0, "success": 100.0},
-    "batch": {"events_per_s": 20000.0, "success": 100.0},
+    # The report asked >= 20,000 events/s; the command-throughput issue raised it to 100,000.
+    "batch": {"events_per_s": 100000.0, "success": 100.0},
 }
 #: The command-throughput issue's latency target for a deposit with nothing else running.
 DEPOSIT_P95_ALONE_MS = 2.0
