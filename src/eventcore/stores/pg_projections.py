@@ -164,13 +164,8 @@ class PostgresBackend(_Backend):
         return self._exec(self._sql["head"])[0][0]
 
     def read_rows(self, after, types, prefix, limit) -> list:
-        params: list = [after]
-        if types is not None:
-            params.append(list(types))
-        if prefix is not None:
-            params.append(prefix)
-        params.append(limit)
-        return self._exec(self._read[types is not None, prefix is not None], tuple(params))
+        return self._exec(self._read[types is not None, prefix is not None],
+                          pg_sql.read_all_params(after, types, prefix, limit))
 
     @contextmanager
     def transaction(self):
@@ -264,10 +259,5 @@ def pg_dead_letters(store, name: str) -> list[DeadLetter]:
 
 
 def pg_read_rows(store, after: int, types, prefix, limit: int) -> list:
-    params: list = [after]
-    if types is not None:
-        params.append(list(types))
-    if prefix is not None:
-        params.append(prefix)
-    params.append(limit)
-    return _fetch(store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), store.schema), tuple(params))
+    return _fetch(store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), store.schema),
+                  pg_sql.read_all_params(after, types, prefix, limit))

@@ -521,6 +521,17 @@ COMMITTED_ROWS = (
 )
 
 
+def read_all_params(after: int, types, prefix, limit: int) -> tuple:
+    """The parameters of `read_all_sql(types is not None, prefix is not None)`, in order."""
+    params: list = [after]
+    if types is not None:
+        params.append(list(types))
+    if prefix is not None:
+        params.append(prefix)
+    params.append(limit)
+    return tuple(params)
+
+
 def read_all_sql(with_types: bool, with_prefix: bool) -> str:
     text = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE position > %s AND position < {FENCE}"
     if with_types:
