@@ -22,6 +22,7 @@ from .errors import (
 )
 from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit
 from .executor import ExecutionResult, RetryPolicy, StateCache, execute
+from .metrics import CommandInfo, MetricsCollector, OperationInfo, RetryInfo
 from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
 from .projections import (
     DeadLetter,
@@ -36,7 +37,7 @@ from .projections import (
     run_projection,
 )
 from .stores import connect
-from .stores.base import BatchResult, EventStore, IngestError, IngestResult
+from .stores.base import BatchResult, EventStore, IngestError, IngestResult, StoreHealth
 from .streams import StreamId
 
 __version__ = "0.1.0"
@@ -46,6 +47,7 @@ __all__ = [
     "BatchResult",
     "BusinessRuleViolation",
     "Command",
+    "CommandInfo",
     "CommandTimeoutError",
     "ConcurrencyError",
     "DeadLetter",
@@ -58,7 +60,9 @@ __all__ = [
     "IngestError",
     "IngestResult",
     "Metadata",
+    "MetricsCollector",
     "NO_STREAM",
+    "OperationInfo",
     "ProjectionContext",
     "ProjectionError",
     "ProjectionRunner",
@@ -67,10 +71,12 @@ __all__ = [
     "RawEvent",
     "RecordedEvent",
     "Retry",
+    "RetryInfo",
     "RetryPolicy",
     "STREAM_EXISTS",
     "SerializationError",
     "StateCache",
+    "StoreHealth",
     "StoreUnavailableError",
     "StreamId",
     "UndeclaredStreamError",

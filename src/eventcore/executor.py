@@ -9,6 +9,7 @@ fresh state after an exponential, jittered, bounded backoff.
 """
 from __future__ import annotations
 
+import logging
 import operator
 import os
 import random
@@ -29,7 +30,10 @@ from .errors import (
     ValidationError,
 )
 from .events import EventToWrite, Metadata, RecordedEvent
+from .metrics import MetricsCollector
 from .streams import stream_id as _stream_id
+
+log = logging.getLogger("eventcore.executor")
 
 #: Discovery rounds per attempt before the command is declared unbounded.
 #: A real resolver needs one or two (order -> product lines); 8 is generous.
@@ -345,6 +349,7 @@ def execute(
     metadata: Metadata | None = None,
     timeout: float | None = DEFAULT_TIMEOUT,
     cache: StateCache | None = None,
+    metrics: MetricsCollector | None = None,
 ) -> ExecutionResult:
     """Run a command against a store and return what it wrote.
 
@@ -352,14 +357,32 @@ def execute(
     ConcurrencyError (conflicts outlasted `retry.max_retries`),
     UndeclaredStreamError, ValidationError, SerializationError,
     StoreUnavailableError and CommandTimeoutError (`timeout` seconds overall; None for no limit).
-    `cache`: an opt-in `StateCache` (see there).
+    `cache`: an opt-in `StateCache` (see there). `metrics`: an `ec.MetricsCollector` for this
+    command's counters and hooks (default: the one attached to the store, if any).
     """
     policy = DEFAULT_RETRY if retry is None else retry
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
     if cache is not None and not isinstance(cache, StateCache):
         raise ValidationError(f"cache must be an ec.StateCache, got {type(cache).__name__}")
-    streams = declared_streams(command)
+    if metrics is None:
+        metrics = getattr(store, "_metrics", None)
+        if metrics is None:  # the unobserved path: no clock read, no allocation
+            return _execute(store, command, policy, metadata, timeout, cache, None)
+    elif not isinstance(metrics, MetricsCollector):
+        raise ValidationError(f"metrics must be an ec.MetricsCollector, got {type(metrics).__name__}")
+    run = metrics._command_start(command, declared_streams(command))
+    try:
+        result = _execute(store, command, policy, metadata, timeout, cache, run)
+    except BaseException as exc:
+        metrics._command_end(run, None, exc)
+        raise
+    metrics._command_end(run, result, None)
+    return result
+
+
+def _execute(store, command, policy, metadata, timeout, cache, obs) -> ExecutionResult:
+    streams = declared_streams(command) if obs is None else obs.streams
     store_key = id(store)
     locks = sorted({hash((store_key, sid)) % STREAM_LOCK_STRIPES for sid in streams})
     held = []
@@ -374,15 +397,15 @@ def execute(
                 )
             held.append(lock)
         if cache is None:
-            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None)
+            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None, obs)
         entry = cache._folded_entry((store_key, type(command), tuple(streams)))
-        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache)
+        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs)
     finally:
         for lock in reversed(held):
             lock.release()
 
 
-def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache) -> ExecutionResult:
+def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs) -> ExecutionResult:
     attempt = 0
     free_retry_used = False
     while True:
@@ -435,6 +458,8 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
                 # The cached state was stale: read afresh at once, not counted as a retry.
                 cache.stale += 1
                 free_retry_used = True
+                if obs is not None:
+                    obs.collector._retry(obs, attempt, "stale_cache", 0.0, exc)
                 attempt -= 1
                 continue
         except StoreUnavailableError as exc:
@@ -458,4 +483,8 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
                 f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s)); "
                 f"last failure: {failure}"
             ) from failure
+        if obs is not None:
+            obs.collector._retry(
+                obs, attempt, "conflict" if isinstance(failure, ConcurrencyError) else "store_error", pause, failure)
+        log.debug("%s attempt %d failed, retrying in %.4f s: %s", type(command).__name__, attempt, pause, failure)
         time.sleep(pause)

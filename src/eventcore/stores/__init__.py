@@ -21,8 +21,10 @@ _BACKENDS = {
 }
 
 
-def connect(url: str, **options) -> EventStore:
+def connect(url: str, *, metrics=None, **options) -> EventStore:
     """Open the store a URL names. Options come from the URL query and/or keyword arguments (which win).
+
+    `metrics`: an `ec.MetricsCollector` to attach to the store (see `EventStore.attach`).
 
     >>> store = connect("sqlite:///bank.db")             # doctest: +SKIP
     >>> store = connect("sqlite:///bank.db?synchronous=normal&timeout=5")  # doctest: +SKIP
@@ -36,6 +38,17 @@ def connect(url: str, **options) -> EventStore:
     if backend is None:
         raise ValidationError(f"unknown store scheme {scheme!r} in {url!r}; supported: memory, sqlite, postgresql")
     module_name, class_name = backend
+    store = _open(url, scheme, module_name, class_name, options)
+    if metrics is not None:
+        try:
+            store.attach(metrics)
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _open(url: str, scheme: str, module_name: str, class_name: str, options: dict) -> EventStore:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -131,6 +131,28 @@ def prepare_append(
     return PreparedAppend(stream_ids, types, payloads, metadatas, event_ids, objs, mds, exp)
 
 
+class StoreHealth(msgspec.Struct, frozen=True):
+    """What `store.health()` found: `ok` is True when the store answered and its schema is current.
+
+    `latency_ms`: one round trip (the head position read); `pool`: see `pool_stats()`;
+    `projections`: one dict per projector (name, state, position, lag, pending, dead_letters)."""
+
+    ok: bool
+    backend: str
+    url: str
+    connected: bool
+    latency_ms: float
+    head_position: int | None
+    schema_version: int | None
+    schema_expected: int | None
+    pool: dict | None
+    projections: list
+    error: str | None
+
+    def as_dict(self) -> dict:
+        return msgspec.structs.asdict(self)
+
+
 class BatchResult(msgspec.Struct, frozen=True):
     """What `append_batch` wrote: how many events, their position range, each written stream's version after."""
 
@@ -258,6 +280,74 @@ class EventStore(ABC):
 
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
+    #: The attached MetricsCollector (see `attach`); None: nothing is measured.
+    _metrics = None
+
+    # -- observability ------------------------------------------------------------
+
+    def attach(self, collector) -> None:
+        """Measure this store with `collector` (an `ec.MetricsCollector`): every command executed on
+        it and every store operation, until `detach()`. One collector per store; a collector may
+        watch many stores."""
+        from ..metrics import MetricsCollector  # the collector sits beside the executor, above the stores
+
+        if not isinstance(collector, MetricsCollector):
+            raise ValidationError(f"attach() takes an ec.MetricsCollector, got {type(collector).__name__}")
+        self.detach()
+        self._metrics = collector
+        collector._attached(self)
+
+    def detach(self) -> None:
+        """Stop measuring this store."""
+        m = self._metrics
+        if m is not None:
+            self._metrics = None
+            m._detached(self)
+
+    @property
+    def metrics(self):
+        """The attached MetricsCollector, or None."""
+        return self._metrics
+
+    def pool_stats(self) -> dict | None:
+        """The connection pool's state (PostgreSQL), or None for backends without a pool."""
+        return None
+
+    def _schema_versions(self) -> tuple[int | None, int | None]:
+        """(schema version in place, version this eventcore needs); (None, None) when not applicable."""
+        return None, None
+
+    def health(self) -> "StoreHealth":
+        """Connectivity, schema version, pool state and projection lag, read now. Never raises for an
+        unreachable store: `ok` is False and `error` says why (with no password in it)."""
+        started = time.perf_counter()
+        error = None
+        head = schema = expected = None
+        try:
+            head = self.head_position()
+            schema, expected = self._schema_versions()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            error = str(exc) or type(exc).__name__
+        latency_ms = round((time.perf_counter() - started) * 1000, 3)
+        try:
+            pool = self.pool_stats()
+        except Exception:  # noqa: BLE001 - a closed pool reports nothing
+            pool = None
+        projections: list = []
+        if error is None:
+            try:
+                from ..projections import projection_status  # the read side, imported only when asked
+
+                projections = [{"name": p.name, "state": p.state, "position": p.position, "lag": p.lag,
+                                "pending": p.pending, "dead_letters": p.dead_letters} for p in projection_status(self)]
+            except Exception:  # noqa: BLE001 - no projection tables yet
+                projections = []
+        ok = error is None and (schema is None or schema == expected)
+        if error is None and not ok:
+            error = f"schema is at version {schema}, this eventcore needs {expected}: run `eventcore migrate`"
+        return StoreHealth(ok=ok, backend=self.scheme, url=self.url, connected=head is not None,
+                           latency_ms=latency_ms, head_position=head, schema_version=schema,
+                           schema_expected=expected, pool=pool, projections=projections, error=error)
 
     # -- writing ----------------------------------------------------------------
 
@@ -280,7 +370,18 @@ class EventStore(ABC):
         prepared = prepare_append(events, expected, metadata)
         if not prepared.expected:
             return []
-        return self._append(prepared)
+        m = self._metrics
+        if m is None:
+            return self._append(prepared)
+        exp = prepared.expected
+        run = m._op_start(self, "append", list(exp), exp)
+        try:
+            recorded = self._append(prepared)
+        except BaseException as exc:
+            m._op_end(run, 0, exc)
+            raise
+        m._op_end(run, len(recorded), None, {e.stream_id: e.version for e in recorded})
+        return recorded
 
     @abstractmethod
     def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
@@ -304,7 +405,18 @@ class EventStore(ABC):
         prepared = prepare_append(events, expected, metadata, limit=MAX_EVENTS_PER_BATCH)
         if not prepared.expected:
             return BatchResult(0, 0, 0, {}, 0.0)
-        first, last, versions = self._append_batch(prepared)
+        m = self._metrics
+        if m is None:
+            first, last, versions = self._append_batch(prepared)
+        else:
+            exp = prepared.expected
+            run = m._op_start(self, "append_batch", list(exp), exp)
+            try:
+                first, last, versions = self._append_batch(prepared)
+            except BaseException as exc:
+                m._op_end(run, 0, exc)
+                raise
+            m._op_end(run, len(prepared), None, versions)
         return BatchResult(len(prepared), first, last, versions, time.perf_counter() - started)
 
     def _append_batch(self, prepared: PreparedAppend) -> tuple[int, int, dict[str, int]]:
@@ -362,13 +474,21 @@ class EventStore(ABC):
         # Stream ids repeat: validate each distinct one once (bounded, so memory stays flat).
         valid_ids: dict = {}
 
+        m = self._metrics
+        ingest_run = None if m is None else m._op_start(self, "ingest", None)
+
         def write(sids: list, evs: list, mds: list, start: int) -> None:
             with lock:
                 exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
+            run = None if m is None else m._op_start(self, "ingest_batch", None)
             try:
                 first, last, after = self._ingest_batch(sids, evs, mds, exp)
             except EventCoreError as exc:
+                if run is not None:
+                    m._op_end(run, 0, exc)
                 raise _BatchFailed(start, exc) from exc
+            if run is not None:
+                m._op_end(run, len(sids), None)
             with lock:
                 for sid in checks.keys() & after.keys():
                     checks[sid] = after[sid]
@@ -420,6 +540,8 @@ class EventStore(ABC):
                             failure = (exc.start, True, exc.cause)
                     lane.pending = None
             pool.shutdown(wait=True)
+        if ingest_run is not None:
+            m._op_end(ingest_run, state["events"], None if failure is None else failure[2])
         if failure is not None:
             item, in_batch, cause = failure
             where = f"the batch starting with item {item}" if in_batch else f"item {item}"
@@ -460,7 +582,17 @@ class EventStore(ABC):
             raise ValidationError(f"from_version must be an int >= 1, got {from_version!r}")
         if limit is not None and (type(limit) is not int or limit < 0):
             raise ValidationError(f"limit must be an int >= 0 or None, got {limit!r}")
-        return self._read_stream(sid, from_version, limit)
+        m = self._metrics
+        if m is None:
+            return self._read_stream(sid, from_version, limit)
+        run = m._op_start(self, "read", [sid])
+        try:
+            events = self._read_stream(sid, from_version, limit)
+        except BaseException as exc:
+            m._op_end(run, 0, exc)
+            raise
+        m._op_end(run, len(events), None, {sid: events[-1].version} if events else None)
+        return events
 
     def read_streams(self, stream_ids: Iterable[str]) -> dict[str, list[RecordedEvent]]:
         """Every event of several streams, read at one point in time (one round trip where possible).
@@ -470,7 +602,18 @@ class EventStore(ABC):
         ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
         if not ids:
             return {}
-        return self._read_streams(ids)
+        m = self._metrics
+        if m is None:
+            return self._read_streams(ids)
+        run = m._op_start(self, "read", ids)
+        try:
+            by_stream = self._read_streams(ids)
+        except BaseException as exc:
+            m._op_end(run, 0, exc)
+            raise
+        m._op_end(run, sum(map(len, by_stream.values())),
+                  None, {s: (evs[-1].version if evs else 0) for s, evs in by_stream.items()})
+        return by_stream
 
     def stream_version(self, stream_id: str) -> int:
         """A stream's current version (0 if it has no events)."""
@@ -512,7 +655,17 @@ class EventStore(ABC):
         remaining = limit
         while remaining is None or remaining > 0:
             n = page_size if remaining is None else min(page_size, remaining)
-            page = self._read_all_page(after, names, prefix, n)
+            m = self._metrics
+            if m is None:
+                page = self._read_all_page(after, names, prefix, n)
+            else:
+                run = m._op_start(self, "read_all", None)
+                try:
+                    page = self._read_all_page(after, names, prefix, n)
+                except BaseException as exc:
+                    m._op_end(run, 0, exc)
+                    raise
+                m._op_end(run, len(page), None)
             yield from page
             if len(page) < n:
                 return

@@ -18,6 +18,7 @@ group_commit (true).
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import uuid
 from collections import deque
@@ -40,6 +41,8 @@ from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream
+
+log = logging.getLogger("eventcore.store.postgres")
 
 DEFAULT_SCHEMA = "eventcore"
 #: Pool size: the machine this was tuned on has 2 cores shared by client and
@@ -311,6 +314,7 @@ class PostgresStore(EventStore):
             self._pool.open(wait=True, timeout=self.connect_timeout)
         except PoolTimeout as exc:
             self._pool.close()
+            log.warning("cannot connect to PostgreSQL at %s within %ss", redact(dsn), self.connect_timeout)
             raise StoreUnavailableError(
                 f"cannot connect to PostgreSQL at {redact(dsn)} within {self.connect_timeout}s"
             ) from exc
@@ -322,6 +326,8 @@ class PostgresStore(EventStore):
         except BaseException:
             self._pool.close()
             raise
+        log.info("opened PostgreSQL store %s schema %r (pool %d..%d, group commit %s)", redact(dsn), schema,
+                 self.pool_min_size, self.pool_size, "on" if self._group is not None else "off")
 
     def _warm_up(self, conn) -> None:
         """Run on every new pool connection before it is handed out: prepare the hot statements and
@@ -345,6 +351,7 @@ class PostgresStore(EventStore):
         return redact(self._dsn)
 
     def close(self) -> None:
+        log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
         self._pool.close()
 
     # -- schema ----------------------------------------------------------------------
@@ -369,6 +376,7 @@ class PostgresStore(EventStore):
                         )
                     for version, description, body in pg_sql.MIGRATIONS:
                         if version > current:
+                            log.info("schema %r: applying migration %d (%s)", s, version, description)
                             conn.execute(pg_sql.q(body, s), prepare=False)
                             conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, s), (version, description), prepare=False)
             return pg_sql.SCHEMA_VERSION
@@ -393,6 +401,22 @@ class PostgresStore(EventStore):
                 return conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
+
+    def _schema_versions(self):
+        return self.schema_version(), pg_sql.SCHEMA_VERSION
+
+    def pool_stats(self) -> dict:
+        """The pool now: connections open (`size`), `in_use`, `idle`, requests `waiting`, its bounds, and
+        psycopg_pool's cumulative counters (`requests_num`, `requests_wait_ms`, `connections_num`,
+        `connections_ms`, ...) since the store opened."""
+        stats = self._pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        out = {k: v for k, v in stats.items() if k not in ("pool_size", "pool_available", "pool_min", "pool_max",
+                                                              "requests_waiting")}
+        out.update(size=size, in_use=size - idle, idle=idle, waiting=stats.get("requests_waiting", 0),
+                   min=stats.get("pool_min", self.pool_min_size), max=stats.get("pool_max", self.pool_size))
+        return out
 
     def _check_schema(self) -> None:
         version = self.schema_version()
@@ -521,6 +545,8 @@ class PostgresStore(EventStore):
             f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
             maybe_committed=True,
         )
+        log.warning("connection lost during a write (backend %s); finding out whether it committed: %s",
+                    backend_pid, cause)
         try:
             with self._pool.connection() as conn:
                 if backend_pid is not None:
@@ -632,13 +658,8 @@ class PostgresStore(EventStore):
         return out
 
     def _read_all_page(self, after, types, prefix, limit):
-        params: list = [after]
-        if types is not None:
-            params.append(list(types))
-        if prefix is not None:
-            params.append(prefix)
-        params.append(limit)
-        rows = self._fetch(self._read_all_sql[types is not None, prefix is not None], tuple(params))
+        rows = self._fetch(self._read_all_sql[types is not None, prefix is not None],
+                           pg_sql.read_all_params(after, types, prefix, limit))
         return _impl.decode_rows(rows)
 
     def _head_position(self):

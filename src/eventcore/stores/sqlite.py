@@ -10,6 +10,7 @@ DELETE.
 """
 from __future__ import annotations
 
+import logging
 import os
 import sqlite3
 import threading
@@ -21,6 +22,8 @@ from .. import _impl
 from ..errors import StoreUnavailableError, ValidationError
 from ..events import RecordedEvent
 from .base import EventStore, PreparedAppend, group_by_stream
+
+log = logging.getLogger("eventcore.store.sqlite")
 
 SCHEMA_VERSION = 1
 
@@ -113,6 +116,7 @@ class SQLiteStore(EventStore):
         self._write_lock = _write_lock_for(self.path)
         _after_fork_reset.add(self)
         self._init_schema()
+        log.info("opened SQLite store %s (synchronous=%s)", self.path, synchronous)
 
     def __repr__(self) -> str:
         return f"SQLiteStore({self.path!r})"
@@ -120,6 +124,9 @@ class SQLiteStore(EventStore):
     @property
     def url(self) -> str:
         return f"sqlite:///{self.path}"
+
+    def _schema_versions(self):
+        return self._query("PRAGMA user_version", ())[0][0], SCHEMA_VERSION
 
     # -- connections ---------------------------------------------------------------
 
@@ -250,14 +257,7 @@ class SQLiteStore(EventStore):
         return out
 
     def _read_all_page(self, after, types, prefix, limit):
-        params: list = [after]
-        if types is not None:
-            params.append(_json_list(types))
-        if prefix is not None:
-            params += [len(prefix), prefix]
-        params.append(limit)
-        rows = self._query(_SQL_READ_ALL[types is not None, prefix is not None], tuple(params))
-        return _impl.decode_rows(rows)
+        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit))
 
     def _head_position(self):
         return self._query(_SQL_HEAD, ())[0][0]
