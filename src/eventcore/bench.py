@@ -339,6 +339,7 @@ def run_workload(
     progress: bool = False,
     cache: bool = False,
     warmup: bool = True,
+    metrics=None,
 ) -> dict:
     """Run one workload against an open store and return its report (see BenchResult.as_dict).
 
@@ -346,7 +347,9 @@ def run_workload(
     warmup: first run a few untimed operations of the workload on streams of their own, enough
     to use every pooled connection once: a connection's first statements cost several times a
     warm one's (the server compiles and plans the append functions per connection), which
-    would otherwise dominate short runs such as the 20-batch workload."""
+    would otherwise dominate short runs such as the 20-batch workload.
+    metrics: an `ec.MetricsCollector` attached to the store for the timed run only (not the warm-up),
+    then detached; the store's own collector, if it had one, is put back."""
     if warmup:
         run_workload(store, workload, backend=backend, ops=max(WARMUP_OPS, 4 * concurrency) *
                      (batch_size if workload == "batch" else 1), concurrency=concurrency,
@@ -408,12 +411,21 @@ def run_workload(
             written = store.append_batch(events, {s: NO_STREAM for s in streams})
             return written.count, 1
 
+    if workload == "batch":
         result = BenchResult(workload, backend, _impl.IMPL, n_batches, concurrency, group_commit=group_commit)
+    else:
+        result = BenchResult(workload, backend, _impl.IMPL, ops, concurrency, cache=cache, group_commit=group_commit)
+    if metrics is None:
         _run_ops(result, op, progress)
         return result.as_dict()
-
-    result = BenchResult(workload, backend, _impl.IMPL, ops, concurrency, cache=cache, group_commit=group_commit)
-    _run_ops(result, op, progress)
+    previous = store.metrics
+    store.attach(metrics)
+    try:
+        _run_ops(result, op, progress)
+    finally:
+        store.detach()
+        if previous is not None:
+            store.attach(previous)
     return result.as_dict()
 
 

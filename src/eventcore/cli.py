@@ -5,6 +5,7 @@
                     [--path FILE] [--dsn URL] [--json]
     eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--dsn URL]
     eventcore projections [--json] [--dsn URL]
+    eventcore status [--json] [--dsn URL]
 """
 from __future__ import annotations
 
@@ -134,6 +135,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     projections.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
     projections.add_argument("--json", action="store_true", help="one JSON object per projector")
+
+    status = sub.add_parser(
+        "status",
+        help="check a store: connectivity, schema version, pool, projection lag",
+        description=(
+            "Connect to a store (without migrating it) and print store.health(): whether it answers and how "
+            "fast, its schema version against the one this eventcore needs, the connection pool (PostgreSQL) "
+            "and each projector's lag. Exit status 0 when healthy, 1 otherwise."
+        ),
+    )
+    status.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
+    status.add_argument("--json", action="store_true", help="print one JSON object")
     return parser
 
 
@@ -328,8 +341,50 @@ def _cmd_projections(args) -> int:
     return 0
 
 
+def _cmd_status(args) -> int:
+    from .stores import connect
+    from .stores.base import StoreHealth
+    from .stores.postgres import redact
+
+    dsn = _dsn(args)
+    scheme = dsn.split("://", 1)[0].lower()
+    options = {"migrate": False} if scheme in ("postgresql", "postgres") else {}
+    try:
+        store = connect(dsn, **options)
+    except EventCoreError as exc:
+        health = StoreHealth(ok=False, backend=scheme, url=redact(dsn), connected=False, latency_ms=0.0,
+                             head_position=None, schema_version=None, schema_expected=None, pool=None,
+                             projections=[], error=str(exc))
+    else:
+        with store:
+            health = store.health()
+    if args.json:
+        print(json.dumps(health.as_dict()))
+        return 0 if health.ok else 1
+    print(f"{'OK' if health.ok else 'UNHEALTHY'}  {health.backend} store {health.url}")
+    if health.connected:
+        print(f"  round trip      {health.latency_ms:.2f} ms (head position {health.head_position:,})")
+    else:
+        print("  round trip      unreachable")
+    if health.schema_expected is not None or health.schema_version is not None:
+        print(f"  schema version  {health.schema_version} (this eventcore needs {health.schema_expected})")
+    if health.pool:
+        p = health.pool
+        print(f"  pool            {p['in_use']} in use, {p['idle']} idle of {p['size']} open "
+              f"(min {p['min']}, max {p['max']}), {p['waiting']} waiting")
+    for proj in health.projections:
+        print(f"  projection      {proj['name']}: {proj['state']}, lag {proj['lag']:,} "
+              f"({proj['pending']:,} pending, {proj['dead_letters']} dead letters)")
+    if not health.projections and health.connected:
+        print("  projections     none recorded")
+    if health.error:
+        print(f"  error           {health.error}")
+    return 0 if health.ok else 1
+
+
 def _cmd_bench(args) -> int:
     from .bench import WORKLOADS, BenchStore, format_scaling, format_table, run_workload
+    from .metrics import MetricsCollector
 
     if args.path and args.backend != "sqlite":
         raise EventCoreError("--path applies to --backend sqlite only")
@@ -341,18 +396,26 @@ def _cmd_bench(args) -> int:
     concurrencies = list(dict.fromkeys(args.concurrency))
     status = 0
     first = True
+    # The same collector a user attaches in production watches every timed run: the summary printed
+    # at the end is its view (with --json, each report carries the view of its own run under "metrics").
+    collector = MetricsCollector()
+    timed = 0.0
     with BenchStore(args.backend, args.path, args.dsn, group_commit=not args.no_group_commit) as store:
         for name in workloads:
             reports = []
             for concurrency in concurrencies:
+                run_collector = MetricsCollector() if args.json else collector
                 report = run_workload(
                     store, name, backend=args.backend, ops=args.ops, concurrency=concurrency,
                     batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress, cache=args.cache,
+                    metrics=run_collector,
                 )
+                timed += report["duration_s"]
                 reports.append(report)
                 if report["failed"]:
                     status = 1
                 if args.json:
+                    report["metrics"] = run_collector.summary(duration_s=report["duration_s"])
                     print(json.dumps(report), flush=True)
             if args.json:
                 continue
@@ -364,6 +427,9 @@ def _cmd_bench(args) -> int:
                 print(format_scaling(reports), flush=True)
                 print(f"\nAt the best concurrency ({best['concurrency']}):")
             print(format_table(best), flush=True)
+        if not args.json:
+            print()
+            print(collector.format_summary(duration_s=timed), flush=True)
     return status
 
 
@@ -381,6 +447,8 @@ def main(argv: list[str] | None = None) -> int:
             return _cmd_tail(args)
         if args.command == "projections":
             return _cmd_projections(args)
+        if args.command == "status":
+            return _cmd_status(args)
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2

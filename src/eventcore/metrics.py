@@ -239,6 +239,8 @@ class MetricsCollector:
             self.events_written = 0
             self.events_read = 0
             self.started = time.monotonic()
+            #: command type -> [first start, last end] (perf_counter): the window its ops/s is taken over.
+            self._windows: dict = {}
 
     def on_command_complete(self, fn: Callable[[CommandInfo], Any]) -> Callable:
         """Call fn(CommandInfo) after every command (any outcome). Usable as a decorator."""
@@ -324,9 +326,12 @@ class MetricsCollector:
                 outcomes = {o: self.commands.get((t, o), 0) for o in OUTCOMES}
                 total = sum(outcomes.values())
                 h = self.command_latency.get(t) or Histogram()
+                w = self._windows.get(t)
+                span = (w[1] - w[0]) if w and w[1] > w[0] else float("nan")
                 commands[t] = {
                     "total": total,
-                    "ops_per_s": round(outcomes["succeeded"] / d, 1),
+                    # over the time this command type ran: first start to last end
+                    "ops_per_s": round(outcomes["succeeded"] / span, 1),
                     "success_rate": round(100.0 * outcomes["succeeded"] / total, 2) if total else 0.0,
                     "outcomes": outcomes,
                     "conflict_retried": self.commands.get((t, "conflict_retried"), 0),
@@ -365,14 +370,14 @@ class MetricsCollector:
                          f"{o['conflict_exhausted']:,}", f"{o['timeout']:,}", f"{o['store_error']:,}",
                          f"{lat['p50_ms']:.2f}", f"{lat['p95_ms']:.2f}", f"{lat['p99_ms']:.2f}"))
         if len(rows) > 1:
-            lines += _table(rows)
+            lines += [""] + _table(rows)
         rows = [("Store operation", "Calls", "Conflicts", "Errors", "P50 ms", "P95 ms", "P99 ms", "Max ms")]
         for op, c in s["operations"].items():
             lat = c["latency_ms"]
             rows.append((op, f"{c['count']:,}", f"{c['conflicts']:,}", f"{c['errors']:,}", f"{lat['p50_ms']:.2f}",
                          f"{lat['p95_ms']:.2f}", f"{lat['p99_ms']:.2f}", f"{lat['max_ms']:.2f}"))
         if len(rows) > 1:
-            lines += _table(rows)
+            lines += [""] + _table(rows)
         for url, g in s["stores"].items():
             pool = g["pool"]
             if pool:
@@ -410,7 +415,8 @@ class MetricsCollector:
                 _call_hook(fn, info)
 
     def _command_end(self, run: _CommandRun, result, error: BaseException | None) -> None:
-        duration = time.perf_counter() - run.started
+        now = time.perf_counter()
+        duration = now - run.started
         t = type(run.command).__name__
         outcome = outcome_of(error)
         with self._lock:
@@ -424,6 +430,13 @@ class MetricsCollector:
             if h is None:
                 h = self.command_latency[t] = Histogram()
             h.observe(duration)
+            w = self._windows.get(t)
+            if w is None:
+                self._windows[t] = [run.started, now]
+            else:
+                if run.started < w[0]:
+                    w[0] = run.started
+                w[1] = now
         if result is not None:
             attempts, versions, written = result.attempts, result.stream_versions, len(result.events)
             streams = list(versions)
