@@ -633,3 +633,25 @@ def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
         assert total == N * 1000
     finally:
         store.close()
+
+
+def test_group_ordinals_stay_within_one_transactions_positions(pg, pg_dsn, pg_schema):
+    """Positions are (xid << 20) + ordinal: the server refuses an ordinal past 2**20 - 1 (it would
+    spill into another transaction's range), and the client never groups more than MAX_GROUP_EVENTS."""
+    from eventcore.stores import postgres as pgmod
+
+    p = prepare_append([ec.emit("ord-a", Noted("x"))], None, None)
+    doc = _encode_group([p]).replace(',null,1]]]]}', ',null,1048576]]]]}')
+    assert "1048576" in doc
+    with _raw(pg_dsn) as conn:
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, pg_schema), (doc,)).fetchall()
+    assert pg.stream_version("ord-a") == 0
+
+    committer = pgmod._GroupCommitter(pg, 2)
+    big = [committer._Request(prepare_append([ec.emit(f"ord-{k}", Noted("x"))] * 40_000, None, None))
+           for k in range(4)]
+    committer._queue.extend(big[1:])
+    group = committer._take(big[0])
+    assert sum(len(r.prepared) for r in group) <= pgmod.MAX_GROUP_EVENTS and len(group) == 2
+    assert list(committer._queue) == big[2:]  # kept, in order, for the next group

@@ -397,7 +397,11 @@ BEGIN
         SELECT ev.n, ev.s, ev.id, ev.t, ev.d, ev.md,
                (SELECT h.h FROM heads h WHERE h.m = ev.m AND h.s = ev.s)
                    + row_number() OVER (PARTITION BY ev.s ORDER BY ev.n) AS v
-          FROM (SELECT m.ord::int AS m, (e.doc->>5)::bigint AS n, e.doc->>0 AS s, (e.doc->>1)::uuid AS id,
+          -- An ordinal outside 1 .. 1,048,575 would spill into another transaction's positions:
+          -- it becomes NULL, which the position's NOT NULL refuses (the client never sends one).
+          FROM (SELECT m.ord::int AS m,
+                       CASE WHEN (e.doc->>5)::bigint BETWEEN 1 AND 1048575 THEN (e.doc->>5)::bigint END AS n,
+                       e.doc->>0 AS s, (e.doc->>1)::uuid AS id,
                        e.doc->>2 AS t, e.doc->3 AS d, nullif(e.doc->4, 'null'::jsonb) AS md
                   FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
                        jsonb_array_elements(m.doc->1) AS e(doc)) AS ev

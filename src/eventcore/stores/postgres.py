@@ -62,6 +62,9 @@ _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statemen
 #: Most appends one group commit carries: enough to share a WAL flush widely, few enough
 #: that the server function's per-member scans stay short.
 MAX_GROUP = 64
+#: Most events one group carries (one append alone may bring up to MAX_EVENTS_PER_APPEND):
+#: a transaction numbers its events below 2**20 (pg_sql.POSITION_SHIFT).
+MAX_GROUP_EVENTS = 100_000
 #: Group commits written at once (see _GroupCommitter).
 GROUPS_IN_FLIGHT = 2
 
@@ -164,12 +167,14 @@ class _GroupCommitter:
         if not self._queue:
             return group
         taken = set(own.streams)
+        events = len(own.prepared)
         kept: deque = deque()
         queue = self._queue
         while queue and len(group) < MAX_GROUP:
             r = queue.popleft()
-            if taken.isdisjoint(r.streams):
+            if taken.isdisjoint(r.streams) and events + len(r.prepared) <= MAX_GROUP_EVENTS:
                 taken.update(r.streams)
+                events += len(r.prepared)
                 group.append(r)
             else:
                 kept.append(r)
