@@ -67,19 +67,7 @@ class MemoryStore(EventStore):
             return {sid: len(self._streams.get(sid, ())) for sid in stream_ids}
 
     def _read_all_page(self, after, types, prefix, limit):
-        out = []
-        with self._lock:
-            rows = self._rows
-            for i in range(after, len(rows)):
-                row = rows[i]
-                if types is not None and row[4] not in types:
-                    continue
-                if prefix is not None and not row[1].startswith(prefix):
-                    continue
-                out.append(row)
-                if len(out) >= limit:
-                    break
-        return _impl.decode_rows(out)
+        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit))
 
     def _head_position(self):
         with self._lock:
