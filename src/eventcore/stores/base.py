@@ -320,15 +320,16 @@ class EventStore(ABC):
     def health(self) -> "StoreHealth":
         """Connectivity, schema version, pool state and projection lag, read now. Never raises for an
         unreachable store: `ok` is False and `error` says why (with no password in it)."""
-        started = time.perf_counter()
         error = None
         head = schema = expected = None
+        latency_ms = 0.0
         try:
+            started = time.perf_counter()
             head = self.head_position()
+            latency_ms = round((time.perf_counter() - started) * 1000, 3)
             schema, expected = self._schema_versions()
         except Exception as exc:  # noqa: BLE001 - reported, not raised
             error = str(exc) or type(exc).__name__
-        latency_ms = round((time.perf_counter() - started) * 1000, 3)
         try:
             pool = self.pool_stats()
         except Exception:  # noqa: BLE001 - a closed pool reports nothing
@@ -529,6 +530,10 @@ class EventStore(ABC):
                         flush(lane)
         except _BatchFailed as exc:
             failure = (exc.start, True, exc.cause)
+        except BaseException as exc:  # e.g. the caller's iterable raised: the span must still end
+            if ingest_run is not None:
+                m._op_end(ingest_run, state["events"], exc)
+            raise
         finally:
             # Settle every batch in flight (they may still commit) before reporting what is committed.
             for lane in lanes:
