@@ -738,3 +738,88 @@ def test_postgres_projection_reconnects_after_losing_its_connection(pg, pg_dsn):
         runner.join(DEADLINE)
     assert effects() == [e.position for e in pg.read_all()]
     assert ec.projection_status(pg, "reconnect")[0].state == "stopped"
+
+
+# -- review fixes (issue 6 review) ---------------------------------------------------------------------------
+
+
+def _run_bounded(store, projector, **options):
+    """run_projection in a thread, bounded by the deadline: a runner that loops forever fails the test."""
+    runner = ec.ProjectionRunner(store, projector, **options).start()
+    runner._thread.join(DEADLINE)
+    alive = runner._thread.is_alive()
+    if alive:
+        runner.stop()
+        runner._thread.join(DEADLINE)
+    assert not alive, f"the projection never ended (state {[s.state for s in ec.projection_status(store)]})"
+    return runner
+
+
+def test_a_handlers_store_unavailable_error_goes_to_the_error_strategy(store):
+    """An error the handler raises is the handler's, whatever its class (here: another store is down)."""
+    pos = _poisoned(store)
+
+    class OtherStoreDown(Unlucky):
+        def handle(self, event, ctx):
+            if event.data.n == 13:
+                raise ec.StoreUnavailableError("the other database is down")
+            Collector.handle(self, event, ctx)
+
+    proj = OtherStoreDown(on_error="skip", types=[Counted])
+    _run_bounded(store, proj, until_caught_up=True, reconnect_backoff=0.05)
+    assert sorted(proj.seen) == [pos[1], pos[2], pos[4]]
+    (letter,) = ec.dead_letters(store, "unlucky")
+    assert letter.position == pos[13] and "the other database is down" in letter.error
+    with pytest.raises(ec.ProjectionError):
+        _run_bounded(store, OtherStoreDown(types=[Counted]), until_caught_up=True, rebuild=True).join()
+
+
+def test_postgres_handler_operational_error_on_a_live_connection_goes_to_the_error_strategy(pg):
+    """A statement timeout (QueryCanceled, an OperationalError) in the handler is the event's failure:
+    skip dead-letters it, fatal stops; the projection's connection lives on."""
+    pos = _poisoned(pg)
+
+    def handle(event, ctx):
+        if event.data.n == 13:
+            ctx.connection.execute("SET LOCAL statement_timeout = 20")
+            ctx.connection.execute("SELECT pg_sleep(5)")
+
+    proj = ec.Projector("slow", handler=handle, types=[Counted], on_error="skip")
+    _run_bounded(pg, proj, until_caught_up=True, reconnect_backoff=0.05)
+    (letter,) = ec.dead_letters(pg, "slow")
+    assert letter.position == pos[13] and "QueryCanceled" in letter.error
+    assert ec.projection_status(pg, "slow")[0].position == pg.head_position()
+
+    retried = ec.Projector("slow-retry", handler=handle, types=[Counted], on_error=ec.Retry(attempts=2, backoff=0.01))
+    with pytest.raises(ec.ProjectionError) as info:
+        _run_bounded(pg, retried, until_caught_up=True, reconnect_backoff=0.05).join()
+    assert info.value.position == pos[13] and "QueryCanceled" in str(info.value)
+    assert ec.projection_status(pg, "slow-retry")[0].state == "failed"
+
+
+def test_reconnect_backoff_is_exponential_and_bounded(monkeypatch):
+    from eventcore import projections
+
+    class Down(projections._Backend):
+        def open(self):
+            raise projections._StoreFailed("projection 'down': connection refused")
+
+    class Recorder(threading.Event):
+        def __init__(self):
+            super().__init__()
+            self.waits = []
+
+        def wait(self, timeout=None):
+            self.waits.append(timeout)
+            if len(self.waits) == 8:
+                self.set()
+            return self.is_set()
+
+    store = ec.connect("memory://")
+    monkeypatch.setattr(projections, "_backend", lambda store, name, listen=True: Down(store, name))
+    stop = Recorder()
+    ec.run_projection(store, Collector("down"), stop_event=stop, reconnect_backoff=0.5, max_reconnect_backoff=10)
+    assert stop.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
+    for bad in ({"reconnect_backoff": 0}, {"lock_poll_interval": -1}, {"max_reconnect_backoff": 0}):
+        with pytest.raises(ec.ValidationError):
+            ec.ProjectionRunner(store, Collector(), **bad)

@@ -123,6 +123,14 @@ class _LostLeadership(Exception):
     """The checkpoint moved under us: another instance leads. Roll back and wait for the lock again."""
 
 
+class _StoreFailed(StoreUnavailableError):
+    """The projection's own connection is lost, or one of its own statements (read, checkpoint,
+    lock) failed: reconnect (with backoff) and resume from the stored checkpoint. Raised by the
+    backends only. An error a handler raises, whatever its class (a psycopg.OperationalError such
+    as a statement timeout or a deadlock, a StoreUnavailableError of another store), goes to the
+    projector's error strategy, unless the projection's connection is found lost."""
+
+
 class _Stopped(Exception):
     """A stop was requested while retrying an event."""
 
@@ -269,6 +277,12 @@ def _owner() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+def _unprefixed(exc: BaseException, name: str) -> str:
+    """An error's message without a leading "projection 'name': " (the log line says it already)."""
+    text, prefix = str(exc), f"projection {name!r}: "
+    return text[len(prefix):] if text.startswith(prefix) else text
+
+
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
@@ -342,6 +356,11 @@ class _Backend:
 
     def broken(self) -> bool:
         return False
+
+    def lost(self) -> bool:
+        """After an error: is the projection's own connection unusable? (broken() plus, where it
+        is cheap, a liveness check.) Decides between reconnecting and the error strategy."""
+        return self.broken()
 
 
 class _MemoryState:
@@ -484,7 +503,7 @@ def _sqlite_connect(store) -> sqlite3.Connection:
                     conn.execute("ROLLBACK")
                 raise
     except sqlite3.Error as exc:
-        raise StoreUnavailableError(f"cannot open the projection tables in {store.path!r}: {exc}") from exc
+        raise _StoreFailed(f"cannot open the projection tables in {store.path!r}: {exc}") from exc
     return conn
 
 
@@ -529,7 +548,7 @@ class _SQLiteBackend(_Backend):
         try:
             return self.connection.execute(sql, params).fetchall()
         except sqlite3.OperationalError as exc:
-            raise StoreUnavailableError(f"SQLite projection statement failed on {self.store.path!r}: {exc}") from exc
+            raise _StoreFailed(f"SQLite projection statement failed on {self.store.path!r}: {exc}") from exc
 
     def load(self) -> int:
         self._run("INSERT OR IGNORE INTO projection_checkpoints (name) VALUES (?)", (self.name,))
@@ -634,6 +653,7 @@ class ProjectionRunner:
         rebuild: bool = False,
         handle_signals: bool = False,
         reconnect_backoff: float = 0.5,
+        max_reconnect_backoff: float = 30.0,
         listen: bool = True,
     ) -> None:
         if not isinstance(projector, Projector):
@@ -646,10 +666,14 @@ class ProjectionRunner:
         if not self.poll_interval > 0:
             raise ValidationError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
         self.lock_poll_interval = float(lock_poll_interval)
+        self.reconnect_backoff = float(reconnect_backoff)
+        self.max_reconnect_backoff = float(max_reconnect_backoff)
+        for option in ("lock_poll_interval", "reconnect_backoff", "max_reconnect_backoff"):
+            if not getattr(self, option) > 0:
+                raise ValidationError(f"{option} must be > 0 seconds, got {getattr(self, option)!r}")
         self.until_caught_up = until_caught_up
         self.rebuild = rebuild
         self.handle_signals = handle_signals
-        self.reconnect_backoff = reconnect_backoff
         self.listen = listen
         self.caught_up = threading.Event()
         self.leading = threading.Event()
@@ -661,6 +685,7 @@ class ProjectionRunner:
         self._thread: threading.Thread | None = None
         self._rebuilt = False
         self._held = False
+        self._failures = 0  # reconnections in a row without progress (exponential backoff)
 
     # -- control -----------------------------------------------------------------------
 
@@ -707,11 +732,15 @@ class ProjectionRunner:
                         pass
                     self._record(backend, "stopped", None)
                     return self
-                except (StoreUnavailableError, _LostLeadership) as exc:
-                    # The connection (and with it the lock) is gone, or another instance leads:
-                    # start again from the stored checkpoint.
-                    log.warning("projection %r: %s; reconnecting", self.projector.name, exc)
-                    self.stop_event.wait(self.reconnect_backoff)
+                except (_StoreFailed, _LostLeadership) as exc:
+                    # The connection (and with it the lock) is gone, one of the projection's own
+                    # statements failed, or another instance leads: start again from the stored
+                    # checkpoint, backing off exponentially (reset by progress, see _lead).
+                    delay = min(self.max_reconnect_backoff, self.reconnect_backoff * 2 ** min(self._failures, 30))
+                    self._failures += 1
+                    log.warning("projection %r: %s; reconnecting in %.2f s", self.projector.name,
+                                _unprefixed(exc, self.projector.name), delay)
+                    self.stop_event.wait(delay)
                 except Exception as exc:
                     self.error = exc
                     if self._held and not backend.broken():
@@ -765,6 +794,7 @@ class ProjectionRunner:
             before = self.position
             head = backend.head()
             rows = backend.read_rows(self.position, p.type_names, p.stream_prefix, p.batch_size)
+            self._failures = 0  # the connection works: the next reconnection starts from the base backoff
             if rows:
                 self._process(backend, rows)
             if len(rows) < p.batch_size:
@@ -817,22 +847,22 @@ class ProjectionRunner:
         try:
             self._commit(backend, rows, events)
             return
-        except (_LostLeadership, StoreUnavailableError):
+        except (_LostLeadership, _StoreFailed):
             raise
         except Exception as exc:  # noqa: BLE001 - the handler's error: find the failing event
-            if backend.broken():
-                raise StoreUnavailableError(f"projection connection lost: {exc}") from exc
+            if backend.lost():
+                raise _StoreFailed(f"projection connection lost: {exc}") from exc
             if len(events) == 1:
                 self._failed(backend, rows[0], events[0], exc, attempts=1)
                 return
         for row, event in zip(rows, events):  # one event per transaction, to isolate the failing one
             try:
                 self._commit(backend, [row], [event])
-            except (_LostLeadership, StoreUnavailableError):
+            except (_LostLeadership, _StoreFailed):
                 raise
             except Exception as exc:  # noqa: BLE001
-                if backend.broken():
-                    raise StoreUnavailableError(f"projection connection lost: {exc}") from exc
+                if backend.lost():
+                    raise _StoreFailed(f"projection connection lost: {exc}") from exc
                 self._failed(backend, row, event, exc, attempts=1)
 
     def _failed(self, backend: _Backend, row, event, exc: BaseException, attempts: int) -> None:
@@ -849,11 +879,11 @@ class ProjectionRunner:
                 try:
                     self._commit(backend, [row], [event])
                     return
-                except (_LostLeadership, StoreUnavailableError):
+                except (_LostLeadership, _StoreFailed):
                     raise
                 except Exception as again:  # noqa: BLE001
-                    if backend.broken():
-                        raise StoreUnavailableError(f"projection connection lost: {again}") from again
+                    if backend.lost():
+                        raise _StoreFailed(f"projection connection lost: {again}") from again
                     exc = again
             strategy = strategy.then
         position, sid, version, _, type_name = row[:5]
@@ -898,7 +928,10 @@ def run_projection(store: EventStore, projector: Projector, **options) -> Projec
     between polls; on PostgreSQL the fallback behind LISTEN/NOTIFY, default 1.0,
     else 0.1), `lock_poll_interval` (how often a waiting instance tries to take
     over, 0.5 s), `listen` (PostgreSQL: False polls only, for poolers that drop
-    LISTEN). Returns the runner once stopped; raises ProjectionError when
+    LISTEN), `reconnect_backoff` / `max_reconnect_backoff` (after a lost connection or a
+    failed statement of its own, it reconnects after 0.5 s, doubling up to 30 s until it makes
+    progress again; an error the handler raises, whatever its class, goes to the error
+    strategy instead). Returns the runner once stopped; raises ProjectionError when
     the error strategy is "fatal" and an event fails.
     """
     return ProjectionRunner(store, projector, **options).run()

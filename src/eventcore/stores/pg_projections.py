@@ -22,7 +22,8 @@ from psycopg import sql
 from psycopg_pool import PoolTimeout
 
 from ..errors import EventCoreError, StoreUnavailableError
-from ..projections import DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value, _LostLeadership
+from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
+                           _LostLeadership, _StoreFailed)
 from . import pg_sql
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
@@ -113,7 +114,7 @@ class PostgresBackend(_Backend):
                 self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             self.close()
-            raise StoreUnavailableError(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
+            raise _StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
 
     def close(self) -> None:
         conn, self.connection = self.connection, None
@@ -127,18 +128,39 @@ class PostgresBackend(_Backend):
     def broken(self) -> bool:
         return self.connection is None or self.connection.broken or self.connection.closed
 
+    def lost(self) -> bool:
+        """Whether the connection is unusable, asking the server when psycopg has not noticed:
+        an OperationalError (a statement timeout, a deadlock, a lock timeout) leaves a live
+        connection behind, and only a lost connection means reconnecting."""
+        if self.broken():
+            return True
+        conn = self.connection
+        try:
+            if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                return False  # inside a transaction: its owner rolls back; a dead socket shows as broken later
+            conn.execute("SELECT 1")
+            return False
+        except psycopg.Error:
+            return True
+
     def _exec(self, query, params=()) -> list:
         try:
             cur = self.connection.execute(query, params)
             return cur.fetchall() if cur.description is not None else []
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailableError(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
         except psycopg.Error as exc:
-            if self.broken():
-                raise StoreUnavailableError(f"projection {self.name!r}: connection lost: {exc}") from exc
-            hint = " (run `eventcore migrate`: projections need schema version 3)" if isinstance(
-                exc, psycopg.errors.UndefinedTable) else ""
-            raise EventCoreError(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
+            self._own_failure(exc)
+
+    def _own_failure(self, exc: psycopg.Error):
+        """One of the projection's own statements failed: reconnect (lost connection, or an
+        operational failure such as a timeout: worth retrying after a backoff), or stop on an
+        error retrying cannot mend (a missing table)."""
+        if self.lost():
+            raise _StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
+        if isinstance(exc, psycopg.OperationalError):
+            raise _StoreFailed(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
+        hint = " (run `eventcore migrate`: projections need schema version 3)" if isinstance(
+            exc, psycopg.errors.UndefinedTable) else ""
+        raise EventCoreError(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
 
     # -- leadership --------------------------------------------------------------------
 
@@ -169,26 +191,38 @@ class PostgresBackend(_Backend):
 
     @contextmanager
     def transaction(self):
+        """The batch's transaction. An error from inside it (the handler's, whatever its class)
+        propagates as it is while the connection lives, for the error strategy to handle; only a
+        lost connection becomes _StoreFailed (reconnect)."""
         try:
             with self.connection.transaction():
                 yield self
-        except psycopg.OperationalError as exc:
-            raise StoreUnavailableError(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
+        except psycopg.Error as exc:
+            if self.lost():
+                raise _StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
+            raise
+
+    def _write(self, query, params):
+        """A statement of the machinery inside the batch's transaction (its errors are not the handler's)."""
+        try:
+            return self.connection.execute(query, params)
+        except psycopg.Error as exc:
+            self._own_failure(exc)
 
     def advance(self, old: int, new: int) -> None:
-        cur = self.connection.execute(self._sql["advance"], (new, self.name, old))
+        cur = self._write(self._sql["advance"], (new, self.name, old))
         if cur.rowcount != 1:
             raise _LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
     def dead_letter(self, row, error: str, attempts: int) -> None:
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
-        self.connection.execute(self._sql["dead"], (
+        self._write(self._sql["dead"], (
             self.name, position, sid, version, uuid.UUID(bytes=bytes(event_id)), type_name, data, metadata,
             recorded_us, error, attempts))
 
     def reset(self) -> None:
-        self.connection.execute(self._sql["reset"], (self.name,))
-        self.connection.execute(self._sql["clear"], (self.name,))
+        self._write(self._sql["reset"], (self.name,))
+        self._write(self._sql["clear"], (self.name,))
 
     def set_state(self, state: str, error, owner) -> None:
         self._exec(self._sql["ensure"], (self.name,))
@@ -219,7 +253,7 @@ class PostgresBackend(_Backend):
             try:
                 readable, _, _ = select.select([self.connection.fileno()], [], [], min(left, 0.2))
             except (OSError, ValueError, psycopg.Error) as exc:
-                raise StoreUnavailableError(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
+                raise _StoreFailed(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
             if readable:
                 self._exec("SELECT 1")
         return self._woken.is_set()
