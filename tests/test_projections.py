@@ -823,3 +823,85 @@ def test_reconnect_backoff_is_exponential_and_bounded(monkeypatch):
     for bad in ({"reconnect_backoff": 0}, {"lock_poll_interval": -1}, {"max_reconnect_backoff": 0}):
         with pytest.raises(ec.ValidationError):
             ec.ProjectionRunner(store, Collector(), **bad)
+
+
+def _notify_listener(pg, pg_dsn):
+    """A connection LISTENing on the schema's append channel, and a function counting (draining) its NOTIFYs."""
+    import psycopg
+    from psycopg import sql
+
+    listener = psycopg.connect(pg_dsn, autocommit=True)
+    oid = listener.execute("SELECT to_regclass(%s)::oid", (
+        sql.Identifier(pg.schema).as_string(listener) + ".events",)).fetchone()[0]
+    listener.execute(sql.SQL("LISTEN {}").format(sql.Identifier(f"eventcore_events_{oid}")))
+    return listener, lambda: len(list(listener.notifies(timeout=0.3)))
+
+
+def test_postgres_appends_stop_notifying_once_a_killed_listeners_lease_expires(pg, pg_dsn):
+    """SIGKILL leaves no chance to say "stopped": the listening claim is a lease, and it expires."""
+    from psycopg import sql
+
+    child = (
+        "import sys, eventcore as ec\n"
+        "store = ec.connect(sys.argv[1], schema=sys.argv[2])\n"
+        "print('started', flush=True)\n"
+        "ec.run_projection(store, ec.Projector('killed', handler=lambda e, ctx: None, types=['projtest.Nothing']), listen_lease=1.0)\n"
+    )
+    listener, notified = _notify_listener(pg, pg_dsn)
+    proc = subprocess.Popen([sys.executable, "-c", child, pg_dsn, pg.schema], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        lease = sql.SQL("SELECT listening_until > now() FROM {}.projection_checkpoints WHERE name = 'killed'").format(
+            sql.Identifier(pg.schema))
+        wait_until(lambda: proc.poll() is None and (listener.execute(lease).fetchone() or [False])[0],
+                   what="the child projector to claim its listening lease")
+        pg.append([ec.emit("k", Counted(1))])
+        wait_until(notified, what="a NOTIFY while the child listens")
+        _kill(proc)
+        # Appends keep notifying until the lease runs out, then stop for good.
+        wait_until(lambda: pg.append([ec.emit("k", Counted(2))]) and notified() == 0,
+                   what="appends to stop notifying after the killed listener's lease expired")
+        pg.append([ec.emit("k", Counted(3))])
+        assert notified() == 0
+        assert ec.projection_status(pg, "killed")[0].state == "dead"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+        listener.close()
+
+
+def test_postgres_keyboard_interrupt_ends_the_listening_lease_at_once(pg, pg_dsn):
+    listener, notified = _notify_listener(pg, pg_dsn)
+    try:
+        pg.append([ec.emit("i", Counted(1))])
+
+        def handle(event, ctx):
+            raise KeyboardInterrupt()
+
+        runner = ec.ProjectionRunner(pg, ec.Projector("interrupted", handler=handle))  # default lease: 30 s
+        with pytest.raises(KeyboardInterrupt):
+            runner.run()
+        notified()
+        pg.append([ec.emit("i", Counted(2))])
+        assert notified() == 0
+    finally:
+        listener.close()
+
+
+def test_postgres_listener_renews_its_lease_while_it_waits(pg, pg_dsn):
+    """A live projector idle far longer than its lease keeps it: appends still wake it by NOTIFY."""
+    proj = Collector()
+    runner = ec.ProjectionRunner(pg, proj, poll_interval=100 * DEADLINE, listen_lease=0.3).start()
+    listener, notified = _notify_listener(pg, pg_dsn)
+    try:
+        wait_until(lambda: runner.leading.is_set() and runner.caught_up.is_set(), what="an idle leader")
+        for i in range(4):
+            time.sleep(0.3)  # not a timing assertion: lets leases lapse if they were not renewed
+            pg.append([ec.emit("w", Counted(i))])
+            wait_until(lambda: len(proj.seen) == i + 1, what=f"event {i} via NOTIFY after idling")
+        assert notified() > 0
+    finally:
+        runner.stop()
+        runner.join(DEADLINE)
+        listener.close()

@@ -27,7 +27,8 @@ follows the feed live until asked to stop:
   failing event. An event this process cannot decode is an error like any other:
   never dropped silently.
 * **Live.** PostgreSQL: LISTEN/NOTIFY wake-ups (migration 3 notifies on every
-  append while a listening projector is recorded as running) plus a polling
+  append while a listening projector's lease lasts: `listen_lease`, renewed as
+  it runs, ended when it stops for any reason) plus a polling
   fallback every `poll_interval` seconds (for poolers that drop LISTEN); SQLite
   and memory: polling.
 * **At-least-once elsewhere.** A read model outside the batch's transaction (not
@@ -306,6 +307,8 @@ class _Backend:
     """What the runner needs from a store: a leader lock, checkpoint transactions, raw reads, wake-ups."""
 
     connection = None
+    #: Seconds a running listener's claim lasts unless renewed (PostgreSQL: appends NOTIFY while it lasts).
+    listen_lease = 30.0
 
     def __init__(self, store: EventStore, name: str) -> None:
         self.store = store
@@ -348,6 +351,12 @@ class _Backend:
         raise NotImplementedError
 
     def clear_wake(self) -> None: ...
+
+    def keep_listening(self) -> None:
+        """Renew the listener's lease when it is due (PostgreSQL); called before every read and while waiting."""
+
+    def stop_listening(self) -> None:
+        """End the listener's lease at once (best effort, on the way out, whatever ended the run)."""
 
     def wait(self, timeout: float, stop: threading.Event) -> bool:
         """Sleep until `timeout` passes or `stop` is set; True if woken by a notification of new events."""
@@ -655,6 +664,7 @@ class ProjectionRunner:
         reconnect_backoff: float = 0.5,
         max_reconnect_backoff: float = 30.0,
         listen: bool = True,
+        listen_lease: float = 30.0,
     ) -> None:
         if not isinstance(projector, Projector):
             raise ValidationError(f"run_projection takes an ec.Projector, got {type(projector).__name__}")
@@ -668,7 +678,8 @@ class ProjectionRunner:
         self.lock_poll_interval = float(lock_poll_interval)
         self.reconnect_backoff = float(reconnect_backoff)
         self.max_reconnect_backoff = float(max_reconnect_backoff)
-        for option in ("lock_poll_interval", "reconnect_backoff", "max_reconnect_backoff"):
+        self.listen_lease = float(listen_lease)
+        for option in ("lock_poll_interval", "reconnect_backoff", "max_reconnect_backoff", "listen_lease"):
             if not getattr(self, option) > 0:
                 raise ValidationError(f"{option} must be > 0 seconds, got {getattr(self, option)!r}")
         self.until_caught_up = until_caught_up
@@ -722,6 +733,7 @@ class ProjectionRunner:
         try:
             while not self.stop_event.is_set():
                 backend = self._backend = _backend(self.store, self.projector.name, self.listen)
+                backend.listen_lease = self.listen_lease
                 try:
                     backend.open()
                     if not self._acquire(backend):
@@ -750,6 +762,10 @@ class ProjectionRunner:
                 finally:
                     self.leading.clear()
                     try:
+                        if self._held and not backend.broken():
+                            # Whatever ended the run (KeyboardInterrupt and SystemExit too): appends
+                            # stop paying for NOTIFY now; a killed process's lease simply expires.
+                            backend.stop_listening()
                         backend.release()
                         backend.close()
                     except Exception:  # noqa: BLE001 - closing a broken connection
@@ -791,6 +807,7 @@ class ProjectionRunner:
         woken, retry = False, 0.0
         while not self.stop_event.is_set():
             backend.clear_wake()
+            backend.keep_listening()  # before the read: an append it misses notifies
             before = self.position
             head = backend.head()
             rows = backend.read_rows(self.position, p.type_names, p.stream_prefix, p.batch_size)
@@ -928,7 +945,9 @@ def run_projection(store: EventStore, projector: Projector, **options) -> Projec
     between polls; on PostgreSQL the fallback behind LISTEN/NOTIFY, default 1.0,
     else 0.1), `lock_poll_interval` (how often a waiting instance tries to take
     over, 0.5 s), `listen` (PostgreSQL: False polls only, for poolers that drop
-    LISTEN), `reconnect_backoff` / `max_reconnect_backoff` (after a lost connection or a
+    LISTEN), `listen_lease` (PostgreSQL: appends NOTIFY while a listening projector's lease
+    lasts, 30 s, renewed every third of it while it runs and ended when it stops; a killed or
+    hung process stops costing appends a NOTIFY once its lease expires), `reconnect_backoff` / `max_reconnect_backoff` (after a lost connection or a
     failed statement of its own, it reconnects after 0.5 s, doubling up to 30 s until it makes
     progress again; an error the handler raises, whatever its class, goes to the error
     strategy instead). Returns the runner once stopped; raises ProjectionError when

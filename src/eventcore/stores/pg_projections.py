@@ -43,8 +43,11 @@ _LOAD = "SELECT position FROM {s}.projection_checkpoints WHERE name = %s"
 _ADVANCE = "UPDATE {s}.projection_checkpoints SET position = %s, updated_at = now() WHERE name = %s AND position = %s"
 _RESET = "UPDATE {s}.projection_checkpoints SET position = 0, updated_at = now() WHERE name = %s"
 _CLEAR_DEAD = "DELETE FROM {s}.projection_dead_letters WHERE projector = %s"
-_STATE = ("UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, listening = %s, "
+_STATE = ("UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, "
+          "listening_until = CASE WHEN %s THEN now() + make_interval(secs => %s) END, "
           "updated_at = now() WHERE name = %s")
+_RENEW = "UPDATE {s}.projection_checkpoints SET listening_until = now() + make_interval(secs => %s) WHERE name = %s"
+_UNLISTEN = "UPDATE {s}.projection_checkpoints SET listening_until = NULL WHERE name = %s"
 _CHANNEL = "SELECT 'eventcore_events_' || to_regclass(%s)::oid::text"
 _DEAD_LETTER = (
     "INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data, "
@@ -91,7 +94,9 @@ class PostgresBackend(_Backend):
         self._key = _key_prefix(s) + name
         self._sql = {k: _q(v, s) for k, v in (
             ("ensure", _ENSURE), ("load", _LOAD), ("advance", _ADVANCE), ("reset", _RESET), ("clear", _CLEAR_DEAD),
-            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD))}
+            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD), ("renew", _RENEW),
+            ("unlisten", _UNLISTEN))}
+        self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
 
     # -- connection --------------------------------------------------------------------
@@ -227,7 +232,26 @@ class PostgresBackend(_Backend):
     def set_state(self, state: str, error, owner) -> None:
         self._exec(self._sql["ensure"], (self.name,))
         # While it runs and listens, appends send NOTIFY (see migration 3); otherwise they need not.
-        self._exec(self._sql["state"], (state, error, owner, self.listen and state == "running", self.name))
+        # The claim is a lease (listening_until), renewed by keep_listening(): a process that dies
+        # without saying so (SIGKILL, a crash, a hang) stops costing appends a NOTIFY when it expires.
+        listening = self.listen and state == "running"
+        self._exec(self._sql["state"], (state, error, owner, listening, self.listen_lease, self.name))
+        self._renew_at = time.monotonic() + self.listen_lease / 3 if listening else None
+
+    def keep_listening(self) -> None:
+        if self._renew_at is not None and time.monotonic() >= self._renew_at:
+            self._renew_at = time.monotonic() + self.listen_lease / 3
+            self._exec(self._sql["renew"], (self.listen_lease, self.name))
+
+    def stop_listening(self) -> None:
+        if self._renew_at is None:
+            return
+        self._renew_at = None
+        try:
+            if self.connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+                self._exec(self._sql["unlisten"], (self.name,))
+        except Exception:  # noqa: BLE001 - best effort on the way out; the lease expires anyway
+            pass
 
     # -- waiting -----------------------------------------------------------------------
 
@@ -256,6 +280,7 @@ class PostgresBackend(_Backend):
                 raise _StoreFailed(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
             if readable:
                 self._exec("SELECT 1")
+            self.keep_listening()
         return self._woken.is_set()
 
 

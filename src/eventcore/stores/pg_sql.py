@@ -441,7 +441,7 @@ CREATE TABLE {s}.projection_checkpoints (
     state      text NOT NULL DEFAULT 'idle',
     error      text,
     owner      text,
-    listening  boolean NOT NULL DEFAULT false,  -- running and LISTENing: appends notify (see below)
+    listening_until timestamptz,  -- a running, LISTENing projector's lease: appends notify until then (see below)
     updated_at timestamptz NOT NULL DEFAULT now()
 );
 
@@ -465,15 +465,16 @@ CREATE TABLE {s}.projection_dead_letters (
 
 -- Live projections LISTEN on 'eventcore_events_' || (the events table's oid): one wake-up
 -- per committed writing statement (an append or a batch COPY), delivered at commit. Sent only
--- while a projector that listens is recorded as running: a transaction that sent NOTIFY commits
--- under one cluster-wide lock, which appends should not pay for when nobody listens. Listeners
--- also poll, so a missed notification only delays them. SECURITY DEFINER: the batch writer's
+-- while a listening projector's lease lasts (listening_until: renewed every few seconds while it
+-- runs, cleared when it stops; a killed or hung process's lease just expires): a transaction that
+-- sent NOTIFY commits under one cluster-wide lock, which appends should not pay for when nobody
+-- listens. Listeners renew before they read and also poll, so a missed notification only delays them. SECURITY DEFINER: the batch writer's
 -- COPY runs as the application role, which must not need rights on the projection tables.
 CREATE FUNCTION {s}.notify_events() RETURNS trigger
 LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
 AS $$
 BEGIN
-    IF EXISTS (SELECT 1 FROM {s}.projection_checkpoints WHERE listening) THEN
+    IF EXISTS (SELECT 1 FROM {s}.projection_checkpoints WHERE listening_until > now()) THEN
         PERFORM pg_notify('eventcore_events_' || TG_RELID::text, '');
     END IF;
     RETURN NULL;
