@@ -905,3 +905,26 @@ def test_postgres_listener_renews_its_lease_while_it_waits(pg, pg_dsn):
         runner.stop()
         runner.join(DEADLINE)
         listener.close()
+
+
+def test_rebuild_on_a_first_run_sets_up_before_it_resets(durable_store):
+    """reset() may empty tables only setup() creates: a first run with rebuild=True must not fail."""
+    store = durable_store
+    if store.scheme == "postgresql":
+        table, ph = '"' + store.schema.replace('"', '""') + '".rebuilt', "%s"
+    else:
+        table, ph = "rebuilt", "?"
+    store.append([ec.emit("b", Counted(i)) for i in range(3)])
+    proj = ec.Projector(
+        "fresh", types=[Counted],
+        setup=lambda ctx: ctx.connection.execute(f"CREATE TABLE IF NOT EXISTS {table} (n int)"),
+        reset=lambda ctx: ctx.connection.execute(f"DELETE FROM {table}"),
+        handler=lambda e, ctx: ctx.connection.execute(f"INSERT INTO {table} VALUES ({ph})", (e.data.n,)))
+    for _ in range(2):  # first run, then a true rebuild over a full read model
+        ec.run_projection(store, proj, until_caught_up=True, rebuild=True)
+        conn = ec.projections._backend(store, "fresh")
+        conn.open()
+        try:
+            assert sorted(r[0] for r in conn.connection.execute(f"SELECT n FROM {table}").fetchall()) == [0, 1, 2]
+        finally:
+            conn.close()

@@ -792,14 +792,15 @@ class ProjectionRunner:
     def _lead(self, backend: _Backend) -> None:
         p = self.projector
         position = backend.load()
-        if self.rebuild and not self._rebuilt:
-            with backend.transaction():
+        with backend.transaction():
+            # setup() first: reset() may empty tables that only setup() creates (a first run with rebuild).
+            p.setup(ProjectionContext(self.store, p, backend.connection, position))
+            if self.rebuild and not self._rebuilt:
                 p.reset(ProjectionContext(self.store, p, backend.connection, position))
                 backend.reset()
+        if self.rebuild and not self._rebuilt:
             self._rebuilt = True
             position = 0
-        with backend.transaction():
-            p.setup(ProjectionContext(self.store, p, backend.connection, position))
         backend.set_state("running", None, _owner())
         self.position = position
         self.leading.set()
