@@ -928,3 +928,25 @@ def test_rebuild_on_a_first_run_sets_up_before_it_resets(durable_store):
             assert sorted(r[0] for r in conn.connection.execute(f"SELECT n FROM {table}").fetchall()) == [0, 1, 2]
         finally:
             conn.close()
+
+
+def test_postgres_keeps_looking_while_committed_events_wait_behind_the_fence(pg, pg_dsn):
+    """An older transaction holds the feed's fence while a newer append commits (and notifies): the
+    projector keeps looking soon, not once, so it sees the event when the fence passes, though that
+    sends no NOTIFY and its poll interval is far beyond the deadline."""
+    import psycopg
+
+    proj = Collector()
+    runner = ec.ProjectionRunner(pg, proj, poll_interval=100 * DEADLINE).start()
+    try:
+        wait_until(lambda: runner.leading.is_set() and runner.caught_up.is_set(), what="an idle leader")
+        with psycopg.connect(pg_dsn) as holder:
+            holder.execute("SELECT pg_current_xact_id()")  # an older transaction with an id: the fence waits
+            pg.append([ec.emit("fenced", Counted(1))])  # commits and notifies, but behind the fence
+            time.sleep(0.5)  # not an assertion: gives a single re-poll time to give up
+            assert proj.seen == {}
+            holder.commit()  # the fence passes; committing this transaction notifies nobody
+        wait_until(lambda: len(proj.seen) == 1, what="the event once the fence passed")
+    finally:
+        runner.stop()
+        runner.join(DEADLINE)

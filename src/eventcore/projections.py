@@ -66,6 +66,8 @@ log = logging.getLogger("eventcore.projections")
 
 #: Events per batch (one transaction each) unless the projector says otherwise.
 DEFAULT_BATCH_SIZE = 500
+#: Longest pause between looks while committed events wait behind the feed's fence (PostgreSQL).
+_FENCE_RETRY_MAX = 0.05
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _json = msgspec.json.Decoder()
 
@@ -351,6 +353,11 @@ class _Backend:
         raise NotImplementedError
 
     def clear_wake(self) -> None: ...
+
+    def committed_beyond(self, position: int) -> bool:
+        """Are events committed after `position` that reads cannot see yet? (PostgreSQL: behind the
+        fence of an older transaction still running; elsewhere never.)"""
+        return False
 
     def keep_listening(self) -> None:
         """Renew the listener's lease when it is due (PostgreSQL); called before every read and while waiting."""
@@ -805,7 +812,7 @@ class ProjectionRunner:
         self.position = position
         self.leading.set()
         log.info("projection %r: leading from position %d", p.name, position)
-        woken, retry = False, 0.0
+        retry = 0.0
         while not self.stop_event.is_set():
             backend.clear_wake()
             backend.keep_listening()  # before the read: an append it misses notifies
@@ -825,16 +832,19 @@ class ProjectionRunner:
                 self.caught_up.set()
                 if self.until_caught_up:
                     return
-                if woken and self.position == before:
-                    # Woken by a NOTIFY, yet nothing new is visible: the feed's fence is waiting for
-                    # an older transaction. Look again soon (backing off) rather than after a full poll.
-                    retry = min(self.poll_interval, retry * 2 if retry else 0.005)
+                if backend.committed_beyond(max(head, self.position)):
+                    # Events are committed past the feed's fence, which waits for an older transaction
+                    # still running: their NOTIFY came already, and none will come when the fence
+                    # passes. Look again soon, backing off from 5 to 50 ms, for as long as that lasts
+                    # (starting over whenever the position moves), rather than after a full poll.
+                    retry = 0.005 if self.position != before or not retry else min(retry * 2, _FENCE_RETRY_MAX)
+                    backend.wait(min(retry, self.poll_interval), self.stop_event)
                 else:
                     retry = 0.0
-                woken = backend.wait(retry or self.poll_interval, self.stop_event)
+                    backend.wait(self.poll_interval, self.stop_event)
             else:
                 self.caught_up.clear()
-                woken, retry = False, 0.0
+                retry = 0.0
 
     def _process(self, backend: _Backend, rows: list) -> None:
         events, errors = _decode(rows)

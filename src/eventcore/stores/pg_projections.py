@@ -47,6 +47,8 @@ _STATE = ("UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner =
           "listening_until = CASE WHEN %s THEN now() + make_interval(secs => %s) END, "
           "updated_at = now() WHERE name = %s")
 _RENEW = "UPDATE {s}.projection_checkpoints SET listening_until = now() + make_interval(secs => %s) WHERE name = %s"
+# Unfenced on purpose: committed events the fenced reads cannot see yet (an index probe).
+_BEYOND = "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE position > %s)"
 _UNLISTEN = "UPDATE {s}.projection_checkpoints SET listening_until = NULL WHERE name = %s"
 _CHANNEL = "SELECT 'eventcore_events_' || to_regclass(%s)::oid::text"
 _DEAD_LETTER = (
@@ -94,7 +96,7 @@ class PostgresBackend(_Backend):
         self._key = _key_prefix(s) + name
         self._sql = {k: _q(v, s) for k, v in (
             ("ensure", _ENSURE), ("load", _LOAD), ("advance", _ADVANCE), ("reset", _RESET), ("clear", _CLEAR_DEAD),
-            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD), ("renew", _RENEW),
+            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD), ("renew", _RENEW), ("beyond", _BEYOND),
             ("unlisten", _UNLISTEN))}
         self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
@@ -237,6 +239,9 @@ class PostgresBackend(_Backend):
         listening = self.listen and state == "running"
         self._exec(self._sql["state"], (state, error, owner, listening, self.listen_lease, self.name))
         self._renew_at = time.monotonic() + self.listen_lease / 3 if listening else None
+
+    def committed_beyond(self, position: int) -> bool:
+        return bool(self._exec(self._sql["beyond"], (position,))[0][0])
 
     def keep_listening(self) -> None:
         if self._renew_at is not None and time.monotonic() >= self._renew_at:
