@@ -950,3 +950,39 @@ def test_postgres_keeps_looking_while_committed_events_wait_behind_the_fence(pg,
     finally:
         runner.stop()
         runner.join(DEADLINE)
+
+
+def test_filtered_projector_does_not_commit_a_checkpoint_per_idle_wake_up(store):
+    """Events its filters leave out move a projector's read cursor at once, but its stored checkpoint
+    only every idle_checkpoint_interval (here: never while it runs) and when it stops."""
+    proj = Collector(types=[Counted])
+    runner = ec.ProjectionRunner(store, proj, poll_interval=0.02, idle_checkpoint_interval=100 * DEADLINE).start()
+
+    def stored() -> int:
+        return ec.projection_status(store, "collector")[0].position
+
+    def two_reads() -> None:  # the second read began after this call did: it saw what came before
+        for _ in range(2):
+            runner.caught_up.clear()
+            wait_until(runner.caught_up.is_set, what="a read to the head")
+
+    try:
+        wait_until(runner.leading.is_set, what="a leader")
+        store.append([ec.emit("m-1", Counted(1))])
+        wait_until(lambda: len(proj.seen) == 1, what="the first event")
+        first = stored()
+        assert first == store.read_stream("m-1")[0].position
+        for i in range(3):
+            store.append([ec.emit("noise", Noise(str(i)))])
+            two_reads()
+        assert stored() == first  # idle wake-ups past filtered-out events committed nothing
+        store.append([ec.emit("m-1", Counted(2))])  # reading went on past the noise, and still sees this
+        wait_until(lambda: len(proj.seen) == 2, what="an event after the noise")
+        assert stored() == store.read_stream("m-1")[1].position
+        store.append([ec.emit("noise", Noise("last"))])
+        two_reads()
+    finally:
+        runner.stop()
+        runner.join(DEADLINE)
+    assert stored() == store.head_position()  # stopping saves the cursor past the last noise
+    assert proj.order == [e.position for e in store.read_all(types=[Counted])]

@@ -45,6 +45,7 @@ import signal
 import socket
 import sqlite3
 import threading
+import time as _time
 import uuid
 from contextlib import contextmanager
 from typing import Any, Callable, Iterable, Iterator
@@ -672,6 +673,7 @@ class ProjectionRunner:
         max_reconnect_backoff: float = 30.0,
         listen: bool = True,
         listen_lease: float = 30.0,
+        idle_checkpoint_interval: float = 5.0,
     ) -> None:
         if not isinstance(projector, Projector):
             raise ValidationError(f"run_projection takes an ec.Projector, got {type(projector).__name__}")
@@ -686,6 +688,9 @@ class ProjectionRunner:
         self.reconnect_backoff = float(reconnect_backoff)
         self.max_reconnect_backoff = float(max_reconnect_backoff)
         self.listen_lease = float(listen_lease)
+        self.idle_checkpoint_interval = float(idle_checkpoint_interval)
+        if not self.idle_checkpoint_interval >= 0:
+            raise ValidationError(f"idle_checkpoint_interval must be >= 0 seconds, got {idle_checkpoint_interval!r}")
         for option in ("lock_poll_interval", "reconnect_backoff", "max_reconnect_backoff", "listen_lease"):
             if not getattr(self, option) > 0:
                 raise ValidationError(f"{option} must be > 0 seconds, got {getattr(self, option)!r}")
@@ -695,7 +700,9 @@ class ProjectionRunner:
         self.listen = listen
         self.caught_up = threading.Event()
         self.leading = threading.Event()
-        self.position = 0
+        self.position = 0  # the stored checkpoint, as this instance last wrote or read it
+        self._cursor = 0  # where reading goes on from: the checkpoint, or past events the filters left out
+        self._idle_due = 0.0
         self.events_handled = 0
         self.batches = 0
         self.error: BaseException | None = None
@@ -809,35 +816,38 @@ class ProjectionRunner:
             self._rebuilt = True
             position = 0
         backend.set_state("running", None, _owner())
-        self.position = position
+        self.position = self._cursor = position
+        self._idle_due = _time.monotonic() + self.idle_checkpoint_interval
         self.leading.set()
         log.info("projection %r: leading from position %d", p.name, position)
         retry = 0.0
         while not self.stop_event.is_set():
             backend.clear_wake()
             backend.keep_listening()  # before the read: an append it misses notifies
-            before = self.position
+            before = self._cursor
             head = backend.head()
-            rows = backend.read_rows(self.position, p.type_names, p.stream_prefix, p.batch_size)
+            rows = backend.read_rows(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
             self._failures = 0  # the connection works: the next reconnection starts from the base backoff
             if rows:
                 self._process(backend, rows)
             if len(rows) < p.batch_size:
-                # Everything up to `head` was read (head was read first): a checkpoint past
-                # filtered-out events keeps the lag honest.
-                if head > self.position and not self.stop_event.is_set():
-                    with backend.transaction():
-                        backend.advance(self.position, head)
-                    self.position = head
+                # Everything up to `head` was read (head was read first): nothing up to it is left
+                # for this projector, so reading goes on from there. The stored checkpoint follows
+                # past such filtered-out events at most every `idle_checkpoint_interval` seconds
+                # (and when the run ends), not a commit per idle wake-up.
+                self._cursor = max(self._cursor, head)
+                if self._cursor > self.position and _time.monotonic() >= self._idle_due:
+                    self._save_cursor(backend)
                 self.caught_up.set()
                 if self.until_caught_up:
+                    self._save_cursor(backend)
                     return
-                if backend.committed_beyond(max(head, self.position)):
+                if backend.committed_beyond(max(head, self._cursor)):
                     # Events are committed past the feed's fence, which waits for an older transaction
                     # still running: their NOTIFY came already, and none will come when the fence
                     # passes. Look again soon, backing off from 5 to 50 ms, for as long as that lasts
                     # (starting over whenever the position moves), rather than after a full poll.
-                    retry = 0.005 if self.position != before or not retry else min(retry * 2, _FENCE_RETRY_MAX)
+                    retry = 0.005 if self._cursor != before or not retry else min(retry * 2, _FENCE_RETRY_MAX)
                     backend.wait(min(retry, self.poll_interval), self.stop_event)
                 else:
                     retry = 0.0
@@ -845,6 +855,15 @@ class ProjectionRunner:
             else:
                 self.caught_up.clear()
                 retry = 0.0
+        self._save_cursor(backend)
+
+    def _save_cursor(self, backend: _Backend) -> None:
+        """Move the stored checkpoint up to the read cursor (past events the filters left out)."""
+        self._idle_due = _time.monotonic() + self.idle_checkpoint_interval
+        if self._cursor > self.position:
+            with backend.transaction():
+                backend.advance(self.position, self._cursor)
+            self.position = self._cursor
 
     def _process(self, backend: _Backend, rows: list) -> None:
         events, errors = _decode(rows)
@@ -867,7 +886,7 @@ class ProjectionRunner:
             if events:
                 p.handle_batch(events, ProjectionContext(self.store, p, backend.connection, self.position))
             backend.advance(self.position, new)
-        self.position = new
+        self.position = self._cursor = new
         self.events_handled += len(events)
         self.batches += 1
 
@@ -922,7 +941,7 @@ class ProjectionRunner:
             with backend.transaction():
                 backend.dead_letter(row, _describe(exc), attempts)
                 backend.advance(self.position, position)
-            self.position = position
+            self.position = self._cursor = position
             return
         raise ProjectionError(
             f"projector {p.name!r} failed on the event at {where} after {attempts} attempt(s): {_describe(exc)}",
@@ -958,7 +977,9 @@ def run_projection(store: EventStore, projector: Projector, **options) -> Projec
     over, 0.5 s), `listen` (PostgreSQL: False polls only, for poolers that drop
     LISTEN), `listen_lease` (PostgreSQL: appends NOTIFY while a listening projector's lease
     lasts, 30 s, renewed every third of it while it runs and ended when it stops; a killed or
-    hung process stops costing appends a NOTIFY once its lease expires), `reconnect_backoff` / `max_reconnect_backoff` (after a lost connection or a
+    hung process stops costing appends a NOTIFY once its lease expires),
+    `idle_checkpoint_interval` (a filtered projector's checkpoint moves past events its filters
+    leave out at most this often, 5 s, and when the run ends), `reconnect_backoff` / `max_reconnect_backoff` (after a lost connection or a
     failed statement of its own, it reconnects after 0.5 s, doubling up to 30 s until it makes
     progress again; an error the handler raises, whatever its class, goes to the error
     strategy instead). Returns the runner once stopped; raises ProjectionError when
