@@ -986,3 +986,19 @@ def test_filtered_projector_does_not_commit_a_checkpoint_per_idle_wake_up(store)
         runner.join(DEADLINE)
     assert stored() == store.head_position()  # stopping saves the cursor past the last noise
     assert proj.order == [e.position for e in store.read_all(types=[Counted])]
+
+
+def test_runner_lag_and_pending_come_from_the_stored_checkpoint(store, monkeypatch):
+    """A waiting instance (its own position 0) reports the projector's lag, not the whole feed."""
+    from eventcore import projections
+
+    store.append([ec.emit(f"l-{i}", Counted(i)) for i in range(3)])
+    waiting = ec.ProjectionRunner(store, Collector())
+    assert waiting.lag() == store.head_position() and waiting.pending() == 3  # never ran: everything
+    ec.run_projection(store, Collector(), until_caught_up=True)
+    assert (waiting.lag(), waiting.pending()) == (0, 0)
+    store.append([ec.emit("l-9", Counted(9)), ec.emit("l-9", Counted(10))])
+    assert waiting.lag() == store.head_position() - ec.projection_status(store, "collector")[0].position > 0
+    assert waiting.pending() == 2 and waiting.status().pending == 2
+    monkeypatch.setattr(projections, "PENDING_CAP", 1)  # pending is a bounded count
+    assert waiting.pending() == 1 and ec.projection_status(store)[0].pending == 1

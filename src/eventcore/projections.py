@@ -67,6 +67,8 @@ log = logging.getLogger("eventcore.projections")
 
 #: Events per batch (one transaction each) unless the projector says otherwise.
 DEFAULT_BATCH_SIZE = 500
+#: `pending` counts events after a checkpoint up to this many (a bounded cost): this value means "at least".
+PENDING_CAP = 10_000
 #: Longest pause between looks while committed events wait behind the feed's fence (PostgreSQL).
 _FENCE_RETRY_MAX = 0.05
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
@@ -242,9 +244,14 @@ class Projector:
 
 
 class ProjectionStatus(msgspec.Struct, frozen=True):
-    """A projector as its store records it. `lag` = head position - checkpoint (0: caught up;
-    on PostgreSQL positions are sparse, so it is a distance in positions, not a count of events);
-    `pending` = events after the checkpoint (any type); `state`: running (an instance holds the
+    """A projector as its store records it. `lag` = head position - stored checkpoint (0: caught
+    up); a distance in positions, not a count of events: on PostgreSQL positions are sparse
+    (transaction id << 20, plus the event's index in its transaction), so a lag of a few million
+    can be a single event. For alerting use `pending`: the events after the checkpoint (any type),
+    counted up to PENDING_CAP (10,000; that value means at least that many), so computing it costs
+    a bounded index scan. A filtered projector's stored checkpoint moves past events its filters
+    leave out only every `idle_checkpoint_interval` (5 s), so both may show those for a few
+    seconds. `state`: running (an instance holds the
     lock), stopped, failed (see `error`), idle (never run) or dead (the last instance died
     without stopping)."""
 
@@ -735,9 +742,22 @@ class ProjectionRunner:
         if self.error is not None and (self._thread is None or not self._thread.is_alive()):
             raise self.error
 
+    def status(self) -> "ProjectionStatus | None":
+        """The projector as the store records it (None before any instance ran): the stored
+        checkpoint, so a waiting instance reports the same as the leader."""
+        found = projection_status(self.store, self.projector.name)
+        return found[0] if found else None
+
     def lag(self) -> int:
-        """Head position minus this instance's checkpoint (0: caught up)."""
-        return max(0, self.store.head_position() - self.position)
+        """Head position minus the stored checkpoint (0: caught up), in positions: see ProjectionStatus
+        (sparse on PostgreSQL; alert on `pending()` instead)."""
+        st = self.status()
+        return st.lag if st is not None else self.store.head_position()
+
+    def pending(self) -> int:
+        """Events after the stored checkpoint (any type), counted up to PENDING_CAP (10,000)."""
+        st = self.status()
+        return st.pending if st is not None else _count_after(self.store, 0)
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -1043,10 +1063,17 @@ def _effective_state(stored: str, held: bool) -> str:
 
 
 def _count_after(store, position: int) -> int:
-    if store.scheme == "memory":
-        return max(0, store.head_position() - position)
-    if store.scheme == "sqlite":
-        return store._query("SELECT count(*) FROM events WHERE position > ?", (position,))[0][0]
+    """Events after `position`, counted up to PENDING_CAP."""
+    scheme = getattr(store, "scheme", "")
+    if scheme == "memory":
+        return min(PENDING_CAP, max(0, store.head_position() - position))
+    if scheme == "sqlite":
+        return store._query("SELECT count(*) FROM (SELECT 1 FROM events WHERE position > ? LIMIT ?)",
+                            (position, PENDING_CAP))[0][0]
+    if scheme == "postgresql":
+        from .stores.pg_projections import pg_count_after
+
+        return pg_count_after(store, position, PENDING_CAP)
     raise ValidationError("unsupported store")
 
 

@@ -67,7 +67,8 @@ _STATUS = (
     "WITH f AS MATERIALIZED (SELECT " + pg_sql.FENCE + " AS fence), "
     "h AS MATERIALIZED (SELECT coalesce(max(position), 0) AS head FROM {s}.events, f WHERE position < f.fence) "
     "SELECT c.name, c.position, h.head, "
-    "(SELECT count(*) FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence), "
+    "(SELECT count(*) FROM (SELECT 1 FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence "
+    "LIMIT %(cap)s) p), "
     "c.state, c.error, c.owner, c.updated_at, "
     "(SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projector = c.name), "
     + _LOCK_HELD.format(key="%(prefix)s || c.name", seed="%(seed)s") + " "
@@ -302,13 +303,21 @@ def _fetch(store, query, params=()) -> list:
 
 
 def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
-    params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name}
+    from .. import projections
+
+    params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": projections.PENDING_CAP}
     rows = _fetch(store, _q(_STATUS, store.schema), params)
     out = []
     for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
         out.append(ProjectionStatus(n, position, head_now, max(0, head_now - position), pending,
                                     _effective_state(state, held), error, owner, updated, dead))
     return out
+
+
+def pg_count_after(store, position: int, cap: int) -> int:
+    query = "SELECT count(*) FROM (SELECT 1 FROM {s}.events WHERE position > %s AND position < " + pg_sql.FENCE + \
+        " LIMIT %s) p"
+    return _fetch(store, _q(query, store.schema), (position, cap))[0][0]
 
 
 def pg_dead_letters(store, name: str) -> list[DeadLetter]:
