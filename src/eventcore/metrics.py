@@ -466,7 +466,8 @@ class MetricsCollector:
             run.spans = [t.start(f"eventcore.{op}", attrs) for t in self._tracers]
         return run
 
-    def _op_end(self, run: _OpRun, events: int, error: BaseException | None, versions: dict | None = None) -> None:
+    def _op_end(self, run: _OpRun, events: int, error: BaseException | None, versions=None) -> None:
+        """`versions`: a dict, or a function returning one, of stream -> version after (for spans only)."""
         duration = time.perf_counter() - run.started
         op = run.op
         outcome = "ok" if error is None else ("conflict" if isinstance(error, ConcurrencyError) else "error")
@@ -484,6 +485,8 @@ class MetricsCollector:
                     self.events_read += events
         if run.spans is not None:
             attrs: dict = {"eventcore.events": events, "eventcore.outcome": outcome}
+            if callable(versions):
+                versions = versions()
             if versions:
                 attrs["eventcore.stream_ids"] = [str(s) for s in versions]
                 attrs["eventcore.stream_versions"] = list(versions.values())

@@ -375,13 +375,13 @@ class EventStore(ABC):
         if m is None:
             return self._append(prepared)
         exp = prepared.expected
-        run = m._op_start(self, "append", list(exp), exp)
+        run = m._op_start(self, "append", exp, exp)
         try:
             recorded = self._append(prepared)
         except BaseException as exc:
             m._op_end(run, 0, exc)
             raise
-        m._op_end(run, len(recorded), None, {e.stream_id: e.version for e in recorded})
+        m._op_end(run, len(recorded), None, lambda: {e.stream_id: e.version for e in recorded})
         return recorded
 
     @abstractmethod
@@ -411,7 +411,7 @@ class EventStore(ABC):
             first, last, versions = self._append_batch(prepared)
         else:
             exp = prepared.expected
-            run = m._op_start(self, "append_batch", list(exp), exp)
+            run = m._op_start(self, "append_batch", exp, exp)
             try:
                 first, last, versions = self._append_batch(prepared)
             except BaseException as exc:
@@ -596,7 +596,7 @@ class EventStore(ABC):
         except BaseException as exc:
             m._op_end(run, 0, exc)
             raise
-        m._op_end(run, len(events), None, {sid: events[-1].version} if events else None)
+        m._op_end(run, len(events), None, lambda: {sid: events[-1].version} if events else None)
         return events
 
     def read_streams(self, stream_ids: Iterable[str]) -> dict[str, list[RecordedEvent]]:
@@ -617,7 +617,7 @@ class EventStore(ABC):
             m._op_end(run, 0, exc)
             raise
         m._op_end(run, sum(map(len, by_stream.values())),
-                  None, {s: (evs[-1].version if evs else 0) for s, evs in by_stream.items()})
+                  None, lambda: {s: (evs[-1].version if evs else 0) for s, evs in by_stream.items()})
         return by_stream
 
     def stream_version(self, stream_id: str) -> int:
