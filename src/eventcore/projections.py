@@ -342,6 +342,13 @@ class _Backend:
     def read_rows(self, after: int, types, prefix, limit: int) -> list:
         return self.store._read_all_rows(after, types, prefix, limit)
 
+    def read_page(self, after: int, types, prefix, limit: int) -> "tuple[list, int | None]":
+        """A page for the runner: (rows, bound). bound None: the read looked up to the feed's head;
+        else it looked only up to `bound` (a window of the feed, on PostgreSQL for a filtered
+        projector), which is below the head, and every event up to it that matches is in rows
+        unless rows is a full page."""
+        return self.read_rows(after, types, prefix, limit), None
+
     @contextmanager
     def transaction(self) -> Iterator["_Backend"]:
         raise NotImplementedError
@@ -846,10 +853,22 @@ class ProjectionRunner:
             backend.keep_listening()  # before the read: an append it misses notifies
             before = self._cursor
             head = backend.head()
-            rows = backend.read_rows(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
+            rows, bound = backend.read_page(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
             self._failures = 0  # the connection works: the next reconnection starts from the base backoff
             if rows:
                 self._process(backend, rows)
+            if len(rows) < p.batch_size and bound is not None:
+                # A filtered read looked only up to `bound` (a window of the feed after the cursor)
+                # and found less than a page: nothing else up to `bound` is for this projector, and
+                # nothing can appear there later: `bound` is an event below the fence, so every
+                # transaction that could write a position up to it has ended (the same reason as
+                # for reading on from `head` below). Read on from there at once.
+                self._cursor = max(self._cursor, bound)
+                if self._cursor > self.position and _time.monotonic() >= self._idle_due:
+                    self._save_cursor(backend)
+                self.caught_up.clear()
+                retry = 0.0
+                continue
             if len(rows) < p.batch_size:
                 # Everything up to `head` was read (head was read first): nothing up to it is left
                 # for this projector, so reading goes on from there. The stored checkpoint follows

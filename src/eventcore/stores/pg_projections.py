@@ -65,7 +65,9 @@ _DEAD_LETTERS = (
 )
 _STATUS = (
     "WITH f AS MATERIALIZED (SELECT " + pg_sql.FENCE + " AS fence), "
-    "h AS MATERIALIZED (SELECT coalesce(max(position), 0) AS head FROM {s}.events, f WHERE position < f.fence) "
+    # The fence as a scalar subquery (an index condition): max() reads one index entry, backwards.
+    "h AS MATERIALIZED (SELECT coalesce((SELECT max(position) FROM {s}.events "
+    "WHERE position < (SELECT fence FROM f)), 0) AS head) "
     "SELECT c.name, c.position, h.head, "
     "(SELECT count(*) FROM (SELECT 1 FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence "
     "LIMIT %(cap)s) p), "
@@ -74,6 +76,34 @@ _STATUS = (
     + _LOCK_HELD.format(key="%(prefix)s || c.name", seed="%(seed)s") + " "
     "FROM {s}.projection_checkpoints c, h WHERE (%(name)s::text IS NULL OR c.name = %(name)s) ORDER BY c.name"
 )
+
+
+def _window_sql(with_types: bool, with_prefix: bool) -> str:
+    """A filtered page bounded by a window: `bound` = the position of the %(k)s+1-th event after the
+    cursor when it is below the fence (else NULL: fewer than that many events lie below the fence,
+    the window reaches it), then the matching events up to it. Both ranges are index conditions,
+    so a selective filter costs at most the window, never a scan up to the fence. The window's end
+    is found without the fence (a fence condition whose value the planner cannot see can make it
+    prefer a bitmap scan of the whole range, then a sort). One statement: one snapshot, one fence.
+    The first row always carries the bound (with NULL columns when nothing matched)."""
+    filters = (" AND type = ANY(%(types)s::text[])" if with_types else "") + (
+        " AND starts_with(stream_id, %(prefix)s)" if with_prefix else "")
+    return (
+        f"WITH f AS MATERIALIZED (SELECT {pg_sql.FENCE} AS fence), "
+        "k AS MATERIALIZED (SELECT (SELECT position FROM {s}.events WHERE position > %(after)s "
+        "ORDER BY position OFFSET %(k)s LIMIT 1) AS kth), "
+        "w AS MATERIALIZED (SELECT CASE WHEN k.kth < f.fence THEN k.kth END AS bound FROM k, f), "
+        f"m AS MATERIALIZED (SELECT {pg_sql._COLUMNS} FROM {{s}}.events WHERE position > %(after)s "
+        "AND position < (SELECT fence FROM f) "
+        "AND position <= coalesce((SELECT bound FROM w), 9223372036854775807)"
+        f"{filters} ORDER BY position LIMIT %(limit)s) "
+        "SELECT w.bound, m.* FROM w LEFT JOIN m ON true ORDER BY m.position"
+    )
+
+
+#: A filtered page looks at most this many events (times the page size, at least WINDOW_MIN) after the cursor.
+WINDOW_PAGES = 10
+WINDOW_MIN = 1000
 
 
 def _key_prefix(schema: str) -> str:
@@ -101,6 +131,7 @@ class PostgresBackend(_Backend):
             ("unlisten", _UNLISTEN))}
         self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
+        self._window = {(t, p): _q(_window_sql(t, p), s) for t, p in ((True, False), (False, True), (True, True))}
 
     # -- connection --------------------------------------------------------------------
 
@@ -197,6 +228,15 @@ class PostgresBackend(_Backend):
         return self._exec(self._read[types is not None, prefix is not None],
                           pg_sql.read_all_params(after, types, prefix, limit))
 
+    def read_page(self, after, types, prefix, limit) -> tuple[list, "int | None"]:
+        if types is None and prefix is None:
+            return self.read_rows(after, types, prefix, limit), None
+        params = {"after": after, "k": max(WINDOW_PAGES * limit, WINDOW_MIN) - 1, "limit": limit,
+                  "types": list(types) if types is not None else None, "prefix": prefix}
+        result = self._exec(self._window[types is not None, prefix is not None], params)
+        bound = result[0][0]
+        return [r[1:] for r in result if r[1] is not None], bound
+
     @contextmanager
     def transaction(self):
         """The batch's transaction. An error from inside it (the handler's, whatever its class)
@@ -290,11 +330,17 @@ class PostgresBackend(_Backend):
         return self._woken.is_set()
 
 
-def _fetch(store, query, params=()) -> list:
-    """A statement on a connection of the store's pool (status, dead letters, tail)."""
+def _fetch(store, query, params=(), jit: bool = True) -> list:
+    """A statement on a connection of the store's pool (status, dead letters, tail). jit=False: in a
+    transaction with JIT off (the status query's estimates over an unanalysed checkpoint table can
+    make it compile tens of milliseconds of JIT code for a query that takes a fraction of one)."""
     try:
         with store._pool.connection() as conn:
-            return conn.execute(query, params).fetchall()
+            if jit:
+                return conn.execute(query, params).fetchall()
+            with conn.transaction():
+                conn.execute("SET LOCAL jit = off")
+                return conn.execute(query, params).fetchall()
     except psycopg.errors.UndefinedTable as exc:
         raise EventCoreError(f"schema {store.schema!r} has no projection tables: run `eventcore migrate` "
                              f"(projections need schema version 3): {exc}") from exc
@@ -306,7 +352,7 @@ def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
     from .. import projections
 
     params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": projections.PENDING_CAP}
-    rows = _fetch(store, _q(_STATUS, store.schema), params)
+    rows = _fetch(store, _q(_STATUS, store.schema), params, jit=False)
     out = []
     for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
         out.append(ProjectionStatus(n, position, head_now, max(0, head_now - position), pending,
