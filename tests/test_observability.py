@@ -277,3 +277,15 @@ def test_status_reports_projection_lag(tmp_path, capsys):
     assert main(["status", "--dsn", url]) == 0
     out = capsys.readouterr().out
     assert "projection      counter: " in out and "lag 2 (2 pending" in out
+
+
+def test_bench_ends_with_the_collector_summary(capsys):
+    assert main(["bench", "deposit", "transfer", "--backend", "memory", "--ops", "30", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    tail = out[out.index("Metrics collector: key metrics"):]
+    assert "| DepositMoney  | 30 " in tail and "| TransferMoney | 30 " in tail and "| append " in tail
+    assert "Single-stream commands" not in tail  # it comes last
+    assert main(["bench", "deposit", "--backend", "memory", "--ops", "30", "--no-progress", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["metrics"]["commands"]["DepositMoney"]["outcomes"]["succeeded"] == 30
+    assert report["metrics"]["operations"]["append"]["count"] == 30  # the warm-up is not counted

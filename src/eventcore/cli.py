@@ -280,8 +280,14 @@ def _cmd_tail(args) -> int:
     if args.follow and threading.current_thread() is threading.main_thread():
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
+    dsn = _dsn(args)
+    # A monitoring command runs no DDL: on PostgreSQL it connects without migrating, and a schema
+    # behind this eventcore is an error that says to run `eventcore migrate`.
+    postgres = dsn.split("://", 1)[0].lower() in ("postgresql", "postgres")
     try:
-        with connect(_dsn(args)) as store:
+        with connect(dsn, **({"migrate": False} if postgres else {})) as store:
+            if postgres:
+                store._check_schema()
             waiter = follow_waiter(store) if args.follow else None
             interval = args.interval or 0.2
             try:
@@ -315,7 +321,11 @@ def _cmd_projections(args) -> int:
     from .projections import projection_status
     from .stores import connect
 
-    with connect(_dsn(args)) as store:
+    dsn = _dsn(args)
+    postgres = dsn.split("://", 1)[0].lower() in ("postgresql", "postgres")
+    with connect(dsn, **({"migrate": False} if postgres else {})) as store:  # no DDL (see _cmd_tail)
+        if postgres:
+            store._check_schema()
         rows = projection_status(store)
     if args.json:
         for r in rows:
@@ -415,7 +425,9 @@ def _cmd_bench(args) -> int:
                 if report["failed"]:
                     status = 1
                 if args.json:
+                    store.attach(run_collector)  # for the gauges (pool, projections), read now
                     report["metrics"] = run_collector.summary(duration_s=report["duration_s"])
+                    store.detach()
                     print(json.dumps(report), flush=True)
             if args.json:
                 continue
@@ -428,8 +440,10 @@ def _cmd_bench(args) -> int:
                 print(f"\nAt the best concurrency ({best['concurrency']}):")
             print(format_table(best), flush=True)
         if not args.json:
+            store.attach(collector)  # for the gauges (pool, projections), read now
             print()
             print(collector.format_summary(duration_s=timed), flush=True)
+            store.detach()
     return status
 
 
