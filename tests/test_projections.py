@@ -969,16 +969,15 @@ def test_filtered_projector_does_not_commit_a_checkpoint_per_idle_wake_up(store)
     try:
         wait_until(runner.leading.is_set, what="a leader")
         store.append([ec.emit("m-1", Counted(1))])
-        wait_until(lambda: len(proj.seen) == 1, what="the first event")
-        first = stored()
-        assert first == store.read_stream("m-1")[0].position
+        first = store.read_stream("m-1")[0].position
+        wait_until(lambda: stored() == first, what="the first event's checkpoint")  # handled, then committed
         for i in range(3):
             store.append([ec.emit("noise", Noise(str(i)))])
             two_reads()
         assert stored() == first  # idle wake-ups past filtered-out events committed nothing
         store.append([ec.emit("m-1", Counted(2))])  # reading went on past the noise, and still sees this
-        wait_until(lambda: len(proj.seen) == 2, what="an event after the noise")
-        assert stored() == store.read_stream("m-1")[1].position
+        wait_until(lambda: stored() == store.read_stream("m-1")[1].position, what="an event after the noise")
+        assert len(proj.seen) == 2
         store.append([ec.emit("noise", Noise("last"))])
         two_reads()
     finally:
@@ -1044,3 +1043,54 @@ def test_postgres_selective_filter_over_many_events_within_a_small_statement_tim
         assert proj.order == [pg.read_stream("wanted")[0].position]
     finally:
         tight.close()
+
+
+def test_monitoring_commands_run_no_ddl_and_say_when_the_schema_is_behind(pg_dsn, capsys):
+    import psycopg
+
+    schema = f"absent_{uuid.uuid4().hex[:8]}"
+    url = f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}schema={schema}"
+    for argv in (["projections", "--dsn", url], ["tail", "--dsn", url]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "version 0" in err and "eventcore migrate" in err, err
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:  # nothing was created
+        assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()[0] == 0
+
+
+def test_reconnect_warning_names_the_projection_once(monkeypatch, caplog):
+    from eventcore import projections
+
+    class Down(projections._Backend):
+        def open(self):
+            raise projections._StoreFailed("projection 'down': connection refused")
+
+    store = ec.connect("memory://")
+    monkeypatch.setattr(projections, "_backend", lambda store, name, listen=True: Down(store, name))
+    stop = threading.Event()
+    runner = ec.ProjectionRunner(store, Collector("down"), stop_event=stop, reconnect_backoff=0.01).start()
+    try:
+        wait_until(lambda: any("reconnecting" in r.getMessage() for r in caplog.records), what="a reconnect warning")
+    finally:
+        stop.set()
+        runner._thread.join(DEADLINE)
+    message = next(r.getMessage() for r in caplog.records if "reconnecting" in r.getMessage())
+    assert message.count("projection 'down'") == 1 and "connection refused" in message, message
+
+
+def test_sqlite_leader_lock_is_the_same_file_through_a_symlink(tmp_path):
+    (tmp_path / "real").mkdir()
+    direct = ec.connect(f"sqlite:///{tmp_path / 'real' / 'events.db'}")
+    (tmp_path / "linked.db").symlink_to(tmp_path / "real" / "events.db")
+    linked = ec.connect(f"sqlite:///{tmp_path / 'linked.db'}")
+    a, b = (ec.projections._backend(s, "one") for s in (direct, linked))
+    try:
+        a.open()
+        b.open()
+        assert a.try_acquire()
+        assert not b.try_acquire()  # one active instance, whichever path each opened the file by
+    finally:
+        a.close()
+        b.close()
+        direct.close()
+        linked.close()

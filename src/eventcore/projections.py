@@ -555,7 +555,10 @@ class _SQLiteBackend(_Backend):
             self.connection = None
 
     def _lock_path(self) -> str:
-        return f"{self.store.path}.projection-{hashlib.sha256(self.name.encode()).hexdigest()[:16]}.lock"
+        # The real path: every process (whatever its working directory, through whichever
+        # symlink it opened the database) locks the same file.
+        path = os.path.realpath(self.store.path)
+        return f"{path}.projection-{hashlib.sha256(self.name.encode()).hexdigest()[:16]}.lock"
 
     def try_acquire(self) -> bool:
         fd = os.open(self._lock_path(), os.O_RDWR | os.O_CREAT, 0o644)
@@ -820,7 +823,8 @@ class ProjectionRunner:
         try:
             backend.set_state(state, error, _owner())
         except Exception as exc:  # noqa: BLE001 - the state is informative only
-            log.warning("projection %r: cannot record state %r: %s", self.projector.name, state, exc)
+            log.warning("projection %r: cannot record state %r: %s", self.projector.name, state,
+                        _unprefixed(exc, self.projector.name))
 
     def _acquire(self, backend: _Backend) -> bool:
         while not self.stop_event.is_set():
