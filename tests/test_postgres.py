@@ -655,3 +655,27 @@ def test_group_ordinals_stay_within_one_transactions_positions(pg, pg_dsn, pg_sc
     group = committer._take(big[0])
     assert sum(len(r.prepared) for r in group) <= pgmod.MAX_GROUP_EVENTS and len(group) == 2
     assert list(committer._queue) == big[2:]  # kept, in order, for the next group
+
+
+def test_plans_do_not_go_stale_as_the_tables_grow(pg, pg_dsn, pg_schema):
+    """A plan cached while a table was small stays a sequential scan as it grows: the store's
+    statements are planned per call, and the append functions plan for index access only."""
+    with pg._pool.connection() as conn:
+        assert conn.execute("SHOW plan_cache_mode").fetchone()[0] == "force_custom_plan"
+    with _raw(pg_dsn) as conn:
+        configs = dict(conn.execute(
+            "SELECT p.proname, p.proconfig FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace "
+            "WHERE n.nspname = %s AND p.proname IN ('append_group', 'reserve_append')", (pg_schema,)).fetchall())
+    for name in ("append_group", "reserve_append"):
+        assert {"plan_cache_mode=auto", "enable_seqscan=off", "jit=off"} <= set(configs[name]), (name, configs[name])
+    # and a stream read on a table that grew after the first reads still uses the index
+    pg.append([ec.emit("grow-0", Noted("x"))])
+    for _ in range(6):
+        pg.read_streams(["grow-0"])
+    pg.append_batch([ec.emit(f"grow-{k}", Noted("x")) for k in range(1, 5001)],
+                    {f"grow-{k}": ec.NO_STREAM for k in range(1, 5001)})
+    with pg._pool.connection() as conn:
+        plan = "\n".join(r[0] for r in conn.execute(
+            sql.SQL("EXPLAIN SELECT position FROM {}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position")
+            .format(sql.Identifier(pg_schema)), (["grow-0"],)).fetchall())
+    assert "Seq Scan" not in plan, plan
