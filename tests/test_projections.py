@@ -1094,3 +1094,26 @@ def test_sqlite_leader_lock_is_the_same_file_through_a_symlink(tmp_path):
         b.close()
         direct.close()
         linked.close()
+
+
+def test_postgres_a_refused_checkpoint_write_is_not_the_events_failure(pg, pg_dsn):
+    """When the store refuses the projection's own statement (here a trigger refuses to move the
+    checkpoint), the run stops with that error: the event is not retried, skipped or blamed."""
+    import psycopg
+    from psycopg import sql
+
+    pg.append([ec.emit("r", Counted(1))])
+    s = sql.Identifier(pg.schema)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE FUNCTION {}.frozen() RETURNS trigger LANGUAGE plpgsql AS "
+                              "$$ BEGIN RAISE EXCEPTION 'checkpoints are frozen'; END $$").format(s))
+        admin.execute(sql.SQL("CREATE TRIGGER frozen BEFORE UPDATE ON {}.projection_checkpoints FOR EACH ROW "
+                              "WHEN (OLD.position IS DISTINCT FROM NEW.position) EXECUTE FUNCTION {}.frozen()").format(s, s))
+    calls = []
+    proj = ec.Projector("frozen", handler=lambda e, ctx: calls.append(e.position),
+                        on_error=ec.Retry(attempts=3, backoff=0.01, then="skip"))
+    with pytest.raises(ec.EventCoreError) as info:
+        _run_bounded(pg, proj, until_caught_up=True).join()
+    assert not isinstance(info.value, ec.ProjectionError) and "checkpoints are frozen" in str(info.value)
+    assert len(calls) == 1 and ec.dead_letters(pg, "frozen") == []
+    assert ec.projection_status(pg, "frozen")[0].state == "failed"

@@ -137,6 +137,11 @@ class _StoreFailed(StoreUnavailableError):
     projector's error strategy, unless the projection's connection is found lost."""
 
 
+class _Refused(EventCoreError):
+    """The store refused one of the projection's own statements (a missing table, a missing grant):
+    not the event's fault, and retrying cannot mend it: the run stops with this error."""
+
+
 class _Stopped(Exception):
     """A stop was requested while retrying an event."""
 
@@ -937,7 +942,7 @@ class ProjectionRunner:
         try:
             self._commit(backend, rows, events)
             return
-        except (_LostLeadership, _StoreFailed):
+        except (_LostLeadership, _StoreFailed, _Refused):
             raise
         except Exception as exc:  # noqa: BLE001 - the handler's error: find the failing event
             if backend.lost():
@@ -948,7 +953,7 @@ class ProjectionRunner:
         for row, event in zip(rows, events):  # one event per transaction, to isolate the failing one
             try:
                 self._commit(backend, [row], [event])
-            except (_LostLeadership, _StoreFailed):
+            except (_LostLeadership, _StoreFailed, _Refused):
                 raise
             except Exception as exc:  # noqa: BLE001
                 if backend.lost():
@@ -969,7 +974,7 @@ class ProjectionRunner:
                 try:
                     self._commit(backend, [row], [event])
                     return
-                except (_LostLeadership, _StoreFailed):
+                except (_LostLeadership, _StoreFailed, _Refused):
                     raise
                 except Exception as again:  # noqa: BLE001
                     if backend.lost():

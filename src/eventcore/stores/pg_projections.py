@@ -23,7 +23,7 @@ from psycopg_pool import PoolTimeout
 
 from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
-                           _LostLeadership, _StoreFailed)
+                           _LostLeadership, _Refused, _StoreFailed)
 from . import pg_sql
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
@@ -199,7 +199,7 @@ class PostgresBackend(_Backend):
             raise _StoreFailed(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
         hint = " (run `eventcore migrate`: projections need schema version 3)" if isinstance(
             exc, psycopg.errors.UndefinedTable) else ""
-        raise EventCoreError(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
+        raise _Refused(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
 
     # -- leadership --------------------------------------------------------------------
 
