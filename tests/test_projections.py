@@ -1117,3 +1117,30 @@ def test_postgres_a_refused_checkpoint_write_is_not_the_events_failure(pg, pg_ds
     assert not isinstance(info.value, ec.ProjectionError) and "checkpoints are frozen" in str(info.value)
     assert len(calls) == 1 and ec.dead_letters(pg, "frozen") == []
     assert ec.projection_status(pg, "frozen")[0].state == "failed"
+
+
+def test_postgres_a_waiting_instance_does_not_listen(pg):
+    """Only the leader LISTENs: a waiting instance never reads its socket, and a listener that does not
+    drain its notifications holds back the cluster's NOTIFY queue."""
+    leader = ec.ProjectionRunner(pg, Collector(), poll_interval=0.05).start()
+    waiting = None
+    try:
+        wait_until(leader.leading.is_set, what="a leader")
+        waiting = ec.ProjectionRunner(pg, Collector(), poll_interval=0.05, lock_poll_interval=0.05).start()
+        wait_until(lambda: waiting._backend is not None and waiting._backend.connection is not None,
+                   what="the second instance's connection")
+
+        def channels(runner):
+            return runner._backend.connection.execute("SELECT pg_listening_channels()").fetchall()
+
+        assert len(channels(leader)) == 1
+        assert channels(waiting) == []
+        leader.stop()
+        leader.join(DEADLINE)
+        wait_until(waiting.leading.is_set, what="the take-over")
+        assert len(channels(waiting)) == 1
+    finally:
+        leader.stop()
+        if waiting is not None:
+            waiting.stop()
+            waiting.join(DEADLINE)

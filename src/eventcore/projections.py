@@ -648,7 +648,7 @@ def _backend(store: EventStore, name: str, listen: bool = True) -> _Backend:
     if scheme == "postgresql":
         from .stores.pg_projections import PostgresBackend
 
-        return PostgresBackend(store, name, listen)
+        return PostgresBackend(store, name, listen, listen_at_once=False)
     raise ValidationError(f"projections are not supported on {type(store).__name__}")
 
 

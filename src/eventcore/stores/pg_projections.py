@@ -117,9 +117,13 @@ def _q(template: str, schema: str) -> sql.Composed:
 class PostgresBackend(_Backend):
     """A projector's dedicated connection: leader lock, LISTEN, reads and batch transactions."""
 
-    def __init__(self, store, name: str, listen: bool = True) -> None:
+    def __init__(self, store, name: str, listen: bool = True, listen_at_once: bool = True) -> None:
         super().__init__(store, name)
         self.listen = listen
+        # A projector LISTENs only once it leads (try_acquire): a waiting instance does not read its
+        # socket, and a listener that does not drain notifications holds back the cluster's queue.
+        self.listen_at_once = listen_at_once
+        self._channel: str | None = None
         self.connection: psycopg.Connection | None = None
         self._held = False
         self._woken = threading.Event()
@@ -150,7 +154,9 @@ class PostgresBackend(_Backend):
                 if channel is None:
                     raise EventCoreError(f"schema {store.schema!r} has no events table: run `eventcore migrate`")
                 self.connection.add_notify_handler(lambda n: self._woken.set())
-                self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
+                self._channel = channel
+                if self.listen_at_once:
+                    self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             self.close()
             raise _StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
@@ -205,6 +211,9 @@ class PostgresBackend(_Backend):
 
     def try_acquire(self) -> bool:
         self._held = bool(self._exec(_TRY_LOCK, (self._key, LOCK_SEED))[0][0])
+        if self._held and self._channel is not None and not self.listen_at_once:
+            # Before any read of the leader: an append committed after this notifies it.
+            self._exec(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
         return self._held
 
     def release(self) -> None:
