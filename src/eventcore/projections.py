@@ -9,7 +9,10 @@ follows the feed live until asked to stop:
   processed; the runner reads `position > checkpoint`. Positions are commit
   ordered on every backend (on PostgreSQL, readers see only positions below the
   oldest running transaction, see `pg_sql`), so resuming after a checkpoint never
-  skips an event. Never a count of events.
+  skips an event. Never a count of events. Past events a filtered projector's
+  filters leave out, an in-memory read cursor moves ahead of the stored
+  checkpoint (saved every `idle_checkpoint_interval` and when the run ends); on
+  PostgreSQL a filtered page reads a bounded window of the feed at a time.
 * **Batches.** Each batch is one transaction: the handler's read-model writes
   (on PostgreSQL and SQLite through `ctx.connection`) and the checkpoint commit
   together, so each event's effect happens exactly once across crashes and
