@@ -291,19 +291,21 @@ def _run_ops(result: BenchResult, op, progress: bool) -> None:
     result.client_cpu_s = _process_cpu() - cpu0
     server1 = _server_cpu(result.backend)
     if server0 is not None and server1 is not None:
-        result.server_cpu_s = server1 - server0
+        # Per process: one that ended during the run took its CPU time with it (not counted),
+        # one that started counts from zero.
+        result.server_cpu_s = sum(max(0.0, t - server0.get(pid, 0.0)) for pid, t in server1.items())
 
 
 def _process_cpu() -> float:
     return time.process_time()  # user + system CPU of every thread of this process
 
 
-def _server_cpu(backend: str) -> float | None:
-    """CPU seconds of the PostgreSQL server processes on this machine (Linux /proc), or None."""
+def _server_cpu(backend: str) -> dict | None:
+    """CPU seconds of each PostgreSQL server process on this machine (Linux /proc), by pid, or None."""
     if backend != "postgres" or not os.path.isdir("/proc/self"):
         return None
     tick = os.sysconf("SC_CLK_TCK")
-    total, seen = 0, False
+    out = {}
     for pid in os.listdir("/proc"):
         if not pid.isdigit():
             continue
@@ -313,11 +315,10 @@ def _server_cpu(backend: str) -> float | None:
             if not fields[0].split(b"(", 1)[1].startswith(b"postgres"):
                 continue
             rest = fields[1].split()
-            total += int(rest[11]) + int(rest[12])  # utime, stime (fields 14 and 15 of stat)
-            seen = True
+            out[pid] = (int(rest[11]) + int(rest[12])) / tick  # utime, stime (fields 14 and 15 of stat)
         except (OSError, IndexError, ValueError):
             continue
-    return total / tick if seen else None
+    return out or None
 
 
 def _setup_balances(store, prefix: str, n: int, kind: str) -> list[str]:
