@@ -59,6 +59,7 @@ from . import _impl
 from .errors import EventCoreError, SerializationError, StoreUnavailableError, ValidationError
 from .events import RecordedEvent
 from .stores.base import EventStore, _type_names
+from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back, immediate_transaction
 
 try:
     import fcntl
@@ -532,15 +533,9 @@ def _sqlite_connect(store) -> sqlite3.Connection:
         conn = sqlite3.connect(store.path, timeout=store.timeout, isolation_level=None, check_same_thread=False)
         conn.execute(f"PRAGMA synchronous = {store.synchronous}")
         if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'projection_dead_letters'").fetchall():
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 for statement in _SQLITE_SCHEMA:
                     conn.execute(statement)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
     except sqlite3.Error as exc:
         raise _StoreFailed(f"cannot open the projection tables in {store.path!r}: {exc}") from exc
     return conn
@@ -598,15 +593,9 @@ class _SQLiteBackend(_Backend):
 
     @contextmanager
     def transaction(self):
-        conn = self.connection
-        self._run("BEGIN IMMEDIATE")
-        try:
+        self._run("BEGIN IMMEDIATE")  # errors become _StoreFailed
+        with _commit_or_roll_back(self.connection):
             yield self
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
 
     def advance(self, old, new):
         cur = self.connection.execute(

@@ -15,6 +15,7 @@ import os
 import sqlite3
 import threading
 import weakref
+from contextlib import contextmanager
 
 import msgspec
 
@@ -160,8 +161,7 @@ class SQLiteStore(EventStore):
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
                     raise StoreUnavailableError(
@@ -172,11 +172,6 @@ class SQLiteStore(EventStore):
                     for statement in _SCHEMA_STATEMENTS:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             raise StoreUnavailableError(f"cannot initialise SQLite database {self.path!r}: {exc}") from exc
 
@@ -203,8 +198,7 @@ class SQLiteStore(EventStore):
 
     def _append_locked(self, conn: sqlite3.Connection, p: PreparedAppend) -> list[RecordedEvent]:
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
+            with immediate_transaction(conn):
                 current = {}
                 head = 0
                 for sid, v in conn.execute(_SQL_VERSIONS_AND_HEAD, (_json_list(p.expected),)):
@@ -225,11 +219,6 @@ class SQLiteStore(EventStore):
                         )
                     ],
                 )
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
             raise StoreUnavailableError(f"SQLite append failed on {self.path!r}: {exc}") from exc
@@ -275,6 +264,27 @@ class SQLiteStore(EventStore):
 
 _write_locks: dict[str, threading.Lock] = {}
 _write_locks_guard = threading.Lock()
+
+
+@contextmanager
+def commit_or_roll_back(conn: sqlite3.Connection):
+    """End the open transaction: `COMMIT` after the block; on any error, including a failed
+    COMMIT, roll back if it is still open and re-raise."""
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+@contextmanager
+def immediate_transaction(conn: sqlite3.Connection):
+    """`BEGIN IMMEDIATE` (the database write lock, taken now), then as commit_or_roll_back."""
+    conn.execute("BEGIN IMMEDIATE")
+    with commit_or_roll_back(conn):
+        yield conn
 
 
 def _write_lock_for(path: str) -> threading.Lock:
