@@ -12,11 +12,12 @@ import pytest
 
 import eventcore as ec
 from domain import Deposit, Transfer
+from optional import require
 from eventcore.cli import main
 
 
 def _otel():
-    pytest.importorskip("opentelemetry.sdk")
+    require("opentelemetry.sdk")
     from opentelemetry.sdk.metrics import MeterProvider
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
     from opentelemetry.sdk.trace import TracerProvider
@@ -89,7 +90,7 @@ def _deposited(k):
 
 
 def test_prometheus_text_parses(store):
-    pytest.importorskip("prometheus_client")
+    require("prometheus_client")
     from prometheus_client import CollectorRegistry, generate_latest
     from prometheus_client.parser import text_string_to_metric_families
 
@@ -123,7 +124,7 @@ def test_prometheus_text_parses(store):
 
 
 def test_prometheus_http_endpoint():
-    pytest.importorskip("prometheus_client")
+    require("prometheus_client")
     from prometheus_client.parser import text_string_to_metric_families
 
     from eventcore.exporters import prometheus

@@ -10,8 +10,9 @@ import uuid
 import pytest
 
 import eventcore as ec
+from optional import require
 
-psycopg = pytest.importorskip("psycopg")
+psycopg = require("psycopg")
 from psycopg import sql  # noqa: E402
 
 from eventcore.stores import pg_sql  # noqa: E402
