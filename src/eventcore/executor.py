@@ -329,6 +329,26 @@ class _CachedReads:
         return {s: got[s] for s in stream_ids}
 
 
+def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list) -> tuple:
+    """State and versions for one attempt through the cache, and whether any of it came from the
+    cache (and so may be stale): the folded state if its streams have not moved as far as this
+    process knows, else a fold of cached events and of reads of the streams not cached."""
+    if entry.valid and cache._versions(store, entry.versions) == entry.versions:
+        found = command.discover(entry.state)
+        if not found or all(_stream_id(x) in entry.versions for x in found):
+            cache.hits += 1
+            return entry.state, dict(entry.versions), True
+    reader = _CachedReads(cache, store)
+    state, versions = _read_and_fold(reader, command, streams)
+    # Fresh state is worth keeping even if handle() refuses.
+    entry.state, entry.versions, entry.valid = state, dict(versions), True
+    if reader.reads:
+        cache.misses += 1
+    else:
+        cache.hits += 1
+    return state, versions, reader.cached > 0
+
+
 def _remember(entry: _Folded, command: Command, state: Any, recorded: list, versions: dict) -> None:
     """Cache the state after a successful append: it succeeded at exactly the versions
     folded, so folding what it wrote gives the state as stored now."""
@@ -415,25 +435,7 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
             if entry is None:
                 state, versions = _read_and_fold(store, command, streams)
             else:
-                state = versions = None
-                if entry.valid and cache._versions(store, entry.versions) == entry.versions:
-                    # The folded state is current as far as this process knows.
-                    found = command.discover(entry.state)
-                    if not found or all(_stream_id(x) in entry.versions for x in found):
-                        state, versions = entry.state, dict(entry.versions)
-                if versions is None:
-                    reader = _CachedReads(cache, store)
-                    state, versions = _read_and_fold(reader, command, streams)
-                    # Fresh state is worth keeping even if handle() refuses.
-                    entry.state, entry.versions, entry.valid = state, dict(versions), True
-                    from_cache = reader.cached > 0  # some of it may be stale
-                    if reader.reads:
-                        cache.misses += 1
-                    else:
-                        cache.hits += 1
-                else:
-                    from_cache = True
-                    cache.hits += 1
+                state, versions, from_cache = _cached_state(cache, entry, store, command, streams)
             events = _handle(command, state, versions)
             if not events:
                 return ExecutionResult([], attempt, versions)
