@@ -131,7 +131,7 @@ class _GroupCommitter:
         def __init__(self, prepared: PreparedAppend) -> None:
             self.prepared = prepared
             self.streams = prepared.expected.keys()
-            self.done = threading.Event()
+            self.done = None  # a threading.Event, made only for an append that has to queue
             self.result = None
             self.lead = False
 
@@ -151,6 +151,7 @@ class _GroupCommitter:
             if lead:
                 self._free -= 1
             else:
+                req.done = threading.Event()
                 self._queue.append(req)
         if not lead:
             req.done.wait()
