@@ -98,5 +98,12 @@ class StoreUnavailableError(EventCoreError):
         super().__init__(message)
 
 
+class StoreTimeoutError(StoreUnavailableError, TimeoutError):
+    """The store cancelled a statement that ran past its timeout (PostgreSQL's `statement_timeout`,
+    SQLite's busy `timeout` waiting for the write lock). The statement's transaction was rolled
+    back: nothing was written (`maybe_committed` is False). `execute` does not retry it: a server
+    too slow for one attempt is not helped by more load."""
+
+
 class CommandTimeoutError(EventCoreError, TimeoutError):
     """A command did not complete within its overall timeout."""

@@ -25,6 +25,7 @@ from .errors import (
     BusinessRuleViolation,
     CommandTimeoutError,
     ConcurrencyError,
+    StoreTimeoutError,
     StoreUnavailableError,
     UndeclaredStreamError,
     ValidationError,
@@ -468,7 +469,7 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
             if entry is not None:
                 entry.valid = False
                 cache._forget(store, versions or streams)
-            if exc.maybe_committed:
+            if exc.maybe_committed or isinstance(exc, StoreTimeoutError):
                 raise
             failure = exc
         except BusinessRuleViolation:

@@ -36,7 +36,14 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .. import _impl
-from ..errors import ConcurrencyError, EventCoreError, SerializationError, StoreUnavailableError, ValidationError
+from ..errors import (
+    ConcurrencyError,
+    EventCoreError,
+    SerializationError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    ValidationError,
+)
 from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
@@ -447,10 +454,11 @@ class PostgresStore(EventStore):
                 return conn.execute(query, params).fetchall()
         except PoolTimeout as exc:
             raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
+        except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
+            raise StoreTimeoutError(
+                f"PostgreSQL read cancelled after statement_timeout={self.statement_timeout}s: {exc}") from exc
         except psycopg.OperationalError as exc:
             raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
-        except pg_errors.QueryCanceled as exc:
-            raise StoreUnavailableError(f"PostgreSQL read cancelled (statement_timeout): {exc}") from exc
 
     # -- writing -----------------------------------------------------------------------
 
@@ -537,7 +545,8 @@ class PostgresStore(EventStore):
         if isinstance(exc, psycopg.IntegrityError):
             raise ValidationError(f"PostgreSQL rejected the append; nothing was written: {exc}") from None
         if isinstance(exc, pg_errors.QueryCanceled):
-            raise StoreUnavailableError(f"write cancelled (statement_timeout); nothing was written: {exc}") from exc
+            raise StoreTimeoutError(f"PostgreSQL write cancelled after statement_timeout={self.statement_timeout}s; "
+                                    f"nothing was written: {exc}") from exc
         # Anything else ended the statement, and with it the transaction: nothing was written.
         raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
 

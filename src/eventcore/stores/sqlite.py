@@ -20,7 +20,7 @@ from contextlib import contextmanager
 import msgspec
 
 from .. import _impl
-from ..errors import StoreUnavailableError, ValidationError
+from ..errors import StoreTimeoutError, StoreUnavailableError, ValidationError
 from ..events import RecordedEvent
 from .base import EventStore, PreparedAppend, group_by_stream
 
@@ -221,7 +221,7 @@ class SQLiteStore(EventStore):
                 )
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
-            raise StoreUnavailableError(f"SQLite append failed on {self.path!r}: {exc}") from exc
+            raise _store_error(exc, f"SQLite append failed on {self.path!r}; nothing was written") from exc
         return p.recorded(versions, positions)
 
     # -- reading -------------------------------------------------------------------
@@ -230,7 +230,7 @@ class SQLiteStore(EventStore):
         try:
             return self._conn().execute(sql, params).fetchall()
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"SQLite read failed on {self.path!r}: {exc}") from exc
+            raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
 
     def _read_stream(self, stream_id, from_version, limit):
         rows = self._query(_SQL_READ_STREAM, (stream_id, from_version, -1 if limit is None else limit))
@@ -264,6 +264,15 @@ class SQLiteStore(EventStore):
 
 _write_locks: dict[str, threading.Lock] = {}
 _write_locks_guard = threading.Lock()
+
+
+def _store_error(exc: sqlite3.Error, what: str) -> StoreUnavailableError:
+    """StoreTimeoutError when another connection held the lock past the busy timeout, else
+    StoreUnavailableError. A failed SQLite statement or COMMIT leaves nothing behind."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or "database is locked" in str(exc):
+        return StoreTimeoutError(f"{what}: the database stayed locked past the busy timeout: {exc}")
+    return StoreUnavailableError(f"{what}: {exc}")
 
 
 @contextmanager
