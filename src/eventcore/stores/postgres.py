@@ -107,6 +107,23 @@ def _count(name: str, value, minimum: int) -> int:
     return n
 
 
+def _schema_name(schema) -> str:
+    """The `schema` option, checked: every name PostgreSQL keeps as given (quotes, spaces, unicode, ...)
+    except those the migrations or PostgreSQL would mangle."""
+    try:
+        size = len(schema.encode("utf-8")) if isinstance(schema, str) else 0
+    except UnicodeEncodeError:  # a lone surrogate
+        size = 0
+    # Over 63 bytes PostgreSQL truncates the name silently (two long names would share a schema);
+    # `$` could end the migrations' dollar-quoted function bodies ($$); `%` would read as a
+    # placeholder in the statements that take parameters; pg_ names are reserved for the system.
+    if not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_"):
+        raise ValidationError(
+            "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
+            f"got {schema!r}")
+    return schema
+
+
 def redact(dsn: str) -> str:
     """The DSN without its password, for messages and logs."""
     parts = urlsplit(dsn)
@@ -289,9 +306,7 @@ class PostgresStore(EventStore):
         migrate: bool = True,
         group_commit: bool = True,
     ) -> None:
-        if not isinstance(schema, str) or not schema or len(schema) > 63 or "\x00" in schema:
-            raise ValidationError(f"schema must be a non-empty name of at most 63 characters, got {schema!r}")
-        self.schema = schema
+        self.schema = _schema_name(schema)
         self.pool_size = _count("pool_size", pool_size, 1)
         self.pool_min_size = min(_count("pool_min_size", pool_min_size, 0), self.pool_size)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
