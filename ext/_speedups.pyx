@@ -20,7 +20,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
 from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
-from libc.string cimport memcpy
+from libc.string cimport memchr, memcmp, memcpy
 
 import datetime as _dt
 import os as _os
@@ -32,6 +32,7 @@ import msgspec as _msgspec
 
 from eventcore.errors import ConcurrencyError, SerializationError, UnknownEventTypeError
 from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, event_class
+from eventcore._pure.payloads import MAX_PAYLOAD_BYTES as _MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
@@ -68,8 +69,14 @@ _uuid_new = _uuid.UUID.__new__
 _set = object.__setattr__
 _SAFE_UNKNOWN = _uuid.SafeUUID.unknown
 _from_bytes = int.from_bytes
-_EncodeErrors = (_msgspec.EncodeError, TypeError, OverflowError, ValueError)
-_DecodeErrors = (_msgspec.DecodeError, _msgspec.ValidationError, UnicodeDecodeError)
+# ValueError: a str with a lone surrogate; RecursionError: nested past the recursion limit.
+_EncodeErrors = (_msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
+_DecodeErrors = (_msgspec.DecodeError, _msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+cdef Py_ssize_t MAX_PAYLOAD = _MAX_PAYLOAD_BYTES
+
+
+def _describe(exc):
+    return "nested too deeply (more levels than Python's recursion limit)" if isinstance(exc, RecursionError) else str(exc)
 
 
 # ----------------------------------------------------------------------------- byte helpers
@@ -94,6 +101,32 @@ cdef inline void _put_i64(char* p, int64_t v) noexcept nogil:
         p[k] = <char>(u >> (56 - 8 * k))
 
 
+cdef inline bint _contains(const char* p, Py_ssize_t n, const char* needle, Py_ssize_t k) noexcept nogil:
+    cdef const char* q
+    while n >= k:
+        q = <const char*>memchr(p, needle[0], <size_t>(n - k + 1))
+        if q == NULL:
+            return False
+        if memcmp(q, needle, <size_t>k) == 0:
+            return True
+        n -= (q - p) + 1
+        p = q + 1
+    return False
+
+
+cdef inline bint _needs_check(const char* p, Py_ssize_t n, bint floats) noexcept nogil:
+    # The hot path's whole cost of the payload checks (eventcore._pure.payloads): a length test
+    # and one or two substring searches; a hit is confirmed on the object by check_encoded.
+    return n > MAX_PAYLOAD or _contains(p, n, b"\\u0000", 6) or (floats and _contains(p, n, b"null", 4))
+
+
+cdef inline bint _floats(object cls) except -1:
+    cdef PyObject* found = PyDict_GetItem(_float_capable, cls)
+    if found is NULL:
+        return float_capable(cls)
+    return (<object>found) is True
+
+
 cdef inline const char* _utf8(object s, Py_ssize_t* size, str what, Py_ssize_t i) except NULL:
     if not PyUnicode_Check(s):
         raise SerializationError(f"{what} {i} must be a str, got {type(s).__name__}")
@@ -115,25 +148,35 @@ cdef inline int64_t _as_i64(object v, str what, Py_ssize_t i) except? -1:
 # ----------------------------------------------------------------------------- codec
 
 def encode_event(event):
-    """(type name, JSON payload bytes) for an event."""
+    """(type name, JSON payload bytes) for an event (checked as in eventcore._pure.payloads)."""
+    cls = type(event)
     try:
-        name = type(event).__event_type__
+        name = cls.__event_type__
     except AttributeError:
-        raise SerializationError(f"not an ec.Event: {type(event).__name__}") from None
+        raise SerializationError(f"not an ec.Event: {cls.__name__}") from None
+    cdef bytes data
     try:
-        return name, _encode(event)
+        data = _encode(event)
     except _EncodeErrors as exc:
-        raise SerializationError(f"cannot encode {type(event).__name__}: {exc}") from exc
+        raise SerializationError(f"cannot encode event {name!r} ({cls.__name__}): {_describe(exc)}") from exc
+    cdef bint floats = _floats(cls)
+    if _needs_check(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), floats):
+        check_encoded(event, data, f"event {name!r} ({cls.__name__})", floats)
+    return name, data
 
 
 def encode_metadata(metadata):
-    """JSON bytes for metadata, or None when there is nothing to store."""
+    """JSON bytes for metadata, or None when there is nothing to store (same checks as encode_event)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
+    cdef bytes data
     try:
-        return _encode(metadata)
+        data = _encode(metadata)
     except _EncodeErrors as exc:
-        raise SerializationError(f"cannot encode metadata: {exc}") from exc
+        raise SerializationError(f"cannot encode metadata: {_describe(exc)}") from exc
+    if _needs_check(PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data), True):
+        check_encoded(metadata, data, "metadata", True)
+    return data
 
 
 cdef object _decoder_for(str type_name, object position, object sid):
@@ -171,7 +214,7 @@ def decode_rows(rows):
         except _DecodeErrors as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {exc}"
+                f"(stream {sid!r}, version {version}): {_describe(exc)}"
             ) from exc
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position}: {exc}") from exc
@@ -371,6 +414,8 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
     cdef bytes rand
     cdef const unsigned char* r
     cdef dict type_names = {}
+    cdef dict floats_of = {}
+    cdef bint floats
     cdef dict new_heads = {}
     cdef list ids = [None] * n
     cdef PyObject* found
@@ -402,8 +447,10 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                     except AttributeError:
                         raise SerializationError(f"event {i} is not an ec.Event: {cls.__name__}") from None
                     type_names[cls] = name
+                    floats_of[cls] = _floats(cls)
                 else:
                     name = <object>found
+                floats = <bint>(<object>PyDict_GetItem(floats_of, cls))
                 typ_p = _utf8(name, &typ_len, "type", i)
                 found = PyDict_GetItem(new_heads, sid)
                 if found is NULL:
@@ -434,8 +481,13 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                 try:
                     _encode_into(ev, buf, -1)
                 except _EncodeErrors as exc:
-                    raise SerializationError(f"cannot encode event {i} ({cls.__name__}): {exc}") from exc
+                    raise SerializationError(
+                        f"cannot encode event {i} {name!r} ({cls.__name__}): {_describe(exc)}"
+                    ) from exc
                 size = PyByteArray_GET_SIZE(buf) - mark
+                if _needs_check(PyByteArray_AS_STRING(buf) + mark, size, floats):
+                    check_encoded(ev, PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf) + mark, size),
+                                  f"event {i} {name!r} ({cls.__name__})", floats)
                 if size >= MAX_FIELD:
                     raise SerializationError(f"event {i} payload is larger than a COPY field allows (2 GiB)")
                 _put_i32(PyByteArray_AS_STRING(buf) + mark - 5, <int32_t>(size + 1))
@@ -454,8 +506,11 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                     try:
                         _encode_into(md, buf, -1)
                     except _EncodeErrors as exc:
-                        raise SerializationError(f"cannot encode metadata {i}: {exc}") from exc
+                        raise SerializationError(f"cannot encode metadata {i}: {_describe(exc)}") from exc
                     size = PyByteArray_GET_SIZE(buf) - row_start - 5
+                    if _needs_check(PyByteArray_AS_STRING(buf) + row_start + 5, size, True):
+                        check_encoded(md, PyBytes_FromStringAndSize(PyByteArray_AS_STRING(buf) + row_start + 5, size),
+                                      f"metadata {i}", True)
                     if size >= MAX_FIELD:
                         raise SerializationError(f"metadata {i} is larger than a COPY field allows (2 GiB)")
                     _put_i32(PyByteArray_AS_STRING(buf) + row_start, <int32_t>(size + 1))

@@ -14,8 +14,9 @@ from typing import Any, ClassVar
 
 import msgspec
 
+from ._pure.payloads import MAX_PAYLOAD_BYTES, has_nul_escape
 from .errors import ValidationError
-from .streams import StreamId, stream_id as _stream_id
+from .streams import StreamId, forbidden_character, stream_id as _stream_id
 
 _registry: dict[str, type["Event"]] = {}
 _registry_lock = threading.Lock()
@@ -39,6 +40,10 @@ class Event(msgspec.Struct):
         name = cls.__dict__.get("__event_type__") or cls.__name__
         if not isinstance(name, str) or not name or len(name) > 255:
             raise TypeError(f"{cls.__qualname__}.__event_type__ must be a non-empty str of at most 255 characters")
+        bad = forbidden_character(name)
+        if bad is not None:
+            raise TypeError(f"{cls.__qualname__}.__event_type__ {name!r} contains {bad} (no control characters, "
+                            "NUL or lone surrogates)")
         cls.__event_type__ = name
         register_event_type(cls)
 
@@ -113,19 +118,52 @@ class RawEvent(msgspec.Struct, frozen=True):
 _raw_json = msgspec.json.Decoder(msgspec.Raw)
 
 
-def validate_raw_event(event: RawEvent) -> tuple[str, bytes]:
-    """(type, data) of a RawEvent, or ValidationError: type non-empty, data one JSON object."""
-    t, data = event.type, event.data
+def raw_data_problem(data: bytes) -> str | None:
+    """What is wrong with RawEvent data that parses as JSON, or None: too large, not UTF-8
+    (msgspec does not check the bytes inside strings it skips), or a NUL (`\\u0000`), which
+    PostgreSQL's jsonb refuses (see eventcore._pure.payloads)."""
+    if len(data) > MAX_PAYLOAD_BYTES:
+        return f"is {len(data):,} bytes; the limit is {MAX_PAYLOAD_BYTES:,} bytes (16 MiB) per event"
+    if not data.isascii():
+        try:
+            data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
+    if b"\\u0000" in data and has_nul_escape(data):
+        return "holds a NUL character (\\u0000), which PostgreSQL cannot store in JSON, so no backend accepts it"
+    return None
+
+
+def validate_type_name(t: object, what: str = "RawEvent.type") -> str:
+    """An event type name as stored: a non-empty str of at most 255 characters, no control characters."""
     if type(t) is not str or not t or len(t) > 255:
-        raise ValidationError(f"RawEvent.type must be a non-empty str of at most 255 characters, got {t!r}")
+        raise ValidationError(f"{what} must be a non-empty str of at most 255 characters, got {t!r}")
+    bad = forbidden_character(t)
+    if bad is not None:
+        raise ValidationError(f"{what} {t!r} contains {bad} (no control characters, NUL or lone surrogates)")
+    return t
+
+
+def validate_raw_event(event: RawEvent) -> tuple[str, bytes]:
+    """(type, data) of a RawEvent, or ValidationError: type non-empty, data one JSON object
+    (UTF-8, no NUL, at most MAX_PAYLOAD_BYTES, nested less deeply than the recursion limit)."""
+    t, data = event.type, event.data
+    validate_type_name(t)
     if type(data) is not bytes:
         raise ValidationError(f"RawEvent.data must be JSON bytes, got {type(data).__name__}")
     try:
         _raw_json.decode(data)
     except msgspec.DecodeError as exc:
         raise ValidationError(f"RawEvent.data of type {t!r} is not valid JSON: {exc}") from None
+    except RecursionError:
+        raise ValidationError(
+            f"RawEvent.data of type {t!r} is nested too deeply (more levels than Python's recursion limit)"
+        ) from None
     if not data.lstrip()[:1] == b"{":
         raise ValidationError(f"RawEvent.data of type {t!r} must be a JSON object")
+    problem = raw_data_problem(data)
+    if problem is not None:
+        raise ValidationError(f"RawEvent.data of type {t!r} {problem}")
     return t, data
 
 

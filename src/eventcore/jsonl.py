@@ -11,12 +11,13 @@ from __future__ import annotations
 import gzip
 import io
 import os
+import zlib
 from typing import BinaryIO, Iterator
 
 import msgspec
 
-from .errors import EventCoreError, ValidationError
-from .events import Metadata, RawEvent
+from .errors import ValidationError
+from .events import Metadata, RawEvent, raw_data_problem, validate_type_name
 from .streams import stream_id as _stream_id
 
 
@@ -43,21 +44,33 @@ class BadLine(ValidationError):
         return (type(self), (self.line, self.reason, self.text))
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def parse_line(number: int, raw: bytes) -> tuple:
-    """(stream id, RawEvent, metadata) of one line, or BadLine."""
+    """(stream id, RawEvent, metadata) of one line, or BadLine naming what is wrong with it."""
+    if raw.startswith(_BOM):
+        raise BadLine(number, "starts with a UTF-8 byte-order mark (BOM): save the file as UTF-8 without BOM", raw)
     try:
         line = _decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadLine(number, f"not a valid event line: {exc}", raw) from None
+    except RecursionError:
+        raise BadLine(number, "nested too deeply (more levels than Python's recursion limit)", raw) from None
     data = bytes(line.data)
     if data[:1] != b"{":
         raise BadLine(number, "`data` must be a JSON object", raw)
+    problem = raw_data_problem(data)
+    if problem is not None:
+        raise BadLine(number, f"`data` {problem}", raw)
     try:
         sid = _stream_id(line.stream)
     except ValidationError as exc:
         raise BadLine(number, f"bad `stream`: {exc}", raw) from None
-    if not line.type or len(line.type) > 255:
-        raise BadLine(number, "`type` must be a non-empty string of at most 255 characters", raw)
+    try:
+        validate_type_name(line.type, "`type`")
+    except ValidationError as exc:
+        raise BadLine(number, str(exc), raw) from None
     return sid, RawEvent(line.type, data), line.metadata
 
 
@@ -109,10 +122,10 @@ class JsonLinesReader:
                         raise
                     self.rejected += 1
                     self.on_bad(bad)
-        except (OSError, EOFError, gzip.BadGzipFile) as exc:
-            if isinstance(exc, EventCoreError):
-                raise
-            raise ValidationError(f"cannot read {self.path!r} after line {number}: {exc}") from None
+        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+            # A truncated or corrupt .gz: nothing after this point can be read. Reported as the
+            # line it stopped at, like a malformed line (the batch holding it is not written).
+            raise BadLine(number + 1, f"cannot read {self.path!r} past line {number}: {exc or type(exc).__name__}") from None
 
     def close(self) -> None:
         try:

@@ -45,6 +45,17 @@ class StreamId(str):
         return str.__new__(cls, value)
 
 
+def forbidden_character(text: str) -> str | None:
+    """A description of the first control character, NUL or lone surrogate in `text`, or None.
+
+    Shared with event type names, which are stored beside stream ids in text columns
+    (PostgreSQL's text refuses NUL; a lone surrogate has no UTF-8 form)."""
+    bad = _FORBIDDEN.search(text)
+    if bad is None:
+        return None
+    return f"the forbidden character {bad.group()!r} at index {bad.start()}"
+
+
 def stream_id(value: object) -> StreamId:
     """Validate `value` as a stream id (returns it unchanged when it already is one)."""
     if type(value) is StreamId:

@@ -12,6 +12,7 @@ import msgspec
 
 from ..errors import SerializationError, UnknownEventTypeError
 from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, event_class
+from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
 
 #: The row layout every store returns for decoding.
 ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us")
@@ -24,6 +25,10 @@ def _enc_hook(obj):
 
 
 _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
+# ValueError: a str with a lone surrogate (no UTF-8 form); RecursionError: nested deeper than
+# Python's recursion limit (msgspec counts its depth against it), reported as a typed error.
+_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
 _metadata_decoder = msgspec.json.Decoder(Metadata)
 _decoders: dict[type, msgspec.json.Decoder] = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
@@ -32,24 +37,45 @@ _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 
 
+def _nested_too_deeply(exc: BaseException) -> str:
+    return "nested too deeply (more levels than Python's recursion limit)" if isinstance(exc, RecursionError) else str(exc)
+
+
 def encode_event(event: Event) -> tuple:
-    """(type name, JSON payload bytes) for an event."""
+    """(type name, JSON payload bytes) for an event.
+
+    SerializationError for what JSON or PostgreSQL cannot hold (see `payloads`): NaN or
+    infinity, a NUL, a lone surrogate, an unknown type, nesting past the recursion limit,
+    more than MAX_PAYLOAD_BYTES."""
+    cls = type(event)
     try:
-        return type(event).__event_type__, _encoder.encode(event)
+        name = cls.__event_type__
     except AttributeError:
-        raise SerializationError(f"not an ec.Event: {type(event).__name__}") from None
-    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
-        raise SerializationError(f"cannot encode {type(event).__name__}: {exc}") from exc
+        raise SerializationError(f"not an ec.Event: {cls.__name__}") from None
+    try:
+        data = _encoder.encode(event)
+    except _ENCODE_ERRORS as exc:
+        raise SerializationError(f"cannot encode event {name!r} ({cls.__name__}): {_nested_too_deeply(exc)}") from exc
+    floats = _float_capable.get(cls)
+    if floats is None:
+        floats = float_capable(cls)
+    # The hot path's whole cost: a length test and one or two substring searches (see payloads).
+    if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or (floats and b"null" in data):
+        check_encoded(event, data, f"event {name!r} ({cls.__name__})", floats)
+    return name, data
 
 
 def encode_metadata(metadata) -> bytes | None:
-    """JSON bytes for metadata, or None when there is nothing to store."""
+    """JSON bytes for metadata, or None when there is nothing to store (same checks as `encode_event`)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
     try:
-        return _encoder.encode(metadata)
-    except (msgspec.EncodeError, TypeError, OverflowError) as exc:
-        raise SerializationError(f"cannot encode metadata: {exc}") from exc
+        data = _encoder.encode(metadata)
+    except _ENCODE_ERRORS as exc:
+        raise SerializationError(f"cannot encode metadata: {_nested_too_deeply(exc)}") from exc
+    if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or b"null" in data:
+        check_encoded(metadata, data, "metadata", True)
+    return data
 
 
 def _decoder_for(type_name: str, position, stream_id) -> msgspec.json.Decoder:
@@ -91,10 +117,10 @@ def decode_rows(rows) -> list:
         try:
             payload = dec.decode(data)
             md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
-        except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        except _DECODE_ERRORS as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {exc}"
+                f"(stream {sid!r}, version {version}): {_nested_too_deeply(exc)}"
             ) from exc
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position}: {exc}") from exc

@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import struct
 
-import msgspec
-
 from ..errors import SerializationError
 from ..events import EMPTY_METADATA, Metadata
 from . import ids as _ids
-from .codec import _encoder
+from .codec import _ENCODE_ERRORS, _encoder, _nested_too_deeply
+from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 COPY_TRAILER = struct.pack(">h", -1)
@@ -31,7 +30,6 @@ _LEN = struct.Struct(">i")
 _UUID_FIELD = _LEN.pack(16)
 _NULL = _LEN.pack(-1)
 _JSONB_VERSION = b"\x01"
-_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError)
 
 
 def _utf8(value, what: str, i: int) -> bytes:
@@ -154,9 +152,17 @@ def encode_copy_events(
         new_heads[sid] = head + 1
         versions.append(head + 1)
         try:
-            payloads.append(encode(ev))
+            data = encode(ev)
         except _ENCODE_ERRORS as exc:
-            raise SerializationError(f"cannot encode event {i} ({type(ev).__name__}): {exc}") from exc
+            raise SerializationError(
+                f"cannot encode event {i} {name!r} ({type(ev).__name__}): {_nested_too_deeply(exc)}"
+            ) from exc
+        floats = _float_capable.get(type(ev))
+        if floats is None:
+            floats = float_capable(type(ev))
+        if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or (floats and b"null" in data):
+            check_encoded(ev, data, f"event {i} {name!r} ({type(ev).__name__})", floats)
+        payloads.append(data)
         md = metadatas[i]
         if md is None or md == EMPTY_METADATA:
             mds.append(None)
@@ -164,9 +170,12 @@ def encode_copy_events(
             raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
         else:
             try:
-                mds.append(encode(md))
+                data = encode(md)
             except _ENCODE_ERRORS as exc:
-                raise SerializationError(f"cannot encode metadata {i}: {exc}") from exc
+                raise SerializationError(f"cannot encode metadata {i}: {_nested_too_deeply(exc)}") from exc
+            if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or b"null" in data:
+                check_encoded(md, data, f"metadata {i}", True)
+            mds.append(data)
         types.append(name)
     encode_copy_rows(buf, first_position, stream_ids, versions, event_ids, types, payloads, mds, recorded_at_us)
     heads.update(new_heads)
