@@ -633,6 +633,8 @@ class PostgresStore(EventStore):
                 rows = self._find_committed(event_ids, exc, backend)
                 return rows[0][0], rows[-1][0], {r[1]: r[2] for r in rows}
             self._raise_write_error(exc)
+        if not n:  # a check-only batch wrote nothing: the (0, 0, {}) every backend reports
+            return 0, 0, {}
         return first, first + n - 1, {s: heads[s] for s in counts}
 
     def _append_batch(self, p: PreparedAppend) -> tuple[int, int, dict]:
