@@ -229,6 +229,19 @@ class SQLiteStore(EventStore):
     def _query(self, sql: str, params: tuple) -> list:
         try:
             return self._conn().execute(sql, params).fetchall()
+        except sqlite3.OperationalError as exc:
+            if "Could not decode to UTF-8" not in str(exc):
+                raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
+            # A stored row holds TEXT that is not UTF-8 (written by something other than eventcore).
+            # Read it again keeping the bad bytes as surrogates, so decoding names the row's position.
+            conn = self._conn()
+            conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
+            try:
+                return conn.execute(sql, params).fetchall()
+            except sqlite3.Error as again:
+                raise _store_error(again, f"SQLite read failed on {self.path!r}") from again
+            finally:
+                conn.text_factory = str
         except sqlite3.Error as exc:
             raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
 
