@@ -232,16 +232,29 @@ class SQLiteStore(EventStore):
         except sqlite3.OperationalError as exc:
             if "Could not decode to UTF-8" not in str(exc):
                 raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
-            # A stored row holds TEXT that is not UTF-8 (written by something other than eventcore).
-            # Read it again keeping the bad bytes as surrogates, so decoding names the row's position.
+            # A stored row holds TEXT that is not UTF-8 (written by something other than eventcore):
+            # read it again keeping the bad bytes as surrogates, to name the row in a typed error.
+            from ..errors import SerializationError
+
             conn = self._conn()
             conn.text_factory = lambda raw: raw.decode("utf-8", "surrogateescape")
             try:
-                return conn.execute(sql, params).fetchall()
+                rows = conn.execute(sql, params).fetchall()
             except sqlite3.Error as again:
                 raise _store_error(again, f"SQLite read failed on {self.path!r}") from again
             finally:
                 conn.text_factory = str
+            for row in rows:
+                for i, value in enumerate(row):
+                    if isinstance(value, str):
+                        try:
+                            value.encode("utf-8")
+                        except UnicodeEncodeError:
+                            raise SerializationError(
+                                f"corrupt stored row (position, stream, version: {row[:3]!r}): column {i} holds "
+                                f"text that is not UTF-8: {value[:60]!r}"
+                            ) from None
+            return rows
         except sqlite3.Error as exc:
             raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
 
