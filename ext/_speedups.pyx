@@ -71,7 +71,7 @@ _SAFE_UNKNOWN = _uuid.SafeUUID.unknown
 _from_bytes = int.from_bytes
 # ValueError: a str with a lone surrogate; RecursionError: nested past the recursion limit.
 _EncodeErrors = (_msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-_DecodeErrors = (_msgspec.DecodeError, _msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+_DecodeErrors = (_msgspec.DecodeError, _msgspec.ValidationError, UnicodeError, RecursionError)
 cdef Py_ssize_t MAX_PAYLOAD = _MAX_PAYLOAD_BYTES
 
 
@@ -202,6 +202,11 @@ def decode_rows(rows):
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
             raise SerializationError(f"corrupt type name at position {position}: {type_name!r}")
+        if type(position) is not int or type(version) is not int or not PyUnicode_Check(sid):
+            raise SerializationError(
+                f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
+                "position and version must be ints, the stream id a str"
+            )
         found = PyDict_GetItem(cache, type_name)
         if found is NULL:
             dec = _decoder_for(type_name, position, sid)

@@ -28,7 +28,8 @@ _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 # ValueError: a str with a lone surrogate (no UTF-8 form); RecursionError: nested deeper than
 # Python's recursion limit (msgspec counts its depth against it), reported as a typed error.
 _ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)
+# UnicodeError: bytes that are not UTF-8, or text with lone surrogates (a non-UTF-8 SQLite TEXT value).
+_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError)
 _metadata_decoder = msgspec.json.Decoder(Metadata)
 _decoders: dict[type, msgspec.json.Decoder] = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
@@ -111,6 +112,11 @@ def decode_rows(rows) -> list:
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
             raise SerializationError(f"corrupt type name at position {position}: {type_name!r}")
+        if type(position) is not int or type(version) is not int or not isinstance(sid, str):
+            raise SerializationError(
+                f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
+                "position and version must be ints, the stream id a str"
+            )
         dec = cache.get(type_name)
         if dec is None:
             dec = cache[type_name] = _decoder_for(type_name, position, sid)
