@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--skip-invalid", action="store_true",
                         help="write malformed lines to a rejects file instead of stopping")
     ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
+    ingest.add_argument("--resume-key", metavar="KEY",
+                        help="name under which each batch records how far the file is committed (default: "
+                             "derived from the file's path and first 64 KiB); running again with the same key "
+                             "skips what is committed")
+    ingest.add_argument("--no-resume", action="store_true",
+                        help="neither skip nor record progress: write every line again")
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -171,6 +177,24 @@ def _cmd_migrate(args) -> int:
     return 0
 
 
+#: Bytes of the input hashed into its default resume key: enough to tell two different files apart
+#: at one path (a rotated log), while a file that only grew keeps its key (its new lines are ingested).
+RESUME_FINGERPRINT_BYTES = 64 * 1024
+
+
+def default_resume_key(path: str) -> str:
+    """`file:<name>:<hash of the absolute path>:<hash of the first 64 KiB>` (at most ~150 characters)."""
+    import hashlib
+
+    real = os.path.realpath(path)
+    with open(real, "rb") as f:
+        head = f.read(RESUME_FINGERPRINT_BYTES)
+    path_hash = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    name = os.path.basename(real)[:100].encode("ascii", "replace").decode()
+    name = "".join(c if c.isprintable() else "?" for c in name)
+    return f"file:{name}:{path_hash}:{hashlib.sha256(head).hexdigest()[:16]}"
+
+
 def _cmd_ingest(args) -> int:
     import json as _json
     import time
@@ -217,16 +241,18 @@ def _cmd_ingest(args) -> int:
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
             try:
-                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel)
-                events, batches = result.events, result.batches
+                resume_key = None if args.no_resume else (args.resume_key or default_resume_key(args.file))
+                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel,
+                                      resume_key=resume_key)
+                events, batches, skipped = result.events, result.batches, result.skipped
                 first, last = result.first_position, result.last_position
             except BadLine as bad:
                 status, error = 1, f"line {bad.line}: {bad.reason}"
-                events, batches, first, last = progress_state["events"], None, None, None
+                events, batches, first, last, skipped = progress_state["events"], None, None, None, None
             except IngestError as exc:
                 cause = exc.__cause__ or exc
                 status, error = 1, f"{cause} (stopped after reading line {reader.lines})"
-                events, batches, first, last = exc.committed, None, None, None
+                events, batches, first, last, skipped = exc.committed, None, None, None, None
             finally:
                 if rejects is not None:
                     rejects.close()
@@ -235,6 +261,7 @@ def _cmd_ingest(args) -> int:
     summary = {
         "file": args.file,
         "events": events,
+        "skipped": skipped,
         "batches": batches,
         "lines": reader.lines,
         "rejected": reader.rejected,
@@ -250,6 +277,8 @@ def _cmd_ingest(args) -> int:
     else:
         verb = "ingested" if status == 0 else "stopped after committing"
         print(f"{verb} {events:,} events from {args.file} in {elapsed:.2f} s ({summary['events_per_s']:,.0f} events/s)")
+        if skipped:
+            print(f"{skipped:,} event(s) skipped: committed by an earlier run (resume key {resume_key!r})")
         if reader.rejected:
             print(f"{reader.rejected:,} invalid line(s) written to {rejects_path}")
         if error:

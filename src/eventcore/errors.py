@@ -98,6 +98,24 @@ class StoreUnavailableError(EventCoreError):
         super().__init__(message)
 
 
+class DuplicateCommandError(EventCoreError):
+    """An append carried an idempotency key that an earlier append already committed with.
+
+    Nothing new was written. `events` are the events the first append recorded
+    under `key` (same event ids, versions, positions); `execute` turns this into
+    that first append's result (`ExecutionResult.replayed`).
+    """
+
+    def __init__(self, key: str, events: list | None = None, message: str | None = None):
+        self.key = key
+        self.events = events
+        super().__init__(message or (
+            f"idempotency key {key!r} was already used by a committed append; nothing new was written"))
+
+    def __reduce__(self):
+        return (type(self), (self.key, self.events, str(self)))
+
+
 class StoreTimeoutError(StoreUnavailableError, TimeoutError):
     """The store cancelled a statement that ran past its timeout (PostgreSQL's `statement_timeout`,
     SQLite's busy `timeout` waiting for the write lock). The statement's transaction was rolled

@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from typing import Any
 
@@ -25,6 +26,7 @@ from .errors import (
     BusinessRuleViolation,
     CommandTimeoutError,
     ConcurrencyError,
+    DuplicateCommandError,
     StoreTimeoutError,
     StoreUnavailableError,
     UndeclaredStreamError,
@@ -32,6 +34,7 @@ from .errors import (
 )
 from .events import EventToWrite, Metadata, RecordedEvent
 from .metrics import MetricsCollector
+from .stores.base import validate_idempotency_key
 from .streams import stream_id as _stream_id
 
 log = logging.getLogger("eventcore.executor")
@@ -98,11 +101,17 @@ DEFAULT_RETRY = RetryPolicy()
 
 
 class ExecutionResult(msgspec.Struct, frozen=True):
-    """What `execute` did: the events it wrote, attempts made, and the version of every stream read."""
+    """What `execute` did: the events it wrote, attempts made, and the version of every stream read.
+
+    `replayed` is True when an earlier execution with the same idempotency key had
+    committed: `events` are then the events that execution recorded (nothing new was
+    written) and `stream_versions` the versions those events gave their streams.
+    """
 
     events: list[RecordedEvent]
     attempts: int
     stream_versions: dict[str, int]
+    replayed: bool = False
 
     @property
     def position(self) -> int | None:
@@ -371,6 +380,7 @@ def execute(
     timeout: float | None = DEFAULT_TIMEOUT,
     cache: StateCache | None = None,
     metrics: MetricsCollector | None = None,
+    idempotency_key: str | uuid.UUID | None = None,
 ) -> ExecutionResult:
     """Run a command against a store and return what it wrote.
 
@@ -380,21 +390,30 @@ def execute(
     StoreUnavailableError and CommandTimeoutError (`timeout` seconds overall; None for no limit).
     `cache`: an opt-in `StateCache` (see there). `metrics`: an `ec.MetricsCollector` for this
     command's counters and hooks (default: the one attached to the store, if any).
+
+    `idempotency_key` (a str of 1-255 characters or a UUID, unique per store): recorded in the
+    append's transaction. If a command with this key has already committed, nothing is
+    written and its original result comes back (`ExecutionResult.replayed`), also when this
+    attempt's `handle` would now refuse the command or emit nothing. So a caller that does not
+    know whether a command committed (its process died, or StoreUnavailableError with
+    `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
+    such errors within `retry` and `timeout`.
     """
     policy = DEFAULT_RETRY if retry is None else retry
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
     if cache is not None and not isinstance(cache, StateCache):
         raise ValidationError(f"cache must be an ec.StateCache, got {type(cache).__name__}")
+    key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
         metrics = getattr(store, "_metrics", None)
         if metrics is None:  # the unobserved path: no clock read, no allocation
-            return _execute(store, command, policy, metadata, timeout, cache, None)
+            return _execute(store, command, policy, metadata, timeout, cache, None, key)
     elif not isinstance(metrics, MetricsCollector):
         raise ValidationError(f"metrics must be an ec.MetricsCollector, got {type(metrics).__name__}")
     run = metrics._command_start(command, declared_streams(command))
     try:
-        result = _execute(store, command, policy, metadata, timeout, cache, run)
+        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
     except BaseException as exc:
         metrics._command_end(run, None, exc)
         raise
@@ -402,7 +421,7 @@ def execute(
     return result
 
 
-def _execute(store, command, policy, metadata, timeout, cache, obs) -> ExecutionResult:
+def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
     streams = declared_streams(command) if obs is None else obs.streams
     store_key = id(store)
     locks = sorted({hash((store_key, sid)) % STREAM_LOCK_STRIPES for sid in streams})
@@ -418,15 +437,20 @@ def _execute(store, command, policy, metadata, timeout, cache, obs) -> Execution
                 )
             held.append(lock)
         if cache is None:
-            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None, obs)
+            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None, obs, key)
         entry = cache._folded_entry((store_key, type(command), tuple(streams)))
-        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs)
+        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key)
     finally:
         for lock in reversed(held):
             lock.release()
 
 
-def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs) -> ExecutionResult:
+def _replayed(events: list, attempt: int) -> ExecutionResult:
+    """The result of a command whose idempotency key had already committed these events."""
+    return ExecutionResult(events, attempt, {e.stream_id: e.version for e in events}, True)
+
+
+def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key) -> ExecutionResult:
     attempt = 0
     free_retry_used = False
     while True:
@@ -439,12 +463,16 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
                 state, versions, from_cache = _cached_state(cache, entry, store, command, streams)
             events = _handle(command, state, versions)
             if not events:
+                if key is not None:  # perhaps nothing is left to do because this command already ran
+                    prior = store.recorded_command(key)
+                    if prior:
+                        return _replayed(prior, attempt)
                 return ExecutionResult([], attempt, versions)
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandTimeoutError(
                     f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s)); nothing was written"
                 )
-            recorded = store.append(events, versions, metadata=metadata)
+            recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
             if entry is not None:
                 cache._remember_append(store, recorded, versions)
             for e in recorded:
@@ -465,14 +493,25 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
                     obs.collector._retry(obs, attempt, "stale_cache", 0.0, exc)
                 attempt -= 1
                 continue
+        except DuplicateCommandError as exc:
+            if entry is not None:  # the state read did not include the earlier execution's events
+                entry.valid = False
+                cache._forget(store, versions)
+            return _replayed(exc.events, attempt)
         except StoreUnavailableError as exc:
             if entry is not None:
                 entry.valid = False
                 cache._forget(store, versions or streams)
-            if exc.maybe_committed or isinstance(exc, StoreTimeoutError):
+            # A write that may have committed is retried only under an idempotency key: the
+            # retry then finds the key if it did.
+            if isinstance(exc, StoreTimeoutError) or (exc.maybe_committed and key is None):
                 raise
             failure = exc
         except BusinessRuleViolation:
+            if key is not None:  # refused now perhaps because this very command already ran
+                prior = store.recorded_command(key)
+                if prior:
+                    return _replayed(prior, attempt)
             raise  # handle() is pure: the cached state is still good
         except BaseException:
             if entry is not None:

@@ -11,6 +11,7 @@ import datetime as _dt
 import threading
 import time
 import uuid
+import zlib
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import msgspec
 
 from .. import _impl
-from ..errors import EventCoreError, ValidationError
+from ..errors import DuplicateCommandError, EventCoreError, ValidationError
 from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
@@ -47,7 +48,7 @@ class PreparedAppend:
     """
 
     __slots__ = ("stream_ids", "types", "payloads", "metadatas", "event_ids", "events", "metadata_objs",
-                 "expected", "recorded_at_us")
+                 "expected", "recorded_at_us", "key", "progress")
 
     def __init__(self, stream_ids, types, payloads, metadatas, event_ids, events, metadata_objs, expected):
         self.stream_ids = stream_ids
@@ -59,6 +60,12 @@ class PreparedAppend:
         self.metadata_objs = metadata_objs
         self.expected = expected
         self.recorded_at_us = time.time_ns() // 1000
+        #: The append's idempotency key (str) or None: recorded in the append's transaction;
+        #: a key already recorded makes the backend raise DuplicateCommandError, writing nothing.
+        self.key = None
+        #: Ingest progress to record in the same transaction, or None: (resume key, lane, lanes,
+        #: input items of this lane committed once this batch is).
+        self.progress = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -131,6 +138,23 @@ def prepare_append(
     return PreparedAppend(stream_ids, types, payloads, metadatas, event_ids, objs, mds, exp)
 
 
+#: Longest idempotency key accepted (as a stream id: one B-tree entry on every backend).
+MAX_IDEMPOTENCY_KEY_LENGTH = 255
+
+
+def validate_idempotency_key(value: object) -> str:
+    """Validate an idempotency key: a non-empty str of at most 255 characters without control
+    characters (the stream id rules), or a uuid.UUID (stored as its canonical text)."""
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if not isinstance(value, str):
+        raise ValidationError(f"idempotency key must be a str or uuid.UUID, got {type(value).__name__}: {value!r}")
+    try:
+        return str(_stream_id(value))
+    except ValidationError as exc:
+        raise ValidationError(str(exc).replace("stream id", "idempotency key", 1)) from None
+
+
 class StoreHealth(msgspec.Struct, frozen=True):
     """What `store.health()` found: `ok` is True when the store answered and its schema is current.
 
@@ -171,6 +195,8 @@ class IngestResult(msgspec.Struct, frozen=True):
     first_position: int
     last_position: int
     duration_s: float
+    #: Input items passed over because an earlier run with the same `resume_key` committed them.
+    skipped: int = 0
 
     @property
     def events_per_s(self) -> float:
@@ -211,13 +237,14 @@ class _BatchFailed(Exception):
 class _Lane:
     """One ingest lane: the batch being filled and the batch in flight."""
 
-    __slots__ = ("sids", "evs", "mds", "start", "pending")
+    __slots__ = ("sids", "evs", "mds", "start", "last", "pending")
 
     def __init__(self) -> None:
         self.sids: list = []
         self.evs: list = []
         self.mds: list = []
-        self.start = 0
+        self.start = 0  # input index of the batch's first item
+        self.last = 0  # input index of the batch's last item
         self.pending = None
 
 
@@ -358,6 +385,7 @@ class EventStore(ABC):
         expected: Mapping[str, int] | None = None,
         *,
         metadata: Metadata | None = None,
+        idempotency_key: str | uuid.UUID | None = None,
     ) -> list[RecordedEvent]:
         """Append events to one or more streams atomically.
 
@@ -367,22 +395,49 @@ class EventStore(ABC):
         listed are not checked. Either every event is written, with gap-free
         versions and consecutive positions, or none is and ConcurrencyError
         names the first conflicting stream (in sorted order).
+
+        `idempotency_key`: recorded in the same transaction as the events (only
+        when there are events to write). If an append with that key has already
+        committed, nothing is written and DuplicateCommandError carries the events
+        that append recorded. Keys are never forgotten.
         """
         prepared = prepare_append(events, expected, metadata)
+        if idempotency_key is not None:
+            prepared.key = validate_idempotency_key(idempotency_key)
         if not prepared.expected:
             return []
         m = self._metrics
         if m is None:
-            return self._append(prepared)
+            try:
+                return self._append(prepared)
+            except DuplicateCommandError as exc:
+                raise self._with_original(exc) from None
         exp = prepared.expected
         run = m._op_start(self, "append", exp, exp)
         try:
             recorded = self._append(prepared)
         except BaseException as exc:
             m._op_end(run, 0, exc)
+            if isinstance(exc, DuplicateCommandError):
+                raise self._with_original(exc) from None
             raise
         m._op_end(run, len(recorded), None, lambda: {e.stream_id: e.version for e in recorded})
         return recorded
+
+    def _with_original(self, exc: "DuplicateCommandError") -> "DuplicateCommandError":
+        """The DuplicateCommandError a backend raised, with the original events looked up if it has none."""
+        if exc.events is not None:
+            return exc
+        return DuplicateCommandError(exc.key, self.recorded_command(exc.key))
+
+    def recorded_command(self, key: str | uuid.UUID) -> list[RecordedEvent] | None:
+        """The events an append with idempotency key `key` recorded, or None if no append committed with it."""
+        rows = self._recorded_command_rows(validate_idempotency_key(key))
+        return _impl.decode_rows(rows) if rows else None
+
+    @abstractmethod
+    def _recorded_command_rows(self, key: str) -> list:
+        """The stored rows (codec.ROW_COLUMNS layout, position order) of the append recorded under `key`."""
 
     @abstractmethod
     def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
@@ -437,6 +492,7 @@ class EventStore(ABC):
         metadata: Metadata | None = None,
         on_batch=None,
         parallel: int = 1,
+        resume_key: str | None = None,
     ) -> IngestResult:
         """Stream any number of events into the store, one transaction per `batch_size` events.
 
@@ -456,6 +512,15 @@ class EventStore(ABC):
         stream is routed to one lane, so every stream's events keep their input
         order, but batches of different lanes commit in any order. On PostgreSQL
         two lanes roughly double what one COPY stream can take on 2 cores.
+
+        `resume_key` makes the ingest resumable and re-runnable: each batch's
+        transaction also records, under that key, how far into `items` its lane
+        has committed. Run again with the same key and the same items (and the
+        same `parallel`), items already committed are passed over, not written
+        again (`IngestResult.skipped`), so an ingest killed half-way is finished
+        by running it again, and running a finished one again writes nothing.
+        Items must come in the same order each time; items added at the end of
+        the input are ingested by the next run.
         """
         if type(batch_size) is not int or not 1 <= batch_size <= MAX_EVENTS_PER_BATCH:
             raise ValidationError(f"batch_size must be an int in 1..{MAX_EVENTS_PER_BATCH}, got {batch_size!r}")
@@ -464,6 +529,19 @@ class EventStore(ABC):
         if metadata is not None and not isinstance(metadata, Metadata):
             raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
         checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
+        done = [0] * parallel  # per lane: input items below this index are committed already
+        if resume_key is not None:
+            resume_key = validate_idempotency_key(resume_key)
+            recorded = self._ingest_progress(resume_key)
+            if recorded:
+                lanes_before = {n for n, _ in recorded.values()}
+                if lanes_before != {parallel}:
+                    raise ValidationError(
+                        f"ingest {resume_key!r} was started with parallel={min(lanes_before)}; resume it with the "
+                        f"same parallel (each stream's lane depends on it) or use another resume key")
+                for lane_no, (_, items_done) in recorded.items():
+                    done[lane_no] = items_done
+        skipped = 0
         started = time.perf_counter()
         state = {"events": 0, "batches": 0, "first": 0, "last": 0}
         lock = threading.Lock()
@@ -478,12 +556,12 @@ class EventStore(ABC):
         m = self._metrics
         ingest_run = None if m is None else m._op_start(self, "ingest", None)
 
-        def write(sids: list, evs: list, mds: list, start: int) -> None:
+        def write(sids: list, evs: list, mds: list, start: int, progress) -> None:
             with lock:
                 exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
             run = None if m is None else m._op_start(self, "ingest_batch", None)
             try:
-                first, last, after = self._ingest_batch(sids, evs, mds, exp)
+                first, last, after = self._ingest_batch(sids, evs, mds, exp, progress)
             except EventCoreError as exc:
                 if run is not None:
                     m._op_end(run, 0, exc)
@@ -501,8 +579,9 @@ class EventStore(ABC):
             if on_batch is not None:
                 on_batch(total)
 
-        def flush(lane: "_Lane") -> None:
-            batch = (lane.sids, lane.evs, lane.mds, lane.start)
+        def flush(lane_no: int, lane: "_Lane") -> None:
+            progress = None if resume_key is None else (resume_key, lane_no, parallel, lane.last + 1)
+            batch = (lane.sids, lane.evs, lane.mds, lane.start, progress)
             lane.sids, lane.evs, lane.mds = [], [], []
             if lane.pending is not None:
                 lane.pending.result()  # one batch in flight per lane: order within the lane, bounded memory
@@ -516,18 +595,25 @@ class EventStore(ABC):
                 except EventCoreError as exc:
                     failure = (index, False, exc)
                     break
-                lane = lanes[hash(sid) % parallel] if parallel > 1 else lanes[0]
+                # A stream's lane must be the same in every run (resume_key): crc32, not hash(),
+                # which Python salts per process.
+                lane_no = zlib.crc32(sid.encode()) % parallel if parallel > 1 else 0
+                if index < done[lane_no]:
+                    skipped += 1
+                    continue
+                lane = lanes[lane_no]
                 if not lane.sids:
                     lane.start = index
+                lane.last = index
                 lane.sids.append(sid)
                 lane.evs.append(ev)
                 lane.mds.append(md)
                 if len(lane.sids) >= batch_size:
-                    flush(lane)
+                    flush(lane_no, lane)
             else:
-                for lane in lanes:
+                for lane_no, lane in enumerate(lanes):
                     if lane.sids:
-                        flush(lane)
+                        flush(lane_no, lane)
         except _BatchFailed as exc:
             failure = (exc.start, True, exc.cause)
         except BaseException as exc:  # e.g. the caller's iterable raised: the span must still end
@@ -550,20 +636,29 @@ class EventStore(ABC):
         if failure is not None:
             item, in_batch, cause = failure
             where = f"the batch starting with item {item}" if in_batch else f"item {item}"
-            lanes_note = (
-                "; with several lanes there is no single resume point: other lanes' partly filled batches "
-                "were not written" if parallel > 1 else ""
-            )
+            if resume_key is not None:
+                lanes_note = f"; run it again with resume_key={resume_key!r} to finish it"
+            elif parallel > 1:
+                lanes_note = ("; with several lanes there is no single resume point (other lanes' partly filled "
+                              "batches were not written): pass a resume_key to make an ingest resumable")
+            else:
+                lanes_note = ""
             raise IngestError(
                 f"ingest stopped at {where}: {cause} ({state['events']:,} events committed, "
                 f"none of {'that' if in_batch else 'its'} batch{lanes_note})",
                 state["events"], item,
             ) from cause
         return IngestResult(state["events"], state["batches"], state["first"], state["last"],
-                            time.perf_counter() - started)
+                            time.perf_counter() - started, skipped)
 
-    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict) -> tuple[int, int, dict]:
-        """Write one validated ingest batch atomically: (first position, last position, stream -> version after)."""
+    def _ingest_progress(self, key: str) -> dict:
+        """lane -> (lanes, input items committed) recorded under an ingest resume key ({} if none)."""
+        return {}
+
+    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
+                      progress=None) -> tuple[int, int, dict]:
+        """Write one validated ingest batch atomically, with `progress` (see PreparedAppend.progress):
+        (first position, last position, stream -> version after)."""
         encode_event = _impl.encode_event
         encode_metadata = _impl.encode_metadata
         types, payloads, md_bytes = [], [], []
@@ -576,6 +671,7 @@ class EventStore(ABC):
             list(stream_ids), types, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
             list(events), list(metadatas), expected,
         )
+        prepared.progress = progress
         return self._append_batch(prepared)
 
     # -- reading ----------------------------------------------------------------

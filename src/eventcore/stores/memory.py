@@ -10,6 +10,7 @@ from __future__ import annotations
 import threading
 
 from .. import _impl
+from ..errors import DuplicateCommandError
 from ..events import RecordedEvent
 from .base import EventStore, PreparedAppend, group_by_stream
 
@@ -21,6 +22,8 @@ class MemoryStore(EventStore):
         self._lock = threading.Lock()
         self._rows: list[tuple] = []  # row layout of codec.ROW_COLUMNS; index = position - 1
         self._streams: dict[str, list[int]] = {}  # stream -> row indexes, version order
+        self._keys: dict[str, tuple[int, int]] = {}  # idempotency key -> (first position, events)
+        self._progress: dict[str, dict[int, tuple[int, int]]] = {}  # ingest resume key -> lane -> (lanes, items)
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -32,6 +35,8 @@ class MemoryStore(EventStore):
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
         streams = self._streams
         with self._lock:
+            if p.key is not None and p.key in self._keys:
+                raise DuplicateCommandError(p.key)
             current = {sid: len(streams.get(sid, ())) for sid in p.expected}
             _impl.check_expected_versions(p.expected, current)
             versions = _impl.assign_versions(p.stream_ids, current)
@@ -47,7 +52,21 @@ class MemoryStore(EventStore):
                 if idx is None:
                     idx = streams[sid] = []
                 idx.append(pos - 1)
+            if p.key is not None and len(p):
+                self._keys[p.key] = (first, len(p))
+            if p.progress is not None:
+                key, lane, lanes, items = p.progress
+                self._progress.setdefault(key, {})[lane] = (lanes, items)
         return p.recorded(versions, positions)
+
+    def _recorded_command_rows(self, key):
+        with self._lock:
+            found = self._keys.get(key)
+            return [] if found is None else self._rows[found[0] - 1: found[0] - 1 + found[1]]
+
+    def _ingest_progress(self, key):
+        with self._lock:
+            return dict(self._progress.get(key, {}))
 
     def _read_stream(self, stream_id, from_version, limit):
         with self._lock:

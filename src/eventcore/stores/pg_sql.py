@@ -493,6 +493,151 @@ CREATE TRIGGER events_notify AFTER INSERT ON {s}.events
     FOR EACH STATEMENT EXECUTE FUNCTION {s}.notify_events();
 """,
     ),
+    (
+        4,
+        "idempotency keys (command_keys), resumable ingest (ingest_progress); append_group records keys",
+        """
+-- An append's idempotency key (ec.execute(..., idempotency_key=...)), written by append_group in
+-- the append's own transaction, so a key is recorded if and only if its events are. The events
+-- are the event_count positions from first_position (one member's events have consecutive
+-- ordinals, so consecutive positions).
+CREATE TABLE {s}.command_keys (
+    key            text PRIMARY KEY CHECK (length(key) BETWEEN 1 AND 255),
+    first_position bigint NOT NULL,
+    event_count    int    NOT NULL CHECK (event_count >= 1),
+    recorded_at    timestamptz NOT NULL DEFAULT now()
+);
+
+-- How far each lane of a resumable ingest (store.ingest(..., resume_key=...)) has committed its
+-- input: written in the transaction of each batch it counts.
+CREATE TABLE {s}.ingest_progress (
+    key        text   NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+    lane       int    NOT NULL CHECK (lane >= 0),
+    lanes      int    NOT NULL CHECK (lanes >= 1),
+    items      bigint NOT NULL CHECK (items >= 0),
+    updated_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (key, lane)
+);
+
+-- append_group of migration 2 plus idempotency keys: member = [participants, events, key or null]
+-- (a member without the third element has no key, as before).
+CREATE OR REPLACE FUNCTION {s}.append_group(p_group jsonb)
+RETURNS TABLE (member int, versions bigint[], base_position bigint, conflict text, recorded_at_us bigint)
+LANGUAGE plpgsql
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+-- Plans cached per connection (planning statement 2 anew costs more than running it), and made
+-- with index access only: every lookup here is by key, and a plan cached while the tables were
+-- small would otherwise stay a sequential scan as they grow (seen: an append 1.2 -> 2.1 ms).
+-- jit off: with sequential scans disabled, estimated costs are huge and would trigger JIT.
+SET plan_cache_mode = auto SET enable_seqscan = off SET jit = off
+AS $$
+DECLARE
+    v_bulk     boolean := (p_group->>'n')::int > 2048;
+    v_parts    bigint;
+    v_distinct bigint;
+    v_void     text;
+BEGIN
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
+            USING ERRCODE = 'EC412';
+    END IF;
+
+    -- 1. Lock every participant before the first write (see lock_streams): the
+    --    store-wide key, then one key per stream in key order, exclusive if written.
+    --    Over 2,048 participants: the store-wide key alone, exclusive. A member's
+    --    idempotency key is locked too (exclusive, in the same key order), so two
+    --    appends with one key run one after the other and the second sees the first's.
+    IF v_bulk THEN
+        v_void := pg_advisory_xact_lock(7311142570156060530)::text;
+    ELSE
+        v_void := pg_advisory_xact_lock_shared(7311142570156060530)::text;
+    END IF;
+    SELECT count(*) FILTER (WHERE NOT o.is_key), count(DISTINCT o.s) FILTER (WHERE NOT o.is_key),
+           count(CASE WHEN v_bulk AND NOT o.is_key THEN NULL
+                      WHEN o.w THEN pg_advisory_xact_lock(o.k)::text
+                      ELSE pg_advisory_xact_lock_shared(o.k)::text END)
+      INTO v_parts, v_distinct
+      FROM (SELECT u.s, u.k, u.w, u.is_key
+              FROM (SELECT p.doc->>0 AS s, hashtextextended(p.doc->>0, 0) AS k, (p.doc->>2)::int > 0 AS w,
+                           false AS is_key
+                      FROM jsonb_array_elements(p_group->'g') AS m(doc), jsonb_array_elements(m.doc->0) AS p(doc)
+                    UNION ALL
+                    SELECT m.doc->>2, hashtextextended('eventcore idempotency key:' || (m.doc->>2), 0), true, true
+                      FROM jsonb_array_elements(p_group->'g') AS m(doc)
+                     WHERE m.doc->>2 IS NOT NULL) AS u
+             ORDER BY u.k OFFSET 0) AS o;
+    IF v_distinct <> v_parts OR v_parts <> (p_group->>'n')::int THEN
+        RAISE EXCEPTION 'eventcore: append_group participants must be distinct streams, "n" of them'
+            USING ERRCODE = 'EC400';
+    END IF;
+
+    -- 2. Under the locks: heads, each member's check, then the heads and events of the
+    --    members that pass, and one row per member: heads as they were, its conflict (JSON,
+    --    or NULL), and the base position (0: nothing written). An event's position is base +
+    --    its ordinal in the whole group: a member that fails leaves a gap, which the
+    --    position contract allows (strictly increasing, never skipping, not dense). Its
+    --    version is its stream's head + its rank in the stream; an event whose stream is not
+    --    a participant of its member gets no version, which NOT NULL refuses. A member whose
+    --    idempotency key is recorded already (or taken by an earlier member of the group) is
+    --    reported with conflict (JSON) duplicate = key and writes nothing; a member that writes
+    --    records its key with its first position and event count.
+    RETURN QUERY
+    WITH heads AS (
+        SELECT m.ord::int AS m, p.ord AS o, p.doc->>0 AS s, (p.doc->>1)::bigint AS e,
+               coalesce((SELECT st.version FROM {s}.streams st WHERE st.stream_id = p.doc->>0), 0) AS h
+          FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
+               jsonb_array_elements(m.doc->0) WITH ORDINALITY AS p(doc, ord)
+    ), keys AS (
+        SELECT m.ord::int AS m, m.doc->>2 AS key,
+               m.doc->>2 IS NOT NULL
+                   AND (EXISTS (SELECT 1 FROM {s}.command_keys ck WHERE ck.key = m.doc->>2)
+                        OR row_number() OVER (PARTITION BY m.doc->>2 ORDER BY m.ord) > 1) AS dup
+          FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord)
+    ), members AS (
+        SELECT h.m, array_agg(h.h ORDER BY h.o) AS heads, min(k.key) AS key,
+               CASE WHEN bool_or(k.dup) THEN json_build_object('duplicate', min(k.key))::text
+                    ELSE (array_agg(json_build_object('stream_id', h.s, 'expected', h.e, 'actual', h.h)::text
+                                    ORDER BY h.o)
+                            FILTER (WHERE h.e <> -1 AND ((h.e = -2 AND h.h = 0) OR (h.e >= 0 AND h.h <> h.e))))[1]
+               END AS conflict
+          FROM heads h JOIN keys k ON k.m = h.m GROUP BY h.m
+    ), numbered AS (
+        SELECT ev.m, ev.n, ev.s, ev.id, ev.t, ev.d, ev.md,
+               (SELECT h.h FROM heads h WHERE h.m = ev.m AND h.s = ev.s)
+                   + row_number() OVER (PARTITION BY ev.s ORDER BY ev.n) AS v
+          -- An ordinal outside 1 .. 1,048,575 would spill into another transaction's positions:
+          -- it becomes NULL, which the position's NOT NULL refuses (the client never sends one).
+          FROM (SELECT m.ord::int AS m,
+                       CASE WHEN (e.doc->>5)::bigint BETWEEN 1 AND 1048575 THEN (e.doc->>5)::bigint END AS n,
+                       e.doc->>0 AS s, (e.doc->>1)::uuid AS id,
+                       e.doc->>2 AS t, e.doc->3 AS d, nullif(e.doc->4, 'null'::jsonb) AS md
+                  FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
+                       jsonb_array_elements(m.doc->1) AS e(doc)) AS ev
+         WHERE ev.m IN (SELECT mb.m FROM members mb WHERE mb.conflict IS NULL)
+    ), base AS (
+        SELECT CASE WHEN EXISTS (SELECT 1 FROM numbered) THEN (pg_current_xact_id()::text::bigint) << 20
+                    ELSE 0 END AS b
+    ), moved AS (
+        INSERT INTO {s}.streams AS st (stream_id, version)
+        SELECT x.s, max(x.v) FROM numbered x GROUP BY x.s
+        ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version
+    ), inserted AS (
+        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, now() FROM numbered x, base
+    ), keyed AS (
+        INSERT INTO {s}.command_keys (key, first_position, event_count)
+        SELECT mb.key, min(base.b + x.n), count(*)
+          FROM numbered x JOIN members mb ON mb.m = x.m, base
+         WHERE mb.key IS NOT NULL
+         GROUP BY mb.key
+    )
+    SELECT mb.m, mb.heads, (SELECT base.b FROM base), mb.conflict, (extract(epoch FROM now()) * 1000000)::bigint
+      FROM members mb
+     ORDER BY mb.m;
+END $$;
+
+""",
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -531,6 +676,18 @@ EVENT_BY_ID = "SELECT position FROM {s}.events WHERE event_id = %s"
 COMMITTED_ROWS = (
     "SELECT position, stream_id, version, uuid_send(event_id) FROM {s}.events "
     "WHERE position >= %s ORDER BY position LIMIT %s"
+)
+
+# The append recorded under an idempotency key (committed: its key row is visible), unfenced.
+RECORDED_COMMAND = (
+    f"SELECT {_COLUMNS} FROM {{s}}.events, "
+    "(SELECT first_position AS f, event_count AS c FROM {s}.command_keys WHERE key = %s) AS k "
+    "WHERE position >= k.f AND position < k.f + k.c ORDER BY position"
+)
+INGEST_PROGRESS = "SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s"
+RECORD_PROGRESS = (
+    "INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s) "
+    "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()"
 )
 
 
@@ -582,4 +739,7 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_group(jsonb) TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
+        # Keys are written by append_group (SECURITY DEFINER): the role only looks them up.
+        sql.SQL("GRANT SELECT ON {}.command_keys TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.ingest_progress TO {}").format(s, r),
     ]

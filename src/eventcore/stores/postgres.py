@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
 from .. import _impl
 from ..errors import (
     ConcurrencyError,
+    DuplicateCommandError,
     EventCoreError,
     SerializationError,
     StoreTimeoutError,
@@ -239,8 +240,8 @@ _EMPTY_GROUP = '{"n": 0, "g": []}'
 
 
 def _encode_group(group: list) -> str:
-    """The append_group argument: {"n": participants, "g": [[participants, events], ...]} (see
-    pg_sql migration 2). Payloads and metadata are already JSON: embedded verbatim, never re-encoded.
+    """The append_group argument: {"n": participants, "g": [[participants, events, key], ...]} (see
+    pg_sql migrations 2 and 4). Payloads and metadata are already JSON: embedded verbatim, never re-encoded.
     Events are numbered 1, 2, ... across the group: their positions are the base position + that."""
     members = []
     n = 0
@@ -253,7 +254,8 @@ def _encode_group(group: list) -> str:
         for sid, eid, t, d, md in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas):
             ordinal += 1
             events.append((sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md), ordinal))
-        members.append(([(s, expected[s], 1 if s in written else 0) for s in sorted(expected)], events))
+        participants = [(s, expected[s], 1 if s in written else 0) for s in sorted(expected)]
+        members.append((participants, events) if p.key is None else (participants, events, p.key))
     return _encode_json({"n": n, "g": members}).decode()
 
 
@@ -317,7 +319,7 @@ class PostgresStore(EventStore):
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
             "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",
-            "EVENT_BY_ID", "COMMITTED_ROWS")}
+            "EVENT_BY_ID", "COMMITTED_ROWS", "RECORDED_COMMAND", "INGEST_PROGRESS", "RECORD_PROGRESS")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
         }
@@ -526,7 +528,10 @@ class PostgresStore(EventStore):
             p = group[m - 1]
             if conflict is not None:
                 d = json.loads(conflict)
-                out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
+                if "duplicate" in d:
+                    out[m - 1] = DuplicateCommandError(d["duplicate"])
+                else:
+                    out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
                 continue
             versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
             p.recorded_at_us = at_us
@@ -605,9 +610,10 @@ class PostgresStore(EventStore):
         rows = self._find_committed(p.event_ids, cause, backend_pid)
         return p.recorded([r[2] for r in rows], [r[0] for r in rows])
 
-    def _reserve_and_copy(self, expected: dict, stream_ids: list, fill) -> tuple[int, int, dict]:
+    def _reserve_and_copy(self, expected: dict, stream_ids: list, fill, progress=None) -> tuple[int, int, dict]:
         """One transaction: reserve (lock, check, advance heads), then a binary COPY whose rows
-        `fill(copy, first_position, heads, recorded_at_us)` writes (returning the event ids)."""
+        `fill(copy, first_position, heads, recorded_at_us)` writes (returning the event ids), then
+        the ingest `progress` if any (see PreparedAppend.progress)."""
         streams = sorted(expected)
         counts: dict = {}
         for sid in stream_ids:
@@ -628,6 +634,8 @@ class PostgresStore(EventStore):
                     with conn.cursor().copy(self._sql["COPY_EVENTS"]) as copy:
                         event_ids = fill(copy, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed
+                    if progress is not None:
+                        conn.execute(self._sql["RECORD_PROGRESS"], progress)
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
                 rows = self._find_committed(event_ids, exc, backend)
@@ -656,12 +664,13 @@ class PostgresStore(EventStore):
             copy.write(buf)
             return p.event_ids
 
-        return self._reserve_and_copy(p.expected, p.stream_ids, fill)
+        return self._reserve_and_copy(p.expected, p.stream_ids, fill, p.progress)
 
-    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict) -> tuple[int, int, dict]:
+    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
+                      progress=None) -> tuple[int, int, dict]:
         """ingest: ids, versions, payload encoding and row framing fused in encode_copy_events."""
         if any(type(ev) is RawEvent for ev in events):
-            return super()._ingest_batch(stream_ids, events, metadatas, expected)
+            return super()._ingest_batch(stream_ids, events, metadatas, expected, progress)
         n = len(stream_ids)
 
         def fill(copy, first, heads, at_us):
@@ -679,9 +688,15 @@ class PostgresStore(EventStore):
             copy.write(buf)
             return ids
 
-        return self._reserve_and_copy(expected, stream_ids, fill)
+        return self._reserve_and_copy(expected, stream_ids, fill, progress)
 
     # -- reading -------------------------------------------------------------------------
+
+    def _recorded_command_rows(self, key):
+        return self._fetch("RECORDED_COMMAND", (key,))
+
+    def _ingest_progress(self, key):
+        return {lane: (lanes, items) for lane, lanes, items in self._fetch("INGEST_PROGRESS", (key,))}
 
     def _read_stream(self, stream_id, from_version, limit):
         return _impl.decode_rows(self._fetch("READ_STREAM", (stream_id, from_version, limit)))

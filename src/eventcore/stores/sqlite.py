@@ -20,13 +20,14 @@ from contextlib import contextmanager
 import msgspec
 
 from .. import _impl
-from ..errors import StoreTimeoutError, StoreUnavailableError, ValidationError
+from ..errors import DuplicateCommandError, StoreTimeoutError, StoreUnavailableError, ValidationError
 from ..events import RecordedEvent
 from .base import EventStore, PreparedAppend, group_by_stream
 
 log = logging.getLogger("eventcore.store.sqlite")
 
-SCHEMA_VERSION = 1
+#: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress.
+SCHEMA_VERSION = 2
 
 _SCHEMA_STATEMENTS = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -44,6 +45,23 @@ _SCHEMA_STATEMENTS = (
        BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (UPDATE rejected)'); END""",
     """CREATE TRIGGER IF NOT EXISTS events_are_immutable_delete BEFORE DELETE ON events
        BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (DELETE rejected)'); END""",
+    # An append's idempotency key, written in the append's transaction: its events are the
+    # event_count positions from first_position (one append's positions are consecutive).
+    """CREATE TABLE IF NOT EXISTS command_keys (
+        key            TEXT    PRIMARY KEY,
+        first_position INTEGER NOT NULL,
+        event_count    INTEGER NOT NULL,
+        recorded_at    INTEGER NOT NULL
+    ) WITHOUT ROWID""",
+    # How far each lane of a resumable ingest has committed its input, written with each batch.
+    """CREATE TABLE IF NOT EXISTS ingest_progress (
+        key        TEXT    NOT NULL,
+        lane       INTEGER NOT NULL,
+        lanes      INTEGER NOT NULL,
+        items      INTEGER NOT NULL,
+        updated_at INTEGER NOT NULL,
+        PRIMARY KEY (key, lane)
+    ) WITHOUT ROWID""",
 )
 
 _COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at"
@@ -65,6 +83,18 @@ _SQL_READ_STREAMS = (
     f"SELECT {_COLUMNS} FROM events WHERE stream_id IN (SELECT value FROM json_each(?)) ORDER BY position"
 )
 _SQL_HEAD = "SELECT COALESCE(MAX(position), 0) FROM events"
+_SQL_KEY_USED = "SELECT 1 FROM command_keys WHERE key = ?"
+_SQL_RECORD_KEY = "INSERT INTO command_keys (key, first_position, event_count, recorded_at) VALUES (?, ?, ?, ?)"
+_SQL_RECORDED_COMMAND = (
+    f"SELECT {_COLUMNS} FROM events, (SELECT first_position AS f, event_count AS c FROM command_keys WHERE key = ?) "
+    "WHERE position >= f AND position < f + c ORDER BY position"
+)
+_SQL_RECORD_PROGRESS = (
+    "INSERT INTO ingest_progress (key, lane, lanes, items, updated_at) VALUES (?, ?, ?, ?, ?) "
+    "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, "
+    "updated_at = excluded.updated_at"
+)
+_SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
 
 
 def _read_all_sql(with_types: bool, with_prefix: bool) -> str:
@@ -199,6 +229,8 @@ class SQLiteStore(EventStore):
     def _append_locked(self, conn: sqlite3.Connection, p: PreparedAppend) -> list[RecordedEvent]:
         try:
             with immediate_transaction(conn):
+                if p.key is not None and conn.execute(_SQL_KEY_USED, (p.key,)).fetchone():
+                    raise DuplicateCommandError(p.key)
                 current = {}
                 head = 0
                 for sid, v in conn.execute(_SQL_VERSIONS_AND_HEAD, (_json_list(p.expected),)):
@@ -219,6 +251,10 @@ class SQLiteStore(EventStore):
                         )
                     ],
                 )
+                if p.key is not None and len(p):
+                    conn.execute(_SQL_RECORD_KEY, (p.key, head + 1, len(p), at))
+                if p.progress is not None:
+                    conn.execute(_SQL_RECORD_PROGRESS, (*p.progress, at))
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
             raise _store_error(exc, f"SQLite append failed on {self.path!r}; nothing was written") from exc
@@ -257,6 +293,12 @@ class SQLiteStore(EventStore):
             return rows
         except sqlite3.Error as exc:
             raise _store_error(exc, f"SQLite read failed on {self.path!r}") from exc
+
+    def _recorded_command_rows(self, key):
+        return self._query(_SQL_RECORDED_COMMAND, (key,))
+
+    def _ingest_progress(self, key):
+        return {lane: (lanes, items) for lane, lanes, items in self._query(_SQL_INGEST_PROGRESS, (key,))}
 
     def _read_stream(self, stream_id, from_version, limit):
         rows = self._query(_SQL_READ_STREAM, (stream_id, from_version, -1 if limit is None else limit))
