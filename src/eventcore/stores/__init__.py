@@ -37,6 +37,12 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
     backend = _BACKENDS.get(scheme)
     if backend is None:
         raise ValidationError(f"unknown store scheme {scheme!r} in {url!r}; supported: memory, sqlite, postgresql")
+    try:
+        parts = urlsplit(url)
+        if "," not in parts.netloc:  # libpq's multi-host URLs (h1:5432,h2:5433) have no single port
+            parts.port  # noqa: B018 - raises ValueError unless a number in 0..65535
+    except ValueError as exc:  # the URL is not echoed: it may hold a password
+        raise ValidationError(f"malformed {scheme}:// URL: {exc}") from None
     module_name, class_name = backend
     store = _open(url, scheme, module_name, class_name, options)
     if metrics is not None:
