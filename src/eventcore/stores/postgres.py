@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import threading
 import uuid
 from collections import deque
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
 
@@ -125,16 +126,39 @@ def _schema_name(schema) -> str:
     return schema
 
 
+#: Connection parameters holding a secret: the password and the passphrase of the client's SSL key.
+_SECRET_PARAMS = ("password", "sslpassword")
+#: A secret in libpq's key=value form (password=..., quoted or not).
+_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
+
+
 def redact(dsn: str) -> str:
-    """The DSN without its password, for messages and logs."""
+    """The DSN (a URL or libpq's key=value form) without its passwords, for messages and logs."""
+    if "://" not in dsn:
+        return _KEYWORD_SECRET.sub(r"\1***", dsn)
     parts = urlsplit(dsn)
     netloc = parts.netloc
     if "@" in netloc:
         userinfo, host = netloc.rsplit("@", 1)
         user = userinfo.split(":", 1)[0]
         netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = urlencode([(k, "***" if k == "password" else v) for k, v in parse_qsl(parts.query, keep_blank_values=True)])
+    query = urlencode([(k, "***" if k in _SECRET_PARAMS else v)
+                       for k, v in parse_qsl(parts.query, keep_blank_values=True)])
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _without_secrets(text: str, dsn: str) -> str:
+    """`text` (a message of libpq's, which may quote the URL or one of its values) with the DSN's
+    passwords, as written and percent-decoded, replaced by ***."""
+    parts = urlsplit(dsn)
+    secrets = []
+    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
+    if ":" in userinfo:
+        secrets.append(userinfo.split(":", 1)[1])
+    secrets += [v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k in _SECRET_PARAMS]
+    for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
+        text = text.replace(secret, "***")
+    return text
 
 
 class _GroupCommitter:
@@ -292,7 +316,7 @@ class PostgresStore(EventStore):
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
         except psycopg.ProgrammingError as exc:
-            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {exc}") from None
+            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
         return cls(dsn, **merged)
 
     def __init__(
