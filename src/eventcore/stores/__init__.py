@@ -30,13 +30,15 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
     >>> store = connect("sqlite:///bank.db?synchronous=normal&timeout=5")  # doctest: +SKIP
     """
     if not isinstance(url, str) or "://" not in url:
+        # Not quoted when it may hold a password (libpq's key=value form: host=... password=...).
+        shown = "a key=value string" if isinstance(url, str) and "password" in url.lower() else repr(url)
         raise ValidationError(
-            f"store URL must look like memory://, sqlite:///path.db or postgresql://..., got {url!r}"
+            f"store URL must look like memory://, sqlite:///path.db or postgresql://..., got {shown}"
         )
     scheme = url.split("://", 1)[0].lower()
     backend = _BACKENDS.get(scheme)
     if backend is None:
-        raise ValidationError(f"unknown store scheme {scheme!r} in {url!r}; supported: memory, sqlite, postgresql")
+        raise ValidationError(f"unknown store scheme {scheme!r}; supported: memory, sqlite, postgresql")
     try:
         parts = urlsplit(url)
         if "," not in parts.netloc:  # libpq's multi-host URLs (h1:5432,h2:5433) have no single port
