@@ -163,13 +163,18 @@ def _dsn(args) -> str:
     return dsn
 
 
+def _scheme(dsn: str) -> str:
+    """The URL's scheme, for messages: never the whole string (a libpq key=value DSN may hold a password)."""
+    return dsn.split("://", 1)[0].lower() if "://" in dsn else "(not a URL)"
+
+
 def _cmd_migrate(args) -> int:
     from .stores import connect
     from .stores.postgres import redact
 
     dsn = _dsn(args)
     if not dsn.startswith(("postgresql://", "postgres://")):
-        raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got {dsn.split('://')[0]}://...")
+        raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got {_scheme(dsn)}://...")
     options = {"schema": args.schema} if args.schema else {}
     with connect(dsn, **options) as store:  # connecting migrates (migrate=true is the default)
         version = store.schema_version()
@@ -386,7 +391,7 @@ def _cmd_status(args) -> int:
     from .stores.postgres import redact
 
     dsn = _dsn(args)
-    scheme = dsn.split("://", 1)[0].lower()
+    scheme = _scheme(dsn)
     options = {"migrate": False} if scheme in ("postgresql", "postgres") else {}
     try:
         store = connect(dsn, **options)
@@ -479,6 +484,11 @@ def _cmd_bench(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    import logging
+
+    if not logging.getLogger().handlers:
+        # psycopg's pool logs every failed connection attempt; the command reports the outcome in one line.
+        logging.getLogger("psycopg").addHandler(logging.NullHandler())
     try:
         if args.command == "bench":
             return _cmd_bench(args)
@@ -493,6 +503,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "status":
             return _cmd_status(args)
     except EventCoreError as exc:
+        print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file the command was told to read or write (e.g. --rejects in a missing directory)
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

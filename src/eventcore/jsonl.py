@@ -108,24 +108,31 @@ class JsonLinesReader:
 
     def __iter__(self) -> Iterator[tuple]:
         number = 0
-        try:
-            for raw in self._buffered:
-                number += 1
-                self.lines = number
-                stripped = raw.strip()
-                if not stripped:
-                    continue
-                try:
-                    yield parse_line(number, stripped)
-                except BadLine as bad:
-                    if self.on_bad is None:
-                        raise
-                    self.rejected += 1
-                    self.on_bad(bad)
-        except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
-            # A truncated or corrupt .gz: nothing after this point can be read. Reported as the
-            # line it stopped at, like a malformed line (the batch holding it is not written).
-            raise BadLine(number + 1, f"cannot read {self.path!r} past line {number}: {exc or type(exc).__name__}") from None
+        lines = iter(self._buffered)
+        while True:
+            try:
+                raw = next(lines, None)
+            except (OSError, EOFError, zlib.error) as exc:  # gzip.BadGzipFile is an OSError
+                # A truncated or corrupt .gz: nothing after this point can be read. Reported as the
+                # line it stopped at, like a malformed line (the batch holding it is not written).
+                raise BadLine(number + 1, f"cannot read {self.path!r} past line {number}: "
+                                          f"{exc or type(exc).__name__}") from None
+            if raw is None:
+                return
+            number += 1
+            self.lines = number
+            stripped = raw.strip()
+            if not stripped:
+                continue
+            try:
+                parsed = parse_line(number, stripped)
+            except BadLine as bad:
+                if self.on_bad is None:
+                    raise
+                self.rejected += 1
+                self.on_bad(bad)  # outside the read's error handling: its own errors are its own
+                continue
+            yield parsed
 
     def close(self) -> None:
         try:
