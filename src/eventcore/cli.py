@@ -165,7 +165,7 @@ def _dsn(args) -> str:
 
 def _scheme(dsn: str) -> str:
     """The URL's scheme, for messages: never the whole string (a libpq key=value DSN may hold a password)."""
-    return dsn.split("://", 1)[0].lower() if "://" in dsn else "(not a URL)"
+    return dsn.split("://", 1)[0].lower() if "://" in dsn else "none"
 
 
 def _cmd_migrate(args) -> int:
@@ -174,7 +174,7 @@ def _cmd_migrate(args) -> int:
 
     dsn = _dsn(args)
     if not dsn.startswith(("postgresql://", "postgres://")):
-        raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got {_scheme(dsn)}://...")
+        raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got scheme {_scheme(dsn)!r}")
     options = {"schema": args.schema} if args.schema else {}
     with connect(dsn, **options) as store:  # connecting migrates (migrate=true is the default)
         version = store.schema_version()
