@@ -146,6 +146,7 @@ class PostgresBackend(_Backend):
                 store._dsn, autocommit=True, connect_timeout=max(1, int(store.connect_timeout)),
                 options=f"-c statement_timeout={int(store.statement_timeout * 1000)}",
                 application_name=f"eventcore-projection:{self.name}"[:63],
+                **store._keepalives,
             )
             if self.listen:
                 # The channel of this schema's appends (migration 3): named after the events table's oid.

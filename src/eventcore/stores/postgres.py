@@ -351,6 +351,7 @@ class PostgresStore(EventStore):
         self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
+        self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in _conninfo_keys(dsn)}
         self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
@@ -377,7 +378,7 @@ class PostgresStore(EventStore):
                 "prepare_threshold": 0,
                 "connect_timeout": max(1, int(self.connect_timeout)),
                 "options": options,
-                **{k: v for k, v in KEEPALIVES.items() if k not in _conninfo_keys(dsn)},
+                **self._keepalives,
             },
             open=False,
             name=f"eventcore:{schema}",
