@@ -114,7 +114,8 @@ def check_sqlite_file(store) -> None:
         assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
     with ec.connect(store.url) as reopened:
         before = reopened.stream_version("sqlite-reopened")
-        reopened.append([ec.emit("sqlite-reopened", Credited(transfer="probe", amount=0))], {"sqlite-reopened": before})
+        reopened.append([ec.emit("sqlite-reopened", Credited(transfer="probe", amount=0))],
+                        {"sqlite-reopened": before})
         assert reopened.stream_version("sqlite-reopened") == before + 1
 
 
@@ -321,3 +322,428 @@ def test_sqlite_write_lock_held_past_timeout_is_typed_and_leaves_nothing(tmp_pat
         assert result.stream_versions == {"sl-a": 2, "sl-b": 1}
     finally:
         store.close()
+
+
+# -- 2. `eventcore ingest` killed in the middle of a file, then run again ---------------------------
+
+
+class Item(ec.Event):
+    __event_type__ = "faults.Item"
+    n: int
+
+
+INGEST_EVENTS = 100_000
+INGEST_BATCH = 5_000
+INGEST_STREAMS = 500
+
+
+def write_ingest_file(path: Path) -> None:
+    # Line n goes to stream n % 500 as that stream's version n // 500 + 1.
+    with open(path, "w") as f:
+        for n in range(INGEST_EVENTS):
+            f.write(f'{{"stream": "ing-{n % INGEST_STREAMS}", "type": "faults.Item", "data": {{"n": {n}}}}}\n')
+
+
+def ingest_command(store, path: Path, name: str) -> list:
+    return [sys.executable, "-m", "eventcore", "ingest", str(path), "--dsn", child_url(store, name),
+            "--batch-size", str(INGEST_BATCH), "--json", "--no-progress"]
+
+
+def assert_feed_is_file_prefix(store, count: int) -> None:
+    """The store holds exactly the file's first `count` lines, in file order, each once."""
+    feed = [(e.stream_id, e.version, e.data.n) for e in store.read_all(types=[Item], page_size=10_000)]
+    assert len(feed) == count
+    expected = [(f"ing-{n % INGEST_STREAMS}", n // INGEST_STREAMS + 1, n) for n in range(count)]
+    assert feed == expected, "the committed events are not the file's prefix in file order"
+
+
+def test_ingest_killed_mid_file_commits_whole_batches_and_resumes_without_duplicates(durable_store, rng, tmp_path):
+    store = durable_store
+    data = tmp_path / "events.jsonl"
+    write_ingest_file(data)
+    name = f"fault-ingest-{os.getpid()}"
+    proc = subprocess.Popen(ingest_command(store, data, name), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_until(lambda: proc.poll() is not None or event_count(store) >= INGEST_BATCH, "the first batch to commit")
+    time.sleep(rng.uniform(0, 0.8))
+    assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate(timeout=WATCHDOG)
+    wait_for_backends_gone(store, name)
+
+    committed = event_count(store)
+    print(f"killed after {committed:,} of {INGEST_EVENTS:,} events")
+    assert 0 < committed < INGEST_EVENTS
+    assert committed % INGEST_BATCH == 0, f"{committed} events committed: a partial batch is visible"
+    assert_feed_is_file_prefix(store, committed)
+    check_sqlite_file(store)
+
+    rerun = subprocess.run(ingest_command(store, data, name), capture_output=True, text=True, timeout=WATCHDOG * 2)
+    assert rerun.returncode == 0, rerun.stderr
+    summary = json.loads(rerun.stdout)
+    assert (summary["skipped"], summary["events"]) == (committed, INGEST_EVENTS - committed)
+    assert_feed_is_file_prefix(store, INGEST_EVENTS)
+
+
+# -- 3. the PostgreSQL server killed under concurrent command load, then restarted -------------------
+
+
+def pg_ctl(cluster, *args: str) -> None:
+    """pg_ctl on a private cluster, as its owner (TemporaryCluster runs the server as `postgres` under root)."""
+    cluster._run("pg_ctl", *args, "-D", str(cluster.dir / "data"))
+
+
+def restart(cluster) -> None:
+    pg_ctl(cluster, "start", "-w", "-t", "60", "-l", str(cluster.dir / "server.log"))
+    cluster.pid = int((cluster.dir / "data" / "postmaster.pid").read_text().split()[0])  # stop() ends this one
+
+
+class CommandLoad:
+    """Threads running transfers on one store, each call recorded: (thread, item, started, ended, outcome)."""
+
+    def __init__(self, store, threads: int, keys: bool) -> None:
+        self.store, self.keys = store, keys
+        self.calls: list = []
+        self.lock = threading.Lock()
+        self.stopping = threading.Event()
+        self.threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, thread: int) -> None:
+        rng = random.Random(SEED + thread)
+        policy = ec.RetryPolicy(max_retries=20, max_delay=0.05)
+        i = 0
+        while not self.stopping.is_set():
+            i += 1
+            source, target = rng.sample(ACCOUNTS, 2)
+            item = [f"s{thread}-{i}", source, target, rng.randint(1, 100)]
+            started = time.monotonic()
+            try:
+                outcome = ec.execute(self.store, transfer_command(item), retry=policy,
+                                     timeout=KILL_TEST_COMMAND_TIMEOUT,
+                                     idempotency_key=item[0] if self.keys else None)
+            except Exception as exc:  # noqa: BLE001 - recorded; the test checks which errors came
+                outcome = exc
+            with self.lock:
+                self.calls.append((thread, item, started, time.monotonic(), outcome))
+            if isinstance(outcome, Exception):
+                time.sleep(0.02)  # no busy loop against a server that is down
+
+    def snapshot(self) -> list:
+        with self.lock:
+            return list(self.calls)
+
+    def stop(self) -> None:
+        self.stopping.set()
+        for t in self.threads:
+            t.join(WATCHDOG)
+            assert not t.is_alive(), "a command thread hung"
+
+
+def first_per_thread(calls, n_threads: int, pred) -> dict:
+    found: dict = {}
+    for call in calls:
+        if call[0] not in found and pred(call):
+            found[call[0]] = call
+    return found if len(found) == n_threads else {}
+
+
+@pytest.fixture(scope="module")
+def private_cluster():
+    """A PostgreSQL server of this module's own: the server-kill test stops it (never the session's)."""
+    require("psycopg")
+    from eventcore.stores.pgcluster import TemporaryCluster
+
+    try:
+        cluster = TemporaryCluster()
+        cluster.start()
+    except ec.StoreUnavailableError as exc:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"PostgreSQL server binaries needed: {exc}", pytrace=False)
+        pytest.skip(f"PostgreSQL server binaries needed: {exc}")
+    yield cluster
+    cluster.stop()
+
+
+#: Store timeouts of the server-kill test (seconds), and the commands' overall timeout.
+KILL_TEST_TIMEOUTS = {"connect_timeout": 2, "pool_timeout": 3, "statement_timeout": 5}
+KILL_TEST_COMMAND_TIMEOUT = 5
+
+
+@pytest.mark.parametrize("keys", [False, True], ids=["no-keys", "idempotency-keys"])
+def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_success(keys, private_cluster):
+    cluster = private_cluster
+    n_threads = 8
+    store = ec.connect(cluster.dsn, schema=f"faults_{'keys' if keys else 'plain'}", pool_size=n_threads,
+                       **KILL_TEST_TIMEOUTS)
+    try:
+        load = CommandLoad(store, n_threads, keys)
+        try:
+            wait_until(lambda: sum(isinstance(c[4], ec.ExecutionResult) for c in load.snapshot()) >= 100,
+                       "100 commands before the kill")
+            killed = time.monotonic()
+            pg_ctl(cluster, "stop", "-m", "immediate", "-w", "-t", "30")
+            down = time.monotonic()
+            # Every thread gets a typed error, promptly: the watchdog fails only a hang.
+            errors = wait_until(lambda: first_per_thread(
+                load.snapshot(), n_threads, lambda c: c[3] >= killed and isinstance(c[4], Exception)),
+                "every command thread to get an error after the server was killed", timeout=30)
+            restart(cluster)
+            up = time.monotonic()
+            # The same store object serves commands again: its pool reconnects by itself.
+            recovered = wait_until(lambda: first_per_thread(
+                load.snapshot(), n_threads, lambda c: c[2] >= up and isinstance(c[4], ec.ExecutionResult)),
+                "every command thread to succeed again after the restart")
+        finally:
+            load.stop()
+        calls = load.snapshot()
+
+        error_after_kill = sorted(c[3] - max(c[2], killed) for c in errors.values())
+        recovery = sorted(c[3] - up for c in recovered.values())
+        print(f"keys={keys}: {len(calls)} calls; pg_ctl stop -m immediate took {down - killed:.2f} s; first error "
+              f"per thread {error_after_kill[0]:.2f}..{error_after_kill[-1]:.2f} s after the kill; first success "
+              f"per thread {recovery[0]:.2f}..{recovery[-1]:.2f} s after the restart")
+        unexpected = [c for c in calls if isinstance(c[4], Exception)
+                      and not isinstance(c[4], (ec.StoreUnavailableError, ec.CommandTimeoutError))]
+        assert not unexpected, f"errors other than StoreUnavailableError/CommandTimeoutError: {unexpected[:3]}"
+        assert not [c for c in calls if down <= c[2] and c[3] <= up and isinstance(c[4], ec.ExecutionResult)], \
+            "a command succeeded while the server was down"
+
+        plan_by_id = {c[1][0]: c[1] for c in calls}
+        stored = committed_transfers(store, plan_by_id)
+        successes = {c[1][0]: c[4] for c in calls if isinstance(c[4], ec.ExecutionResult)}
+        assert_acks_stored({tid: {"e": [[e.event_id.hex, e.stream_id, e.version, e.position] for e in r.events]}
+                            for tid, r in successes.items()}, stored)
+        failures = [c for c in calls if isinstance(c[4], Exception)]
+        ambiguous = [c for c in failures if getattr(c[4], "maybe_committed", False)]
+        said_not_written = [c[1][0] for c in failures if not getattr(c[4], "maybe_committed", False)]
+        print(f"{len(successes)} succeeded, {len(failures)} failed ({len(ambiguous)} maybe committed, "
+              f"{sum(c[1][0] in stored for c in ambiguous)} of those committed)")
+        wrongly_not_written = [tid for tid in said_not_written if tid in stored]
+        if keys and wrongly_not_written:
+            # KNOWN DEFECT (see test_ambiguous_commit_unresolved_is_reported_as_maybe_committed): under a key,
+            # execute retries an ambiguous attempt and, if the retries fail too, raises their error, which
+            # says nothing was written. Remove this exemption when that test passes.
+            print(f"KNOWN DEFECT: {len(wrongly_not_written)} failure(s) said nothing was written but had committed")
+        else:
+            assert not wrongly_not_written, f"failed with nothing written, but stored: {wrongly_not_written}"
+
+        if keys:
+            # Whatever the failure, running the same command with the same key again applies it once.
+            for _, item, _, _, _ in failures:
+                before = stored.get(item[0])
+                result = ec.execute(store, transfer_command(item), idempotency_key=item[0], timeout=30)
+                assert result.replayed is (before is not None)
+                if before is not None:
+                    assert [e.event_id for e in result.events] == [e.event_id for e in before]
+            stored = committed_transfers(store, plan_by_id)
+            assert set(stored) == set(plan_by_id), "a command run again under its key is missing"
+    finally:
+        store.close()
+
+
+# -- 4. the connection lost after COMMIT: the answer never arrives --------------------------------------
+
+
+class CuttingProxy:
+    """A Unix-socket proxy in front of PostgreSQL, to lose a connection at a chosen moment.
+
+    `hold_replies()`: on the connections open now, the server's bytes stop reaching the client (the
+    server goes on and commits; the client waits for an answer). `cut()`: those connections are
+    closed, as a network failure would. `refusing`: new connections are closed at once.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        from psycopg.conninfo import conninfo_to_dict
+
+        self.params = conninfo_to_dict(dsn)
+        host, port = self.params.get("host") or "localhost", int(self.params.get("port") or 5432)
+        self.upstream = (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}") if host.startswith("/") \
+            else (socket.AF_INET, (host, port))
+        self.dir = tempfile.mkdtemp(prefix="ecproxy-")  # short: a socket path has ~100 bytes
+        self.listener = socket.socket(socket.AF_UNIX)
+        self.listener.bind(f"{self.dir}/.s.PGSQL.5432")
+        self.listener.listen(64)
+        self.refusing = False
+        self.lock = threading.Lock()
+        self.pairs: list = []  # [client socket, server socket, replies held?]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        from urllib.parse import quote, urlencode
+
+        p = self.params
+        auth = quote(p.get("user", "postgres")) + (f":{quote(p['password'])}" if p.get("password") else "")
+        rest = {k: v for k, v in p.items() if k not in ("host", "port", "user", "password", "dbname")}
+        query = urlencode({"host": self.dir, "port": 5432, **rest})
+        return f"postgresql://{auth}@/{quote(p.get('dbname', 'postgres'))}?{query}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if self.refusing:
+                client.close()
+                continue
+            server = socket.socket(self.upstream[0])
+            server.connect(self.upstream[1])
+            pair = [client, server, False]
+            with self.lock:
+                self.pairs.append(pair)
+            threading.Thread(target=self._pump, args=(pair, 0, 1), daemon=True).start()
+            threading.Thread(target=self._pump, args=(pair, 1, 0), daemon=True).start()
+
+    def _pump(self, pair, src: int, dst: int) -> None:
+        try:
+            while True:
+                data = pair[src].recv(65536)
+                if not data:
+                    break
+                if src == 1 and pair[2]:
+                    continue  # a held reply: swallowed
+                pair[dst].sendall(data)
+        except OSError:
+            pass
+        self._close(pair)
+
+    def _close(self, pair) -> None:
+        for s in pair[:2]:
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            s.close()
+
+    def hold_replies(self) -> None:
+        with self.lock:
+            for pair in self.pairs:
+                pair[2] = True
+
+    def cut(self) -> None:
+        with self.lock:
+            held = [p for p in self.pairs if p[2]]
+            self.pairs = [p for p in self.pairs if not p[2]]
+        for pair in held:
+            self._close(pair)
+
+    def close(self) -> None:
+        self.listener.close()
+        with self.lock:
+            pairs, self.pairs = self.pairs, []
+        for pair in pairs:
+            self._close(pair)
+        import shutil
+
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+@pytest.fixture
+def proxied(pg_dsn, pg_schema):
+    """(store through a CuttingProxy with one pooled connection, the proxy, a direct psycopg connection)."""
+    psycopg = require("psycopg")
+    proxy = CuttingProxy(pg_dsn)
+    store = ec.connect(proxy.url, schema=pg_schema, pool_size=1, pool_timeout=1, connect_timeout=1)
+    direct = psycopg.connect(pg_dsn, autocommit=True)
+    try:
+        yield store, proxy, direct
+    finally:
+        proxy.refusing = False
+        store.close()
+        direct.close()
+        proxy.close()
+
+
+def stored_transfer(direct, schema: str, transfer_id: str) -> list:
+    from psycopg import sql
+
+    return direct.execute(sql.SQL("SELECT event_id, position FROM {}.events WHERE data->>'transfer' = %s "
+                                  "ORDER BY position").format(sql.Identifier(schema)), (transfer_id,)).fetchall()
+
+
+def lose_the_answer_to_a_commit(store, proxy, direct, schema: str, key, refuse_during_resolution: bool):
+    """Run a transfer whose append commits on the server while its answer is lost: the append waits
+    on a lock held by `direct`; the proxy then holds the replies, the lock is released, the commit
+    happens, and the connection is cut. Returns what execute returned or raised."""
+    item = ["amb-1", "amb-src", "amb-dst", 7]
+    store.append([ec.emit("amb-src", Credited(transfer="seed", amount=100))])
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = ec.execute(store, transfer_command(item), idempotency_key=key,
+                                           retry=ec.RetryPolicy(max_retries=2), timeout=30)
+        except Exception as exc:  # noqa: BLE001 - inspected by the test
+            outcome["error"] = exc
+
+    direct.execute("BEGIN")
+    direct.execute("SELECT pg_advisory_xact_lock(hashtextextended('amb-src', 0))")  # the append's stream lock
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    wait_until(lambda: direct.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                      "AND datname = current_database() AND pid <> pg_backend_pid()").fetchone()[0],
+               "the append to wait on the stream's lock")
+    proxy.hold_replies()
+    direct.execute("ROLLBACK")  # releases the lock: the append commits, its answer is swallowed
+    wait_until(lambda: len(stored_transfer(direct, schema, "amb-1")) == 2, "the append to commit")
+    proxy.refusing = refuse_during_resolution
+    proxy.cut()
+    worker.join(WATCHDOG)
+    assert not worker.is_alive(), "execute hung after its connection was cut"
+    proxy.refusing = False
+    return item, outcome
+
+
+@pytest.mark.parametrize("key", [None, "amb-key-1"], ids=["no-key", "key"])
+def test_ambiguous_commit_is_resolved_to_the_original_result(proxied, pg_schema, key):
+    """The connection drops after COMMIT; the store finds the events by id and execute returns them."""
+    store, proxy, direct = proxied
+    item, outcome = lose_the_answer_to_a_commit(store, proxy, direct, pg_schema, key, refuse_during_resolution=False)
+    assert "error" not in outcome, outcome
+    result = outcome["result"]
+    assert (result.replayed, result.attempts) == (False, 1)  # resolved by the store itself, not by a retry
+    stored = stored_transfer(direct, pg_schema, "amb-1")
+    assert [e.event_id for e in result.events] == [row[0] for row in stored]
+    assert [e.position for e in result.events] == [row[1] for row in stored]
+    if key is not None:
+        again = ec.execute(store, transfer_command(item), idempotency_key=key)
+        assert again.replayed is True
+        assert [e.event_id for e in again.events] == [e.event_id for e in result.events]
+        assert [(e.stream_id, e.version, e.position) for e in again.events] == \
+            [(e.stream_id, e.version, e.position) for e in result.events]
+    assert stored_transfer(direct, pg_schema, "amb-1") == stored, "the transfer was applied twice"
+    assert [e.version for e in store.read_stream("amb-dst")] == [1]
+
+
+def test_ambiguous_commit_unresolved_is_replayed_by_a_rerun_with_its_key(proxied, pg_schema):
+    """The store cannot find out whether the commit happened (no connection); running the command
+    again with the same key returns the original events instead of applying it twice."""
+    store, proxy, direct = proxied
+    item, outcome = lose_the_answer_to_a_commit(store, proxy, direct, pg_schema, "amb-key-2",
+                                                refuse_during_resolution=True)
+    assert isinstance(outcome.get("error"), (ec.StoreUnavailableError, ec.CommandTimeoutError)), outcome
+    stored = stored_transfer(direct, pg_schema, "amb-1")
+    again = ec.execute(store, transfer_command(item), idempotency_key="amb-key-2")
+    assert again.replayed is True
+    assert [e.event_id for e in again.events] == [row[0] for row in stored]
+    assert [e.position for e in again.events] == [row[1] for row in stored]
+    assert stored_transfer(direct, pg_schema, "amb-1") == stored, "the transfer was applied twice"
+    assert [e.version for e in store.read_stream("amb-dst")] == [1]
+
+
+@pytest.mark.parametrize("key", [
+    None,
+    pytest.param("amb-key-3", marks=pytest.mark.xfail(strict=True, reason=(
+        "execute under an idempotency key retries an ambiguous attempt; when the retries fail too "
+        "(here: no connection), it raises their error, maybe_committed=False, though the first attempt "
+        "committed. Lead: keep maybe_committed=True once any attempt was ambiguous"))),
+], ids=["no-key", "key"])
+def test_ambiguous_commit_unresolved_is_reported_as_maybe_committed(proxied, pg_schema, key):
+    """When nobody can tell whether the commit happened, the error must not say nothing was written."""
+    store, proxy, direct = proxied
+    _, outcome = lose_the_answer_to_a_commit(store, proxy, direct, pg_schema, key, refuse_during_resolution=True)
+    error = outcome.get("error")
+    assert len(stored_transfer(direct, pg_schema, "amb-1")) == 2  # it did commit
+    assert isinstance(error, ec.StoreUnavailableError) and error.maybe_committed, repr(error)
