@@ -111,7 +111,7 @@ def decode_rows(rows) -> list:
             raise SerializationError(f"a stored row has {len(row)} columns, expected 8")
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
-            raise SerializationError(f"corrupt type name at position {position}: {type_name!r}")
+            raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r}")
         if type(position) is not int or type(version) is not int or not isinstance(sid, str):
             raise SerializationError(
                 f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
@@ -129,12 +129,12 @@ def decode_rows(rows) -> list:
                 f"(stream {sid!r}, version {version}): {_nested_too_deeply(exc)}"
             ) from exc
         except TypeError as exc:
-            raise SerializationError(f"corrupt payload at position {position}: {exc}") from exc
+            raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
         if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
-            raise SerializationError(f"corrupt event id at position {position}")
+            raise SerializationError(f"corrupt event id at position {position} (stream {sid!r}, version {version}): {event_id!r}")
         try:
             at = _EPOCH + _dt.timedelta(microseconds=recorded_us)
         except (OverflowError, TypeError, ValueError):
-            raise SerializationError(f"corrupt recorded_at at position {position}: {recorded_us!r}") from None
+            raise SerializationError(f"corrupt recorded_at at position {position} (stream {sid!r}, version {version}): {recorded_us!r}") from None
         append(RecordedEvent(sid, version, position, _uuid_from_bytes(event_id), type_name, payload, md, at))
     return out
