@@ -333,3 +333,35 @@ def test_two_members_of_one_group_commit_with_one_key(request):
         assert _ids(store.recorded_command("same")) == _ids(out[0])
     finally:
         store.close()
+
+
+def test_a_later_failure_does_not_hide_an_ambiguous_attempt(store):
+    """Under a key, an attempt whose write may have committed is retried; if the retries fail too,
+    the error still says the command may have committed (it did, here)."""
+
+    class CommitsThenGoesAway:
+        def __init__(self, inner):
+            self.inner = inner
+            self.calls = 0
+
+        def append(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 1:
+                self.inner.append(*args, **kwargs)
+                raise ec.StoreUnavailableError("connection lost after COMMIT was sent", maybe_committed=True)
+            raise ec.StoreUnavailableError("no connection; nothing was written")
+
+        def recorded_command(self, key):
+            raise ec.StoreUnavailableError("no connection")
+
+        def __getattr__(self, name):
+            return getattr(self.inner, name)
+
+    flaky = CommitsThenGoesAway(store)
+    with pytest.raises(ec.StoreUnavailableError) as info:
+        ec.execute(flaky, Deposit(account="gone", amount=2), idempotency_key="gone-1",
+                   retry=ec.RetryPolicy(max_retries=2, base_delay=0.001))
+    assert info.value.maybe_committed and "same idempotency key" in str(info.value)
+    # Settled by running it again once the store answers.
+    assert ec.execute(store, Deposit(account="gone", amount=2), idempotency_key="gone-1").replayed
+    assert balance(store, "gone") == 2

@@ -124,4 +124,20 @@ class StoreTimeoutError(StoreUnavailableError, TimeoutError):
 
 
 class CommandTimeoutError(EventCoreError, TimeoutError):
-    """A command did not complete within its overall timeout."""
+    """A command did not complete within its overall timeout.
+
+    `maybe_committed` is True when an earlier attempt's write may have reached the
+    store (its connection was lost after the write was sent) and no later attempt
+    could settle it: run the command again with the same idempotency key.
+    """
+
+    def __init__(self, message: str, *, maybe_committed: bool = False):
+        self.maybe_committed = maybe_committed
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (_rebuild_timeout, (type(self), str(self), self.maybe_committed))
+
+
+def _rebuild_timeout(cls, message, maybe_committed):
+    return cls(message, maybe_committed=maybe_committed)

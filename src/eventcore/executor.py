@@ -451,6 +451,26 @@ def _replayed(events: list, attempt: int) -> ExecutionResult:
 
 
 def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key) -> ExecutionResult:
+    ambiguous: list = []  # under a key: the errors of attempts whose write may have committed
+    try:
+        return _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
+                         ambiguous)
+    except BusinessRuleViolation:
+        raise  # decided after looking the key up: the ambiguous attempt did not commit
+    except (StoreUnavailableError, CommandTimeoutError, ConcurrencyError) as exc:
+        if not ambiguous or getattr(exc, "maybe_committed", False):
+            raise
+        # A later attempt's failure must not hide that an earlier one may have committed.
+        message = (f"{type(command).__name__}: an attempt's write may have committed (the connection was lost "
+                   f"after it was sent: {ambiguous[0]}) and no later attempt could settle it: {exc}. Run the "
+                   "command again with the same idempotency key to settle it")
+        if isinstance(exc, CommandTimeoutError):
+            raise CommandTimeoutError(message, maybe_committed=True) from exc
+        raise StoreUnavailableError(message, maybe_committed=True) from exc
+
+
+def _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
+              ambiguous: list) -> ExecutionResult:
     attempt = 0
     free_retry_used = False
     while True:
@@ -470,7 +490,8 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
                 return ExecutionResult([], attempt, versions)
             if deadline is not None and time.monotonic() > deadline:
                 raise CommandTimeoutError(
-                    f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s)); nothing was written"
+                    f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s))"
+                    + ("" if ambiguous else "; nothing was written")
                 )
             recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
             if entry is not None:
@@ -506,6 +527,8 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
             # retry then finds the key if it did.
             if isinstance(exc, StoreTimeoutError) or (exc.maybe_committed and key is None):
                 raise
+            if exc.maybe_committed:
+                ambiguous.append(exc)
             failure = exc
         except BusinessRuleViolation:
             if key is not None:  # refused now perhaps because this very command already ran
