@@ -12,20 +12,31 @@ import gzip
 import io
 import os
 import zlib
-from typing import BinaryIO, Iterator
+from typing import Any, BinaryIO, Iterator
 
 import msgspec
 
 from .errors import ValidationError
+from ._pure.payloads import has_nul_escape
 from .events import Metadata, RawEvent, raw_data_problem, validate_type_name
 from .streams import stream_id as _stream_id
+
+
+class LineMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
+    """The `metadata` of a line: the keys of `ec.Metadata`, and no others (a misspelt key
+    would otherwise be dropped without a word; stored metadata stays lenient)."""
+
+    correlation_id: str | None = None
+    causation_id: str | None = None
+    user_id: str | None = None
+    custom: dict[str, Any] = {}
 
 
 class JsonLine(msgspec.Struct, forbid_unknown_fields=True):
     stream: str
     type: str
     data: msgspec.Raw
-    metadata: Metadata | None = None
+    metadata: LineMetadata | None = None
 
 
 _decoder = msgspec.json.Decoder(JsonLine)
@@ -55,6 +66,8 @@ def parse_line(number: int, raw: bytes) -> tuple:
         line = _decoder.decode(raw)
     except (msgspec.DecodeError, msgspec.ValidationError) as exc:
         raise BadLine(number, f"not a valid event line: {exc}", raw) from None
+    except UnicodeDecodeError as exc:  # msgspec's own error for bad bytes in a str field
+        raise BadLine(number, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", raw) from None
     except RecursionError:
         raise BadLine(number, "nested too deeply (more levels than Python's recursion limit)", raw) from None
     data = bytes(line.data)
@@ -71,7 +84,12 @@ def parse_line(number: int, raw: bytes) -> tuple:
         validate_type_name(line.type, "`type`")
     except ValidationError as exc:
         raise BadLine(number, str(exc), raw) from None
-    return sid, RawEvent(line.type, data), line.metadata
+    md = line.metadata
+    if md is not None:
+        if b"\\u0000" in raw and has_nul_escape(raw):  # not in data, stream or type: checked above
+            raise BadLine(number, "`metadata` holds a NUL character (\\u0000), which PostgreSQL cannot store", raw)
+        md = Metadata(md.correlation_id, md.causation_id, md.user_id, md.custom)
+    return sid, RawEvent(line.type, data), md
 
 
 class JsonLinesReader:
