@@ -755,3 +755,13 @@ def test_cli_never_prints_the_password(password_server, tmp_path):
             _assert_hidden(output)
     finally:
         _drop_schema(url_as(user, PASSWORD), schema)
+
+
+@pytest.mark.parametrize("args", [["status"], ["status", "--json"], ["migrate"], ["tail"], ["projections"]])
+def test_cli_never_echoes_a_dsn_in_libpq_key_value_form(args, capsys, caplog):
+    """Not a URL, so refused; the refusal must not quote the string, which holds the password."""
+    caplog.set_level(logging.DEBUG)
+    assert main([*args, "--dsn", f"host=127.0.0.1 port=1 user=app password={PASSWORD}"]) != 0
+    captured = capsys.readouterr()
+    _assert_hidden(captured.out + captured.err)
+    _assert_hidden(caplog.text)
