@@ -187,8 +187,10 @@ FACTORIES = {
 
 def _wrong_version(draw, have: int) -> int:
     """An exact expected version that is not the stream's current one."""
-    candidates = sorted({have + 1, have + 2, have + 7} | ({have - 1} if have >= 1 else set()))
-    return draw(st.sampled_from(candidates))
+    # Drawn from a fixed set whatever the version: racing threads make the model's versions vary
+    # between runs of one example, and a draw whose shape varied would read as a flaky strategy.
+    offset = draw(st.sampled_from([1, 2, 7, -1]))
+    return have + offset if have + offset >= 0 else have + 3
 
 
 def _expected_for(draw, model: Model, sid: str, kind: str):
@@ -439,7 +441,8 @@ class StoreMachine(RuleBasedStateMachine):
     def read_all(self, data, types, prefix, limit, page_size):
         positions = [e.position for e in self.model.feed]
         afters = sorted({0, *positions, *(p + 1 for p in positions), *(p - 1 for p in positions if p > 1)})
-        after = data.draw(st.sampled_from(afters), label="after")
+        # An index into the candidates, not sampled_from(afters): the draw keeps its shape whatever the feed.
+        after = afters[data.draw(st.integers(0, 200), label="after index") % len(afters)]
         got = list(self.store.read_all(after_position=after, types=types, stream_prefix=prefix, limit=limit,
                                        page_size=page_size))
         want = self.model.read_all(after, types, prefix, limit)
