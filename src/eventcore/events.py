@@ -129,7 +129,7 @@ def raw_data_problem(data: bytes) -> str | None:
             data.decode("utf-8")
         except UnicodeDecodeError as exc:
             return f"is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
-    if b"\\u0000" in data and has_nul_escape(data):
+    if data.find(b"\\u0000") >= 0 and has_nul_escape(data):
         return "holds a NUL character (\\u0000), which PostgreSQL cannot store in JSON, so no backend accepts it"
     return None
 

@@ -86,7 +86,7 @@ def parse_line(number: int, raw: bytes) -> tuple:
         raise BadLine(number, str(exc), raw) from None
     md = line.metadata
     if md is not None:
-        if b"\\u0000" in raw and has_nul_escape(raw):  # not in data, stream or type: checked above
+        if raw.find(b"\\u0000") >= 0 and has_nul_escape(raw):  # not in data, stream or type: checked above
             raise BadLine(number, "`metadata` holds a NUL character (\\u0000), which PostgreSQL cannot store", raw)
         md = Metadata(md.correlation_id, md.causation_id, md.user_id, md.custom)
     return sid, RawEvent(line.type, data), md

@@ -61,7 +61,7 @@ def encode_event(event: Event) -> tuple:
     if floats is None:
         floats = float_capable(cls)
     # The hot path's whole cost: a length test and one or two substring searches (see payloads).
-    if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or (floats and b"null" in data):
+    if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or (floats and data.find(b"null") >= 0):
         check_encoded(event, data, f"event {name!r} ({cls.__name__})", floats)
     return name, data
 
@@ -74,7 +74,7 @@ def encode_metadata(metadata) -> bytes | None:
         data = _encoder.encode(metadata)
     except _ENCODE_ERRORS as exc:
         raise SerializationError(f"cannot encode metadata: {_nested_too_deeply(exc)}") from exc
-    if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or b"null" in data:
+    if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or data.find(b"null") >= 0:
         check_encoded(metadata, data, "metadata", True)
     return data
 

@@ -14,7 +14,7 @@ from ..errors import SerializationError
 from ..events import EMPTY_METADATA, Metadata
 from . import ids as _ids
 from .codec import _ENCODE_ERRORS, _encoder, _nested_too_deeply
-from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
+from .payloads import MAX_PAYLOAD_BYTES, check_encoded, float_capable
 
 COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
 COPY_TRAILER = struct.pack(">h", -1)
@@ -136,6 +136,7 @@ def encode_copy_events(
     new_heads: dict = {}
     types, payloads, mds, versions = [], [], [], []
     encode = _encoder.encode
+    float_classes: dict = {}  # class -> float_capable(class), looked up once per call
     for i in range(n):
         sid = stream_ids[i]
         _utf8(sid, "stream id", i)
@@ -157,10 +158,10 @@ def encode_copy_events(
             raise SerializationError(
                 f"cannot encode event {i} {name!r} ({type(ev).__name__}): {_nested_too_deeply(exc)}"
             ) from exc
-        floats = _float_capable.get(type(ev))
+        floats = float_classes.get(type(ev))
         if floats is None:
-            floats = float_capable(type(ev))
-        if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or (floats and b"null" in data):
+            floats = float_classes[type(ev)] = float_capable(type(ev))
+        if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or (floats and data.find(b"null") >= 0):
             check_encoded(ev, data, f"event {i} {name!r} ({type(ev).__name__})", floats)
         payloads.append(data)
         md = metadatas[i]
@@ -173,7 +174,7 @@ def encode_copy_events(
                 data = encode(md)
             except _ENCODE_ERRORS as exc:
                 raise SerializationError(f"cannot encode metadata {i}: {_nested_too_deeply(exc)}") from exc
-            if len(data) > MAX_PAYLOAD_BYTES or b"\\u0000" in data or b"null" in data:
+            if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or data.find(b"null") >= 0:
                 check_encoded(md, data, f"metadata {i}", True)
             mds.append(data)
         types.append(name)
