@@ -20,9 +20,11 @@ import msgspec
 
 from .. import _impl
 from ..errors import DuplicateCommandError, EventCoreError, ValidationError
-from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event
+from ..events import (
+    EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event, validate_type_name,
+)
 from ..expected import ANY, validate_expected
-from ..streams import StreamId, stream_id as _stream_id
+from ..streams import StreamId, forbidden_character, stream_id as _stream_id
 
 #: Most events accepted by one `append`. A single append is one transaction
 #: holding the write lock; past ~100k rows a batch belongs in the batch writer.
@@ -37,6 +39,7 @@ MAX_EVENTS_PER_BATCH = 1_000_000
 DEFAULT_PAGE_SIZE = 1000
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_INT64_MAX = 2**63 - 1
 
 
 class PreparedAppend:
@@ -296,7 +299,7 @@ def _type_names(types) -> tuple[str, ...] | None:
         if isinstance(t, type) and issubclass(t, Event):
             names.append(t.__event_type__)
         elif isinstance(t, str):
-            names.append(t)
+            names.append(validate_type_name(t, "a types filter name"))  # no NUL/surrogate reaches SQL
         else:
             raise ValidationError(f"types filter takes event type names or ec.Event classes, got {t!r}")
     return tuple(names)
@@ -679,10 +682,10 @@ class EventStore(ABC):
     def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
         """A stream's events in version order, from `from_version` (1-based)."""
         sid = _stream_id(stream_id)
-        if type(from_version) is not int or from_version < 1:
-            raise ValidationError(f"from_version must be an int >= 1, got {from_version!r}")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise ValidationError(f"limit must be an int >= 0 or None, got {limit!r}")
+        if type(from_version) is not int or not 1 <= from_version <= _INT64_MAX:
+            raise ValidationError(f"from_version must be an int in 1..2**63-1, got {from_version!r}")
+        if limit is not None and (type(limit) is not int or not 0 <= limit <= _INT64_MAX):
+            raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
         m = self._metrics
         if m is None:
             return self._read_stream(sid, from_version, limit)
@@ -741,14 +744,17 @@ class EventStore(ABC):
         Filters: `types` (type names or Event classes) and `stream_prefix`.
         A position once returned is never followed by a lower one on a later call.
         """
-        if type(after_position) is not int or after_position < 0:
-            raise ValidationError(f"after_position must be an int >= 0, got {after_position!r}")
-        if type(page_size) is not int or page_size < 1:
-            raise ValidationError(f"page_size must be an int >= 1, got {page_size!r}")
-        if limit is not None and (type(limit) is not int or limit < 0):
-            raise ValidationError(f"limit must be an int >= 0 or None, got {limit!r}")
-        if stream_prefix is not None and (not isinstance(stream_prefix, str) or "\x00" in stream_prefix):
-            raise ValidationError(f"stream_prefix must be a str without NUL, got {stream_prefix!r}")
+        # Bounded to int64: the databases' integers (a larger one was an OverflowError or a server error).
+        if type(after_position) is not int or not 0 <= after_position <= _INT64_MAX:
+            raise ValidationError(f"after_position must be an int in 0..2**63-1, got {after_position!r}")
+        if type(page_size) is not int or not 1 <= page_size <= _INT64_MAX:
+            raise ValidationError(f"page_size must be an int in 1..2**63-1, got {page_size!r}")
+        if limit is not None and (type(limit) is not int or not 0 <= limit <= _INT64_MAX):
+            raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
+        if stream_prefix is not None and (not isinstance(stream_prefix, str) or forbidden_character(stream_prefix)):
+            raise ValidationError(
+                f"stream_prefix must be a str without control characters, NUL or lone surrogates, got {stream_prefix!r}"
+            )
         names = _type_names(types)
         return self._iter_all(after_position, names, stream_prefix or None, limit, page_size)
 
