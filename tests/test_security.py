@@ -765,3 +765,17 @@ def test_cli_never_echoes_a_dsn_in_libpq_key_value_form(args, capsys, caplog):
     captured = capsys.readouterr()
     _assert_hidden(captured.out + captured.err)
     _assert_hidden(caplog.text)
+
+
+@pytest.mark.parametrize("name", ["a b.db", "a'b\".db", "a;b--.db", "ünï 名前.db", "a%20b.db", "a#b.db", "a\\b.db"])
+def test_sqlite_paths_with_odd_characters_open_that_very_file(tmp_path, name):
+    folder = tmp_path / "dir 'q' ünï;%#"
+    folder.mkdir()
+    path = folder / name
+    store = ec.connect(f"sqlite:///{path}")
+    try:
+        store.append([ec.emit("s", Said("x"))])
+        assert store.path == str(path)
+    finally:
+        store.close()
+    assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(name + "-")) == [name]

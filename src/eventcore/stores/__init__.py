@@ -69,7 +69,7 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
             raise ValidationError(f"memory:// takes no path or options, got {url!r}")
         return cls(**options)
     if scheme == "sqlite":
-        parts = urlsplit(url)
+        parts = urlsplit(url, allow_fragments=False)  # '#' is a character of the file name, not a fragment
         if parts.netloc:
             raise ValidationError(
                 f"sqlite URLs have no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}"
