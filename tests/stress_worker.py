@@ -215,6 +215,8 @@ def run_stress(url: str, *, options: dict | None = None, processes: int = 3, thr
     env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     procs = []
     started = time.perf_counter()
+    tail = FeedTail(url, options)
+    tail.start()
     for w in range(processes):
         args = dict(url=url, options=options, worker=w, threads=threads, transfers=transfers, seconds=seconds,
                     accounts=accounts, seed=seed)
@@ -236,10 +238,11 @@ def run_stress(url: str, *, options: dict | None = None, processes: int = 3, thr
             continue
         results.append(json.loads(lines[-1]))
     wall = time.perf_counter() - started
+    for w in hung:  # by the PID we started, and only those
+        procs[w].kill()
+        procs[w].communicate()
+    tail.finish(timeout=watchdog)
     if hung:
-        for w in hung:  # by the PID we started, and only those
-            procs[w].kill()
-            procs[w].communicate()
         raise StressFailure(f"workers {hung} still running after the {watchdog:.0f} s watchdog: a deadlock or a hang")
     if crashed:
         raise StressFailure("; ".join(crashed))
@@ -248,7 +251,7 @@ def run_stress(url: str, *, options: dict | None = None, processes: int = 3, thr
         raise StressFailure(f"{len(errors)} errors in the workers, first: {errors[:3]}")
 
     succeeded_ids = [t for r in results for t in r["succeeded_ids"]]
-    checks = verify(url, options, accounts, succeeded_ids)
+    checks = verify(url, options, accounts, succeeded_ids, tail.seen)
     total = {k: sum(r[k] for r in results) for k in ("succeeded", "rejected", "conflict_exhausted", "retries",
                                                       "attempt_retries", "commands_retried", "append_conflicts",
                                                       "appends")}
@@ -278,8 +281,54 @@ def _redact(url: str) -> str:
     return redact(url)
 
 
-def verify(url: str, options: dict, accounts: int, succeeded_ids: list[str]) -> dict:
-    """Read the whole store back and check every invariant of the run; returns what was checked."""
+class FeedTail(threading.Thread):
+    """A reader following the global feed while the workers write, as a projection would.
+
+    It must end up with exactly the final feed, in order: an event committed below a
+    position the reader had already passed would be missing from what it saw (a skip).
+    """
+
+    def __init__(self, url: str, options: dict) -> None:
+        super().__init__(name="stress-feed-tail", daemon=True)
+        self.store = ec.connect(url, **options)
+        self.seen: list = []  # event ids in the order read
+        self.reads = 0
+        self.error: BaseException | None = None
+        self._stop_after_catching_up = threading.Event()
+
+    def run(self) -> None:
+        after = 0
+        try:
+            while True:
+                last_round = self._stop_after_catching_up.is_set()
+                page = list(self.store.read_all(after_position=after, page_size=500))
+                self.reads += 1
+                if page:
+                    if page[0].position <= after:
+                        raise StressFailure(f"read_all after {after} returned position {page[0].position}")
+                    after = page[-1].position
+                    self.seen.extend(e.event_id for e in page)
+                elif last_round:
+                    return  # every writer had ended before this empty read: caught up
+                else:
+                    time.sleep(0.005)
+        except BaseException as exc:  # noqa: BLE001 - reported by finish()
+            self.error = exc
+
+    def finish(self, timeout: float) -> None:
+        self._stop_after_catching_up.set()
+        self.join(timeout)
+        self.store.close()
+        if self.is_alive():
+            raise StressFailure("the feed reader did not catch up within the watchdog")
+        if self.error is not None:
+            raise StressFailure(f"the feed reader failed: {self.error!r}") from self.error
+
+
+def verify(url: str, options: dict, accounts: int, succeeded_ids: list[str], tailed: list | None = None) -> dict:
+    """Read the whole store back and check every invariant of the run; returns what was checked.
+
+    `tailed`: the event ids a reader saw following the feed during the run (see FeedTail)."""
     ids = account_ids(accounts)
     with ec.connect(url, **options) as store:
         feed = list(store.read_all())
@@ -298,6 +347,10 @@ def verify(url: str, options: dict, accounts: int, succeeded_ids: list[str]) -> 
     event_ids = [e.event_id for e in feed]
     if len(set(event_ids)) != len(event_ids):
         fail(f"{len(event_ids) - len(set(event_ids))} duplicate event ids")
+    if tailed is not None and tailed != event_ids:
+        missing = len(set(event_ids) - set(tailed))
+        fail(f"the reader following the feed saw {len(tailed)} events, the feed holds {len(event_ids)} "
+             f"({missing} skipped), or in another order")
 
     by_stream: dict[str, list] = {}
     for e in feed:
@@ -341,6 +394,7 @@ def verify(url: str, options: dict, accounts: int, succeeded_ids: list[str]) -> 
         "events": len(feed), "streams": len(by_stream), "transfers_stored": len(debits),
         "money": sum(balances.values()), "min_balance": min(balances.values()),
         "max_version": max(versions.values()),
+        "tailed": None if tailed is None else len(tailed),
     }
 
 
@@ -357,6 +411,6 @@ def format_report(report: dict) -> str:
         f"  checked: {checks['events']} events in {checks['streams']} streams, versions 1..n (max {checks['max_version']}), "
         f"feed strictly increasing, event ids unique, money {checks['money']} conserved (min balance "
         f"{checks['min_balance']}), {checks['transfers_stored']} transfers each one debit + credit append, "
-        f"no worker hung",
+        f"a live reader of the feed saw all {checks['tailed']} events in order, no worker hung",
     ]
     return "\n".join(lines)

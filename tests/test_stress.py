@@ -12,7 +12,7 @@ import pytest
 
 import stress_worker
 
-PROCESSES, THREADS, TRANSFERS = 3, 4, 200
+PROCESSES, THREADS, TRANSFERS = 3, 4, 150
 #: Generous: the small run takes seconds; only a hang (deadlock, lost wake-up) comes near it.
 WATCHDOG_S = 240
 
@@ -52,3 +52,17 @@ def test_stress_verifier_catches_a_broken_transfer(tmp_path):
         store.append([ec.emit("account-001", stress_worker.Credited("t1", 5, "account-000"))])
     with pytest.raises(stress_worker.StressFailure, match="not one append"):
         stress_worker.verify(url, {}, 3, ["t1"])
+
+
+def test_stress_verifier_catches_a_skipping_reader(tmp_path):
+    """A reader of the feed that missed an event (or saw them out of order) fails the run."""
+    import eventcore as ec
+
+    url = f"sqlite:///{tmp_path / 'tail.db'}"
+    stress_worker.open_accounts(url, 3)
+    with ec.connect(url) as store:
+        ids = [e.event_id for e in store.read_all()]
+    assert stress_worker.verify(url, {}, 3, [], ids)["tailed"] == 3
+    for seen in (ids[:1] + ids[2:], ids[::-1]):
+        with pytest.raises(stress_worker.StressFailure, match="following the feed"):
+            stress_worker.verify(url, {}, 3, [], seen)
