@@ -1141,17 +1141,41 @@ def read_rows(store: EventStore, after: int, types=None, prefix: str | None = No
 def row_json(row) -> bytes:
     """One stored row as a JSON object whose keys are RecordedEvent's fields, in order (for `eventcore tail`)."""
     position, sid, version, event_id, type_name, data, metadata, recorded_us = row
-    at = (_EPOCH + _dt.timedelta(microseconds=recorded_us)).isoformat()
+    # Printed as stored, but never as broken JSON: a row corrupted behind the store's back (wrong
+    # column types, bytes that are not UTF-8 JSON) is a SerializationError naming it, as on read.
+    try:
+        if type(position) is not int or type(version) is not int or not isinstance(sid, str) or (
+                not isinstance(type_name, str)):
+            raise TypeError("position and version must be ints, stream id and type strs")
+        at = (_EPOCH + _dt.timedelta(microseconds=recorded_us)).isoformat()
+        eid = str(uuid.UUID(bytes=bytes(event_id)))
+        parts = []
+        for part in (data, metadata):
+            if part is not None:
+                if not isinstance(part, (bytes, bytearray, memoryview, str)):
+                    raise TypeError(f"a JSON column holds {type(part).__name__}")
+                part = _as_bytes(part)
+                part.decode("utf-8")
+                _raw_json.decode(part)
+            parts.append(part)
+    except (TypeError, ValueError, OverflowError, msgspec.DecodeError, RecursionError) as exc:
+        raise SerializationError(
+            f"corrupt stored row at position {position!r} (stream {sid!r}, version {version!r}): "
+            f"{'nested too deeply' if isinstance(exc, RecursionError) else exc}"
+        ) from None
     return msgspec.json.encode({
         "stream_id": sid,
         "version": version,
         "position": position,
-        "event_id": str(uuid.UUID(bytes=bytes(event_id))),
+        "event_id": eid,
         "type": type_name,
-        "data": msgspec.Raw(_as_bytes(data)),
-        "metadata": msgspec.Raw(_as_bytes(metadata)) if metadata is not None else {},
+        "data": msgspec.Raw(parts[0]),
+        "metadata": msgspec.Raw(parts[1]) if parts[1] is not None else {},
         "recorded_at": at,
     })
+
+
+_raw_json = msgspec.json.Decoder(msgspec.Raw)
 
 
 def follow_waiter(store: EventStore):
