@@ -16,6 +16,7 @@ import sys
 
 from . import __version__, _impl
 from .errors import EventCoreError
+from .streams import forbidden_character
 
 
 class _Parser(argparse.ArgumentParser):
@@ -298,14 +299,18 @@ def _cmd_tail(args) -> int:
     from .projections import follow_waiter, read_rows, row_json
     from .stores import connect
 
-    if args.from_position < 0:
-        raise EventCoreError(f"--from must be a position >= 0, got {args.from_position}")
-    if args.interval is not None and not args.interval > 0:
-        raise EventCoreError(f"--interval must be > 0 seconds, got {args.interval}")
+    if not 0 <= args.from_position <= 2**63 - 1:
+        raise EventCoreError(f"--from must be a position in 0..2**63-1, got {args.from_position}")
+    if args.interval is not None and not 0 < args.interval <= 86400:  # also refuses nan and inf
+        raise EventCoreError(f"--interval must be > 0 and at most 86400 seconds, got {args.interval}")
     types = None
     if args.type:
-        types = tuple(t for chunk in args.type for t in chunk.split(",") if t)
+        from .stores.base import _type_names
+
+        types = _type_names([t for chunk in args.type for t in chunk.split(",") if t])  # ValidationError if bad
     prefix = args.prefix or None
+    if prefix is not None and forbidden_character(prefix):
+        raise EventCoreError(f"--prefix {prefix!r} contains {forbidden_character(prefix)}: no stream id has one")
     after = max(0, args.from_position - 1)
     out = sys.stdout.buffer
     page = 1000
@@ -330,8 +335,13 @@ def _cmd_tail(args) -> int:
                         waiter.clear_wake()
                     rows = read_rows(store, after, types, prefix, page)
                     if rows:
-                        out.write(b"".join(row_json(row) + b"\n" for row in rows))
-                        out.flush()
+                        lines = []
+                        try:  # a corrupt row stops the command; the rows before it are printed
+                            for row in rows:
+                                lines.append(row_json(row) + b"\n")
+                        finally:
+                            out.write(b"".join(lines))
+                            out.flush()
                         after = rows[-1][0]
                     if len(rows) < page:
                         if waiter is None:
