@@ -479,9 +479,14 @@ CLI_ERRORS = [
     (["tail", "--dsn", "postgresql://u:secret@localhost/db?nonsense=1"], "invalid URI query parameter"),
     (["migrate", "--dsn", "sqlite:///x.db"], "needs a postgresql:// URL"),
     (["tail", "--dsn", "memory://"], None),  # fine: an empty store
-    (["tail", "--from", "-1", "--dsn", "memory://"], "--from must be a position >= 0"),
+    (["tail", "--from", "-1", "--dsn", "memory://"], "--from must be a position in 0..2**63-1"),
     (["tail", "--from", "first", "--dsn", "memory://"], "invalid int value: 'first'"),
     (["tail", "--interval", "0", "--follow", "--dsn", "memory://"], "--interval must be > 0"),
+    (["tail", "--interval", "inf", "--follow", "--dsn", "memory://"], "--interval must be > 0"),
+    (["tail", "--interval", "nan", "--follow", "--dsn", "memory://"], "--interval must be > 0"),
+    (["tail", "--from", str(2**64), "--dsn", "memory://"], "--from must be a position in 0..2**63-1"),
+    (["tail", "--type", "a\x01b", "--dsn", "memory://"], "forbidden character"),
+    (["tail", "--prefix", "\x1b[", "--dsn", "memory://"], "forbidden character"),
     (["tail", "--dsn", "not a url"], "store URL must look like"),
     (["tail"], "no database"),
     (["ingest", "missing.jsonl", "--dsn", "sqlite:///x.db"], "cannot open 'missing.jsonl'"),
@@ -528,3 +533,31 @@ def test_cli_ingest_of_bad_lines_exits_1_and_writes_nothing_of_the_batch(tmp_pat
             assert len(list(store.read_all(after_position=head))) == 20
         finally:
             store.close()
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ("data = x'7b2274657874'", "truncated"),
+    ("data = 5", "a JSON column holds int"),
+    ("metadata = x'ff'", "can't decode"),
+    ("recorded_at = 'yesterday'", "timedelta"),
+    ("event_id = x'00'", "16-char"),
+    ("version = 'two'", "must be ints"),
+    ("data = CAST(x'7b2274657874223a2280ff227d' AS TEXT)", "not UTF-8"),
+])
+def test_cli_tail_prints_up_to_a_corrupt_row_then_names_it(tmp_path, change, fragment):
+    """`eventcore tail` prints events as stored, never as broken JSON or a traceback."""
+    path = tmp_path / "events.db"
+    store = ec.connect(f"sqlite:///{path}")
+    store.append([emit("a", Noted("1")), emit("a", Noted("2")), emit("a", Noted("3"))])
+    store.close()
+    raw = sqlite3.connect(path, isolation_level=None)
+    raw.execute("DROP TRIGGER events_are_immutable_update")
+    raw.execute(f"UPDATE events SET {change} WHERE position = 2")
+    raw.close()
+    proc = _cli(["tail", "--dsn", f"sqlite:///{path}"], cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    printed = [json.loads(line)["data"] for line in proc.stdout.splitlines()]  # every line whole JSON
+    # the event before it; SQLite's non-UTF-8 TEXT fails the whole page's query, so there none
+    assert printed == ([] if "CAST" in change else [{"text": "1"}])
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "position 2" in lines[0] and fragment in lines[0], proc.stderr
