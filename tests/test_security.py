@@ -519,20 +519,44 @@ def test_least_privilege_role_cannot_rewrite_history_or_change_the_schema(app_ro
         app.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trust boundary: the role needs INSERT on events for COPY (append_batch, ingest), so it can also insert rows "
-    "that skip the stream locks, version check and position reservation"))
 def test_least_privilege_role_cannot_insert_events_around_the_append_functions(app_role, pg_schema):
+    """The role needs INSERT on events for the batch writer's COPY; the database (migration 4's
+    statement trigger) refuses any row that does not fill a slot reserve_append reserved in the
+    same transaction, so that INSERT right writes nothing else."""
     import psycopg
     from psycopg import sql
 
     url, _ = app_role
-    with psycopg.connect(url, autocommit=True) as conn:
-        with pytest.raises(psycopg.Error):
-            # Position 1 is below every projector's checkpoint; version 7 on a stream whose head says 0.
-            conn.execute(sql.SQL("INSERT INTO {}.events (position, stream_id, version, event_id, type, data) "
-                                 "VALUES (1, 'forged', 7, gen_random_uuid(), 'sectest.Said', '{{\"text\": \"x\"}}')"
-                                 ).format(sql.Identifier(pg_schema)))
+    s = sql.Identifier(pg_schema)
+    insert = sql.SQL("INSERT INTO {}.events (position, stream_id, version, event_id, type, data) "
+                     "VALUES ({}, %s, %s, gen_random_uuid(), 'sectest.Said', '{{\"text\": \"x\"}}')")
+    own_range = sql.SQL("(pg_current_xact_id()::text::bigint << 20) + 1")
+    app = ec.connect(url, schema=pg_schema, migrate=False)
+    try:
+        app.append([ec.emit("owned", Said(text="real"))])
+        with psycopg.connect(url) as conn:
+            for position, stream, version in [
+                (sql.Literal(1), "forged", 7),      # below every reader's cursor, no head
+                (own_range, "forged", 1),           # its own range, but nothing reserved
+                (own_range, "owned", 2),            # past the stream's head
+                (sql.Literal(1), "owned", 1),       # a version already taken
+            ]:
+                with pytest.raises(psycopg.Error):
+                    with conn.transaction():
+                        conn.execute(insert.format(s, position), (stream, version))
+            # A reservation, then a row outside the reserved position range: refused too.
+            with pytest.raises(psycopg.Error, match="not in a slot reserve_append reserved"):
+                with conn.transaction():
+                    conn.execute(sql.SQL("SELECT {}.reserve_append(%s, %s, %s, %s)").format(s),
+                                 (["forged"], [ec.NO_STREAM], [1], 1))
+                    conn.execute(insert.format(s, sql.Literal(5)), ("forged", 1))
+        assert app.stream_version("forged") == 0 and app.stream_version("owned") == 1
+        # The role's own batch writer and ingest (COPY into reserved slots) still work.
+        app.append_batch([ec.emit("batch", Said(text=str(i))) for i in range(50)])
+        app.ingest([("ingested", Said(text=str(i))) for i in range(50)], batch_size=20)
+        assert app.stream_version("batch") == 50 and app.stream_version("ingested") == 50
+    finally:
+        app.close()
 
 
 # -- 4. passwords -------------------------------------------------------------------------------------------

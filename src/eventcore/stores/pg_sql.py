@@ -519,6 +519,42 @@ CREATE TABLE {s}.ingest_progress (
     PRIMARY KEY (key, lane)
 );
 
+-- Event rows inserted with the writer's own rights, i.e. not through the SECURITY DEFINER append
+-- functions: the batch writer's COPY, or a role bypassing the library. Checked once per statement:
+-- every row must fill a slot reserve_append reserved in this transaction: its position inside this
+-- transaction's own range (xid << 20 ...; a position outside it could land behind a position a
+-- feed reader has already passed, and be skipped for ever) and its version at most its stream's
+-- head (which reserve_append moved first; versions below are taken, the unique key refuses them).
+-- Rows written by the append functions (run as the tables' owner) and by the owner itself are
+-- trusted and not checked: the owner could drop the trigger anyway.
+-- SECURITY INVOKER (the default): current_user must be the writer's (the append functions' owner
+-- inside them), and the application role may read stream heads anyway.
+CREATE FUNCTION {s}.check_inserted_events() RETURNS trigger
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_base bigint;
+    v_bad  text;
+BEGIN
+    IF current_user = (SELECT pg_get_userbyid(c.relowner) FROM pg_class c WHERE c.oid = TG_RELID) THEN
+        RETURN NULL;
+    END IF;
+    v_base := (pg_current_xact_id()::text::bigint) << 20;
+    SELECT format('position %s, stream %L, version %s', n.position, n.stream_id, n.version) INTO v_bad
+      FROM new_events n LEFT JOIN {s}.streams st ON st.stream_id = n.stream_id
+     WHERE n.position < v_base OR n.position >= v_base + 1048576
+        OR st.version IS NULL OR n.version > st.version
+     LIMIT 1;
+    IF v_bad IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: event row (%) is not in a slot reserve_append reserved in this transaction; '
+                        'write events through eventcore', v_bad USING ERRCODE = 'EC403';
+    END IF;
+    RETURN NULL;
+END $$;
+
+CREATE TRIGGER events_check_inserted AFTER INSERT ON {s}.events
+    REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION {s}.check_inserted_events();
+
 -- append_group of migration 2 plus idempotency keys: member = [participants, events, key or null]
 -- (a member without the third element has no key, as before).
 CREATE OR REPLACE FUNCTION {s}.append_group(p_group jsonb)
