@@ -286,9 +286,10 @@ class SQLiteStore(EventStore):
                         try:
                             value.encode("utf-8")
                         except UnicodeEncodeError:
+                            where = (f"at position {row[0]!r} (stream {row[1]!r}, version {row[2]!r})"
+                                     if len(row) == 8 else f"{row[:3]!r}")  # 8: an events row (ROW_COLUMNS)
                             raise SerializationError(
-                                f"corrupt stored row (position, stream, version: {row[:3]!r}): column {i} holds "
-                                f"text that is not UTF-8: {value[:60]!r}"
+                                f"corrupt stored row {where}: column {i} holds text that is not UTF-8: {value[:60]!r}"
                             ) from None
             return rows
         except sqlite3.Error as exc:
