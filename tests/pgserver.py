@@ -8,6 +8,7 @@ from __future__ import annotations
 import atexit
 import os
 import uuid
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pytest
 
@@ -74,3 +75,13 @@ def postgres_single_commit_store(request):
     dsn = request.getfixturevalue("pg_dsn")
     schema = request.getfixturevalue("pg_schema")
     return ec.connect(dsn, schema=schema, pool_size=20, group_commit=False)
+
+
+def url_as(dsn: str, user: str, password: str | None) -> str:
+    """`dsn` (a URL) connecting as `user` with `password` instead of its own credentials (CI's server
+    checks passwords over TCP; the throwaway cluster trusts its socket and ignores them)."""
+    parts = urlsplit(dsn)
+    host = parts.netloc.rsplit("@", 1)[-1]
+    userinfo = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
+    query = "&".join(p for p in parts.query.split("&") if p and p.split("=", 1)[0] not in ("user", "password"))
+    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}", query=query))

@@ -304,11 +304,11 @@ def test_least_privilege_role_can_append_and_read_but_not_rewrite(pg, pg_dsn, pg
     role = f"app_{uuid.uuid4().hex[:8]}"
     grants = pg_sql.least_privilege_grants(pg_schema, role)
     with _raw(pg_dsn) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-pw'").format(sql.Identifier(role)))
         for statement in grants:
             admin.execute(statement)
     try:
-        app_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+        app_dsn = __import__("pgserver").url_as(pg_dsn, role, "app-pw")  # not the admin's credentials
         app = ec.connect(app_dsn, schema=pg_schema, migrate=False)
         try:
             app.append([ec.emit("lp-a", Credited(5))], {"lp-a": ec.NO_STREAM})

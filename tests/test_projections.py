@@ -610,11 +610,11 @@ def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):
 
     role = f"app_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        admin.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-pw'").format(sql.Identifier(role)))
         for statement in pg_sql.least_privilege_grants(pg_schema, role):
             admin.execute(statement)
     try:
-        app_dsn = pg_dsn.replace("postgresql://postgres@", f"postgresql://{role}@")
+        app_dsn = __import__("pgserver").url_as(pg_dsn, role, "app-pw")  # not the admin's credentials
         app = ec.connect(app_dsn, schema=pg_schema, migrate=False)
         try:
             pos = _poisoned(app)

@@ -33,6 +33,7 @@ import pytest
 import eventcore as ec
 from eventcore.cli import main
 from eventcore.jsonl import JsonLinesReader
+from pgserver import url_as as _url_as
 
 DEADLINE = 60.0
 
@@ -331,15 +332,6 @@ def test_long_schema_names_never_share_a_schema(pg_dsn):
 
 
 # -- 3. the least-privilege role (PostgreSQL) ------------------------------------------------------------
-
-
-def _url_as(dsn: str, user: str, password: str | None) -> str:
-    """`dsn` (a URL) connecting as `user` with `password` instead of its own credentials."""
-    parts = urlsplit(dsn)
-    host = parts.netloc.rsplit("@", 1)[-1]
-    userinfo = quote(user, safe="") + (f":{quote(password, safe='')}" if password is not None else "")
-    query = "&".join(p for p in parts.query.split("&") if p and p.split("=", 1)[0] not in ("user", "password"))
-    return urlunsplit(parts._replace(netloc=f"{userinfo}@{host}", query=query))
 
 
 @pytest.fixture
