@@ -312,6 +312,59 @@ def test_postgres_write_past_statement_timeout_is_typed_and_leaves_nothing(pg_ds
         store.close()
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "group commit: an append on free streams, carried in one group (one statement) with an append that "
+    "waits on a held stream lock, gets that append's StoreTimeoutError when statement_timeout cancels "
+    "the group; execute does not retry it. Lead: e.g. on QueryCanceled of a group of several, write "
+    "each member alone (as for DataError), or keep lock waits out of shared groups"))
+def test_postgres_timeout_of_a_blocked_append_does_not_fail_a_free_append_grouped_with_it(pg_dsn, pg_schema):
+    """Group commit writes concurrent appends in one statement. An append whose streams nobody holds
+    must not get the StoreTimeoutError of another append that waits on a lock (execute does not retry
+    a timeout: the command would fail for another's lock)."""
+    psycopg = require("psycopg")
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=1)  # group commit on: the default
+    outcomes: dict = {}
+
+    def append(sid: str) -> None:
+        try:
+            outcomes[sid] = store.append([ec.emit(sid, Credited(transfer=sid, amount=1))])
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcomes[sid] = exc
+
+    def start(sid: str) -> threading.Thread:
+        t = threading.Thread(target=append, args=(sid,), daemon=True)
+        t.start()
+        return t
+
+    def lock_waiters() -> int:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND datname = current_database()").fetchone()[0]
+
+    try:
+        with psycopg.connect(pg_dsn) as blocker:
+            for sid in ("held-1", "held-2", "held-3"):
+                blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sid,))
+            threads = [start("held-1"), start("held-2")]  # both groups in flight, each waiting on a lock
+            wait_until(lambda: lock_waiters() == 2, "two appends waiting on their stream locks")
+            # The next appends queue for the next group, the free one behind one that will wait too
+            # (the queue is read only to order the race; it is not what is checked).
+            threads.append(start("held-3"))
+            wait_until(lambda: len(store._group._queue) == 1, "the third append to queue")
+            threads.append(start("free"))
+            wait_until(lambda: len(store._group._queue) == 2, "the free append to queue")
+            for t in threads:
+                t.join(WATCHDOG)
+            blocker.rollback()
+        for sid in ("held-1", "held-2", "held-3"):
+            assert isinstance(outcomes[sid], ec.StoreTimeoutError), outcomes[sid]
+            assert store.stream_version(sid) == 0
+        assert not isinstance(outcomes["free"], Exception), f"the free append failed: {outcomes['free']!r}"
+        assert store.stream_version("free") == 1
+    finally:
+        store.close()
+
+
 def test_postgres_read_past_statement_timeout_is_typed(pg_dsn, pg_schema):
     psycopg = require("psycopg")
     from psycopg import sql
@@ -404,7 +457,7 @@ def assert_streams_are_file_prefixes(store, count: int, in_file_order: bool) -> 
         assert [n for _, _, n in feed] == list(range(count)), "the committed events are not the file's first lines"
 
 
-@pytest.mark.parametrize("kind,parallel", [("sqlite", 1), ("postgres", 1), ("postgres", 2)])
+@pytest.mark.parametrize("kind,parallel", [("sqlite", 1), ("sqlite", 2), ("postgres", 1), ("postgres", 2)])
 def test_ingest_killed_mid_file_commits_whole_batches_and_resumes_without_duplicates(kind, parallel, request, rng,
                                                                                      tmp_path):
     store = BACKENDS[kind](request)
@@ -589,6 +642,41 @@ def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_s
             assert set(stored) == set(plan_by_id), "a command run again under its key is missing"
     finally:
         store.close()
+
+
+def test_postgres_server_killed_mid_ingest_then_the_rerun_completes_the_file_once(private_cluster, rng, tmp_path):
+    """`pg_ctl stop -m immediate` while `eventcore ingest` writes: the CLI exits with an error (no hang),
+    the committed part is whole batches of the file's start, and after a restart the same command
+    finishes the file without writing anything twice."""
+    cluster = private_cluster
+    with ec.connect(cluster.dsn, schema="faults_ingest") as store:
+        data = tmp_path / "events.jsonl"
+        write_ingest_file(data)
+        command = ingest_command(store, data, "fault-ingest-server", 1)
+        command[command.index("--dsn") + 1] += "&connect_timeout=2&pool_timeout=3&statement_timeout=5"
+        proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        target = rng.randint(1, 5) * INGEST_BATCH
+        wait_until(lambda: proc.poll() is not None or event_count(store) >= target, f"{target} events to commit")
+        assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
+        killed = time.monotonic()
+        pg_ctl(cluster, "stop", "-m", "immediate", "-w", "-t", "30")
+        out, err = proc.communicate(timeout=WATCHDOG)  # the watchdog fails a hang
+        exited = time.monotonic() - killed
+        restart(cluster)
+        assert proc.returncode != 0
+        summary = json.loads(out)
+        assert summary["error"], summary
+    with ec.connect(cluster.dsn, schema="faults_ingest") as store:
+        committed = event_count(store)
+        print(f"server killed after {committed:,} events; the CLI exited {exited:.2f} s later: {summary['error']}")
+        assert committed % INGEST_BATCH == 0, f"{committed} events committed: a partial batch is visible"
+        assert committed <= INGEST_EVENTS
+        assert_streams_are_file_prefixes(store, committed, in_file_order=True)
+        rerun = subprocess.run(command, capture_output=True, text=True, timeout=WATCHDOG * 2)
+        assert rerun.returncode == 0, rerun.stderr
+        summary = json.loads(rerun.stdout)
+        assert (summary["skipped"], summary["events"]) == (committed, INGEST_EVENTS - committed)
+        assert_streams_are_file_prefixes(store, INGEST_EVENTS, in_file_order=True)
 
 
 # -- 4. the connection lost after COMMIT: the answer never arrives --------------------------------------
