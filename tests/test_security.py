@@ -551,6 +551,31 @@ def test_least_privilege_role_cannot_insert_events_around_the_append_functions(a
         app.close()
 
 
+
+@pytest.mark.xfail(strict=True, reason=(
+    "trust boundary: the role may call reserve_append (the batch writer needs it) and commit without writing the "
+    "reserved rows, leaving a gap in the stream's versions; a later transaction may fill the gap, so the stream's "
+    "versions no longer rise with positions"))
+def test_least_privilege_role_cannot_reserve_versions_it_never_writes(app_role, pg_schema):
+    import psycopg
+    from psycopg import sql
+
+    url, _ = app_role
+    s = sql.Identifier(pg_schema)
+    app = ec.connect(url, schema=pg_schema, migrate=False)
+    try:
+        app.append([ec.emit("gap", Said("v1"))])
+        with psycopg.connect(url) as conn:
+            with pytest.raises(psycopg.Error):
+                with conn.transaction():  # versions 2 and 3 reserved, nothing written, then commit
+                    conn.execute(sql.SQL("SELECT {}.reserve_append(%s, %s, %s, %s)").format(s),
+                                 (["gap"], [ec.ANY], [2], 2))
+        app.append([ec.emit("gap", Said("next"))])
+        assert [e.version for e in app.read_stream("gap")] == [1, 2]
+    finally:
+        app.close()
+
+
 # -- 4. passwords -------------------------------------------------------------------------------------------
 
 PASSWORD = "S3cr3t-pw"
