@@ -145,6 +145,16 @@ def test_hostile_values_are_stored_and_read_back_exactly(store, tmp_path):
             [e for e in everything if e.stream_id.startswith(h)])
 
 
+
+def test_very_long_hostile_payload_and_metadata_round_trip(store):
+    text = "'; DROP TABLE events; -- %s {} $$ \\ \"\u00e9🙂" * 20_000  # ~0.6 MB
+    md = ec.Metadata(user_id=text[:10_000], custom={"k" * 1000: text})
+    store.append([ec.emit("long", Said(text))], metadata=md)
+    store.append_batch([ec.emit("long", Said(text[::-1]))], metadata=md)
+    [first, second] = store.read_stream("long")
+    assert (first.data.text, second.data.text) == (text, text[::-1])
+    assert first.metadata == second.metadata == md
+
 PREFIX_STREAMS = ["a_b-1", "axb-1", "aXYZb-1", "a%b-1", "a\\b-1", "a\\\\b-1", "A_B-1", "a*b-1", "a?b-1", "a[b]-1",
                   "ab-1"]
 
@@ -532,6 +542,7 @@ def test_least_privilege_role_cannot_insert_events_around_the_append_functions(a
                 (own_range, "forged", 1),           # its own range, but nothing reserved
                 (own_range, "owned", 2),            # past the stream's head
                 (sql.Literal(1), "owned", 1),       # a version already taken
+                (own_range, "owned", 1),            # the same, in its own range
             ]:
                 with pytest.raises(psycopg.Error):
                     with conn.transaction():
@@ -542,6 +553,16 @@ def test_least_privilege_role_cannot_insert_events_around_the_append_functions(a
                     conn.execute(sql.SQL("SELECT {}.reserve_append(%s, %s, %s, %s)").format(s),
                                  (["forged"], [ec.NO_STREAM], [1], 1))
                     conn.execute(insert.format(s, sql.Literal(5)), ("forged", 1))
+            # A reservation left half-filled (the one hole left open, see the next test) cannot be
+            # filled by a later transaction that did not reserve: its rows would land behind positions
+            # readers have passed.
+            with conn.transaction():
+                conn.execute(sql.SQL("SELECT {}.reserve_append(%s, %s, %s, %s)").format(s),
+                             (["holed"], [ec.NO_STREAM], [2], 2))
+                conn.execute(insert.format(s, own_range), ("holed", 1))
+            with pytest.raises(psycopg.Error, match="not in a slot reserve_append reserved"):
+                with conn.transaction():
+                    conn.execute(insert.format(s, own_range), ("holed", 2))
         assert app.stream_version("forged") == 0 and app.stream_version("owned") == 1
         # The role's own batch writer and ingest (COPY into reserved slots) still work.
         app.append_batch([ec.emit("batch", Said(text=str(i))) for i in range(50)])
