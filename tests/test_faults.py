@@ -686,8 +686,9 @@ class CuttingProxy:
     """A Unix-socket proxy in front of PostgreSQL, to lose a connection at a chosen moment.
 
     `hold_replies()`: on the connections open now, the server's bytes stop reaching the client (the
-    server goes on and commits; the client waits for an answer). `cut()`: those connections are
-    closed, as a network failure would. `refusing`: new connections are closed at once.
+    server goes on and commits; the client waits for an answer); `hold_after = message`: the same, on
+    the connection that sends `message` next, from that moment. `cut()`: the connections whose replies
+    are held are closed, as a network failure would. `refusing`: new connections are closed at once.
     """
 
     def __init__(self, dsn: str) -> None:
@@ -702,6 +703,8 @@ class CuttingProxy:
         self.listener.bind(f"{self.dir}/.s.PGSQL.5432")
         self.listener.listen(64)
         self.refusing = False
+        #: When set, the first connection whose client sends these bytes has its replies held from then on.
+        self.hold_after: bytes | None = None
         self.lock = threading.Lock()
         self.pairs: list = []  # [client socket, server socket, replies held?]
         threading.Thread(target=self._accept, daemon=True).start()
@@ -741,6 +744,10 @@ class CuttingProxy:
                     break
                 if src == 1 and pair[2]:
                     continue  # a held reply: swallowed
+                marker = self.hold_after
+                if src == 0 and marker is not None and marker in data:
+                    self.hold_after = None
+                    pair[2] = True  # before the server can have answered
                 pair[dst].sendall(data)
         except OSError:
             pass
@@ -881,3 +888,51 @@ def test_ambiguous_commit_unresolved_is_reported_as_maybe_committed(proxied, pg_
     # their error must still say the first attempt may have committed.
     assert isinstance(error, (ec.StoreUnavailableError, ec.CommandTimeoutError)), repr(error)
     assert error.maybe_committed, repr(error)
+
+
+#: psycopg ends a transaction with this simple-protocol Query message ('Q', int32 length, text, NUL).
+COMMIT_MESSAGE = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+
+
+def ingest_items(n: int):
+    return ((f"ing-{i % INGEST_STREAMS}", Item(n=i)) for i in range(n))
+
+
+@pytest.mark.parametrize("resolvable", [True, False], ids=["resolved-by-the-store", "resumed-by-a-rerun"])
+def test_ingest_batch_whose_commit_answer_is_lost_is_written_once(proxied, pg_schema, resolvable):
+    """An ingest batch's COMMIT reaches the server, the answer does not. Either the store finds the batch
+    committed and the ingest goes on, or (no connection to ask) the ingest stops and a re-run under the
+    same resume key skips that batch: the store holds every item once."""
+    store, proxy, direct = proxied
+    n, batch = 3_000, 1_000
+    outcome: dict = {}
+
+    def run():
+        try:
+            outcome["result"] = store.ingest(ingest_items(n), batch_size=batch, resume_key="lost-commit")
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcome["error"] = exc
+
+    from psycopg import sql
+
+    count = sql.SQL("SELECT count(*) FROM {}.events").format(sql.Identifier(pg_schema))
+    proxy.hold_after = COMMIT_MESSAGE  # the first batch's COMMIT: it commits, its answer is swallowed
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    wait_until(lambda: direct.execute(count).fetchone()[0] == batch, "the first batch to commit")
+    assert proxy.hold_after is None, "the COMMIT message was not seen"
+    proxy.refusing = not resolvable
+    proxy.cut()
+    worker.join(WATCHDOG)
+    assert not worker.is_alive(), "the ingest hung after its connection was cut"
+    proxy.refusing = False
+    if resolvable:
+        assert "error" not in outcome, outcome
+        assert (outcome["result"].events, outcome["result"].skipped) == (n, 0)
+    else:
+        error = outcome["error"]
+        assert isinstance(error, ec.IngestError) and error.committed == 0, repr(error)
+        assert getattr(error.__cause__, "maybe_committed", False), repr(error.__cause__)
+        rerun = store.ingest(ingest_items(n), batch_size=batch, resume_key="lost-commit")
+        assert (rerun.events, rerun.skipped) == (n - batch, batch)
+    assert_streams_are_file_prefixes(store, n, in_file_order=True)
