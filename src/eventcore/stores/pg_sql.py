@@ -521,12 +521,15 @@ CREATE TABLE {s}.ingest_progress (
 
 -- Event rows inserted with the writer's own rights, i.e. not through the SECURITY DEFINER append
 -- functions: the batch writer's COPY, or a role bypassing the library. Checked once per statement:
--- every row must fill a slot reserve_append reserved in this transaction: its position inside this
--- transaction's own range (xid << 20 ...; a position outside it could land behind a position a
--- feed reader has already passed, and be skipped for ever) and its version at most its stream's
--- head (which reserve_append moved first; versions below are taken, the unique key refuses them).
--- Rows written by the append functions (run as the tables' owner) and by the owner itself are
--- trusted and not checked: the owner could drop the trigger anyway.
+-- the rows must be the slots reserve_append reserved in this transaction. Every position inside
+-- this transaction's own range (xid << 20 ...; a position outside it could land behind a position
+-- a feed reader has already passed, and be skipped for ever); per stream, its head moved by this
+-- transaction (the head row's xmin) and the rows exactly the versions just below and up to that
+-- head, once each (the batch writer sends all of a transaction's rows in one COPY). Rows written
+-- by the append functions (run as the tables' owner) and by the owner itself are trusted and not
+-- checked: the owner could drop the trigger anyway. Left open: a role calling reserve_append
+-- directly can commit without writing any row, leaving its stream's head ahead of its events
+-- until a later reservation on that stream writes them.
 -- SECURITY INVOKER (the default): current_user must be the writer's (the append functions' owner
 -- inside them), and the application role may read stream heads anyway.
 CREATE FUNCTION {s}.check_inserted_events() RETURNS trigger
@@ -541,12 +544,21 @@ BEGIN
     END IF;
     v_base := (pg_current_xact_id()::text::bigint) << 20;
     SELECT format('position %s, stream %L, version %s', n.position, n.stream_id, n.version) INTO v_bad
-      FROM new_events n LEFT JOIN {s}.streams st ON st.stream_id = n.stream_id
+      FROM new_events n
      WHERE n.position < v_base OR n.position >= v_base + 1048576
-        OR st.version IS NULL OR n.version > st.version
      LIMIT 1;
+    IF v_bad IS NULL THEN
+        SELECT format('stream %L, versions %s..%s', r.stream_id, r.lo, r.hi) INTO v_bad
+          FROM (SELECT n.stream_id, min(n.version) AS lo, max(n.version) AS hi, count(*) AS k,
+                       count(DISTINCT n.version) AS kd
+                  FROM new_events n GROUP BY n.stream_id) AS r
+          LEFT JOIN {s}.streams st ON st.stream_id = r.stream_id
+         WHERE st.version IS NULL OR st.xmin <> pg_current_xact_id()::xid
+            OR r.hi <> st.version OR r.lo <> st.version - r.k + 1 OR r.kd <> r.k
+         LIMIT 1;
+    END IF;
     IF v_bad IS NOT NULL THEN
-        RAISE EXCEPTION 'eventcore: event row (%) is not in a slot reserve_append reserved in this transaction; '
+        RAISE EXCEPTION 'eventcore: event rows (%) are not the slots reserve_append reserved in this transaction; '
                         'write events through eventcore', v_bad USING ERRCODE = 'EC403';
     END IF;
     RETURN NULL;
