@@ -641,6 +641,23 @@ def test_password_is_not_shown_when_connecting_fails(url, options, caplog):
     _assert_hidden(caplog.text)
 
 
+
+@pytest.mark.parametrize("dsn", [
+    f"postgresql://app:{PASSWORD}%zz@127.0.0.1:1/db",
+    f"host=127.0.0.1 port=1 password={PASSWORD} bogus=1",
+    f"host=127.0.0.1 port=1 password {PASSWORD}",  # no '=': libpq quotes the words around it
+    f"host=127.0.0.1 port=1 password='{PASSWORD}",  # unterminated quote
+], ids=["bad-percent", "keyword-bad-param", "keyword-no-equals", "keyword-open-quote"])
+def test_password_is_not_shown_when_a_store_is_made_from_a_bad_dsn(dsn, caplog):
+    """PostgresStore(dsn) directly (no URL parsing first): refused before its pool tries to connect and
+    logs libpq's message at every attempt."""
+    postgres = pytest.importorskip("eventcore.stores.postgres")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ec.ValidationError) as info:
+        postgres.PostgresStore(dsn, connect_timeout=1)
+    _assert_hidden(_everything_said_about(info.value))
+    _assert_hidden(caplog.text)
+
 def test_pgpassword_is_not_shown_when_connecting_fails(monkeypatch, caplog):
     pytest.importorskip("psycopg")
     monkeypatch.setenv("PGPASSWORD", PASSWORD)

@@ -134,7 +134,7 @@ def _schema_name(schema) -> str:
 #: Connection parameters holding a secret: the password and the passphrase of the client's SSL key.
 _SECRET_PARAMS = ("password", "sslpassword")
 #: A secret in libpq's key=value form (password=..., quoted or not).
-_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
+_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=?\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
 
 
 def redact(dsn: str) -> str:
@@ -161,6 +161,8 @@ def _without_secrets(text: str, dsn: str) -> str:
     if ":" in userinfo:
         secrets.append(userinfo.split(":", 1)[1])
     secrets += [v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k in _SECRET_PARAMS]
+    if "://" not in dsn:
+        secrets += [m.group(2).strip("'") for m in _KEYWORD_SECRET.finditer(dsn)]
     for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
         text = text.replace(secret, "***")
     return text
@@ -289,10 +291,12 @@ def _encode_group(group: list) -> str:
 
 
 def _conninfo_keys(dsn: str) -> set:
+    """The parameters the DSN sets; ValidationError if libpq cannot parse it (before the pool tries to
+    connect: psycopg_pool would log libpq's message, which may quote the password, at every attempt)."""
     try:
         return set(psycopg.conninfo.conninfo_to_dict(dsn))
-    except psycopg.ProgrammingError:
-        return set()
+    except psycopg.ProgrammingError as exc:
+        raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
 
 
 def _connection_lost(exc: Exception) -> bool:
