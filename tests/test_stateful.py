@@ -67,13 +67,14 @@ class ModelEvent:
     event_id: uuid.UUID
     type: str
     data: object
+    metadata: ec.Metadata
 
     def key(self) -> tuple:
-        return (self.stream_id, self.version, self.position, self.event_id, self.type, self.data)
+        return (self.stream_id, self.version, self.position, self.event_id, self.type, self.data, self.metadata)
 
 
 def _key(e: ec.RecordedEvent) -> tuple:
-    return (e.stream_id, e.version, e.position, e.event_id, e.type, e.data)
+    return (e.stream_id, e.version, e.position, e.event_id, e.type, e.data, e.metadata)
 
 
 class Model:
@@ -116,7 +117,7 @@ class Model:
             assert e.event_id not in self.event_ids, f"event id {e.event_id} handed out twice"
             self.event_ids.add(e.event_id)
             self.versions[e.stream_id] = e.version
-            self.feed.append(ModelEvent(e.stream_id, e.version, e.position, e.event_id, e.type, e.data))
+            self.feed.append(ModelEvent(e.stream_id, e.version, e.position, e.event_id, e.type, e.data, e.metadata))
 
     def stream(self, sid: str) -> list[ModelEvent]:
         return [e for e in self.feed if e.stream_id == sid]
@@ -213,6 +214,15 @@ def _kind(expected: int) -> str:
     return {ec.ANY: "any", ec.NO_STREAM: "no stream", ec.STREAM_EXISTS: "stream exists"}.get(expected, "exact")
 
 
+def _metadata(draw, tag: str) -> ec.Metadata | None:
+    kind = draw(st.sampled_from(["none", "none", "correlation", "full"]))
+    if kind == "none":
+        return None
+    if kind == "correlation":
+        return ec.Metadata(correlation_id=tag)
+    return ec.Metadata(correlation_id=tag, causation_id="c-" + tag, user_id="ü-1", custom={"tag": tag, "n": [1, None]})
+
+
 def _event(draw, tag: str):
     if draw(st.booleans()):
         return Noted(text=tag)
@@ -248,11 +258,13 @@ class StoreMachine(RuleBasedStateMachine):
     # -- writes ------------------------------------------------------------------------------------------
 
     def _draw_append(self, data, max_events: int = 5):
-        """(events, expected, written stream ids) with each stream's expectation of a random kind."""
+        """(events, expected, written stream ids, the call's metadata) with each stream's expectation of a
+        random kind; some events carry metadata of their own, which wins over the call's."""
         # Mostly some events; sometimes none (a check-only append when something is listed).
         writes = data.draw(st.lists(st.sampled_from(STREAMS), min_size=1, max_size=max_events)
                            | st.just([]), label="writes")
-        events = [emit(sid, _event(data.draw, self._tag())) for sid in writes]
+        events = [emit(sid, _event(data.draw, self._tag()), _metadata(data.draw, self._tag())) for sid in writes]
+        metadata = _metadata(data.draw, self._tag())
         expected = {}
         for sid in dict.fromkeys(writes):
             exp = _expected_for(data.draw, self.model, sid, data.draw(st.sampled_from(EXPECTATION_KINDS), label=sid))
@@ -268,7 +280,7 @@ class StoreMachine(RuleBasedStateMachine):
                                 data.draw(st.sampled_from([k for k in EXPECTATION_KINDS if k != "omit"]),
                                           label=f"ro {sid}"))
             expected[sid] = exp
-        return events, expected, writes
+        return events, expected, writes, metadata
 
     def _after_append(self, events, expected, writes, call):
         """Run `call()` and check its outcome against the model; returns what the store returned (or None)."""
@@ -293,11 +305,13 @@ class StoreMachine(RuleBasedStateMachine):
             SEEN["append with a read-only participant"] += 1
         return out, head
 
-    def _check_written(self, recorded: list[ec.RecordedEvent], events, writes, head: int) -> None:
+    def _check_written(self, recorded: list[ec.RecordedEvent], events, writes, head: int, metadata=None) -> None:
         model = self.model
         assert [e.stream_id for e in recorded] == writes
         assert [e.version for e in recorded] == model.next_versions(writes)
         assert [e.data for e in recorded] == [ev.event for ev in events]
+        default = metadata if metadata is not None else ec.Metadata()
+        assert [e.metadata for e in recorded] == [ev.metadata if ev.metadata is not None else default for ev in events]
         if recorded:
             first = recorded[0].position
             assert first > head, "an append's positions lie above the head before it"
@@ -307,16 +321,17 @@ class StoreMachine(RuleBasedStateMachine):
 
     @rule(data=st.data())
     def append(self, data):
-        events, expected, writes = self._draw_append(data)
-        result = self._after_append(events, expected, writes, lambda: self.store.append(events, expected))
+        events, expected, writes, md = self._draw_append(data)
+        result = self._after_append(events, expected, writes, lambda: self.store.append(events, expected, metadata=md))
         if result is not None:
             recorded, head = result
-            self._check_written(recorded, events, writes, head)
+            self._check_written(recorded, events, writes, head, md)
 
     @rule(data=st.data())
     def append_batch(self, data):
-        events, expected, writes = self._draw_append(data, max_events=8)
-        result = self._after_append(events, expected, writes, lambda: self.store.append_batch(events, expected))
+        events, expected, writes, md = self._draw_append(data, max_events=8)
+        result = self._after_append(events, expected, writes,
+                                    lambda: self.store.append_batch(events, expected, metadata=md))
         if result is None:
             return
         batch, head = result
@@ -330,12 +345,12 @@ class StoreMachine(RuleBasedStateMachine):
         assert batch.stream_versions == {sid: v for sid, v in zip(writes, after)}
         # The batch returns no events: read them back from the feed to learn their ids.
         written = list(self.store.read_all(after_position=batch.first_position - 1, limit=len(events)))
-        self._check_written(written, events, writes, head)
+        self._check_written(written, events, writes, head, md)
 
     @rule(data=st.data())
     def append_with_bad_input(self, data):
         """Valid events beside one invalid expectation: rejected before anything is written."""
-        events, expected, writes = self._draw_append(data)
+        events, expected, writes, _ = self._draw_append(data)
         bad_sid = data.draw(st.sampled_from(STREAMS))
         expected[bad_sid] = data.draw(st.sampled_from([-3, 1.0, "1", None, True]))
         with pytest.raises(ec.ValidationError):
