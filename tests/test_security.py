@@ -216,6 +216,14 @@ def test_projections_with_hostile_names_and_filters(store):
     assert len(list(store.read_all())) == 5
 
 
+
+def test_projector_names_that_cannot_be_stored_are_refused_alike_on_every_backend(store):
+    for name in ["", "x" * 256, "a\x00b", "lone \udc80", "new\nline", 7]:
+        with pytest.raises(ec.ValidationError, match="a projector needs a name"):
+            ec.Projector(name, lambda event, ctx: None)
+        if isinstance(name, str):  # a lookup of a name no projector can have finds nothing
+            assert ec.dead_letters(store, name) == [] and ec.projection_status(store, name) == []
+
 # -- 2. schema names (PostgreSQL) ---------------------------------------------------------------------------
 
 #: Unreachable on purpose: a ValidationError shows the name was refused before any connection.

@@ -58,6 +58,7 @@ import msgspec
 from . import _impl
 from .errors import EventCoreError, SerializationError, StoreUnavailableError, ValidationError
 from .events import RecordedEvent
+from .streams import forbidden_character
 from .stores.base import EventStore, _type_names
 from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back, immediate_transaction
 
@@ -215,8 +216,11 @@ class Projector:
         self._batch_handler = batch_handler
         self._setup = setup
         self._reset = reset
-        if not isinstance(self.name, str) or not 1 <= len(self.name) <= 255 or "\x00" in self.name:
-            raise ValidationError(f"a projector needs a name of 1..255 characters, got {self.name!r}")
+        # No control characters, NUL or lone surrogates, as for stream ids and type names (a lone
+        # surrogate cannot be encoded: SQLite and PostgreSQL failed on it with a bare UnicodeEncodeError).
+        if not isinstance(self.name, str) or not 1 <= len(self.name) <= 255 or forbidden_character(self.name):
+            raise ValidationError(f"a projector needs a name of 1..255 characters without control characters, NUL "
+                                  f"or lone surrogates, got {self.name!r}")
         if type(self.batch_size) is not int or self.batch_size < 1:
             raise ValidationError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
         if self.stream_prefix is not None and (not isinstance(self.stream_prefix, str) or "\x00" in self.stream_prefix):
@@ -1033,6 +1037,8 @@ def run_projection(store: EventStore, projector: Projector, **options) -> Projec
 
 def projection_status(store: EventStore, name: str | None = None) -> list[ProjectionStatus]:
     """Every projector recorded in the store (or just `name`), with checkpoint, lag and state."""
+    if isinstance(name, str) and forbidden_character(name):
+        return []  # no projector can have that name
     scheme = getattr(store, "scheme", "")
     head = store.head_position()
     if scheme == "postgresql":
@@ -1100,6 +1106,8 @@ def _count_after(store, position: int) -> int:
 def dead_letters(store: EventStore, projector: "str | Projector") -> list[DeadLetter]:
     """The events a projector skipped, in position order, each with its error."""
     name = projector.name if isinstance(projector, Projector) else projector
+    if isinstance(name, str) and forbidden_character(name):
+        return []  # no projector can have that name
     scheme = getattr(store, "scheme", "")
     if scheme == "postgresql":
         from .stores.pg_projections import pg_dead_letters
