@@ -266,156 +266,6 @@ def test_writer_killed_mid_commands_then_rerun_with_keys_applies_each_command_on
           f"{len(before)} and applied {len(plan) - len(before)}")
 
 
-# -- 5. a statement past its timeout: a typed error, nothing written ---------------------------------
-
-
-def _store_state(store, streams) -> tuple:
-    return store.stream_versions(streams), store.head_position(), event_count(store)
-
-
-def assert_timeout_not_retried(store, command) -> None:
-    """execute raises StoreTimeoutError after one attempt, though its policy would allow retries (a
-    server too slow for one attempt is not helped by more load)."""
-    metrics = ec.MetricsCollector()
-    done = []
-    metrics.on_command_complete(done.append)
-    with pytest.raises(ec.StoreTimeoutError):
-        ec.execute(store, command, retry=ec.RetryPolicy(max_retries=5), metrics=metrics)
-    assert [info.attempts for info in done] == [1]
-    assert metrics.retry_count() == 0
-
-
-def test_postgres_write_past_statement_timeout_is_typed_and_leaves_nothing(pg_dsn, pg_schema):
-    psycopg = require("psycopg")
-    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=0.2)
-    try:
-        store.append([ec.emit("to-a", Credited(transfer="seed", amount=1)), ec.emit("to-b", Credited(transfer="seed", amount=1))])
-        before = _store_state(store, ["to-a", "to-b"])
-        with psycopg.connect(pg_dsn) as blocker:
-            # The append's lock on stream to-a (see pg_sql.lock_streams), held as a long writer would.
-            blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('to-a', 0))")
-            with pytest.raises(ec.StoreTimeoutError):
-                store.append([ec.emit("to-a", Debited(transfer="t1", amount=1))], {"to-a": 1})
-            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("to-a"), target=ec.StreamId("to-b"),
-                                                       amount=1, transfer="t2"))
-            with pytest.raises(ec.IngestError) as info:
-                store.ingest([("to-a", Debited(transfer="t3", amount=1))] * 3)
-            assert isinstance(info.value.__cause__, ec.StoreTimeoutError)
-            assert info.value.committed == 0
-            assert _store_state(store, ["to-a", "to-b"]) == before
-            blocker.rollback()
-        assert _store_state(store, ["to-a", "to-b"]) == before
-        result = ec.execute(store, Transfer(source=ec.StreamId("to-a"), target=ec.StreamId("to-b"), amount=1,
-                                            transfer="t4"))
-        assert result.stream_versions == {"to-a": 2, "to-b": 2}
-    finally:
-        store.close()
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "group commit: an append on free streams, carried in one group (one statement) with an append that "
-    "waits on a held stream lock, gets that append's StoreTimeoutError when statement_timeout cancels "
-    "the group; execute does not retry it. Lead: e.g. on QueryCanceled of a group of several, write "
-    "each member alone (as for DataError), or keep lock waits out of shared groups"))
-def test_postgres_timeout_of_a_blocked_append_does_not_fail_a_free_append_grouped_with_it(pg_dsn, pg_schema):
-    """Group commit writes concurrent appends in one statement. An append whose streams nobody holds
-    must not get the StoreTimeoutError of another append that waits on a lock (execute does not retry
-    a timeout: the command would fail for another's lock)."""
-    psycopg = require("psycopg")
-    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=1)  # group commit on: the default
-    outcomes: dict = {}
-
-    def append(sid: str) -> None:
-        try:
-            outcomes[sid] = store.append([ec.emit(sid, Credited(transfer=sid, amount=1))])
-        except Exception as exc:  # noqa: BLE001 - inspected below
-            outcomes[sid] = exc
-
-    def start(sid: str) -> threading.Thread:
-        t = threading.Thread(target=append, args=(sid,), daemon=True)
-        t.start()
-        return t
-
-    def lock_waiters() -> int:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn:
-            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
-                                "AND datname = current_database()").fetchone()[0]
-
-    try:
-        with psycopg.connect(pg_dsn) as blocker:
-            for sid in ("held-1", "held-2", "held-3"):
-                blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sid,))
-            threads = [start("held-1"), start("held-2")]  # both groups in flight, each waiting on a lock
-            wait_until(lambda: lock_waiters() == 2, "two appends waiting on their stream locks")
-            # The next appends queue for the next group, the free one behind one that will wait too
-            # (the queue is read only to order the race; it is not what is checked).
-            threads.append(start("held-3"))
-            wait_until(lambda: len(store._group._queue) == 1, "the third append to queue")
-            threads.append(start("free"))
-            wait_until(lambda: len(store._group._queue) == 2, "the free append to queue")
-            for t in threads:
-                t.join(WATCHDOG)
-            blocker.rollback()
-        for sid in ("held-1", "held-2", "held-3"):
-            assert isinstance(outcomes[sid], ec.StoreTimeoutError), outcomes[sid]
-            assert store.stream_version(sid) == 0
-        assert not isinstance(outcomes["free"], Exception), f"the free append failed: {outcomes['free']!r}"
-        assert store.stream_version("free") == 1
-    finally:
-        store.close()
-
-
-def test_postgres_read_past_statement_timeout_is_typed(pg_dsn, pg_schema):
-    psycopg = require("psycopg")
-    from psycopg import sql
-
-    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=0.2)
-    try:
-        store.append([ec.emit("tr-a", Credited(transfer="seed", amount=1))])
-        before = _store_state(store, ["tr-a", "tr-b"])
-        with psycopg.connect(pg_dsn) as blocker:
-            blocker.execute(sql.SQL("LOCK TABLE {}.events IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(pg_schema)))
-            for read in (lambda: store.read_stream("tr-a"), lambda: store.read_streams(["tr-a", "tr-b"]),
-                         lambda: list(store.read_all()), store.head_position):
-                with pytest.raises(ec.StoreTimeoutError):
-                    read()
-            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("tr-a"), target=ec.StreamId("tr-b"),
-                                                       amount=1, transfer="t1"))
-            blocker.rollback()
-        assert _store_state(store, ["tr-a", "tr-b"]) == before
-        assert [e.version for e in store.read_stream("tr-a")] == [1]
-    finally:
-        store.close()
-
-
-def test_sqlite_write_lock_held_past_timeout_is_typed_and_leaves_nothing(tmp_path):
-    path = tmp_path / "events.db"
-    store = ec.connect(f"sqlite:///{path}?timeout=0.2")
-    try:
-        store.append([ec.emit("sl-a", Credited(transfer="seed", amount=1))])
-        before = _store_state(store, ["sl-a", "sl-b"])
-        blocker = sqlite3.connect(path, isolation_level=None)
-        try:
-            blocker.execute("BEGIN IMMEDIATE")  # the database write lock, held by another connection
-            with pytest.raises(ec.StoreTimeoutError):
-                store.append([ec.emit("sl-a", Debited(transfer="t1", amount=1))], {"sl-a": 1})
-            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("sl-a"), target=ec.StreamId("sl-b"),
-                                                       amount=1, transfer="t2"))
-            with pytest.raises(ec.IngestError) as info:
-                store.ingest([("sl-a", Debited(transfer="t3", amount=1))] * 3)
-            assert isinstance(info.value.__cause__, ec.StoreTimeoutError)
-            assert [e.version for e in store.read_stream("sl-a")] == [1]  # WAL: reads go on meanwhile
-            blocker.execute("ROLLBACK")
-        finally:
-            blocker.close()
-        assert _store_state(store, ["sl-a", "sl-b"]) == before
-        result = ec.execute(store, Transfer(source=ec.StreamId("sl-a"), target=ec.StreamId("sl-b"), amount=1,
-                                            transfer="t4"))
-        assert result.stream_versions == {"sl-a": 2, "sl-b": 1}
-    finally:
-        store.close()
-
-
 # -- 2. `eventcore ingest` killed in the middle of a file, then run again ---------------------------
 
 
@@ -424,8 +274,8 @@ class Item(ec.Event):
     n: int
 
 
-INGEST_EVENTS = 60_000
-INGEST_BATCH = 5_000
+INGEST_EVENTS = 40_000
+INGEST_BATCH = 4_000
 INGEST_STREAMS = 500
 
 
@@ -505,10 +355,11 @@ def restart(cluster) -> None:
 
 
 class CommandLoad:
-    """Threads running transfers on one store, each call recorded: (thread, item, started, ended, outcome)."""
+    """Threads running transfers on one store, each call recorded: (thread, item, started, ended, outcome).
+    Threads numbered `keyed_from` and up run every command under an idempotency key (its transfer id)."""
 
-    def __init__(self, store, threads: int, keys: bool) -> None:
-        self.store, self.keys = store, keys
+    def __init__(self, store, threads: int, keyed_from: int) -> None:
+        self.store, self.keyed_from = store, keyed_from
         self.calls: list = []
         self.lock = threading.Lock()
         self.stopping = threading.Event()
@@ -528,7 +379,7 @@ class CommandLoad:
             try:
                 outcome = ec.execute(self.store, transfer_command(item), retry=policy,
                                      timeout=KILL_TEST_COMMAND_TIMEOUT,
-                                     idempotency_key=item[0] if self.keys else None)
+                                     idempotency_key=item[0] if thread >= self.keyed_from else None)
             except Exception as exc:  # noqa: BLE001 - recorded; the test checks which errors came
                 outcome = exc
             with self.lock:
@@ -577,14 +428,14 @@ KILL_TEST_TIMEOUTS = {"connect_timeout": 2, "pool_timeout": 3, "statement_timeou
 KILL_TEST_COMMAND_TIMEOUT = 5
 
 
-@pytest.mark.parametrize("keys", [False, True], ids=["no-keys", "idempotency-keys"])
-def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_success(keys, private_cluster):
+def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_success(private_cluster):
+    """8 threads run transfers on one store (4 of them under idempotency keys) when the server is
+    stopped with `pg_ctl stop -m immediate`; then it is restarted on the same directory and socket."""
     cluster = private_cluster
-    n_threads = 8
-    store = ec.connect(cluster.dsn, schema=f"faults_{'keys' if keys else 'plain'}", pool_size=n_threads,
-                       **KILL_TEST_TIMEOUTS)
+    n_threads, keyed_from = 8, 4
+    store = ec.connect(cluster.dsn, schema="faults_kill", pool_size=n_threads, **KILL_TEST_TIMEOUTS)
     try:
-        load = CommandLoad(store, n_threads, keys)
+        load = CommandLoad(store, n_threads, keyed_from)
         try:
             wait_until(lambda: sum(isinstance(c[4], ec.ExecutionResult) for c in load.snapshot()) >= 100,
                        "100 commands before the kill")
@@ -595,8 +446,9 @@ def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_s
             errors = wait_until(lambda: first_per_thread(
                 load.snapshot(), n_threads, lambda c: c[3] >= killed and isinstance(c[4], Exception)),
                 "every command thread to get an error after the server was killed", timeout=30)
+            restarting = time.monotonic()
             restart(cluster)
-            up = time.monotonic()
+            up = time.monotonic()  # pg_ctl start -w returns a little after the server accepts connections
             # The same store object serves commands again: its pool reconnects by itself.
             recovered = wait_until(lambda: first_per_thread(
                 load.snapshot(), n_threads, lambda c: c[2] >= up and isinstance(c[4], ec.ExecutionResult)),
@@ -607,13 +459,13 @@ def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_s
 
         error_after_kill = sorted(c[3] - max(c[2], killed) for c in errors.values())
         recovery = sorted(c[3] - up for c in recovered.values())
-        print(f"keys={keys}: {len(calls)} calls; pg_ctl stop -m immediate took {down - killed:.2f} s; first error "
-              f"per thread {error_after_kill[0]:.2f}..{error_after_kill[-1]:.2f} s after the kill; first success "
-              f"per thread {recovery[0]:.2f}..{recovery[-1]:.2f} s after the restart")
+        print(f"{len(calls)} calls; pg_ctl stop -m immediate took {down - killed:.2f} s; first error per thread "
+              f"{error_after_kill[0]:.2f}..{error_after_kill[-1]:.2f} s after the kill; first success per thread "
+              f"{recovery[0]:.2f}..{recovery[-1]:.2f} s after the restart")
         unexpected = [c for c in calls if isinstance(c[4], Exception)
                       and not isinstance(c[4], (ec.StoreUnavailableError, ec.CommandTimeoutError))]
         assert not unexpected, f"errors other than StoreUnavailableError/CommandTimeoutError: {unexpected[:3]}"
-        assert not [c for c in calls if down <= c[2] and c[3] <= up and isinstance(c[4], ec.ExecutionResult)], \
+        assert not [c for c in calls if down <= c[2] and c[3] <= restarting and isinstance(c[4], ec.ExecutionResult)], \
             "a command succeeded while the server was down"
 
         plan_by_id = {c[1][0]: c[1] for c in calls}
@@ -622,24 +474,25 @@ def test_postgres_server_killed_under_load_fails_fast_recovers_and_keeps_every_s
         assert_acks_stored({tid: {"e": [[e.event_id.hex, e.stream_id, e.version, e.position] for e in r.events]}
                             for tid, r in successes.items()}, stored)
         failures = [c for c in calls if isinstance(c[4], Exception)]
-        ambiguous = [c for c in failures if getattr(c[4], "maybe_committed", False)]
-        said_not_written = [c[1][0] for c in failures if not getattr(c[4], "maybe_committed", False)]
-        kinds = sorted({type(c[4]).__name__ for c in failures})
-        print(f"{len(successes)} succeeded, {len(failures)} failed {kinds} ({len(ambiguous)} maybe committed, "
-              f"{sum(c[1][0] in stored for c in ambiguous)} of those committed)")
-        wrongly_not_written = [tid for tid in said_not_written if tid in stored]
+        for keyed in (False, True):
+            mine = [c for c in failures if (c[0] >= keyed_from) is keyed]
+            ambiguous = [c for c in mine if c[4].maybe_committed]
+            print(f"{'with' if keyed else 'without'} keys: {len(mine)} failed "
+                  f"{sorted({type(c[4]).__name__ for c in mine})}, {len(ambiguous)} maybe committed, "
+                  f"{sum(c[1][0] in stored for c in ambiguous)} of those committed")
+        wrongly_not_written = [c[1][0] for c in failures if not c[4].maybe_committed and c[1][0] in stored]
         assert not wrongly_not_written, f"failed saying nothing was written, but stored: {wrongly_not_written}"
 
-        if keys:
-            # Whatever the failure, running the same command with the same key again applies it once.
-            for _, item, _, _, _ in failures:
-                before = stored.get(item[0])
-                result = ec.execute(store, transfer_command(item), idempotency_key=item[0], timeout=30)
-                assert result.replayed is (before is not None)
-                if before is not None:
-                    assert [e.event_id for e in result.events] == [e.event_id for e in before]
-            stored = committed_transfers(store, plan_by_id)
-            assert set(stored) == set(plan_by_id), "a command run again under its key is missing"
+        # Whatever the failure, running the same command with the same key again applies it once.
+        keyed_failures = [c[1] for c in failures if c[0] >= keyed_from]
+        for item in keyed_failures:
+            before = stored.get(item[0])
+            result = ec.execute(store, transfer_command(item), idempotency_key=item[0], timeout=30)
+            assert result.replayed is (before is not None)
+            if before is not None:
+                assert [e.event_id for e in result.events] == [e.event_id for e in before]
+        stored = committed_transfers(store, plan_by_id)
+        assert {item[0] for item in keyed_failures} <= set(stored), "a command run again under its key is missing"
     finally:
         store.close()
 
@@ -933,6 +786,158 @@ def test_ingest_batch_whose_commit_answer_is_lost_is_written_once(proxied, pg_sc
         error = outcome["error"]
         assert isinstance(error, ec.IngestError) and error.committed == 0, repr(error)
         assert getattr(error.__cause__, "maybe_committed", False), repr(error.__cause__)
+        # The pool reconnects by itself, after its back-off (which may exceed pool_timeout).
+        wait_until(lambda: store.health().ok, "the store's pool to reconnect")
         rerun = store.ingest(ingest_items(n), batch_size=batch, resume_key="lost-commit")
         assert (rerun.events, rerun.skipped) == (n - batch, batch)
     assert_streams_are_file_prefixes(store, n, in_file_order=True)
+
+
+# -- 5. a statement past its timeout: a typed error, nothing written ---------------------------------
+
+
+def _store_state(store, streams) -> tuple:
+    return store.stream_versions(streams), store.head_position(), event_count(store)
+
+
+def assert_timeout_not_retried(store, command) -> None:
+    """execute raises StoreTimeoutError after one attempt, though its policy would allow retries (a
+    server too slow for one attempt is not helped by more load)."""
+    metrics = ec.MetricsCollector()
+    done = []
+    metrics.on_command_complete(done.append)
+    with pytest.raises(ec.StoreTimeoutError):
+        ec.execute(store, command, retry=ec.RetryPolicy(max_retries=5), metrics=metrics)
+    assert [info.attempts for info in done] == [1]
+    assert metrics.retry_count() == 0
+
+
+def test_postgres_write_past_statement_timeout_is_typed_and_leaves_nothing(pg_dsn, pg_schema):
+    psycopg = require("psycopg")
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=0.2)
+    try:
+        store.append([ec.emit("to-a", Credited(transfer="seed", amount=1)), ec.emit("to-b", Credited(transfer="seed", amount=1))])
+        before = _store_state(store, ["to-a", "to-b"])
+        with psycopg.connect(pg_dsn) as blocker:
+            # The append's lock on stream to-a (see pg_sql.lock_streams), held as a long writer would.
+            blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('to-a', 0))")
+            with pytest.raises(ec.StoreTimeoutError):
+                store.append([ec.emit("to-a", Debited(transfer="t1", amount=1))], {"to-a": 1})
+            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("to-a"), target=ec.StreamId("to-b"),
+                                                       amount=1, transfer="t2"))
+            with pytest.raises(ec.IngestError) as info:
+                store.ingest([("to-a", Debited(transfer="t3", amount=1))] * 3)
+            assert isinstance(info.value.__cause__, ec.StoreTimeoutError)
+            assert info.value.committed == 0
+            assert _store_state(store, ["to-a", "to-b"]) == before
+            blocker.rollback()
+        assert _store_state(store, ["to-a", "to-b"]) == before
+        result = ec.execute(store, Transfer(source=ec.StreamId("to-a"), target=ec.StreamId("to-b"), amount=1,
+                                            transfer="t4"))
+        assert result.stream_versions == {"to-a": 2, "to-b": 2}
+    finally:
+        store.close()
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "group commit: an append on free streams, carried in one group (one statement) with an append that "
+    "waits on a held stream lock, gets that append's StoreTimeoutError when statement_timeout cancels "
+    "the group; execute does not retry it. Lead: e.g. on QueryCanceled of a group of several, write "
+    "each member alone (as for DataError), or keep lock waits out of shared groups"))
+def test_postgres_timeout_of_a_blocked_append_does_not_fail_a_free_append_grouped_with_it(pg_dsn, pg_schema):
+    """Group commit writes concurrent appends in one statement. An append whose streams nobody holds
+    must not get the StoreTimeoutError of another append that waits on a lock (execute does not retry
+    a timeout: the command would fail for another's lock)."""
+    psycopg = require("psycopg")
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=1)  # group commit on: the default
+    outcomes: dict = {}
+
+    def append(sid: str) -> None:
+        try:
+            outcomes[sid] = store.append([ec.emit(sid, Credited(transfer=sid, amount=1))])
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcomes[sid] = exc
+
+    def start(sid: str) -> threading.Thread:
+        t = threading.Thread(target=append, args=(sid,), daemon=True)
+        t.start()
+        return t
+
+    def lock_waiters() -> int:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            return conn.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                "AND datname = current_database()").fetchone()[0]
+
+    try:
+        with psycopg.connect(pg_dsn) as blocker:
+            for sid in ("held-1", "held-2", "held-3"):
+                blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))", (sid,))
+            threads = [start("held-1"), start("held-2")]  # both groups in flight, each waiting on a lock
+            wait_until(lambda: lock_waiters() == 2, "two appends waiting on their stream locks")
+            # The next appends queue for the next group, the free one behind one that will wait too
+            # (the queue is read only to order the race; it is not what is checked).
+            threads.append(start("held-3"))
+            wait_until(lambda: len(store._group._queue) == 1, "the third append to queue")
+            threads.append(start("free"))
+            wait_until(lambda: len(store._group._queue) == 2, "the free append to queue")
+            for t in threads:
+                t.join(WATCHDOG)
+            blocker.rollback()
+        for sid in ("held-1", "held-2", "held-3"):
+            assert isinstance(outcomes[sid], ec.StoreTimeoutError), outcomes[sid]
+            assert store.stream_version(sid) == 0
+        assert not isinstance(outcomes["free"], Exception), f"the free append failed: {outcomes['free']!r}"
+        assert store.stream_version("free") == 1
+    finally:
+        store.close()
+
+
+def test_postgres_read_past_statement_timeout_is_typed(pg_dsn, pg_schema):
+    psycopg = require("psycopg")
+    from psycopg import sql
+
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=0.2)
+    try:
+        store.append([ec.emit("tr-a", Credited(transfer="seed", amount=1))])
+        before = _store_state(store, ["tr-a", "tr-b"])
+        with psycopg.connect(pg_dsn) as blocker:
+            blocker.execute(sql.SQL("LOCK TABLE {}.events IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(pg_schema)))
+            for read in (lambda: store.read_stream("tr-a"), lambda: store.read_streams(["tr-a", "tr-b"]),
+                         lambda: list(store.read_all()), store.head_position):
+                with pytest.raises(ec.StoreTimeoutError):
+                    read()
+            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("tr-a"), target=ec.StreamId("tr-b"),
+                                                       amount=1, transfer="t1"))
+            blocker.rollback()
+        assert _store_state(store, ["tr-a", "tr-b"]) == before
+        assert [e.version for e in store.read_stream("tr-a")] == [1]
+    finally:
+        store.close()
+
+
+def test_sqlite_write_lock_held_past_timeout_is_typed_and_leaves_nothing(tmp_path):
+    path = tmp_path / "events.db"
+    store = ec.connect(f"sqlite:///{path}?timeout=0.2")
+    try:
+        store.append([ec.emit("sl-a", Credited(transfer="seed", amount=1))])
+        before = _store_state(store, ["sl-a", "sl-b"])
+        blocker = sqlite3.connect(path, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")  # the database write lock, held by another connection
+            with pytest.raises(ec.StoreTimeoutError):
+                store.append([ec.emit("sl-a", Debited(transfer="t1", amount=1))], {"sl-a": 1})
+            assert_timeout_not_retried(store, Transfer(source=ec.StreamId("sl-a"), target=ec.StreamId("sl-b"),
+                                                       amount=1, transfer="t2"))
+            with pytest.raises(ec.IngestError) as info:
+                store.ingest([("sl-a", Debited(transfer="t3", amount=1))] * 3)
+            assert isinstance(info.value.__cause__, ec.StoreTimeoutError)
+            assert [e.version for e in store.read_stream("sl-a")] == [1]  # WAL: reads go on meanwhile
+            blocker.execute("ROLLBACK")
+        finally:
+            blocker.close()
+        assert _store_state(store, ["sl-a", "sl-b"]) == before
+        result = ec.execute(store, Transfer(source=ec.StreamId("sl-a"), target=ec.StreamId("sl-b"), amount=1,
+                                            transfer="t4"))
+        assert result.stream_versions == {"sl-a": 2, "sl-b": 1}
+    finally:
+        store.close()
