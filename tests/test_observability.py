@@ -12,6 +12,7 @@ import pytest
 
 import eventcore as ec
 from domain import Deposit, Transfer
+from eventcore.stores.sqlite import SCHEMA_VERSION as SQLITE_SCHEMA
 from optional import require
 from eventcore.cli import main
 
@@ -222,11 +223,11 @@ def test_status_command(tmp_path, capsys):
         ec.execute(store, Deposit(ec.StreamId("st-1"), 1))
     assert main(["status", "--dsn", url]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("OK  sqlite store") and "schema version  1 (this eventcore needs 1)" in out
+    assert out.startswith("OK  sqlite store") and f"schema version  {SQLITE_SCHEMA} (this eventcore needs {SQLITE_SCHEMA})" in out
     assert "head position 1" in out and "projections     none recorded" in out
     assert main(["status", "--dsn", url, "--json"]) == 0
     d = json.loads(capsys.readouterr().out)
-    assert d["ok"] is True and d["head_position"] == 1 and d["schema_version"] == 1 and d["pool"] is None
+    assert d["ok"] is True and d["head_position"] == 1 and d["schema_version"] == SQLITE_SCHEMA and d["pool"] is None
 
 
 def test_status_command_postgres(pg_dsn, pg_schema, capsys):
