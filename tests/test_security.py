@@ -577,12 +577,9 @@ def test_least_privilege_role_cannot_insert_events_around_the_append_functions(a
 
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "trust boundary, documented: the role may call reserve_append (the batch writer needs it) and commit without "
-    "writing any row, leaving the stream's head ahead of its events (the insert check refuses every partial or "
-    "misplaced write, but a transaction that writes nothing fires no trigger; a deferred check on every append "
-    "would cost the honest path)"))
 def test_least_privilege_role_cannot_reserve_versions_it_never_writes(app_role, pg_schema):
+    """reserve_append records what it reserved; a deferred check at COMMIT refuses a transaction that
+    did not write it (migration 4), so the head can never run ahead of the stream's events."""
     import psycopg
     from psycopg import sql
 
@@ -592,7 +589,7 @@ def test_least_privilege_role_cannot_reserve_versions_it_never_writes(app_role, 
     try:
         app.append([ec.emit("gap", Said("v1"))])
         with psycopg.connect(url) as conn:
-            with pytest.raises(psycopg.Error):
+            with pytest.raises(psycopg.Error, match="its events were not written"):
                 with conn.transaction():  # versions 2 and 3 reserved, nothing written, then commit
                     conn.execute(sql.SQL("SELECT {}.reserve_append(%s, %s, %s, %s)").format(s),
                                  (["gap"], [ec.ANY], [2], 2))

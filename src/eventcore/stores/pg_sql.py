@@ -567,6 +567,118 @@ END $$;
 CREATE TRIGGER events_check_inserted AFTER INSERT ON {s}.events
     REFERENCING NEW TABLE AS new_events FOR EACH STATEMENT EXECUTE FUNCTION {s}.check_inserted_events();
 
+-- A reservation must be written. reserve_append (the batch writer's lock-check-advance) moves the
+-- stream heads; the rows come after it, in the caller's COPY. A role calling it directly could
+-- commit without writing them, leaving heads ahead of their events. So reserve_append also records
+-- the reservation (one row per transaction), and a deferred constraint trigger checks at COMMIT, in
+-- one set-based query, that each reserved stream's event at its new head version exists (the insert
+-- check above makes a statement's rows per stream exactly the reserved versions, so the top one
+-- being there means all are), then deletes the row. The table is private: only these functions
+-- (SECURITY DEFINER) touch it. Honest cost: one small insert, one probe per written stream and one
+-- delete per batch; append_group, which writes its rows itself, does not use it.
+CREATE TABLE {s}.reservations (
+    xid      xid8     PRIMARY KEY,
+    streams  text[]   NOT NULL,
+    versions bigint[] NOT NULL
+);
+
+CREATE FUNCTION {s}.check_reservation_written() RETURNS trigger
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+AS $$
+DECLARE
+    v_missing text;
+BEGIN
+    SELECT format('%L up to version %s', r.s, r.v) INTO v_missing
+      FROM unnest(NEW.streams, NEW.versions) AS r(s, v)
+     WHERE NOT EXISTS (SELECT 1 FROM {s}.events e WHERE e.stream_id = r.s AND e.version = r.v)
+     LIMIT 1;
+    IF v_missing IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: stream % was reserved by reserve_append but its events were not written',
+            v_missing USING ERRCODE = 'EC403';
+    END IF;
+    DELETE FROM {s}.reservations WHERE xid = NEW.xid;
+    RETURN NULL;
+END $$;
+REVOKE ALL ON FUNCTION {s}.check_reservation_written() FROM PUBLIC;
+
+CREATE CONSTRAINT TRIGGER reservation_written AFTER INSERT ON {s}.reservations
+    DEFERRABLE INITIALLY DEFERRED FOR EACH ROW EXECUTE FUNCTION {s}.check_reservation_written();
+
+CREATE OR REPLACE FUNCTION {s}.reserve_append(
+    p_streams  text[],
+    p_expected bigint[],
+    p_counts   int[],
+    p_n        int
+) RETURNS TABLE (versions bigint[], first_position bigint, recorded_at_us bigint)
+LANGUAGE plpgsql
+-- Runs with the owner's rights, so application roles need no UPDATE on stream heads;
+-- a fixed search_path keeps a caller's objects from being resolved inside it.
+SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+SET plan_cache_mode = auto SET enable_seqscan = off SET jit = off  -- as migration 2 set them
+AS $$
+DECLARE
+    v_versions bigint[];
+    v_base     bigint;
+BEGIN
+    -- Positions come from the transaction id, which PostgreSQL assigns at a
+    -- transaction's first write. Every lock below is taken before that write, so
+    -- of two writers of one stream the later one (in lock order) always gets the
+    -- higher id, and a stream's versions rise with its positions. A transaction
+    -- that already wrote has its id, fixed before these locks: refuse it.
+    IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
+        RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
+            USING ERRCODE = 'EC412';
+    END IF;
+    IF coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_expected, 1), 0)
+       OR coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_counts, 1), 0)
+       OR p_n <> coalesce((SELECT sum(c) FROM unnest(p_counts) c), 0) THEN
+        RAISE EXCEPTION 'eventcore: reserve_append arguments disagree' USING ERRCODE = 'EC400';
+    END IF;
+
+    -- 1. Lock every participant (see lock_streams), before the first write.
+    PERFORM {s}.lock_streams(p_streams, (SELECT array_agg(c > 0 ORDER BY o) FROM unnest(p_counts) WITH ORDINALITY AS x(c, o)));
+
+    -- 2. Their versions, read under the locks (0: no such stream).
+    SELECT array_agg(coalesce(s.version, 0) ORDER BY p.ord) INTO v_versions
+    FROM unnest(p_streams) WITH ORDINALITY AS p(stream_id, ord)
+    LEFT JOIN {s}.streams s ON s.stream_id = p.stream_id;
+
+    -- 3. Check every expectation before anything is written.
+    FOR i IN 1 .. coalesce(array_length(p_streams, 1), 0) LOOP
+        IF p_expected[i] <> -1 AND (
+               (p_expected[i] = -2 AND v_versions[i] = 0)
+            OR (p_expected[i] >= 0 AND v_versions[i] <> p_expected[i])) THEN
+            RAISE EXCEPTION 'version conflict on stream %', p_streams[i]
+                USING ERRCODE = 'EC409',
+                      DETAIL = json_build_object('stream_id', p_streams[i], 'expected', p_expected[i],
+                                                 'actual', v_versions[i])::text;
+        END IF;
+    END LOOP;
+
+    IF p_n = 0 THEN
+        RETURN QUERY SELECT v_versions, 0::bigint, 0::bigint;
+        RETURN;
+    END IF;
+    IF p_n > 1048575 THEN
+        RAISE EXCEPTION 'more than 1048575 events in one transaction' USING ERRCODE = 'EC413';
+    END IF;
+
+    -- 4. Advance the heads of the written streams: the first write, so the transaction id is assigned now.
+    INSERT INTO {s}.streams AS s (stream_id, version)
+    SELECT c.stream_id, c.n FROM unnest(p_streams, p_counts) AS c(stream_id, n) WHERE c.n > 0
+    ON CONFLICT (stream_id) DO UPDATE SET version = s.version + excluded.version;
+
+    -- 4b. Remember what was reserved: checked at COMMIT (reservation_written) to have been written.
+    INSERT INTO {s}.reservations (xid, streams, versions)
+    SELECT pg_current_xact_id(), array_agg(st.stream_id), array_agg(st.version)
+      FROM {s}.streams st
+     WHERE st.stream_id IN (SELECT c.stream_id FROM unnest(p_streams, p_counts) AS c(stream_id, n) WHERE c.n > 0);
+
+    -- 5. Positions: this transaction's id, shifted (see the module docstring).
+    v_base := (pg_current_xact_id()::text::bigint) << 20;
+    RETURN QUERY SELECT v_versions, v_base + 1, (extract(epoch FROM now()) * 1000000)::bigint;
+END $$;
+
 -- append_group of migration 2 plus idempotency keys: member = [participants, events, key or null]
 -- (a member without the third element has no key, as before).
 CREATE OR REPLACE FUNCTION {s}.append_group(p_group jsonb)
