@@ -532,6 +532,58 @@ def test_postgres_server_killed_mid_ingest_then_the_rerun_completes_the_file_onc
         assert_streams_are_file_prefixes(store, INGEST_EVENTS, in_file_order=True)
 
 
+def server_processes(cluster) -> list:
+    out = subprocess.run(["pgrep", "-P", str(cluster.pid)], capture_output=True, text=True).stdout
+    return [cluster.pid] + [int(pid) for pid in out.split()]
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a frozen server (SIGSTOP: alive, socket open, answering nothing) hangs every call: statement_timeout "
+    "is enforced by the server itself and nothing bounds the wait on the client side. Lead: e.g. a client-"
+    "side deadline of statement_timeout plus a margin, after which the connection is closed and the call "
+    "raises StoreUnavailableError (maybe_committed for a write)"))
+def test_postgres_frozen_server_is_a_typed_error_not_a_hang(private_cluster):
+    cluster = private_cluster
+    timeouts = {"connect_timeout": 1, "pool_timeout": 1, "statement_timeout": 1}
+    store = ec.connect(cluster.dsn, schema="faults_frozen", pool_size=2, pool_min_size=2, **timeouts)
+    outcomes: dict = {}
+
+    def call(name, fn):
+        try:
+            outcomes[name] = fn()
+        except Exception as exc:  # noqa: BLE001 - inspected below
+            outcomes[name] = exc
+
+    frozen = server_processes(cluster)
+    try:
+        store.append([ec.emit("frozen", Credited(transfer="seed", amount=1))])
+        wait_until(lambda: store.pool_stats()["size"] == 2, "a connection for each call")
+        for pid in frozen:
+            os.kill(pid, signal.SIGSTOP)
+        calls = [threading.Thread(target=call, args=("read", lambda: store.read_stream("frozen")), daemon=True),
+                 threading.Thread(target=call, args=("write", lambda: store.append(
+                     [ec.emit("frozen", Debited(transfer="t", amount=1))])), daemon=True)]
+        for t in calls:
+            t.start()
+        # Watchdog: well past every configured timeout (1 s each), it fails only a hang.
+        deadline = time.monotonic() + 8 * sum(timeouts.values()) / 3
+        for t in calls:
+            t.join(max(0.0, deadline - time.monotonic()))
+        hung = [name for name, t in zip(("read", "write"), calls) if t.is_alive()]
+    finally:
+        for pid in frozen:
+            os.kill(pid, signal.SIGCONT)
+    try:
+        assert not hung, f"{hung} still waiting on a frozen server past every configured timeout ({outcomes})"
+        assert isinstance(outcomes["read"], ec.StoreUnavailableError), outcomes["read"]
+        assert isinstance(outcomes["write"], ec.StoreUnavailableError), outcomes["write"]
+        wait_until(lambda: store.health().ok, "the store to serve again once the server resumed")
+    finally:
+        for t in calls:
+            t.join(WATCHDOG)
+        store.close()
+
+
 # -- 4. the connection lost after COMMIT: the answer never arrives --------------------------------------
 
 
