@@ -1,6 +1,7 @@
-"""Faults with real processes and a real server: what a writer killed with SIGKILL, a PostgreSQL server
-stopped with `pg_ctl stop -m immediate`, a connection lost after COMMIT and a statement past its timeout
-leave behind.
+"""Faults with real processes and a real server: what a writer killed with SIGKILL (a process running
+commands, or `eventcore ingest`), a PostgreSQL server stopped with `pg_ctl stop -m immediate` (or frozen
+with SIGSTOP), a connection lost after COMMIT (a proxy swallows the server's answer) and a statement past
+its timeout leave behind, on SQLite and PostgreSQL. The server-stopping tests use a private cluster.
 
 The invariants checked after every fault: no partial batch and no half-applied multi-stream command is
 visible; every command the store acknowledged is present exactly once (with the event ids, versions
