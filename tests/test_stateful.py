@@ -2,7 +2,8 @@
 
 A hypothesis state machine makes random appends (single and multi-stream,
 every kind of expected version, right and wrong, read-only participants,
-check-only appends, `append_batch`, invalid input), stale-snapshot writes and
+check-only appends, `append_batch`, invalid input, idempotency keys new and
+reused), stale-snapshot writes and
 threads racing on the same streams, and random reads (`read_stream`,
 `read_streams`, `read_all` with every filter, `stream_versions`,
 `head_position`). After each step the store and the model must agree on every
@@ -43,6 +44,8 @@ emit = ec.emit
 STREAMS = ["acct-1", "acct-2", "Acct-1", "a_b", "a%b", "ab", "a-b", "z", "é-1"]
 PREFIXES = ["", "acct", "acct-", "A", "a", "a_", "a%", "a-", "é", "zz"]
 TYPE_FILTERS = [None, ["test.Noted"], ["test.Deposited"], [Noted], ["test.Noted", "test.Deposited"], ["test.Nope"]]
+#: Idempotency keys: few, so that keys come back often.
+KEYS = ["key-1", "key-2", "Key-1", "key_%"]
 #: Kinds of expected version per stream; "right" is listed twice so that writes succeed often enough to build history.
 EXPECTATION_KINDS = ["right", "right", "any", "omit", "wrong", "no_stream", "exists"]
 
@@ -84,6 +87,7 @@ class Model:
         self.feed: list[ModelEvent] = []
         self.versions: dict[str, int] = {}
         self.event_ids: set[uuid.UUID] = set()
+        self.keys: dict[str, list[ModelEvent]] = {}  # idempotency key -> the events its append recorded
 
     def version(self, sid: str) -> int:
         return self.versions.get(sid, 0)
@@ -327,6 +331,39 @@ class StoreMachine(RuleBasedStateMachine):
             recorded, head = result
             self._check_written(recorded, events, writes, head, md)
 
+    @rule(data=st.data(), key=st.sampled_from(KEYS))
+    def append_with_key(self, data, key):
+        """An append with an idempotency key: a key already recorded refuses it (DuplicateCommandError carrying
+        the first append's events) before any version check; else as `append`, recording the key with events."""
+        events, expected, writes, md = self._draw_append(data)
+        call = lambda: self.store.append(events, expected, metadata=md, idempotency_key=key)  # noqa: E731
+        if not events and not expected:
+            assert call() == []
+            return
+        if key in self.model.keys:
+            with pytest.raises(ec.DuplicateCommandError) as info:
+                call()
+            assert info.value.key == key
+            assert [_key(e) for e in info.value.events] == [e.key() for e in self.model.keys[key]]
+            SEEN["duplicate key refused"] += 1
+            return
+        result = self._after_append(events, expected, writes, call)
+        if result is not None:
+            recorded, head = result
+            self._check_written(recorded, events, writes, head, md)
+            if recorded:
+                self.model.keys[key] = self.model.feed[-len(recorded):]
+                SEEN["key recorded"] += 1
+
+    @rule(data=st.data())
+    def reuse_a_recorded_key(self, data):
+        """A retry of an append that committed: refused, with the first append's events, whatever it carries."""
+        if not self.model.keys:
+            return
+        keys = sorted(self.model.keys)
+        # An index, not sampled_from(keys): the draw keeps its shape whatever the recorded keys.
+        self.append_with_key(data, keys[data.draw(st.integers(0, 50), label="key index") % len(keys)])
+
     @rule(data=st.data())
     def append_batch(self, data):
         events, expected, writes, md = self._draw_append(data, max_events=8)
@@ -479,6 +516,11 @@ class StoreMachine(RuleBasedStateMachine):
         assert self.store.head_position() == self.model.head()
         assert self.store.stream_versions(STREAMS) == {sid: self.model.version(sid) for sid in STREAMS}
         assert len({e.event_id for e in feed}) == len(feed)
+        for key in KEYS:
+            recorded = self.store.recorded_command(key)
+            want = self.model.keys.get(key)
+            assert (None if recorded is None else [_key(e) for e in recorded]) == (
+                None if want is None else [e.key() for e in want]), key
 
 
 def test_store_agrees_with_model(backend, request):
@@ -491,7 +533,7 @@ def test_store_agrees_with_model(backend, request):
     missing = {"conflict: exact", "conflict: no stream", "conflict: stream exists", "conflict on a read-only participant",
                "conflict among several streams", "append written", "check-only append passed",
                "append with a read-only participant", "invalid input rejected", "race: racers won",
-               "race: racers lost"} - {k for k, v in SEEN.items() if v}
+               "race: racers lost", "duplicate key refused", "key recorded"} - {k for k, v in SEEN.items() if v}
     assert not missing, missing
 
 
