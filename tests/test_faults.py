@@ -198,17 +198,35 @@ def spawn_transfers(store, plan: list, tmp: Path, name: str, keys: bool = False,
 def kill_after_acks(proc, ack_file: Path, rng, min_acks: int, max_extra_delay: float) -> None:
     """SIGKILL the worker a random moment after it acknowledged `min_acks` transfers, with commands
     in flight (the worker must still be running: it had more of the plan to do)."""
-    wait_until(lambda: ack_count(ack_file) >= min_acks or proc.poll() is not None, f"{min_acks} acknowledgements")
-    time.sleep(rng.uniform(0, max_extra_delay))
-    assert proc.poll() is None, f"the worker ended before the kill: {proc.communicate()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(WATCHDOG)
-    proc.stdout.close()
-    proc.stderr.close()
+    try:
+        wait_until(lambda: ack_count(ack_file) >= min_acks or proc.poll() is not None,
+                   f"{min_acks} acknowledgements")
+        time.sleep(rng.uniform(0, max_extra_delay))
+        assert proc.poll() is None, f"the worker ended before the kill: {proc.communicate()}"
+    finally:
+        proc.send_signal(signal.SIGKILL)  # also when the test failed: never leave the worker running
+        proc.communicate(timeout=WATCHDOG)
+
+
+def kill_ingest_after(proc, store, target: int, rng) -> None:
+    """SIGKILL `eventcore ingest` a random moment after `target` events are committed (a number of
+    batches, so the moment does not depend on the machine's speed)."""
+    try:
+        wait_until(lambda: proc.poll() is not None or event_count(store) >= target, f"{target} events to commit")
+        time.sleep(rng.uniform(0, 0.05))
+        assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.communicate(timeout=WATCHDOG)
 
 
 def finish(proc) -> str:
-    out, err = proc.communicate(timeout=WATCHDOG)
+    try:
+        out, err = proc.communicate(timeout=WATCHDOG)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.communicate()
+        raise
     assert proc.returncode == 0, f"worker failed ({proc.returncode}): {err}"
     return out
 
@@ -318,13 +336,7 @@ def test_ingest_killed_mid_file_commits_whole_batches_and_resumes_without_duplic
     name = f"fault-ingest-{os.getpid()}"
     command = ingest_command(store, data, name, parallel)
     proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    # Killed once a random number of batches is in (whatever the machine's speed), a random moment later.
-    target = rng.randint(1, 5) * INGEST_BATCH
-    wait_until(lambda: proc.poll() is not None or event_count(store) >= target, f"{target} events to commit")
-    time.sleep(rng.uniform(0, 0.05))
-    assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
-    proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=WATCHDOG)
+    kill_ingest_after(proc, store, rng.randint(1, 5) * INGEST_BATCH, rng)
     wait_for_backends_gone(store, name)
 
     committed = event_count(store)
@@ -408,8 +420,8 @@ def first_per_thread(calls, n_threads: int, pred) -> dict:
 
 
 @pytest.fixture(scope="module")
-def private_cluster():
-    """A PostgreSQL server of this module's own: the server-kill test stops it (never the session's)."""
+def module_cluster():
+    """A PostgreSQL server of this module's own: the server-kill tests stop it (never the session's)."""
     require("psycopg")
     from eventcore.stores.pgcluster import TemporaryCluster
 
@@ -422,6 +434,14 @@ def private_cluster():
         pytest.skip(f"PostgreSQL server binaries needed: {exc}")
     yield cluster
     cluster.stop()
+
+
+@pytest.fixture
+def private_cluster(module_cluster):
+    """The module's cluster, running again after the test whatever the test did to it."""
+    yield module_cluster
+    if not (module_cluster.dir / "data" / "postmaster.pid").exists():
+        restart(module_cluster)
 
 
 #: Store timeouts of the server-kill test (seconds), and the commands' overall timeout.
@@ -509,13 +529,18 @@ def test_postgres_server_killed_mid_ingest_then_the_rerun_completes_the_file_onc
         command = ingest_command(store, data, "fault-ingest-server", 1)
         command[command.index("--dsn") + 1] += "&connect_timeout=2&pool_timeout=3&statement_timeout=5"
         proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        target = rng.randint(1, 5) * INGEST_BATCH
-        wait_until(lambda: proc.poll() is not None or event_count(store) >= target, f"{target} events to commit")
-        assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
-        killed = time.monotonic()
-        pg_ctl(cluster, "stop", "-m", "immediate", "-w", "-t", "30")
-        out, err = proc.communicate(timeout=WATCHDOG)  # the watchdog fails a hang
-        exited = time.monotonic() - killed
+        try:
+            target = rng.randint(1, 5) * INGEST_BATCH
+            wait_until(lambda: proc.poll() is not None or event_count(store) >= target, f"{target} events to commit")
+            assert proc.poll() is None, f"the ingest ended before the kill: {proc.communicate()}"
+            killed = time.monotonic()
+            pg_ctl(cluster, "stop", "-m", "immediate", "-w", "-t", "30")
+            out, err = proc.communicate(timeout=WATCHDOG)  # the watchdog fails a hang
+            exited = time.monotonic() - killed
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
         restart(cluster)
         assert proc.returncode != 0
         summary = json.loads(out)
