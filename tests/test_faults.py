@@ -917,11 +917,6 @@ def test_postgres_write_past_statement_timeout_is_typed_and_leaves_nothing(pg_ds
         store.close()
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "group commit: an append on free streams, carried in one group (one statement) with an append that "
-    "waits on a held stream lock, gets that append's StoreTimeoutError when statement_timeout cancels "
-    "the group; execute does not retry it. Lead: e.g. on QueryCanceled of a group of several, write "
-    "each member alone (as for DataError), or keep lock waits out of shared groups"))
 def test_postgres_timeout_of_a_blocked_append_does_not_fail_a_free_append_grouped_with_it(pg_dsn, pg_schema):
     """Group commit writes concurrent appends in one statement. An append whose streams nobody holds
     must not get the StoreTimeoutError of another append that waits on a lock (execute does not retry

@@ -69,6 +69,11 @@ COPY_FLUSH_BYTES = 64 * 1024
 #: instead of the OS default of over two hours, so a call waiting on it fails rather than hangs.
 #: (statement_timeout cannot help there: it runs on the server.) Ignored on Unix sockets.
 KEEPALIVES = {"keepalives": 1, "keepalives_idle": 10, "keepalives_interval": 3, "keepalives_count": 3}
+#: How long psycopg_pool keeps retrying one failed connection attempt (with backoff doubling from 1 s)
+#: before giving it up, after which the next request starts a fresh attempt at once. Its default,
+#: 300 s, let the backoff grow so long that after a 40 s outage the first call succeeded 18.4 s after
+#: the server was back (15 s outage: 10.5 s); with 5 s: 0.08 s and 0.02 s (measured, fault tests).
+RECONNECT_TIMEOUT = 5.0
 #: How long to wait for a lost connection's backend to end before declaring the outcome unknown.
 BACKEND_GONE_TIMEOUT_MS = 5000
 _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate",
@@ -355,7 +360,10 @@ class PostgresStore(EventStore):
         self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
-        self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in _conninfo_keys(dsn)}
+        given = _conninfo_keys(dsn)
+        self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
+        # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
+        self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
         self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
@@ -383,10 +391,12 @@ class PostgresStore(EventStore):
                 "connect_timeout": max(1, int(self.connect_timeout)),
                 "options": options,
                 **self._keepalives,
+                **self._application_name,
             },
             open=False,
             name=f"eventcore:{schema}",
             configure=self._warm_up,
+            reconnect_timeout=RECONNECT_TIMEOUT,
         )
         try:
             self._pool.open(wait=True, timeout=self.connect_timeout)
@@ -554,7 +564,10 @@ class PostgresStore(EventStore):
                     backend = None
                 return out
             if len(group) > 1 and (
-                    isinstance(exc, psycopg.DataError) or getattr(exc, "sqlstate", None) in pg_sql.BAD_CALL_SQLSTATES):
+                    isinstance(exc, (psycopg.DataError, pg_errors.QueryCanceled))
+                    or getattr(exc, "sqlstate", None) in pg_sql.BAD_CALL_SQLSTATES):
+                # One member's bad data, or one member waiting on a lock past statement_timeout, failed
+                # the statement for all: write each alone, so only that member fails.
                 return self._append_each(group)
             try:
                 self._raise_write_error(exc)
