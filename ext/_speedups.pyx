@@ -201,7 +201,7 @@ def decode_rows(rows):
             raise SerializationError(f"a stored row has {len(row)} columns, expected 8")
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
-            raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r}")
+            raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r:.60}")
         if type(position) is not int or type(version) is not int or not PyUnicode_Check(sid):
             raise SerializationError(
                 f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
@@ -224,7 +224,7 @@ def decode_rows(rows):
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
         if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
-            raise SerializationError(f"corrupt event id at position {position} (stream {sid!r}, version {version}): {event_id!r}")
+            raise SerializationError(f"corrupt event id at position {position} (stream {sid!r}, version {version}): {event_id!r:.60}")
         u = _uuid_new(_UUID)
         _set(u, "int", _from_bytes(event_id, "big"))
         _set(u, "is_safe", _SAFE_UNKNOWN)

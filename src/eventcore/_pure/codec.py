@@ -111,7 +111,7 @@ def decode_rows(rows) -> list:
             raise SerializationError(f"a stored row has {len(row)} columns, expected 8")
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
-            raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r}")
+            raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r:.60}")
         if type(position) is not int or type(version) is not int or not isinstance(sid, str):
             raise SerializationError(
                 f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
@@ -131,7 +131,7 @@ def decode_rows(rows) -> list:
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
         if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
-            raise SerializationError(f"corrupt event id at position {position} (stream {sid!r}, version {version}): {event_id!r}")
+            raise SerializationError(f"corrupt event id at position {position} (stream {sid!r}, version {version}): {event_id!r:.60}")
         try:
             at = _EPOCH + _dt.timedelta(microseconds=recorded_us)
         except (OverflowError, TypeError, ValueError):
