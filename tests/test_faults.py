@@ -563,11 +563,6 @@ def server_processes(cluster) -> list:
     return [cluster.pid] + [int(pid) for pid in out.split()]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a frozen server (SIGSTOP: alive, socket open, answering nothing) hangs every call: statement_timeout "
-    "is enforced by the server itself and nothing bounds the wait on the client side. Lead: e.g. a client-"
-    "side deadline of statement_timeout plus a margin, after which the connection is closed and the call "
-    "raises StoreUnavailableError (maybe_committed for a write)"))
 def test_postgres_frozen_server_is_a_typed_error_not_a_hang(private_cluster):
     cluster = private_cluster
     timeouts = {"connect_timeout": 1, "pool_timeout": 1, "statement_timeout": 1}

@@ -17,12 +17,17 @@ group_commit (true).
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+import os
 import re
+import socket
 import threading
+import time
 import uuid
 from collections import deque
+from contextlib import contextmanager
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
 import msgspec
@@ -295,6 +300,70 @@ def _encode_group(group: list) -> str:
     return _encode_json({"n": n, "g": members}).decode()
 
 
+#: A call gets no answer for statement_timeout + this (or + a quarter of statement_timeout if that is
+#: more) -> its connection is shut down from the client side (see _Watchdog). The server cancels a
+#: statement at statement_timeout and its error arrives at once; the margin covers the commit (not
+#: under statement_timeout) and the network. A server that is alive but frozen (SIGSTOP, a hung VM)
+#: keeps its sockets open and answers TCP keepalives, so only a client-side deadline ends the wait.
+CLIENT_DEADLINE_MARGIN = 2.0
+#: How often the watchdog looks at the calls in flight: the precision of the deadline.
+WATCHDOG_INTERVAL = 0.25
+
+
+class _Watchdog:
+    """Shuts down the socket of a connection whose call has run past its deadline.
+
+    A call registers (connection, deadline) before it sends anything and removes it when it is
+    done: two dict operations. One thread per store, started at the first call (again after a
+    fork), looks at the calls in flight every WATCHDOG_INTERVAL. Shutting the socket down (on a
+    duplicate of its descriptor, never closing the one libpq owns) wakes the waiting call with
+    "server closed the connection", which the store handles as a lost connection: a read raises
+    StoreUnavailableError, a write looks up whether it committed (maybe_committed if it cannot tell).
+    """
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+        self._calls: dict = {}
+        self._tokens = itertools.count()
+        self._pid = None
+        self._closed = threading.Event()
+
+    def watch(self, conn, statements: int = 1):
+        token = next(self._tokens)
+        self._calls[token] = (time.monotonic() + statements * self.seconds, conn)
+        if self._pid != os.getpid():  # first call, or the first in a forked child: (re)start the thread
+            self._pid = os.getpid()
+            threading.Thread(target=self._run, name="eventcore-pg-watchdog", daemon=True).start()
+        return token
+
+    def done(self, token) -> None:
+        self._calls.pop(token, None)
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _run(self) -> None:
+        pid = os.getpid()
+        while not self._closed.wait(WATCHDOG_INTERVAL) and self._pid == pid:
+            now = time.monotonic()
+            for token, (deadline, conn) in list(self._calls.items()):
+                if now > deadline and self._calls.pop(token, None) is not None:
+                    self._shut(conn)
+
+    def _shut(self, conn) -> None:
+        try:
+            fd = os.dup(conn.pgconn.socket)
+        except (OSError, psycopg.Error):
+            return  # already closed
+        log.warning("PostgreSQL gave no answer within %.1fs (statement_timeout + margin): "
+                    "shutting the connection down", self.seconds)
+        with socket.socket(fileno=fd) as sock:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
 def _conninfo_keys(dsn: str) -> set:
     """The parameters the DSN sets; ValidationError if libpq cannot parse it (before the pool tries to
     connect: psycopg_pool would log libpq's message, which may quote the password, at every attempt)."""
@@ -360,6 +429,8 @@ class PostgresStore(EventStore):
         self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
+        st = self.statement_timeout
+        self._watchdog = None if st == 0 else _Watchdog(st + max(CLIENT_DEADLINE_MARGIN, st / 4))
         given = _conninfo_keys(dsn)
         self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
@@ -440,6 +511,8 @@ class PostgresStore(EventStore):
 
     def close(self) -> None:
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
+        if self._watchdog is not None:
+            self._watchdog.close()
         self._pool.close()
 
     # -- schema ----------------------------------------------------------------------
@@ -518,9 +591,16 @@ class PostgresStore(EventStore):
 
     def _fetch(self, name_or_sql, params: tuple) -> list:
         query = self._sql.get(name_or_sql, name_or_sql)
+        wd = self._watchdog
         try:
             with self._pool.connection() as conn:
-                return conn.execute(query, params).fetchall()
+                if wd is None:
+                    return conn.execute(query, params).fetchall()
+                token = wd.watch(conn)
+                try:
+                    return conn.execute(query, params).fetchall()
+                finally:
+                    wd.done(token)
         except PoolTimeout as exc:
             raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
         except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
@@ -552,7 +632,15 @@ class PostgresStore(EventStore):
         try:
             with self._pool.connection() as conn:
                 backend = conn.info.backend_pid
-                rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
+                wd = self._watchdog
+                if wd is None:
+                    rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
+                else:
+                    token = wd.watch(conn)
+                    try:
+                        rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
+                    finally:
+                        wd.done(token)
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
                 out = []
@@ -644,7 +732,7 @@ class PostgresStore(EventStore):
         log.warning("connection lost during a write (backend %s); finding out whether it committed: %s",
                     backend_pid, cause)
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, self._watched(conn, statements=3):
                 if backend_pid is not None:
                     conn.execute(pg_sql.TERMINATE_BACKEND, (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
                     if conn.execute(pg_sql.BACKEND_ALIVE, (backend_pid,), prepare=False).fetchone()[0]:
@@ -660,6 +748,19 @@ class PostgresStore(EventStore):
                 "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
                 "match what was sent", maybe_committed=True) from cause
         return rows
+
+    @contextmanager
+    def _watched(self, conn, statements: int = 1):
+        """The block's calls on `conn` are shut down after `statements` x the client-side deadline."""
+        wd = self._watchdog
+        if wd is None:
+            yield
+            return
+        token = wd.watch(conn, statements)
+        try:
+            yield
+        finally:
+            wd.done(token)
 
     def _resolve_ambiguous(self, p: PreparedAppend, cause: Exception, backend_pid: int | None) -> list[RecordedEvent]:
         rows = self._find_committed(p.event_ids, cause, backend_pid)
@@ -678,7 +779,7 @@ class PostgresStore(EventStore):
         sent = False
         backend = None
         try:
-            with self._pool.connection() as conn:
+            with self._pool.connection() as conn, self._watched(conn, statements=3):
                 backend = conn.info.backend_pid
                 with conn.transaction():
                     before, first, at_us = conn.execute(
