@@ -8,6 +8,7 @@ atomically, with optimistic concurrency on every stream it read.
     ec.execute(store, Deposit(account=ec.StreamId("account-1"), amount=10))
 """
 from ._impl import IMPL as __impl__
+from ._pure.payloads import MAX_PAYLOAD_BYTES
 from .commands import Command, require
 from .errors import (
     BusinessRuleViolation,
@@ -45,6 +46,7 @@ from .streams import StreamId
 __version__ = "0.1.0"
 
 __all__ = [
+    "MAX_PAYLOAD_BYTES",
     "ANY",
     "BatchResult",
     "BusinessRuleViolation",
