@@ -37,3 +37,16 @@ def test_readme_least_privilege_grants_match_the_code():
     assert sorted(map(normalise, documented)) == sorted(map(normalise, [
         e for e in expected if "streams" not in e and "schema_migrations" not in e
     ] + ["GRANT SELECT ON eventcore.streams, eventcore.schema_migrations TO app"]))
+
+
+def test_reliability_doc_names_only_tests_that_exist():
+    """docs/reliability.md is the map from each promise to its tests: every test it names must exist."""
+    import re
+
+    doc = (ROOT / "docs" / "reliability.md").read_text()
+    defined = set()
+    for path in (ROOT / "tests").glob("test_*.py"):
+        defined |= set(re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M))
+    files = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("test_*.py")}
+    named = set(re.findall(r"\b(test_\w+)", doc)) - files
+    assert named and not named - defined, sorted(named - defined)
