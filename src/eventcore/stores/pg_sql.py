@@ -752,9 +752,11 @@ BEGIN
           FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
                jsonb_array_elements(m.doc->0) WITH ORDINALITY AS p(doc, ord)
     ), keys AS (
+        -- A scalar subquery with LIMIT, not EXISTS: the planner turned that EXISTS into a hashed
+        -- subplan reading every recorded key (an append with a key got slower with each key stored).
         SELECT m.ord::int AS m, m.doc->>2 AS key,
                m.doc->>2 IS NOT NULL
-                   AND (EXISTS (SELECT 1 FROM {s}.command_keys ck WHERE ck.key = m.doc->>2)
+                   AND (coalesce((SELECT true FROM {s}.command_keys ck WHERE ck.key = m.doc->>2 LIMIT 1), false)
                         OR row_number() OVER (PARTITION BY m.doc->>2 ORDER BY m.ord) > 1) AS dup
           FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord)
     ), members AS (
