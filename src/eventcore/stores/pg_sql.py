@@ -532,8 +532,10 @@ CREATE TABLE {s}.ingest_progress (
 -- until a later reservation on that stream writes them.
 -- SECURITY INVOKER (the default): current_user must be the writer's (the append functions' owner
 -- inside them), and the application role may read stream heads anyway.
+-- Lookups by key only (enable_seqscan off, scalar subqueries): a hash join could read the
+-- whole streams table for one COPY.
 CREATE FUNCTION {s}.check_inserted_events() RETURNS trigger
-LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_base bigint;
@@ -543,20 +545,20 @@ BEGIN
         RETURN NULL;
     END IF;
     v_base := (pg_current_xact_id()::text::bigint) << 20;
-    SELECT format('position %s, stream %L, version %s', n.position, n.stream_id, n.version) INTO v_bad
-      FROM new_events n
-     WHERE n.position < v_base OR n.position >= v_base + 1048576
+    -- One pass over the rows, grouped by stream; then one head lookup per stream. Per stream the
+    -- rows' versions must be hi - k + 1 .. hi with hi its head, moved by this transaction (a
+    -- version twice is refused by the (stream_id, version) key itself, so k rows span that range).
+    SELECT format('stream %L, versions %s..%s, positions %s..%s', r.stream_id, r.lo, r.hi, r.pmin, r.pmax)
+      INTO v_bad
+      FROM (SELECT g.*, (SELECT row(st.version, st.xmin = pg_current_xact_id()::xid)::text
+                           FROM {s}.streams st WHERE st.stream_id = g.stream_id) AS head
+              FROM (SELECT n.stream_id, min(n.version) AS lo, max(n.version) AS hi, count(*) AS k,
+                           min(n.position) AS pmin, max(n.position) AS pmax
+                      FROM new_events n GROUP BY n.stream_id) AS g) AS r
+     -- head: "(version,moved by this transaction)", or NULL when the stream has no head
+     WHERE r.pmin < v_base OR r.pmax >= v_base + 1048576
+        OR r.head IS DISTINCT FROM format('(%s,t)', r.hi) OR r.lo <> r.hi - r.k + 1
      LIMIT 1;
-    IF v_bad IS NULL THEN
-        SELECT format('stream %L, versions %s..%s', r.stream_id, r.lo, r.hi) INTO v_bad
-          FROM (SELECT n.stream_id, min(n.version) AS lo, max(n.version) AS hi, count(*) AS k,
-                       count(DISTINCT n.version) AS kd
-                  FROM new_events n GROUP BY n.stream_id) AS r
-          LEFT JOIN {s}.streams st ON st.stream_id = r.stream_id
-         WHERE st.version IS NULL OR st.xmin <> pg_current_xact_id()::xid
-            OR r.hi <> st.version OR r.lo <> st.version - r.k + 1 OR r.kd <> r.k
-         LIMIT 1;
-    END IF;
     IF v_bad IS NOT NULL THEN
         RAISE EXCEPTION 'eventcore: event rows (%) are not the slots reserve_append reserved in this transaction; '
                         'write events through eventcore', v_bad USING ERRCODE = 'EC403';
@@ -583,14 +585,15 @@ CREATE TABLE {s}.reservations (
 );
 
 CREATE FUNCTION {s}.check_reservation_written() RETURNS trigger
-LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp
+LANGUAGE plpgsql SECURITY DEFINER SET search_path = pg_catalog, pg_temp SET enable_seqscan = off SET jit = off
 AS $$
 DECLARE
     v_missing text;
 BEGIN
     SELECT format('%L up to version %s', r.s, r.v) INTO v_missing
       FROM unnest(NEW.streams, NEW.versions) AS r(s, v)
-     WHERE NOT EXISTS (SELECT 1 FROM {s}.events e WHERE e.stream_id = r.s AND e.version = r.v)
+     -- a scalar subquery per stream (an index probe), never an anti-join that could read the events table
+     WHERE (SELECT true FROM {s}.events e WHERE e.stream_id = r.s AND e.version = r.v LIMIT 1) IS NULL
      LIMIT 1;
     IF v_missing IS NOT NULL THEN
         RAISE EXCEPTION 'eventcore: stream % was reserved by reserve_append but its events were not written',
