@@ -1,7 +1,6 @@
 """Defects found by the review of idempotency keys, resumable ingest and the client-side deadline.
 
-Each test states the promised behaviour and is a strict xfail until the defect is fixed: when a
-fix lands the test passes, the strict xfail fails, and its marker is removed.
+Each test states the promised behaviour; each failed before its fix (they were strict xfails).
 """
 from __future__ import annotations
 
@@ -27,8 +26,6 @@ def _line(i: int) -> str:
     return '{"stream": "s", "type": "T", "data": {"i": %d}}\n' % i
 
 
-@pytest.mark.xfail(strict=True, reason="cli.default_resume_key hashes the first 64 KiB: a smaller file that grew "
-                   "gets a new key, so the rerun writes every earlier line again (README: 'a log that only grew keeps it')")
 def test_cli_rerun_on_a_small_file_that_grew_writes_only_the_new_lines(tmp_path):
     db, path = str(tmp_path / "s.db"), str(tmp_path / "in.jsonl")
     with open(path, "w") as f:
@@ -41,8 +38,6 @@ def test_cli_rerun_on_a_small_file_that_grew_writes_only_the_new_lines(tmp_path)
         assert store.stream_version("s") == 4
 
 
-@pytest.mark.xfail(strict=True, reason="fixing the bad line that stopped `eventcore ingest` changes the default "
-                   "resume key (it is in the first 64 KiB), so the rerun writes the committed batches again")
 def test_cli_rerun_after_fixing_the_bad_line_writes_each_line_once(tmp_path):
     db, path = str(tmp_path / "s.db"), str(tmp_path / "in.jsonl")
     with open(path, "w") as f:
@@ -57,8 +52,6 @@ def test_cli_rerun_after_fixing_the_bad_line_writes_each_line_once(tmp_path):
         assert store.stream_version("s") == 5
 
 
-@pytest.mark.xfail(strict=True, reason="ingest(resume_key=...) checks `expected` again in the resumed run, against "
-                   "streams the first run already wrote: the documented 'run it again with the same key' fails")
 def test_resumed_ingest_with_expected_finishes():
     store = ec.connect("memory://")
     items = [("a", Deposited(amount=i, balance=i)) for i in range(5)]
@@ -75,8 +68,6 @@ def test_resumed_ingest_with_expected_finishes():
     assert store.stream_version("a") == 5
 
 
-@pytest.mark.xfail(strict=True, reason="two runs of one resumable ingest at once (cron overlap, a rerun while the "
-                   "first is still alive) both write what neither had committed: nothing excludes them")
 def test_two_overlapping_runs_under_one_resume_key_write_each_item_once():
     store = ec.connect("memory://")
     items = [("a", Deposited(amount=i, balance=i)) for i in range(6)]
@@ -90,17 +81,33 @@ def test_two_overlapping_runs_under_one_resume_key_write_each_item_once():
                 second_done.wait(30)
             yield item
 
-    first = threading.Thread(target=lambda: store.ingest(first_input(), batch_size=2, resume_key="r"))
+    outcome: list = []
+
+    def run_first():
+        try:
+            outcome.append(store.ingest(first_input(), batch_size=2, resume_key="r"))
+        except ec.IngestError as exc:
+            outcome.append(exc)
+
+    first = threading.Thread(target=run_first)
     first.start()
     assert first_reading.wait(30)
-    store.ingest(items, batch_size=2, resume_key="r")
-    second_done.set()
+    try:
+        outcome.append(store.ingest(items, batch_size=2, resume_key="r"))
+    except ec.IngestError as exc:
+        outcome.append(exc)
+    finally:
+        second_done.set()
     first.join(30)
-    assert store.stream_version("a") == 6
+    assert not first.is_alive()
+    # Whichever run's batch came second on a lane was refused (nothing of it written); the other
+    # finished, or a rerun finishes: every item once.
+    refused = [o for o in outcome if isinstance(o, ec.IngestError)]
+    assert len(refused) == 1 and "must not overlap" in str(refused[0]), outcome
+    store.ingest(items, batch_size=2, resume_key="r")
+    assert [e.data.amount for e in store.read_stream("a")] == list(range(6))
 
 
-@pytest.mark.xfail(strict=True, reason="append_group reports a member as a duplicate when an earlier member of the "
-                   "group with the same key was refused: nothing is recorded under the key, nothing written")
 def test_group_member_with_the_key_of_a_refused_member_is_written(pg_dsn, pg_schema):
     with ec.connect(pg_dsn, schema=pg_schema) as store:
         store.append([ec.emit("s1", Deposited(amount=1, balance=1))])
@@ -114,8 +121,6 @@ def test_group_member_with_the_key_of_a_refused_member_is_written(pg_dsn, pg_sch
         assert store.recorded_command("K") is not None
 
 
-@pytest.mark.xfail(strict=True, reason="_Watchdog after fork keeps the parent's in-flight calls: the child's "
-                   "watchdog thread shuts down the parent's (shared) socket when their deadline passes")
 def test_a_forked_child_never_shuts_the_parents_connections(pg_dsn, pg_schema):
     import psycopg
 
@@ -135,3 +140,43 @@ def test_a_forked_child_never_shuts_the_parents_connections(pg_dsn, pg_schema):
         slow.join()
         os.waitpid(pid, 0)
         assert store.head_position() >= 0  # now: StoreUnavailableError, server closed the connection
+
+
+def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, pg_schema):
+    """A deployment at schema version 3 whose application role got the grants of that time: migrating
+    to the current version grants it what the new tables need (idempotency keys, resumable ingest)."""
+    import uuid
+
+    import psycopg
+    from psycopg import sql
+
+    from eventcore.stores import pg_sql
+    from pgserver import url_as
+
+    role, password = f"app_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        with admin.transaction():  # the schema as eventcore 3 left it
+            admin.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, pg_schema))
+            admin.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, pg_schema))
+            for version, description, body in pg_sql.MIGRATIONS[:3]:
+                admin.execute(pg_sql.q(body, pg_schema))
+                admin.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, pg_schema), (version, description))
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        for statement in pg_sql.least_privilege_grants(pg_schema, role):
+            if "command_keys" not in statement.as_string(admin) and "ingest_progress" not in statement.as_string(admin):
+                admin.execute(statement)
+    try:
+        ec.connect(pg_dsn, schema=pg_schema).close()  # the owner upgrades
+        with ec.connect(url_as(pg_dsn, role, password), schema=pg_schema, migrate=False) as app:
+            first = app.append([ec.emit("up", Deposited(amount=1))], idempotency_key="k")
+            with pytest.raises(ec.DuplicateCommandError) as info:
+                app.append([ec.emit("up", Deposited(amount=1))], idempotency_key="k")
+            assert [e.event_id for e in info.value.events] == [e.event_id for e in first]
+            items = [("up-ingest", Deposited(amount=i)) for i in range(10)]
+            assert app.ingest(items, resume_key="r").events == 10
+            assert app.ingest(items, resume_key="r").skipped == 10
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))

@@ -102,7 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
     ingest.add_argument("--resume-key", metavar="KEY",
                         help="name under which each batch records how far the file is committed (default: "
-                             "derived from the file's path and first 64 KiB); running again with the same key "
+                             "derived from the file's path and first line); running again with the same key "
                              "skips what is committed")
     ingest.add_argument("--no-resume", action="store_true",
                         help="neither skip nor record progress: write every line again")
@@ -183,22 +183,32 @@ def _cmd_migrate(args) -> int:
     return 0
 
 
-#: Bytes of the input hashed into its default resume key: enough to tell two different files apart
-#: at one path (a rotated log), while a file that only grew keeps its key (its new lines are ingested).
+#: Most bytes of the input's first line hashed into its default resume key.
 RESUME_FINGERPRINT_BYTES = 64 * 1024
 
 
 def default_resume_key(path: str) -> str:
-    """`file:<name>:<hash of the absolute path>:<hash of the first 64 KiB>` (at most ~150 characters)."""
+    """`file:<name>:<hash of the absolute path>:<hash of the first line>` (at most ~150 characters).
+
+    The first line, not more: a log that grew, or whose bad line (never the first: a bad first line
+    commits nothing) was fixed, keeps its key and resumes; another file at the same path (a rotated
+    log) starts with another event and gets another key. Gzip files: the first decompressed line.
+    """
+    import gzip
     import hashlib
 
     real = os.path.realpath(path)
-    with open(real, "rb") as f:
-        head = f.read(RESUME_FINGERPRINT_BYTES)
+    with open(real, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    try:
+        with (gzip.open(real, "rb") if gzipped else open(real, "rb")) as f:
+            first = f.readline(RESUME_FINGERPRINT_BYTES)
+    except (OSError, EOFError):  # a corrupt .gz: the reader reports it; the key needs only to be stable
+        first = b""
     path_hash = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     name = os.path.basename(real)[:100].encode("ascii", "replace").decode()
     name = "".join(c if c.isprintable() else "?" for c in name)
-    return f"file:{name}:{path_hash}:{hashlib.sha256(head).hexdigest()[:16]}"
+    return f"file:{name}:{path_hash}:{hashlib.sha256(first).hexdigest()[:16]}"
 
 
 def _cmd_ingest(args) -> int:

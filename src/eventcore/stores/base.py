@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import msgspec
 
 from .. import _impl
-from ..errors import DuplicateCommandError, EventCoreError, ValidationError
+from ..errors import ConcurrencyError, DuplicateCommandError, EventCoreError, ValidationError
 from ..events import (
     EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event, validate_type_name,
 )
@@ -67,7 +67,9 @@ class PreparedAppend:
         #: a key already recorded makes the backend raise DuplicateCommandError, writing nothing.
         self.key = None
         #: Ingest progress to record in the same transaction, or None: (resume key, lane, lanes,
-        #: input items of this lane committed once this batch is).
+        #: input items of this lane committed once this batch is, the count this run last saw).
+        #: The backend writes it only if the stored count is still the last one seen (else
+        #: ingest_overlap(), writing nothing): two runs of one ingest cannot both write an item.
         self.progress = None
 
     def __len__(self) -> int:
@@ -156,6 +158,16 @@ def validate_idempotency_key(value: object) -> str:
         return str(_stream_id(value))
     except ValidationError as exc:
         raise ValidationError(str(exc).replace("stream id", "idempotency key", 1)) from None
+
+
+def ingest_overlap(progress: tuple, actual: int | None = None) -> ConcurrencyError:
+    """The error of an ingest batch whose resume progress another run moved meanwhile."""
+    key, lane, _, _, before = progress
+    return ConcurrencyError(
+        f"ingest {key!r} lane {lane}", before, before if actual is None else actual,
+        f"another run of ingest {key!r} committed part of the input meanwhile (lane {lane}: this run "
+        f"expected {before:,} items committed{'' if actual is None else f', found {actual:,}'}); two runs "
+        "of one resumable ingest must not overlap: nothing of this batch was written")
 
 
 class StoreHealth(msgspec.Struct, frozen=True):
@@ -545,6 +557,7 @@ class EventStore(ABC):
                 for lane_no, (_, items_done) in recorded.items():
                     done[lane_no] = items_done
         skipped = 0
+        rebase: set = set()  # streams in `expected` that an earlier run of this ingest already wrote
         started = time.perf_counter()
         state = {"events": 0, "batches": 0, "first": 0, "last": 0}
         lock = threading.Lock()
@@ -560,6 +573,17 @@ class EventStore(ABC):
         ingest_run = None if m is None else m._op_start(self, "ingest", None)
 
         def write(sids: list, evs: list, mds: list, start: int, progress) -> None:
+            with lock:
+                moved = [sid for sid in dict.fromkeys(sids) if sid in rebase]
+            if moved:
+                try:
+                    current = self.stream_versions(moved)
+                except EventCoreError as exc:
+                    raise _BatchFailed(start, exc) from exc
+                with lock:
+                    for sid in moved:
+                        checks[sid] = current[sid]
+                        rebase.discard(sid)
             with lock:
                 exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
             run = None if m is None else m._op_start(self, "ingest_batch", None)
@@ -583,7 +607,11 @@ class EventStore(ABC):
                 on_batch(total)
 
         def flush(lane_no: int, lane: "_Lane") -> None:
-            progress = None if resume_key is None else (resume_key, lane_no, parallel, lane.last + 1)
+            progress = None
+            if resume_key is not None:
+                # Lanes write one batch at a time, so the previous batch's count is the one stored.
+                progress = (resume_key, lane_no, parallel, lane.last + 1, done[lane_no])
+                done[lane_no] = lane.last + 1
             batch = (lane.sids, lane.evs, lane.mds, lane.start, progress)
             lane.sids, lane.evs, lane.mds = [], [], []
             if lane.pending is not None:
@@ -603,6 +631,11 @@ class EventStore(ABC):
                 lane_no = zlib.crc32(sid.encode()) % parallel if parallel > 1 else 0
                 if index < done[lane_no]:
                     skipped += 1
+                    if sid in checks and sid not in rebase:
+                        # An earlier run wrote this stream (and checked `expected` then): from here
+                        # on it is checked against the version it has when this run first writes it.
+                        with lock:
+                            rebase.add(sid)
                     continue
                 lane = lanes[lane_no]
                 if not lane.sids:
@@ -639,6 +672,7 @@ class EventStore(ABC):
         if failure is not None:
             item, in_batch, cause = failure
             where = f"the batch starting with item {item}" if in_batch else f"item {item}"
+            unsure = in_batch and getattr(cause, "maybe_committed", False)
             if resume_key is not None:
                 lanes_note = f"; run it again with resume_key={resume_key!r} to finish it"
             elif parallel > 1:
@@ -646,9 +680,11 @@ class EventStore(ABC):
                               "batches were not written): pass a resume_key to make an ingest resumable")
             else:
                 lanes_note = ""
+            fate = ("that batch may or may not have committed (the connection was lost after it was sent)"
+                    if unsure else f"none of {'that' if in_batch else 'its'} batch")
             raise IngestError(
-                f"ingest stopped at {where}: {cause} ({state['events']:,} events committed, "
-                f"none of {'that' if in_batch else 'its'} batch{lanes_note})",
+                f"ingest stopped at {where}: {cause} ({state['events']:,} events committed before it, "
+                f"{fate}{lanes_note})",
                 state["events"], item,
             ) from cause
         return IngestResult(state["events"], state["batches"], state["first"], state["last"],

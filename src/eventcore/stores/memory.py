@@ -12,7 +12,7 @@ import threading
 from .. import _impl
 from ..errors import DuplicateCommandError
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream
+from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 
 
 class MemoryStore(EventStore):
@@ -39,6 +39,11 @@ class MemoryStore(EventStore):
                 raise DuplicateCommandError(p.key)
             current = {sid: len(streams.get(sid, ())) for sid in p.expected}
             _impl.check_expected_versions(p.expected, current)
+            if p.progress is not None:
+                key, lane, lanes, items, before = p.progress
+                stored = self._progress.get(key, {}).get(lane, (lanes, 0))[1]
+                if stored != before:
+                    raise ingest_overlap(p.progress, stored)
             versions = _impl.assign_versions(p.stream_ids, current)
             rows = self._rows
             first = len(rows) + 1
@@ -55,7 +60,6 @@ class MemoryStore(EventStore):
             if p.key is not None and len(p):
                 self._keys[p.key] = (first, len(p))
             if p.progress is not None:
-                key, lane, lanes, items = p.progress
                 self._progress.setdefault(key, {})[lane] = (lanes, items)
         return p.recorded(versions, positions)
 

@@ -759,10 +759,9 @@ BEGIN
         -- subplan reading every recorded key (an append with a key got slower with each key stored).
         SELECT m.ord::int AS m, m.doc->>2 AS key,
                m.doc->>2 IS NOT NULL
-                   AND (coalesce((SELECT true FROM {s}.command_keys ck WHERE ck.key = m.doc->>2 LIMIT 1), false)
-                        OR row_number() OVER (PARTITION BY m.doc->>2 ORDER BY m.ord) > 1) AS dup
+                   AND coalesce((SELECT true FROM {s}.command_keys ck WHERE ck.key = m.doc->>2 LIMIT 1), false) AS dup
           FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord)
-    ), members AS (
+    ), checked AS (
         SELECT h.m, array_agg(h.h ORDER BY h.o) AS heads, min(k.key) AS key,
                CASE WHEN bool_or(k.dup) THEN json_build_object('duplicate', min(k.key))::text
                     ELSE (array_agg(json_build_object('stream_id', h.s, 'expected', h.e, 'actual', h.h)::text
@@ -770,6 +769,15 @@ BEGIN
                             FILTER (WHERE h.e <> -1 AND ((h.e = -2 AND h.h = 0) OR (h.e >= 0 AND h.h <> h.e))))[1]
                END AS conflict
           FROM heads h JOIN keys k ON k.m = h.m GROUP BY h.m
+    ), members AS (
+        -- A key shared by members of this group (the client never groups them; a caller could): only
+        -- the first member with it that passes its checks writes; the later ones are duplicates of it.
+        SELECT c.m, c.heads, c.key,
+               CASE WHEN c.conflict IS NULL AND c.key IS NOT NULL AND EXISTS (
+                        SELECT 1 FROM checked e WHERE e.key = c.key AND e.m < c.m AND e.conflict IS NULL)
+                    THEN json_build_object('duplicate', c.key)::text
+                    ELSE c.conflict END AS conflict
+          FROM checked c
     ), numbered AS (
         SELECT ev.m, ev.n, ev.s, ev.id, ev.t, ev.d, ev.md,
                (SELECT h.h FROM heads h WHERE h.m = ev.m AND h.s = ev.s)
@@ -854,9 +862,11 @@ RECORDED_COMMAND = (
     "WHERE position >= k.f AND position < k.f + k.c ORDER BY position"
 )
 INGEST_PROGRESS = "SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s"
+# Compare-and-set (see PreparedAppend.progress): no row back -> another run moved this lane's count.
 RECORD_PROGRESS = (
     "INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()"
+    "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now() "
+    "WHERE p.items = %s RETURNING p.items"
 )
 
 
@@ -881,6 +891,13 @@ def read_all_sql(with_types: bool, with_prefix: bool) -> str:
 
 
 MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s))"
+# Roles that may INSERT into the events table (both parameters: its quoted name), other than its owner
+# and superusers: the application roles least_privilege_grants was given to.
+APPLICATION_ROLES = (
+    "SELECT r.rolname FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper "
+    "AND r.oid <> (SELECT c.relowner FROM pg_class c WHERE c.oid = %s::regclass) "
+    "AND has_table_privilege(r.oid, %s::regclass, 'INSERT') ORDER BY 1"
+)
 CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {s}"
 CREATE_MIGRATIONS = (
     "CREATE TABLE IF NOT EXISTS {s}.schema_migrations ("

@@ -35,6 +35,7 @@ import msgspec
 try:
     import psycopg
     from psycopg import errors as pg_errors
+    from psycopg import sql
     from psycopg_pool import ConnectionPool, PoolTimeout
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
     raise ImportError(
@@ -54,7 +55,7 @@ from ..errors import (
 from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
-from .base import EventStore, PreparedAppend, group_by_stream
+from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 
 log = logging.getLogger("eventcore.store.postgres")
 
@@ -326,42 +327,62 @@ class _Watchdog:
         self._calls: dict = {}
         self._tokens = itertools.count()
         self._pid = None
+        self._lock = threading.Lock()  # a call's end and its shutdown never cross (see _run)
         self._closed = threading.Event()
 
     def watch(self, conn, statements: int = 1):
         token = next(self._tokens)
-        self._calls[token] = (time.monotonic() + statements * self.seconds, conn)
-        if self._pid != os.getpid():  # first call, or the first in a forked child: (re)start the thread
-            self._pid = os.getpid()
-            threading.Thread(target=self._run, name="eventcore-pg-watchdog", daemon=True).start()
+        deadline = time.monotonic() + statements * self.seconds
+        if self._pid != os.getpid():
+            self._restart()
+        self._calls[token] = (deadline, conn)
         return token
 
     def done(self, token) -> None:
-        self._calls.pop(token, None)
+        with self._lock:
+            self._calls.pop(token, None)
 
     def close(self) -> None:
         self._closed.set()
+
+    def _restart(self) -> None:
+        # The first call, or the first in a forked child: the parent's calls in flight are not
+        # this process's (shutting their inherited sockets would cut the parent's connections).
+        with self._lock:
+            if self._pid != os.getpid():
+                self._calls.clear()
+                self._pid = os.getpid()
+                threading.Thread(target=self._run, name="eventcore-pg-watchdog", daemon=True).start()
 
     def _run(self) -> None:
         pid = os.getpid()
         while not self._closed.wait(WATCHDOG_INTERVAL) and self._pid == pid:
             now = time.monotonic()
-            for token, (deadline, conn) in list(self._calls.items()):
-                if now > deadline and self._calls.pop(token, None) is not None:
-                    self._shut(conn)
+            late = []
+            for token, (deadline, _) in list(self._calls.items()):
+                if now > deadline:
+                    # Under the lock: the call cannot end (and hand its connection back to the
+                    # pool, to another caller) between the check and the shutdown.
+                    with self._lock:
+                        call = self._calls.pop(token, None)
+                        if call is not None and self._shut(call[1]):
+                            late.append(token)
+            if late:
+                log.warning("PostgreSQL gave no answer within %.1fs (statement_timeout + margin): "
+                            "shut down %d connection(s)", self.seconds, len(late))
 
-    def _shut(self, conn) -> None:
+    @staticmethod
+    def _shut(conn) -> bool:
         try:
             fd = os.dup(conn.pgconn.socket)
         except (OSError, psycopg.Error):
-            return  # already closed
-        log.warning("PostgreSQL gave no answer within %.1fs (statement_timeout + margin): "
-                    "shutting the connection down", self.seconds)
+            return False  # already closed
         with socket.socket(fileno=fd) as sock:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
-                pass
+                return False
+        return True
 
 
 def _conninfo_keys(dsn: str) -> set:
@@ -540,6 +561,8 @@ class PostgresStore(EventStore):
                             log.info("schema %r: applying migration %d (%s)", s, version, description)
                             conn.execute(pg_sql.q(body, s), prepare=False)
                             conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, s), (version, description), prepare=False)
+                    if 0 < current < pg_sql.SCHEMA_VERSION:
+                        self._regrant(conn)
             return pg_sql.SCHEMA_VERSION
         except EventCoreError:
             raise
@@ -547,6 +570,17 @@ class PostgresStore(EventStore):
             raise StoreUnavailableError(f"migration of schema {s!r} failed: {exc}") from exc
         except PoolTimeout as exc:
             raise StoreUnavailableError(f"no PostgreSQL connection for the migration: {exc}") from exc
+
+    def _regrant(self, conn) -> None:
+        """After an upgrade: application roles (those, other than the owner, that may INSERT events)
+        get least_privilege_grants again, so they can use the new tables (e.g. migration 4's
+        command_keys and ingest_progress) without an administrator re-running the grants."""
+        events = sql.Identifier(self.schema, "events").as_string(conn)
+        roles = [r[0] for r in conn.execute(pg_sql.APPLICATION_ROLES, (events, events), prepare=False)]
+        for role in roles:
+            log.info("schema %r: granting role %r what the new schema version needs", self.schema, role)
+            for statement in pg_sql.least_privilege_grants(self.schema, role):
+                conn.execute(statement, prepare=False)
 
     def schema_version(self) -> int:
         """The migration version of this store's schema (0: not created)."""
@@ -606,7 +640,11 @@ class PostgresStore(EventStore):
         except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
             raise StoreTimeoutError(
                 f"PostgreSQL read cancelled after statement_timeout={self.statement_timeout}s: {exc}") from exc
-        except psycopg.OperationalError as exc:
+        except pg_errors.InsufficientPrivilege as exc:
+            raise StoreUnavailableError(
+                f"PostgreSQL refused the read: {exc} (grant the role eventcore.stores.pg_sql.least_privilege_grants "
+                "for this schema)") from exc
+        except psycopg.Error as exc:
             raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
 
     # -- writing -----------------------------------------------------------------------
@@ -725,6 +763,9 @@ class PostgresStore(EventStore):
         StoreUnavailableError, safe to retry; unknown (server away, backend not
         confirmed gone) -> StoreUnavailableError(maybe_committed=True).
         """
+        if not event_ids:  # a check-only call: whatever happened, it wrote nothing
+            raise StoreUnavailableError(
+                f"PostgreSQL connection lost during a check-only append; nothing was written: {cause}") from cause
         unknown = StoreUnavailableError(
             f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
             maybe_committed=True,
@@ -787,11 +828,11 @@ class PostgresStore(EventStore):
                         (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
                     ).fetchone()
                     heads = dict(zip(streams, before))
+                    if progress is not None and not conn.execute(self._sql["RECORD_PROGRESS"], progress).fetchall():
+                        raise ingest_overlap(progress)  # leaves the transaction: nothing is written
                     with conn.cursor().copy(self._sql["COPY_EVENTS"]) as copy:
                         event_ids = fill(copy, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed
-                    if progress is not None:
-                        conn.execute(self._sql["RECORD_PROGRESS"], progress)
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
                 rows = self._find_committed(event_ids, exc, backend)

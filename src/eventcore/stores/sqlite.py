@@ -22,7 +22,7 @@ import msgspec
 from .. import _impl
 from ..errors import DuplicateCommandError, StoreTimeoutError, StoreUnavailableError, ValidationError
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream
+from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 
 log = logging.getLogger("eventcore.store.sqlite")
 
@@ -89,10 +89,11 @@ _SQL_RECORDED_COMMAND = (
     f"SELECT {_COLUMNS} FROM events, (SELECT first_position AS f, event_count AS c FROM command_keys WHERE key = ?) "
     "WHERE position >= f AND position < f + c ORDER BY position"
 )
+# Compare-and-set: written only if the stored count is the one this run last saw (see PreparedAppend.progress).
 _SQL_RECORD_PROGRESS = (
     "INSERT INTO ingest_progress (key, lane, lanes, items, updated_at) VALUES (?, ?, ?, ?, ?) "
     "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, "
-    "updated_at = excluded.updated_at"
+    "updated_at = excluded.updated_at WHERE items = ?"
 )
 _SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
 
@@ -254,7 +255,9 @@ class SQLiteStore(EventStore):
                 if p.key is not None and len(p):
                     conn.execute(_SQL_RECORD_KEY, (p.key, head + 1, len(p), at))
                 if p.progress is not None:
-                    conn.execute(_SQL_RECORD_PROGRESS, (*p.progress, at))
+                    key, lane, lanes, items, before = p.progress
+                    if conn.execute(_SQL_RECORD_PROGRESS, (key, lane, lanes, items, at, before)).rowcount != 1:
+                        raise ingest_overlap(p.progress)
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
             raise _store_error(exc, f"SQLite append failed on {self.path!r}; nothing was written") from exc
