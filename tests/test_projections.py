@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import eventcore as ec
+from waiting import wait_until
 from conftest import BACKENDS
 from eventcore.cli import main
 
@@ -33,18 +34,6 @@ class Counted(ec.Event):
 class Noise(ec.Event):
     __event_type__ = "projtest.Noise"
     text: str
-
-
-def wait_until(cond, timeout: float = DEADLINE, what: str = "condition"):
-    """Poll `cond` until it is true (no timing assertions: the deadline only bounds a hang)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
 
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])

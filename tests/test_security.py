@@ -21,7 +21,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 import traceback
 import types
 import uuid
@@ -31,6 +30,7 @@ import msgspec
 import pytest
 
 import eventcore as ec
+from waiting import wait_until
 from eventcore.cli import main
 from eventcore.jsonl import JsonLinesReader
 from pgserver import url_as as _url_as
@@ -94,15 +94,6 @@ def _metadata(h: str) -> ec.Metadata:
 
 def _envelopes(events) -> list:
     return [(e.stream_id, e.version, e.position, e.event_id, e.type, e.data, e.metadata) for e in events]
-
-
-def wait_until(cond, what: str):
-    """Poll `cond` until true (the deadline only bounds a hang; nothing is timed)."""
-    deadline = time.monotonic() + DEADLINE
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)
 
 
 # -- 1. hostile values, every backend ----------------------------------------------------------------
