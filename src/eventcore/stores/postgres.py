@@ -26,6 +26,7 @@ import socket
 import threading
 import time
 import uuid
+import weakref
 from collections import deque
 from contextlib import contextmanager
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
@@ -315,48 +316,55 @@ class _Watchdog:
     """Shuts down the socket of a connection whose call has run past its deadline.
 
     A call registers (connection, deadline) before it sends anything and removes it when it is
-    done: two dict operations. One thread per store, started at the first call (again after a
-    fork), looks at the calls in flight every WATCHDOG_INTERVAL. Shutting the socket down (on a
+    done: two dict operations. One thread per store, started at the first call (again in a forked
+    child), looks at the calls in flight every WATCHDOG_INTERVAL. Shutting the socket down (on a
     duplicate of its descriptor, never closing the one libpq owns) wakes the waiting call with
     "server closed the connection", which the store handles as a lost connection: a read raises
     StoreUnavailableError, a write looks up whether it committed (maybe_committed if it cannot tell).
+    `seconds` None (statement_timeout 0): no deadline, watch() and done() do nothing.
     """
 
-    def __init__(self, seconds: float) -> None:
+    def __init__(self, seconds: float | None) -> None:
         self.seconds = seconds
         self._calls: dict = {}
         self._tokens = itertools.count()
-        self._pid = None
+        self._started = False
         self._lock = threading.Lock()  # a call's end and its shutdown never cross (see _run)
         self._closed = threading.Event()
+        _WATCHDOGS.add(self)
 
     def watch(self, conn, statements: int = 1):
+        if self.seconds is None:
+            return None
         token = next(self._tokens)
-        deadline = time.monotonic() + statements * self.seconds
-        if self._pid != os.getpid():
-            self._restart()
-        self._calls[token] = (deadline, conn)
+        if not self._started:
+            self._start()
+        self._calls[token] = (time.monotonic() + statements * self.seconds, conn)
         return token
 
     def done(self, token) -> None:
-        with self._lock:
-            self._calls.pop(token, None)
+        if token is not None:
+            with self._lock:
+                self._calls.pop(token, None)
 
     def close(self) -> None:
         self._closed.set()
 
-    def _restart(self) -> None:
-        # The first call, or the first in a forked child: the parent's calls in flight are not
-        # this process's (shutting their inherited sockets would cut the parent's connections).
+    def _start(self) -> None:
         with self._lock:
-            if self._pid != os.getpid():
-                self._calls.clear()
-                self._pid = os.getpid()
+            if not self._started:
+                self._started = True
                 threading.Thread(target=self._run, name="eventcore-pg-watchdog", daemon=True).start()
 
+    def _after_fork(self) -> None:
+        # The child has no watchdog thread, and the parent's calls in flight are not its own (shutting
+        # their inherited sockets would cut the parent's connections).
+        self._lock = threading.Lock()
+        self._calls.clear()
+        self._started = False
+
     def _run(self) -> None:
-        pid = os.getpid()
-        while not self._closed.wait(WATCHDOG_INTERVAL) and self._pid == pid:
+        while not self._closed.wait(WATCHDOG_INTERVAL):
             now = time.monotonic()
             late = []
             for token, (deadline, _) in list(self._calls.items()):
@@ -383,6 +391,11 @@ class _Watchdog:
             except OSError:
                 return False
         return True
+
+
+_WATCHDOGS: "weakref.WeakSet[_Watchdog]" = weakref.WeakSet()
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=lambda: [w._after_fork() for w in list(_WATCHDOGS)])
 
 
 def _conninfo_keys(dsn: str) -> set:
@@ -451,7 +464,7 @@ class PostgresStore(EventStore):
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
         st = self.statement_timeout
-        self._watchdog = None if st == 0 else _Watchdog(st + max(CLIENT_DEADLINE_MARGIN, st / 4))
+        self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
         given = _conninfo_keys(dsn)
         self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
@@ -532,8 +545,7 @@ class PostgresStore(EventStore):
 
     def close(self) -> None:
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
-        if self._watchdog is not None:
-            self._watchdog.close()
+        self._watchdog.close()
         self._pool.close()
 
     # -- schema ----------------------------------------------------------------------
@@ -628,8 +640,6 @@ class PostgresStore(EventStore):
         wd = self._watchdog
         try:
             with self._pool.connection() as conn:
-                if wd is None:
-                    return conn.execute(query, params).fetchall()
                 token = wd.watch(conn)
                 try:
                     return conn.execute(query, params).fetchall()
@@ -671,14 +681,11 @@ class PostgresStore(EventStore):
             with self._pool.connection() as conn:
                 backend = conn.info.backend_pid
                 wd = self._watchdog
-                if wd is None:
+                token = wd.watch(conn)
+                try:
                     rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
-                else:
-                    token = wd.watch(conn)
-                    try:
-                        rows = conn.execute(self._sql["APPEND_GROUP"], (doc,)).fetchall()
-                    finally:
-                        wd.done(token)
+                finally:
+                    wd.done(token)
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
                 out = []
@@ -794,9 +801,6 @@ class PostgresStore(EventStore):
     def _watched(self, conn, statements: int = 1):
         """The block's calls on `conn` are shut down after `statements` x the client-side deadline."""
         wd = self._watchdog
-        if wd is None:
-            yield
-            return
         token = wd.watch(conn, statements)
         try:
             yield
