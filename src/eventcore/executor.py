@@ -455,9 +455,9 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
     try:
         return _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
                          ambiguous)
-    except BusinessRuleViolation:
-        raise  # decided after looking the key up: the ambiguous attempt did not commit
     except (StoreUnavailableError, CommandTimeoutError, ConcurrencyError) as exc:
+        # (Not BusinessRuleViolation: the key is looked up before one is raised, so an ambiguous
+        # attempt before it did not commit.)
         if not ambiguous or getattr(exc, "maybe_committed", False):
             raise
         # A later attempt's failure must not hide that an earlier one may have committed.

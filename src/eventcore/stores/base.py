@@ -691,8 +691,9 @@ class EventStore(ABC):
                             time.perf_counter() - started, skipped)
 
     def _ingest_progress(self, key: str) -> dict:
-        """lane -> (lanes, input items committed) recorded under an ingest resume key ({} if none)."""
-        return {}
+        """lane -> (lanes, input items committed) recorded under an ingest resume key ({} if none).
+        A backend that records PreparedAppend.progress overrides this; the others refuse resume keys."""
+        raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
 
     def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
                       progress=None) -> tuple[int, int, dict]:
