@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import threading
 
+import msgspec
+
 import pytest
 
 import eventcore as ec
@@ -216,3 +218,173 @@ def test_transfers_from_threads_through_one_cache_conserve_money(store):
     assert sum(balance(store, a) for a in accounts) == 5000
     assert all(balance(store, a) >= 0 for a in accounts)
     assert_gap_free(store)
+
+
+# -- decisions that write nothing: refusals, no-ops, errors -------------------------------------
+
+
+class LimitSet(ec.Event):
+    __event_type__ = "test.cache.LimitSet"
+    limit: int
+
+
+class SetLimit(ec.Command):
+    """Emits only when the limit changes: a no-op decision when the state already matches."""
+
+    account: ec.StreamId
+    limit: int
+
+    def initial_state(self):
+        return None
+
+    def apply(self, state, event):
+        return event.data.limit if isinstance(event.data, LimitSet) else state
+
+    def handle(self, state):
+        return [] if state == self.limit else [ec.emit(self.account, LimitSet(limit=self.limit))]
+
+
+class LimitedWithdraw(ec.Command):
+    """Raises a plain error (not a refusal) when the account has no limit set yet."""
+
+    account: ec.StreamId
+
+    def initial_state(self):
+        return None
+
+    def apply(self, state, event):
+        return event.data.limit if isinstance(event.data, LimitSet) else state
+
+    def handle(self, state):
+        if state is None:
+            raise LookupError("no limit set")
+        return [ec.emit(self.account, Withdrawn(amount=state))]
+
+
+def _writer_behind_the_cache(store, request, how: str):
+    """A function (stream, event) that writes without the cache: through the same store object, through
+    another store object on the same database, or from another process."""
+    if how == "same store":
+        return lambda sid, event: store.append([ec.emit(sid, event)])
+    if store.scheme == "memory":  # a memory store is one object: nothing else can reach it
+        return lambda sid, event: store.append([ec.emit(sid, event)])
+    if store.scheme == "sqlite":
+        url, options = store.url, {}
+    else:
+        url, options = request.getfixturevalue("pg_dsn"), {"schema": store.schema}
+    if how == "another store":
+        def write(sid, event):
+            with ec.connect(url, **options) as other:
+                other.append([ec.emit(sid, event)])
+        return write
+
+    def write_from_process(sid, event):
+        import subprocess
+        import sys
+        from pathlib import Path
+
+        code = (
+            "import sys, msgspec, eventcore as ec, test_cache as t\n"
+            "url, options, sid, type_name, data = msgspec.json.decode(sys.argv[1])\n"
+            "cls = {c.__event_type__: c for c in (t.Deposited, t.Withdrawn, t.LimitSet)}[type_name]\n"
+            "with ec.connect(url, **options) as s:\n"
+            "    s.append([ec.emit(sid, msgspec.convert(data, cls))])\n"
+        )
+        arg = msgspec.json.encode([url, options, str(sid), event.__event_type__, event]).decode()
+        proc = subprocess.run([sys.executable, "-c", code, arg], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+    return write_from_process
+
+
+BEHIND = ("same store", "another store", "another process")
+
+
+@pytest.mark.parametrize("how", BEHIND)
+def test_refusal_on_cached_state_is_final_only_once_its_versions_are_current(store, request, how):
+    """Cached Withdraw(50) on an empty account is refused; someone deposits 100 behind the cache;
+    the same cached Withdraw(50) now succeeds, as it would without the cache."""
+    cache = ec.StateCache()
+    acct = ec.StreamId(f"r-{BEHIND.index(how)}")
+    with pytest.raises(ec.BusinessRuleViolation):
+        ec.execute(store, Withdraw(acct, 50), cache=cache)
+    with pytest.raises(ec.BusinessRuleViolation):  # refused from the cache: the versions are confirmed current
+        ec.execute(store, Withdraw(acct, 50), cache=cache)
+    _writer_behind_the_cache(store, request, how)(acct, Deposited(amount=100))
+    result = ec.execute(store, Withdraw(acct, 50), cache=cache, retry=ec.RetryPolicy(max_retries=0))
+    assert result.attempts == 1 and result.stream_versions == {acct: 2}
+    assert balance(store, acct) == 50 and cache.stale == 1
+    ec.execute(store, Withdraw(acct, 50), cache=cache)  # warm again, and right
+    with pytest.raises(ec.BusinessRuleViolation):
+        ec.execute(store, Withdraw(acct, 1), cache=cache)
+    assert balance(store, acct) == 0
+
+
+@pytest.mark.parametrize("how", BEHIND)
+def test_no_op_on_cached_state_is_checked_against_the_store(store, request, how):
+    """SetLimit(5) emits nothing when the cache says the limit is 5; if another writer set it to 7
+    meanwhile, the command must see that and set it back to 5."""
+    cache = ec.StateCache()
+    acct = ec.StreamId(f"n-{BEHIND.index(how)}")
+    ec.execute(store, SetLimit(acct, 5), cache=cache)
+    quiet = ec.execute(store, SetLimit(acct, 5), cache=cache)  # a no-op, confirmed current
+    assert quiet.events == [] and quiet.stream_versions == {acct: 1}
+    _writer_behind_the_cache(store, request, how)(acct, LimitSet(limit=7))
+    result = ec.execute(store, SetLimit(acct, 5), cache=cache, retry=ec.RetryPolicy(max_retries=0))
+    assert [e.data for e in result.events] == [LimitSet(limit=5)]
+    assert result.stream_versions == {acct: 3} and cache.stale == 1
+    assert [e.data.limit for e in store.read_stream(acct)] == [5, 7, 5]
+    again = ec.execute(store, SetLimit(acct, 5), cache=cache)
+    assert again.events == [] and again.stream_versions == {acct: 3}
+
+
+def test_error_raised_on_cached_state_is_rechecked(store):
+    """Not only refusals: any exception `handle` raises on cached state is final only once current."""
+    cache = ec.StateCache()
+    acct = ec.StreamId("e-1")
+    with pytest.raises(LookupError):
+        ec.execute(store, LimitedWithdraw(acct), cache=cache)
+    with pytest.raises(LookupError):
+        ec.execute(store, LimitedWithdraw(acct), cache=cache)
+    store.append([ec.emit(acct, LimitSet(limit=3))])
+    result = ec.execute(store, LimitedWithdraw(acct), cache=cache)
+    assert [e.data for e in result.events] == [Withdrawn(amount=3)]
+
+
+def test_one_cache_many_stores_never_serves_one_store_state_to_another():
+    """Tenant stores opened and closed through one cache: a new store (which may reuse a freed store's
+    id()) is never served a closed store's state, and closing a store drops its entries."""
+    import gc
+
+    cache = ec.StateCache()
+    acct = ec.StreamId("tenant-account")
+    for round_, funds in enumerate((50, 0, 50, 0)):
+        stores = [ec.connect("memory://") for _ in range(60)]
+        for s in stores:
+            s.append([ec.emit(acct, Deposited(amount=funds))])  # version 1 in every tenant, every round
+            with pytest.raises(ec.BusinessRuleViolation):
+                ec.execute(s, Withdraw(acct, 1000), cache=cache)  # reads and caches this tenant's state
+        for s in stores:
+            if funds >= 48:
+                ec.execute(s, Withdraw(acct, 48), cache=cache)
+            else:
+                with pytest.raises(ec.BusinessRuleViolation):
+                    ec.execute(s, Withdraw(acct, 48), cache=cache)
+        assert [balance(s, acct) for s in stores] == [funds - 48 if funds >= 48 else funds] * 60, round_
+        for s in stores:
+            s.close()
+        del stores, s
+        gc.collect()
+    assert len(cache) == 0 and not cache._folded  # closing a store dropped its entries
+
+
+def test_closing_a_store_drops_only_its_entries(store):
+    cache = ec.StateCache()
+    other = ec.connect("memory://")
+    ec.execute(store, Deposit(ec.StreamId("d-1"), 5), cache=cache)
+    ec.execute(other, Deposit(ec.StreamId("d-1"), 7), cache=cache)
+    assert len(cache) == 2
+    other.close()
+    assert len(cache) == 1
+    assert ec.execute(store, Deposit(ec.StreamId("d-1"), 1), cache=cache).stream_versions == {"d-1": 2}
+    assert cache.hits == 1

@@ -27,6 +27,7 @@ from .errors import (
     CommandTimeoutError,
     ConcurrencyError,
     DuplicateCommandError,
+    SerializationError,
     StoreTimeoutError,
     StoreUnavailableError,
     UndeclaredStreamError,
@@ -200,7 +201,15 @@ class StateCache:
     forgotten and it runs again on state read afresh (that retry is not counted
     against the retry policy). So a decision made on stale state can never commit.
 
-    The cache assumes that `initial_state()` and
+    A decision that writes nothing is made final the same way: when `handle`
+    refuses the command, emits nothing, or raises, on state that came from the
+    cache, the versions it was made on are checked against the store (one small
+    query); if one has moved, the command runs again on state read afresh, as
+    after a conflict. So a cached command answers as an uncached one would.
+
+    Entries are per store object (its `instance` number, never reused in the
+    process) and are dropped when that store is closed, so one cache may serve
+    many stores. The cache assumes that `initial_state()` and
     `apply()` depend only on the events, not on the command's other fields.
     Bounds: `max_entries` streams and as many folded states, least recently used
     evicted first, and at most `max_events` events held in all.
@@ -215,7 +224,7 @@ class StateCache:
         self.max_stream_events = max_stream_events
         self.max_events = max_events
         self._folded: OrderedDict = OrderedDict()
-        #: (id(store), stream id) -> (version, tuple of events or None when not kept)
+        #: (store.instance, stream id) -> (version, tuple of events or None when not kept)
         self._streams: OrderedDict = OrderedDict()
         self._events = 0
         self._lock = threading.Lock()
@@ -234,6 +243,21 @@ class StateCache:
             self._streams.clear()
             self._events = 0
 
+    def _drop_store(self, instance: int) -> None:
+        """Forget every entry of one store (called when it closes)."""
+        with self._lock:
+            for key in [k for k in self._folded if k[0] == instance]:
+                del self._folded[key]
+            for key in [k for k in self._streams if k[0] == instance]:
+                self._forget_key(key)
+
+    def _folded_entry_for(self, store, key) -> "_Folded":
+        """The folded-state entry `key` (whose first item is store.instance), registering this cache
+        with the store so its entries go when the store closes."""
+        if self not in store._dependants:
+            store._dependants.add(self)
+        return self._folded_entry(key)
+
     def _folded_entry(self, key) -> _Folded:
         with self._lock:
             entry = self._folded.get(key)
@@ -247,7 +271,7 @@ class StateCache:
 
     def _versions(self, store, stream_ids) -> dict | None:
         """Cached versions of these streams, or None if one is not cached."""
-        sid_key = id(store)
+        sid_key = store.instance
         streams = self._streams
         out = {}
         for sid in stream_ids:
@@ -259,7 +283,7 @@ class StateCache:
 
     def _events_of(self, store, stream_ids) -> dict:
         """{stream: events} for the streams whose events are cached."""
-        sid_key = id(store)
+        sid_key = store.instance
         out = {}
         with self._lock:
             for sid in stream_ids:
@@ -286,7 +310,7 @@ class StateCache:
                 self._events -= len(dropped)
 
     def _remember_read(self, store, by_stream: dict) -> None:
-        sid_key = id(store)
+        sid_key = store.instance
         with self._lock:
             for sid, events in by_stream.items():
                 self._set((sid_key, sid), events[-1].version if events else 0, tuple(events))
@@ -296,7 +320,7 @@ class StateCache:
         written: dict = {}
         for e in recorded:
             written.setdefault(e.stream_id, []).append(e)
-        sid_key = id(store)
+        sid_key = store.instance
         with self._lock:
             for sid, events in written.items():
                 key = (sid_key, sid)
@@ -313,7 +337,7 @@ class StateCache:
             self._events -= len(entry[1])
 
     def _forget(self, store, stream_ids) -> None:
-        sid_key = id(store)
+        sid_key = store.instance
         with self._lock:
             for sid in stream_ids:
                 self._forget_key((sid_key, sid))
@@ -357,6 +381,18 @@ def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, st
     else:
         cache.hits += 1
     return state, versions, reader.cached > 0
+
+
+def _confirm_current(store, versions: dict) -> None:
+    """Check that the streams a decision was made on are still at `versions` (one small read of their
+    versions); raise ConcurrencyError naming the first that moved, as a failed append would."""
+    current = store.stream_versions(list(versions))
+    for sid in sorted(versions):
+        if current[sid] != versions[sid]:
+            raise ConcurrencyError(
+                sid, versions[sid], current[sid],
+                f"cached state of stream {sid!r} is stale: the decision was made at version {versions[sid]}, "
+                f"the stream is at version {current[sid]}")
 
 
 def _remember(entry: _Folded, command: Command, state: Any, recorded: list, versions: dict) -> None:
@@ -423,7 +459,7 @@ def execute(
 
 def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
     streams = declared_streams(command) if obs is None else obs.streams
-    store_key = id(store)
+    store_key = store.instance
     locks = sorted({hash((store_key, sid)) % STREAM_LOCK_STRIPES for sid in streams})
     held = []
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -438,7 +474,7 @@ def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> Exec
             held.append(lock)
         if cache is None:
             return _run(store, command, streams, policy, metadata, timeout, deadline, None, None, obs, key)
-        entry = cache._folded_entry((store_key, type(command), tuple(streams)))
+        entry = cache._folded_entry_for(store, (store_key, type(command), tuple(streams)))
         return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key)
     finally:
         for lock in reversed(held):
@@ -481,8 +517,15 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 state, versions = _read_and_fold(store, command, streams)
             else:
                 state, versions, from_cache = _cached_state(cache, entry, store, command, streams)
-            events = _handle(command, state, versions)
+            try:
+                events = _handle(command, state, versions)
+            except Exception:
+                if from_cache:  # a refusal (or an error) decided on cached state: final only if it is current
+                    _confirm_current(store, versions)
+                raise
             if not events:
+                if from_cache:  # "nothing to do" decided on cached state: likewise
+                    _confirm_current(store, versions)
                 if key is not None:  # perhaps nothing is left to do because this command already ran
                     prior = store.recorded_command(key)
                     if prior:
@@ -493,7 +536,12 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                     f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s))"
                     + ("" if ambiguous else "; nothing was written")
                 )
-            recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
+            try:
+                recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
+            except (ValidationError, SerializationError, UndeclaredStreamError):
+                if from_cache:  # events decided on cached state that cannot be written: as a refusal
+                    _confirm_current(store, versions)
+                raise
             if entry is not None:
                 cache._remember_append(store, recorded, versions)
             for e in recorded:
@@ -535,7 +583,7 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 prior = store.recorded_command(key)
                 if prior:
                     return _replayed(prior, attempt)
-            raise  # handle() is pure: the cached state is still good
+            raise  # handle() is pure and the state was current: the cached state is still good
         except BaseException:
             if entry is not None:
                 entry.valid = False

@@ -8,7 +8,9 @@ any transaction, so bad input is rejected with nothing written.
 from __future__ import annotations
 
 import datetime as _dt
+import itertools
 import threading
+import weakref
 import time
 import uuid
 import zlib
@@ -317,6 +319,11 @@ def _type_names(types) -> tuple[str, ...] | None:
     return tuple(names)
 
 
+#: Numbers every store object opened in this process: a store's `instance` is never reused, unlike
+#: its id(), which CPython hands to the next object once a store is freed.
+_instances = itertools.count(1)
+
+
 class EventStore(ABC):
     """The store contract. Backends implement the underscored primitives; the public methods validate."""
 
@@ -324,6 +331,15 @@ class EventStore(ABC):
     scheme: str = ""
     #: The attached MetricsCollector (see `attach`); None: nothing is measured.
     _metrics = None
+
+    def __new__(cls, *args, **kwargs):
+        self = super().__new__(cls)
+        #: This store object's number, unique in the process for its lifetime (see `_instances`):
+        #: what in-process caches key their entries by.
+        self.instance = next(_instances)
+        #: Objects holding entries for this store (StateCaches), told by close() to drop them.
+        self._dependants = weakref.WeakSet()
+        return self
 
     # -- observability ------------------------------------------------------------
 
@@ -847,7 +863,12 @@ class EventStore(ABC):
     # -- life cycle ---------------------------------------------------------------
 
     def close(self) -> None:
-        """Release connections. The store cannot be used afterwards."""
+        """Release connections. The store cannot be used afterwards.
+
+        Backends release their own resources and then call this, which makes every StateCache
+        drop what it holds for this store."""
+        for dependant in list(self._dependants):
+            dependant._drop_store(self.instance)
 
     def __enter__(self):
         return self

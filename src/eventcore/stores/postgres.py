@@ -547,6 +547,7 @@ class PostgresStore(EventStore):
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
         self._watchdog.close()
         self._pool.close()
+        super().close()
 
     # -- schema ----------------------------------------------------------------------
 

@@ -216,6 +216,7 @@ class SQLiteStore(EventStore):
             except sqlite3.Error:
                 pass
         self._local = threading.local()
+        super().close()
 
     # -- writing -------------------------------------------------------------------
 
