@@ -98,6 +98,32 @@ class StoreUnavailableError(EventCoreError):
         super().__init__(message)
 
 
+class StoreNotFoundError(StoreUnavailableError):
+    """No eventcore store exists where the URL points (a missing or empty SQLite file, a PostgreSQL
+    schema that does not exist), and the call was not allowed to create one (`migrate=False`, as the
+    command line's read-only commands open stores). Nothing was created."""
+
+
+class NotAnEventStoreError(ValidationError):
+    """The URL points at something that is not an eventcore store: another application's SQLite
+    file, a file that is not a SQLite database, a PostgreSQL schema holding another application's
+    tables. eventcore refuses it and leaves it exactly as it was."""
+
+
+class SchemaVersionError(StoreUnavailableError):
+    """The store's schema is at another version than this eventcore needs: older (run `eventcore
+    migrate`, or connect with migrate=True) or newer (upgrade eventcore). `found` and `expected` are
+    the two versions."""
+
+    def __init__(self, message: str, found: int, expected: int):
+        self.found = found
+        self.expected = expected
+        super().__init__(message)
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.found, self.expected))
+
+
 class DuplicateCommandError(EventCoreError):
     """An append carried an idempotency key that an earlier append already committed with.
 

@@ -60,7 +60,7 @@ from .errors import EventCoreError, SerializationError, StoreUnavailableError, V
 from .events import RecordedEvent
 from .streams import forbidden_character
 from .stores.base import EventStore, _type_names
-from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back, immediate_transaction
+from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back
 
 try:
     import fcntl
@@ -504,42 +504,13 @@ def _dead_letter_dict(name, row, error, attempts) -> dict:
     }
 
 
-_SQLITE_SCHEMA = (
-    """CREATE TABLE IF NOT EXISTS projection_checkpoints (
-        name       TEXT PRIMARY KEY,
-        position   INTEGER NOT NULL DEFAULT 0,
-        state      TEXT NOT NULL DEFAULT 'idle',
-        error      TEXT,
-        owner      TEXT,
-        updated_at TEXT
-    )""",
-    """CREATE TABLE IF NOT EXISTS projection_dead_letters (
-        projector   TEXT    NOT NULL,
-        position    INTEGER NOT NULL,
-        stream_id   TEXT    NOT NULL,
-        version     INTEGER NOT NULL,
-        event_id    BLOB    NOT NULL,
-        type        TEXT    NOT NULL,
-        data        BLOB    NOT NULL,
-        metadata    BLOB,
-        recorded_at INTEGER NOT NULL,
-        error       TEXT    NOT NULL,
-        attempts    INTEGER NOT NULL,
-        failed_at   TEXT    NOT NULL,
-        PRIMARY KEY (projector, position)
-    )""",
-)
 _NOW = "strftime('%Y-%m-%dT%H:%M:%f+00:00', 'now')"
 
 
 def _sqlite_connect(store) -> sqlite3.Connection:
     try:
         conn = sqlite3.connect(store.path, timeout=store.timeout, isolation_level=None, check_same_thread=False)
-        conn.execute(f"PRAGMA synchronous = {store.synchronous}")
-        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'projection_dead_letters'").fetchall():
-            with immediate_transaction(conn):
-                for statement in _SQLITE_SCHEMA:
-                    conn.execute(statement)
+        conn.execute(f"PRAGMA synchronous = {store.synchronous}")  # the tables are the store's own (schema 3)
     except sqlite3.Error as exc:
         raise _StoreFailed(f"cannot open the projection tables in {store.path!r}: {exc}") from exc
     return conn

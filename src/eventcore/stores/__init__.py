@@ -10,7 +10,7 @@ import importlib
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ValidationError
-from .base import EventStore
+from .base import EventStore, parse_bool
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -23,6 +23,11 @@ _BACKENDS = {
 
 def connect(url: str, *, metrics=None, **options) -> EventStore:
     """Open the store a URL names. Options come from the URL query and/or keyword arguments (which win).
+
+    `migrate` (every backend, default True): create the store if there is none and upgrade its schema.
+    With migrate=False nothing is created or changed: a missing store is StoreNotFoundError, a schema
+    at another version SchemaVersionError. Either way, something that is not an eventcore store (another
+    application's SQLite file or PostgreSQL schema) is NotAnEventStoreError and is left as it was.
 
     `metrics`: an `ec.MetricsCollector` to attach to the store (see `EventStore.attach`).
 
@@ -67,7 +72,11 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
     if scheme == "memory":
         if url.split("://", 1)[1].strip("/"):
             raise ValidationError(f"memory:// takes no path or options, got {url!r}")
-        return cls(**options)
+        unknown = set(options) - {"migrate"}
+        if unknown:
+            raise ValidationError(f"unknown memory option(s) {sorted(unknown)}; known: migrate")
+        parse_bool("migrate", options.get("migrate", True))  # accepted for every backend; a memory store is always new
+        return cls()
     if scheme == "sqlite":
         parts = urlsplit(url, allow_fragments=False)  # '#' is a character of the file name, not a fragment
         if parts.netloc:
@@ -77,8 +86,8 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         merged = dict(parse_qsl(parts.query, keep_blank_values=True))
         merged.update(options)
-        unknown = set(merged) - {"timeout", "synchronous"}
+        unknown = set(merged) - {"timeout", "synchronous", "migrate"}
         if unknown:
-            raise ValidationError(f"unknown sqlite option(s) {sorted(unknown)}; known: synchronous, timeout")
+            raise ValidationError(f"unknown sqlite option(s) {sorted(unknown)}; known: migrate, synchronous, timeout")
         return cls(path, **merged)
     return cls.from_url(url, **options)

@@ -68,10 +68,7 @@ class PreparedAppend:
         #: The append's idempotency key (str) or None: recorded in the append's transaction;
         #: a key already recorded makes the backend raise DuplicateCommandError, writing nothing.
         self.key = None
-        #: Ingest progress to record in the same transaction, or None: (resume key, lane, lanes,
-        #: input items of this lane committed once this batch is, the count this run last saw).
-        #: The backend writes it only if the stored count is still the last one seen (else
-        #: ingest_overlap(), writing nothing): two runs of one ingest cannot both write an item.
+        #: Ingest progress to record in the same transaction, or None: an IngestProgress.
         self.progress = None
 
     def __len__(self) -> int:
@@ -149,6 +146,18 @@ def prepare_append(
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
+def parse_bool(name: str, value) -> bool:
+    """A boolean option given as a bool or as URL text (true/false, 1/0, yes/no, on/off)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValidationError(f"{name} must be a boolean (true/false), got {value!r}")
+
+
 def validate_idempotency_key(value: object) -> str:
     """Validate an idempotency key: a non-empty str of at most 255 characters without control
     characters (the stream id rules), or a uuid.UUID (stored as its canonical text)."""
@@ -162,9 +171,32 @@ def validate_idempotency_key(value: object) -> str:
         raise ValidationError(str(exc).replace("stream id", "idempotency key", 1)) from None
 
 
-def ingest_overlap(progress: tuple, actual: int | None = None) -> ConcurrencyError:
+class IngestProgress(msgspec.Struct, frozen=True):
+    """What one batch of a resumable ingest records in its own transaction.
+
+    Input items are numbered from 0 in the order the input gives them; a None item (a line the reader
+    passed over: blank, or rejected) keeps its number. For each lane, `items` is the count below which
+    every item of that lane is committed, except the numbers recorded as holes: items that were None
+    when a batch's count passed them, and that a later run writes if they are items by then.
+
+    The backend records it only if the lane's stored count is still `before` and every hole in
+    `filled` is still recorded (else ingest_overlap(), writing nothing): so two runs of one ingest
+    cannot both write an item."""
+
+    key: str
+    lane: int
+    lanes: int
+    items: int
+    before: int
+    #: Holes to record (None items below `items`, ON CONFLICT ignored: several lanes may record one).
+    holes: list = []
+    #: Recorded holes this batch writes (deleted with it).
+    filled: list = []
+
+
+def ingest_overlap(progress: "IngestProgress", actual: int | None = None) -> ConcurrencyError:
     """The error of an ingest batch whose resume progress another run moved meanwhile."""
-    key, lane, _, _, before = progress
+    key, lane, before = progress.key, progress.lane, progress.before
     return ConcurrencyError(
         f"ingest {key!r} lane {lane}", before, before if actual is None else actual,
         f"another run of ingest {key!r} committed part of the input meanwhile (lane {lane}: this run "
@@ -254,7 +286,7 @@ class _BatchFailed(Exception):
 class _Lane:
     """One ingest lane: the batch being filled and the batch in flight."""
 
-    __slots__ = ("sids", "evs", "mds", "start", "last", "pending")
+    __slots__ = ("sids", "evs", "mds", "start", "last", "pending", "filled")
 
     def __init__(self) -> None:
         self.sids: list = []
@@ -263,6 +295,7 @@ class _Lane:
         self.start = 0  # input index of the batch's first item
         self.last = 0  # input index of the batch's last item
         self.pending = None
+        self.filled: list = []  # recorded holes (input indexes) this batch writes
 
 
 #: Most ingest lanes (connections writing at once); past the server's cores more only adds contention.
@@ -550,8 +583,12 @@ class EventStore(ABC):
         same `parallel`), items already committed are passed over, not written
         again (`IngestResult.skipped`), so an ingest killed half-way is finished
         by running it again, and running a finished one again writes nothing.
-        Items must come in the same order each time; items added at the end of
-        the input are ingested by the next run.
+        Items are numbered by their place in the input, which must be the same
+        each time: a None item stands for an input record passed over (a blank
+        or rejected line) and keeps its place; if a later run finds an item
+        there (the line was fixed) it writes it, once. Items added at the end of
+        the input are ingested by the next run. Items already committed must not
+        change.
         """
         if type(batch_size) is not int or not 1 <= batch_size <= MAX_EVENTS_PER_BATCH:
             raise ValidationError(f"batch_size must be an int in 1..{MAX_EVENTS_PER_BATCH}, got {batch_size!r}")
@@ -560,7 +597,8 @@ class EventStore(ABC):
         if metadata is not None and not isinstance(metadata, Metadata):
             raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
         checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
-        done = [0] * parallel  # per lane: input items below this index are committed already
+        done = [0] * parallel  # per lane: input items below this index are committed already (but holes)
+        holes: set = set()  # items an earlier run passed over (None) below a lane's count: not committed
         if resume_key is not None:
             resume_key = validate_idempotency_key(resume_key)
             recorded = self._ingest_progress(resume_key)
@@ -572,6 +610,13 @@ class EventStore(ABC):
                         f"same parallel (each stream's lane depends on it) or use another resume key")
                 for lane_no, (_, items_done) in recorded.items():
                     done[lane_no] = items_done
+                holes = self._ingest_holes(resume_key)
+        # A None item below every lane's count and not a hole was committed by an earlier run (its line
+        # has changed since): nothing to record. Above it, it may be an item no lane has written: a hole.
+        all_done = min(done)
+        # Holes found by this run that no committed batch has recorded yet, in input order: every batch
+        # records those below its count, so whichever lane a later fix of the line goes to, it is written.
+        new_holes: list = []
         skipped = 0
         rebase: set = set()  # streams in `expected` that an earlier run of this ingest already wrote
         started = time.perf_counter()
@@ -612,6 +657,9 @@ class EventStore(ABC):
             if run is not None:
                 m._op_end(run, len(sids), None)
             with lock:
+                if progress is not None and progress.holes:
+                    recorded_holes = set(progress.holes)
+                    new_holes[:] = [h for h in new_holes if h not in recorded_holes]
                 for sid in checks.keys() & after.keys():
                     checks[sid] = after[sid]
                 state["events"] += len(sids)
@@ -625,11 +673,15 @@ class EventStore(ABC):
         def flush(lane_no: int, lane: "_Lane") -> None:
             progress = None
             if resume_key is not None:
-                # Lanes write one batch at a time, so the previous batch's count is the one stored.
-                progress = (resume_key, lane_no, parallel, lane.last + 1, done[lane_no])
-                done[lane_no] = lane.last + 1
+                # Lanes write one batch at a time, so the previous batch's count is the one stored. A
+                # batch of fixed lines only (all below the count) leaves the count where it was.
+                count = max(done[lane_no], lane.last + 1)
+                with lock:
+                    passed = [h for h in new_holes if h < count]
+                progress = IngestProgress(resume_key, lane_no, parallel, count, done[lane_no], passed, lane.filled)
+                done[lane_no] = count
             batch = (lane.sids, lane.evs, lane.mds, lane.start, progress)
-            lane.sids, lane.evs, lane.mds = [], [], []
+            lane.sids, lane.evs, lane.mds, lane.filled = [], [], [], []
             if lane.pending is not None:
                 lane.pending.result()  # one batch in flight per lane: order within the lane, bounded memory
             lane.pending = pool.submit(write, *batch)
@@ -637,6 +689,11 @@ class EventStore(ABC):
         failure: tuple | None = None  # (item index, in a batch?, cause)
         try:
             for index, item in enumerate(items):
+                if item is None:  # an input record passed over: it keeps its number
+                    if resume_key is not None and index >= all_done and index not in holes:
+                        with lock:
+                            new_holes.append(index)
+                    continue
                 try:
                     sid, ev, md = _ingest_item(item, metadata, valid_ids)
                 except EventCoreError as exc:
@@ -645,7 +702,9 @@ class EventStore(ABC):
                 # A stream's lane must be the same in every run (resume_key): crc32, not hash(),
                 # which Python salts per process.
                 lane_no = zlib.crc32(sid.encode()) % parallel if parallel > 1 else 0
-                if index < done[lane_no]:
+                if index in holes:
+                    lanes[lane_no].filled.append(index)  # passed over before, an item now: written, once
+                elif index < done[lane_no]:
                     skipped += 1
                     if sid in checks and sid not in rebase:
                         # An earlier run wrote this stream (and checked `expected` then): from here
@@ -708,7 +767,16 @@ class EventStore(ABC):
 
     def _ingest_progress(self, key: str) -> dict:
         """lane -> (lanes, input items committed) recorded under an ingest resume key ({} if none).
-        A backend that records PreparedAppend.progress overrides this; the others refuse resume keys."""
+        A backend that records PreparedAppend.progress overrides this and the two below; the others
+        refuse resume keys."""
+        raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
+
+    def _ingest_holes(self, key: str) -> set:
+        """The input items recorded as holes under an ingest resume key (see IngestProgress)."""
+        raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
+
+    def _resume_keys(self, prefix: str) -> list:
+        """The ingest resume keys starting with `prefix`, most recently written first."""
         raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
 
     def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,

@@ -24,6 +24,8 @@ class MemoryStore(EventStore):
         self._streams: dict[str, list[int]] = {}  # stream -> row indexes, version order
         self._keys: dict[str, tuple[int, int]] = {}  # idempotency key -> (first position, events)
         self._progress: dict[str, dict[int, tuple[int, int]]] = {}  # ingest resume key -> lane -> (lanes, items)
+        self._holes: dict[str, set] = {}  # ingest resume key -> input items passed over (see IngestProgress)
+        self._progress_order: dict[str, int] = {}  # ingest resume key -> appends so far when last written
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -39,11 +41,14 @@ class MemoryStore(EventStore):
                 raise DuplicateCommandError(p.key)
             current = {sid: len(streams.get(sid, ())) for sid in p.expected}
             _impl.check_expected_versions(p.expected, current)
-            if p.progress is not None:
-                key, lane, lanes, items, before = p.progress
-                stored = self._progress.get(key, {}).get(lane, (lanes, 0))[1]
-                if stored != before:
-                    raise ingest_overlap(p.progress, stored)
+            progress = p.progress
+            if progress is not None:
+                stored = self._progress.get(progress.key, {}).get(progress.lane, (progress.lanes, 0))[1]
+                if stored != progress.before:
+                    raise ingest_overlap(progress, stored)
+                holes = self._holes.setdefault(progress.key, set())
+                if not holes.issuperset(progress.filled):
+                    raise ingest_overlap(progress)
             versions = _impl.assign_versions(p.stream_ids, current)
             rows = self._rows
             first = len(rows) + 1
@@ -59,8 +64,11 @@ class MemoryStore(EventStore):
                 idx.append(pos - 1)
             if p.key is not None and len(p):
                 self._keys[p.key] = (first, len(p))
-            if p.progress is not None:
-                self._progress.setdefault(key, {})[lane] = (lanes, items)
+            if progress is not None:
+                self._progress.setdefault(progress.key, {})[progress.lane] = (progress.lanes, progress.items)
+                holes.difference_update(progress.filled)
+                holes.update(progress.holes)
+                self._progress_order[progress.key] = len(rows)
         return p.recorded(versions, positions)
 
     def _recorded_command_rows(self, key):
@@ -71,6 +79,15 @@ class MemoryStore(EventStore):
     def _ingest_progress(self, key):
         with self._lock:
             return dict(self._progress.get(key, {}))
+
+    def _ingest_holes(self, key):
+        with self._lock:
+            return set(self._holes.get(key, ()))
+
+    def _resume_keys(self, prefix):
+        with self._lock:
+            keys = [k for k in self._progress if k.startswith(prefix)]
+            return sorted(keys, key=self._progress_order.__getitem__, reverse=True)
 
     def _read_stream(self, stream_id, from_version, limit):
         with self._lock:

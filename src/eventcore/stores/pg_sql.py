@@ -815,6 +815,20 @@ END $$;
 
 """,
     ),
+    (
+        5,
+        "resumable ingest: input items passed over (ingest_holes)",
+        """
+-- Input items a resumable ingest passed over (a blank or rejected line) below a lane's committed
+-- count (ingest_progress.items): written by the batch whose count passes them, deleted by the batch
+-- that writes the item after all (the line was fixed), each in that batch's transaction.
+CREATE TABLE {s}.ingest_holes (
+    key  text   NOT NULL CHECK (length(key) BETWEEN 1 AND 255),
+    item bigint NOT NULL CHECK (item >= 0),
+    PRIMARY KEY (key, item)
+);
+""",
+    ),
 ]
 
 SCHEMA_VERSION = MIGRATIONS[-1][0]
@@ -862,11 +876,24 @@ RECORDED_COMMAND = (
     "WHERE position >= k.f AND position < k.f + k.c ORDER BY position"
 )
 INGEST_PROGRESS = "SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s"
-# Compare-and-set (see PreparedAppend.progress): no row back -> another run moved this lane's count.
+INGEST_HOLES = "SELECT item FROM {s}.ingest_holes WHERE key = %s"
+RESUME_KEYS = (
+    "SELECT key FROM {s}.ingest_progress WHERE starts_with(key, %s) GROUP BY key ORDER BY max(updated_at) DESC, key"
+)
+# One statement (see base.IngestProgress): the lane's count as a compare-and-set, the holes this batch
+# writes deleted, the holes its count passes recorded. Parameters: key, lane, lanes, items, before,
+# key, filled, key, holes. Returns (count rows written: 0 -> another run moved this lane's count,
+# holes deleted: fewer than `filled` -> another run wrote one of them).
 RECORD_PROGRESS = (
-    "INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s) "
-    "ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now() "
-    "WHERE p.items = %s RETURNING p.items"
+    "WITH progress AS ("
+    " INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s)"
+    " ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()"
+    " WHERE p.items = %s RETURNING 1"
+    "), filled AS ("
+    " DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING 1"
+    "), recorded AS ("
+    " INSERT INTO {s}.ingest_holes (key, item) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING"
+    ") SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled)"
 )
 
 
@@ -928,4 +955,5 @@ def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
         # Keys are written by append_group (SECURITY DEFINER): the role only looks them up.
         sql.SQL("GRANT SELECT ON {}.command_keys TO {}").format(s, r),
         sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.ingest_progress TO {}").format(s, r),
+        sql.SQL("GRANT SELECT, INSERT, DELETE ON {}.ingest_holes TO {}").format(s, r),
     ]

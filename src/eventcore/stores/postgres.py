@@ -473,7 +473,8 @@ class PostgresStore(EventStore):
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
             "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",
-            "EVENT_BY_ID", "COMMITTED_ROWS", "RECORDED_COMMAND", "INGEST_PROGRESS", "RECORD_PROGRESS")}
+            "EVENT_BY_ID", "COMMITTED_ROWS", "RECORDED_COMMAND", "INGEST_PROGRESS", "INGEST_HOLES", "RESUME_KEYS",
+            "RECORD_PROGRESS")}
         self._read_all_sql = {
             (t, p): pg_sql.q(pg_sql.read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
         }
@@ -833,8 +834,13 @@ class PostgresStore(EventStore):
                         (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
                     ).fetchone()
                     heads = dict(zip(streams, before))
-                    if progress is not None and not conn.execute(self._sql["RECORD_PROGRESS"], progress).fetchall():
-                        raise ingest_overlap(progress)  # leaves the transaction: nothing is written
+                    if progress is not None:
+                        key = progress.key
+                        counted, filled = conn.execute(self._sql["RECORD_PROGRESS"], (
+                            key, progress.lane, progress.lanes, progress.items, progress.before,
+                            key, progress.filled, key, progress.holes)).fetchone()
+                        if counted != 1 or filled != len(progress.filled):
+                            raise ingest_overlap(progress)  # leaves the transaction: nothing is written
                     with conn.cursor().copy(self._sql["COPY_EVENTS"]) as copy:
                         event_ids = fill(copy, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed
@@ -899,6 +905,12 @@ class PostgresStore(EventStore):
 
     def _ingest_progress(self, key):
         return {lane: (lanes, items) for lane, lanes, items in self._fetch("INGEST_PROGRESS", (key,))}
+
+    def _ingest_holes(self, key):
+        return {item for (item,) in self._fetch("INGEST_HOLES", (key,))}
+
+    def _resume_keys(self, prefix):
+        return [key for (key,) in self._fetch("RESUME_KEYS", (prefix,))]
 
     def _read_stream(self, stream_id, from_version, limit):
         return _impl.decode_rows(self._fetch("READ_STREAM", (stream_id, from_version, limit)))

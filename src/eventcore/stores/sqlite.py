@@ -16,18 +16,34 @@ import sqlite3
 import threading
 import weakref
 from contextlib import contextmanager
+from urllib.parse import quote
 
 import msgspec
 
 from .. import _impl
-from ..errors import DuplicateCommandError, StoreTimeoutError, StoreUnavailableError, ValidationError
+from ..errors import (
+    DuplicateCommandError, NotAnEventStoreError, SchemaVersionError, StoreNotFoundError, StoreTimeoutError,
+    StoreUnavailableError, ValidationError,
+)
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap, parse_bool
 
 log = logging.getLogger("eventcore.store.sqlite")
 
-#: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress.
-SCHEMA_VERSION = 2
+#: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
+#: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
+#: by the first projection).
+SCHEMA_VERSION = 3
+
+#: Written to the database header (`PRAGMA application_id`, bytes 68-71): the file is an eventcore
+#: store. b"EvCo" as a big-endian integer. Another application's file never carries it, so eventcore
+#: never takes one for its own (and never adds its tables, triggers or WAL mode to it).
+APPLICATION_ID = int.from_bytes(b"EvCo", "big")
+#: Every table an eventcore store of any schema version holds: a file with these only (and the
+#: immutability triggers on `events`) written before application_id existed is an eventcore store.
+_OWN_TABLES = {"events", "command_keys", "ingest_progress", "ingest_holes", "projection_checkpoints",
+               "projection_dead_letters"}
+_OWN_TRIGGERS = {"events_are_immutable_update", "events_are_immutable_delete"}
 
 _SCHEMA_STATEMENTS = (
     """CREATE TABLE IF NOT EXISTS events (
@@ -62,6 +78,38 @@ _SCHEMA_STATEMENTS = (
         updated_at INTEGER NOT NULL,
         PRIMARY KEY (key, lane)
     ) WITHOUT ROWID""",
+    # Input items a resumable ingest passed over (a rejected or blank line) below its committed count:
+    # written by the batch whose count passes them, deleted by the batch that writes them after all.
+    """CREATE TABLE IF NOT EXISTS ingest_holes (
+        key  TEXT    NOT NULL,
+        item INTEGER NOT NULL,
+        PRIMARY KEY (key, item)
+    ) WITHOUT ROWID""",
+    # Projection checkpoints and dead letters (eventcore.projections).
+    """CREATE TABLE IF NOT EXISTS projection_checkpoints (
+        name       TEXT PRIMARY KEY,
+        position   INTEGER NOT NULL DEFAULT 0,
+        state      TEXT NOT NULL DEFAULT 'idle',
+        error      TEXT,
+        owner      TEXT,
+        updated_at TEXT
+    )""",
+    """CREATE TABLE IF NOT EXISTS projection_dead_letters (
+        projector   TEXT    NOT NULL,
+        position    INTEGER NOT NULL,
+        stream_id   TEXT    NOT NULL,
+        version     INTEGER NOT NULL,
+        event_id    BLOB    NOT NULL,
+        type        TEXT    NOT NULL,
+        data        BLOB    NOT NULL,
+        metadata    BLOB,
+        recorded_at INTEGER NOT NULL,
+        error       TEXT    NOT NULL,
+        attempts    INTEGER NOT NULL,
+        failed_at   TEXT    NOT NULL,
+        PRIMARY KEY (projector, position)
+    )""",
+    f"PRAGMA application_id = {APPLICATION_ID}",
 )
 
 _COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at"
@@ -96,6 +144,13 @@ _SQL_RECORD_PROGRESS = (
     "updated_at = excluded.updated_at WHERE items = ?"
 )
 _SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
+_SQL_INGEST_HOLES = "SELECT item FROM ingest_holes WHERE key = ?"
+_SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND item IN (SELECT value FROM json_each(?))"
+_SQL_RECORD_HOLES = "INSERT OR IGNORE INTO ingest_holes (key, item) SELECT ?, value FROM json_each(?)"
+# Keys by prefix: substr, not LIKE, so '%' and '_' in a key are plain characters.
+_SQL_RESUME_KEYS = (
+    "SELECT key FROM ingest_progress WHERE substr(key, 1, ?) = ? GROUP BY key ORDER BY max(updated_at) DESC, key"
+)
 
 
 def _read_all_sql(with_types: bool, with_prefix: bool) -> str:
@@ -126,7 +181,7 @@ class SQLiteStore(EventStore):
 
     scheme = "sqlite"
 
-    def __init__(self, path: str, *, timeout: float = 10.0, synchronous: str = "full") -> None:
+    def __init__(self, path: str, *, timeout: float = 10.0, synchronous: str = "full", migrate: bool = True) -> None:
         if not path or path == ":memory:":
             raise ValidationError("sqlite store needs a file path (sqlite:///events.db); use memory:// for a throwaway store")
         synchronous = str(synchronous).lower()
@@ -138,6 +193,7 @@ class SQLiteStore(EventStore):
             raise ValidationError(f"timeout must be a number of seconds, got {timeout!r}") from None
         if not timeout > 0:
             raise ValidationError(f"timeout must be > 0 seconds, got {timeout!r}")
+        migrate = parse_bool("migrate", migrate)
         self.path = os.path.abspath(path)
         self.timeout = timeout
         self.synchronous = synchronous
@@ -147,7 +203,25 @@ class SQLiteStore(EventStore):
         self._closed = False
         self._write_lock = _write_lock_for(self.path)
         _after_fork_reset.add(self)
-        self._init_schema()
+        # Looked at before any connection is opened on it: SQLite would create a missing file, and a
+        # connection to another application's WAL database may checkpoint it when it closes.
+        found = inspect_file(self.path)
+        if found != "store" and not migrate:
+            raise StoreNotFoundError(
+                f"no eventcore store at {self.path!r}: "
+                + ("the file does not exist" if found == "missing" else "the database is empty")
+                + " (nothing was created; connect with migrate=True, the default, to create one)")
+        if found == "missing" and not os.path.isdir(os.path.dirname(self.path)):
+            raise StoreUnavailableError(
+                f"cannot create SQLite store {self.path!r}: directory {os.path.dirname(self.path)!r} does not exist")
+        try:
+            if migrate:
+                self._init_schema()
+            else:
+                self._check_schema()
+        except BaseException:
+            self.close()
+            raise
         log.info("opened SQLite store %s (synchronous=%s)", self.path, synchronous)
 
     def __repr__(self) -> str:
@@ -187,24 +261,39 @@ class SQLiteStore(EventStore):
         self._write_lock = _write_lock_for(self.path)
 
     def _init_schema(self) -> None:
+        """Create or upgrade the schema, under the write lock, after checking again (another process may
+        have written the file since inspect_file looked) that the file is an eventcore store or empty.
+        A new file gets its schema and application_id before it switches to WAL, so they are in the
+        main file's header at once (inspect_file reads it there)."""
         conn = self._conn()
         try:
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
             with immediate_transaction(conn):
+                found = classify(conn, self.path)
                 version = conn.execute("PRAGMA user_version").fetchone()[0]
                 if version > SCHEMA_VERSION:
-                    raise StoreUnavailableError(
+                    raise SchemaVersionError(
                         f"{self.path!r} has schema version {version}, newer than this eventcore "
-                        f"understands ({SCHEMA_VERSION}); upgrade eventcore"
-                    )
-                if version < SCHEMA_VERSION:
+                        f"understands ({SCHEMA_VERSION}); upgrade eventcore", version, SCHEMA_VERSION)
+                if found == "empty" or version < SCHEMA_VERSION:
+                    if found == "store":
+                        log.info("upgrading SQLite store %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
                     for statement in _SCHEMA_STATEMENTS:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
         except sqlite3.Error as exc:
-            raise StoreUnavailableError(f"cannot initialise SQLite database {self.path!r}: {exc}") from exc
+            raise _store_error(exc, f"cannot initialise SQLite store {self.path!r}") from exc
+
+    def _check_schema(self) -> None:
+        """For a store opened with migrate=False: its schema must be the one this eventcore needs."""
+        version = self._query("PRAGMA user_version", ())[0][0]
+        if version != SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path!r} has schema version {version}, this eventcore needs {SCHEMA_VERSION}: "
+                + ("upgrade eventcore" if version > SCHEMA_VERSION else
+                   "open it once with migrate=True (the default) to upgrade it"), version, SCHEMA_VERSION)
 
     def close(self) -> None:
         self._closed = True
@@ -255,10 +344,17 @@ class SQLiteStore(EventStore):
                 )
                 if p.key is not None and len(p):
                     conn.execute(_SQL_RECORD_KEY, (p.key, head + 1, len(p), at))
-                if p.progress is not None:
-                    key, lane, lanes, items, before = p.progress
-                    if conn.execute(_SQL_RECORD_PROGRESS, (key, lane, lanes, items, at, before)).rowcount != 1:
-                        raise ingest_overlap(p.progress)
+                progress = p.progress
+                if progress is not None:
+                    key = progress.key
+                    if conn.execute(_SQL_RECORD_PROGRESS, (key, progress.lane, progress.lanes, progress.items, at,
+                                                           progress.before)).rowcount != 1:
+                        raise ingest_overlap(progress)
+                    if progress.filled and conn.execute(
+                            _SQL_FILL_HOLES, (key, _json_list(progress.filled))).rowcount != len(progress.filled):
+                        raise ingest_overlap(progress)  # another run wrote one of these items meanwhile
+                    if progress.holes:
+                        conn.execute(_SQL_RECORD_HOLES, (key, _json_list(progress.holes)))
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
             raise _store_error(exc, f"SQLite append failed on {self.path!r}; nothing was written") from exc
@@ -305,6 +401,12 @@ class SQLiteStore(EventStore):
     def _ingest_progress(self, key):
         return {lane: (lanes, items) for lane, lanes, items in self._query(_SQL_INGEST_PROGRESS, (key,))}
 
+    def _ingest_holes(self, key):
+        return {item for (item,) in self._query(_SQL_INGEST_HOLES, (key,))}
+
+    def _resume_keys(self, prefix):
+        return [key for (key,) in self._query(_SQL_RESUME_KEYS, (len(prefix), prefix))]
+
     def _read_stream(self, stream_id, from_version, limit):
         rows = self._query(_SQL_READ_STREAM, (stream_id, from_version, -1 if limit is None else limit))
         return _impl.decode_rows(rows)
@@ -333,6 +435,68 @@ class SQLiteStore(EventStore):
             params += [len(prefix), prefix]
         params.append(limit)
         return self._query(_SQL_READ_ALL[types is not None, prefix is not None], tuple(params))
+
+
+_SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def inspect_file(path: str) -> str:
+    """What is at `path`, without opening a SQLite connection that could change it: "missing", "empty"
+    (a file of 0 bytes or a database without tables) or "store" (an eventcore store). Anything else
+    raises NotAnEventStoreError, and the file is left exactly as it was."""
+    try:
+        with open(path, "rb") as f:
+            header = f.read(100)
+    except FileNotFoundError:
+        return "missing"
+    except IsADirectoryError:
+        raise NotAnEventStoreError(f"{path!r} is a directory, not an eventcore store") from None
+    except OSError as exc:
+        raise StoreUnavailableError(f"cannot read {path!r}: {exc.strerror}") from None
+    if not header:
+        return "empty"
+    if len(header) < 100 or not header.startswith(_SQLITE_HEADER):
+        raise NotAnEventStoreError(
+            f"{path!r} is not a SQLite database, so not an eventcore store; it was left as it was")
+    if int.from_bytes(header[68:72], "big") == APPLICATION_ID:
+        return "store"
+    # No application id in the header: an eventcore store made before schema 3 (or whose id is still in
+    # its WAL), an empty database, or another application's. Look inside, read-only: `immutable` reads
+    # the main file without creating the -wal and -shm files a read-only WAL connection leaves behind;
+    # with a WAL file present its content counts, so read through it (its -shm is there already).
+    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    try:
+        conn = sqlite3.connect(f"file:{quote(path, safe='/')}?{mode}", uri=True, timeout=10)
+    except sqlite3.Error as exc:
+        raise StoreUnavailableError(f"cannot open {path!r} to inspect it: {exc}") from None
+    try:
+        return classify(conn, path)
+    except sqlite3.DatabaseError as exc:
+        raise NotAnEventStoreError(f"{path!r} is not a readable SQLite database ({exc}); it was left as it was") from None
+    finally:
+        conn.close()
+
+
+def classify(conn: sqlite3.Connection, path: str) -> str:
+    """"empty" or "store" for the database `conn` is open on; NotAnEventStoreError for another
+    application's database."""
+    app_id = conn.execute("PRAGMA application_id").fetchone()[0]
+    version = conn.execute("PRAGMA user_version").fetchone()[0]
+    objects = conn.execute("SELECT type, name FROM sqlite_master WHERE type IN ('table', 'view', 'trigger')").fetchall()
+    if app_id == APPLICATION_ID:
+        return "store"
+    tables = {name for kind, name in objects if kind == "table"}
+    triggers = {name for kind, name in objects if kind == "trigger"}
+    others = {name for kind, name in objects if kind == "view"} | (triggers - _OWN_TRIGGERS)
+    if app_id == 0 and not objects and version == 0:
+        return "empty"
+    if (app_id == 0 and 1 <= version < SCHEMA_VERSION and "events" in tables and tables <= _OWN_TABLES
+            and _OWN_TRIGGERS <= triggers and not others):
+        return "store"  # made by an eventcore from before application_id
+    owner = f"SQLite application_id {app_id:#x}" if app_id else f"tables {sorted(tables)[:6]}"
+    raise NotAnEventStoreError(
+        f"{path!r} is another application's SQLite database ({owner}), not an eventcore store; eventcore "
+        "refuses it and left it as it was (point the URL at a new file to create a store)")
 
 
 _write_locks: dict[str, threading.Lock] = {}
