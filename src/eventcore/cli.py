@@ -98,12 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--parallel", type=_positive_int, default=1,
                         help="connections writing at once; each stream stays on one, in file order (default 1)")
     ingest.add_argument("--skip-invalid", action="store_true",
-                        help="write malformed lines to a rejects file instead of stopping")
+                        help="record malformed lines in a rejects file (line number, reason, text) instead of "
+                             "stopping; run again once they are fixed and they are written")
     ingest.add_argument("--rejects", help="rejects file for --skip-invalid (default: FILE.rejects.jsonl)")
     ingest.add_argument("--resume-key", metavar="KEY",
                         help="name under which each batch records how far the file is committed (default: "
-                             "derived from the file's path and first line); running again with the same key "
-                             "skips what is committed")
+                             "derived from the file's path and its first valid line); running again with the "
+                             "same key writes each line once")
     ingest.add_argument("--no-resume", action="store_true",
                         help="neither skip nor record progress: write every line again")
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON object")
@@ -183,32 +184,77 @@ def _cmd_migrate(args) -> int:
     return 0
 
 
-#: Most bytes of the input's first line hashed into its default resume key.
-RESUME_FINGERPRINT_BYTES = 64 * 1024
+#: Bytes of the first line hashed by the resume keys of eventcore before schema 3 (still recognised).
+_LEGACY_FINGERPRINT_BYTES = 64 * 1024
 
 
-def default_resume_key(path: str) -> str:
-    """`file:<name>:<hash of the absolute path>:<hash of the first line>` (at most ~150 characters).
-
-    The first line, not more: a log that grew, or whose bad line (never the first: a bad first line
-    commits nothing) was fixed, keeps its key and resumes; another file at the same path (a rotated
-    log) starts with another event and gets another key. Gzip files: the first decompressed line.
-    """
+def _file_lines(path: str):
+    """The file's lines (bytes), decompressed if it is gzip (by its magic bytes, whatever its name)."""
     import gzip
+
+    with open(path, "rb") as raw:
+        gzipped = raw.read(2) == b"\x1f\x8b"
+    return gzip.open(path, "rb") if gzipped else open(path, "rb")
+
+
+def _line_at(path: str, number: int) -> bytes | None:
+    """Line `number` (1-based) of the file, or None if it has fewer lines or cannot be read."""
+    try:
+        with _file_lines(path) as f:
+            for n, raw in enumerate(f, start=1):
+                if n == number:
+                    return raw
+    except (OSError, EOFError):
+        pass
+    return None
+
+
+def default_resume_key(path: str, store=None) -> str:
+    """The resume key `eventcore ingest FILE` uses unless told otherwise:
+    `file:<name>:<hash of the absolute path>:<line>:<hash of that line>`, at most ~150 characters.
+
+    The line is the file's anchor: its first valid event line when the first run began. Line numbers
+    are the file's own coordinates, which fixing, blanking or appending lines does not move, so a
+    file whose lines were fixed (the first one included) keeps its key and resumes; another file at
+    the same path (a rotated log) has other text at the anchor line and gets a key of its own. With
+    `store`, the keys already recorded for this path are tried first (the most recent one whose
+    anchor line is unchanged wins); without, or if none matches, the anchor is the file's first
+    valid line now.
+    """
     import hashlib
 
+    from .jsonl import BadLine, line_digest, parse_line
+
     real = os.path.realpath(path)
-    with open(real, "rb") as raw:
-        gzipped = raw.read(2) == b"\x1f\x8b"
-    try:
-        with (gzip.open(real, "rb") if gzipped else open(real, "rb")) as f:
-            first = f.readline(RESUME_FINGERPRINT_BYTES)
-    except (OSError, EOFError):  # a corrupt .gz: the reader reports it; the key needs only to be stable
-        first = b""
     path_hash = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
     name = os.path.basename(real)[:100].encode("ascii", "replace").decode()
-    name = "".join(c if c.isprintable() else "?" for c in name)
-    return f"file:{name}:{path_hash}:{hashlib.sha256(first).hexdigest()[:16]}"
+    name = "".join(c if c.isprintable() and c != ":" else "?" for c in name)
+    prefix = f"file:{name}:{path_hash}:"
+    if store is not None:
+        for key in store._resume_keys(prefix):
+            line_no, sep, digest = key[len(prefix):].partition(":")
+            if sep and line_no.isdigit():
+                raw = _line_at(real, int(line_no))
+                if raw is not None and line_digest(raw) == digest:
+                    return key
+            elif not sep:  # a key of an eventcore before schema 3: the hash of the raw first line
+                raw = _line_at(real, 1)
+                if raw is not None and hashlib.sha256(raw[:_LEGACY_FINGERPRINT_BYTES]).hexdigest()[:16] == line_no:
+                    return key
+    anchor = "0:" + line_digest(b"")  # no valid line: nothing will be committed under this key
+    try:
+        with _file_lines(real) as f:
+            for n, raw in enumerate(f, start=1):
+                if raw.strip():
+                    try:
+                        parse_line(n, raw.strip())
+                    except BadLine:
+                        continue
+                    anchor = f"{n}:{line_digest(raw)}"
+                    break
+    except (OSError, EOFError):  # a corrupt .gz: the reader reports it; the key needs only to be stable
+        pass
+    return prefix + anchor
 
 
 def _cmd_ingest(args) -> int:
@@ -227,7 +273,8 @@ def _cmd_ingest(args) -> int:
         nonlocal rejects
         if rejects is None:
             rejects = open(rejects_path, "wb")
-        rejects.write(bad.text.rstrip(b"\n") + b"\n")
+        text = bad.text.rstrip(b"\r\n").decode("utf-8", "backslashreplace")
+        rejects.write(_json.dumps({"line": bad.line, "reason": bad.reason, "text": text}).encode() + b"\n")
 
     progress_state = {"events": 0}
     started = time.perf_counter()
@@ -257,7 +304,7 @@ def _cmd_ingest(args) -> int:
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
             try:
-                resume_key = None if args.no_resume else (args.resume_key or default_resume_key(args.file))
+                resume_key = None if args.no_resume else (args.resume_key or default_resume_key(args.file, store))
                 result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel,
                                       resume_key=resume_key)
                 events, batches, skipped = result.events, result.batches, result.skipped

@@ -58,6 +58,13 @@ class BadLine(ValidationError):
 _BOM = b"\xef\xbb\xbf"
 
 
+def line_digest(raw: bytes) -> str:
+    """A line's fingerprint in a resume key: 16 hex digits of the SHA-256 of its stripped bytes."""
+    import hashlib
+
+    return hashlib.sha256(raw.strip()).hexdigest()[:16]
+
+
 def parse_line(number: int, raw: bytes) -> tuple:
     """(stream id, RawEvent, metadata) of one line, or BadLine naming what is wrong with it."""
     if raw.startswith(_BOM):
@@ -93,11 +100,13 @@ def parse_line(number: int, raw: bytes) -> tuple:
 
 
 class JsonLinesReader:
-    """Iterates (stream id, RawEvent, metadata) over a JSON Lines file, gzip or plain.
+    """Iterates over a JSON Lines file, gzip or plain: one item per line, so the item numbered i
+    (from 0) is line i + 1, which is what `store.ingest(..., resume_key=...)` counts.
 
-    `on_bad(BadLine)` decides what happens to a malformed line: by default it
-    raises, stopping the ingest; `eventcore ingest --skip-invalid` writes the
-    line to a rejects file and carries on. `progress()` is the fraction of the
+    A line's item is (stream id, RawEvent, metadata), or None for a line passed over: a blank line,
+    or a malformed one that `on_bad(BadLine)` accepted. By default a malformed line raises, stopping
+    the ingest; `eventcore ingest --skip-invalid` writes it to a rejects file and carries on, and
+    a later run (resumed) writes it once it is fixed. `progress()` is the fraction of the
     (compressed) file read so far.
     """
 
@@ -141,6 +150,7 @@ class JsonLinesReader:
             self.lines = number
             stripped = raw.strip()
             if not stripped:
+                yield None
                 continue
             try:
                 parsed = parse_line(number, stripped)
@@ -149,6 +159,7 @@ class JsonLinesReader:
                     raise
                 self.rejected += 1
                 self.on_bad(bad)  # outside the read's error handling: its own errors are its own
+                yield None
                 continue
             yield parsed
 
