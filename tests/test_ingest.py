@@ -398,3 +398,24 @@ def test_two_runs_fixing_one_line_write_it_once(store):
     refused = [o for o in outcome if isinstance(o, ec.IngestError)]
     assert len(refused) == 1 and "must not overlap" in str(refused[0]), outcome
     assert sorted(e.data.text for e in store.read_stream("s")) == ["0", "1", "2", "3"]
+
+
+def test_cli_resumes_under_a_key_recorded_by_an_earlier_eventcore(shared_store, tmp_path):
+    """Before line-numbered anchors the default key ended in a hash of the raw first line: a file an
+    earlier version ingested half-way is still resumed under that key, not written again."""
+    import hashlib
+    import os
+
+    from eventcore.jsonl import parse_line
+
+    store, dsn = shared_store
+    path = tmp_path / "old.jsonl"
+    _write_lines(path, [_line(i) for i in range(6)])
+    raw = path.read_bytes().splitlines(keepends=True)
+    real = os.path.realpath(path)
+    legacy = (f"file:{os.path.basename(real)}:{hashlib.sha256(real.encode()).hexdigest()[:16]}:"
+              f"{hashlib.sha256(raw[0]).hexdigest()[:16]}")
+    store.ingest([parse_line(n, line.strip()) for n, line in enumerate(raw[:4], 1)], resume_key=legacy)
+    summary = _ingest_cli(path, dsn)
+    assert (summary["events"], summary["skipped"]) == (2, 4)
+    assert _texts(store) == [str(i) for i in range(6)]

@@ -377,13 +377,10 @@ def _cmd_tail(args) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             previous[sig] = signal.signal(sig, lambda signum, frame: stop.set())
     dsn = _dsn(args)
-    # A monitoring command runs no DDL: on PostgreSQL it connects without migrating, and a schema
-    # behind this eventcore is an error that says to run `eventcore migrate`.
-    postgres = dsn.split("://", 1)[0].lower() in ("postgresql", "postgres")
     try:
-        with connect(dsn, **({"migrate": False} if postgres else {})) as store:
-            if postgres:
-                store._check_schema()
+        # A monitoring command creates and changes nothing: a missing store, another application's
+        # file or schema, or a schema at another version is an error saying so.
+        with connect(dsn, migrate=False) as store:
             waiter = follow_waiter(store) if args.follow else None
             interval = args.interval or 0.2
             try:
@@ -423,10 +420,7 @@ def _cmd_projections(args) -> int:
     from .stores import connect
 
     dsn = _dsn(args)
-    postgres = dsn.split("://", 1)[0].lower() in ("postgresql", "postgres")
-    with connect(dsn, **({"migrate": False} if postgres else {})) as store:  # no DDL (see _cmd_tail)
-        if postgres:
-            store._check_schema()
+    with connect(dsn, migrate=False) as store:  # creates and changes nothing (see _cmd_tail)
         rows = projection_status(store)
     if args.json:
         for r in rows:
@@ -453,19 +447,25 @@ def _cmd_projections(args) -> int:
 
 
 def _cmd_status(args) -> int:
+    from .errors import NotAnEventStoreError, SchemaVersionError, StoreNotFoundError
     from .stores import connect
     from .stores.base import StoreHealth
     from .stores.postgres import redact
 
     dsn = _dsn(args)
     scheme = _scheme(dsn)
-    options = {"migrate": False} if scheme in ("postgresql", "postgres") else {}
     try:
-        store = connect(dsn, **options)
+        store = connect(dsn, migrate=False)  # a probe creates and changes nothing
     except EventCoreError as exc:
-        health = StoreHealth(ok=False, backend=scheme, url=redact(dsn), connected=False, latency_ms=0.0,
-                             head_position=None, schema_version=None, schema_expected=None, pool=None,
-                             projections=[], error=str(exc))
+        # Which of these it is says whether the store answered: only "unreachable" means it did not.
+        problem = ("missing" if isinstance(exc, StoreNotFoundError) else
+                   "not_an_event_store" if isinstance(exc, NotAnEventStoreError) else
+                   "schema_version" if isinstance(exc, SchemaVersionError) else "unreachable")
+        health = StoreHealth(ok=False, backend=scheme, url=redact(dsn), connected=problem != "unreachable",
+                             latency_ms=0.0, head_position=None,
+                             schema_version=getattr(exc, "found", None), schema_expected=getattr(exc, "expected", None),
+                             pool=None, projections=[], error=str(exc), schema=_schema_option(dsn, scheme),
+                             problem=problem)
     else:
         with store:
             health = store.health()
@@ -473,9 +473,13 @@ def _cmd_status(args) -> int:
         print(json.dumps(health.as_dict()))
         return 0 if health.ok else 1
     print(f"{'OK' if health.ok else 'UNHEALTHY'}  {health.backend} store {health.url}")
-    if health.connected:
+    if health.schema is not None:
+        print(f"  schema          {health.schema}")
+    if health.problem in ("missing", "not_an_event_store"):
+        print(f"  store           {'missing' if health.problem == 'missing' else 'not an eventcore store'}")
+    elif health.head_position is not None:
         print(f"  round trip      {health.latency_ms:.2f} ms (head position {health.head_position:,})")
-    else:
+    elif health.problem == "unreachable":
         print("  round trip      unreachable")
     if health.schema_expected is not None or health.schema_version is not None:
         print(f"  schema version  {health.schema_version} (this eventcore needs {health.schema_expected})")
@@ -486,11 +490,20 @@ def _cmd_status(args) -> int:
     for proj in health.projections:
         print(f"  projection      {proj['name']}: {proj['state']}, lag {proj['lag']:,} "
               f"({proj['pending']:,} pending, {proj['dead_letters']} dead letters)")
-    if not health.projections and health.connected:
+    if not health.projections and health.ok:
         print("  projections     none recorded")
     if health.error:
         print(f"  error           {health.error}")
     return 0 if health.ok else 1
+
+
+def _schema_option(dsn: str, scheme: str) -> str | None:
+    """The PostgreSQL schema a DSN names (?schema=, else the default), for a status report."""
+    if scheme not in ("postgresql", "postgres"):
+        return None
+    from urllib.parse import parse_qsl, urlsplit
+
+    return dict(parse_qsl(urlsplit(dsn).query)).get("schema", "eventcore")
 
 
 def _cmd_bench(args) -> int:

@@ -208,7 +208,10 @@ class StoreHealth(msgspec.Struct, frozen=True):
     """What `store.health()` found: `ok` is True when the store answered and its schema is current.
 
     `latency_ms`: one round trip (the head position read); `pool`: see `pool_stats()`;
-    `projections`: one dict per projector (name, state, position, lag, pending, dead_letters)."""
+    `projections`: one dict per projector (name, state, position, lag, pending, dead_letters);
+    `schema`: the PostgreSQL schema checked (None for other backends); `problem`, when not ok:
+    "unreachable" (no answer), "missing" (no store there), "not_an_event_store" (something else is
+    there) or "schema_version" (a store at another schema version)."""
 
     ok: bool
     backend: str
@@ -221,6 +224,8 @@ class StoreHealth(msgspec.Struct, frozen=True):
     pool: dict | None
     projections: list
     error: str | None
+    schema: str | None = None
+    problem: str | None = None
 
     def as_dict(self) -> dict:
         return msgspec.structs.asdict(self)
@@ -435,11 +440,14 @@ class EventStore(ABC):
             except Exception:  # noqa: BLE001 - no projection tables yet
                 projections = []
         ok = error is None and (schema is None or schema == expected)
+        problem = None if ok else "unreachable" if head is None else "schema_version"
         if error is None and not ok:
-            error = f"schema is at version {schema}, this eventcore needs {expected}: run `eventcore migrate`"
+            error = (f"schema is at version {schema}, this eventcore needs {expected}: "
+                     + ("upgrade eventcore" if schema > expected else "run `eventcore migrate`"))
         return StoreHealth(ok=ok, backend=self.scheme, url=self.url, connected=head is not None,
                            latency_ms=latency_ms, head_position=head, schema_version=schema,
-                           schema_expected=expected, pool=pool, projections=projections, error=error)
+                           schema_expected=expected, pool=pool, projections=projections, error=error,
+                           schema=getattr(self, "schema", None), problem=problem)
 
     # -- writing ----------------------------------------------------------------
 

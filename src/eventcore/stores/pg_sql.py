@@ -931,6 +931,22 @@ CREATE_MIGRATIONS = (
     "version int PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
 )
 CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations"
+#: Every relation the migrations make: a schema holding one of these without eventcore's
+#: schema_migrations belongs to another application.
+OWN_RELATIONS = ["events", "streams", "command_keys", "ingest_progress", "ingest_holes", "projection_checkpoints",
+                 "projection_dead_letters", "reservations", "schema_migrations"]
+#: What is in the schema named by the first parameter: whether it exists, which of OWN_RELATIONS
+#: (second parameter) it holds, and the columns of its schema_migrations table (NULL without one).
+SCHEMA_STATE = (
+    "SELECT n.oid IS NOT NULL,"
+    " (SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c"
+    "   WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relname = ANY(%s::text[])),"
+    " (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
+    "   WHERE c.relnamespace = n.oid AND c.relname = 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped)"
+    " FROM (SELECT %s::text AS name) AS q LEFT JOIN pg_namespace n ON n.nspname = q.name"
+)
+#: The columns of eventcore's schema_migrations (CREATE_MIGRATIONS), sorted.
+MIGRATIONS_COLUMNS = ["applied_at", "description", "version"]
 RECORD_MIGRATION = "INSERT INTO {s}.schema_migrations (version, description) VALUES (%s, %s)"
 
 

@@ -48,7 +48,10 @@ from ..errors import (
     ConcurrencyError,
     DuplicateCommandError,
     EventCoreError,
+    NotAnEventStoreError,
+    SchemaVersionError,
     SerializationError,
+    StoreNotFoundError,
     StoreTimeoutError,
     StoreUnavailableError,
     ValidationError,
@@ -562,13 +565,14 @@ class PostgresStore(EventStore):
             with self._pool.connection() as conn:
                 with conn.transaction():
                     conn.execute(pg_sql.MIGRATION_LOCK, (f"eventcore.migrate:{s}",), prepare=False)
+                    self._schema_state(conn)  # another application's schema: refused before anything is made
                     conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, s), prepare=False)
                     conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, s), prepare=False)
                     current = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, s), prepare=False).fetchone()[0]
                     if current > pg_sql.SCHEMA_VERSION:
-                        raise StoreUnavailableError(
+                        raise SchemaVersionError(
                             f"schema {s!r} is at version {current}, newer than this eventcore "
-                            f"understands ({pg_sql.SCHEMA_VERSION}); upgrade eventcore"
+                            f"understands ({pg_sql.SCHEMA_VERSION}); upgrade eventcore", current, pg_sql.SCHEMA_VERSION
                         )
                     for version, description, body in pg_sql.MIGRATIONS:
                         if version > current:
@@ -596,20 +600,33 @@ class PostgresStore(EventStore):
             for statement in pg_sql.least_privilege_grants(self.schema, role):
                 conn.execute(statement, prepare=False)
 
+    def _schema_state(self, conn) -> str:
+        """"missing" (no such schema), "empty" (a schema without eventcore's tables) or "store"; another
+        application's schema (one of eventcore's table names, but not eventcore's schema_migrations)
+        raises NotAnEventStoreError."""
+        exists, own, columns = conn.execute(
+            pg_sql.SCHEMA_STATE, (pg_sql.OWN_RELATIONS, self.schema), prepare=False).fetchone()
+        if not exists:
+            return "missing"
+        if columns == pg_sql.MIGRATIONS_COLUMNS:
+            return "store"
+        if own:
+            raise NotAnEventStoreError(
+                f"schema {self.schema!r} holds another application's tables ({', '.join(own)}), not an eventcore "
+                "store; eventcore refuses it and changed nothing (choose another schema with ?schema=NAME)")
+        return "empty"
+
     def schema_version(self) -> int:
         """The migration version of this store's schema (0: not created)."""
         try:
             with self._pool.connection() as conn:
-                exists = conn.execute(
-                    "SELECT to_regclass(%s) IS NOT NULL",
-                    (f'{psycopg.sql.Identifier(self.schema).as_string(conn)}.schema_migrations',),
-                    prepare=False,
-                ).fetchone()[0]
-                if not exists:
+                if self._schema_state(conn) != "store":
                     return 0
                 return conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
 
     def _schema_versions(self):
         return self.schema_version(), pg_sql.SCHEMA_VERSION
@@ -628,12 +645,25 @@ class PostgresStore(EventStore):
         return out
 
     def _check_schema(self) -> None:
-        version = self.schema_version()
+        """For a store opened with migrate=False: the schema must exist, be eventcore's and be current."""
+        try:
+            with self._pool.connection() as conn:
+                state = self._schema_state(conn)
+                if state != "store":
+                    raise StoreNotFoundError(
+                        f"no eventcore store in schema {self.schema!r}: "
+                        + ("the schema does not exist" if state == "missing" else "the schema holds none of its tables")
+                        + " (nothing was created; `eventcore migrate --dsn URL`, as the schema owner, creates it)")
+                version = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
+        except psycopg.Error as exc:
+            raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
         if version != pg_sql.SCHEMA_VERSION:
-            raise StoreUnavailableError(
-                f"schema {self.schema!r} is at version {version}, this eventcore needs "
-                f"{pg_sql.SCHEMA_VERSION}: run `eventcore migrate --dsn URL` as the schema owner"
-            )
+            raise SchemaVersionError(
+                f"schema {self.schema!r} is at version {version}, this eventcore needs {pg_sql.SCHEMA_VERSION}: "
+                + ("upgrade eventcore" if version > pg_sql.SCHEMA_VERSION
+                   else "run `eventcore migrate --dsn URL` as the schema owner"), version, pg_sql.SCHEMA_VERSION)
 
     # -- helpers ---------------------------------------------------------------------
 
