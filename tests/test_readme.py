@@ -50,3 +50,55 @@ def test_reliability_doc_names_only_tests_that_exist():
     files = {p.stem for folder in ("tests", "bench") for p in (ROOT / folder).glob("test_*.py")}
     named = set(re.findall(r"\b(test_\w+)", doc)) - files
     assert named and not named - defined, sorted(named - defined)
+
+
+def _mask(text: str) -> list[str]:
+    """Lines of `eventcore status` output with what differs between runs masked: URLs, numbers."""
+    import re
+
+    text = re.sub(r"\S+://\S+", "URL", text)
+    return [re.sub(r"\d[\d,.]*", "N", line.rstrip()) for line in text.strip().splitlines()]
+
+
+def test_readme_status_sample_is_real_output(pg_dsn, pg_schema, capsys, tmp_path):
+    """The README's `eventcore status` sample is what the command prints (up to URLs and numbers)."""
+    import json
+    import re
+
+    import eventcore as ec
+    from eventcore.cli import main
+
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"\$ eventcore status --dsn \S+\n(.*?)\n\$ eventcore status --dsn (sqlite:\S+) "
+                      r"--json\n(.*?)\n```", readme, flags=re.S)
+    assert block, "README: the status sample is missing"
+    sample, json_sample = block.group(1), block.group(3)
+    url = f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}schema={pg_schema}"
+    with ec.connect(url) as store:
+        from domain import Deposited
+
+        store.append([ec.emit("account-1", Deposited(amount=5))])
+        runner = ec.ProjectionRunner(store, ec.Projector("balances", lambda event, ctx: None),
+                                     poll_interval=0.05).start()
+        try:
+            import time
+
+            for _ in range(200):
+                found = ec.projection_status(store, "balances")
+                if found and found[0].lag == 0 and found[0].state == "running":
+                    break
+                time.sleep(0.05)
+            capsys.readouterr()
+            assert main(["status", "--dsn", url]) == 0
+            real = capsys.readouterr().out
+        finally:
+            runner.stop()
+            runner.join(10)
+    masked = _mask(real.replace(pg_schema, "bank_events"))
+    assert _mask(sample) == masked, real
+    shown = json.loads(json_sample.replace(", ...}", "}"))
+    ec.connect(f"sqlite:///{tmp_path / 'bank.db'}").close()
+    assert main(["status", "--dsn", f"sqlite:///{tmp_path / 'bank.db'}", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert list(report)[:len(shown)] == list(shown)
+    assert {k: report[k] for k in ("ok", "backend", "connected")} == {k: shown[k] for k in ("ok", "backend", "connected")}
