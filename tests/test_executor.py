@@ -630,3 +630,55 @@ def test_waiting_for_a_stream_held_in_the_process_respects_the_timeout(store):
     assert [e.data.amount for e in store.read_stream(acct)] == [1]
     ec.execute(store, Deposit(acct, 5), timeout=5)  # free again
     assert store.stream_version(acct) == 2
+
+
+class Paired(ec.Event):
+    __event_type__ = "test.executor.Paired"
+
+
+class Checked(ec.Event):
+    __event_type__ = "test.executor.Checked"
+
+
+class CheckPairs(ec.Command):
+    """Reads `left`, discovers `right` from it, and refuses unless both hold as many Paired events
+    (true at every point in time: writers append one to each, atomically)."""
+
+    left: ec.StreamId
+
+    def initial_state(self):
+        return {}
+
+    def apply(self, state, event):
+        if isinstance(event.data, Paired):
+            state[event.stream_id] = state.get(event.stream_id, 0) + 1
+        return state
+
+    def discover(self, state):
+        return ["pair-right"] if state.get(self.left) else []
+
+    def handle(self, state):
+        ec.require(state.get(self.left, 0) == state.get("pair-right", 0), f"unpaired: {state}")
+        return [ec.emit(self.left, Checked())]
+
+
+def test_refusal_on_state_read_in_several_rounds_is_confirmed_current(store):
+    """Discovered streams are read later than declared ones: a pair written in between makes a state
+    that never existed. A refusal decided on it must not be final."""
+    store.append([ec.emit("pair-left", Paired()), ec.emit("pair-right", Paired())])
+    real = store.read_streams
+    calls = []
+
+    def racing(ids):
+        calls.append(list(ids))
+        if len(calls) == 2:  # between the declared read and the discovered one: a pair is written
+            store.append([ec.emit("pair-left", Paired()), ec.emit("pair-right", Paired())])
+        return real(ids)
+
+    store.read_streams = racing
+    try:
+        result = ec.execute(store, CheckPairs(ec.StreamId("pair-left")))
+    finally:
+        del store.read_streams
+    assert result.attempts == 2 and [type(e.data) for e in result.events] == [Checked]
+    assert result.stream_versions == {"pair-left": 3, "pair-right": 2}

@@ -136,10 +136,11 @@ def _fold(command: Command, by_stream: dict, streams: list) -> Any:
 _position = operator.attrgetter("position")
 
 
-def _read_and_fold(store, command: Command, streams: list) -> tuple[Any, dict]:
+def _read_and_fold(store, command: Command, streams: list, rounds: list | None = None) -> tuple[Any, dict]:
     """Read the streams (one round trip, plus one per discovery round) and fold them.
 
-    Returns (state, versions of every stream read)."""
+    Returns (state, versions of every stream read). Appends one to `rounds` per discovery round:
+    after one, the state mixes reads made at different times (see _attempts)."""
     by_stream = store.read_streams(streams)
     state = _fold(command, by_stream, streams)
     for _ in range(MAX_DISCOVERY_ROUNDS):
@@ -148,6 +149,8 @@ def _read_and_fold(store, command: Command, streams: list) -> tuple[Any, dict]:
         if not new:
             break
         by_stream.update(store.read_streams(new))
+        if rounds is not None:
+            rounds.append(1)
         streams = streams + new
         state = _fold(command, by_stream, streams)
     else:
@@ -363,17 +366,18 @@ class _CachedReads:
         return {s: got[s] for s in stream_ids}
 
 
-def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list) -> tuple:
+def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list) -> tuple:
     """State and versions for one attempt through the cache, and whether any of it came from the
     cache (and so may be stale): the folded state if its streams have not moved as far as this
-    process knows, else a fold of cached events and of reads of the streams not cached."""
+    process knows, else a fold of cached events and of reads of the streams not cached (one entry
+    in `rounds` per discovery round)."""
     if entry.valid and cache._versions(store, entry.versions) == entry.versions:
         found = command.discover(entry.state)
         if not found or all(_stream_id(x) in entry.versions for x in found):
             cache.hits += 1
             return entry.state, dict(entry.versions), True
     reader = _CachedReads(cache, store)
-    state, versions = _read_and_fold(reader, command, streams)
+    state, versions = _read_and_fold(reader, command, streams, rounds)
     # Fresh state is worth keeping even if handle() refuses.
     entry.state, entry.versions, entry.valid = state, dict(versions), True
     if reader.reads:
@@ -512,19 +516,23 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
     while True:
         attempt += 1
         from_cache = False
+        rounds: list = []
         try:
             if entry is None:
-                state, versions = _read_and_fold(store, command, streams)
+                state, versions = _read_and_fold(store, command, streams, rounds)
             else:
-                state, versions, from_cache = _cached_state(cache, entry, store, command, streams)
+                state, versions, from_cache = _cached_state(cache, entry, store, command, streams, rounds)
+            # Streams discovered later were read later: after a discovery round the state is no single
+            # point in time, so a decision that writes nothing is confirmed as one made on cached state.
+            unconfirmed = from_cache or bool(rounds)
             try:
                 events = _handle(command, state, versions)
             except Exception:
-                if from_cache:  # a refusal (or an error) decided on cached state: final only if it is current
+                if unconfirmed:  # a refusal (or an error) decided on cached state: final only if it is current
                     _confirm_current(store, versions)
                 raise
             if not events:
-                if from_cache:  # "nothing to do" decided on cached state: likewise
+                if unconfirmed:  # "nothing to do" decided on cached state: likewise
                     _confirm_current(store, versions)
                 if key is not None:  # perhaps nothing is left to do because this command already ran
                     prior = store.recorded_command(key)
@@ -539,7 +547,7 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
             try:
                 recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
             except (ValidationError, SerializationError, UndeclaredStreamError):
-                if from_cache:  # events decided on cached state that cannot be written: as a refusal
+                if unconfirmed:  # events decided on cached state that cannot be written: as a refusal
                     _confirm_current(store, versions)
                 raise
             if entry is not None:
