@@ -286,3 +286,20 @@ def test_status_names_the_postgres_schema_it_checked(pg_dsn, pg_schema, capsys):
     ec.connect(pg_dsn, schema=pg_schema).close()
     rc, out, _ = _cli(capsys, "status", "--dsn", _pg_url(pg_dsn, pg_schema))
     assert rc == 0 and f"schema          {pg_schema}" in out
+
+
+def test_processes_creating_one_new_file_at_once_all_open_it(tmp_path):
+    """Several processes connect to a file none has created yet: one creates the store, the others find
+    it being created or made, and none takes it for another application's."""
+    import multiprocessing
+
+    from domain import deposit_worker
+
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        for attempt in range(3):
+            url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
+            results = pool.starmap(deposit_worker, [(url, ["a", "b"], 5, w) for w in range(4)])
+            assert [ok for ok, _ in results] == [5] * 4
+            with ec.connect(url, migrate=False) as store:
+                assert store.head_position() == 20

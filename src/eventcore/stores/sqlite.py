@@ -463,14 +463,18 @@ def inspect_file(path: str) -> str:
     # No application id in the header: an eventcore store made before schema 3 (or whose id is still in
     # its WAL), an empty database, or another application's. Look inside, read-only: `immutable` reads
     # the main file without creating the -wal and -shm files a read-only WAL connection leaves behind;
-    # with a WAL file present its content counts, so read through it (its -shm is there already).
-    mode = "mode=ro" if os.path.exists(path + "-wal") else "immutable=1"
+    # with a WAL file present its content counts, so read through it (its -shm is there already), and
+    # a rollback journal means a writer is busy with the file: read it with locks too.
+    busy = os.path.exists(path + "-wal") or os.path.exists(path + "-journal")
     try:
-        conn = sqlite3.connect(f"file:{quote(path, safe='/')}?{mode}", uri=True, timeout=10)
+        conn = sqlite3.connect(f"file:{quote(path, safe='/')}?{'mode=ro' if busy else 'immutable=1'}", uri=True,
+                               timeout=10)
     except sqlite3.Error as exc:
         raise StoreUnavailableError(f"cannot open {path!r} to inspect it: {exc}") from None
     try:
         return classify(conn, path)
+    except sqlite3.OperationalError as exc:  # locked, or a writer's journal in the way: try again later
+        raise StoreUnavailableError(f"cannot inspect {path!r} now: {exc}") from None
     except sqlite3.DatabaseError as exc:
         raise NotAnEventStoreError(f"{path!r} is not a readable SQLite database ({exc}); it was left as it was") from None
     finally:
