@@ -388,3 +388,29 @@ def test_closing_a_store_drops_only_its_entries(store):
     assert len(cache) == 1
     assert ec.execute(store, Deposit(ec.StreamId("d-1"), 1), cache=cache).stream_versions == {"d-1": 2}
     assert cache.hits == 1
+
+
+def test_a_read_that_fails_through_the_cache_is_a_store_error(store):
+    """The first read of a cached command fails: StoreUnavailableError, retried like any store error,
+    and the cache forgets the command's streams."""
+    cache = ec.StateCache()
+    acct = ec.StreamId("f-1")
+    ec.execute(store, Deposit(acct, 1), cache=cache)
+    cache.clear()
+    real = store.read_streams
+    failures = []
+
+    def failing(ids):
+        if len(failures) < 2:
+            failures.append(ids)
+            raise ec.StoreUnavailableError("the store is away")
+        return real(ids)
+
+    store.read_streams = failing
+    try:
+        with pytest.raises(ec.StoreUnavailableError, match="away"):
+            ec.execute(store, Deposit(acct, 1), cache=cache, retry=ec.RetryPolicy(max_retries=0))
+        result = ec.execute(store, Deposit(acct, 1), cache=cache, retry=ec.RetryPolicy(max_retries=1, base_delay=0))
+    finally:
+        del store.read_streams
+    assert result.attempts == 2 and balance(store, acct) == 2

@@ -517,6 +517,7 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         attempt += 1
         from_cache = False
         rounds: list = []
+        versions: dict = {}  # until the read succeeds: a read that fails forgets the declared streams
         try:
             if entry is None:
                 state, versions = _read_and_fold(store, command, streams, rounds)
