@@ -171,7 +171,7 @@ def _scheme(dsn: str) -> str:
 
 def _cmd_migrate(args) -> int:
     from .stores import connect
-    from .stores.postgres import redact
+    from .stores.dsn import redact
 
     dsn = _dsn(args)
     if not dsn.startswith(("postgresql://", "postgres://")):
@@ -408,7 +408,7 @@ def _cmd_projections(args) -> int:
 def _cmd_status(args) -> int:
     from .stores import connect
     from .stores.base import StoreHealth
-    from .stores.postgres import redact
+    from .stores.dsn import redact
 
     dsn = _dsn(args)
     scheme = _scheme(dsn)

@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ import uuid
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -57,6 +56,9 @@ from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+# Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
+from .dsn import redact, split_query
+from .dsn import without_secrets as _without_secrets
 
 log = logging.getLogger("eventcore.store.postgres")
 
@@ -141,43 +143,6 @@ def _schema_name(schema) -> str:
             "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
             f"got {schema!r}")
     return schema
-
-
-#: Connection parameters holding a secret: the password and the passphrase of the client's SSL key.
-_SECRET_PARAMS = ("password", "sslpassword")
-#: A secret in libpq's key=value form (password=..., quoted or not).
-_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=?\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
-
-
-def redact(dsn: str) -> str:
-    """The DSN (a URL or libpq's key=value form) without its passwords, for messages and logs."""
-    if "://" not in dsn:
-        return _KEYWORD_SECRET.sub(r"\1***", dsn)
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = urlencode([(k, "***" if k in _SECRET_PARAMS else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _without_secrets(text: str, dsn: str) -> str:
-    """`text` (a message of libpq's, which may quote the URL or one of its values) with the DSN's
-    passwords, as written and percent-decoded, replaced by ***."""
-    parts = urlsplit(dsn)
-    secrets = []
-    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
-    if ":" in userinfo:
-        secrets.append(userinfo.split(":", 1)[1])
-    secrets += [v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k in _SECRET_PARAMS]
-    if "://" not in dsn:
-        secrets += [m.group(2).strip("'") for m in _KEYWORD_SECRET.finditer(dsn)]
-    for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 class _GroupCommitter:
@@ -428,15 +393,22 @@ class PostgresStore(EventStore):
 
     @classmethod
     def from_url(cls, url: str, **options) -> "PostgresStore":
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        merged = {k: v for k, v in query if k in _OPTIONS}
+        # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
+        # values (a %20 is not a +) and the URL the store shows.
+        base, query = split_query(url)
+        merged, libpq_query = {}, []
+        for pair in query.split("&") if query else ():
+            parsed = parse_qsl(pair, keep_blank_values=True)
+            if parsed and parsed[0][0] in _OPTIONS:
+                merged[parsed[0][0]] = parsed[0][1]
+            elif pair:
+                libpq_query.append(pair)
         merged.update(options)
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        libpq_query = [(k, v) for k, v in query if k not in _OPTIONS]
-        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(libpq_query), parts.fragment))
+        # libpq knows the scheme in lower case only.
+        dsn = "postgresql" + base[base.index("://"):] + ("?" + "&".join(libpq_query) if libpq_query else "")
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
         except psycopg.ProgrammingError as exc:
