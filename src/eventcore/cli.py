@@ -509,20 +509,17 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         # psycopg's pool logs every failed connection attempt; the command reports the outcome in one line.
         logging.getLogger("psycopg").addHandler(logging.NullHandler())
+    commands = {"bench": _cmd_bench, "migrate": _cmd_migrate, "ingest": _cmd_ingest, "tail": _cmd_tail,
+                "projections": _cmd_projections, "status": _cmd_status}
+    command = commands.get(args.command)
+    if command is None:
+        parser.error(f"unknown command {args.command!r}")
     try:
-        if args.command == "bench":
-            return _cmd_bench(args)
-        if args.command == "migrate":
-            return _cmd_migrate(args)
-        if args.command == "ingest":
-            return _cmd_ingest(args)
-        if args.command == "tail":
-            return _cmd_tail(args)
-        if args.command == "projections":
-            return _cmd_projections(args)
-        if args.command == "status":
-            return _cmd_status(args)
+        return command(args)
     except EventCoreError as exc:
+        print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # a backend whose driver is not installed (psycopg without the [postgres] extra)
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the command was told to read or write (e.g. --rejects in a missing directory)
@@ -531,8 +528,6 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eventcore {args.command}: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
 
 
 if __name__ == "__main__":
