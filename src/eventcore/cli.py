@@ -515,7 +515,15 @@ def main(argv: list[str] | None = None) -> int:
     if command is None:
         parser.error(f"unknown command {args.command!r}")
     try:
-        return command(args)
+        status = command(args)
+        sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        # The reader of stdout is gone (`eventcore ... | head`): nothing more to say, to anyone. As
+        # Python's documentation advises, stdout then points at devnull, so that the interpreter's
+        # flush at exit does not fail on the same pipe again.
+        _stdout_to_devnull()
+        return 0
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -528,6 +536,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eventcore {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced, e.g. captured)
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":
