@@ -354,7 +354,9 @@ def _fetch(store, query, params=(), jit: bool = True) -> list:
     except psycopg.errors.UndefinedTable as exc:
         raise EventCoreError(f"schema {store.schema!r} has no projection tables: run `eventcore migrate` "
                              f"(projections need schema version 3): {exc}") from exc
-    except (psycopg.OperationalError, PoolTimeout) as exc:
+    except PoolTimeout as exc:
+        raise StoreUnavailableError(f"PostgreSQL read failed: {store._no_connection_reason(store.pool_timeout)}") from exc
+    except psycopg.OperationalError as exc:
         raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
 
 
