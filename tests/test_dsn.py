@@ -65,3 +65,12 @@ def test_postgres_module_still_offers_redaction():
 
     assert postgres.redact is redact
     assert postgres._without_secrets("x pw y", "postgresql://a:pw@h/d") == "x *** y"
+
+
+@pytest.mark.parametrize("url", ["memory://app:S3cr3t-pw@x", "sqlite://app:S3cr3t-pw@host/x.db"])
+def test_a_refused_url_is_shown_without_its_password(url):
+    import eventcore as ec
+
+    with pytest.raises(ec.ValidationError) as info:
+        ec.connect(url)
+    assert "S3cr3t-pw" not in str(info.value) and "app:***@" in str(info.value)
