@@ -186,3 +186,50 @@ def test_a_pool_without_connections_says_why_its_last_attempt_failed(pg_dsn, pg_
     message = str(info.value)
     assert message.startswith("PostgreSQL read failed: no connection within 2.0s; the last attempt failed ")
     assert f'too many connections for role "{role}"' in message and SECRET not in message, message
+
+
+def test_a_parameter_libpq_refuses_is_a_one_line_error(pg_dsn):
+    from eventcore.stores.postgres import PostgresStore
+
+    with pytest.raises(ec.ValidationError) as info:
+        ec.connect(with_query(pg_dsn, bogus=1, password=SECRET))
+    message = str(info.value)
+    assert 'invalid URI query parameter: "bogus"' in message and "\n" not in message and SECRET not in message
+    with pytest.raises(ec.ValidationError) as info:
+        PostgresStore(f"host=/nowhere bogus=1 password={SECRET}")
+    message = str(info.value)
+    assert 'invalid connection option "bogus"' in message and "\n" not in message and SECRET not in message
+
+
+def test_migrating_without_the_owners_rights_says_what_to_do(pg_dsn, pg_schema):
+    import psycopg
+    from psycopg import sql
+
+    role = f"app_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(SECRET)))
+    try:
+        with pytest.raises(ec.StoreUnavailableError) as info:
+            ec.connect(url_as(pg_dsn, role, SECRET), schema=pg_schema)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+    message = str(info.value)
+    assert message.startswith(f"migration of schema {pg_schema!r} failed: permission denied"), message
+    assert "run `eventcore migrate --dsn URL` as the owner" in message and "migrate=false" in message
+
+
+def test_a_projection_that_cannot_connect_says_why_on_one_line(pg_dsn, pg_schema):
+    """A projector's own connection, made after the store's, to a server that is no longer where it was."""
+    from eventcore.stores.pg_projections import PostgresBackend
+
+    store = ec.connect(pg_dsn, schema=pg_schema)
+    try:
+        store._dsn = f"postgresql://app:{SECRET}@127.0.0.1:{_free_port()}/db"  # the server moved away
+        with pytest.raises(ec.StoreUnavailableError) as info:
+            PostgresBackend(store, "balances").open()
+    finally:
+        store.close()
+    message = str(info.value)
+    assert message.startswith("projection 'balances' cannot connect to postgresql://app:***@127.0.0.1:"), message
+    assert "Connection refused" in message and "\n" not in message and SECRET not in message

@@ -369,7 +369,7 @@ def _conninfo_keys(dsn: str) -> set:
     try:
         return set(psycopg.conninfo.conninfo_to_dict(dsn))
     except psycopg.ProgrammingError as exc:
-        raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
+        raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_one_line(exc, dsn)}") from None
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -470,7 +470,7 @@ class PostgresStore(EventStore):
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
         except psycopg.ProgrammingError as exc:
-            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
+            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_one_line(exc, dsn)}") from None
         return cls(dsn, **merged)
 
     def __init__(
@@ -652,6 +652,11 @@ class PostgresStore(EventStore):
             return pg_sql.SCHEMA_VERSION
         except EventCoreError:
             raise
+        except pg_errors.InsufficientPrivilege as exc:
+            raise StoreUnavailableError(
+                f"migration of schema {s!r} failed: {_one_line(exc, self._dsn)} (migrations need the rights of the "
+                "schema's owner: run `eventcore migrate --dsn URL` as the owner, and connect roles with fewer "
+                "rights with migrate=false)") from exc
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"migration of schema {s!r} failed: {exc}") from exc
 
