@@ -56,3 +56,10 @@ def test_bench_piped_into_head_prints_the_first_lines_and_exits_0():
         shell=True, executable="/bin/bash", capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stderr == ""
     assert len(proc.stdout.splitlines()) == 3 and proc.stdout.startswith("Single-stream commands: deposits")
+
+
+def test_a_command_started_with_stdout_closed_runs(sqlite_url):
+    """`eventcore status >&-`: Python has no sys.stdout then; the command still runs and exits 0."""
+    proc = subprocess.run(["/bin/sh", "-c", 'exec "$0" -m eventcore status --dsn "$1" >&-', sys.executable,
+                           sqlite_url], stderr=subprocess.PIPE, text=True, timeout=120)
+    assert (proc.returncode, proc.stderr) == (0, "")

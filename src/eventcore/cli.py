@@ -516,7 +516,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown command {args.command!r}")
     try:
         status = command(args)
-        sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's flush at exit
+        if sys.stdout is not None:  # None: started with stdout closed (print() then writes nothing)
+            sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's flush at exit
         return status
     except BrokenPipeError:
         # The reader of stdout is gone (`eventcore ... | head`): nothing more to say, to anyone. As
