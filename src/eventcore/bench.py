@@ -494,7 +494,13 @@ class BenchStore:
         try:
             if self.backend == "postgres":
                 if self.url is None:
+                    import importlib
+
                     from .stores.pgcluster import TemporaryCluster
+
+                    # The driver first (ImportError without the [postgres] extra): a run that could not
+                    # connect starts no cluster.
+                    importlib.import_module("eventcore.stores.postgres")
 
                     self._cluster = TemporaryCluster()
                     print("eventcore bench: no --dsn or EVENTCORE_DSN; starting a temporary PostgreSQL cluster "

@@ -172,7 +172,7 @@ def _scheme(dsn: str) -> str:
 
 def _cmd_migrate(args) -> int:
     from .stores import connect
-    from .stores.postgres import redact
+    from .stores.dsn import redact
 
     dsn = _dsn(args)
     if not dsn.startswith(("postgresql://", "postgres://")):
@@ -450,7 +450,7 @@ def _cmd_status(args) -> int:
     from .errors import NotAnEventStoreError, SchemaVersionError, StoreNotFoundError
     from .stores import connect
     from .stores.base import StoreHealth
-    from .stores.postgres import redact
+    from .stores.dsn import redact
 
     dsn = _dsn(args)
     scheme = _scheme(dsn)
@@ -569,20 +569,26 @@ def main(argv: list[str] | None = None) -> int:
     if not logging.getLogger().handlers:
         # psycopg's pool logs every failed connection attempt; the command reports the outcome in one line.
         logging.getLogger("psycopg").addHandler(logging.NullHandler())
+    commands = {"bench": _cmd_bench, "migrate": _cmd_migrate, "ingest": _cmd_ingest, "tail": _cmd_tail,
+                "projections": _cmd_projections, "status": _cmd_status}
+    command = commands.get(args.command)
+    if command is None:
+        parser.error(f"unknown command {args.command!r}")
     try:
-        if args.command == "bench":
-            return _cmd_bench(args)
-        if args.command == "migrate":
-            return _cmd_migrate(args)
-        if args.command == "ingest":
-            return _cmd_ingest(args)
-        if args.command == "tail":
-            return _cmd_tail(args)
-        if args.command == "projections":
-            return _cmd_projections(args)
-        if args.command == "status":
-            return _cmd_status(args)
+        status = command(args)
+        if sys.stdout is not None:  # None: started with stdout closed (print() then writes nothing)
+            sys.stdout.flush()  # a reader that has gone shows here, not in the interpreter's flush at exit
+        return status
+    except BrokenPipeError:
+        # The reader of stdout is gone (`eventcore ... | head`): nothing more to say, to anyone. As
+        # Python's documentation advises, stdout then points at devnull, so that the interpreter's
+        # flush at exit does not fail on the same pipe again.
+        _stdout_to_devnull()
+        return 0
     except EventCoreError as exc:
+        print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except ImportError as exc:  # a backend whose driver is not installed (psycopg without the [postgres] extra)
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # a file the command was told to read or write (e.g. --rejects in a missing directory)
@@ -591,8 +597,17 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"eventcore {args.command}: interrupted", file=sys.stderr)
         return 130
-    parser.error(f"unknown command {args.command!r}")
-    return 2
+
+
+def _stdout_to_devnull() -> None:
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        try:
+            os.dup2(devnull, sys.stdout.fileno())
+        finally:
+            os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced, e.g. captured)
+        sys.stdout = open(os.devnull, "w")
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ValidationError
 from .base import EventStore, parse_bool
+from .dsn import redact
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -71,7 +72,7 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
     cls = getattr(module, class_name)
     if scheme == "memory":
         if url.split("://", 1)[1].strip("/"):
-            raise ValidationError(f"memory:// takes no path or options, got {url!r}")
+            raise ValidationError(f"memory:// takes no path or options, got {redact(url)!r}")
         unknown = set(options) - {"migrate"}
         if unknown:
             raise ValidationError(f"unknown memory option(s) {sorted(unknown)}; known: migrate")
@@ -81,7 +82,8 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
         parts = urlsplit(url, allow_fragments=False)  # '#' is a character of the file name, not a fragment
         if parts.netloc:
             raise ValidationError(
-                f"sqlite URLs have no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db, got {url!r}"
+                f"sqlite URLs have no host: use sqlite:///relative/path.db or sqlite:////absolute/path.db, "
+                f"got {redact(url)!r}"
             )
         path = parts.path[1:] if parts.path.startswith("/") else parts.path
         merged = dict(parse_qsl(parts.query, keep_blank_values=True))

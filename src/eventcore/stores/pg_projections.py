@@ -25,6 +25,7 @@ from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
                            _LostLeadership, _Refused, _StoreFailed)
 from . import pg_sql
+from .postgres import _one_line
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -160,7 +161,7 @@ class PostgresBackend(_Backend):
                     self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             self.close()
-            raise _StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {exc}") from exc
+            raise _StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {_one_line(exc, store._dsn)}") from exc
 
     def close(self) -> None:
         conn, self.connection = self.connection, None
@@ -354,7 +355,9 @@ def _fetch(store, query, params=(), jit: bool = True) -> list:
     except psycopg.errors.UndefinedTable as exc:
         raise EventCoreError(f"schema {store.schema!r} has no projection tables: run `eventcore migrate` "
                              f"(projections need schema version 3): {exc}") from exc
-    except (psycopg.OperationalError, PoolTimeout) as exc:
+    except PoolTimeout as exc:
+        raise StoreUnavailableError(f"PostgreSQL read failed: {store._no_connection_reason(store.pool_timeout)}") from exc
+    except psycopg.OperationalError as exc:
         raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
 
 

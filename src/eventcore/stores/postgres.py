@@ -21,7 +21,6 @@ import itertools
 import json
 import logging
 import os
-import re
 import socket
 import threading
 import time
@@ -29,7 +28,7 @@ import uuid
 import weakref
 from collections import deque
 from contextlib import contextmanager
-from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl
 
 import msgspec
 
@@ -60,6 +59,9 @@ from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+# Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
+from .dsn import redact, split_query
+from .dsn import without_secrets as _without_secrets
 
 log = logging.getLogger("eventcore.store.postgres")
 
@@ -144,43 +146,6 @@ def _schema_name(schema) -> str:
             "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
             f"got {schema!r}")
     return schema
-
-
-#: Connection parameters holding a secret: the password and the passphrase of the client's SSL key.
-_SECRET_PARAMS = ("password", "sslpassword")
-#: A secret in libpq's key=value form (password=..., quoted or not).
-_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=?\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
-
-
-def redact(dsn: str) -> str:
-    """The DSN (a URL or libpq's key=value form) without its passwords, for messages and logs."""
-    if "://" not in dsn:
-        return _KEYWORD_SECRET.sub(r"\1***", dsn)
-    parts = urlsplit(dsn)
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    query = urlencode([(k, "***" if k in _SECRET_PARAMS else v)
-                       for k, v in parse_qsl(parts.query, keep_blank_values=True)])
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _without_secrets(text: str, dsn: str) -> str:
-    """`text` (a message of libpq's, which may quote the URL or one of its values) with the DSN's
-    passwords, as written and percent-decoded, replaced by ***."""
-    parts = urlsplit(dsn)
-    secrets = []
-    userinfo = parts.netloc.rsplit("@", 1)[0] if "@" in parts.netloc else ""
-    if ":" in userinfo:
-        secrets.append(userinfo.split(":", 1)[1])
-    secrets += [v for k, _, v in (p.partition("=") for p in parts.query.split("&")) if k in _SECRET_PARAMS]
-    if "://" not in dsn:
-        secrets += [m.group(2).strip("'") for m in _KEYWORD_SECRET.finditer(dsn)]
-    for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
-        text = text.replace(secret, "***")
-    return text
 
 
 class _GroupCommitter:
@@ -407,7 +372,7 @@ def _conninfo_keys(dsn: str) -> set:
     try:
         return set(psycopg.conninfo.conninfo_to_dict(dsn))
     except psycopg.ProgrammingError as exc:
-        raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
+        raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_one_line(exc, dsn)}") from None
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -426,24 +391,89 @@ def _connection_lost(exc: Exception) -> bool:
     return state.startswith("08") or state.startswith("57P")
 
 
+def _one_line(exc: BaseException, dsn: str) -> str:
+    """libpq's message (psycopg's for a host that does not resolve) on one line, without the DSN's secrets."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return _without_secrets("; ".join(lines) or type(exc).__name__, dsn)
+
+
+class _Connections:
+    """The pool's connection class (public API of psycopg_pool), made per store, and what it records.
+
+    - The outcome of the latest connection attempt: psycopg_pool retries a failed attempt in the
+      background and logs its error, so a caller waiting on the pool would learn only that it timed
+      out. The error that says the pool had no connection says why its latest attempt failed.
+    - A connection handed over: the store's first connection, made directly (see PostgresStore),
+      becomes the pool's first instead of being closed and made again.
+    """
+
+    def __init__(self, dsn: str) -> None:
+        self._dsn = dsn
+        self._error: str | None = None  # redacted, one line
+        self._at = 0.0
+        self._spare = None
+        self._lock = threading.Lock()
+        records = self
+
+        class Connection(psycopg.Connection):
+            @classmethod
+            def connect(cls, conninfo="", **kwargs):
+                spare = records.take_back()
+                if spare is not None:
+                    if not (spare.closed or spare.broken):
+                        return spare
+                    spare.close()
+                try:
+                    conn = super().connect(conninfo, **kwargs)
+                except Exception as exc:
+                    records._error, records._at = _one_line(exc, records._dsn), time.monotonic()
+                    raise
+                records._error = None
+                return conn
+
+        self.connection_class = Connection
+
+    def hand_over(self, conn) -> None:
+        """`conn` (made by connection_class, idle) is the next connection the pool asks for."""
+        with self._lock:
+            self._spare = conn
+
+    def take_back(self):
+        with self._lock:
+            spare, self._spare = self._spare, None
+        return spare
+
+    def failure(self) -> str | None:
+        """'<n> s ago: <reason>' when the latest attempt failed (none has succeeded since), else None."""
+        error, at = self._error, self._at
+        return None if error is None else f"{time.monotonic() - at:.1f} s ago: {error}"
+
+
 class PostgresStore(EventStore):
     scheme = "postgresql"
 
     @classmethod
     def from_url(cls, url: str, **options) -> "PostgresStore":
-        parts = urlsplit(url)
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        merged = {k: v for k, v in query if k in _OPTIONS}
+        # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
+        # values (a %20 is not a +) and the URL the store shows.
+        base, query = split_query(url)
+        merged, libpq_query = {}, []
+        for pair in query.split("&") if query else ():
+            parsed = parse_qsl(pair, keep_blank_values=True)
+            if parsed and parsed[0][0] in _OPTIONS:
+                merged[parsed[0][0]] = parsed[0][1]
+            elif pair:
+                libpq_query.append(pair)
         merged.update(options)
         unknown = set(options) - _OPTIONS
         if unknown:
             raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        libpq_query = [(k, v) for k, v in query if k not in _OPTIONS]
-        dsn = urlunsplit(("postgresql", parts.netloc, parts.path, urlencode(libpq_query), parts.fragment))
+        # libpq knows the scheme in lower case only.
+        dsn = "postgresql" + base[base.index("://"):] + ("?" + "&".join(libpq_query) if libpq_query else "")
         try:
             psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
         except psycopg.ProgrammingError as exc:
-            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_without_secrets(str(exc), dsn)}") from None
+            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_one_line(exc, dsn)}") from None
         return cls(dsn, **merged)
 
     def __init__(
@@ -473,6 +503,7 @@ class PostgresStore(EventStore):
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
         self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
         self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
+        migrate = _bool(migrate)
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
             "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",
@@ -488,43 +519,78 @@ class PostgresStore(EventStore):
         # still saved. The append functions keep their cached plans (they set it back; see pg_sql).
         options = (f"-c statement_timeout={int(self.statement_timeout * 1000)} "
                    "-c plan_cache_mode=force_custom_plan")
+        #: What every connection of the store is made with, the first one's included.
+        self._connect_kwargs = {
+            "autocommit": True,
+            # Prepare every statement on first use: the hot path runs the same few texts.
+            "prepare_threshold": 0,
+            "connect_timeout": max(1, int(self.connect_timeout)),
+            "options": options,
+            **self._keepalives,
+            **self._application_name,
+        }
+        self._connections = _Connections(dsn)
         self._pool = ConnectionPool(
             dsn,
             min_size=self.pool_min_size,
             max_size=self.pool_size,
             timeout=self.pool_timeout,
-            kwargs={
-                "autocommit": True,
-                # Prepare every statement on first use: the hot path runs the same few texts.
-                "prepare_threshold": 0,
-                "connect_timeout": max(1, int(self.connect_timeout)),
-                "options": options,
-                **self._keepalives,
-                **self._application_name,
-            },
+            kwargs=self._connect_kwargs,
+            connection_class=self._connections.connection_class,
             open=False,
             name=f"eventcore:{schema}",
             configure=self._warm_up,
             reconnect_timeout=RECONNECT_TIMEOUT,
         )
+        # The first connection is made here, not by the pool: a DSN that never worked (wrong host, port,
+        # role, database, sslmode...) fails at once with libpq's reason, where the pool would retry it
+        # until connect_timeout and then report only that it timed out. The pool's retries are for
+        # outages after the store has connected. The migration (or the schema check) runs on it, then
+        # the pool takes it over as its first connection: no connection is made twice.
+        first = self._connect_first()
+        try:
+            if migrate:
+                self._migrate(first)
+            else:
+                self._check_schema(first)
+        except BaseException:
+            first.close()
+            raise
+        if self.pool_min_size:
+            self._connections.hand_over(first)
+        else:
+            first.close()
         try:
             self._pool.open(wait=True, timeout=self.connect_timeout)
         except PoolTimeout as exc:
             self._pool.close()
-            log.warning("cannot connect to PostgreSQL at %s within %ss", redact(dsn), self.connect_timeout)
-            raise StoreUnavailableError(
-                f"cannot connect to PostgreSQL at {redact(dsn)} within {self.connect_timeout}s"
-            ) from exc
-        try:
-            if _bool(migrate):
-                self.migrate()
-            else:
-                self._check_schema()
-        except BaseException:
-            self._pool.close()
-            raise
+            message = f"cannot connect to PostgreSQL at {redact(dsn)}: {self._no_connection_reason(self.connect_timeout)}"
+            log.info("%s", message)
+            raise StoreUnavailableError(message) from exc
+        finally:
+            spare = self._connections.take_back()  # not taken: the pool failed before asking for it
+            if spare is not None:
+                spare.close()
         log.info("opened PostgreSQL store %s schema %r (pool %d..%d, group commit %s)", redact(dsn), schema,
                  self.pool_min_size, self.pool_size, "on" if self._group is not None else "off")
+
+    def _connect_first(self):
+        try:
+            return self._connections.connection_class.connect(self._dsn, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            message = f"cannot connect to PostgreSQL at {redact(self._dsn)}: {_one_line(exc, self._dsn)}"
+        # Logged below WARNING: the error says it to the caller, and a warning would reach stderr through
+        # logging's last-resort handler in a program that configured no logging (the CLI), saying it twice.
+        log.info("%s", message)
+        # From None: psycopg's own exception would carry libpq's text unredacted into tracebacks.
+        raise StoreUnavailableError(message) from None
+
+    def _no_connection_reason(self, waited: float) -> str:
+        """Why the pool had no connection to give: the failure of its latest attempt, if it failed."""
+        failure = self._connections.failure()
+        if failure is not None:
+            return f"no connection within {waited}s; the last attempt failed {failure}"
+        return f"no connection within {waited}s"
 
     def _warm_up(self, conn) -> None:
         """Run on every new pool connection before it is handed out: prepare the hot statements and
@@ -560,34 +626,45 @@ class PostgresStore(EventStore):
 
         Returns the schema version now in place.
         """
-        s = self.schema
         try:
             with self._pool.connection() as conn:
-                with conn.transaction():
-                    conn.execute(pg_sql.MIGRATION_LOCK, (f"eventcore.migrate:{s}",), prepare=False)
-                    self._schema_state(conn)  # another application's schema: refused before anything is made
-                    conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, s), prepare=False)
-                    conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, s), prepare=False)
-                    current = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, s), prepare=False).fetchone()[0]
-                    if current > pg_sql.SCHEMA_VERSION:
-                        raise SchemaVersionError(
-                            f"schema {s!r} is at version {current}, newer than this eventcore "
-                            f"understands ({pg_sql.SCHEMA_VERSION}); upgrade eventcore", current, pg_sql.SCHEMA_VERSION
-                        )
-                    for version, description, body in pg_sql.MIGRATIONS:
-                        if version > current:
-                            log.info("schema %r: applying migration %d (%s)", s, version, description)
-                            conn.execute(pg_sql.q(body, s), prepare=False)
-                            conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, s), (version, description), prepare=False)
-                    if 0 < current < pg_sql.SCHEMA_VERSION:
-                        self._regrant(conn)
+                return self._migrate(conn)
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"no PostgreSQL connection for the migration: {self._no_connection_reason(self.pool_timeout)}"
+            ) from exc
+
+    def _migrate(self, conn) -> int:
+        s = self.schema
+        try:
+            with conn.transaction():
+                conn.execute(pg_sql.MIGRATION_LOCK, (f"eventcore.migrate:{s}",), prepare=False)
+                self._schema_state(conn)  # another application's schema: refused before anything is made
+                conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, s), prepare=False)
+                conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, s), prepare=False)
+                current = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, s), prepare=False).fetchone()[0]
+                if current > pg_sql.SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"schema {s!r} is at version {current}, newer than this eventcore "
+                        f"understands ({pg_sql.SCHEMA_VERSION}); upgrade eventcore", current, pg_sql.SCHEMA_VERSION
+                    )
+                for version, description, body in pg_sql.MIGRATIONS:
+                    if version > current:
+                        log.info("schema %r: applying migration %d (%s)", s, version, description)
+                        conn.execute(pg_sql.q(body, s), prepare=False)
+                        conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, s), (version, description), prepare=False)
+                if 0 < current < pg_sql.SCHEMA_VERSION:
+                    self._regrant(conn)
             return pg_sql.SCHEMA_VERSION
         except EventCoreError:
             raise
+        except pg_errors.InsufficientPrivilege as exc:
+            raise StoreUnavailableError(
+                f"migration of schema {s!r} failed: {_one_line(exc, self._dsn)} (migrations need the rights of the "
+                "schema's owner: run `eventcore migrate --dsn URL` as the owner, and connect roles with fewer "
+                "rights with migrate=false)") from exc
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"migration of schema {s!r} failed: {exc}") from exc
-        except PoolTimeout as exc:
-            raise StoreUnavailableError(f"no PostgreSQL connection for the migration: {exc}") from exc
 
     def _regrant(self, conn) -> None:
         """After an upgrade: application roles (those, other than the owner, that may INSERT events)
@@ -620,13 +697,18 @@ class PostgresStore(EventStore):
         """The migration version of this store's schema (0: not created)."""
         try:
             with self._pool.connection() as conn:
-                if self._schema_state(conn) != "store":
-                    return 0
-                return conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
+                return self._schema_version(conn)
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"cannot read the schema version: {self._no_connection_reason(self.pool_timeout)}") from exc
+
+    def _schema_version(self, conn) -> int:
+        try:
+            if self._schema_state(conn) != "store":
+                return 0
+            return conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
-        except PoolTimeout as exc:
-            raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
 
     def _schema_versions(self):
         return self.schema_version(), pg_sql.SCHEMA_VERSION
@@ -644,21 +726,25 @@ class PostgresStore(EventStore):
                    min=stats.get("pool_min", self.pool_min_size), max=stats.get("pool_max", self.pool_size))
         return out
 
-    def _check_schema(self) -> None:
+    def _check_schema(self, conn=None) -> None:
         """For a store opened with migrate=False: the schema must exist, be eventcore's and be current."""
+        if conn is None:
+            try:
+                with self._pool.connection() as conn:
+                    return self._check_schema(conn)
+            except PoolTimeout as exc:
+                raise StoreUnavailableError(
+                    f"cannot read the schema version: {self._no_connection_reason(self.pool_timeout)}") from exc
         try:
-            with self._pool.connection() as conn:
-                state = self._schema_state(conn)
-                if state != "store":
-                    raise StoreNotFoundError(
-                        f"no eventcore store in schema {self.schema!r}: "
-                        + ("the schema does not exist" if state == "missing" else "the schema holds none of its tables")
-                        + " (nothing was created; `eventcore migrate --dsn URL`, as the schema owner, creates it)")
-                version = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
+            state = self._schema_state(conn)
+            if state != "store":
+                raise StoreNotFoundError(
+                    f"no eventcore store in schema {self.schema!r}: "
+                    + ("the schema does not exist" if state == "missing" else "the schema holds none of its tables")
+                    + " (nothing was created; `eventcore migrate --dsn URL`, as the schema owner, creates it)")
+            version = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, self.schema), prepare=False).fetchone()[0]
         except psycopg.Error as exc:
             raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
-        except PoolTimeout as exc:
-            raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
         if version != pg_sql.SCHEMA_VERSION:
             raise SchemaVersionError(
                 f"schema {self.schema!r} is at version {version}, this eventcore needs {pg_sql.SCHEMA_VERSION}: "
@@ -678,7 +764,8 @@ class PostgresStore(EventStore):
                 finally:
                     wd.done(token)
         except PoolTimeout as exc:
-            raise StoreUnavailableError(f"no PostgreSQL connection within {self.pool_timeout}s: {exc}") from exc
+            raise StoreUnavailableError(
+                f"PostgreSQL read failed: {self._no_connection_reason(self.pool_timeout)}") from exc
         except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
             raise StoreTimeoutError(
                 f"PostgreSQL read cancelled after statement_timeout={self.statement_timeout}s: {exc}") from exc
@@ -773,7 +860,7 @@ class PostgresStore(EventStore):
         """Translate a failed write whose outcome is known (nothing was written) into eventcore's errors."""
         if isinstance(exc, PoolTimeout):
             raise StoreUnavailableError(
-                f"no PostgreSQL connection within {self.pool_timeout}s; nothing was written"
+                f"PostgreSQL write failed, nothing was written: {self._no_connection_reason(self.pool_timeout)}"
             ) from exc
         if exc.sqlstate == pg_sql.CONFLICT_SQLSTATE:
             d = json.loads(exc.diag.message_detail)
