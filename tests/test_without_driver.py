@@ -52,11 +52,11 @@ def test_status_without_driver(url):
     assert json.loads(proc.stdout)["ok"] is True
 
 
-def test_status_of_an_unopenable_sqlite_file_without_driver():
+def test_status_of_a_missing_sqlite_file_without_driver():
     proc = cli_without_driver("status", "--dsn", "sqlite:////no/such/dir/x.db")
     assert proc.returncode == 1, proc.stderr
     assert proc.stdout.startswith("UNHEALTHY  sqlite store sqlite:////no/such/dir/x.db\n")
-    assert "unable to open database file" in proc.stdout and proc.stderr == ""
+    assert "store           missing" in proc.stdout and "does not exist" in proc.stdout and proc.stderr == ""
 
 
 def test_projections_without_driver(url):
