@@ -115,3 +115,8 @@ def test_console_script_runs_default_backend(tmp_path):
     report = json.loads(proc.stdout)
     assert report["backend"] == "sqlite" and report["succeeded"] == 30
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_concurrency_is_bounded(capsys):
+    assert main(["bench", "deposit", "--backend", "memory", "--concurrency", "100000", "--no-progress"]) == 2
+    assert "concurrency must be an int in 1..1024" in capsys.readouterr().err

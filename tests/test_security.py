@@ -851,3 +851,12 @@ def test_sqlite_paths_with_odd_characters_open_that_very_file(tmp_path, name):
     finally:
         store.close()
     assert sorted(p.name for p in folder.iterdir() if not p.name.startswith(name + "-")) == [name]
+
+
+def test_least_privilege_role_connects_with_the_default_migrate_to_a_current_schema(app_role, pg_schema):
+    """migrate=True (the default) on a schema already current runs no DDL, so the application's role,
+    which may not create schemas, connects without being told migrate=false."""
+    url, _ = app_role
+    with ec.connect(url, schema=pg_schema) as app:
+        app.append([ec.emit("lp-default", Said("hello"))])
+        assert [e.data for e in app.read_stream("lp-default")] == [Said("hello")]

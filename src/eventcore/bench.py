@@ -328,6 +328,11 @@ def _setup_balances(store, prefix: str, n: int, kind: str) -> list[str]:
     return ids
 
 
+#: Most threads a benchmark run starts: far past where a 2..64-core machine's throughput stops growing,
+#: and few enough that starting them (and their warm-up operations) takes seconds, not minutes.
+MAX_CONCURRENCY = 1024
+
+
 def run_workload(
     store,
     workload: str,
@@ -351,6 +356,8 @@ def run_workload(
     would otherwise dominate short runs such as the 20-batch workload.
     metrics: an `ec.MetricsCollector` attached to the store for the timed run only (not the warm-up),
     then detached; the store's own collector, if it had one, is put back."""
+    if type(concurrency) is not int or not 1 <= concurrency <= MAX_CONCURRENCY:
+        raise ValidationError(f"concurrency must be an int in 1..{MAX_CONCURRENCY}, got {concurrency!r}")
     if warmup:
         run_workload(store, workload, backend=backend, ops=max(WARMUP_OPS, 4 * concurrency) *
                      (batch_size if workload == "batch" else 1), concurrency=concurrency,

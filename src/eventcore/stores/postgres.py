@@ -639,7 +639,12 @@ class PostgresStore(EventStore):
         try:
             with conn.transaction():
                 conn.execute(pg_sql.MIGRATION_LOCK, (f"eventcore.migrate:{s}",), prepare=False)
-                self._schema_state(conn)  # another application's schema: refused before anything is made
+                # Another application's schema is refused before anything is made. A current schema
+                # needs no DDL at all: a role with only the application's rights (no CREATE on the
+                # database, which even CREATE SCHEMA IF NOT EXISTS asks for) connects with the default.
+                if (self._schema_state(conn) == "store" and conn.execute(
+                        pg_sql.q(pg_sql.CURRENT_VERSION, s), prepare=False).fetchone()[0] == pg_sql.SCHEMA_VERSION):
+                    return pg_sql.SCHEMA_VERSION
                 conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, s), prepare=False)
                 conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, s), prepare=False)
                 current = conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, s), prepare=False).fetchone()[0]
