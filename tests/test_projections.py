@@ -1042,9 +1042,27 @@ def test_monitoring_commands_run_no_ddl_and_say_when_the_schema_is_behind(pg_dsn
     for argv in (["projections", "--dsn", url], ["tail", "--dsn", url]):
         assert main(argv) == 2
         err = capsys.readouterr().err
-        assert "version 0" in err and "eventcore migrate" in err, err
+        assert "does not exist" in err and "eventcore migrate" in err, err
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # nothing was created
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()[0] == 0
+    from eventcore.stores import pg_sql
+
+    try:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():  # a schema at version 3
+            conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, schema))
+            conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, schema))
+            for version, description, body in pg_sql.MIGRATIONS[:3]:
+                conn.execute(pg_sql.q(body, schema))
+                conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, schema), (version, description))
+        for argv in (["projections", "--dsn", url], ["tail", "--dsn", url]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err
+            assert "at version 3" in err and "eventcore migrate" in err, err
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # and nothing was migrated
+            assert conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, schema)).fetchone()[0] == 3
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')
 
 
 def test_reconnect_warning_names_the_projection_once(monkeypatch, caplog):
