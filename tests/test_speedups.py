@@ -234,6 +234,24 @@ def test_decode_rows_rejects_corrupt_rows(impl):
         f([good[:4] + ("speedups.NoSuchType",) + good[5:]])
 
 
+@pytest.mark.parametrize("data, metadata, problem", [
+    (b'{"n":1,"text":"\xff"}', None, "payload is not valid UTF-8 (byte 15: b'\\xff')"),
+    (b'{"n":1,"text":"ok \xe2\x82"}', None, "payload is not valid UTF-8 (byte 18: b'\\xe2')"),
+    (b'{"n":1,"text":"\xed\xa0\x80"}', None, "payload is not valid UTF-8 (byte 15: b'\\xed')"),  # a surrogate
+    (b'{"n":1,"text":"a"}', b'{"user_id":"u\x80"}', "metadata is not valid UTF-8 (byte 13: b'\\x80')"),
+    (b'{"n":1,"text":"a"}', b'{"custom":{"k\xc3":1}}', "metadata is not valid UTF-8 (byte 13: b'\\xc3')"),
+])
+def test_decode_rows_names_the_first_byte_that_is_not_utf8_identically(data, metadata, problem):
+    row = (7, "s", 2, b"0" * 16, "speedups.Item", data, metadata, 0)
+    messages = []
+    for impl in IMPLS.values():
+        with pytest.raises(ec.SerializationError) as info:
+            impl["decode_rows"]([row])
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0] == f"cannot decode event of type 'speedups.Item' at position 7 (stream 's', version 2): {problem}"
+
+
 # -- fuzzing: arbitrary values in every column never crash, and both implementations agree ---------
 
 anything = st.one_of(
@@ -279,7 +297,7 @@ def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
         try:
             outcomes.append(("ok", impl["decode_rows"]([row])))
         except ec.SerializationError as exc:
-            outcomes.append(("error", type(exc)))
+            outcomes.append(("error", type(exc), str(exc)))
     assert outcomes[0] == outcomes[1]
 
 
