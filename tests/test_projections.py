@@ -281,6 +281,29 @@ def test_skip_writes_dead_letters_with_event_and_error(store):
     assert status.dead_letters == 2 and status.lag == 0
 
 
+def test_a_dead_letter_whose_stored_bytes_are_not_json_is_listed_with_those_bytes(tmp_path):
+    """An event nobody can decode (its payload not UTF-8, written behind the store's back) is skipped
+    into a dead letter, and listing the dead letters shows its bytes instead of failing."""
+    import sqlite3
+
+    path = tmp_path / "events.db"
+    store = ec.connect(f"sqlite:///{path}")
+    try:
+        store.append([ec.emit("p-1", Noise("a")), ec.emit("p-1", Noise("b"))])
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("DROP TRIGGER events_are_immutable_update")
+        raw.execute("UPDATE events SET data = x'7b2274657874223a2280227d' WHERE position = 2")
+        raw.close()
+        proj = Collector(on_error="skip")
+        ec.run_projection(store, proj, until_caught_up=True)
+        assert sorted(proj.seen) == [1]
+        (letter,) = ec.dead_letters(store, "collector")
+        assert (letter.position, letter.data, letter.metadata) == (2, b'{"text":"\x80"}', None)
+        assert "payload is not valid UTF-8 (byte 9: b'\\x80')" in letter.error, letter.error
+    finally:
+        store.close()
+
+
 def test_fatal_is_the_default_and_never_passes_the_event(store):
     pos = _poisoned(store)
     with pytest.raises(ec.ProjectionError) as info:

@@ -281,7 +281,10 @@ class ProjectionStatus(msgspec.Struct, frozen=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
-    """An event a projector skipped, as stored, with the error that made it skip."""
+    """An event a projector skipped, as stored, with the error that made it skip.
+
+    `data` and `metadata` are the stored JSON decoded to Python values (dicts, lists, ...), or
+    the stored bytes unchanged when they are not JSON (an event nobody can decode)."""
 
     projector: str
     position: int
@@ -320,7 +323,15 @@ def _as_bytes(value) -> bytes:
 
 
 def _json_value(value):
-    return None if value is None else _json.decode(_as_bytes(value))
+    """A dead letter's stored JSON as Python values; its stored bytes as they are when they are not
+    JSON (not UTF-8, truncated, nested past the recursion limit): often why it is a dead letter."""
+    if value is None:
+        return None
+    raw = _as_bytes(value)
+    try:
+        return _json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return raw
 
 
 # -- backends ------------------------------------------------------------------------------
