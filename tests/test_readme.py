@@ -1,5 +1,5 @@
 """The README says what is true: its example is the real file in examples/ and runs, its test command is
-what CI runs and runs both implementations, its grants are the code's."""
+what CI runs and runs both implementations, its grants and dependencies are the code's."""
 from __future__ import annotations
 
 import os
@@ -98,3 +98,12 @@ def test_readme_test_command_runs_both_implementations_and_fails_if_either_faile
         return
     assert calls[2:] == ["c -m pytest", "python -m pytest"], calls
     assert (proc.returncode == 0) == (not failing), (failing, proc.returncode, proc.stderr)
+
+
+def test_the_oldest_msgspec_supported_is_the_one_ci_tests():
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (floor,) = re.findall(r"\"msgspec>=([0-9.]+); python_version < '3.13'\"", pyproject)
+    assert f"oldest_msgspec={floor}\n" in (ROOT / ".ci" / "run").read_text()
+    assert f"msgspec {floor} or newer" in (ROOT / "README.md").read_text()
