@@ -301,6 +301,39 @@ def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
     assert outcomes[0] == outcomes[1]
 
 
+def _check_outcome(f, expected, current):
+    try:
+        f(dict(expected), dict(current))
+    except ec.ConcurrencyError as exc:
+        return ("conflict", exc.stream_id, repr(exc.expected), repr(exc.actual), str(exc))
+    except Exception as exc:  # noqa: BLE001 - any other error is a difference to report
+        return ("error", type(exc).__name__, str(exc))
+    return ("ok",)
+
+
+@pytest.mark.parametrize("want, have", [
+    (2**63, 0), (2**63, 2**63), (2**64, 5), (-(2**63) - 1, 0), (2**63 - 1, 2**63 - 1), (2**63 - 1, 2**63),
+    (5, 2**63), (-1, 2**70), (-2, 2**70), (-2, 0), (3.0, 3), (True, 1), (None, 0), ("1", 1), (float("nan"), 0),
+], ids=repr)
+def test_check_expected_versions_twins_agree_on_values_out_of_int64_and_not_ints(want, have):
+    outcomes = [_check_outcome(impl["check_expected_versions"], {"a": 1, "s": want}, {"a": 1, "s": have})
+                for impl in IMPLS.values()]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] in ("ok", "conflict")
+
+
+versions_or_anything = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([-2, -1, 0, 1]),
+                                 anything)
+
+
+@settings(max_examples=300, deadline=None)
+@given(expected=st.dictionaries(st.sampled_from("abc"), versions_or_anything, max_size=3),
+       current=st.dictionaries(st.sampled_from("abc"), versions_or_anything, max_size=3))
+def test_fuzz_check_expected_versions(expected, current):
+    outcomes = [_check_outcome(impl["check_expected_versions"], expected, current) for impl in IMPLS.values()]
+    assert outcomes[0] == outcomes[1]
+
+
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_non_int_versions_and_heads_at_the_limit_are_rejected(impl):
     rows = IMPLS[impl]["encode_copy_rows"]
