@@ -261,6 +261,25 @@ def test_retry_policy_delay_is_bounded():
     assert [fixed.delay(n) for n in (1, 2, 3, 4)] == [0.01, 0.02, 0.04, 0.05]
 
 
+@pytest.mark.parametrize("field, value", [
+    ("max_retries", -1), ("max_retries", 2.0), ("max_retries", True), ("max_retries", "3"), ("max_retries", None),
+    ("base_delay", float("inf")), ("base_delay", float("nan")), ("base_delay", -0.1), ("base_delay", "0.1"),
+    ("base_delay", None), ("base_delay", True), ("max_delay", float("inf")), ("max_delay", -1), ("max_delay", "1"),
+    ("jitter", "no"), ("jitter", 0),
+], ids=repr)
+def test_retry_policy_refuses_what_it_cannot_wait_for(field, value):
+    with pytest.raises(ec.ValidationError) as info:
+        ec.RetryPolicy(**{field: value})
+    assert f"RetryPolicy.{field}" in str(info.value)
+
+
+def test_retry_policy_delay_never_overflows_however_many_retries():
+    policy = ec.RetryPolicy(max_retries=10**30, base_delay=0.001, max_delay=0.005, jitter=False)
+    assert [policy.delay(n) for n in (1, 1024, 1025, 5000, 10**6)] == [0.001, 0.005, 0.005, 0.005, 0.005]
+    assert 0 <= ec.RetryPolicy(base_delay=1e300, max_delay=1e300).delay(10**6) <= 1e300
+    assert ec.RetryPolicy(base_delay=0, max_delay=0).delay(10**6) == 0
+
+
 def test_timeout_with_a_command_that_always_conflicts(store):
     cmd = Interfering(watched=SID("busy"), target=SID("acct"), store=store, interfere=10**9)
     policy = ec.RetryPolicy(max_retries=10**9, base_delay=0.001, max_delay=0.005)

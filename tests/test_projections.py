@@ -364,6 +364,41 @@ def test_bad_error_strategy_is_rejected():
         ec.Retry(then="shrug")
 
 
+@pytest.mark.parametrize("options", [
+    {"poll_interval": float("inf")}, {"poll_interval": float("nan")},     {"lock_poll_interval": float("inf")}, {"reconnect_backoff": 1e400}, {"max_reconnect_backoff": float("inf")},
+    {"listen_lease": float("inf")}, {"idle_checkpoint_interval": float("inf")}, {"idle_checkpoint_interval": -1},
+    {"poll_interval": "soon"}, {"poll_interval": True},
+], ids=repr)
+def test_run_options_that_no_wait_can_take_are_refused(options):
+    store = ec.connect("memory://")
+    with pytest.raises(ec.ValidationError) as info:
+        ec.ProjectionRunner(store, Collector(), **options)
+    assert next(iter(options)) in str(info.value)
+
+
+def test_retry_and_batch_size_are_bounded():
+    for options in ({"backoff": float("inf")}, {"max_backoff": float("inf")}, {"backoff": float("nan")},
+                    {"backoff": ""}, {"max_backoff": None}):
+        with pytest.raises(ec.ValidationError) as info:
+            ec.Retry(**options)
+        assert f"Retry.{next(iter(options))}" in str(info.value)
+    for size in (2**63, 2**70, 1_000_001, 0, 1.5):
+        with pytest.raises(ec.ValidationError, match="batch_size must be an int in 1..1,000,000"):
+            ec.Projector("x", handler=print, batch_size=size)
+    assert ec.Projector("x", handler=print, batch_size=1_000_000).batch_size == 1_000_000
+
+
+def test_a_projector_with_the_largest_batch_size_runs_on_sqlite(tmp_path):
+    store = ec.connect(f"sqlite:///{tmp_path / 'events.db'}")
+    try:
+        store.append([ec.emit("b-1", Counted(n)) for n in range(3)])
+        proj = Collector(batch_size=1_000_000)
+        ec.run_projection(store, proj, until_caught_up=True)
+        assert sorted(proj.seen) == [1, 2, 3]
+    finally:
+        store.close()
+
+
 # -- rebuild -------------------------------------------------------------------------------------------
 
 

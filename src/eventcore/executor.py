@@ -10,6 +10,8 @@ fresh state after an exponential, jittered, bounded backoff.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import operator
 import os
 import random
@@ -45,6 +47,18 @@ MAX_DISCOVERY_ROUNDS = 8
 
 #: Default overall timeout of `execute`, seconds (the original EventCore's default too).
 DEFAULT_TIMEOUT = 30.0
+
+
+def _seconds(name: str, value: object, allow_zero: bool) -> float:
+    """A duration argument as a float, or ValidationError naming it: a real number (not a bool or a
+    str), finite (time.sleep and lock timeouts overflow on infinity), > 0 (or >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValidationError(f"{name} must be a number of seconds, got {type(value).__name__}: {value!r}")
+    seconds = float(value)
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValidationError(
+            f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return seconds
 
 
 #: Commands of one process on a common stream run one after the other, not side by side:
@@ -86,13 +100,18 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     jitter: bool = True
 
     def __post_init__(self) -> None:
+        # No upper bound: a huge max_retries retries until `timeout` (delay() never overflows).
         if type(self.max_retries) is not int or self.max_retries < 0:
-            raise ValidationError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        if not (self.base_delay >= 0 and self.max_delay >= 0):
-            raise ValidationError("base_delay and max_delay must be >= 0")
+            raise ValidationError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
+        _seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
+        _seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        if type(self.jitter) is not bool:
+            raise ValidationError(f"RetryPolicy.jitter must be True or False, got {self.jitter!r}")
 
     def delay(self, retry: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
+        # Capped so the product cannot overflow (2.0 ** 1023 is the largest power of two a float holds):
+        # that many retries in, any base_delay worth the name has long reached max_delay.
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** min(retry - 1, 1023))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
 
