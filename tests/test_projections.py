@@ -365,7 +365,7 @@ def test_bad_error_strategy_is_rejected():
 
 
 @pytest.mark.parametrize("options", [
-    {"poll_interval": float("inf")}, {"poll_interval": float("nan")},     {"lock_poll_interval": float("inf")}, {"reconnect_backoff": 1e400}, {"max_reconnect_backoff": float("inf")},
+    {"poll_interval": float("inf")}, {"poll_interval": float("nan")},     {"lock_poll_interval": float("inf")}, {"reconnect_backoff": 2**1024}, {"max_reconnect_backoff": float("inf")},
     {"listen_lease": float("inf")}, {"idle_checkpoint_interval": float("inf")}, {"idle_checkpoint_interval": -1},
     {"poll_interval": "soon"}, {"poll_interval": True},
 ], ids=repr)

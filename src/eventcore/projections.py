@@ -109,6 +109,8 @@ def _seconds(name: str, value, allow_zero: bool = False) -> float:
     (a wait on infinity overflows), > 0 (or >= 0)."""
     try:
         seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
     except (TypeError, ValueError):
         raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
     if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):

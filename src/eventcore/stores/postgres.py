@@ -114,6 +114,8 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 def _seconds(name: str, value, allow_zero: bool = False, maximum: float = math.inf) -> float:
     try:
         seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
     except (TypeError, ValueError):
         raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
     # Finite: every one of these becomes an integer (libpq's, the server's) or a wait, and neither takes infinity.
