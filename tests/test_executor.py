@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import eventcore as ec
+from eventcore.stores.memory import MemoryStore
 from domain import (
     Deposit,
     Deposited,
@@ -91,6 +92,45 @@ def test_execute_rejects_non_commands_and_bad_metadata(store):
     with pytest.raises(ec.ValidationError):
         ec.RetryPolicy(max_retries=-1)
     assert store.head_position() == 0
+
+
+BAD_EXECUTE_ARGUMENTS = [
+    ("store", None), ("store", "memory://"), ("store", object()), ("store", MemoryStore),
+    ("command", None), ("command", Deposited(amount=1)), ("command", Deposit), ("command", {"amount": 1}),
+    ("retry", 3), ("retry", "fast"), ("retry", {"max_retries": 3}), ("retry", True),
+    ("metadata", {"user_id": "x"}), ("metadata", "teller-7"),
+    ("timeout", "5"), ("timeout", True), ("timeout", False), ("timeout", 0), ("timeout", -1), ("timeout", float("inf")),
+    ("timeout", float("nan")), ("timeout", [5]), ("timeout", 2**1024),
+    ("cache", {}), ("cache", True), ("cache", ec.RetryPolicy()),
+    ("metrics", object()), ("metrics", True), ("metrics", {}),
+    ("idempotency_key", 5), ("idempotency_key", b"key"), ("idempotency_key", ""), ("idempotency_key", "k" * 256),
+]
+
+
+@pytest.mark.parametrize("argument, value", BAD_EXECUTE_ARGUMENTS,
+                         ids=[f"{a}={v!r:.30}" for a, v in BAD_EXECUTE_ARGUMENTS])
+def test_execute_checks_every_argument_before_reading_or_writing(store, argument, value):
+    collector = ec.MetricsCollector()
+    store.attach(collector)
+    arguments = {"store": store, "command": Deposit(account=SID("a"), amount=1)}
+    arguments[argument] = value
+    store_, command = arguments.pop("store"), arguments.pop("command")
+    with pytest.raises(ec.ValidationError) as info:
+        ec.execute(store_, command, **arguments)
+    assert argument.replace("_", " ") in str(info.value).replace("_", " "), str(info.value)
+    assert collector.operations == {} and collector.commands == {}  # nothing read, nothing written
+    assert store.head_position() == 0
+
+
+def test_execute_accepts_every_kind_of_valid_argument(store):
+    from fractions import Fraction
+
+    cmd = Deposit(account=SID("a"), amount=1)
+    for timeout in (None, 5, 0.5, Fraction(1, 2), 10**6):
+        ec.execute(store, cmd, timeout=timeout)
+    ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=0), metadata=ec.Metadata(user_id="u"),
+               cache=ec.StateCache(), metrics=ec.MetricsCollector(), idempotency_key=uuid.uuid4())
+    assert store.stream_version("a") == 6
 
 
 # -- business rules and bad decisions ---------------------------------------------------------

@@ -36,7 +36,7 @@ from .errors import (
 )
 from .events import EventToWrite, Metadata, RecordedEvent
 from .metrics import MetricsCollector
-from .stores.base import validate_idempotency_key
+from .stores.base import EventStore, validate_idempotency_key
 from .streams import stream_id as _stream_id
 
 log = logging.getLogger("eventcore.executor")
@@ -49,12 +49,21 @@ MAX_DISCOVERY_ROUNDS = 8
 DEFAULT_TIMEOUT = 30.0
 
 
+def _described(value: object) -> str:
+    """A wrong argument, for an error message: its type and (shortened) repr."""
+    text = repr(value)
+    return f"{type(value).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
+
+
 def _seconds(name: str, value: object, allow_zero: bool) -> float:
     """A duration argument as a float, or ValidationError naming it: a real number (not a bool or a
     str), finite (time.sleep and lock timeouts overflow on infinity), > 0 (or >= 0)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValidationError(f"{name} must be a number of seconds, got {type(value).__name__}: {value!r}")
-    seconds = float(value)
+        raise ValidationError(f"{name} must be a number of seconds, got {_described(value)}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
     if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
         raise ValidationError(
             f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value!r}")
@@ -418,18 +427,28 @@ def execute(
     `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
     such errors within `retry` and `timeout`.
     """
+    # Every argument is checked before anything is read or written, so a mistake fails at once,
+    # naming the argument, instead of at the first conflict or deadline that happens to use it.
+    if not isinstance(store, EventStore):
+        raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
+    if not isinstance(command, Command):
+        raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ValidationError(f"retry must be an ec.RetryPolicy or None, got {_described(retry)}")
     policy = DEFAULT_RETRY if retry is None else retry
     if metadata is not None and not isinstance(metadata, Metadata):
-        raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+        raise ValidationError(f"metadata must be an ec.Metadata or None, got {_described(metadata)}")
+    if timeout is not None:
+        timeout = _seconds("timeout", timeout, allow_zero=False)
     if cache is not None and not isinstance(cache, StateCache):
-        raise ValidationError(f"cache must be an ec.StateCache, got {type(cache).__name__}")
+        raise ValidationError(f"cache must be an ec.StateCache or None, got {_described(cache)}")
+    if metrics is not None and not isinstance(metrics, MetricsCollector):
+        raise ValidationError(f"metrics must be an ec.MetricsCollector or None, got {_described(metrics)}")
     key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
         metrics = getattr(store, "_metrics", None)
         if metrics is None:  # the unobserved path: no clock read, no allocation
             return _execute(store, command, policy, metadata, timeout, cache, None, key)
-    elif not isinstance(metrics, MetricsCollector):
-        raise ValidationError(f"metrics must be an ec.MetricsCollector, got {type(metrics).__name__}")
     run = metrics._command_start(command, declared_streams(command))
     try:
         result = _execute(store, command, policy, metadata, timeout, cache, run, key)
