@@ -33,6 +33,7 @@ import msgspec as _msgspec
 from eventcore.errors import ConcurrencyError, SerializationError, UnknownEventTypeError
 from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, event_class
 from eventcore._pure.payloads import MAX_PAYLOAD_BYTES as _MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
+from eventcore._pure.utf8 import NESTED_TOO_DEEPLY as _NESTED_TOO_DEEPLY, row_decode_error_text as _row_decode_error_text
 
 cdef extern from "Python.h":
     const char* PyUnicode_AsUTF8AndSize(object, Py_ssize_t*) except NULL
@@ -71,12 +72,14 @@ _SAFE_UNKNOWN = _uuid.SafeUUID.unknown
 _from_bytes = int.from_bytes
 # ValueError: a str with a lone surrogate; RecursionError: nested past the recursion limit.
 _EncodeErrors = (_msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
+# UnicodeError: bytes that are not UTF-8 as some msgspec versions report them (others raise a
+# DecodeError: see eventcore._pure.utf8), or text with lone surrogates.
 _DecodeErrors = (_msgspec.DecodeError, _msgspec.ValidationError, UnicodeError, RecursionError)
 cdef Py_ssize_t MAX_PAYLOAD = _MAX_PAYLOAD_BYTES
 
 
 def _describe(exc):
-    return "nested too deeply (more levels than Python's recursion limit)" if isinstance(exc, RecursionError) else str(exc)
+    return _NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else str(exc)
 
 
 # ----------------------------------------------------------------------------- byte helpers
@@ -219,7 +222,7 @@ def decode_rows(rows):
         except _DecodeErrors as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {_describe(exc)}"
+                f"(stream {sid!r}, version {version}): {_row_decode_error_text(exc, dec, data, metadata)}"
             ) from exc
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
@@ -298,17 +301,39 @@ def new_event_ids(Py_ssize_t count):
 
 # ----------------------------------------------------------------------------- versions
 
+cdef int _check_expected_objects(object sid, object want, object have) except -1:
+    # Values that are not ints within int64 (the stores validate them before they get here): compared
+    # as Python objects, exactly as the pure-Python twin compares every value.
+    if want == ANY:
+        return 0
+    if want == STREAM_EXISTS:
+        if have == 0:
+            raise ConcurrencyError(sid, want, have)
+    elif have != want:
+        raise ConcurrencyError(sid, want, have)
+    return 0
+
+
 def check_expected_versions(dict expected, dict current):
     """Raise ConcurrencyError unless every stream's current version satisfies its expectation
     (streams checked in sorted order, as the pure-Python twin)."""
     cdef int64_t want, have
     cdef PyObject* found
     for sid in sorted(expected):
-        want = expected[sid]
+        w = expected[sid]
+        found = PyDict_GetItem(current, sid)
+        h = 0 if found is NULL else <object>found
+        if type(w) is not int or type(h) is not int:
+            _check_expected_objects(sid, w, h)
+            continue
+        try:
+            want = w
+            have = h
+        except OverflowError:
+            _check_expected_objects(sid, w, h)
+            continue
         if want == ANY:
             continue
-        found = PyDict_GetItem(current, sid)
-        have = 0 if found is NULL else <int64_t><object>found
         if want == STREAM_EXISTS:
             if have == 0:
                 raise ConcurrencyError(sid, want, have)

@@ -18,6 +18,7 @@ import subprocess
 import sys
 from typing import Any
 
+import msgspec
 import pytest
 
 import eventcore as ec
@@ -266,7 +267,9 @@ SQLITE_CORRUPTIONS = [
     ("data = '[1, 2]'", ec.SerializationError, "Expected `object`, got `array`"),
     ("data = '{\"text\": NaN}'", ec.SerializationError, "malformed"),
     ("data = '{\"text\": 1e400}'", ec.SerializationError, "out of range"),
-    ("data = x'7b2274657874223a2280ff227d'", ec.SerializationError, "can't decode"),
+    ("data = x'7b2274657874223a2280ff227d'", ec.SerializationError, "payload is not valid UTF-8 (byte 9: b'\\x80')"),
+    ("metadata = x'7b22757365725f6964223a2280227d'", ec.SerializationError,
+     "metadata is not valid UTF-8 (byte 12: b'\\x80')"),
     ("data = CAST(x'7b2274657874223a2280ff227d' AS TEXT)", ec.SerializationError, "not UTF-8"),
     ("type = 'test.Opaque', data = '{\"value\": " + "[" * NESTING + "]" * NESTING + "}'",
      ec.SerializationError, "nested too deeply"),
@@ -406,8 +409,8 @@ BAD_LINES = [
     (b'{"stream": "s", "type": "test.Noted", "data": {}, "metadata": {"user_id": "\\u0000"}}', "`metadata` holds a NUL"),
     (b'{"stream": "s", "type": "test.Noted", "data": [1]}', "`data` must be a JSON object"),
     (b'{"stream": "s", "type": "test.Noted", "data": null}', "`data` must be a JSON object"),
-    (b'{"stream": "s", "type": "test.Noted", "data": {"text": "\xff"}}', "not valid UTF-8"),
-    (b'{"stream": "s\xff", "type": "test.Noted", "data": {}}', "not valid UTF-8"),
+    (b'{"stream": "s", "type": "test.Noted", "data": {"text": "\xff"}}', "`data` is not valid UTF-8 (byte 56: b'\\xff')"),
+    (b'{"stream": "s\xff", "type": "test.Noted", "data": {}}', "not valid UTF-8 (byte 13: b'\\xff')"),
     (b'{"stream": "s", "type": "test.Noted", "data": {"text": "a\x00"}}', "invalid character"),
     (b'{"stream": "s", "type": "test.Noted", "data": {"text": "a\\u0000"}}', "NUL"),
     (b'{"stream": "s", "type": "test.Noted", "data": {"text": NaN}}', "invalid character"),
@@ -420,6 +423,8 @@ BAD_LINES = [
     (b'{"stream": "s", "type": "test.Noted", "data": {"v": ' + b"[" * NESTING + b"]" * NESTING + b"}}",
      "nested too deeply"),
     (b"not json at all", "malformed"),
+    (b'{"stream": "s", "type": "test.Noted", "data": {}, "metadata": {"custom": {"k": "\xe2\x82"}}}',
+     "not valid UTF-8 (byte 80: b'\\xe2')"),
 ]
 
 
@@ -436,6 +441,49 @@ def test_malformed_json_line_is_a_bad_line_naming_the_problem(tmp_path, line, fr
         with pytest.raises(BadLine) as info:
             list(reader)
     assert info.value.line == 4 and str(info.value).startswith("line 4: ")
+
+
+def _msgspec_utf8_errors(data: bytes, start_in_string: int) -> list:
+    """Both ways msgspec reports invalid UTF-8 in a string: a UnicodeDecodeError whose offset counts
+    from the start of the string (up to 0.22), a DecodeError without any offset (0.23 on)."""
+    return [
+        UnicodeDecodeError("utf-8", data, start_in_string, start_in_string + 1, "invalid start byte"),
+        msgspec.DecodeError("Invalid UTF-8 encoded string"),
+    ]
+
+
+def test_invalid_utf8_is_named_by_its_offset_in_the_input_however_msgspec_reports_it():
+    from eventcore._pure.utf8 import decode_error_text, is_utf8_error, row_decode_error_text
+
+    data = b'{"text": "ok \xff"}'  # the string's 4th byte, the input's 13th
+    for exc in _msgspec_utf8_errors(data, 3):
+        assert is_utf8_error(exc)
+        assert decode_error_text(exc, data) == "not valid UTF-8 (byte 13: b'\\xff')"
+        assert decode_error_text(exc, memoryview(data)) == "not valid UTF-8 (byte 13: b'\\xff')"
+    assert not is_utf8_error(msgspec.DecodeError("JSON is malformed: invalid character (byte 0)"))
+    assert decode_error_text(msgspec.DecodeError("Input data was truncated"), data) == "Input data was truncated"
+    assert decode_error_text(RecursionError(), data).startswith("nested too deeply")
+    # a UTF-8 error whose input turns out to be UTF-8 after all keeps msgspec's own words
+    assert decode_error_text(msgspec.DecodeError("Invalid UTF-8 encoded string"), b"{}") == "Invalid UTF-8 encoded string"
+    payload_decoder = msgspec.json.Decoder(Noted)
+    good = b'{"text": "a"}'
+    for exc in _msgspec_utf8_errors(data, 3):
+        assert row_decode_error_text(exc, payload_decoder, data, good) == "payload is not valid UTF-8 (byte 13: b'\\xff')"
+        assert row_decode_error_text(exc, payload_decoder, good, data) == "metadata is not valid UTF-8 (byte 13: b'\\xff')"
+
+
+def test_ingest_from_the_command_line_names_the_line_and_byte_that_is_not_utf8(tmp_path):
+    good = [json.dumps({"stream": "s", "type": "test.Noted", "data": {"text": str(i)}}).encode() for i in range(3)]
+    url = f"sqlite:///{tmp_path / 'events.db'}"
+    for bad, problem in [
+        (b'{"stream": "s\xc3", "type": "test.Noted", "data": {}}', "not valid UTF-8 (byte 13: b'\\xc3')"),
+        (b'{"stream": "s", "type": "test.Noted", "data": {"text": "\xff"}}', "`data` is not valid UTF-8 (byte 56: b'\\xff')"),
+    ]:
+        path = tmp_path / "events.jsonl"
+        path.write_bytes(b"\n".join(good[:2] + [bad] + good[2:]) + b"\n")
+        proc = _cli(["ingest", str(path), "--dsn", url, "--no-progress", "--no-resume"], cwd=tmp_path)
+        assert proc.returncode == 1, proc.stderr
+        assert f"error: line 3: {problem};" in proc.stderr, proc.stderr
 
 
 def test_corrupt_gzip_is_a_bad_line_not_a_crash(tmp_path):

@@ -658,7 +658,7 @@ def test_non_emit_items_rejected(store, item):
     _assert_nothing_written(store, before)
 
 
-@pytest.mark.parametrize("bad", [-5, -3, "1", 1.0, None, True, [1]], ids=repr)
+@pytest.mark.parametrize("bad", [-5, -3, -(2**63), "1", 1.0, None, True, [1], 2**63], ids=repr)
 def test_bad_expected_version_rejected(store, bad):
     store.append([emit("ok", Noted())])
     before = _snapshot(store)
@@ -666,6 +666,37 @@ def test_bad_expected_version_rejected(store, bad):
         store.append([emit("ok", Noted())], {"ok": bad})
     with pytest.raises(ec.ValidationError):
         store.append([emit("ok", Noted())], {"other": bad})
+    _assert_nothing_written(store, before)
+
+
+@pytest.mark.parametrize("too_big", [2**63, 2**64, 10**30], ids=repr)
+def test_expected_version_past_int64_is_a_validation_error_naming_the_stream_and_the_bound(store, too_big):
+    store.append([emit("ok", Noted())])
+    before = _snapshot(store)
+    writes = {
+        "append, written stream": ("ok", lambda: store.append([emit("ok", Noted())], {"ok": too_big})),
+        "append, read-only stream": ("other", lambda: store.append([emit("ok", Noted())], {"other": too_big})),
+        "append_batch": ("ok", lambda: store.append_batch([emit("ok", Noted())], {"ok": too_big})),
+        "ingest": ("ok", lambda: store.ingest([("ok", Noted())], expected={"ok": too_big})),
+    }
+    for name, (sid, write) in writes.items():
+        with pytest.raises(ec.ValidationError) as info:
+            write()
+        message = str(info.value)
+        assert f"stream {sid!r}" in message and "2**63-1" in message and str(too_big) in message, (name, message)
+    with pytest.raises(ec.ValidationError, match=r"0\.\.2\*\*63-1"):
+        ec.ExpectedVersion.exact(too_big)
+    _assert_nothing_written(store, before)
+
+
+def test_the_largest_int64_expected_version_is_a_conflict_like_any_other(store):
+    store.append([emit("ok", Noted())])
+    before = _snapshot(store)
+    assert ec.ExpectedVersion.exact(2**63 - 1) == 2**63 - 1
+    for sid in ("ok", "other"):
+        with pytest.raises(ec.ConcurrencyError) as info:
+            store.append([emit("ok", Noted())], {sid: 2**63 - 1})
+        assert (info.value.stream_id, info.value.expected, info.value.actual) == (sid, 2**63 - 1, 1 if sid == "ok" else 0)
     _assert_nothing_written(store, before)
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 import eventcore as ec
+from eventcore.stores.memory import MemoryStore
 from domain import (
     Deposit,
     Deposited,
@@ -91,6 +92,45 @@ def test_execute_rejects_non_commands_and_bad_metadata(store):
     with pytest.raises(ec.ValidationError):
         ec.RetryPolicy(max_retries=-1)
     assert store.head_position() == 0
+
+
+BAD_EXECUTE_ARGUMENTS = [
+    ("store", None), ("store", "memory://"), ("store", object()), ("store", MemoryStore),
+    ("command", None), ("command", Deposited(amount=1)), ("command", Deposit), ("command", {"amount": 1}),
+    ("retry", 3), ("retry", "fast"), ("retry", {"max_retries": 3}), ("retry", True),
+    ("metadata", {"user_id": "x"}), ("metadata", "teller-7"),
+    ("timeout", "5"), ("timeout", True), ("timeout", False), ("timeout", 0), ("timeout", -1), ("timeout", float("inf")),
+    ("timeout", float("nan")), ("timeout", [5]), ("timeout", 2**1024),
+    ("cache", {}), ("cache", True), ("cache", ec.RetryPolicy()),
+    ("metrics", object()), ("metrics", True), ("metrics", {}),
+    ("idempotency_key", 5), ("idempotency_key", b"key"), ("idempotency_key", ""), ("idempotency_key", "k" * 256),
+]
+
+
+@pytest.mark.parametrize("argument, value", BAD_EXECUTE_ARGUMENTS,
+                         ids=[f"{a}={v!r:.30}" for a, v in BAD_EXECUTE_ARGUMENTS])
+def test_execute_checks_every_argument_before_reading_or_writing(store, argument, value):
+    collector = ec.MetricsCollector()
+    store.attach(collector)
+    arguments = {"store": store, "command": Deposit(account=SID("a"), amount=1)}
+    arguments[argument] = value
+    store_, command = arguments.pop("store"), arguments.pop("command")
+    with pytest.raises(ec.ValidationError) as info:
+        ec.execute(store_, command, **arguments)
+    assert argument.replace("_", " ") in str(info.value).replace("_", " "), str(info.value)
+    assert collector.operations == {} and collector.commands == {}  # nothing read, nothing written
+    assert store.head_position() == 0
+
+
+def test_execute_accepts_every_kind_of_valid_argument(store):
+    from fractions import Fraction
+
+    cmd = Deposit(account=SID("a"), amount=1)
+    for timeout in (None, 5, 0.5, Fraction(1, 2), 10**6):
+        ec.execute(store, cmd, timeout=timeout)
+    ec.execute(store, cmd, retry=ec.RetryPolicy(max_retries=0), metadata=ec.Metadata(user_id="u"),
+               cache=ec.StateCache(), metrics=ec.MetricsCollector(), idempotency_key=uuid.uuid4())
+    assert store.stream_version("a") == 6
 
 
 # -- business rules and bad decisions ---------------------------------------------------------
@@ -259,6 +299,25 @@ def test_retry_policy_delay_is_bounded():
         assert 0 <= policy.delay(n) <= min(0.05, 0.01 * 2 ** (n - 1))
     fixed = ec.RetryPolicy(base_delay=0.01, max_delay=0.05, jitter=False)
     assert [fixed.delay(n) for n in (1, 2, 3, 4)] == [0.01, 0.02, 0.04, 0.05]
+
+
+@pytest.mark.parametrize("field, value", [
+    ("max_retries", -1), ("max_retries", 2.0), ("max_retries", True), ("max_retries", "3"), ("max_retries", None),
+    ("base_delay", float("inf")), ("base_delay", float("nan")), ("base_delay", -0.1), ("base_delay", "0.1"),
+    ("base_delay", None), ("base_delay", True), ("max_delay", float("inf")), ("max_delay", -1), ("max_delay", "1"),
+    ("jitter", "no"), ("jitter", 0),
+], ids=repr)
+def test_retry_policy_refuses_what_it_cannot_wait_for(field, value):
+    with pytest.raises(ec.ValidationError) as info:
+        ec.RetryPolicy(**{field: value})
+    assert f"RetryPolicy.{field}" in str(info.value)
+
+
+def test_retry_policy_delay_never_overflows_however_many_retries():
+    policy = ec.RetryPolicy(max_retries=10**30, base_delay=0.001, max_delay=0.005, jitter=False)
+    assert [policy.delay(n) for n in (1, 1024, 1025, 5000, 10**6)] == [0.001, 0.005, 0.005, 0.005, 0.005]
+    assert 0 <= ec.RetryPolicy(base_delay=1e300, max_delay=1e300).delay(10**6) <= 1e300
+    assert ec.RetryPolicy(base_delay=0, max_delay=0).delay(10**6) == 0
 
 
 def test_timeout_with_a_command_that_always_conflicts(store):

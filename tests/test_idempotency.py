@@ -133,6 +133,7 @@ def test_execute_retries_an_ambiguous_store_error_under_a_key(store):
     """The store committed, then failed to say so (maybe_committed): with a key, execute runs the
     command again, which finds the key and returns what was committed; without one it raises."""
 
+    @ec.EventStore.register  # a proxy of a store: execute() takes only stores
     class CommitsThenFails:
         """Delegates to a real store; its first append commits and then reports a lost connection."""
 
@@ -339,6 +340,7 @@ def test_a_later_failure_does_not_hide_an_ambiguous_attempt(store):
     """Under a key, an attempt whose write may have committed is retried; if the retries fail too,
     the error still says the command may have committed (it did, here)."""
 
+    @ec.EventStore.register  # a proxy of a store: execute() takes only stores
     class CommitsThenGoesAway:
         def __init__(self, inner):
             self.inner = inner

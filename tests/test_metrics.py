@@ -90,6 +90,48 @@ def test_counters_and_histograms_are_exact(store):
     assert "| Racing" in text and "| append" in text
 
 
+class OpenOnce(ec.Command):
+    """Writes two events to two streams; refused once the first stream exists (so a replay under its
+    key goes through the key lookup, not the append)."""
+
+    a: ec.StreamId
+    b: ec.StreamId
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + 1
+
+    def handle(self, state):
+        ec.require(state == 0, "already open")
+        return [ec.emit(self.a, Noted(text="a")), ec.emit(self.b, Noted(text="b"))]
+
+
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_a_replayed_command_is_reported_as_writing_nothing(tmp_path, backend):
+    store = ec.connect("memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'events.db'}")
+    try:
+        collector = ec.MetricsCollector()
+        store.attach(collector)
+        done = []
+        collector.on_command_complete(done.append)
+        a, b = ec.StreamId("r-a"), ec.StreamId("r-b")
+        first = ec.execute(store, OpenOnce(a, b), idempotency_key="open-r")
+        # again: its append finds the key (DuplicateCommandError); then refused, so found by the key lookup
+        again = ec.execute(store, OpenOnce(a, b), idempotency_key="open-r")
+        store.append([ec.emit(a, Noted(text="moves the stream on"))])
+        refused_then_found = ec.execute(store, OpenOnce(a, b), idempotency_key="open-r")
+        assert (first.replayed, again.replayed, refused_then_found.replayed) == (False, True, True)
+        assert len(again.events) == len(refused_then_found.events) == 2
+        assert [(i.outcome, i.events_written, i.replayed) for i in done] == [
+            ("succeeded", 2, False), ("succeeded", 0, True), ("succeeded", 0, True)]
+        assert done[1].stream_versions == done[2].stream_versions == {"r-a": 1, "r-b": 1}
+        assert collector.events_written == 2 + 1  # the command's two, and the plain append's one
+    finally:
+        store.close()
+
+
 def test_execute_metrics_argument_counts_commands_only(store):
     """metrics= on execute: that command's counters and hooks; store operations need store.attach()."""
     collector = ec.MetricsCollector()

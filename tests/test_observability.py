@@ -84,6 +84,37 @@ def test_opentelemetry_spans_and_metrics(store):
     assert "eventcore.store.duration" in points
 
 
+@pytest.mark.parametrize("backend", ["memory", "sqlite"])
+def test_opentelemetry_reports_a_replayed_command_as_writing_nothing_and_not_failing(tmp_path, backend):
+    from eventcore.exporters import otel
+    from opentelemetry.trace import StatusCode
+
+    spans, tracer_provider, reader, meter_provider = _otel()
+    collector = ec.MetricsCollector()
+    otel.instrument(collector, tracer_provider=tracer_provider, meter_provider=meter_provider)
+    store = ec.connect("memory://" if backend == "memory" else f"sqlite:///{tmp_path / 'events.db'}")
+    try:
+        store.attach(collector)
+        a, b = ec.StreamId("or-a"), ec.StreamId("or-b")
+        ec.execute(store, Deposit(a, 50))
+        for _ in range(2):
+            ec.execute(store, Transfer(a, b, 20), idempotency_key="transfer-1")
+        executes = [s for s in spans.get_finished_spans() if s.name == "eventcore.execute"]
+        first, replay = executes[1:]
+        assert (first.attributes["eventcore.events_written"], first.attributes["eventcore.replayed"]) == (2, False)
+        assert (replay.attributes["eventcore.events_written"], replay.attributes["eventcore.replayed"]) == (0, True)
+        assert replay.attributes["eventcore.outcome"] == "succeeded"
+        assert list(replay.attributes["eventcore.stream_versions"]) == [2, 1]
+        (append,) = [s for s in spans.get_finished_spans()
+                     if s.parent is not None and s.parent.span_id == replay.context.span_id and s.name == "eventcore.append"]
+        assert append.status.status_code != StatusCode.ERROR  # the key was found: an answer, not a fault
+        points = {m.name: m.data.data_points for rm in reader.get_metrics_data().resource_metrics
+                  for sm in rm.scope_metrics for m in sm.metrics}
+        assert sum(p.value for p in points["eventcore.events.written"]) == 1 + 2
+    finally:
+        store.close()
+
+
 def _deposited(k):
     from domain import Deposited
 

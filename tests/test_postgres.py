@@ -414,6 +414,29 @@ def test_url_options_and_bad_options(pg_dsn, pg_schema):
             ec.connect(pg_dsn, **bad)
 
 
+@pytest.mark.parametrize("option, value", [
+    ("statement_timeout", float("inf")), ("statement_timeout", "inf"), ("statement_timeout", 2_147_483.648),
+    ("statement_timeout", 1e30), ("statement_timeout", 2**1024), ("connect_timeout", float("inf")), ("pool_timeout", float("inf")),
+    ("connect_timeout", "nan"),
+], ids=repr)
+def test_timeouts_no_integer_or_wait_can_hold_are_refused_before_connecting(pg_dsn, option, value):
+    for url, options in ((pg_dsn, {option: value}), (f"{pg_dsn}{'&' if '?' in pg_dsn else '?'}{option}={value}", {})):
+        with pytest.raises(ec.ValidationError) as info:
+            ec.connect(url, **options)
+        assert option in str(info.value)
+
+
+def test_the_longest_statement_timeout_postgresql_takes_is_accepted(pg_dsn, pg_schema):
+    from eventcore.stores.postgres import MAX_STATEMENT_TIMEOUT
+
+    store = ec.connect(pg_dsn, schema=pg_schema, statement_timeout=MAX_STATEMENT_TIMEOUT)
+    try:
+        store.append([ec.emit("s", Noted("x"))])
+        assert store.stream_version("s") == 1
+    finally:
+        store.close()
+
+
 # -- races around locks: version order, lost connections ---------------------------------------------
 
 def _lock_stream(conn, stream):

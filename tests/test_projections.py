@@ -281,6 +281,29 @@ def test_skip_writes_dead_letters_with_event_and_error(store):
     assert status.dead_letters == 2 and status.lag == 0
 
 
+def test_a_dead_letter_whose_stored_bytes_are_not_json_is_listed_with_those_bytes(tmp_path):
+    """An event nobody can decode (its payload not UTF-8, written behind the store's back) is skipped
+    into a dead letter, and listing the dead letters shows its bytes instead of failing."""
+    import sqlite3
+
+    path = tmp_path / "events.db"
+    store = ec.connect(f"sqlite:///{path}")
+    try:
+        store.append([ec.emit("p-1", Noise("a")), ec.emit("p-1", Noise("b"))])
+        raw = sqlite3.connect(path, isolation_level=None)
+        raw.execute("DROP TRIGGER events_are_immutable_update")
+        raw.execute("UPDATE events SET data = x'7b2274657874223a2280227d' WHERE position = 2")
+        raw.close()
+        proj = Collector(on_error="skip")
+        ec.run_projection(store, proj, until_caught_up=True)
+        assert sorted(proj.seen) == [1]
+        (letter,) = ec.dead_letters(store, "collector")
+        assert (letter.position, letter.data, letter.metadata) == (2, b'{"text":"\x80"}', None)
+        assert "payload is not valid UTF-8 (byte 9: b'\\x80')" in letter.error, letter.error
+    finally:
+        store.close()
+
+
 def test_fatal_is_the_default_and_never_passes_the_event(store):
     pos = _poisoned(store)
     with pytest.raises(ec.ProjectionError) as info:
@@ -339,6 +362,41 @@ def test_bad_error_strategy_is_rejected():
         ec.Projector("x")  # no handler
     with pytest.raises(ec.ValidationError):
         ec.Retry(then="shrug")
+
+
+@pytest.mark.parametrize("options", [
+    {"poll_interval": float("inf")}, {"poll_interval": float("nan")},     {"lock_poll_interval": float("inf")}, {"reconnect_backoff": 2**1024}, {"max_reconnect_backoff": float("inf")},
+    {"listen_lease": float("inf")}, {"idle_checkpoint_interval": float("inf")}, {"idle_checkpoint_interval": -1},
+    {"poll_interval": "soon"}, {"poll_interval": True},
+], ids=repr)
+def test_run_options_that_no_wait_can_take_are_refused(options):
+    store = ec.connect("memory://")
+    with pytest.raises(ec.ValidationError) as info:
+        ec.ProjectionRunner(store, Collector(), **options)
+    assert next(iter(options)) in str(info.value)
+
+
+def test_retry_and_batch_size_are_bounded():
+    for options in ({"backoff": float("inf")}, {"max_backoff": float("inf")}, {"backoff": float("nan")},
+                    {"backoff": ""}, {"max_backoff": None}):
+        with pytest.raises(ec.ValidationError) as info:
+            ec.Retry(**options)
+        assert f"Retry.{next(iter(options))}" in str(info.value)
+    for size in (2**63, 2**70, 1_000_001, 0, 1.5):
+        with pytest.raises(ec.ValidationError, match="batch_size must be an int in 1..1,000,000"):
+            ec.Projector("x", handler=print, batch_size=size)
+    assert ec.Projector("x", handler=print, batch_size=1_000_000).batch_size == 1_000_000
+
+
+def test_a_projector_with_the_largest_batch_size_runs_on_sqlite(tmp_path):
+    store = ec.connect(f"sqlite:///{tmp_path / 'events.db'}")
+    try:
+        store.append([ec.emit("b-1", Counted(n)) for n in range(3)])
+        proj = Collector(batch_size=1_000_000)
+        ec.run_projection(store, proj, until_caught_up=True)
+        assert sorted(proj.seen) == [1, 2, 3]
+    finally:
+        store.close()
 
 
 # -- rebuild -------------------------------------------------------------------------------------------

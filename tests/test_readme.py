@@ -1,9 +1,13 @@
-"""The README's example is the real file in examples/, and it runs."""
+"""The README says what is true: its example is the real file in examples/ and runs, its test command is
+what CI runs and runs both implementations, its grants and dependencies are the code's."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -102,3 +106,56 @@ def test_readme_status_sample_is_real_output(pg_dsn, pg_schema, capsys, tmp_path
     report = json.loads(capsys.readouterr().out)
     assert list(report)[:len(shown)] == list(shown)
     assert {k: report[k] for k in ("ok", "backend", "connected")} == {k: shown[k] for k in ("ok", "backend", "connected")}
+
+
+def _readme_test_command() -> str:
+    readme = (ROOT / "README.md").read_text()
+    (command,) = [line for line in readme.splitlines() if line.startswith("python3 -m venv .venv && .venv/bin/pip install '.[test]'")]
+    return command
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    command = _readme_test_command()
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert any(line.startswith(command) for line in ci.splitlines()), command
+
+
+def _stub(path: Path, body: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+@pytest.mark.parametrize("shell", ["sh", "bash"])
+@pytest.mark.parametrize("failing", [(), ("c",), ("python",), ("c", "python"), ("pip",)], ids=repr)
+def test_readme_test_command_runs_both_implementations_and_fails_if_either_failed(tmp_path, shell, failing):
+    """The README's command, run as written, with python3, pip and the venv's python replaced by stubs that
+    log each call and fail when told to: every implementation runs whatever failed before it."""
+    bin_dir, work = tmp_path / "bin", tmp_path / "work"
+    log = tmp_path / "calls.log"
+    _stub(bin_dir / "python3", f'echo "python3 $*" >> {log}\n')
+    _stub(work / ".venv" / "bin" / "pip", f'echo "pip $*" >> {log}\n[ -e {tmp_path}/fail-pip ] && exit 1\nexit 0\n')
+    _stub(work / ".venv" / "bin" / "python",
+          f'echo "$EVENTCORE_IMPL $*" >> {log}\n[ -e {tmp_path}/fail-$EVENTCORE_IMPL ] && exit 3\nexit 0\n')
+    for name in failing:
+        (tmp_path / f"fail-{name}").touch()
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env.pop("EVENTCORE_IMPL", None)
+    proc = subprocess.run([shell, "-c", _readme_test_command()], cwd=work, env=env, capture_output=True, text=True,
+                          timeout=30)
+    calls = log.read_text().splitlines()
+    assert calls[:2] == ["python3 -m venv .venv", "pip install .[test]"], calls
+    if "pip" in failing:
+        assert calls[2:] == [] and proc.returncode != 0
+        return
+    assert calls[2:] == ["c -m pytest", "python -m pytest"], calls
+    assert (proc.returncode == 0) == (not failing), (failing, proc.returncode, proc.stderr)
+
+
+def test_the_oldest_msgspec_supported_is_the_one_ci_tests():
+    import re
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    (floor,) = re.findall(r"\"msgspec>=([0-9.]+); python_version < '3.13'\"", pyproject)
+    assert f"oldest_msgspec={floor}\n" in (ROOT / ".ci" / "run").read_text()
+    assert f"msgspec {floor} or newer" in (ROOT / "README.md").read_text()

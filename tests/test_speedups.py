@@ -234,6 +234,24 @@ def test_decode_rows_rejects_corrupt_rows(impl):
         f([good[:4] + ("speedups.NoSuchType",) + good[5:]])
 
 
+@pytest.mark.parametrize("data, metadata, problem", [
+    (b'{"n":1,"text":"\xff"}', None, "payload is not valid UTF-8 (byte 15: b'\\xff')"),
+    (b'{"n":1,"text":"ok \xe2\x82"}', None, "payload is not valid UTF-8 (byte 18: b'\\xe2')"),
+    (b'{"n":1,"text":"\xed\xa0\x80"}', None, "payload is not valid UTF-8 (byte 15: b'\\xed')"),  # a surrogate
+    (b'{"n":1,"text":"a"}', b'{"user_id":"u\x80"}', "metadata is not valid UTF-8 (byte 13: b'\\x80')"),
+    (b'{"n":1,"text":"a"}', b'{"custom":{"k\xc3":1}}', "metadata is not valid UTF-8 (byte 13: b'\\xc3')"),
+])
+def test_decode_rows_names_the_first_byte_that_is_not_utf8_identically(data, metadata, problem):
+    row = (7, "s", 2, b"0" * 16, "speedups.Item", data, metadata, 0)
+    messages = []
+    for impl in IMPLS.values():
+        with pytest.raises(ec.SerializationError) as info:
+            impl["decode_rows"]([row])
+        messages.append(str(info.value))
+    assert messages[0] == messages[1]
+    assert messages[0] == f"cannot decode event of type 'speedups.Item' at position 7 (stream 's', version 2): {problem}"
+
+
 # -- fuzzing: arbitrary values in every column never crash, and both implementations agree ---------
 
 anything = st.one_of(
@@ -279,7 +297,40 @@ def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
         try:
             outcomes.append(("ok", impl["decode_rows"]([row])))
         except ec.SerializationError as exc:
-            outcomes.append(("error", type(exc)))
+            outcomes.append(("error", type(exc), str(exc)))
+    assert outcomes[0] == outcomes[1]
+
+
+def _check_outcome(f, expected, current):
+    try:
+        f(dict(expected), dict(current))
+    except ec.ConcurrencyError as exc:
+        return ("conflict", exc.stream_id, repr(exc.expected), repr(exc.actual), str(exc))
+    except Exception as exc:  # noqa: BLE001 - any other error is a difference to report
+        return ("error", type(exc).__name__, str(exc))
+    return ("ok",)
+
+
+@pytest.mark.parametrize("want, have", [
+    (2**63, 0), (2**63, 2**63), (2**64, 5), (-(2**63) - 1, 0), (2**63 - 1, 2**63 - 1), (2**63 - 1, 2**63),
+    (5, 2**63), (-1, 2**70), (-2, 2**70), (-2, 0), (3.0, 3), (True, 1), (None, 0), ("1", 1), (float("nan"), 0),
+], ids=repr)
+def test_check_expected_versions_twins_agree_on_values_out_of_int64_and_not_ints(want, have):
+    outcomes = [_check_outcome(impl["check_expected_versions"], {"a": 1, "s": want}, {"a": 1, "s": have})
+                for impl in IMPLS.values()]
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] in ("ok", "conflict")
+
+
+versions_or_anything = st.one_of(st.integers(min_value=-(2**70), max_value=2**70), st.sampled_from([-2, -1, 0, 1]),
+                                 anything)
+
+
+@settings(max_examples=300, deadline=None)
+@given(expected=st.dictionaries(st.sampled_from("abc"), versions_or_anything, max_size=3),
+       current=st.dictionaries(st.sampled_from("abc"), versions_or_anything, max_size=3))
+def test_fuzz_check_expected_versions(expected, current):
+    outcomes = [_check_outcome(impl["check_expected_versions"], expected, current) for impl in IMPLS.values()]
     assert outcomes[0] == outcomes[1]
 
 

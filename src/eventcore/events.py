@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import msgspec
 
 from ._pure.payloads import MAX_PAYLOAD_BYTES, has_nul_escape
+from ._pure.utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 from .errors import ValidationError
 from .streams import StreamId, forbidden_character, stream_id as _stream_id
 
@@ -125,10 +126,9 @@ def raw_data_problem(data: bytes) -> str | None:
     if len(data) > MAX_PAYLOAD_BYTES:
         return f"is {len(data):,} bytes; the limit is {MAX_PAYLOAD_BYTES:,} bytes (16 MiB) per event"
     if not data.isascii():
-        try:
-            data.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            return f"is not valid UTF-8 (byte {exc.start}: {data[exc.start:exc.start + 1]!r})"
+        problem = invalid_utf8(data)
+        if problem is not None:
+            return f"is {problem}"
     if data.find(b"\\u0000") >= 0 and has_nul_escape(data):
         return "holds a NUL character (\\u0000), which PostgreSQL cannot store in JSON, so no backend accepts it"
     return None
@@ -153,12 +153,13 @@ def validate_raw_event(event: RawEvent) -> tuple[str, bytes]:
         raise ValidationError(f"RawEvent.data must be JSON bytes, got {type(data).__name__}")
     try:
         _raw_json.decode(data)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        problem = invalid_utf8(data) if is_utf8_error(exc) else None
+        if problem is not None:
+            raise ValidationError(f"RawEvent.data of type {t!r} is {problem}") from None
         raise ValidationError(f"RawEvent.data of type {t!r} is not valid JSON: {exc}") from None
     except RecursionError:
-        raise ValidationError(
-            f"RawEvent.data of type {t!r} is nested too deeply (more levels than Python's recursion limit)"
-        ) from None
+        raise ValidationError(f"RawEvent.data of type {t!r} is {NESTED_TOO_DEEPLY}") from None
     if not data.lstrip()[:1] == b"{":
         raise ValidationError(f"RawEvent.data of type {t!r} must be a JSON object")
     problem = raw_data_problem(data)

@@ -10,6 +10,8 @@ fresh state after an exponential, jittered, bounded backoff.
 from __future__ import annotations
 
 import logging
+import math
+import numbers
 import operator
 import os
 import random
@@ -35,7 +37,7 @@ from .errors import (
 )
 from .events import EventToWrite, Metadata, RecordedEvent
 from .metrics import MetricsCollector
-from .stores.base import validate_idempotency_key
+from .stores.base import EventStore, validate_idempotency_key
 from .streams import stream_id as _stream_id
 
 log = logging.getLogger("eventcore.executor")
@@ -46,6 +48,27 @@ MAX_DISCOVERY_ROUNDS = 8
 
 #: Default overall timeout of `execute`, seconds (the original EventCore's default too).
 DEFAULT_TIMEOUT = 30.0
+
+
+def _described(value: object) -> str:
+    """A wrong argument, for an error message: its type and (shortened) repr."""
+    text = repr(value)
+    return f"{type(value).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
+
+
+def _seconds(name: str, value: object, allow_zero: bool) -> float:
+    """A duration argument as a float, or ValidationError naming it: a real number (not a bool or a
+    str), finite (time.sleep and lock timeouts overflow on infinity), > 0 (or >= 0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValidationError(f"{name} must be a number of seconds, got {_described(value)}")
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValidationError(
+            f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+    return seconds
 
 
 #: Commands of one process on a common stream run one after the other, not side by side:
@@ -87,13 +110,18 @@ class RetryPolicy(msgspec.Struct, frozen=True):
     jitter: bool = True
 
     def __post_init__(self) -> None:
+        # No upper bound: a huge max_retries retries until `timeout` (delay() never overflows).
         if type(self.max_retries) is not int or self.max_retries < 0:
-            raise ValidationError(f"max_retries must be an int >= 0, got {self.max_retries!r}")
-        if not (self.base_delay >= 0 and self.max_delay >= 0):
-            raise ValidationError("base_delay and max_delay must be >= 0")
+            raise ValidationError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
+        _seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
+        _seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        if type(self.jitter) is not bool:
+            raise ValidationError(f"RetryPolicy.jitter must be True or False, got {self.jitter!r}")
 
     def delay(self, retry: int) -> float:
-        ceiling = min(self.max_delay, self.base_delay * (2 ** (retry - 1)))
+        # Capped so the product cannot overflow (2.0 ** 1023 is the largest power of two a float holds):
+        # that many retries in, any base_delay worth the name has long reached max_delay.
+        ceiling = min(self.max_delay, self.base_delay * 2.0 ** min(retry - 1, 1023))
         return random.uniform(0, ceiling) if self.jitter else ceiling
 
 
@@ -439,18 +467,28 @@ def execute(
     `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
     such errors within `retry` and `timeout`.
     """
+    # Every argument is checked before anything is read or written, so a mistake fails at once,
+    # naming the argument, instead of at the first conflict or deadline that happens to use it.
+    if not isinstance(store, EventStore):
+        raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
+    if not isinstance(command, Command):
+        raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
+    if retry is not None and not isinstance(retry, RetryPolicy):
+        raise ValidationError(f"retry must be an ec.RetryPolicy or None, got {_described(retry)}")
     policy = DEFAULT_RETRY if retry is None else retry
     if metadata is not None and not isinstance(metadata, Metadata):
-        raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+        raise ValidationError(f"metadata must be an ec.Metadata or None, got {_described(metadata)}")
+    if timeout is not None:
+        timeout = _seconds("timeout", timeout, allow_zero=False)
     if cache is not None and not isinstance(cache, StateCache):
-        raise ValidationError(f"cache must be an ec.StateCache, got {type(cache).__name__}")
+        raise ValidationError(f"cache must be an ec.StateCache or None, got {_described(cache)}")
+    if metrics is not None and not isinstance(metrics, MetricsCollector):
+        raise ValidationError(f"metrics must be an ec.MetricsCollector or None, got {_described(metrics)}")
     key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
         metrics = getattr(store, "_metrics", None)
         if metrics is None:  # the unobserved path: no clock read, no allocation
             return _execute(store, command, policy, metadata, timeout, cache, None, key)
-    elif not isinstance(metrics, MetricsCollector):
-        raise ValidationError(f"metrics must be an ec.MetricsCollector, got {type(metrics).__name__}")
     run = metrics._command_start(command, declared_streams(command))
     try:
         result = _execute(store, command, policy, metadata, timeout, cache, run, key)

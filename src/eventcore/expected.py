@@ -16,6 +16,10 @@ ANY = -1
 NO_STREAM = 0
 STREAM_EXISTS = -2
 
+#: Largest exact expected version: versions are int64 in every store (a PostgreSQL bigint, an SQLite
+#: INTEGER, a C int64 in the compiled hot path), so no stream can ever be past it.
+MAX_VERSION = 2**63 - 1
+
 
 class ExpectedVersion:
     """Namespace for the expected-version constants; `ExpectedVersion.exact(n)` validates n."""
@@ -26,15 +30,16 @@ class ExpectedVersion:
 
     @staticmethod
     def exact(version: int) -> int:
-        if type(version) is not int or version < 0:
-            raise ValidationError(f"an exact expected version is an int >= 0, got {version!r}")
+        if type(version) is not int or not 0 <= version <= MAX_VERSION:
+            raise ValidationError(f"an exact expected version is an int in 0..2**63-1 (int64), got {version!r}")
         return version
 
 
 def validate_expected(stream_id: str, expected: object) -> int:
-    if type(expected) is not int or expected < STREAM_EXISTS:
+    """The expected version of one stream of an append, or ValidationError naming the stream."""
+    if type(expected) is not int or not STREAM_EXISTS <= expected <= MAX_VERSION:
         raise ValidationError(
-            f"expected version for stream {stream_id!r} must be an int >= 0, "
+            f"expected version for stream {stream_id!r} must be an int in 0..2**63-1 (int64), "
             f"ec.NO_STREAM, ec.ANY or ec.STREAM_EXISTS; got {expected!r}"
         )
     return expected

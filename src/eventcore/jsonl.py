@@ -18,6 +18,7 @@ import msgspec
 
 from .errors import ValidationError
 from ._pure.payloads import has_nul_escape
+from ._pure.utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 from .events import Metadata, RawEvent, raw_data_problem, validate_type_name
 from .streams import stream_id as _stream_id
 
@@ -71,15 +72,21 @@ def parse_line(number: int, raw: bytes) -> tuple:
         raise BadLine(number, "starts with a UTF-8 byte-order mark (BOM): save the file as UTF-8 without BOM", raw)
     try:
         line = _decoder.decode(raw)
-    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-        raise BadLine(number, f"not a valid event line: {exc}", raw) from None
-    except UnicodeDecodeError as exc:  # msgspec's own error for bad bytes in a str field
-        raise BadLine(number, f"not valid UTF-8 (byte {exc.start}: {raw[exc.start:exc.start + 1]!r})", raw) from None
+    except (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError) as exc:
+        # Invalid UTF-8 in a str field: named by its offset in the line, however msgspec reports it.
+        problem = invalid_utf8(raw) if is_utf8_error(exc) else None
+        raise BadLine(number, problem or f"not a valid event line: {exc}", raw) from None
     except RecursionError:
-        raise BadLine(number, "nested too deeply (more levels than Python's recursion limit)", raw) from None
+        raise BadLine(number, NESTED_TOO_DEEPLY, raw) from None
     data = bytes(line.data)
     if data[:1] != b"{":
         raise BadLine(number, "`data` must be a JSON object", raw)
+    if not data.isascii():
+        # msgspec does not look inside the strings of a Raw value; every other field was decoded,
+        # so a byte that is not UTF-8 is in `data`: named by its offset in the line.
+        problem = invalid_utf8(raw)
+        if problem is not None:
+            raise BadLine(number, f"`data` is {problem}", raw)
     problem = raw_data_problem(data)
     if problem is not None:
         raise BadLine(number, f"`data` {problem}", raw)

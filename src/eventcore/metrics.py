@@ -116,10 +116,10 @@ class CommandInfo:
     """What `on_command_complete` hooks receive about one `execute` call."""
 
     __slots__ = ("command", "command_type", "outcome", "attempts", "duration_s", "streams", "stream_versions",
-                 "events_written", "error")
+                 "events_written", "error", "replayed")
 
     def __init__(self, command, command_type, outcome, attempts, duration_s, streams, stream_versions,
-                 events_written, error) -> None:
+                 events_written, error, replayed: bool = False) -> None:
         self.command = command
         self.command_type: str = command_type
         #: One of OUTCOMES.
@@ -130,8 +130,12 @@ class CommandInfo:
         self.streams: list = streams
         #: Version of each stream after the command (succeeded only; else {}).
         self.stream_versions: dict = stream_versions
+        #: Events this call wrote: 0 when it replayed an earlier run's result (`replayed`).
         self.events_written: int = events_written
         self.error: BaseException | None = error
+        #: True when an idempotency key had already committed: nothing was written, and
+        #: `stream_versions` are those the earlier run's events gave their streams.
+        self.replayed: bool = replayed
 
     def __repr__(self) -> str:
         return (f"CommandInfo({self.command_type}, {self.outcome}, attempts={self.attempts}, "
@@ -437,21 +441,24 @@ class MetricsCollector:
                 if run.started < w[0]:
                     w[0] = run.started
                 w[1] = now
+        replayed = result is not None and result.replayed
         if result is not None:
-            attempts, versions, written = result.attempts, result.stream_versions, len(result.events)
+            # A replay's events were written by an earlier run, not by this one.
+            attempts, versions, written = result.attempts, result.stream_versions, 0 if replayed else len(result.events)
             streams = list(versions)
         else:
             attempts, versions, written, streams = run.retries + 1, {}, 0, list(run.streams)
         if run.spans is not None:
             attrs = {"eventcore.outcome": outcome, "eventcore.attempts": attempts,
                      "eventcore.stream_ids": [str(s) for s in streams],
-                     "eventcore.events_written": written}
+                     "eventcore.events_written": written, "eventcore.replayed": replayed}
             if versions:
                 attrs["eventcore.stream_versions"] = [versions[s] for s in streams]
             for tracer, span in zip(self._tracers, run.spans):
                 _end_span(tracer, span, attrs, error)
         if self._command_hooks:
-            info = CommandInfo(run.command, t, outcome, attempts, duration, streams, dict(versions), written, error)
+            info = CommandInfo(run.command, t, outcome, attempts, duration, streams, dict(versions), written, error,
+                               replayed)
             for fn in self._command_hooks:
                 _call_hook(fn, info)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
+import math
 import os
 import signal
 import socket
@@ -59,7 +60,7 @@ from . import _impl
 from .errors import EventCoreError, SerializationError, StoreUnavailableError, ValidationError
 from .events import RecordedEvent
 from .streams import forbidden_character
-from .stores.base import EventStore, _type_names
+from .stores.base import MAX_EVENTS_PER_BATCH, EventStore, _type_names
 from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back
 
 try:
@@ -97,10 +98,25 @@ class Retry(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         if type(self.attempts) is not int or self.attempts < 1:
             raise ValidationError(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
-        if not self.backoff >= 0 or not self.max_backoff >= 0:
-            raise ValidationError("Retry.backoff and max_backoff must be >= 0 seconds")
+        _seconds("Retry.backoff", self.backoff, allow_zero=True)
+        _seconds("Retry.max_backoff", self.max_backoff, allow_zero=True)
         if self.then not in (FATAL, SKIP):
             raise ValidationError(f"Retry.then must be 'fatal' or 'skip', got {self.then!r}")
+
+
+def _seconds(name: str, value, allow_zero: bool = False) -> float:
+    """A duration option as a float, or ValidationError naming it: a number (or its text), finite
+    (a wait on infinity overflows), > 0 (or >= 0)."""
+    try:
+        seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
+    except (TypeError, ValueError):
+        raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
+    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValidationError(f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, "
+                              f"got {value!r}")
+    return seconds
 
 
 def _strategy(value) -> "str | Retry":
@@ -221,8 +237,9 @@ class Projector:
         if not isinstance(self.name, str) or not 1 <= len(self.name) <= 255 or forbidden_character(self.name):
             raise ValidationError(f"a projector needs a name of 1..255 characters without control characters, NUL "
                                   f"or lone surrogates, got {self.name!r}")
-        if type(self.batch_size) is not int or self.batch_size < 1:
-            raise ValidationError(f"batch_size must be an int >= 1, got {self.batch_size!r}")
+        # A batch is one read and one transaction, held in memory: bounded like append_batch.
+        if type(self.batch_size) is not int or not 1 <= self.batch_size <= MAX_EVENTS_PER_BATCH:
+            raise ValidationError(f"batch_size must be an int in 1..{MAX_EVENTS_PER_BATCH:,}, got {self.batch_size!r}")
         if self.stream_prefix is not None and (not isinstance(self.stream_prefix, str) or "\x00" in self.stream_prefix):
             raise ValidationError(f"stream_prefix must be a str without NUL, got {self.stream_prefix!r}")
         self.on_error = _strategy(self.on_error)
@@ -281,7 +298,10 @@ class ProjectionStatus(msgspec.Struct, frozen=True):
 
 
 class DeadLetter(msgspec.Struct, frozen=True):
-    """An event a projector skipped, as stored, with the error that made it skip."""
+    """An event a projector skipped, as stored, with the error that made it skip.
+
+    `data` and `metadata` are the stored JSON decoded to Python values (dicts, lists, ...), or
+    the stored bytes unchanged when they are not JSON (an event nobody can decode)."""
 
     projector: str
     position: int
@@ -320,7 +340,15 @@ def _as_bytes(value) -> bytes:
 
 
 def _json_value(value):
-    return None if value is None else _json.decode(_as_bytes(value))
+    """A dead letter's stored JSON as Python values; its stored bytes as they are when they are not
+    JSON (not UTF-8, truncated, nested past the recursion limit): often why it is a dead letter."""
+    if value is None:
+        return None
+    raw = _as_bytes(value)
+    try:
+        return _json.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return raw
 
 
 # -- backends ------------------------------------------------------------------------------
@@ -670,19 +698,12 @@ class ProjectionRunner:
         self.projector = projector
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         default_poll = 1.0 if getattr(store, "scheme", "") == "postgresql" else 0.1
-        self.poll_interval = default_poll if poll_interval is None else float(poll_interval)
-        if not self.poll_interval > 0:
-            raise ValidationError(f"poll_interval must be > 0 seconds, got {poll_interval!r}")
-        self.lock_poll_interval = float(lock_poll_interval)
-        self.reconnect_backoff = float(reconnect_backoff)
-        self.max_reconnect_backoff = float(max_reconnect_backoff)
-        self.listen_lease = float(listen_lease)
-        self.idle_checkpoint_interval = float(idle_checkpoint_interval)
-        if not self.idle_checkpoint_interval >= 0:
-            raise ValidationError(f"idle_checkpoint_interval must be >= 0 seconds, got {idle_checkpoint_interval!r}")
-        for option in ("lock_poll_interval", "reconnect_backoff", "max_reconnect_backoff", "listen_lease"):
-            if not getattr(self, option) > 0:
-                raise ValidationError(f"{option} must be > 0 seconds, got {getattr(self, option)!r}")
+        self.poll_interval = default_poll if poll_interval is None else _seconds("poll_interval", poll_interval)
+        self.lock_poll_interval = _seconds("lock_poll_interval", lock_poll_interval)
+        self.reconnect_backoff = _seconds("reconnect_backoff", reconnect_backoff)
+        self.max_reconnect_backoff = _seconds("max_reconnect_backoff", max_reconnect_backoff)
+        self.listen_lease = _seconds("listen_lease", listen_lease)
+        self.idle_checkpoint_interval = _seconds("idle_checkpoint_interval", idle_checkpoint_interval, allow_zero=True)
         self.until_caught_up = until_caught_up
         self.rebuild = rebuild
         self.handle_signals = handle_signals

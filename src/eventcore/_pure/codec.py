@@ -13,6 +13,7 @@ import msgspec
 from ..errors import SerializationError, UnknownEventTypeError
 from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, event_class
 from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
+from .utf8 import NESTED_TOO_DEEPLY, row_decode_error_text
 
 #: The row layout every store returns for decoding.
 ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us")
@@ -28,7 +29,8 @@ _encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
 # ValueError: a str with a lone surrogate (no UTF-8 form); RecursionError: nested deeper than
 # Python's recursion limit (msgspec counts its depth against it), reported as a typed error.
 _ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-# UnicodeError: bytes that are not UTF-8, or text with lone surrogates (a non-UTF-8 SQLite TEXT value).
+# UnicodeError: bytes that are not UTF-8 (as some msgspec versions report them; others raise a
+# DecodeError: see utf8), or text with lone surrogates (a non-UTF-8 SQLite TEXT value).
 _DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError)
 _metadata_decoder = msgspec.json.Decoder(Metadata)
 _decoders: dict[type, msgspec.json.Decoder] = {}
@@ -39,7 +41,7 @@ _set = object.__setattr__
 
 
 def _nested_too_deeply(exc: BaseException) -> str:
-    return "nested too deeply (more levels than Python's recursion limit)" if isinstance(exc, RecursionError) else str(exc)
+    return NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else str(exc)
 
 
 def encode_event(event: Event) -> tuple:
@@ -126,7 +128,7 @@ def decode_rows(rows) -> list:
         except _DECODE_ERRORS as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {_nested_too_deeply(exc)}"
+                f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, dec, data, metadata)}"
             ) from exc
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc

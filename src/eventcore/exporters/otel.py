@@ -5,7 +5,8 @@
     otel.instrument(collector, tracer_provider=tp, meter_provider=mp)
 
 Spans: `eventcore.execute` (attributes eventcore.command, eventcore.stream_ids, and at the end
-eventcore.outcome, eventcore.attempts, eventcore.stream_versions: the streams' versions after the
+eventcore.outcome, eventcore.attempts, eventcore.events_written, eventcore.replayed (an idempotency key had
+already committed: nothing written), eventcore.stream_versions: the streams' versions after the
 command, in the order of eventcore.stream_ids), with the store calls it makes as children:
 `eventcore.read`, `eventcore.append` (eventcore.expected_versions before, eventcore.stream_versions
 after), `eventcore.append_batch`, `eventcore.read_all` (one per page), `eventcore.ingest`.
@@ -24,7 +25,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("the OpenTelemetry exporter needs opentelemetry-api: pip install 'pyeventcore[otel]'") from exc
 
-from ..errors import BusinessRuleViolation, ConcurrencyError
+from ..errors import BusinessRuleViolation, ConcurrencyError, DuplicateCommandError
 from ..metrics import CommandInfo, MetricsCollector, OperationInfo, RetryInfo
 
 INSTRUMENTATION_NAME = "eventcore"
@@ -48,8 +49,9 @@ class SpanTracer:
             span.set_attributes(attributes)
             if error is not None:
                 span.record_exception(error)
-                # A refusal and a version conflict are answers, not faults: recorded, status left unset.
-                if not isinstance(error, (BusinessRuleViolation, ConcurrencyError)):
+                # A refusal, a version conflict and an idempotency key already used (the append that
+                # finds it is how execute replays a command) are answers, not faults: recorded, status unset.
+                if not isinstance(error, (BusinessRuleViolation, ConcurrencyError, DuplicateCommandError)):
                     span.set_status(Status(StatusCode.ERROR, f"{type(error).__name__}: {error}"))
         finally:
             _context.detach(token)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import math
 import os
 import socket
 import threading
@@ -111,13 +112,23 @@ def _bool(value) -> bool:
     raise ValidationError(f"expected a boolean (true/false), got {value!r}")
 
 
-def _seconds(name: str, value, allow_zero: bool = False) -> float:
+#: Longest statement_timeout PostgreSQL takes: the setting is an int32 of milliseconds.
+MAX_STATEMENT_TIMEOUT = 2_147_483.647
+
+
+def _seconds(name: str, value, allow_zero: bool = False, maximum: float = math.inf) -> float:
     try:
         seconds = float(value)
+    except OverflowError:  # an int past the largest float
+        seconds = math.inf
     except (TypeError, ValueError):
         raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
-    if seconds < 0 or (seconds == 0 and not allow_zero) or seconds != seconds:
-        raise ValidationError(f"{name} must be {'>= 0' if allow_zero else '> 0'} seconds, got {value!r}")
+    # Finite: every one of these becomes an integer (libpq's, the server's) or a wait, and neither takes infinity.
+    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ValidationError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'} of seconds, "
+                              f"got {value!r}")
+    if seconds > maximum:
+        raise ValidationError(f"{name} must be at most {maximum:,} seconds, got {value!r}")
     return seconds
 
 
@@ -493,7 +504,8 @@ class PostgresStore(EventStore):
         self.pool_size = _count("pool_size", pool_size, 1)
         self.pool_min_size = min(_count("pool_min_size", pool_min_size, 0), self.pool_size)
         self.connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True)
+        self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True,
+                                          maximum=MAX_STATEMENT_TIMEOUT)
         self.pool_timeout = _seconds("pool_timeout", pool_timeout)
         self._dsn = dsn
         st = self.statement_timeout
