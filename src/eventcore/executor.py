@@ -469,7 +469,8 @@ def execute(
     """
     # Every argument is checked before anything is read or written, so a mistake fails at once,
     # naming the argument, instead of at the first conflict or deadline that happens to use it.
-    if not isinstance(store, EventStore):
+    if not isinstance(store, EventStore) or not isinstance(getattr(store, "instance", None), int):
+        # (`instance`: what the stream locks and caches key a store by; a registered proxy forwards it.)
         raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
     if not isinstance(command, Command):
         raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
