@@ -227,11 +227,19 @@ def test_url_options(db_path):
 
 @pytest.mark.parametrize(
     "query",
-    ["bogus=1", "synchronous=sometimes", "timeout=abc", "timeout=0", "timeout=-1", "journal_mode=delete"],
+    ["bogus=1", "synchronous=sometimes", "timeout=abc", "timeout=0", "timeout=-1", "journal_mode=delete",
+     "timeout=inf", "timeout=nan", "migrate=maybe"],
 )
 def test_bad_url_options_rejected(db_path, query):
     with pytest.raises(ec.ValidationError):
         ec.connect(f"sqlite:///{db_path}?{query}")
+    assert not db_path.exists()  # refused before the file is made
+
+
+@pytest.mark.parametrize("timeout", [float("inf"), 10**400, True, None, [5]])
+def test_bad_keyword_timeout_rejected(db_path, timeout):
+    with pytest.raises(ec.ValidationError, match="timeout"):
+        ec.connect(f"sqlite:///{db_path}", timeout=timeout)
 
 
 def test_unknown_keyword_option_rejected(db_path):

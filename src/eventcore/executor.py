@@ -10,8 +10,6 @@ fresh state after an exponential, jittered, bounded backoff.
 from __future__ import annotations
 
 import logging
-import math
-import numbers
 import operator
 import os
 import random
@@ -37,6 +35,7 @@ from .errors import (
 )
 from .events import EventToWrite, Metadata, RecordedEvent
 from .metrics import MetricsCollector
+from .options import described as _described, seconds
 from .stores.base import EventStore, validate_idempotency_key
 from .streams import stream_id as _stream_id
 
@@ -48,27 +47,6 @@ MAX_DISCOVERY_ROUNDS = 8
 
 #: Default overall timeout of `execute`, seconds (the original EventCore's default too).
 DEFAULT_TIMEOUT = 30.0
-
-
-def _described(value: object) -> str:
-    """A wrong argument, for an error message: its type and (shortened) repr."""
-    text = repr(value)
-    return f"{type(value).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
-
-
-def _seconds(name: str, value: object, allow_zero: bool) -> float:
-    """A duration argument as a float, or ValidationError naming it: a real number (not a bool or a
-    str), finite (time.sleep and lock timeouts overflow on infinity), > 0 (or >= 0)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValidationError(f"{name} must be a number of seconds, got {_described(value)}")
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int past the largest float
-        seconds = math.inf
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValidationError(
-            f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, got {value!r}")
-    return seconds
 
 
 #: Commands of one process on a common stream run one after the other, not side by side:
@@ -113,8 +91,8 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         # No upper bound: a huge max_retries retries until `timeout` (delay() never overflows).
         if type(self.max_retries) is not int or self.max_retries < 0:
             raise ValidationError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
-        _seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
-        _seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
+        seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
         if type(self.jitter) is not bool:
             raise ValidationError(f"RetryPolicy.jitter must be True or False, got {self.jitter!r}")
 
@@ -480,7 +458,7 @@ def execute(
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata or None, got {_described(metadata)}")
     if timeout is not None:
-        timeout = _seconds("timeout", timeout, allow_zero=False)
+        timeout = seconds("timeout", timeout)
     if cache is not None and not isinstance(cache, StateCache):
         raise ValidationError(f"cache must be an ec.StateCache or None, got {_described(cache)}")
     if metrics is not None and not isinstance(metrics, MetricsCollector):

@@ -43,7 +43,6 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import logging
-import math
 import os
 import signal
 import socket
@@ -59,6 +58,7 @@ import msgspec
 from . import _impl
 from .errors import EventCoreError, SerializationError, StoreUnavailableError, ValidationError
 from .events import RecordedEvent
+from .options import seconds
 from .streams import forbidden_character
 from .stores.base import MAX_EVENTS_PER_BATCH, EventStore, _type_names
 from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back
@@ -98,25 +98,10 @@ class Retry(msgspec.Struct, frozen=True):
     def __post_init__(self) -> None:
         if type(self.attempts) is not int or self.attempts < 1:
             raise ValidationError(f"Retry.attempts must be an int >= 1, got {self.attempts!r}")
-        _seconds("Retry.backoff", self.backoff, allow_zero=True)
-        _seconds("Retry.max_backoff", self.max_backoff, allow_zero=True)
+        seconds("Retry.backoff", self.backoff, allow_zero=True)
+        seconds("Retry.max_backoff", self.max_backoff, allow_zero=True)
         if self.then not in (FATAL, SKIP):
             raise ValidationError(f"Retry.then must be 'fatal' or 'skip', got {self.then!r}")
-
-
-def _seconds(name: str, value, allow_zero: bool = False) -> float:
-    """A duration option as a float, or ValidationError naming it: a number (or its text), finite
-    (a wait on infinity overflows), > 0 (or >= 0)."""
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int past the largest float
-        seconds = math.inf
-    except (TypeError, ValueError):
-        raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
-    if isinstance(value, bool) or not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValidationError(f"{name} must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, "
-                              f"got {value!r}")
-    return seconds
 
 
 def _strategy(value) -> "str | Retry":
@@ -698,12 +683,12 @@ class ProjectionRunner:
         self.projector = projector
         self.stop_event = stop_event if stop_event is not None else threading.Event()
         default_poll = 1.0 if getattr(store, "scheme", "") == "postgresql" else 0.1
-        self.poll_interval = default_poll if poll_interval is None else _seconds("poll_interval", poll_interval)
-        self.lock_poll_interval = _seconds("lock_poll_interval", lock_poll_interval)
-        self.reconnect_backoff = _seconds("reconnect_backoff", reconnect_backoff)
-        self.max_reconnect_backoff = _seconds("max_reconnect_backoff", max_reconnect_backoff)
-        self.listen_lease = _seconds("listen_lease", listen_lease)
-        self.idle_checkpoint_interval = _seconds("idle_checkpoint_interval", idle_checkpoint_interval, allow_zero=True)
+        self.poll_interval = default_poll if poll_interval is None else seconds("poll_interval", poll_interval)
+        self.lock_poll_interval = seconds("lock_poll_interval", lock_poll_interval)
+        self.reconnect_backoff = seconds("reconnect_backoff", reconnect_backoff)
+        self.max_reconnect_backoff = seconds("max_reconnect_backoff", max_reconnect_backoff)
+        self.listen_lease = seconds("listen_lease", listen_lease)
+        self.idle_checkpoint_interval = seconds("idle_checkpoint_interval", idle_checkpoint_interval, allow_zero=True)
         self.until_caught_up = until_caught_up
         self.rebuild = rebuild
         self.handle_signals = handle_signals

@@ -10,7 +10,8 @@ import importlib
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ValidationError
-from .base import EventStore, parse_bool
+from ..options import boolean
+from .base import EventStore
 from .dsn import redact
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
@@ -76,7 +77,7 @@ def _open(url: str, scheme: str, module_name: str, class_name: str, options: dic
         unknown = set(options) - {"migrate"}
         if unknown:
             raise ValidationError(f"unknown memory option(s) {sorted(unknown)}; known: migrate")
-        parse_bool("migrate", options.get("migrate", True))  # accepted for every backend; a memory store is always new
+        boolean("migrate", options.get("migrate", True))  # accepted for every backend; a memory store is always new
         return cls()
     if scheme == "sqlite":
         parts = urlsplit(url, allow_fragments=False)  # '#' is a character of the file name, not a fragment

@@ -146,18 +146,6 @@ def prepare_append(
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
-def parse_bool(name: str, value) -> bool:
-    """A boolean option given as a bool or as URL text (true/false, 1/0, yes/no, on/off)."""
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValidationError(f"{name} must be a boolean (true/false), got {value!r}")
-
-
 def validate_idempotency_key(value: object) -> str:
     """Validate an idempotency key: a non-empty str of at most 255 characters without control
     characters (the stream id rules), or a uuid.UUID (stored as its canonical text)."""

@@ -20,7 +20,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import math
 import os
 import socket
 import threading
@@ -44,6 +43,7 @@ except ImportError as exc:  # pragma: no cover - exercised only without the extr
     ) from exc
 
 from .. import _impl
+from ..options import boolean, count, seconds
 from ..errors import (
     ConcurrencyError,
     DuplicateCommandError,
@@ -101,45 +101,8 @@ MAX_GROUP_EVENTS = 100_000
 GROUPS_IN_FLIGHT = 2
 
 
-def _bool(value) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off"):
-        return False
-    raise ValidationError(f"expected a boolean (true/false), got {value!r}")
-
-
 #: Longest statement_timeout PostgreSQL takes: the setting is an int32 of milliseconds.
 MAX_STATEMENT_TIMEOUT = 2_147_483.647
-
-
-def _seconds(name: str, value, allow_zero: bool = False, maximum: float = math.inf) -> float:
-    try:
-        seconds = float(value)
-    except OverflowError:  # an int past the largest float
-        seconds = math.inf
-    except (TypeError, ValueError):
-        raise ValidationError(f"{name} must be a number of seconds, got {value!r}") from None
-    # Finite: every one of these becomes an integer (libpq's, the server's) or a wait, and neither takes infinity.
-    if not math.isfinite(seconds) or seconds < 0 or (seconds == 0 and not allow_zero):
-        raise ValidationError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'} of seconds, "
-                              f"got {value!r}")
-    if seconds > maximum:
-        raise ValidationError(f"{name} must be at most {maximum:,} seconds, got {value!r}")
-    return seconds
-
-
-def _count(name: str, value, minimum: int) -> int:
-    try:
-        n = int(value)
-    except (TypeError, ValueError):
-        raise ValidationError(f"{name} must be an integer, got {value!r}") from None
-    if n < minimum:
-        raise ValidationError(f"{name} must be >= {minimum}, got {value!r}")
-    return n
 
 
 def _schema_name(schema) -> str:
@@ -501,12 +464,12 @@ class PostgresStore(EventStore):
         group_commit: bool = True,
     ) -> None:
         self.schema = _schema_name(schema)
-        self.pool_size = _count("pool_size", pool_size, 1)
-        self.pool_min_size = min(_count("pool_min_size", pool_min_size, 0), self.pool_size)
-        self.connect_timeout = _seconds("connect_timeout", connect_timeout)
-        self.statement_timeout = _seconds("statement_timeout", statement_timeout, allow_zero=True,
+        self.pool_size = count("pool_size", pool_size, 1, text=True)
+        self.pool_min_size = min(count("pool_min_size", pool_min_size, 0, text=True), self.pool_size)
+        self.connect_timeout = seconds("connect_timeout", connect_timeout, text=True)
+        self.statement_timeout = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
                                           maximum=MAX_STATEMENT_TIMEOUT)
-        self.pool_timeout = _seconds("pool_timeout", pool_timeout)
+        self.pool_timeout = seconds("pool_timeout", pool_timeout, text=True)
         self._dsn = dsn
         st = self.statement_timeout
         self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
@@ -514,8 +477,8 @@ class PostgresStore(EventStore):
         self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
         self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
-        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if _bool(group_commit) else None
-        migrate = _bool(migrate)
+        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if boolean("group_commit", group_commit) else None
+        migrate = boolean("migrate", migrate)
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: pg_sql.q(getattr(pg_sql, name), schema).as_string(None) for name in (
             "APPEND_GROUP", "RESERVE", "COPY_EVENTS", "READ_STREAM", "READ_STREAMS", "STREAM_VERSIONS", "HEAD",

@@ -26,7 +26,8 @@ from ..errors import (
     StoreUnavailableError, ValidationError,
 )
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap, parse_bool
+from ..options import boolean, seconds
+from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 
 log = logging.getLogger("eventcore.store.sqlite")
 
@@ -187,13 +188,8 @@ class SQLiteStore(EventStore):
         synchronous = str(synchronous).lower()
         if synchronous not in _SYNCHRONOUS:
             raise ValidationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, got {synchronous!r}")
-        try:
-            timeout = float(timeout)
-        except (TypeError, ValueError):
-            raise ValidationError(f"timeout must be a number of seconds, got {timeout!r}") from None
-        if not timeout > 0:
-            raise ValidationError(f"timeout must be > 0 seconds, got {timeout!r}")
-        migrate = parse_bool("migrate", migrate)
+        timeout = seconds("timeout", timeout, text=True)
+        migrate = boolean("migrate", migrate)
         self.path = os.path.abspath(path)
         self.timeout = timeout
         self.synchronous = synchronous
