@@ -706,15 +706,8 @@ class PostgresStore(EventStore):
                    min=stats.get("pool_min", self.pool_min_size), max=stats.get("pool_max", self.pool_size))
         return out
 
-    def _check_schema(self, conn=None) -> None:
+    def _check_schema(self, conn) -> None:
         """For a store opened with migrate=False: the schema must exist, be eventcore's and be current."""
-        if conn is None:
-            try:
-                with self._pool.connection() as conn:
-                    return self._check_schema(conn)
-            except PoolTimeout as exc:
-                raise StoreUnavailableError(
-                    f"cannot read the schema version: {self._no_connection_reason(self.pool_timeout)}") from exc
         try:
             state = self._schema_state(conn)
             if state != "store":
