@@ -419,3 +419,22 @@ def test_cli_resumes_under_a_key_recorded_by_an_earlier_eventcore(shared_store, 
     summary = _ingest_cli(path, dsn)
     assert (summary["events"], summary["skipped"]) == (2, 4)
     assert _texts(store) == [str(i) for i in range(6)]
+
+
+def test_cli_rejects_file_lists_only_what_the_last_run_rejected(tmp_path):
+    """A rerun after the bad line was fixed rejects nothing: the old rejects file is gone, not left to say
+    line 3 is bad. A file at that path that is not a rejects list is never removed."""
+    db = tmp_path / "r.db"
+    path = tmp_path / "r.jsonl"
+    lines = [_line(i) for i in range(4)]
+    _write_lines(path, lines[:2] + ["{oops"] + lines[3:])
+    rejects = tmp_path / "r.jsonl.rejects.jsonl"
+    first = _ingest_cli(path, f"sqlite:///{db}", "--skip-invalid")
+    assert first["rejected"] == 1 and [json.loads(x)["line"] for x in rejects.read_text().splitlines()] == [3]
+    _write_lines(path, lines)
+    assert _ingest_cli(path, f"sqlite:///{db}", "--skip-invalid")["events"] == 1
+    assert not rejects.exists()
+    mine = tmp_path / "notes.txt"
+    mine.write_text("my own notes\n")
+    assert _ingest_cli(path, f"sqlite:///{db}", "--skip-invalid", "--rejects", str(mine))["events"] == 0
+    assert mine.read_text() == "my own notes\n"

@@ -49,7 +49,7 @@ def test_status_json_names_the_problem(tmp_path, capsys):
     db = tmp_path / "typo.db"
     rc, out, _ = _cli(capsys, "status", "--dsn", f"sqlite:///{db}", "--json")
     report = json.loads(out)
-    assert rc == 1 and report["ok"] is False and report["problem"] == "missing" and report["connected"] is True
+    assert rc == 1 and report["ok"] is False and report["problem"] == "missing" and report["connected"] is False
     assert os.listdir(tmp_path) == []
 
 

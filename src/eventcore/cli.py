@@ -320,6 +320,8 @@ def _cmd_ingest(args) -> int:
                 if rejects is not None:
                     rejects.close()
         draw(final=True)
+    if args.skip_invalid and status == 0 and not reader.rejected:
+        _remove_stale_rejects(rejects_path)  # the whole file read, nothing rejected: an old list is wrong now
     elapsed = time.perf_counter() - started
     summary = {
         "file": args.file,
@@ -339,7 +341,8 @@ def _cmd_ingest(args) -> int:
         print(_json.dumps(summary))
     else:
         verb = "ingested" if status == 0 else "stopped after committing"
-        print(f"{verb} {events:,} events from {args.file} in {elapsed:.2f} s ({summary['events_per_s']:,.0f} events/s)")
+        print(f"{verb} {events:,} event{'' if events == 1 else 's'} from {args.file} in {elapsed:.2f} s "
+              f"({summary['events_per_s']:,.0f} events/s)")
         if skipped:
             print(f"{skipped:,} event(s) skipped: committed by an earlier run (resume key {resume_key!r})")
         if reader.rejected:
@@ -347,6 +350,20 @@ def _cmd_ingest(args) -> int:
         if error:
             print(f"error: {error}; nothing of the failing batch was written", file=sys.stderr)
     return status
+
+
+def _remove_stale_rejects(path: str) -> None:
+    """Remove a rejects file an earlier run wrote (every line one of our {"line", "reason", "text"}
+    records); any other file at that path is left alone."""
+    try:
+        with open(path, "rb") as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except FileNotFoundError:
+        return
+    except (OSError, ValueError):
+        return  # not ours to remove
+    if all(isinstance(r, dict) and set(r) == {"line", "reason", "text"} for r in records):
+        os.remove(path)
 
 
 def _cmd_tail(args) -> int:
@@ -461,7 +478,9 @@ def _cmd_status(args) -> int:
         problem = ("missing" if isinstance(exc, StoreNotFoundError) else
                    "not_an_event_store" if isinstance(exc, NotAnEventStoreError) else
                    "schema_version" if isinstance(exc, SchemaVersionError) else "unreachable")
-        health = StoreHealth(ok=False, backend=scheme, url=redact(dsn), connected=problem != "unreachable",
+        # "connected": the server or the file answered (a missing SQLite file has nothing to answer).
+        connected = problem in ("not_an_event_store", "schema_version") or (problem == "missing" and scheme != "sqlite")
+        health = StoreHealth(ok=False, backend=scheme, url=redact(dsn), connected=connected,
                              latency_ms=0.0, head_position=None,
                              schema_version=getattr(exc, "found", None), schema_expected=getattr(exc, "expected", None),
                              pool=None, projections=[], error=str(exc), schema=_schema_option(dsn, scheme),

@@ -206,7 +206,8 @@ class SQLiteStore(EventStore):
             raise StoreNotFoundError(
                 f"no eventcore store at {self.path!r}: "
                 + ("the file does not exist" if found == "missing" else "the database is empty")
-                + " (nothing was created; connect with migrate=True, the default, to create one)")
+                + " (nothing was created; the first write creates one: ec.connect(url), whose migrate=True is the "
+                "default, or `eventcore ingest`)")
         if found == "missing" and not os.path.isdir(os.path.dirname(self.path)):
             raise StoreUnavailableError(
                 f"cannot create SQLite store {self.path!r}: directory {os.path.dirname(self.path)!r} does not exist")
