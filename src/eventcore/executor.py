@@ -262,13 +262,15 @@ class StateCache:
 
     def _folded_entry_for(self, store, key) -> "_Folded":
         """The folded-state entry `key` (whose first item is store.instance), registering this cache
-        with the store so its entries go when the store closes."""
+        with the store so its entries go when the store closes (a closed store's entry is not kept)."""
         if self not in store._dependants:
             store._dependants.add(self)
-        return self._folded_entry(key)
+        return self._folded_entry(key, store)
 
-    def _folded_entry(self, key) -> _Folded:
+    def _folded_entry(self, key, store) -> _Folded:
         with self._lock:
+            if store.closed:  # checked under the lock close() drops entries under: none is added after
+                return _Folded()
             entry = self._folded.get(key)
             if entry is None:
                 entry = self._folded[key] = _Folded()
@@ -321,6 +323,8 @@ class StateCache:
     def _remember_read(self, store, by_stream: dict) -> None:
         sid_key = store.instance
         with self._lock:
+            if store.closed:
+                return
             for sid, events in by_stream.items():
                 self._set((sid_key, sid), events[-1].version if events else 0, tuple(events))
 
@@ -331,6 +335,8 @@ class StateCache:
             written.setdefault(e.stream_id, []).append(e)
         sid_key = store.instance
         with self._lock:
+            if store.closed:
+                return
             for sid, events in written.items():
                 key = (sid_key, sid)
                 entry = self._streams.get(key)

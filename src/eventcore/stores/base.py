@@ -365,6 +365,8 @@ class EventStore(ABC):
         self.instance = next(_instances)
         #: Objects holding entries for this store (StateCaches), told by close() to drop them.
         self._dependants = weakref.WeakSet()
+        #: True once close() was called: every later operation raises StoreUnavailableError.
+        self.closed = False
         return self
 
     # -- observability ------------------------------------------------------------
@@ -930,7 +932,8 @@ class EventStore(ABC):
         """Release connections. The store cannot be used afterwards.
 
         Backends release their own resources and then call this, which makes every StateCache
-        drop what it holds for this store."""
+        drop what it holds for this store (and add nothing more: they look at `closed`)."""
+        self.closed = True
         for dependant in list(self._dependants):
             dependant._drop_store(self.instance)
 

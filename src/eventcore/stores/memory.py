@@ -10,7 +10,7 @@ from __future__ import annotations
 import threading
 
 from .. import _impl
-from ..errors import DuplicateCommandError
+from ..errors import DuplicateCommandError, StoreUnavailableError
 from ..events import RecordedEvent
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 
@@ -30,11 +30,17 @@ class MemoryStore(EventStore):
     def __repr__(self) -> str:
         return "MemoryStore()"
 
+    def _open(self) -> None:
+        """Raise if the store was closed: a closed store refuses every operation, as on every backend."""
+        if self.closed:
+            raise StoreUnavailableError(f"{self!r} is closed")
+
     @property
     def url(self) -> str:
         return "memory://"
 
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
+        self._open()
         streams = self._streams
         with self._lock:
             if p.key is not None and p.key in self._keys:
@@ -72,24 +78,29 @@ class MemoryStore(EventStore):
         return p.recorded(versions, positions)
 
     def _recorded_command_rows(self, key):
+        self._open()
         with self._lock:
             found = self._keys.get(key)
             return [] if found is None else self._rows[found[0] - 1: found[0] - 1 + found[1]]
 
     def _ingest_progress(self, key):
+        self._open()
         with self._lock:
             return dict(self._progress.get(key, {}))
 
     def _ingest_holes(self, key):
+        self._open()
         with self._lock:
             return set(self._holes.get(key, ()))
 
     def _resume_keys(self, prefix):
+        self._open()
         with self._lock:
             keys = [k for k in self._progress if k.startswith(prefix)]
             return sorted(keys, key=self._progress_order.__getitem__, reverse=True)
 
     def _read_stream(self, stream_id, from_version, limit):
+        self._open()
         with self._lock:
             idx = self._streams.get(stream_id, ())
             stop = None if limit is None else from_version - 1 + limit
@@ -97,12 +108,14 @@ class MemoryStore(EventStore):
         return _impl.decode_rows(rows)
 
     def _read_streams(self, stream_ids):
+        self._open()
         with self._lock:
             idx = [i for sid in stream_ids for i in self._streams.get(sid, ())]
             rows = [self._rows[i] for i in sorted(idx)]
         return group_by_stream(stream_ids, _impl.decode_rows(rows))
 
     def _stream_versions(self, stream_ids):
+        self._open()
         with self._lock:
             return {sid: len(self._streams.get(sid, ())) for sid in stream_ids}
 
@@ -110,11 +123,13 @@ class MemoryStore(EventStore):
         return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit))
 
     def _head_position(self):
+        self._open()
         with self._lock:
             return len(self._rows)
 
     def _read_all_rows(self, after, types, prefix, limit):
         """Like `_read_all_page`, but the stored rows undecoded (layout codec.ROW_COLUMNS)."""
+        self._open()
         out = []
         with self._lock:
             rows = self._rows
