@@ -434,7 +434,39 @@ def test_cli_rejects_file_lists_only_what_the_last_run_rejected(tmp_path):
     _write_lines(path, lines)
     assert _ingest_cli(path, f"sqlite:///{db}", "--skip-invalid")["events"] == 1
     assert not rejects.exists()
-    mine = tmp_path / "notes.txt"
-    mine.write_text("my own notes\n")
-    assert _ingest_cli(path, f"sqlite:///{db}", "--skip-invalid", "--rejects", str(mine))["events"] == 0
-    assert mine.read_text() == "my own notes\n"
+
+
+def test_cli_never_writes_rejects_over_a_file_that_is_not_a_rejects_list(tmp_path, capsys):
+    """--rejects naming the input, the store's own SQLite file or any other file: refused before anything
+    is read or written, every file left byte-identical."""
+    from eventcore.cli import main
+
+    db = tmp_path / "s.db"
+    with ec.connect(f"sqlite:///{db}") as store:
+        store.append([ec.emit("precious", Noted(text="keep me"))])
+    path = tmp_path / "in.jsonl"
+    _write_lines(path, [_line(0), "{bad", _line(2)])
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my own notes\n")
+    for target in (db, path, notes, tmp_path):
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+        assert main(["ingest", str(path), "--dsn", f"sqlite:///{db}", "--skip-invalid", "--rejects", str(target),
+                     "--no-progress"]) == 2
+        assert "is not a rejects file" in capsys.readouterr().err
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+    with ec.connect(f"sqlite:///{db}", migrate=False) as store:
+        assert [e.data.text for e in store.read_all()] == ["keep me"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--no-resume", "--resume-key", "k"], "contradict"),
+    (["--resume-key", ""], "must not be empty"),
+])
+def test_cli_ingest_resume_options_that_make_no_sense_are_refused(tmp_path, capsys, argv, message):
+    from eventcore.cli import main
+
+    path = tmp_path / "in.jsonl"
+    _write_lines(path, [_line(0)])
+    assert main(["ingest", str(path), "--dsn", f"sqlite:///{tmp_path / 's.db'}", "--no-progress", *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "s.db").exists()

@@ -268,6 +268,14 @@ def _cmd_ingest(args) -> int:
     dsn = _dsn(args)
     rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
     rejects = None
+    if args.skip_invalid and _rejects_list(rejects_path) is False:
+        # The input, the store's own file, anyone's file: written over, it would be lost.
+        raise EventCoreError(f"--rejects {rejects_path!r} exists and is not a rejects file eventcore wrote: "
+                             "it is left as it is; name another file")
+    if args.no_resume and args.resume_key is not None:
+        raise EventCoreError("--no-resume and --resume-key contradict each other: give one")
+    if args.resume_key is not None and not args.resume_key:
+        raise EventCoreError("--resume-key must not be empty")
 
     def reject(bad: BadLine) -> None:
         nonlocal rejects
@@ -352,17 +360,24 @@ def _cmd_ingest(args) -> int:
     return status
 
 
-def _remove_stale_rejects(path: str) -> None:
-    """Remove a rejects file an earlier run wrote (every line one of our {"line", "reason", "text"}
-    records); any other file at that path is left alone."""
+def _rejects_list(path: str) -> bool | None:
+    """None if nothing is at `path`; True if it is a rejects file an earlier run wrote (every line one of
+    our {"line", "reason", "text"} records); False for anything else, which eventcore never writes over."""
+    if not os.path.lexists(path):
+        return None
     try:
+        if not os.path.isfile(path):
+            return False
         with open(path, "rb") as f:
             records = [json.loads(line) for line in f if line.strip()]
-    except FileNotFoundError:
-        return
     except (OSError, ValueError):
-        return  # not ours to remove
-    if all(isinstance(r, dict) and set(r) == {"line", "reason", "text"} for r in records):
+        return False
+    return all(isinstance(r, dict) and set(r) == {"line", "reason", "text"} for r in records)
+
+
+def _remove_stale_rejects(path: str) -> None:
+    """Remove a rejects file an earlier run wrote; any other file at that path is left alone."""
+    if _rejects_list(path):
         os.remove(path)
 
 

@@ -146,17 +146,18 @@ def prepare_append(
 MAX_IDEMPOTENCY_KEY_LENGTH = 255
 
 
-def validate_idempotency_key(value: object) -> str:
-    """Validate an idempotency key: a non-empty str of at most 255 characters without control
-    characters (the stream id rules), or a uuid.UUID (stored as its canonical text)."""
+def validate_idempotency_key(value: object, what: str = "idempotency key") -> str:
+    """Validate an idempotency key (or, as `what` says, an ingest resume key): a non-empty str of at
+    most 255 characters without control characters (the stream id rules), or a uuid.UUID (stored as
+    its canonical text)."""
     if isinstance(value, uuid.UUID):
         return str(value)
     if not isinstance(value, str):
-        raise ValidationError(f"idempotency key must be a str or uuid.UUID, got {type(value).__name__}: {value!r}")
+        raise ValidationError(f"{what} must be a str or uuid.UUID, got {type(value).__name__}: {value!r}")
     try:
         return str(_stream_id(value))
     except ValidationError as exc:
-        raise ValidationError(str(exc).replace("stream id", "idempotency key", 1)) from None
+        raise ValidationError(str(exc).replace("stream id", what, 1)) from None
 
 
 class IngestProgress(msgspec.Struct, frozen=True):
@@ -598,7 +599,7 @@ class EventStore(ABC):
         done = [0] * parallel  # per lane: input items below this index are committed already (but holes)
         holes: set = set()  # items an earlier run passed over (None) below a lane's count: not committed
         if resume_key is not None:
-            resume_key = validate_idempotency_key(resume_key)
+            resume_key = validate_idempotency_key(resume_key, "resume key")
             recorded = self._ingest_progress(resume_key)
             if recorded:
                 lanes_before = {n for n, _ in recorded.values()}
