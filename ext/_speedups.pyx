@@ -31,7 +31,7 @@ import uuid as _uuid
 import msgspec as _msgspec
 
 from eventcore.errors import ConcurrencyError, SerializationError, UnknownEventTypeError
-from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, event_class
+from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, check_metadata, event_class
 from eventcore._pure.payloads import MAX_PAYLOAD_BYTES as _MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
 from eventcore._pure.utf8 import NESTED_TOO_DEEPLY as _NESTED_TOO_DEEPLY, row_decode_error_text as _row_decode_error_text
 
@@ -172,6 +172,7 @@ def encode_metadata(metadata):
     """JSON bytes for metadata, or None when there is nothing to store (same checks as encode_event)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
+    check_metadata(metadata)
     cdef bytes data
     try:
         data = _encode(metadata)
@@ -530,6 +531,7 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                 else:
                     if type(md) is not Metadata:
                         raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
+                    check_metadata(md)
                     row_start = PyByteArray_GET_SIZE(buf)
                     PyByteArray_Resize(buf, row_start + 5)
                     PyByteArray_AS_STRING(buf)[row_start + 4] = 1

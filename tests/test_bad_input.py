@@ -610,3 +610,32 @@ def test_cli_tail_prints_up_to_a_corrupt_row_then_names_it(tmp_path, change, fra
     assert printed == ([] if "CAST" in change else [{"text": "1"}])
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "position 2" in lines[0] and fragment in lines[0], proc.stderr
+
+
+BAD_METADATA = [
+    dict(user_id=5), dict(causation_id=7), dict(correlation_id=b"x"), dict(custom="x"), dict(custom=[1]),
+    dict(custom=None), dict(custom={1: "a"}),
+]
+
+
+@pytest.mark.parametrize("fields", BAD_METADATA, ids=repr)
+def test_metadata_of_the_wrong_type_is_refused_before_anything_is_written(store, fields):
+    """msgspec does not check a Struct's fields when it is built: metadata of the wrong type would be
+    stored and fail to decode on every read of its stream, for good. Every write path refuses it."""
+    from domain import Deposit
+
+    md = ec.Metadata(**fields)
+    name = next(iter(fields))
+    attempts = [
+        lambda: store.append([ec.emit("m", Noted(text="x"))], metadata=md),
+        lambda: store.append([ec.emit("m", Noted(text="x"), metadata=md)]),
+        lambda: store.append_batch([ec.emit("m", Noted(text="x"), metadata=md)]),
+        lambda: ec.execute(store, Deposit(ec.StreamId("m"), 1), metadata=md),
+    ]
+    for attempt in attempts:
+        with pytest.raises(ec.ValidationError, match=f"Metadata.{name}"):
+            attempt()
+    with pytest.raises(ec.IngestError) as info:
+        store.ingest([("m", Noted(text="x"), md)])
+    assert isinstance(info.value.__cause__, ec.ValidationError) and f"Metadata.{name}" in str(info.value)
+    assert store.read_stream("m") == [] and store.head_position() == 0

@@ -86,6 +86,26 @@ class Metadata(msgspec.Struct, frozen=True, omit_defaults=True):
 
 EMPTY_METADATA = Metadata()
 
+_ID_FIELDS = ("correlation_id", "causation_id", "user_id")
+
+
+def check_metadata(md: Metadata) -> None:
+    """ValidationError unless every field has the type Metadata declares: the ids a str or None, `custom`
+    a dict with str keys. msgspec does not check a Struct's fields when it is built, and metadata of
+    another type would be stored and then fail to decode on every read of its stream, for good.
+    (Both implementations' encoders call this one function.)"""
+    for name in _ID_FIELDS:
+        value = getattr(md, name)
+        if value is not None and not isinstance(value, str):
+            raise ValidationError(f"Metadata.{name} must be a str or None, got {type(value).__name__}: {value!r:.80}")
+    custom = md.custom
+    if type(custom) is not dict:
+        raise ValidationError(f"Metadata.custom must be a dict, got {type(custom).__name__}: {custom!r:.80}")
+    for key in custom:
+        if not isinstance(key, str):
+            raise ValidationError(
+                f"Metadata.custom keys must be str (JSON object keys), got {type(key).__name__}: {key!r:.80}")
+
 
 class RecordedEvent(msgspec.Struct, frozen=True):
     """An event as stored: its envelope and its decoded payload.

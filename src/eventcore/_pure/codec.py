@@ -11,7 +11,7 @@ import uuid
 import msgspec
 
 from ..errors import SerializationError, UnknownEventTypeError
-from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, event_class
+from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata, event_class
 from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
 from .utf8 import NESTED_TOO_DEEPLY, row_decode_error_text
 
@@ -72,6 +72,7 @@ def encode_metadata(metadata) -> bytes | None:
     """JSON bytes for metadata, or None when there is nothing to store (same checks as `encode_event`)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
+    check_metadata(metadata)
     try:
         data = _encoder.encode(metadata)
     except _ENCODE_ERRORS as exc:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import struct
 
 from ..errors import SerializationError
-from ..events import EMPTY_METADATA, Metadata
+from ..events import EMPTY_METADATA, Metadata, check_metadata
 from . import ids as _ids
 from .codec import _ENCODE_ERRORS, _encoder, _nested_too_deeply
 from .payloads import MAX_PAYLOAD_BYTES, check_encoded, float_capable
@@ -170,6 +170,7 @@ def encode_copy_events(
         elif type(md) is not Metadata:
             raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
         else:
+            check_metadata(md)
             try:
                 data = encode(md)
             except _ENCODE_ERRORS as exc:
