@@ -639,3 +639,17 @@ def test_metadata_of_the_wrong_type_is_refused_before_anything_is_written(store,
         store.ingest([("m", Noted(text="x"), md)])
     assert isinstance(info.value.__cause__, ec.ValidationError) and f"Metadata.{name}" in str(info.value)
     assert store.read_stream("m") == [] and store.head_position() == 0
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1E+999", b"1e309", b"1" + b"0" * 400 + b".0"])
+def test_raw_data_with_a_number_readers_take_for_infinity_is_refused(store, tmp_path, number):
+    """Stored as given, such a number could never be read back (msgspec and most JSON readers make it
+    infinity, which the README refuses): a RawEvent and a JSON line holding one are refused."""
+    data = b'{"v": [1, {"w": ' + number + b'}]}'
+    with pytest.raises(ec.ValidationError, match="out of the range"):
+        store.append([ec.emit("n", ec.RawEvent("test.Opaque", data))])
+    with pytest.raises(BadLine, match="out of the range"):
+        parse_line(4, b'{"stream": "n", "type": "test.Opaque", "data": ' + data + b"}")
+    assert store.head_position() == 0
+    store.append([ec.emit("n", ec.RawEvent("test.Opaque", b'{"value": [1e-400, 1e308]}'))])  # in range: fine
+    assert store.read_stream("n")[0].data.value == [0.0, 1e308]

@@ -137,6 +137,7 @@ class RawEvent(msgspec.Struct, frozen=True):
 
 
 _raw_json = msgspec.json.Decoder(msgspec.Raw)
+_any_json = msgspec.json.Decoder()
 
 
 def raw_data_problem(data: bytes) -> str | None:
@@ -151,6 +152,17 @@ def raw_data_problem(data: bytes) -> str | None:
             return f"is {problem}"
     if data.find(b"\\u0000") >= 0 and has_nul_escape(data):
         return "holds a NUL character (\\u0000), which PostgreSQL cannot store in JSON, so no backend accepts it"
+    # Every number must be one a JSON reader can hold: 1e400 is infinity to msgspec (and to most
+    # readers), so stored as given it could never be read back. A full decode finds them, and costs
+    # less than a regular-expression scan for exponents (~0.3 vs ~0.85 us for a 110-byte object).
+    try:
+        _any_json.decode(data)
+    except msgspec.ValidationError as exc:
+        return f"holds a number out of the range JSON readers can hold (infinity to them): {exc}"
+    except msgspec.DecodeError:
+        pass  # malformed JSON is the caller's to report, with its own wording
+    except RecursionError:
+        return NESTED_TOO_DEEPLY
     return None
 
 
