@@ -303,3 +303,15 @@ def test_processes_creating_one_new_file_at_once_all_open_it(tmp_path):
             assert [ok for ok, _ in results] == [5] * 4
             with ec.connect(url, migrate=False) as store:
                 assert store.head_position() == 20
+
+
+def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path, capsys):
+    fifo = tmp_path / "pipe.db"
+    os.mkfifo(fifo)
+    for url in (f"sqlite:///{fifo}", "sqlite:////dev/null"):
+        for migrate in (True, False):
+            with pytest.raises(ec.NotAnEventStoreError, match="not a regular file"):
+                ec.connect(url, migrate=migrate)
+        rc, out, _ = _cli(capsys, "status", "--dsn", url)
+        assert rc == 1 and "not an eventcore store" in out
+    assert sorted(os.listdir(tmp_path)) == ["pipe.db"] and not os.path.exists("/dev/null-journal")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 import threading
 import weakref
 from contextlib import contextmanager
@@ -469,12 +470,20 @@ def inspect_file(path: str) -> str:
     (a file of 0 bytes or a database without tables) or "store" (an eventcore store). Anything else
     raises NotAnEventStoreError, and the file is left exactly as it was."""
     try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        return "missing"
+    except OSError as exc:
+        raise StoreUnavailableError(f"cannot read {path!r}: {exc.strerror}") from None
+    if stat.S_ISDIR(mode):
+        raise NotAnEventStoreError(f"{path!r} is a directory, not an eventcore store")
+    if not stat.S_ISREG(mode):  # a FIFO would block the read below; a device is nobody's store
+        raise NotAnEventStoreError(f"{path!r} is not a regular file, so not an eventcore store")
+    try:
         with open(path, "rb") as f:
             header = f.read(100)
     except FileNotFoundError:
         return "missing"
-    except IsADirectoryError:
-        raise NotAnEventStoreError(f"{path!r} is a directory, not an eventcore store") from None
     except OSError as exc:
         raise StoreUnavailableError(f"cannot read {path!r}: {exc.strerror}") from None
     if not header:
