@@ -741,3 +741,16 @@ def test_refusal_on_state_read_in_several_rounds_is_confirmed_current(store):
         del store.read_streams
     assert result.attempts == 2 and [type(e.data) for e in result.events] == [Checked]
     assert result.stream_versions == {"pair-left": 3, "pair-right": 2}
+
+
+@pytest.mark.parametrize("timeout", [1e10, 2**62, 1e300])
+def test_a_finite_timeout_longer_than_a_lock_can_wait_runs_the_command(store, timeout):
+    from domain import Deposit
+
+    result = ec.execute(store, Deposit(ec.StreamId("long-timeout"), 1), timeout=timeout)
+    assert result.stream_versions == {"long-timeout": 1}
+
+
+def test_a_retry_delay_longer_than_a_sleep_can_wait_is_refused():
+    with pytest.raises(ec.ValidationError, match="max_delay"):
+        ec.RetryPolicy(max_delay=1e300)

@@ -91,8 +91,9 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         # No upper bound: a huge max_retries retries until `timeout` (delay() never overflows).
         if type(self.max_retries) is not int or self.max_retries < 0:
             raise ValidationError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
-        seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
-        seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
+        # At most threading.TIMEOUT_MAX (~292 years here): the longest time.sleep can wait.
+        seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True, maximum=threading.TIMEOUT_MAX)
+        seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True, maximum=threading.TIMEOUT_MAX)
         if type(self.jitter) is not bool:
             raise ValidationError(f"RetryPolicy.jitter must be True or False, got {self.jitter!r}")
 
@@ -493,7 +494,9 @@ def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> Exec
     try:
         for k in locks:
             lock = _STREAM_LOCKS[k]
-            if not lock.acquire(timeout=-1 if deadline is None else max(0.0, deadline - time.monotonic())):
+            # A timeout longer than a lock can wait (threading.TIMEOUT_MAX) waits as long as it can.
+            wait = -1 if deadline is None else min(max(0.0, deadline - time.monotonic()), threading.TIMEOUT_MAX)
+            if not lock.acquire(timeout=wait):
                 raise CommandTimeoutError(
                     f"{type(command).__name__} timed out after {timeout}s waiting for other commands of this "
                     "process on the same streams; nothing was written"
