@@ -470,3 +470,20 @@ def test_cli_ingest_resume_options_that_make_no_sense_are_refused(tmp_path, caps
     assert main(["ingest", str(path), "--dsn", f"sqlite:///{tmp_path / 's.db'}", "--no-progress", *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "s.db").exists()
+
+
+def test_cli_an_anchor_line_blanked_and_restored_keeps_the_key(shared_store, tmp_path):
+    """A committed first line blanked (run 2, with a line appended) and restored (run 3): the file keeps
+    its key through its second anchor line, so nothing is written twice."""
+    store, dsn = shared_store
+    path = tmp_path / "anchors.jsonl"
+    lines = [json.dumps(_line(i)) for i in range(4)]
+    _write_lines(path, lines)
+    assert _ingest_cli(path, dsn)["events"] == 4
+    _write_lines(path, [""] + lines[1:] + [json.dumps(_line(4))])
+    second = _ingest_cli(path, dsn)
+    assert (second["events"], second["skipped"]) == (1, 3)
+    _write_lines(path, lines + [json.dumps(_line(4))])
+    third = _ingest_cli(path, dsn)
+    assert (third["events"], third["skipped"]) == (0, 5)
+    assert sorted(_texts(store), key=int) == [str(i) for i in range(5)]

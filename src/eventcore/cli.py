@@ -197,33 +197,73 @@ def _file_lines(path: str):
     return gzip.open(path, "rb") if gzipped else open(path, "rb")
 
 
-def _line_at(path: str, number: int) -> bytes | None:
-    """Line `number` (1-based) of the file, or None if it has fewer lines or cannot be read."""
+#: Valid lines a default resume key is anchored on: with two, blanking or breaking one of them (a
+#: committed line: outside the contract, but easily done) still finds the key through the other.
+RESUME_ANCHORS = 2
+
+
+def _lines_at(path: str, numbers) -> dict:
+    """{number: line} for the (1-based) line numbers the file has; {} if it cannot be read."""
+    wanted = set(numbers)
+    found: dict = {}
+    if not wanted:
+        return found
     try:
         with _file_lines(path) as f:
             for n, raw in enumerate(f, start=1):
-                if n == number:
-                    return raw
+                if n in wanted:
+                    found[n] = raw
+                    if len(found) == len(wanted):
+                        break
     except (OSError, EOFError):
         pass
-    return None
+    return found
+
+
+def _is_event_line(number: int, raw: bytes) -> bool:
+    from .jsonl import BadLine, parse_line
+
+    if not raw.strip():
+        return False
+    try:
+        parse_line(number, raw.strip())
+    except BadLine:
+        return False
+    return True
+
+
+def _anchors_hold(path: str, anchors: list) -> bool:
+    """Whether the file is the one a key's anchors were taken from: at least one anchor line is as it was,
+    and none holds another event (a blanked or broken anchor line is a line of this file edited; another
+    event there means another file, e.g. a rotated log)."""
+    from .jsonl import line_digest
+
+    lines = _lines_at(path, [n for n, _ in anchors])
+    same = False
+    for number, digest in anchors:
+        raw = lines.get(number)
+        if raw is not None and line_digest(raw) == digest:
+            same = True
+        elif raw is not None and _is_event_line(number, raw):
+            return False
+    return same
 
 
 def default_resume_key(path: str, store=None) -> str:
     """The resume key `eventcore ingest FILE` uses unless told otherwise:
-    `file:<name>:<hash of the absolute path>:<line>:<hash of that line>`, at most ~150 characters.
+    `file:<name>:<hash of the absolute path>:<line>:<hash of that line>[:<line>:<hash>]`, at most ~180
+    characters.
 
-    The line is the file's anchor: its first valid event line when the first run began. Line numbers
-    are the file's own coordinates, which fixing, blanking or appending lines does not move, so a
-    file whose lines were fixed (the first one included) keeps its key and resumes; another file at
-    the same path (a rotated log) has other text at the anchor line and gets a key of its own. With
-    `store`, the keys already recorded for this path are tried first (the most recent one whose
-    anchor line is unchanged wins); without, or if none matches, the anchor is the file's first
-    valid line now.
+    The lines are the file's anchors: its first two valid event lines when the first run began. Line
+    numbers are the file's own coordinates, which fixing, blanking or appending lines does not move,
+    so a file whose lines were fixed (the first one included) keeps its key and resumes; another file
+    at the same path (a rotated log) has other events at the anchor lines and gets a key of its own.
+    With `store`, the keys already recorded for this path are tried first (the most recent one whose
+    anchors hold wins); without, or if none does, the anchors are the file's first valid lines now.
     """
     import hashlib
 
-    from .jsonl import BadLine, line_digest, parse_line
+    from .jsonl import line_digest
 
     real = os.path.realpath(path)
     path_hash = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
@@ -232,29 +272,25 @@ def default_resume_key(path: str, store=None) -> str:
     prefix = f"file:{name}:{path_hash}:"
     if store is not None:
         for key in store._resume_keys(prefix):
-            line_no, sep, digest = key[len(prefix):].partition(":")
-            if sep and line_no.isdigit():
-                raw = _line_at(real, int(line_no))
-                if raw is not None and line_digest(raw) == digest:
+            parts = key[len(prefix):].split(":")
+            if len(parts) == 1:  # a key of an eventcore before schema 3: the hash of the raw first line
+                raw = _lines_at(real, [1]).get(1)
+                if raw is not None and hashlib.sha256(raw[:_LEGACY_FINGERPRINT_BYTES]).hexdigest()[:16] == parts[0]:
                     return key
-            elif not sep:  # a key of an eventcore before schema 3: the hash of the raw first line
-                raw = _line_at(real, 1)
-                if raw is not None and hashlib.sha256(raw[:_LEGACY_FINGERPRINT_BYTES]).hexdigest()[:16] == line_no:
+            elif len(parts) % 2 == 0 and all(n.isdigit() for n in parts[::2]):
+                if _anchors_hold(real, list(zip(map(int, parts[::2]), parts[1::2]))):
                     return key
-    anchor = "0:" + line_digest(b"")  # no valid line: nothing will be committed under this key
+    anchors: list = []
     try:
         with _file_lines(real) as f:
             for n, raw in enumerate(f, start=1):
-                if raw.strip():
-                    try:
-                        parse_line(n, raw.strip())
-                    except BadLine:
-                        continue
-                    anchor = f"{n}:{line_digest(raw)}"
-                    break
+                if _is_event_line(n, raw):
+                    anchors.append(f"{n}:{line_digest(raw)}")
+                    if len(anchors) == RESUME_ANCHORS:
+                        break
     except (OSError, EOFError):  # a corrupt .gz: the reader reports it; the key needs only to be stable
         pass
-    return prefix + anchor
+    return prefix + (":".join(anchors) or "0:" + line_digest(b""))  # no valid line: nothing will be committed
 
 
 def _cmd_ingest(args) -> int:
