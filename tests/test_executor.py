@@ -1,6 +1,7 @@
 """The command executor: read, fold, decide, append with every stream read version-checked."""
 from __future__ import annotations
 
+import re
 import uuid
 from typing import Any
 
@@ -754,3 +755,37 @@ def test_a_finite_timeout_longer_than_a_lock_can_wait_runs_the_command(store, ti
 def test_a_retry_delay_longer_than_a_sleep_can_wait_is_refused():
     with pytest.raises(ec.ValidationError, match="max_delay"):
         ec.RetryPolicy(max_delay=1e300)
+
+
+class StrStreams(ec.Command):
+    accounts: list[ec.StreamId] = []
+    extra: object = None
+    found: object = None
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + 1
+
+    def streams(self):
+        return self.extra
+
+    def discover(self, state):
+        return self.found
+
+    def handle(self, state):
+        return []
+
+
+@pytest.mark.parametrize("fields, where", [
+    (dict(accounts="abc"), "StrStreams.accounts"),
+    (dict(accounts=["a"], extra="bc"), "StrStreams.streams()"),
+    (dict(accounts=["a"], found="bc"), "StrStreams.discover()"),
+])
+def test_a_str_where_stream_ids_are_expected_is_refused_not_read_letter_by_letter(store, fields, where):
+    with pytest.raises(ec.ValidationError, match=re.escape(where)):
+        ec.execute(store, StrStreams(**fields))
+    with pytest.raises(ec.ValidationError, match=re.escape(where)):
+        ec.execute(store, StrStreams(**fields), cache=ec.StateCache())
+    assert store.head_position() == 0

@@ -79,15 +79,24 @@ def declared_streams(command: Command) -> list[StreamId]:
         if is_collection:
             if value is None:
                 continue
-            for item in value:
+            for item in stream_ids_of(value, f"{type(command).__name__}.{name}"):
                 seen[_field_stream(command, name, item)] = None
         elif value is not None:
             seen[_field_stream(command, name, value)] = None
     extra = command.streams()
     if extra:
-        for item in extra:
+        for item in stream_ids_of(extra, f"{type(command).__name__}.streams()"):
             seen[_stream_id(item)] = None
     return list(seen)
+
+
+def stream_ids_of(value: object, what: str) -> Iterable:
+    """`value` as a collection of stream ids, or ValidationError: a str (or bytes) would be iterated one
+    character at a time, each taken for a stream id."""
+    if isinstance(value, (str, bytes, bytearray)):
+        raise ValidationError(f"{what} must give a collection of stream ids (a list, tuple or set), got a "
+                              f"{type(value).__name__}: {value!r:.80}; wrap a single id in a list")
+    return value
 
 
 def _field_stream(command: Command, field: str, value: object) -> StreamId:

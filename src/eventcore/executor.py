@@ -21,7 +21,7 @@ from typing import Any
 
 import msgspec
 
-from .commands import Command, declared_streams
+from .commands import Command, declared_streams, stream_ids_of
 from .errors import (
     BusinessRuleViolation,
     CommandTimeoutError,
@@ -152,6 +152,8 @@ def _read_and_fold(store, command: Command, streams: list, rounds: list | None =
     state = _fold(command, by_stream, streams)
     for _ in range(MAX_DISCOVERY_ROUNDS):
         found = command.discover(state)
+        if found:
+            found = stream_ids_of(found, f"{type(command).__name__}.discover()")
         new = [s for s in dict.fromkeys(_stream_id(x) for x in found) if s not in by_stream] if found else []
         if not new:
             break
@@ -386,6 +388,8 @@ def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, st
     in `rounds` per discovery round)."""
     if entry.valid and cache._versions(store, entry.versions) == entry.versions:
         found = command.discover(entry.state)
+        if found:
+            found = stream_ids_of(found, f"{type(command).__name__}.discover()")
         if not found or all(_stream_id(x) in entry.versions for x in found):
             cache.hits += 1
             return entry.state, dict(entry.versions), True
