@@ -222,7 +222,8 @@ class StateCache:
     Entries are per store object (its `instance` number, never reused in the
     process) and are dropped when that store is closed, so one cache may serve
     many stores. The cache assumes that `initial_state()` and
-    `apply()` depend only on the events, not on the command's other fields.
+    `apply()` depend only on the events, not on the command's other fields, and
+    that `handle()` does not modify the state it is given (the cache keeps it).
     Bounds: `max_entries` streams and as many folded states, least recently used
     evicted first, and at most `max_events` events held in all.
     """
