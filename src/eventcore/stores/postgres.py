@@ -61,7 +61,7 @@ from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
-from .dsn import redact, split_query
+from .dsn import check_url, redact, split_query
 from .dsn import without_secrets as _without_secrets
 
 log = logging.getLogger("eventcore.store.postgres")
@@ -341,8 +341,10 @@ if hasattr(os, "register_at_fork"):
 
 
 def _conninfo_keys(dsn: str) -> set:
-    """The parameters the DSN sets; ValidationError if libpq cannot parse it (before the pool tries to
-    connect: psycopg_pool would log libpq's message, which may quote the password, at every attempt)."""
+    """The parameters the DSN sets; ValidationError if libpq cannot parse it, or could misread where the
+    password of a URL ends (before the pool tries to connect: psycopg_pool would log libpq's message,
+    which may quote the password, at every attempt)."""
+    check_url(dsn)
     try:
         return set(psycopg.conninfo.conninfo_to_dict(dsn))
     except psycopg.ProgrammingError as exc:
@@ -430,6 +432,7 @@ class PostgresStore(EventStore):
     def from_url(cls, url: str, **options) -> "PostgresStore":
         # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
         # values (a %20 is not a +) and the URL the store shows.
+        check_url(url)
         base, query = split_query(url)
         merged, libpq_query = {}, []
         for pair in query.split("&") if query else ():
