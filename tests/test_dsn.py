@@ -201,3 +201,61 @@ def test_every_password_libpq_would_take_is_the_one_written_or_the_url_is_refuse
         assert params["password"] == password.replace("%40", "@"), url
         assert params["host"] == "127.0.0.1" and params["port"] == "5432", url
     assert accepted > 100 and refused > 100, (accepted, refused)
+
+
+# -- every command: a malformed URL is one line, never a traceback ------------------------------------
+
+MALFORMED = {
+    "unclosed bracket": "postgresql://app@[bad/db",
+    "bracket in password": "postgresql://app:pw[x@127.0.0.1:1/db",
+    "bracketed password": f"postgresql://app:Sx1y[{SECRET}]Qz2w@127.0.0.1:1/db",
+    "empty brackets": "postgresql://app@[]/db",
+    "port not a number": "postgresql://app@127.0.0.1:port/db",
+    "port out of range": "postgresql://app@127.0.0.1:99999/db",
+    "compatibility character in password": f"postgresql://app:{SECRET}\uff20x@127.0.0.1:1/db",
+    "slash in password": f"postgresql://app:{SECRET}/{SECRET}@127.0.0.1:1/db",
+    "at in password": f"postgresql://app:x@{SECRET}@127.0.0.1:1/db",
+    "sqlite with a host and brackets": f"sqlite://app:Sx1y[{SECRET}]@host/x.db",
+}
+
+
+@pytest.mark.parametrize("argv", [
+    ["status"], ["status", "--json"], ["tail"], ["projections"], ["migrate"], ["ingest", "{lines}"],
+    ["bench", "deposit", "--backend", "postgres", "--ops", "1", "--no-progress"],
+], ids=lambda argv: " ".join(argv[:2]).replace("{lines}", "").strip())
+@pytest.mark.parametrize("url", MALFORMED.values(), ids=MALFORMED.keys())
+def test_every_command_says_a_malformed_url_is_malformed_on_one_line(argv, url, tmp_path, capsys, caplog):
+    import json
+    import logging
+
+    if argv[0] == "migrate" and url.startswith("sqlite"):
+        pytest.skip("migrate takes postgresql:// URLs only")
+    if argv[0] in ("migrate", "bench"):
+        pytest.importorskip("psycopg")
+    caplog.set_level(logging.DEBUG)
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"stream": "s-1", "type": "t.Happened", "data": {}}\n')
+    rc = main([a.format(lines=lines) for a in argv] + ["--dsn", url])
+    out, err = capsys.readouterr()
+    _assert_no_piece(out + err + caplog.text)
+    if argv[0] == "status":
+        assert rc == 1 and err == "", (out, err)
+        report = json.loads(out) if "--json" in argv else None
+        if report is not None:
+            assert report["ok"] is False and report["problem"] == "unreachable", report
+            assert "malformed" in report["error"] and "\n" not in report["error"], report
+        else:
+            assert out.startswith("UNHEALTHY  ") and "  error           malformed " in out, out
+    else:
+        assert rc == 2 and out == "", (out, err)
+        assert err.startswith(f"eventcore {argv[0]}: error: ") and err.count("\n") == 1, err
+        assert "malformed" in err or "sqlite URLs have no host" in err, err
+
+
+def test_status_of_a_misread_url_shows_it_redacted(capsys):
+    url = f"postgresql://app:{SECRET}/{SECRET}@127.0.0.1:1/db?schema=Sx1y"
+    assert main(["status", "--dsn", url]) == 1
+    out = capsys.readouterr().out
+    assert out.startswith("UNHEALTHY  postgresql store postgresql://app:***@127.0.0.1:1/db?schema=Sx1y\n"), out
+    assert "  schema   " not in out  # a query that cannot be told apart from the password is not read
+    _assert_no_piece(out.replace("?schema=Sx1y", ""))
