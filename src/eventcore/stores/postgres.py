@@ -114,11 +114,13 @@ def _schema_name(schema) -> str:
         size = 0
     # Over 63 bytes PostgreSQL truncates the name silently (two long names would share a schema);
     # `$` could end the migrations' dollar-quoted function bodies ($$); `%` would read as a
-    # placeholder in the statements that take parameters; pg_ names are reserved for the system.
-    if not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_"):
+    # placeholder in the statements that take parameters; pg_ names and information_schema (the SQL
+    # standard's catalog views, present in every database) belong to the system.
+    if (not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_")
+            or schema == "information_schema"):
         raise ValidationError(
             "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
-            f"got {schema!r}")
+            f"and not information_schema, got {schema!r}")
     return schema
 
 
