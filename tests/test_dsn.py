@@ -259,3 +259,34 @@ def test_status_of_a_misread_url_shows_it_redacted(capsys):
     assert out.startswith("UNHEALTHY  postgresql store postgresql://app:***@127.0.0.1:1/db?schema=Sx1y\n"), out
     assert "  schema   " not in out  # a query that cannot be told apart from the password is not read
     _assert_no_piece(out.replace("?schema=Sx1y", ""))
+
+
+# -- libpq's key=value form: the password as libpq reads it, and the words it would refuse -------------
+
+@pytest.mark.parametrize("dsn, shown, quoted", [
+    # (the DSN, as shown, what a message may quote of it: the password as libpq reads it, a word it refuses)
+    ("host=db password=Top\\ Secret port=1", "host=db password=*** port=1", ["Top Secret"]),  # '\\' escapes ' '
+    ("host=db password='Top \\' Secret' port=1", "host=db password=*** port=1", ["Top ' Secret"]),
+    ("host=db password=Top Secret port=1", "host=db password=*** port=1", ["Top", "Secret"]),
+    ("host=db password=Top Secret", "host=db password=***", ["Top", "Secret"]),
+    ("host=db password=TopSecret port = 1", "host=db password=*** port = 1", ["TopSecret"]),  # ' = ' is libpq's
+    ("host=db sslpassword=Top\\Sec\\ ret user=app", "host=db sslpassword=*** user=app", ["TopSec ret"]),
+])
+def test_a_key_value_password_is_masked_as_libpq_reads_it_and_words_it_would_refuse(dsn, shown, quoted):
+    assert redact(dsn) == shown
+    echo = "; ".join(f'"{piece}"' for piece in quoted)
+    assert without_secrets(echo, dsn) == "; ".join('"***"' for _ in quoted), dsn
+
+
+@pytest.mark.parametrize("dsn", ["host=/nowhere port=1 password=Top\\ Secret", "host=/nowhere password=Top Secret"])
+def test_a_store_made_from_a_key_value_dsn_shows_no_piece_of_its_password(dsn, caplog):
+    import logging
+
+    import eventcore as ec
+
+    postgres = pytest.importorskip("eventcore.stores.postgres")
+    caplog.set_level(logging.DEBUG)
+    with pytest.raises(ec.EventCoreError) as info:
+        postgres.PostgresStore(dsn, connect_timeout=1)
+    for piece in ("Top", "Secret"):
+        assert piece not in f"{info.value} {info.value!r} {caplog.text}", info.value

@@ -22,8 +22,14 @@ from ..errors import ValidationError
 
 #: Connection parameters holding a secret: the password and the passphrase of the client's SSL key.
 SECRET_PARAMS = ("password", "sslpassword")
-#: A secret in libpq's key=value form (password=..., quoted or not).
-_KEYWORD_SECRET = re.compile(r"\b((?:ssl)?password\s*=?\s*)('(?:[^'\\]|\\.)*'?|\S*)", re.IGNORECASE)
+#: A secret in libpq's key=value form: password=..., quoted or not, a backslash escaping the next character
+#: either way (as libpq reads it), and any words after it that are not key=value (libpq refuses them,
+#: quoting them: `password=two words` meant a password with a space).
+_KEYWORD_SECRET = re.compile(
+    r"\b((?:ssl)?password\s*=?\s*)"
+    r"('(?:[^'\\]|\\[\s\S])*'?|(?:[^\s\\]|\\[\s\S]|\\\Z)*)"
+    r"((?:\s+(?:[^\s\\=]|\\[\s\S])+(?=\s|\Z)(?!\s*=))*)",
+    re.IGNORECASE)
 #: Where a parser may cut a misread password into pieces it then quotes (a host, a port, a path...).
 _PIECES = re.compile(r"[/#?@:\[\]&=]")
 MASK = "***"
@@ -146,9 +152,11 @@ def without_secrets(text: str, dsn: str) -> str:
         if _ambiguous(dsn):
             secrets += [piece for secret in secrets for piece in _PIECES.split(secret)]
     else:
-        secrets = [m.group(2) for m in _KEYWORD_SECRET.finditer(dsn)]
-        secrets += [s.strip("'").replace("\\'", "'").replace("\\\\", "\\") for s in secrets]
-        secrets += [s.strip("'") for s in secrets]
+        secrets = []
+        for m in _KEYWORD_SECRET.finditer(dsn):
+            value, words = m.group(2), m.group(3)
+            unquoted = value.strip("'")
+            secrets += [value + words, value, unquoted, re.sub(r"\\([\s\S])", r"\1", unquoted), *words.split()]
     for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
