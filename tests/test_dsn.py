@@ -214,6 +214,8 @@ MALFORMED = {
     "port out of range": "postgresql://app@127.0.0.1:99999/db",
     "compatibility character in password": f"postgresql://app:{SECRET}\uff20x@127.0.0.1:1/db",
     "slash in password": f"postgresql://app:{SECRET}/{SECRET}@127.0.0.1:1/db",
+    "hash in password": f"postgresql://app:{SECRET}#{SECRET}@127.0.0.1:1/db",
+    "question mark in password": f"postgresql://app:{SECRET}?{SECRET}@127.0.0.1:1/db",
     "at in password": f"postgresql://app:x@{SECRET}@127.0.0.1:1/db",
     "sqlite with a host and brackets": f"sqlite://app:Sx1y[{SECRET}]@host/x.db",
 }
