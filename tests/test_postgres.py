@@ -718,3 +718,56 @@ def test_connections_use_tcp_keepalives_unless_the_url_sets_them(pg_dsn, pg_sche
     with ec.connect(f"{pg_dsn}{sep}keepalives_idle=42", schema=pg_schema) as store:
         with store._pool.connection() as conn:
             assert conn.info.get_parameters()["keepalives_idle"] == "42"
+
+
+def _with_options(dsn: str, options: str) -> str:
+    from urllib.parse import quote
+
+    return f"{dsn}{'&' if '?' in dsn else '?'}options={quote(options, safe='')}"
+
+
+def _settings(conn, *names) -> list:
+    return [conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(n))).fetchone()[0] for n in names]
+
+
+def test_the_urls_options_reach_every_connection_after_the_stores_own(pg_dsn, pg_schema):
+    """libpq's `options` in the URL: the store's settings and the URL's both apply, the URL's winning
+    where both set one, on the pool's connections and on a projector's own."""
+    from eventcore.stores.pg_projections import PostgresBackend
+
+    url = _with_options(pg_dsn, "-c statement_timeout=4321 -c work_mem=1234kB")
+    with ec.connect(url, schema=pg_schema, statement_timeout=9) as store:
+        with store._pool.connection() as conn:
+            assert _settings(conn, "statement_timeout", "work_mem", "plan_cache_mode") == [
+                "4321ms", "1234kB", "force_custom_plan"]
+        backend = PostgresBackend(store, "opts", listen=False)
+        backend.open()
+        try:
+            assert _settings(backend.connection, "statement_timeout", "work_mem") == ["4321ms", "1234kB"]
+        finally:
+            backend.close()
+    with ec.connect(_with_options(pg_dsn, "-c default_transaction_read_only=on"), schema=pg_schema) as store:
+        with pytest.raises(ec.EventCoreError, match="read-only transaction"):
+            store.append([ec.emit("ro-1", Noted("x"))])
+    with ec.connect(pg_dsn, schema=pg_schema, statement_timeout=9) as store:  # without: the store's alone
+        with store._pool.connection() as conn:
+            assert _settings(conn, "statement_timeout", "plan_cache_mode") == ["9s", "force_custom_plan"]
+
+
+def test_pgoptions_reaches_every_connection_when_the_url_sets_no_options(pg_dsn, pg_schema, monkeypatch):
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=2345kB")
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        with store._pool.connection() as conn:
+            assert _settings(conn, "work_mem", "plan_cache_mode") == ["2345kB", "force_custom_plan"]
+    with ec.connect(_with_options(pg_dsn, "-c work_mem=3456kB"), schema=pg_schema) as store:
+        with store._pool.connection() as conn:  # as libpq: the URL's options replace PGOPTIONS
+            assert _settings(conn, "work_mem") == ["3456kB"]
+
+
+def test_an_invalid_setting_in_the_urls_options_fails_connect_with_the_servers_reason(pg_dsn, pg_schema):
+    with pytest.raises(ec.StoreUnavailableError) as info:
+        ec.connect(_with_options(pg_dsn, "-c statement_timeout=abc"), schema=pg_schema, connect_timeout=5)
+    message = str(info.value)
+    assert 'invalid value for parameter "statement_timeout": "abc"' in message and "\n" not in message, message
+    with pytest.raises(psycopg.OperationalError, match='invalid value for parameter "statement_timeout"'):
+        psycopg.connect(_with_options(pg_dsn, "-c statement_timeout=abc")).close()  # as plain psycopg

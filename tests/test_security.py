@@ -223,6 +223,7 @@ UNREACHABLE = "postgresql://app@127.0.0.1:1/db"
 
 @pytest.mark.parametrize("schema", [
     "", "a$$b", "$", "fn$body$", "a%s", "%(x)s", "100%", "x" * 64, "é" * 32, "a\x00b", "pg_x", "pg_catalog",
+    "information_schema",
     "\udc80", 7, None,
 ], ids=repr)
 def test_schema_names_that_would_break_or_collide_are_refused(schema):

@@ -568,12 +568,25 @@ def _cmd_status(args) -> int:
 
 
 def _schema_option(dsn: str, scheme: str) -> str | None:
-    """The PostgreSQL schema a DSN names (?schema=, else the default), for a status report."""
+    """The PostgreSQL schema a DSN names (?schema=, else the default), for a status report; None for a
+    URL whose query cannot be told apart from its password (see `stores.dsn.check_url`)."""
     if scheme not in ("postgresql", "postgres"):
         return None
-    from urllib.parse import parse_qsl, urlsplit
+    from urllib.parse import parse_qsl
 
-    return dict(parse_qsl(urlsplit(dsn).query)).get("schema", "eventcore")
+    from .errors import ValidationError
+    from .stores.dsn import check_url, split_query
+
+    try:
+        check_url(dsn)
+    except ValidationError:
+        return None
+    schema = "eventcore"
+    for pair in (split_query(dsn)[1] or "").split("&"):  # where PostgresStore.from_url finds it
+        parsed = parse_qsl(pair, keep_blank_values=True)
+        if parsed and parsed[0][0] == "schema":
+            schema = parsed[0][1]
+    return schema
 
 
 def _cmd_bench(args) -> int:

@@ -12,7 +12,7 @@ from urllib.parse import parse_qsl, urlsplit
 from ..errors import ValidationError
 from ..options import boolean
 from .base import EventStore
-from .dsn import redact
+from .dsn import check_url, redact, without_secrets
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -46,13 +46,16 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
     backend = _BACKENDS.get(scheme)
     if backend is None:
         raise ValidationError(f"unknown store scheme {scheme!r}; supported: memory, sqlite, postgresql")
+    module_name, class_name = backend
+    if module_name == "eventcore.stores.postgres":
+        check_url(url)
     try:
         parts = urlsplit(url)
         if "," not in parts.netloc:  # libpq's multi-host URLs (h1:5432,h2:5433) have no single port
             parts.port  # noqa: B018 - raises ValueError unless a number in 0..65535
-    except ValueError as exc:  # the URL is not echoed: it may hold a password
-        raise ValidationError(f"malformed {scheme}:// URL: {exc}") from None
-    module_name, class_name = backend
+    except ValueError as exc:
+        # urllib's message may quote the netloc, or the part of it it took for a host or a port.
+        raise ValidationError(f"malformed {scheme}:// URL: {without_secrets(str(exc), url)}") from None
     store = _open(url, scheme, module_name, class_name, options)
     if metrics is not None:
         try:

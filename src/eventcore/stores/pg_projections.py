@@ -25,7 +25,7 @@ from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
                            _LostLeadership, _Refused, _StoreFailed)
 from . import pg_sql
-from .postgres import _one_line
+from .postgres import _one_line, _session_options
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -145,7 +145,8 @@ class PostgresBackend(_Backend):
         try:
             self.connection = psycopg.connect(
                 store._dsn, autocommit=True, connect_timeout=max(1, int(store.connect_timeout)),
-                options=f"-c statement_timeout={int(store.statement_timeout * 1000)}",
+                options=_session_options(f"-c statement_timeout={int(store.statement_timeout * 1000)}",
+                                        store._dsn_options),
                 application_name=f"eventcore-projection:{self.name}"[:63],
                 **store._keepalives,
             )

@@ -61,7 +61,7 @@ from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
-from .dsn import redact, split_query
+from .dsn import check_url, redact, split_query
 from .dsn import without_secrets as _without_secrets
 
 log = logging.getLogger("eventcore.store.postgres")
@@ -114,11 +114,13 @@ def _schema_name(schema) -> str:
         size = 0
     # Over 63 bytes PostgreSQL truncates the name silently (two long names would share a schema);
     # `$` could end the migrations' dollar-quoted function bodies ($$); `%` would read as a
-    # placeholder in the statements that take parameters; pg_ names are reserved for the system.
-    if not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_"):
+    # placeholder in the statements that take parameters; pg_ names and information_schema (the SQL
+    # standard's catalog views, present in every database) belong to the system.
+    if (not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_")
+            or schema == "information_schema"):
         raise ValidationError(
             "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
-            f"got {schema!r}")
+            f"and not information_schema, got {schema!r}")
     return schema
 
 
@@ -340,13 +342,22 @@ if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=lambda: [w._after_fork() for w in list(_WATCHDOGS)])
 
 
-def _conninfo_keys(dsn: str) -> set:
-    """The parameters the DSN sets; ValidationError if libpq cannot parse it (before the pool tries to
-    connect: psycopg_pool would log libpq's message, which may quote the password, at every attempt)."""
+def _conninfo(dsn: str) -> dict:
+    """The parameters the DSN sets, decoded; ValidationError if libpq cannot parse it, or could misread
+    where the password of a URL ends (before the pool tries to connect: psycopg_pool would log libpq's
+    message, which may quote the password, at every attempt)."""
+    check_url(dsn)
     try:
-        return set(psycopg.conninfo.conninfo_to_dict(dsn))
+        return psycopg.conninfo.conninfo_to_dict(dsn)
     except psycopg.ProgrammingError as exc:
         raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_one_line(exc, dsn)}") from None
+
+
+def _session_options(ours: str, dsn_options: str) -> str:
+    """libpq's `options` for a connection: eventcore's `-c` settings, then the DSN's own. A connection
+    keyword replaces the DSN's parameter of that name, so without this the DSN's would be lost; after
+    ours, its settings win where both set one (the server applies them in order)."""
+    return f"{ours} {dsn_options}" if dsn_options.strip() else ours
 
 
 def _connection_lost(exc: Exception) -> bool:
@@ -430,6 +441,7 @@ class PostgresStore(EventStore):
     def from_url(cls, url: str, **options) -> "PostgresStore":
         # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
         # values (a %20 is not a +) and the URL the store shows.
+        check_url(url)
         base, query = split_query(url)
         merged, libpq_query = {}, []
         for pair in query.split("&") if query else ():
@@ -473,7 +485,10 @@ class PostgresStore(EventStore):
         self._dsn = dsn
         st = self.statement_timeout
         self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
-        given = _conninfo_keys(dsn)
+        given = _conninfo(dsn)
+        #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
+        #: every connection the store makes passes them after its own (see _session_options).
+        self._dsn_options = given["options"] if "options" in given else os.environ.get("PGOPTIONS", "")
         self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
         self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
@@ -492,8 +507,8 @@ class PostgresStore(EventStore):
         # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
         # 7 ms after 40,000 more streams, until ANALYZE. Planning anew costs ~0.03-0.06 ms; parsing is
         # still saved. The append functions keep their cached plans (they set it back; see pg_sql).
-        options = (f"-c statement_timeout={int(self.statement_timeout * 1000)} "
-                   "-c plan_cache_mode=force_custom_plan")
+        options = _session_options(f"-c statement_timeout={int(self.statement_timeout * 1000)} "
+                                  "-c plan_cache_mode=force_custom_plan", self._dsn_options)
         #: What every connection of the store is made with, the first one's included.
         self._connect_kwargs = {
             "autocommit": True,
