@@ -74,6 +74,59 @@ class Deposit(ec.Command):
         return [ec.emit(self.account, Deposited(amount=self.amount, balance=state + self.amount))]
 
 
+class Withdraw(ec.Command):
+    account: ec.StreamId
+    amount: int
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + (event.data.amount if isinstance(event.data, Deposited) else -event.data.amount)
+
+    def handle(self, state):
+        ec.require(state >= self.amount, f"insufficient funds: {state} < {self.amount}")
+        return [ec.emit(self.account, Withdrawn(amount=self.amount, balance=state - self.amount))]
+
+
+class LimitSet(ec.Event):
+    __event_type__ = "test.LimitSet"
+    limit: int
+
+
+class SetLimit(ec.Command):
+    """Emits only when the limit changes: a no-op decision when the state already matches."""
+
+    account: ec.StreamId
+    limit: int
+
+    def initial_state(self):
+        return None
+
+    def apply(self, state, event):
+        return event.data.limit if isinstance(event.data, LimitSet) else state
+
+    def handle(self, state):
+        return [] if state == self.limit else [ec.emit(self.account, LimitSet(limit=self.limit))]
+
+
+class LimitedWithdraw(ec.Command):
+    """Raises a plain error (not a refusal) when the account has no limit set yet."""
+
+    account: ec.StreamId
+
+    def initial_state(self):
+        return None
+
+    def apply(self, state, event):
+        return event.data.limit if isinstance(event.data, LimitSet) else state
+
+    def handle(self, state):
+        if state is None:
+            raise LookupError("no limit set")
+        return [ec.emit(self.account, Withdrawn(amount=state))]
+
+
 def _balances_apply(state: dict, event) -> dict:
     data = event.data
     if isinstance(data, Deposited):

@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 import eventcore as ec
-from domain import (Deposit, Deposited, Noted, OrderPlaced, StockAdded, StockReserved, Transfer, Withdrawn,
-                    assert_decisions_saw_every_prior_event, assert_gap_free, balance)
+from domain import (Deposit, Deposited, LimitedWithdraw, LimitSet, Noted, OrderPlaced, SetLimit, StockAdded,
+                    StockReserved, Transfer, Withdraw, Withdrawn, assert_decisions_saw_every_prior_event,
+                    assert_gap_free, balance)
 
 PY = sys.executable
 TESTS = Path(__file__).parent
@@ -77,62 +78,6 @@ def cli_url(request, tmp_path):
         return f"sqlite:///{tmp_path / 's.db'}"
     dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
     return f"{dsn}{'&' if '?' in dsn else '?'}schema={schema}"
-
-
-# -- commands shared by the cache tests --------------------------------------------------------------
-
-
-class Withdraw(ec.Command):
-    account: ec.StreamId
-    amount: int
-
-    def initial_state(self):
-        return 0
-
-    def apply(self, state, event):
-        return state + (event.data.amount if isinstance(event.data, Deposited) else -event.data.amount)
-
-    def handle(self, state):
-        ec.require(state >= self.amount, f"insufficient funds: {state} < {self.amount}")
-        return [ec.emit(self.account, Withdrawn(amount=self.amount, balance=state - self.amount))]
-
-
-class LimitSet(ec.Event):
-    __event_type__ = "test.black_box.LimitSet"
-    limit: int
-
-
-class SetLimit(ec.Command):
-    """Emits only when the limit changes: a no-op decision when the state already matches."""
-
-    account: ec.StreamId
-    limit: int
-
-    def initial_state(self):
-        return None
-
-    def apply(self, state, event):
-        return event.data.limit if isinstance(event.data, LimitSet) else state
-
-    def handle(self, state):
-        return [] if state == self.limit else [ec.emit(self.account, LimitSet(limit=self.limit))]
-
-
-class LimitedWithdraw(ec.Command):
-    """Raises a plain error (not a refusal) when the account has no limit set yet."""
-
-    account: ec.StreamId
-
-    def initial_state(self):
-        return None
-
-    def apply(self, state, event):
-        return event.data.limit if isinstance(event.data, LimitSet) else state
-
-    def handle(self, state):
-        if state is None:
-            raise LookupError("no limit set")
-        return [ec.emit(self.account, Withdrawn(amount=state))]
 
 
 # == 1. StateCache ==================================================================================

@@ -8,22 +8,8 @@ import msgspec
 import pytest
 
 import eventcore as ec
-from domain import Deposit, Deposited, Transfer, Withdrawn, assert_gap_free, balance
-
-
-class Withdraw(ec.Command):
-    account: ec.StreamId
-    amount: int
-
-    def initial_state(self):
-        return 0
-
-    def apply(self, state, event):
-        return state + (event.data.amount if isinstance(event.data, Deposited) else -event.data.amount)
-
-    def handle(self, state):
-        ec.require(state >= self.amount, f"insufficient funds: {state} < {self.amount}")
-        return [ec.emit(self.account, Withdrawn(amount=self.amount, balance=state - self.amount))]
+from domain import (Deposit, Deposited, LimitedWithdraw, LimitSet, SetLimit, Transfer, Withdraw, Withdrawn,
+                    assert_gap_free, balance)
 
 
 def _count_reads(store, monkeypatch):
@@ -223,44 +209,6 @@ def test_transfers_from_threads_through_one_cache_conserve_money(store):
 # -- decisions that write nothing: refusals, no-ops, errors -------------------------------------
 
 
-class LimitSet(ec.Event):
-    __event_type__ = "test.cache.LimitSet"
-    limit: int
-
-
-class SetLimit(ec.Command):
-    """Emits only when the limit changes: a no-op decision when the state already matches."""
-
-    account: ec.StreamId
-    limit: int
-
-    def initial_state(self):
-        return None
-
-    def apply(self, state, event):
-        return event.data.limit if isinstance(event.data, LimitSet) else state
-
-    def handle(self, state):
-        return [] if state == self.limit else [ec.emit(self.account, LimitSet(limit=self.limit))]
-
-
-class LimitedWithdraw(ec.Command):
-    """Raises a plain error (not a refusal) when the account has no limit set yet."""
-
-    account: ec.StreamId
-
-    def initial_state(self):
-        return None
-
-    def apply(self, state, event):
-        return event.data.limit if isinstance(event.data, LimitSet) else state
-
-    def handle(self, state):
-        if state is None:
-            raise LookupError("no limit set")
-        return [ec.emit(self.account, Withdrawn(amount=state))]
-
-
 def _writer_behind_the_cache(store, request, how: str):
     """A function (stream, event) that writes without the cache: through the same store object, through
     another store object on the same database, or from another process."""
@@ -284,7 +232,7 @@ def _writer_behind_the_cache(store, request, how: str):
         from pathlib import Path
 
         code = (
-            "import sys, msgspec, eventcore as ec, test_cache as t\n"
+            "import sys, msgspec, eventcore as ec, domain as t\n"
             "url, options, sid, type_name, data = msgspec.json.decode(sys.argv[1])\n"
             "cls = {c.__event_type__: c for c in (t.Deposited, t.Withdrawn, t.LimitSet)}[type_name]\n"
             "with ec.connect(url, **options) as s:\n"
