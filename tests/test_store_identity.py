@@ -297,7 +297,7 @@ def test_processes_creating_one_new_file_at_once_all_open_it(tmp_path):
 
     ctx = multiprocessing.get_context("spawn")
     with ctx.Pool(4) as pool:
-        for attempt in range(3):
+        for attempt in range(8):
             url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
             results = pool.starmap(deposit_worker, [(url, ["a", "b"], 5, w) for w in range(4)])
             assert [ok for ok, _ in results] == [5] * 4
@@ -315,3 +315,28 @@ def test_a_fifo_or_a_device_is_refused_without_blocking(tmp_path, capsys):
         rc, out, _ = _cli(capsys, "status", "--dsn", url)
         assert rc == 1 and "not an eventcore store" in out
     assert sorted(os.listdir(tmp_path)) == ["pipe.db"] and not os.path.exists("/dev/null-journal")
+
+
+def test_many_connections_opening_one_new_file_at_once_all_succeed(tmp_path):
+    """Eight store objects (eight connections) open one new file at the same instant, forty times: SQLite
+    lets one switch it to WAL and refuses the others without waiting; they try again and open it."""
+    import threading
+
+    errors = []
+    for attempt in range(40):
+        url = f"sqlite:///{tmp_path / f'race-{attempt}.db'}"
+        barrier = threading.Barrier(8)
+
+        def open_it():
+            barrier.wait()
+            try:
+                ec.connect(url).close()
+            except Exception as exc:  # reported below
+                errors.append(repr(exc))
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert errors == []

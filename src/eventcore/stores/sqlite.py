@@ -15,6 +15,7 @@ import os
 import sqlite3
 import stat
 import threading
+import time
 import weakref
 from contextlib import contextmanager
 from urllib.parse import quote
@@ -36,6 +37,10 @@ log = logging.getLogger("eventcore.store.sqlite")
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
 #: by the first projection).
 SCHEMA_VERSION = 3
+
+#: Seconds between tries of a refused switch to WAL (see SQLiteStore._switch_to_wal): the switch that
+#: got in holds the file for a few milliseconds.
+WAL_SWITCH_RETRY = 0.005
 
 #: Written to the database header (`PRAGMA application_id`, bytes 68-71): the file is an eventcore
 #: store. b"EvCo" as a big-endian integer. Another application's file never carries it, so eventcore
@@ -302,11 +307,28 @@ class SQLiteStore(EventStore):
                     for statement in _SCHEMA_STATEMENTS:
                         conn.execute(statement)
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
-            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-            if str(mode).lower() != "wal":
-                raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
+            self._switch_to_wal(conn)
         except sqlite3.Error as exc:
             raise _store_error(exc, f"cannot initialise SQLite store {self.path!r}") from exc
+
+    def _switch_to_wal(self, conn: sqlite3.Connection) -> None:
+        """WAL journal mode, once per file. The switch needs the file to itself: when several processes
+        open a new store at once, SQLite refuses all but one at once (SQLITE_BUSY without waiting,
+        to avoid a deadlock between readers that each want it), so a refused switch is tried again
+        until the store's timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                break
+            except sqlite3.OperationalError as exc:
+                if "locked" not in str(exc) or time.monotonic() > deadline:
+                    raise
+                time.sleep(WAL_SWITCH_RETRY)
+        if str(mode).lower() != "wal":
+            raise StoreUnavailableError(f"cannot switch {self.path!r} to WAL journal mode (got {mode!r})")
 
     def _check_schema(self) -> None:
         """For a store opened with migrate=False: its schema must be the one this eventcore needs."""
