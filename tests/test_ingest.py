@@ -421,6 +421,47 @@ def test_cli_resumes_under_a_key_recorded_by_an_earlier_eventcore(shared_store, 
     assert _texts(store) == [str(i) for i in range(6)]
 
 
+def test_cli_finishes_an_ingest_an_earlier_eventcore_started_in_its_own_count(shared_store, tmp_path):
+    """An earlier eventcore counted valid lines only (a blank or rejected line took no number). An ingest it
+    started, under its default key or a named one, is finished in that count: nothing written twice."""
+    import hashlib
+    import os
+
+    from eventcore.jsonl import parse_line
+
+    store, dsn = shared_store
+    for named in (None, "nightly"):
+        path = tmp_path / f"old-{named}.jsonl"
+        base = 0 if named is None else 100
+        lines = [json.dumps(_line(base)), "", "{broken", json.dumps(_line(base + 1)), "", json.dumps(_line(base + 2)),
+                 json.dumps(_line(base + 3))]
+        _write_lines(path, lines)
+        raw = path.read_bytes().splitlines(keepends=True)
+        real = os.path.realpath(path)
+        key = named or (f"file:{os.path.basename(real)}:{hashlib.sha256(real.encode()).hexdigest()[:16]}:"
+                        f"{hashlib.sha256(raw[0]).hexdigest()[:16]}")
+        valid = [parse_line(n, line.strip()) for n, line in enumerate(raw, 1) if line.strip() and line[:2] != b"{b"]
+        store.ingest(valid[:2], resume_key=key)  # the earlier run committed the first two valid lines
+        extra = ["--resume-key", named] if named else []
+        summary = _ingest_cli(path, dsn, "--skip-invalid", *extra)
+        assert (summary["events"], summary["skipped"]) == (2, 2), summary
+    assert sorted(_texts(store), key=int) == ["0", "1", "2", "3", "100", "101", "102", "103"]
+
+
+def test_cli_named_resume_key_counts_lines(shared_store, tmp_path):
+    """A key named with --resume-key is recorded as lines:KEY and resumes in line numbers."""
+    store, dsn = shared_store
+    path = tmp_path / "named.jsonl"
+    lines = [json.dumps(_line(i)) for i in range(4)]
+    _write_lines(path, [lines[0], "{broken", lines[2], lines[3]])
+    assert _ingest_cli(path, dsn, "--skip-invalid", "--resume-key", "mine", "--batch-size", "1")["events"] == 3
+    assert store._ingest_progress("lines:mine") and not store._ingest_progress("mine")
+    _write_lines(path, lines)
+    again = _ingest_cli(path, dsn, "--skip-invalid", "--resume-key", "mine")
+    assert (again["events"], again["skipped"]) == (1, 3)
+    assert sorted(_texts(store), key=int) == ["0", "1", "2", "3"]
+
+
 def test_cli_rejects_file_lists_only_what_the_last_run_rejected(tmp_path):
     """A rerun after the bad line was fixed rejects nothing: the old rejects file is gone, not left to say
     line 3 is bad. A file at that path that is not a rejects list is never removed."""

@@ -340,3 +340,21 @@ def test_many_connections_opening_one_new_file_at_once_all_succeed(tmp_path):
         for t in threads:
             t.join()
     assert errors == []
+
+
+def test_a_store_of_an_earlier_schema_holding_read_models_is_recognised(tmp_path):
+    """Projections write their read models into the store's own file, and ANALYZE adds its statistics:
+    such a store, made before the application id, is still eventcore's and is upgraded."""
+    path = tmp_path / "old-with-models.db"
+    _legacy_store(path)
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("CREATE TABLE balances (account TEXT PRIMARY KEY, balance INTEGER)")
+    conn.execute("CREATE VIEW rich AS SELECT * FROM balances WHERE balance > 100")
+    conn.execute("ANALYZE")
+    conn.close()
+    with ec.connect(f"sqlite:///{path}") as store:
+        assert [e.data.text for e in store.read_stream("s")] == ["old"]
+    assert sqlite_store.inspect_file(str(path)) == "store"
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT count(*) FROM balances").fetchone() == (0,)
+    conn.close()

@@ -250,9 +250,14 @@ def _anchors_hold(path: str, anchors: list) -> bool:
 
 
 def default_resume_key(path: str, store=None) -> str:
-    """The resume key `eventcore ingest FILE` uses unless told otherwise:
+    """The resume key `eventcore ingest FILE` uses unless told otherwise (see _default_resume_key)."""
+    return _default_resume_key(path, store)[0]
+
+
+def _default_resume_key(path: str, store=None) -> tuple[str, bool]:
+    """(key, whether it counts the file's lines) for `eventcore ingest FILE` without --resume-key:
     `file:<name>:<hash of the absolute path>:<line>:<hash of that line>[:<line>:<hash>]`, at most ~180
-    characters.
+    characters (a key an earlier eventcore recorded for this file is found too, and counts valid lines).
 
     The lines are the file's anchors: its first two valid event lines when the first run began. Line
     numbers are the file's own coordinates, which fixing, blanking or appending lines does not move,
@@ -276,10 +281,10 @@ def default_resume_key(path: str, store=None) -> str:
             if len(parts) == 1:  # a key of an eventcore before schema 3: the hash of the raw first line
                 raw = _lines_at(real, [1]).get(1)
                 if raw is not None and hashlib.sha256(raw[:_LEGACY_FINGERPRINT_BYTES]).hexdigest()[:16] == parts[0]:
-                    return key
+                    return key, False  # it counted valid lines only
             elif len(parts) % 2 == 0 and all(n.isdigit() for n in parts[::2]):
                 if _anchors_hold(real, list(zip(map(int, parts[::2]), parts[1::2]))):
-                    return key
+                    return key, True
     anchors: list = []
     try:
         with _file_lines(real) as f:
@@ -290,7 +295,30 @@ def default_resume_key(path: str, store=None) -> str:
                         break
     except (OSError, EOFError):  # a corrupt .gz: the reader reports it; the key needs only to be stable
         pass
-    return prefix + (":".join(anchors) or "0:" + line_digest(b""))  # no valid line: nothing will be committed
+    return prefix + (":".join(anchors) or "0:" + line_digest(b"")), True  # no valid line: nothing will be committed
+
+
+#: Prefix of the resume keys `eventcore ingest --resume-key KEY` records: KEY counted in line numbers.
+LINES_KEY_PREFIX = "lines:"
+
+
+def _cli_resume_key(store, args) -> tuple[str | None, bool]:
+    """(resume key, whether it counts the file's lines) for `eventcore ingest`.
+
+    This eventcore counts lines (a passed-over line keeps its number); one before schema 3 counted
+    valid lines only. An ingest an earlier version started is finished in its own count: its default
+    keys have their own shape, and a key named with --resume-key is recorded as `lines:KEY` now, so a
+    plain KEY with progress recorded is an earlier version's."""
+    if args.no_resume:
+        return None, True
+    if args.resume_key is None:
+        return _default_resume_key(args.file, store)
+    named = LINES_KEY_PREFIX + args.resume_key
+    if len(named) > 255:
+        raise EventCoreError(f"--resume-key must be at most {255 - len(LINES_KEY_PREFIX)} characters")
+    if store._ingest_progress(named) or not store._ingest_progress(args.resume_key):
+        return named, True
+    return args.resume_key, False
 
 
 def _cmd_ingest(args) -> int:
@@ -348,7 +376,7 @@ def _cmd_ingest(args) -> int:
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
             try:
-                resume_key = None if args.no_resume else (args.resume_key or default_resume_key(args.file, store))
+                resume_key, reader.keep_places = _cli_resume_key(store, args)
                 result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel,
                                       resume_key=resume_key)
                 events, batches, skipped = result.events, result.batches, result.skipped

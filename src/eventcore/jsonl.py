@@ -117,9 +117,12 @@ class JsonLinesReader:
     (compressed) file read so far.
     """
 
-    def __init__(self, path: str, on_bad=None) -> None:
+    def __init__(self, path: str, on_bad=None, keep_places: bool = True) -> None:
         self.path = path
         self.on_bad = on_bad
+        #: False: a passed-over line yields nothing, so items are numbered among valid lines only (how an
+        #: eventcore before schema 3 counted; an ingest it started is resumed in its own coordinates).
+        self.keep_places = keep_places
         self.lines = 0
         self.rejected = 0
         try:
@@ -157,7 +160,8 @@ class JsonLinesReader:
             self.lines = number
             stripped = raw.strip()
             if not stripped:
-                yield None
+                if self.keep_places:
+                    yield None
                 continue
             try:
                 parsed = parse_line(number, stripped)
@@ -166,7 +170,8 @@ class JsonLinesReader:
                     raise
                 self.rejected += 1
                 self.on_bad(bad)  # outside the read's error handling: its own errors are its own
-                yield None
+                if self.keep_places:
+                    yield None
                 continue
             yield parsed
 

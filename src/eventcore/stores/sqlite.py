@@ -46,10 +46,8 @@ WAL_SWITCH_RETRY = 0.005
 #: store. b"EvCo" as a big-endian integer. Another application's file never carries it, so eventcore
 #: never takes one for its own (and never adds its tables, triggers or WAL mode to it).
 APPLICATION_ID = int.from_bytes(b"EvCo", "big")
-#: Every table an eventcore store of any schema version holds: a file with these only (and the
-#: immutability triggers on `events`) written before application_id existed is an eventcore store.
-_OWN_TABLES = {"events", "command_keys", "ingest_progress", "ingest_holes", "projection_checkpoints",
-               "projection_dead_letters"}
+#: The immutability triggers on `events`: with it and a schema version, the mark of a store written
+#: before application_id existed.
 _OWN_TRIGGERS = {"events_are_immutable_update", "events_are_immutable_delete"}
 
 _SCHEMA_STATEMENTS = (
@@ -546,12 +544,13 @@ def classify(conn: sqlite3.Connection, path: str) -> str:
         return "store"
     tables = {name for kind, name in objects if kind == "table"}
     triggers = {name for kind, name in objects if kind == "trigger"}
-    others = {name for kind, name in objects if kind == "view"} | (triggers - _OWN_TRIGGERS)
     if app_id == 0 and not objects and version == 0:
         return "empty"
-    if (app_id == 0 and 1 <= version < SCHEMA_VERSION and "events" in tables and tables <= _OWN_TABLES
-            and _OWN_TRIGGERS <= triggers and not others):
-        return "store"  # made by an eventcore from before application_id
+    # Made by an eventcore from before application_id: its events table with the immutability triggers
+    # and its schema version. Other tables may be there too (read models a projection wrote into the
+    # store's file, ANALYZE's statistics): the store is still eventcore's.
+    if app_id == 0 and 1 <= version < SCHEMA_VERSION and "events" in tables and _OWN_TRIGGERS <= triggers:
+        return "store"
     owner = f"SQLite application_id {app_id:#x}" if app_id else f"tables {sorted(tables)[:6]}"
     raise NotAnEventStoreError(
         f"{path!r} is another application's SQLite database ({owner}), not an eventcore store; eventcore "
