@@ -19,7 +19,7 @@ import msgspec
 from .errors import ValidationError
 from ._pure.payloads import has_nul_escape
 from ._pure.utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
-from .events import Metadata, RawEvent, raw_data_problem, validate_type_name
+from .events import Metadata, RawEvent, ValidatedItem, raw_data_problem, validate_type_name
 from .streams import stream_id as _stream_id
 
 
@@ -103,7 +103,7 @@ def parse_line(number: int, raw: bytes) -> tuple:
         if raw.find(b"\\u0000") >= 0 and has_nul_escape(raw):  # not in data, stream or type: checked above
             raise BadLine(number, "`metadata` holds a NUL character (\\u0000), which PostgreSQL cannot store", raw)
         md = Metadata(md.correlation_id, md.causation_id, md.user_id, md.custom)
-    return sid, RawEvent(line.type, data), md
+    return ValidatedItem((sid, RawEvent(line.type, data), md))
 
 
 class JsonLinesReader:

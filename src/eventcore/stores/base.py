@@ -23,7 +23,8 @@ import msgspec
 from .. import _impl
 from ..errors import ConcurrencyError, DuplicateCommandError, EventCoreError, ValidationError
 from ..events import (
-    EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event, validate_type_name,
+    EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, ValidatedItem, validate_raw_event,
+    validate_type_name,
 )
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, forbidden_character, stream_id as _stream_id
@@ -300,6 +301,8 @@ _VALID_ID_MEMO = 100_000
 
 def _ingest_item(item, metadata, valid_ids: dict):
     """(stream id, event, metadata) of one ingest item, validated."""
+    if type(item) is ValidatedItem:  # a JSON line, validated when it was read
+        return item[0], item[1], metadata if item[2] is None else item[2]
     if type(item) is EventToWrite:
         sid, ev, md = item.stream_id, item.event, item.metadata
     elif type(item) is tuple and 2 <= len(item) <= 3:
