@@ -451,6 +451,7 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
     cdef list ids = [None] * n
     cdef PyObject* found
     cdef object sid, ev, md, name, cls
+    cdef object md_checked = None  # the Metadata last checked: an ingest often gives one to every event
     if PyList_GET_SIZE(events) != n or PyList_GET_SIZE(metadatas) != n:
         raise SerializationError("encode_copy_events: column lists differ in length")
     if first_position > 0x7FFFFFFFFFFFFFFF - n:
@@ -531,7 +532,9 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                 else:
                     if type(md) is not Metadata:
                         raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
-                    check_metadata(md)
+                    if md is not md_checked:
+                        check_metadata(md)
+                        md_checked = md
                     row_start = PyByteArray_GET_SIZE(buf)
                     PyByteArray_Resize(buf, row_start + 5)
                     PyByteArray_AS_STRING(buf)[row_start + 4] = 1

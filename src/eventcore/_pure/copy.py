@@ -137,6 +137,7 @@ def encode_copy_events(
     types, payloads, mds, versions = [], [], [], []
     encode = _encoder.encode
     float_classes: dict = {}  # class -> float_capable(class), looked up once per call
+    md_checked = None  # the Metadata last checked: an ingest often gives one to every event
     for i in range(n):
         sid = stream_ids[i]
         _utf8(sid, "stream id", i)
@@ -170,7 +171,9 @@ def encode_copy_events(
         elif type(md) is not Metadata:
             raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
         else:
-            check_metadata(md)
+            if md is not md_checked:
+                check_metadata(md)
+                md_checked = md
             try:
                 data = encode(md)
             except _ENCODE_ERRORS as exc:
