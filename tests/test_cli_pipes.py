@@ -1,5 +1,6 @@
-"""Every command whose stdout reader goes away (`eventcore ... | head`) stops quietly with status 0:
-no error message, no traceback, no complaint from the interpreter's flush at exit."""
+"""Every command whose stdout reader goes away (`eventcore ... | head`) stops quietly: no error message, no
+traceback, no complaint from the interpreter's flush at exit; status 0, unless the command had already come
+to a failure (an unhealthy store, an ingest that stopped), which keeps its status."""
 from __future__ import annotations
 
 import os
@@ -63,3 +64,14 @@ def test_a_command_started_with_stdout_closed_runs(sqlite_url):
     proc = subprocess.run(["/bin/sh", "-c", 'exec "$0" -m eventcore status --dsn "$1" >&-', sys.executable,
                            sqlite_url], stderr=subprocess.PIPE, text=True, timeout=120)
     assert (proc.returncode, proc.stderr) == (0, "")
+
+
+def test_a_failure_keeps_its_status_when_the_pipe_is_closed(tmp_path):
+    missing = f"sqlite:///{tmp_path / 'typo.db'}"
+    for argv in (["status", "--dsn", missing], ["status", "--json", "--dsn", missing]):
+        proc = run_into_closed_pipe(*argv)
+        assert (proc.returncode, proc.stderr) == (1, ""), argv
+    lines = tmp_path / "in.jsonl"
+    lines.write_text('{"stream": "s", "type": "t", "data": {}}\n{broken\n')
+    proc = run_into_closed_pipe("ingest", str(lines), "--dsn", f"sqlite:///{tmp_path / 's.db'}", "--no-progress")
+    assert proc.returncode == 1 and "line 2" in proc.stderr

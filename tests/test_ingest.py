@@ -528,3 +528,15 @@ def test_cli_an_anchor_line_blanked_and_restored_keeps_the_key(shared_store, tmp
     third = _ingest_cli(path, dsn)
     assert (third["events"], third["skipped"]) == (0, 5)
     assert sorted(_texts(store), key=int) == [str(i) for i in range(5)]
+
+
+def test_cli_default_rejects_file_of_an_earlier_version_is_replaced(tmp_path):
+    """FILE.rejects.jsonl is eventcore's own name: a list of raw lines an earlier version wrote there is
+    replaced by this run's records."""
+    path = tmp_path / "in.jsonl"
+    _write_lines(path, [_line(0), "{bad"])
+    old = tmp_path / "in.jsonl.rejects.jsonl"
+    old.write_text("{bad\n")
+    summary = _ingest_cli(path, f"sqlite:///{tmp_path / 's.db'}", "--skip-invalid")
+    assert (summary["events"], summary["rejected"]) == (1, 1)
+    assert [json.loads(x)["line"] for x in old.read_text().splitlines()] == [2]

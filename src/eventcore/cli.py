@@ -332,10 +332,13 @@ def _cmd_ingest(args) -> int:
     dsn = _dsn(args)
     rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
     rejects = None
-    if args.skip_invalid and _rejects_list(rejects_path) is False:
-        # The input, the store's own file, anyone's file: written over, it would be lost.
+    if args.skip_invalid and args.rejects and _rejects_list(rejects_path) is False:
+        # The input, the store's own file, anyone's file: written over, it would be lost. (The default,
+        # FILE.rejects.jsonl, is eventcore's own name: an earlier version's list of raw lines is replaced.)
         raise EventCoreError(f"--rejects {rejects_path!r} exists and is not a rejects file eventcore wrote: "
                              "it is left as it is; name another file")
+    if args.skip_invalid and _same_file(rejects_path, args.file):
+        raise EventCoreError(f"the rejects file {rejects_path!r} is the input file: name another with --rejects")
     if args.no_resume and args.resume_key is not None:
         raise EventCoreError("--no-resume and --resume-key contradict each other: give one")
     if args.resume_key is not None and not args.resume_key:
@@ -375,6 +378,9 @@ def _cmd_ingest(args) -> int:
     status, error = 0, None
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
+            if args.skip_invalid and _same_file(rejects_path, getattr(store, "path", None)):
+                raise EventCoreError(f"the rejects file {rejects_path!r} is the store's own file: name another "
+                                     "with --rejects")
             try:
                 resume_key, reader.keep_places = _cli_resume_key(store, args)
                 result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel,
@@ -394,6 +400,7 @@ def _cmd_ingest(args) -> int:
         draw(final=True)
     if args.skip_invalid and status == 0 and not reader.rejected:
         _remove_stale_rejects(rejects_path)  # the whole file read, nothing rejected: an old list is wrong now
+    args.outcome = status  # kept if printing the summary fails on a closed pipe (see main)
     elapsed = time.perf_counter() - started
     summary = {
         "file": args.file,
@@ -409,6 +416,8 @@ def _cmd_ingest(args) -> int:
         "last_position": last,
         "error": error,
     }
+    if error and not args.json:  # first, on stderr: it must reach the user even if stdout's reader is gone
+        print(f"error: {error}; nothing of the failing batch was written", file=sys.stderr)
     if args.json:
         print(_json.dumps(summary))
     else:
@@ -419,8 +428,6 @@ def _cmd_ingest(args) -> int:
             print(f"{skipped:,} event(s) skipped: committed by an earlier run (resume key {resume_key!r})")
         if reader.rejected:
             print(f"{reader.rejected:,} invalid line(s) written to {rejects_path}")
-        if error:
-            print(f"error: {error}; nothing of the failing batch was written", file=sys.stderr)
     return status
 
 
@@ -437,6 +444,14 @@ def _rejects_list(path: str) -> bool | None:
     except (OSError, ValueError):
         return False
     return all(isinstance(r, dict) and set(r) == {"line", "reason", "text"} for r in records)
+
+
+def _same_file(a: str, b: str | None) -> bool:
+    """Whether two paths name one existing file (through links too)."""
+    try:
+        return b is not None and os.path.samefile(a, b)
+    except OSError:
+        return False
 
 
 def _remove_stale_rejects(path: str) -> None:
@@ -567,6 +582,7 @@ def _cmd_status(args) -> int:
     else:
         with store:
             health = store.health()
+    args.outcome = 0 if health.ok else 1  # kept if printing fails on a closed pipe (see main)
     if args.json:
         print(json.dumps(health.as_dict()))
         return 0 if health.ok else 1
@@ -603,13 +619,13 @@ def _schema_option(dsn: str, scheme: str) -> str | None:
     from urllib.parse import parse_qsl
 
     from .errors import ValidationError
-    from .stores.dsn import check_url, split_query
+    from .stores.dsn import DEFAULT_SCHEMA, check_url, split_query
 
     try:
         check_url(dsn)
     except ValidationError:
         return None
-    schema = "eventcore"
+    schema = DEFAULT_SCHEMA
     for pair in (split_query(dsn)[1] or "").split("&"):  # where PostgresStore.from_url finds it
         parsed = parse_qsl(pair, keep_blank_values=True)
         if parsed and parsed[0][0] == "schema":
@@ -693,9 +709,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # The reader of stdout is gone (`eventcore ... | head`): nothing more to say, to anyone. As
         # Python's documentation advises, stdout then points at devnull, so that the interpreter's
-        # flush at exit does not fail on the same pipe again.
+        # flush at exit does not fail on the same pipe again. The exit status is the one the command had
+        # come to before it printed (an unhealthy store, an ingest that stopped), else 0.
         _stdout_to_devnull()
-        return 0
+        return getattr(args, "outcome", 0)
     except EventCoreError as exc:
         print(f"eventcore {args.command}: error: {exc}", file=sys.stderr)
         return 2

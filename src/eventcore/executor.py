@@ -10,6 +10,7 @@ fresh state after an exponential, jittered, bounded backoff.
 from __future__ import annotations
 
 import logging
+import math
 import operator
 import os
 import random
@@ -91,9 +92,8 @@ class RetryPolicy(msgspec.Struct, frozen=True):
         # No upper bound: a huge max_retries retries until `timeout` (delay() never overflows).
         if type(self.max_retries) is not int or self.max_retries < 0:
             raise ValidationError(f"RetryPolicy.max_retries must be an int >= 0, got {self.max_retries!r}")
-        # At most threading.TIMEOUT_MAX (~292 years here): the longest time.sleep can wait.
-        seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True, maximum=threading.TIMEOUT_MAX)
-        seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True, maximum=threading.TIMEOUT_MAX)
+        seconds("RetryPolicy.base_delay", self.base_delay, allow_zero=True)
+        seconds("RetryPolicy.max_delay", self.max_delay, allow_zero=True)
         if type(self.jitter) is not bool:
             raise ValidationError(f"RetryPolicy.jitter must be True or False, got {self.jitter!r}")
 
@@ -413,8 +413,8 @@ def _confirm_current(store, versions: dict) -> None:
         if current[sid] != versions[sid]:
             raise ConcurrencyError(
                 sid, versions[sid], current[sid],
-                f"cached state of stream {sid!r} is stale: the decision was made at version {versions[sid]}, "
-                f"the stream is at version {current[sid]}")
+                f"the state a decision was made on is stale: stream {sid!r} was read at version "
+                f"{versions[sid]} and is at version {current[sid]}")
 
 
 def _remember(entry: _Folded, command: Command, state: Any, recorded: list, versions: dict) -> None:
@@ -460,7 +460,8 @@ def execute(
     # Every argument is checked before anything is read or written, so a mistake fails at once,
     # naming the argument, instead of at the first conflict or deadline that happens to use it.
     if not isinstance(store, EventStore) or not isinstance(getattr(store, "instance", None), int):
-        # (`instance`: what the stream locks and caches key a store by; a registered proxy forwards it.)
+        # (`instance`: what the stream locks and caches key a store by; a proxy registered as an
+        # EventStore must forward it.)
         raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
     if not isinstance(command, Command):
         raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
@@ -469,8 +470,8 @@ def execute(
     policy = DEFAULT_RETRY if retry is None else retry
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata or None, got {_described(metadata)}")
-    if timeout is not None:
-        timeout = seconds("timeout", timeout)
+    if timeout is not None:  # longer than a lock can wait: waits as long as it can (see _execute)
+        timeout = seconds("timeout", timeout, maximum=math.inf)
     if cache is not None and not isinstance(cache, StateCache):
         raise ValidationError(f"cache must be an ec.StateCache or None, got {_described(cache)}")
     if metrics is not None and not isinstance(metrics, MetricsCollector):

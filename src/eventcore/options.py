@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 
 from .errors import ValidationError
 
@@ -18,7 +19,12 @@ def described(value: object) -> str:
     return f"{type(value).__name__}: {text if len(text) <= 80 else text[:77] + '...'}"
 
 
-def seconds(name: str, value: object, *, allow_zero: bool = False, maximum: float = math.inf,
+#: The longest wait a thread can make (threading.TIMEOUT_MAX, ~292 years on Linux): a duration that becomes
+#: a wait, a sleep or a lock timeout must not be longer, or it is an OverflowError there.
+LONGEST_WAIT = threading.TIMEOUT_MAX
+
+
+def seconds(name: str, value: object, *, allow_zero: bool = False, maximum: float = LONGEST_WAIT,
             text: bool = False) -> float:
     """A duration as a float, or ValidationError naming the option: a real number (or, with `text`, its
     text; never a bool), finite (a wait, a lock timeout, libpq and the server all overflow on

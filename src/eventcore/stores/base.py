@@ -434,7 +434,7 @@ class EventStore(ABC):
             except Exception:  # noqa: BLE001 - no projection tables yet
                 projections = []
         ok = error is None and (schema is None or schema == expected)
-        problem = None if ok else "unreachable" if head is None else "schema_version"
+        problem = None if ok else "unreachable" if error is not None else "schema_version"
         if error is None and not ok:
             error = (f"schema is at version {schema}, this eventcore needs {expected}: "
                      + ("upgrade eventcore" if schema > expected else "run `eventcore migrate`"))

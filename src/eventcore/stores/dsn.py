@@ -34,6 +34,9 @@ _KEYWORD_SECRET = re.compile(
 _PIECES = re.compile(r"[/#?@:\[\]&=]")
 MASK = "***"
 
+#: The PostgreSQL schema a store lives in unless ?schema= (or schema=) names another.
+DEFAULT_SCHEMA = "eventcore"
+
 
 def scheme(dsn: str) -> str:
     """The URL's scheme, lower case ("none" for libpq's key=value form): safe to show, never the whole string."""

@@ -61,12 +61,11 @@ from .._pure import copy as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
-from .dsn import check_url, redact, split_query
+from .dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from .dsn import without_secrets as _without_secrets
 
 log = logging.getLogger("eventcore.store.postgres")
 
-DEFAULT_SCHEMA = "eventcore"
 #: Pool size: the machine this was tuned on has 2 cores shared by client and
 #: server; 10 connections keep every core busy with room for blocked writers.
 DEFAULT_POOL_SIZE = 10
