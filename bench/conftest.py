@@ -44,7 +44,7 @@ def pg_dsn():
     if dsn:
         yield dsn
         return
-    from eventcore.stores.pgcluster import TemporaryCluster
+    from eventcore.testing.pgcluster import TemporaryCluster
 
     _cluster = TemporaryCluster(settings={"max_connections": 100})
     yield _cluster.start()

@@ -33,7 +33,7 @@ def _postgres(dsn: str | None):
 
     cluster = None
     if dsn is None:
-        from eventcore.stores.pgcluster import TemporaryCluster
+        from eventcore.testing.pgcluster import TemporaryCluster
 
         cluster = TemporaryCluster(settings={"max_connections": 300})
         dsn = cluster.start()

@@ -31,7 +31,7 @@ import eventcore as ec
 from eventcore import _impl
 from eventcore._pure import codec
 from eventcore._pure.copy import COPY_HEADER, COPY_TRAILER
-from eventcore.stores import pg_sql
+from eventcore.stores.postgres import sql as pg_sql
 
 from conftest import FIGURES, MEDIANS, RATIOS, Measured, record
 

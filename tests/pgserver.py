@@ -27,7 +27,7 @@ def _start() -> str | None:
         return None
     try:
         __import__("psycopg")  # the PostgreSQL tests need the driver; say so once if it is missing
-        from eventcore.stores.pgcluster import TemporaryCluster
+        from eventcore.testing.pgcluster import TemporaryCluster
 
         _cluster = TemporaryCluster(settings={"max_connections": 200})
         atexit.register(_cluster.stop)  # also on an interrupted run

@@ -417,7 +417,7 @@ def first_per_thread(calls, n_threads: int, pred) -> dict:
 def module_cluster():
     """A PostgreSQL server of this module's own: the server-kill tests stop it (never the session's)."""
     require("psycopg")
-    from eventcore.stores.pgcluster import TemporaryCluster
+    from eventcore.testing.pgcluster import TemporaryCluster
 
     try:
         cluster = TemporaryCluster()
@@ -886,7 +886,7 @@ def test_postgres_write_past_statement_timeout_is_typed_and_leaves_nothing(pg_ds
         store.append([ec.emit("to-a", Credited(transfer="seed", amount=1)), ec.emit("to-b", Credited(transfer="seed", amount=1))])
         before = _store_state(store, ["to-a", "to-b"])
         with psycopg.connect(pg_dsn) as blocker:
-            # The append's lock on stream to-a (see pg_sql.lock_streams), held as a long writer would.
+            # The append's lock on stream to-a (see functions/lock_streams.sql), held as a long writer would.
             blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended('to-a', 0))")
             with pytest.raises(ec.StoreTimeoutError):
                 store.append([ec.emit("to-a", Debited(transfer="t1", amount=1))], {"to-a": 1})

@@ -47,7 +47,7 @@ def tcp_server():
     """A server of this module's own listening on 127.0.0.1 (the test cluster has only a Unix socket),
     without SSL, as initdb makes it: postgresql://postgres@127.0.0.1:PORT/postgres."""
     require("psycopg")
-    from eventcore.stores.pgcluster import TemporaryCluster
+    from eventcore.testing.pgcluster import TemporaryCluster
 
     port = _free_port()
     try:
@@ -160,7 +160,7 @@ def test_a_pool_without_connections_says_why_its_last_attempt_failed(pg_dsn, pg_
     import psycopg
     from psycopg import sql
 
-    from eventcore.stores.pg_sql import least_privilege_grants
+    from eventcore.stores.postgres import least_privilege_grants
 
     role = f"limited_{uuid.uuid4().hex[:8]}"
     ec.connect(pg_dsn, schema=pg_schema).close()

@@ -15,8 +15,9 @@ from optional import require
 psycopg = require("psycopg")
 from psycopg import sql  # noqa: E402
 
-from eventcore.stores import pg_sql  # noqa: E402
-from eventcore.stores.postgres import _encode_group  # noqa: E402
+from eventcore.stores.postgres import least_privilege_grants  # noqa: E402
+from eventcore.stores.postgres import sql as pg_sql  # noqa: E402
+from eventcore.stores.postgres.group_commit import _encode_group  # noqa: E402
 from eventcore.stores.base import prepare_append  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("pg_dsn")
@@ -77,7 +78,7 @@ def _raw(dsn):
 def _append_in_open_transaction(conn, schema, stream, text):
     """Call the append function inside a transaction the caller keeps open."""
     p = prepare_append([ec.emit(stream, Noted(text))], {stream: ec.ANY}, None)
-    conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, schema), (_encode_group([p]),)).fetchall()
+    conn.execute(pg_sql.q(pg_sql.QUERIES["append_group"], schema), (_encode_group([p]),)).fetchall()
 
 
 # -- global order that never skips ----------------------------------------------------------
@@ -302,7 +303,7 @@ def test_hostile_schema_name_is_quoted(pg_dsn):
 
 def test_least_privilege_role_can_append_and_read_but_not_rewrite(pg, pg_dsn, pg_schema):
     role = f"app_{uuid.uuid4().hex[:8]}"
-    grants = pg_sql.least_privilege_grants(pg_schema, role)
+    grants = least_privilege_grants(pg_schema, role)
     with _raw(pg_dsn) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-pw'").format(sql.Identifier(role)))
         for statement in grants:
@@ -610,7 +611,7 @@ def test_group_members_on_one_stream_are_refused_by_the_server(pg, pg_dsn, pg_sc
              prepare_append([ec.emit("o-b", Noted("2"))], {"o-a": 1}, None)]
     with _raw(pg_dsn) as conn:
         with pytest.raises(psycopg.Error) as info:
-            conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, pg_schema), (_encode_group(group),)).fetchall()
+            conn.execute(pg_sql.q(pg_sql.QUERIES["append_group"], pg_schema), (_encode_group(group),)).fetchall()
         assert info.value.sqlstate == "EC400"
     assert pg.stream_versions(["o-a", "o-b"]) == {"o-a": 1, "o-b": 0}
     results = pg._append_group(group)
@@ -663,14 +664,14 @@ def test_group_commit_under_concurrent_commands(pg_dsn, pg_schema):
 def test_group_ordinals_stay_within_one_transactions_positions(pg, pg_dsn, pg_schema):
     """Positions are (xid << 20) + ordinal: the server refuses an ordinal past 2**20 - 1 (it would
     spill into another transaction's range), and the client never groups more than MAX_GROUP_EVENTS."""
-    from eventcore.stores import postgres as pgmod
+    from eventcore.stores.postgres import group_commit as pgmod
 
     p = prepare_append([ec.emit("ord-a", Noted("x"))], None, None)
     doc = _encode_group([p]).replace(',null,1]]]]}', ',null,1048576]]]]}')
     assert "1048576" in doc
     with _raw(pg_dsn) as conn:
         with pytest.raises(psycopg.errors.NotNullViolation):
-            conn.execute(pg_sql.q(pg_sql.APPEND_GROUP, pg_schema), (doc,)).fetchall()
+            conn.execute(pg_sql.q(pg_sql.QUERIES["append_group"], pg_schema), (doc,)).fetchall()
     assert pg.stream_version("ord-a") == 0
 
     committer = pgmod._GroupCommitter(pg, 2)

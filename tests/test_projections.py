@@ -147,10 +147,10 @@ def _slow_committer(store, stop: threading.Event, seed: int, written: list):
     """PostgreSQL: appends whose transactions get their id early and commit late, out of order."""
     import psycopg
 
-    from eventcore.stores import pg_sql
+    from eventcore.stores.postgres import sql as pg_sql
 
     rng = random.Random(seed)
-    reserve = pg_sql.q(pg_sql.RESERVE, store.schema)
+    reserve = pg_sql.q(pg_sql.QUERIES["reserve"], store.schema)
     insert = pg_sql.q("INSERT INTO {s}.events (position, stream_id, version, event_id, type, data) "
                       "VALUES (%s, %s, %s, %s, %s, %s::jsonb)", store.schema)
     with psycopg.connect(store._dsn, autocommit=True) as conn:
@@ -653,12 +653,12 @@ def test_least_privilege_role_can_run_projections(pg, pg_dsn, pg_schema):
     import psycopg
     from psycopg import sql
 
-    from eventcore.stores import pg_sql
+    from eventcore.stores.postgres import least_privilege_grants
 
     role = f"app_{uuid.uuid4().hex[:8]}"
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD 'app-pw'").format(sql.Identifier(role)))
-        for statement in pg_sql.least_privilege_grants(pg_schema, role):
+        for statement in least_privilege_grants(pg_schema, role):
             admin.execute(statement)
     try:
         app_dsn = __import__("pgserver").url_as(pg_dsn, role, "app-pw")  # not the admin's credentials
@@ -1103,21 +1103,18 @@ def test_monitoring_commands_run_no_ddl_and_say_when_the_schema_is_behind(pg_dsn
         assert "does not exist" in err and "eventcore migrate" in err, err
     with psycopg.connect(pg_dsn, autocommit=True) as conn:  # nothing was created
         assert conn.execute("SELECT count(*) FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()[0] == 0
-    from eventcore.stores import pg_sql
+    import pg_legacy
+    from eventcore.stores.postgres import sql as pg_sql
 
     try:
-        with psycopg.connect(pg_dsn, autocommit=True) as conn, conn.transaction():  # a schema at version 3
-            conn.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, schema))
-            conn.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, schema))
-            for version, description, body in pg_sql.MIGRATIONS[:3]:
-                conn.execute(pg_sql.q(body, schema))
-                conn.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, schema), (version, description))
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:  # a schema at version 3
+            pg_legacy.make(conn, schema, 3)
         for argv in (["projections", "--dsn", url], ["tail", "--dsn", url]):
             assert main(argv) == 2
             err = capsys.readouterr().err
             assert "at version 3" in err and "eventcore migrate" in err, err
         with psycopg.connect(pg_dsn, autocommit=True) as conn:  # and nothing was migrated
-            assert conn.execute(pg_sql.q(pg_sql.CURRENT_VERSION, schema)).fetchone()[0] == 3
+            assert conn.execute(pg_sql.q(pg_sql.QUERIES["current_version"], schema)).fetchone()[0] == 3
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             conn.execute(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE')

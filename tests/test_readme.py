@@ -31,7 +31,7 @@ def test_bank_example_runs_twice(tmp_path):
 def test_readme_least_privilege_grants_match_the_code():
     import re
 
-    from eventcore.stores.pg_sql import least_privilege_grants
+    from eventcore.stores.postgres import least_privilege_grants
 
     readme = (ROOT / "README.md").read_text()
     documented = [line.rstrip(";") for line in re.findall(r"^GRANT .*;$", readme, flags=re.M)]

@@ -150,19 +150,15 @@ def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, p
     import psycopg
     from psycopg import sql
 
-    from eventcore.stores import pg_sql
+    import pg_legacy
+    from eventcore.stores.postgres import least_privilege_grants
     from pgserver import url_as
 
     role, password = f"app_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
-        with admin.transaction():  # the schema as eventcore 3 left it
-            admin.execute(pg_sql.q(pg_sql.CREATE_SCHEMA, pg_schema))
-            admin.execute(pg_sql.q(pg_sql.CREATE_MIGRATIONS, pg_schema))
-            for version, description, body in pg_sql.MIGRATIONS[:3]:
-                admin.execute(pg_sql.q(body, pg_schema))
-                admin.execute(pg_sql.q(pg_sql.RECORD_MIGRATION, pg_schema), (version, description))
+        pg_legacy.make(admin, pg_schema, 3)  # the schema as eventcore 3 left it
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
-        for statement in pg_sql.least_privilege_grants(pg_schema, role):
+        for statement in least_privilege_grants(pg_schema, role):
             if not any(table in statement.as_string(admin) for table in ("command_keys", "ingest_progress",
                                                                             "ingest_holes")):
                 admin.execute(statement)

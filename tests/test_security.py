@@ -6,7 +6,7 @@
    nothing else.
 2. Every identifier is quoted: odd schema names work end to end; names that would break the
    migrations or collide after PostgreSQL's 63-byte truncation are refused before connecting.
-3. The role made by `pg_sql.least_privilege_grants` (LOGIN, no superuser, not the owner) runs the
+3. The role made by `least_privilege_grants` (LOGIN, no superuser, not the owner) runs the
    whole application and cannot rewrite history or change the schema.
 4. A DSN's password never appears in errors (also pickled), reprs, health(), metrics gauges (the
    exporters' only source of the store URL), logs at DEBUG, or the CLI's output.
@@ -350,14 +350,14 @@ def app_role(pg_dsn, pg_schema):
     import psycopg
     from psycopg import sql
 
-    from eventcore.stores import pg_sql
+    from eventcore.stores.postgres import least_privilege_grants
 
     ec.connect(pg_dsn, schema=pg_schema, pool_size=1).close()  # the owner migrates
     role, password = f"app_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE PASSWORD {}").format(
             sql.Identifier(role), sql.Literal(password)))
-        for statement in pg_sql.least_privilege_grants(pg_schema, role):
+        for statement in least_privilege_grants(pg_schema, role):
             admin.execute(statement)
     try:
         yield _url_as(pg_dsn, role, password), role
@@ -704,7 +704,7 @@ def password_server(pg_dsn):
         return _url_as(pg_dsn, user, password)
 
     if not _password_checked(admin, url_as):
-        from eventcore.stores.pgcluster import TemporaryCluster
+        from eventcore.testing.pgcluster import TemporaryCluster
 
         port = _free_port()
         cluster = TemporaryCluster(settings={"listen_addresses": "'127.0.0.1'", "port": port,

@@ -503,7 +503,7 @@ class BenchStore:
                 if self.url is None:
                     import importlib
 
-                    from .stores.pgcluster import TemporaryCluster
+                    from .testing.pgcluster import TemporaryCluster
 
                     # The driver first (ImportError without the [postgres] extra): a run that could not
                     # connect starts no cluster.

@@ -179,6 +179,7 @@ def _cmd_migrate(args) -> int:
         raise EventCoreError(f"eventcore migrate needs a postgresql:// URL, got scheme {_scheme(dsn)!r}")
     options = {"schema": args.schema} if args.schema else {}
     with connect(dsn, **options) as store:  # connecting migrates (migrate=true is the default)
+        store.migrate(reapply_functions=True)  # and the functions are applied again, even if current
         version = store.schema_version()
         print(f"schema {store.schema!r} at {redact(dsn)} is at version {version}")
     return 0

@@ -7,7 +7,7 @@ runs each batch's transaction — the handler's read-model writes and the
 checkpoint's compare-and-set commit together. Because the batch runs on the
 connection that holds the lock, an instance that lost its connection cannot
 commit anything afterwards; the compare-and-set on the old checkpoint catches
-anything else. Tables and the NOTIFY trigger come from migration 3 (pg_sql).
+anything else. Tables and the NOTIFY trigger come from migration 3 (postgres/sql/).
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from psycopg_pool import PoolTimeout
 from ..errors import EventCoreError, StoreUnavailableError
 from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
                            _LostLeadership, _Refused, _StoreFailed)
-from . import pg_sql
-from .postgres import _one_line, _session_options
+from .postgres import sql as pg_sql
+from .postgres.connections import _one_line, _session_options
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -94,7 +94,7 @@ def _window_sql(with_types: bool, with_prefix: bool) -> str:
         "k AS MATERIALIZED (SELECT (SELECT position FROM {s}.events WHERE position > %(after)s "
         "ORDER BY position OFFSET %(k)s LIMIT 1) AS kth), "
         "w AS MATERIALIZED (SELECT CASE WHEN k.kth < f.fence THEN k.kth END AS bound FROM k, f), "
-        f"m AS MATERIALIZED (SELECT {pg_sql._COLUMNS} FROM {{s}}.events WHERE position > %(after)s "
+        f"m AS MATERIALIZED (SELECT {pg_sql.COLUMNS} FROM {{s}}.events WHERE position > %(after)s "
         "AND position < (SELECT fence FROM f) "
         "AND position <= coalesce((SELECT bound FROM w), 9223372036854775807)"
         f"{filters} ORDER BY position LIMIT %(limit)s) "
@@ -132,7 +132,7 @@ class PostgresBackend(_Backend):
         self._key = _key_prefix(s) + name
         self._sql = {k: _q(v, s) for k, v in (
             ("ensure", _ENSURE), ("load", _LOAD), ("advance", _ADVANCE), ("reset", _RESET), ("clear", _CLEAR_DEAD),
-            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.HEAD), ("renew", _RENEW), ("beyond", _BEYOND),
+            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.QUERIES["head"]), ("renew", _RENEW), ("beyond", _BEYOND),
             ("unlisten", _UNLISTEN))}
         self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}

@@ -1,10 +1,13 @@
-"""A throwaway PostgreSQL cluster from the installed server binaries, for tests and `eventcore bench`.
+"""A throwaway PostgreSQL cluster from the installed server binaries: a test and bench aid, not a store.
 
-initdb into a temporary directory, start `postgres` listening on a Unix socket
-in that directory only (no TCP port, nothing reachable from outside), hand out
-a DSN, and on exit stop the server (by the PID it wrote) and delete the
-directory. PostgreSQL refuses to run as root, so as root the server runs as
-the `postgres` system user on a directory it owns.
+The test suite (tests/pgserver.py), the benchmarks (bench/) and `eventcore bench` without a DSN
+start one: initdb into a temporary directory, start `postgres` listening on a Unix socket in that
+directory only (no TCP port, nothing reachable from outside), hand out a DSN, and on exit stop the
+server (by the PID it wrote) and delete the directory. PostgreSQL refuses to run as root, so as
+root the server runs as the `postgres` system user on a directory it owns.
+
+    with TemporaryCluster() as dsn:
+        store = eventcore.connect(dsn)
 """
 from __future__ import annotations
 

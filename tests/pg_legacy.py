@@ -1,35 +1,14 @@
-"""Every SQL text of the PostgreSQL backend, in one place.
+"""The PostgreSQL schema as eventcore versions 1 to 5 left it, for upgrade tests.
 
-Identifiers (the schema name) are quoted with psycopg's `sql.Identifier`, every
-value is a parameter. Migrations are numbered and append-only: never edit one
-that has shipped, add the next.
-
-Global order. `position` is `(transaction id << 20) + index within the
-transaction`. Readers of the feed only see positions below
-`pg_snapshot_xmin(pg_current_snapshot()) << 20`: every transaction with an id
-under xmin has finished, so nothing can later appear below a position a reader
-has passed. Transactions commit out of order; the fence makes readers wait for
-the oldest one still running instead of skipping it (any transaction of the
-cluster that holds an id: keep transactions short). Within one stream, positions
-rise with versions because every stream lock is taken before the transaction's
-first write, which is when PostgreSQL assigns its id (see reserve_append).
-20 bits leave 1,048,575 events per transaction and 2^43 transaction ids (28
-years at a sustained 10,000 write transactions per second) within a bigint.
+`MIGRATIONS` is what those versions of eventcore applied, verbatim: each migration made its tables
+and (re)defined the functions of its time in the same text. Today's migrations hold table changes
+only and the functions live in their own files (eventcore/stores/postgres/sql/), so a schema an
+earlier eventcore made can only be rebuilt from this record. `make(conn, schema, version)` builds
+one as it did, with its bookkeeping rows and no function digest.
 """
 from __future__ import annotations
 
 from psycopg import sql
-
-#: Bits of `position` that index an event within its transaction.
-POSITION_SHIFT = 20
-MAX_EVENTS_PER_TRANSACTION = (1 << POSITION_SHIFT) - 1
-
-#: SQLSTATE raised by the append function on a version conflict (class "EC": eventcore).
-CONFLICT_SQLSTATE = "EC409"
-#: SQLSTATEs of arguments the server refuses (a caller bypassing the library, or a second append in one transaction).
-BAD_CALL_SQLSTATES = ("EC400", "EC412")
-#: SQLSTATE for more events in one transaction than positions allow.
-TOO_MANY_SQLSTATE = "EC413"
 
 MIGRATIONS: list[tuple[int, str, str]] = [
     (
@@ -831,145 +810,16 @@ CREATE TABLE {s}.ingest_holes (
     ),
 ]
 
-SCHEMA_VERSION = MIGRATIONS[-1][0]
 
-
-def q(template: str, schema: str) -> sql.Composed:
-    """Format a statement with the (quoted) schema name."""
-    return sql.SQL(template).format(s=sql.Identifier(schema))
-
-
-# Row layout of codec.ROW_COLUMNS.
-_COLUMNS = (
-    "position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text, "
-    "(extract(epoch FROM recorded_at) * 1000000)::bigint"
-)
-# Everything below this position belongs to finished transactions (see module docstring).
-FENCE = "(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << 20)"
-
-APPEND_GROUP = "SELECT member, versions, base_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)"
-RESERVE = "SELECT versions, first_position, recorded_at_us FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)"
-COPY_EVENTS = (
-    "COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at) "
-    "FROM STDIN (FORMAT BINARY)"
-)
-READ_STREAM = (
-    f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s"
-)
-READ_STREAMS = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position"
-STREAM_VERSIONS = "SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])"
-HEAD = f"SELECT coalesce(max(position), 0) FROM {{s}}.events WHERE position < {FENCE}"
-# Ending a lost connection's backend (its own role may end it), then checking that it is gone.
-TERMINATE_BACKEND = "SELECT pg_terminate_backend(%s, %s)"
-BACKEND_ALIVE = "SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = %s"
-EVENT_BY_ID = "SELECT position FROM {s}.events WHERE event_id = %s"
-# Unfenced: used only to fetch back a write known to have committed.
-COMMITTED_ROWS = (
-    "SELECT position, stream_id, version, uuid_send(event_id) FROM {s}.events "
-    "WHERE position >= %s ORDER BY position LIMIT %s"
-)
-
-# The append recorded under an idempotency key (committed: its key row is visible), unfenced.
-RECORDED_COMMAND = (
-    f"SELECT {_COLUMNS} FROM {{s}}.events, "
-    "(SELECT first_position AS f, event_count AS c FROM {s}.command_keys WHERE key = %s) AS k "
-    "WHERE position >= k.f AND position < k.f + k.c ORDER BY position"
-)
-INGEST_PROGRESS = "SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s"
-INGEST_HOLES = "SELECT item FROM {s}.ingest_holes WHERE key = %s"
-RESUME_KEYS = (
-    "SELECT key FROM {s}.ingest_progress WHERE starts_with(key, %s) GROUP BY key ORDER BY max(updated_at) DESC, key"
-)
-# One statement (see base.IngestProgress): the lane's count as a compare-and-set, the holes this batch
-# writes deleted, the holes its count passes recorded. Parameters: key, lane, lanes, items, before,
-# key, filled, key, holes. Returns (count rows written: 0 -> another run moved this lane's count,
-# holes deleted: fewer than `filled` -> another run wrote one of them).
-RECORD_PROGRESS = (
-    "WITH progress AS ("
-    " INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s)"
-    " ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()"
-    " WHERE p.items = %s RETURNING 1"
-    "), filled AS ("
-    " DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING 1"
-    "), recorded AS ("
-    " INSERT INTO {s}.ingest_holes (key, item) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING"
-    ") SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled)"
-)
-
-
-def read_all_params(after: int, types, prefix, limit: int) -> tuple:
-    """The parameters of `read_all_sql(types is not None, prefix is not None)`, in order."""
-    params: list = [after]
-    if types is not None:
-        params.append(list(types))
-    if prefix is not None:
-        params.append(prefix)
-    params.append(limit)
-    return tuple(params)
-
-
-def read_all_sql(with_types: bool, with_prefix: bool) -> str:
-    text = f"SELECT {_COLUMNS} FROM {{s}}.events WHERE position > %s AND position < {FENCE}"
-    if with_types:
-        text += " AND type = ANY(%s::text[])"
-    if with_prefix:
-        text += " AND starts_with(stream_id, %s)"
-    return text + " ORDER BY position LIMIT %s"
-
-
-MIGRATION_LOCK = "SELECT pg_advisory_xact_lock(hashtext(%s))"
-# Roles that may INSERT into the events table (both parameters: its quoted name), other than its owner
-# and superusers: the application roles least_privilege_grants was given to.
-APPLICATION_ROLES = (
-    "SELECT r.rolname FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper "
-    "AND r.oid <> (SELECT c.relowner FROM pg_class c WHERE c.oid = %s::regclass) "
-    "AND has_table_privilege(r.oid, %s::regclass, 'INSERT') ORDER BY 1"
-)
-CREATE_SCHEMA = "CREATE SCHEMA IF NOT EXISTS {s}"
-CREATE_MIGRATIONS = (
-    "CREATE TABLE IF NOT EXISTS {s}.schema_migrations ("
-    "version int PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())"
-)
-CURRENT_VERSION = "SELECT coalesce(max(version), 0) FROM {s}.schema_migrations"
-#: Every relation the migrations make: a schema holding one of these without eventcore's
-#: schema_migrations belongs to another application.
-OWN_RELATIONS = ["events", "streams", "command_keys", "ingest_progress", "ingest_holes", "projection_checkpoints",
-                 "projection_dead_letters", "reservations", "schema_migrations"]
-#: What is in the schema named by the first parameter: whether it exists, which of OWN_RELATIONS
-#: (second parameter) it holds, and the columns of its schema_migrations table (NULL without one).
-SCHEMA_STATE = (
-    "SELECT n.oid IS NOT NULL,"
-    " (SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c"
-    "   WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relname = ANY(%s::text[])),"
-    " (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid"
-    "   WHERE c.relnamespace = n.oid AND c.relname = 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped)"
-    " FROM (SELECT %s::text AS name) AS q LEFT JOIN pg_namespace n ON n.nspname = q.name"
-)
-#: The columns of eventcore's schema_migrations (CREATE_MIGRATIONS), sorted.
-MIGRATIONS_COLUMNS = ["applied_at", "description", "version"]
-RECORD_MIGRATION = "INSERT INTO {s}.schema_migrations (version, description) VALUES (%s, %s)"
-
-
-def least_privilege_grants(schema: str, role: str) -> list[sql.Composed]:
-    """What an application role needs to append and read, and nothing more.
-
-    It may SELECT and INSERT events (never UPDATE, DELETE or TRUNCATE them), read
-    stream heads and call the append function, which moves the heads with its
-    owner's rights (SECURITY DEFINER), and run projections (their checkpoints and
-    dead letters). Migrations need the schema owner.
-    """
-    s, r = sql.Identifier(schema), sql.Identifier(role)
-    return [
-        sql.SQL("GRANT USAGE ON SCHEMA {} TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT ON {}.events TO {}").format(s, r),
-        sql.SQL("GRANT SELECT ON {}.streams TO {}").format(s, r),
-        sql.SQL("GRANT SELECT ON {}.schema_migrations TO {}").format(s, r),
-        sql.SQL("GRANT EXECUTE ON FUNCTION {}.reserve_append(text[], bigint[], int[], int) TO {}").format(s, r),
-        sql.SQL("GRANT EXECUTE ON FUNCTION {}.append_group(jsonb) TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.projection_checkpoints TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, UPDATE, DELETE ON {}.projection_dead_letters TO {}").format(s, r),
-        # Keys are written by append_group (SECURITY DEFINER): the role only looks them up.
-        sql.SQL("GRANT SELECT ON {}.command_keys TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, UPDATE ON {}.ingest_progress TO {}").format(s, r),
-        sql.SQL("GRANT SELECT, INSERT, DELETE ON {}.ingest_holes TO {}").format(s, r),
-    ]
+def make(conn, schema: str, version: int) -> None:
+    """Schema `schema` as eventcore left it at `version` (1..5), in one transaction on `conn`."""
+    s = sql.Identifier(schema)
+    with conn.transaction():
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(s))
+        conn.execute(sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.schema_migrations (version int PRIMARY KEY, description text NOT NULL, "
+            "applied_at timestamptz NOT NULL DEFAULT now())").format(s))
+        for number, description, body in MIGRATIONS[:version]:
+            conn.execute(sql.SQL(body).format(s=s))
+            conn.execute(sql.SQL("INSERT INTO {}.schema_migrations (version, description) VALUES (%s, %s)").format(s),
+                         (number, description))

@@ -1,0 +1,174 @@
+-- Every statement the PostgreSQL store runs, by name (`-- name: NAME` starts a section; the
+-- comment lines under it are for the reader). In braces: s is the quoted schema, a name in
+-- capitals a constant of eventcore.stores.postgres.sql, the name of another section that
+-- section's text (a fragment). Every value is a parameter (%s).
+
+-- name: columns
+-- A stored event as codec.ROW_COLUMNS reads it (a fragment of the reads below).
+position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text,
+(extract(epoch FROM recorded_at) * 1000000)::bigint
+
+-- name: fence
+-- Global order. `position` is (transaction id << {POSITION_SHIFT}) + index within the transaction.
+-- Readers of the feed only see positions below this: every transaction with an id under xmin has
+-- finished, so nothing can later appear below a position a reader has passed. Transactions commit
+-- out of order; the fence makes readers wait for the oldest one still running instead of skipping
+-- it (any transaction of the cluster that holds an id: keep transactions short). Within one
+-- stream, positions rise with versions because every stream lock is taken before the
+-- transaction's first write, which is when PostgreSQL assigns its id (see reserve_append).
+-- {POSITION_SHIFT} bits leave {MAX_EVENTS_PER_TRANSACTION} events per transaction and 2^43 transaction ids
+-- (28 years at a sustained 10,000 write transactions per second) within a bigint.
+(pg_snapshot_xmin(pg_current_snapshot())::text::bigint << {POSITION_SHIFT})
+
+-- name: append_group
+SELECT member, versions, base_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)
+
+-- name: reserve
+SELECT versions, first_position, recorded_at_us
+FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)
+
+-- name: copy_events
+-- The row layout of the COPY encoders (eventcore._pure.copy).
+COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+FROM STDIN (FORMAT BINARY)
+
+-- name: read_stream
+SELECT {columns} FROM {s}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s
+
+-- name: read_streams
+SELECT {columns} FROM {s}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position
+
+-- name: stream_versions
+SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])
+
+-- name: head
+SELECT coalesce(max(position), 0) FROM {s}.events WHERE position < {fence}
+
+-- name: read_all
+-- The feed, fenced; parameters: after, limit. The three sections below add filters (types, a
+-- stream id prefix) before the limit: see read_all_sql and read_all_params.
+SELECT {columns} FROM {s}.events WHERE position > %s AND position < {fence}
+ORDER BY position LIMIT %s
+
+-- name: read_all_by_type
+SELECT {columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND type = ANY(%s::text[])
+ORDER BY position LIMIT %s
+
+-- name: read_all_by_prefix
+SELECT {columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND starts_with(stream_id, %s)
+ORDER BY position LIMIT %s
+
+-- name: read_all_by_type_and_prefix
+SELECT {columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND type = ANY(%s::text[]) AND starts_with(stream_id, %s)
+ORDER BY position LIMIT %s
+
+-- name: terminate_backend
+-- Ending a lost connection's backend (its own role may end it), then checking that it is gone.
+SELECT pg_terminate_backend(%s, %s)
+
+-- name: backend_alive
+SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = %s
+
+-- name: event_by_id
+SELECT position FROM {s}.events WHERE event_id = %s
+
+-- name: committed_rows
+-- Unfenced: used only to fetch back a write known to have committed.
+SELECT position, stream_id, version, uuid_send(event_id) FROM {s}.events
+WHERE position >= %s ORDER BY position LIMIT %s
+
+-- name: recorded_command
+-- The append recorded under an idempotency key (committed: its key row is visible), unfenced.
+SELECT {columns} FROM {s}.events,
+(SELECT first_position AS f, event_count AS c FROM {s}.command_keys WHERE key = %s) AS k
+WHERE position >= k.f AND position < k.f + k.c ORDER BY position
+
+-- name: ingest_progress
+SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s
+
+-- name: ingest_holes
+SELECT item FROM {s}.ingest_holes WHERE key = %s
+
+-- name: resume_keys
+SELECT key FROM {s}.ingest_progress WHERE starts_with(key, %s) GROUP BY key ORDER BY max(updated_at) DESC, key
+
+-- name: record_progress
+-- One statement (see base.IngestProgress): the lane's count as a compare-and-set, the holes this
+-- batch writes deleted, the holes its count passes recorded. Parameters: key, lane, lanes, items,
+-- before, key, filled, key, holes. Returns (count rows written: 0 -> another run moved this lane's
+-- count, holes deleted: fewer than `filled` -> another run wrote one of them).
+WITH progress AS (
+ INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s)
+ ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()
+ WHERE p.items = %s RETURNING 1
+), filled AS (
+ DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING 1
+), recorded AS (
+ INSERT INTO {s}.ingest_holes (key, item) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING
+) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled)
+
+-- name: migration_lock
+-- Held by migrate for its transaction: concurrent migrations of one schema run one after the other.
+SELECT pg_advisory_xact_lock(hashtext(%s))
+
+-- name: schema_state
+-- What is in the schema named by the second parameter: whether it exists, which of eventcore's
+-- relations (first parameter) it holds, and the columns of its schema_migrations table (NULL
+-- without one).
+SELECT n.oid IS NOT NULL,
+ (SELECT array_agg(c.relname::text ORDER BY c.relname) FROM pg_class c
+   WHERE c.relnamespace = n.oid AND c.relkind IN ('r', 'p', 'v', 'm', 'f') AND c.relname = ANY(%s::text[])),
+ (SELECT array_agg(a.attname::text ORDER BY a.attname) FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid
+   WHERE c.relnamespace = n.oid AND c.relname = 'schema_migrations' AND a.attnum > 0 AND NOT a.attisdropped)
+FROM (SELECT %s::text AS name) AS q LEFT JOIN pg_namespace n ON n.nspname = q.name
+
+-- name: create_schema
+CREATE SCHEMA IF NOT EXISTS {s}
+
+-- name: create_migrations
+-- The migrations applied (version, description), and in the table's comment the digest of the
+-- functions applied (see record_functions).
+CREATE TABLE IF NOT EXISTS {s}.schema_migrations (
+version int PRIMARY KEY, description text NOT NULL, applied_at timestamptz NOT NULL DEFAULT now())
+
+-- name: current_version
+SELECT coalesce(max(version), 0) FROM {s}.schema_migrations
+
+-- name: migration_state
+-- The version and the functions' digest (parameter: the quoted schema_migrations table name).
+SELECT coalesce(max(version), 0), obj_description(%s::regclass, 'pg_class') FROM {s}.schema_migrations
+
+-- name: record_migration
+INSERT INTO {s}.schema_migrations (version, description) VALUES (%s, %s)
+
+-- name: record_functions
+-- COMMENT takes no parameters: {digest} is a literal, quoted by psycopg.
+COMMENT ON TABLE {s}.schema_migrations IS {digest}
+
+-- name: application_roles
+-- Roles that may INSERT into the events table (both parameters: its quoted name), other than its
+-- owner and superusers: the application roles least_privilege_grants was given to.
+SELECT r.rolname FROM pg_roles r WHERE r.rolcanlogin AND NOT r.rolsuper
+AND r.oid <> (SELECT c.relowner FROM pg_class c WHERE c.oid = %s::regclass)
+AND has_table_privilege(r.oid, %s::regclass, 'INSERT') ORDER BY 1
+
+-- name: least_privilege_grants
+-- What an application role ({role}) needs to append and read, and nothing more, one statement a
+-- line: SELECT and INSERT events (never UPDATE, DELETE or TRUNCATE them), read stream heads, call
+-- the append functions, which move the heads with their owner's rights (SECURITY DEFINER), run
+-- projections (their checkpoints and dead letters), look up idempotency keys (written by
+-- append_group) and resume an ingest. Migrations need the schema owner.
+GRANT USAGE ON SCHEMA {s} TO {role};
+GRANT SELECT, INSERT ON {s}.events TO {role};
+GRANT SELECT ON {s}.streams TO {role};
+GRANT SELECT ON {s}.schema_migrations TO {role};
+GRANT EXECUTE ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) TO {role};
+GRANT EXECUTE ON FUNCTION {s}.append_group(jsonb) TO {role};
+GRANT SELECT, INSERT, UPDATE ON {s}.projection_checkpoints TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.projection_dead_letters TO {role};
+GRANT SELECT ON {s}.command_keys TO {role};
+GRANT SELECT, INSERT, UPDATE ON {s}.ingest_progress TO {role};
+GRANT SELECT, INSERT, DELETE ON {s}.ingest_holes TO {role};

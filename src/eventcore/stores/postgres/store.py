@@ -1,0 +1,565 @@
+"""The PostgreSQL store (`postgresql://...`): the production backend.
+
+One round trip per append whatever the number of streams (the server function
+`append_group` locks every participant in sorted order, checks every expected
+version before writing anything, advances the heads and inserts the events),
+one round trip for `read_streams`, statements rendered once and prepared on
+first use (`prepare_threshold=0`), a psycopg_pool of autocommit connections,
+group commit (group_commit.py), batch writes by binary COPY (copy_writer.py),
+a client-side deadline on every call (watchdog.py), and a global feed that
+never skips (the fence in sql/queries.sql).
+
+Options (keyword arguments or URL query parameters; keywords win):
+schema (default "eventcore"), pool_size (10), pool_min_size (1),
+connect_timeout (seconds, 10), statement_timeout (seconds, 30; 0 = none),
+pool_timeout (seconds to wait for a free connection, 30), migrate (true),
+group_commit (true).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import uuid
+from contextlib import contextmanager
+from urllib.parse import parse_qsl
+
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg_pool import ConnectionPool, PoolTimeout
+
+from ... import _impl
+from ...errors import (
+    ConcurrencyError,
+    DuplicateCommandError,
+    SerializationError,
+    StoreTimeoutError,
+    StoreUnavailableError,
+    ValidationError,
+)
+from ...events import RawEvent, RecordedEvent
+from ...options import boolean, count, seconds
+from ..base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
+from . import copy_writer, migrations
+from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
+    _session_options
+from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
+from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, q, \
+    read_all_params, read_all_sql
+from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
+
+log = logging.getLogger("eventcore.store.postgres")
+
+#: Pool size: 10 connections keep two cores (shared by client and server) busy, with room for
+#: writers blocked on a lock.
+DEFAULT_POOL_SIZE = 10
+#: How long to wait for a lost connection's backend to end before declaring the outcome unknown.
+BACKEND_GONE_TIMEOUT_MS = 5000
+_OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statement_timeout", "pool_timeout", "migrate",
+            "group_commit"}
+#: Longest statement_timeout PostgreSQL takes: the setting is an int32 of milliseconds.
+MAX_STATEMENT_TIMEOUT = 2_147_483.647
+#: The statements the store runs, rendered once per store (psycopg would otherwise compose each
+#: statement's bytes on every call).
+_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream", "read_streams", "stream_versions", "head",
+               "event_by_id", "committed_rows", "recorded_command", "ingest_progress", "ingest_holes", "resume_keys",
+               "record_progress")
+
+
+def _schema_name(schema) -> str:
+    """The `schema` option, checked: every name PostgreSQL keeps as given (quotes, spaces, unicode, ...)
+    except those the migrations or PostgreSQL would mangle."""
+    try:
+        size = len(schema.encode("utf-8")) if isinstance(schema, str) else 0
+    except UnicodeEncodeError:  # a lone surrogate
+        size = 0
+    # Over 63 bytes PostgreSQL truncates the name silently (two long names would share a schema);
+    # `$` could end the migrations' dollar-quoted function bodies ($$); `%` would read as a
+    # placeholder in the statements that take parameters; pg_ names and information_schema (the SQL
+    # standard's catalog views, present in every database) belong to the system.
+    if (not 1 <= size <= 63 or any(c in schema for c in "\x00$%") or schema.startswith("pg_")
+            or schema == "information_schema"):
+        raise ValidationError(
+            "schema must be a name of 1..63 bytes (UTF-8) without NUL, '$' or '%', not starting with 'pg_', "
+            f"and not information_schema, got {schema!r}")
+    return schema
+
+
+class PostgresStore(EventStore):
+    scheme = "postgresql"
+
+    @classmethod
+    def from_url(cls, url: str, **options) -> "PostgresStore":
+        # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
+        # values (a %20 is not a +) and the URL the store shows.
+        check_url(url)
+        base, query = split_query(url)
+        merged, libpq_query = {}, []
+        for pair in query.split("&") if query else ():
+            parsed = parse_qsl(pair, keep_blank_values=True)
+            if parsed and parsed[0][0] in _OPTIONS:
+                merged[parsed[0][0]] = parsed[0][1]
+            elif pair:
+                libpq_query.append(pair)
+        merged.update(options)
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+        # libpq knows the scheme in lower case only.
+        dsn = "postgresql" + base[base.index("://"):] + ("?" + "&".join(libpq_query) if libpq_query else "")
+        try:
+            psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
+        except psycopg.ProgrammingError as exc:
+            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_one_line(exc, dsn)}") from None
+        return cls(dsn, **merged)
+
+    def __init__(
+        self,
+        dsn: str,
+        *,
+        schema: str = DEFAULT_SCHEMA,
+        pool_size: int = DEFAULT_POOL_SIZE,
+        pool_min_size: int = 1,
+        connect_timeout: float = 10.0,
+        statement_timeout: float = 30.0,
+        pool_timeout: float = 30.0,
+        migrate: bool = True,
+        group_commit: bool = True,
+    ) -> None:
+        self.schema = _schema_name(schema)
+        self.pool_size = count("pool_size", pool_size, 1, text=True)
+        self.pool_min_size = min(count("pool_min_size", pool_min_size, 0, text=True), self.pool_size)
+        self.connect_timeout = seconds("connect_timeout", connect_timeout, text=True)
+        self.statement_timeout = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
+                                          maximum=MAX_STATEMENT_TIMEOUT)
+        self.pool_timeout = seconds("pool_timeout", pool_timeout, text=True)
+        self._dsn = dsn
+        st = self.statement_timeout
+        self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
+        given = _conninfo(dsn)
+        #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
+        #: every connection the store makes passes them after its own (see _session_options).
+        self._dsn_options = given["options"] if "options" in given else os.environ.get("PGOPTIONS", "")
+        self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
+        # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
+        self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
+        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if boolean("group_commit", group_commit) else None
+        migrate = boolean("migrate", migrate)
+        # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
+        self._sql = {name: q(QUERIES[name], schema).as_string(None) for name in _STATEMENTS}
+        self._read_all_sql = {
+            (t, p): q(read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
+        }
+        # plan_cache_mode: the prepared statements of these connections are planned for each call's
+        # values. A plan cached while the tables were small (a new store, before autovacuum's
+        # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
+        # 7 ms after 40,000 more streams, until ANALYZE. Planning anew costs ~0.03-0.06 ms; parsing is
+        # still saved. The append functions keep their cached plans (they set it back; see sql/functions/).
+        options = _session_options(f"-c statement_timeout={int(self.statement_timeout * 1000)} "
+                                  "-c plan_cache_mode=force_custom_plan", self._dsn_options)
+        #: What every connection of the store is made with, the first one's included.
+        self._connect_kwargs = {
+            "autocommit": True,
+            # Prepare every statement on first use: the hot path runs the same few texts.
+            "prepare_threshold": 0,
+            "connect_timeout": max(1, int(self.connect_timeout)),
+            "options": options,
+            **self._keepalives,
+            **self._application_name,
+        }
+        self._connections = _Connections(dsn)
+        self._pool = ConnectionPool(
+            dsn,
+            min_size=self.pool_min_size,
+            max_size=self.pool_size,
+            timeout=self.pool_timeout,
+            kwargs=self._connect_kwargs,
+            connection_class=self._connections.connection_class,
+            open=False,
+            name=f"eventcore:{schema}",
+            configure=self._warm_up,
+            reconnect_timeout=RECONNECT_TIMEOUT,
+        )
+        # The first connection is made here, not by the pool: a DSN that never worked (wrong host, port,
+        # role, database, sslmode...) fails at once with libpq's reason, where the pool would retry it
+        # until connect_timeout and then report only that it timed out. The pool's retries are for
+        # outages after the store has connected. The migration (or the schema check) runs on it, then
+        # the pool takes it over as its first connection: no connection is made twice.
+        first = self._connect_first()
+        try:
+            if migrate:
+                migrations.migrate(first, self.schema, self._dsn)
+            else:
+                migrations.check_schema(first, self.schema)
+        except BaseException:
+            first.close()
+            raise
+        if self.pool_min_size:
+            self._connections.hand_over(first)
+        else:
+            first.close()
+        try:
+            self._pool.open(wait=True, timeout=self.connect_timeout)
+        except PoolTimeout as exc:
+            self._pool.close()
+            message = f"cannot connect to PostgreSQL at {redact(dsn)}: {self._no_connection_reason(self.connect_timeout)}"
+            log.info("%s", message)
+            raise StoreUnavailableError(message) from exc
+        finally:
+            spare = self._connections.take_back()  # not taken: the pool failed before asking for it
+            if spare is not None:
+                spare.close()
+        log.info("opened PostgreSQL store %s schema %r (pool %d..%d, group commit %s)", redact(dsn), schema,
+                 self.pool_min_size, self.pool_size, "on" if self._group is not None else "off")
+
+    def _connect_first(self):
+        try:
+            return self._connections.connection_class.connect(self._dsn, **self._connect_kwargs)
+        except psycopg.Error as exc:
+            message = f"cannot connect to PostgreSQL at {redact(self._dsn)}: {_one_line(exc, self._dsn)}"
+        # Logged below WARNING: the error says it to the caller, and a warning would reach stderr through
+        # logging's last-resort handler in a program that configured no logging (the CLI), saying it twice.
+        log.info("%s", message)
+        # From None: psycopg's own exception would carry libpq's text unredacted into tracebacks.
+        raise StoreUnavailableError(message) from None
+
+    def _no_connection_reason(self, waited: float) -> str:
+        """Why the pool had no connection to give: the failure of its latest attempt, if it failed."""
+        failure = self._connections.failure()
+        if failure is not None:
+            return f"no connection within {waited}s; the last attempt failed {failure}"
+        return f"no connection within {waited}s"
+
+    def _warm_up(self, conn) -> None:
+        """Run on every new pool connection before it is handed out: prepare the hot statements and
+        have the server compile the append functions and plan their statements (measured: the first
+        append_batch on a cold connection took 10-15 ms against 3-4 ms warm; a pool hands its
+        connections out in turn, so without this the first commands of a run each paid it). Writes nothing.
+        Errors (e.g. a schema not yet migrated) are ignored: the statements are then prepared on
+        first use."""
+        try:
+            conn.execute(self._sql["append_group"], (_EMPTY_GROUP,)).fetchall()
+            conn.execute(self._sql["reserve"], ([], [], [], 0)).fetchall()  # no events: returns before writing
+            conn.execute(self._sql["read_streams"], ([],)).fetchall()
+        except psycopg.Error:
+            pass
+
+    def __repr__(self) -> str:
+        return f"PostgresStore({redact(self._dsn)!r}, schema={self.schema!r})"
+
+    @property
+    def url(self) -> str:
+        return redact(self._dsn)
+
+    def close(self) -> None:
+        log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
+        self._watchdog.close()
+        self._pool.close()
+        super().close()
+
+    # -- schema ----------------------------------------------------------------------
+
+    def migrate(self, *, reapply_functions: bool = False) -> int:
+        """Apply pending migrations (idempotent; concurrent callers serialise on an advisory lock), and
+        the functions when they may differ from this eventcore's, or always with `reapply_functions`
+        (`eventcore migrate`). Needs the schema owner's rights unless the schema is current.
+
+        Returns the schema version now in place.
+        """
+        try:
+            with self._pool.connection() as conn:
+                return migrations.migrate(conn, self.schema, self._dsn, reapply_functions=reapply_functions)
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"no PostgreSQL connection for the migration: {self._no_connection_reason(self.pool_timeout)}"
+            ) from exc
+
+    def schema_version(self) -> int:
+        """The migration version of this store's schema (0: not created)."""
+        try:
+            with self._pool.connection() as conn:
+                return migrations.schema_version(conn, self.schema)
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"cannot read the schema version: {self._no_connection_reason(self.pool_timeout)}") from exc
+
+    def _schema_versions(self):
+        return self.schema_version(), SCHEMA_VERSION
+
+    def pool_stats(self) -> dict:
+        """The pool now: connections open (`size`), `in_use`, `idle`, requests `waiting`, its bounds, and
+        psycopg_pool's cumulative counters (`requests_num`, `requests_wait_ms`, `connections_num`,
+        `connections_ms`, ...) since the store opened."""
+        stats = self._pool.get_stats()
+        size = stats.get("pool_size", 0)
+        idle = stats.get("pool_available", 0)
+        out = {k: v for k, v in stats.items() if k not in ("pool_size", "pool_available", "pool_min", "pool_max",
+                                                              "requests_waiting")}
+        out.update(size=size, in_use=size - idle, idle=idle, waiting=stats.get("requests_waiting", 0),
+                   min=stats.get("pool_min", self.pool_min_size), max=stats.get("pool_max", self.pool_size))
+        return out
+
+    # -- helpers ---------------------------------------------------------------------
+
+    def _fetch(self, name_or_sql, params: tuple) -> list:
+        query = self._sql.get(name_or_sql, name_or_sql)
+        wd = self._watchdog
+        try:
+            with self._pool.connection() as conn:
+                token = wd.watch(conn)
+                try:
+                    return conn.execute(query, params).fetchall()
+                finally:
+                    wd.done(token)
+        except PoolTimeout as exc:
+            raise StoreUnavailableError(
+                f"PostgreSQL read failed: {self._no_connection_reason(self.pool_timeout)}") from exc
+        except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
+            raise StoreTimeoutError(
+                f"PostgreSQL read cancelled after statement_timeout={self.statement_timeout}s: {exc}") from exc
+        except pg_errors.InsufficientPrivilege as exc:
+            raise StoreUnavailableError(
+                f"PostgreSQL refused the read: {exc} (grant the role eventcore.stores.postgres.least_privilege_grants "
+                "for this schema)") from exc
+        except psycopg.Error as exc:
+            raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
+
+    # -- writing -----------------------------------------------------------------------
+
+    def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
+        if self._group is not None:
+            return self._group.submit(p)
+        result = self._append_group([p])[0]
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _append_group(self, group: list) -> list:
+        """One transaction, one round trip, for one or several appends on distinct streams.
+
+        Returns, in order, each append's recorded events or its exception: a
+        member whose versions conflict gets its ConcurrencyError and the others
+        are written. If one member's data fails the whole statement (e.g. a
+        \\u0000 that jsonb cannot hold), each is written alone so only it fails.
+        """
+        doc = _encode_group(group)
+        backend = None  # set once the append may have reached the server
+        try:
+            with self._pool.connection() as conn:
+                backend = conn.info.backend_pid
+                wd = self._watchdog
+                token = wd.watch(conn)
+                try:
+                    rows = conn.execute(self._sql["append_group"], (doc,)).fetchall()
+                finally:
+                    wd.done(token)
+        except (pg_errors.Error, PoolTimeout) as exc:
+            if backend is not None and _connection_lost(exc):
+                out = []
+                for p in group:  # the backend is ended once, by the first lookup
+                    try:
+                        out.append(self._resolve_ambiguous(p, exc, backend))
+                    except Exception as err:  # noqa: BLE001 - handed to that append's caller
+                        out.append(err)
+                    backend = None
+                return out
+            if len(group) > 1 and (
+                    isinstance(exc, (psycopg.DataError, pg_errors.QueryCanceled))
+                    or getattr(exc, "sqlstate", None) in BAD_CALL_SQLSTATES):
+                # One member's bad data, or one member waiting on a lock past statement_timeout, failed
+                # the statement for all: write each alone, so only that member fails.
+                return self._append_each(group)
+            try:
+                self._raise_write_error(exc)
+            except Exception as err:  # noqa: BLE001
+                return [err] * len(group)
+        firsts = []  # ordinal of each member's first event in the group (see _encode_group)
+        ordinal = 1
+        for p in group:
+            firsts.append(ordinal)
+            ordinal += len(p)
+        out: list = [None] * len(group)
+        for m, versions_before, base, conflict, at_us in rows:
+            p = group[m - 1]
+            if conflict is not None:
+                d = json.loads(conflict)
+                if "duplicate" in d:
+                    out[m - 1] = DuplicateCommandError(d["duplicate"])
+                else:
+                    out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
+                continue
+            versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
+            p.recorded_at_us = at_us
+            first = base + firsts[m - 1]
+            out[m - 1] = p.recorded(versions, range(first, first + len(p)))
+        return out
+
+    def _append_each(self, group: list) -> list:
+        out = []
+        for p in group:
+            try:
+                result = self._append_group([p])[0]
+            except Exception as exc:  # noqa: BLE001
+                result = exc
+            out.append(result)
+        return out
+
+    def _raise_write_error(self, exc: Exception):
+        """Translate a failed write whose outcome is known (nothing was written) into eventcore's errors."""
+        if isinstance(exc, PoolTimeout):
+            raise StoreUnavailableError(
+                f"PostgreSQL write failed, nothing was written: {self._no_connection_reason(self.pool_timeout)}"
+            ) from exc
+        if exc.sqlstate == CONFLICT_SQLSTATE:
+            d = json.loads(exc.diag.message_detail)
+            raise ConcurrencyError(d["stream_id"], d["expected"], d["actual"]) from None
+        if exc.sqlstate == TOO_MANY_SQLSTATE or exc.sqlstate in BAD_CALL_SQLSTATES:
+            raise ValidationError(f"PostgreSQL refused the append: {exc}") from None
+        if isinstance(exc, psycopg.DataError):  # e.g. a \u0000 in a payload, which jsonb cannot hold
+            raise SerializationError(f"PostgreSQL rejected the events' data; nothing was written: {exc}") from None
+        if isinstance(exc, psycopg.IntegrityError):
+            raise ValidationError(f"PostgreSQL rejected the append; nothing was written: {exc}") from None
+        if isinstance(exc, pg_errors.QueryCanceled):
+            raise StoreTimeoutError(f"PostgreSQL write cancelled after statement_timeout={self.statement_timeout}s; "
+                                    f"nothing was written: {exc}") from exc
+        # Anything else ended the statement, and with it the transaction: nothing was written.
+        raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
+
+    def _find_committed(self, event_ids: list, cause: Exception, backend_pid: int | None) -> list[tuple]:
+        """The connection failed after a write was sent: did it commit?
+
+        The server may not have noticed: a backend waiting on a lock carries on
+        and could commit later. So first end that backend and wait until it is
+        gone; after that its transaction is settled. Event ids are made before
+        the write and unique in the table, and one write's events have
+        consecutive positions, so the first id tells. Committed -> its rows
+        (position, stream_id, version, event_id); not committed ->
+        StoreUnavailableError, safe to retry; unknown (server away, backend not
+        confirmed gone) -> StoreUnavailableError(maybe_committed=True).
+        """
+        if not event_ids:  # a check-only call: whatever happened, it wrote nothing
+            raise StoreUnavailableError(
+                f"PostgreSQL connection lost during a check-only append; nothing was written: {cause}") from cause
+        unknown = StoreUnavailableError(
+            f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
+            maybe_committed=True,
+        )
+        log.warning("connection lost during a write (backend %s); finding out whether it committed: %s",
+                    backend_pid, cause)
+        try:
+            with self._pool.connection() as conn, self._watched(conn, statements=3):
+                if backend_pid is not None:
+                    conn.execute(QUERIES["terminate_backend"], (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
+                    if conn.execute(QUERIES["backend_alive"], (backend_pid,), prepare=False).fetchone()[0]:
+                        raise unknown from cause
+                found = conn.execute(self._sql["event_by_id"], (uuid.UUID(bytes=event_ids[0]),)).fetchall()
+                rows = conn.execute(self._sql["committed_rows"], (found[0][0], len(event_ids))).fetchall() if found else []
+        except (psycopg.Error, PoolTimeout):
+            raise unknown from cause
+        if not found:
+            raise StoreUnavailableError(f"PostgreSQL connection lost during a write, which did not commit: {cause}") from cause
+        if [bytes(r[3]) for r in rows] != list(event_ids):
+            raise StoreUnavailableError(
+                "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
+                "match what was sent", maybe_committed=True) from cause
+        return rows
+
+    @contextmanager
+    def _watched(self, conn, statements: int = 1):
+        """The block's calls on `conn` are shut down after `statements` x the client-side deadline."""
+        wd = self._watchdog
+        token = wd.watch(conn, statements)
+        try:
+            yield
+        finally:
+            wd.done(token)
+
+    def _resolve_ambiguous(self, p: PreparedAppend, cause: Exception, backend_pid: int | None) -> list[RecordedEvent]:
+        rows = self._find_committed(p.event_ids, cause, backend_pid)
+        return p.recorded([r[2] for r in rows], [r[0] for r in rows])
+
+    def _reserve_and_copy(self, expected: dict, rows, progress=None) -> tuple[int, int, dict]:
+        """One transaction: reserve (lock, check, advance heads), the ingest `progress` if any (see
+        PreparedAppend.progress), then a binary COPY of `rows` (see copy_writer)."""
+        stream_ids = rows.stream_ids
+        streams = sorted(expected)
+        counts: dict = {}
+        for sid in stream_ids:
+            counts[sid] = counts.get(sid, 0) + 1
+        n = len(stream_ids)
+        event_ids: list = []
+        sent = False
+        backend = None
+        try:
+            with self._pool.connection() as conn, self._watched(conn, statements=3):
+                backend = conn.info.backend_pid
+                with conn.transaction():
+                    before, first, at_us = conn.execute(
+                        self._sql["reserve"],
+                        (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
+                    ).fetchone()
+                    heads = dict(zip(streams, before))
+                    if progress is not None:
+                        key = progress.key
+                        counted, filled = conn.execute(self._sql["record_progress"], (
+                            key, progress.lane, progress.lanes, progress.items, progress.before,
+                            key, progress.filled, key, progress.holes)).fetchone()
+                        if counted != 1 or filled != len(progress.filled):
+                            raise ingest_overlap(progress)  # leaves the transaction: nothing is written
+                    with conn.cursor().copy(self._sql["copy_events"]) as copy:
+                        event_ids = copy_writer.write(copy, rows, first, heads, at_us)
+                    sent = True  # from here on, a lost connection may have committed
+        except (pg_errors.Error, PoolTimeout) as exc:
+            if sent and _connection_lost(exc):
+                found = self._find_committed(event_ids, exc, backend)
+                return found[0][0], found[-1][0], {r[1]: r[2] for r in found}
+            self._raise_write_error(exc)
+        if not n:  # a check-only batch wrote nothing: the (0, 0, {}) every backend reports
+            return 0, 0, {}
+        return first, first + n - 1, {s: heads[s] for s in counts}
+
+    def _append_batch(self, p: PreparedAppend) -> tuple[int, int, dict]:
+        """append_batch: rows already encoded by prepare_append."""
+        return self._reserve_and_copy(p.expected, copy_writer.EncodedRows(p), p.progress)
+
+    def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
+                      progress=None) -> tuple[int, int, dict]:
+        """ingest: events encoded while their rows are framed (raw events: encoded first, as append_batch)."""
+        if any(type(ev) is RawEvent for ev in events):
+            return super()._ingest_batch(stream_ids, events, metadatas, expected, progress)
+        return self._reserve_and_copy(expected, copy_writer.Events(stream_ids, events, metadatas), progress)
+
+    # -- reading -------------------------------------------------------------------------
+
+    def _recorded_command_rows(self, key):
+        return self._fetch("recorded_command", (key,))
+
+    def _ingest_progress(self, key):
+        return {lane: (lanes, items) for lane, lanes, items in self._fetch("ingest_progress", (key,))}
+
+    def _ingest_holes(self, key):
+        return {item for (item,) in self._fetch("ingest_holes", (key,))}
+
+    def _resume_keys(self, prefix):
+        return [key for (key,) in self._fetch("resume_keys", (prefix,))]
+
+    def _read_stream(self, stream_id, from_version, limit):
+        return _impl.decode_rows(self._fetch("read_stream", (stream_id, from_version, limit)))
+
+    def _read_streams(self, stream_ids):
+        rows = self._fetch("read_streams", (stream_ids,))
+        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+
+    def _stream_versions(self, stream_ids):
+        out = dict.fromkeys(stream_ids, 0)
+        out.update(self._fetch("stream_versions", (stream_ids,)))
+        return out
+
+    def _read_all_page(self, after, types, prefix, limit):
+        rows = self._fetch(self._read_all_sql[types is not None, prefix is not None],
+                           read_all_params(after, types, prefix, limit))
+        return _impl.decode_rows(rows)
+
+    def _head_position(self):
+        return self._fetch("head", ())[0][0]

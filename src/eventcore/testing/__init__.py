@@ -1,0 +1,10 @@
+"""Aids for testing and benchmarking eventcore and applications built on it; not a store backend.
+
+- `TemporaryCluster` (eventcore.testing.pgcluster): a private, throwaway PostgreSQL server from the
+  installed binaries, for tests and `eventcore bench` when no DSN is given.
+"""
+from __future__ import annotations
+
+from .pgcluster import TemporaryCluster, find_pg_bindir
+
+__all__ = ["TemporaryCluster", "find_pg_bindir"]
