@@ -2,7 +2,7 @@
 
 memory://                 in-process, for tests
 sqlite:///relative.db     embedded default (sqlite:////absolute/path.db for an absolute path)
-postgresql://...          production (its own module, imported only when asked for)
+postgresql://...          production (its own package, stores/postgres/, imported only when asked for)
 """
 from __future__ import annotations
 

@@ -9,9 +9,13 @@ an upgrade, grant the application roles what the new version needs.
 
 Functions are applied again only when they may differ from this eventcore's: a migration is
 pending, the recorded digest is not FUNCTIONS_DIGEST, or the caller asks (`eventcore migrate`
-always does). A current schema therefore costs one SELECT and no DDL when a store connects, so
-a role without the owner's rights (no CREATE) connects with the default migrate=True. The
+always does). The digest is read with the version, so a store connecting to a current schema
+runs SELECTs only, no DDL, and a role without the owner's rights (no CREATE) connects with the
+default migrate=True. The
 digest lives in the catalog, not in a table, so recording it needs no new schema version.
+
+CREATE OR REPLACE cannot change a function's argument or result types: such a change is a new
+function (its own file, applied before the migrations) and a migration that drops the old one.
 """
 from __future__ import annotations
 

@@ -1,5 +1,8 @@
 -- description: events, streams, append function, immutability triggers
 --
+-- (Descriptions are as recorded in schema_migrations; the functions a version defined live in
+-- functions/, one file each, applied before the migrations.)
+--
 -- Stream heads and the events table. Events are immutable: the triggers reject UPDATE, DELETE
 -- and TRUNCATE for every role, the owner included (functions/reject_event_change.sql).
 CREATE TABLE {s}.streams (
