@@ -263,3 +263,23 @@ def test_functions_are_applied_again_only_when_they_may_differ(pg_dsn, pg_schema
             sql.Literal(f"{s.as_string(conn)}.notify_events()"))).fetchone()[0]
         again = _function_versions(conn, pg_schema)
         assert all(again[name] != applied[name] for name in made)
+
+
+def test_wheels_and_the_sdist_carry_every_sql_file():
+    """pyproject's package data (wheels) and MANIFEST.in (the sdist) name every .sql file of the package."""
+    import fnmatch
+    from pathlib import Path
+
+    tomllib = pytest.importorskip("tomllib")
+    root = Path(__file__).resolve().parent.parent
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    globs = data["eventcore.stores.postgres.sql"]
+
+    def carried(path):  # as setuptools globs: `*` stays within one folder
+        parts = path.split("/")
+        return any(len(g.split("/")) == len(parts) and all(map(fnmatch.fnmatch, parts, g.split("/"))) for g in globs)
+
+    files = _sql_files()
+    assert files and all(map(carried, files)), (globs, sorted(files))
+    manifest = (root / "MANIFEST.in").read_text().splitlines()
+    assert any(line.startswith("recursive-include src/eventcore ") and "*.sql" in line.split() for line in manifest)
