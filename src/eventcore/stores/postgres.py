@@ -57,7 +57,7 @@ from ..errors import (
     ValidationError,
 )
 from ..events import RawEvent, RecordedEvent
-from .._pure import copy as _copy
+from .. import formats as _copy
 from . import pg_sql
 from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
