@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import uuid
+from typing import Any, Iterable
 
 import msgspec
 
@@ -36,7 +37,7 @@ _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 
 
-def encode_event(event: Event) -> tuple:
+def encode_event(event: Event) -> tuple[str, bytes]:
     """(type name, JSON payload bytes) for an event.
 
     SerializationError for what JSON or PostgreSQL cannot hold (see `payloads`): NaN or
@@ -60,7 +61,7 @@ def encode_event(event: Event) -> tuple:
     return name, data
 
 
-def encode_metadata(metadata) -> bytes | None:
+def encode_metadata(metadata: Metadata | None) -> bytes | None:
     """JSON bytes for metadata, or None when there is nothing to store (same checks as `encode_event`)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
@@ -91,7 +92,7 @@ def _uuid_from_bytes(raw) -> uuid.UUID:
     return u
 
 
-def decode_rows(rows) -> list:
+def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
     """Decode stored rows (layout `formats.ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
 
     A corrupt row (wrong shape, undecodable payload, bad id or timestamp) raises

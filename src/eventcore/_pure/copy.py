@@ -12,7 +12,7 @@ from __future__ import annotations
 import struct
 
 from ..errors import SerializationError
-from ..events import EMPTY_METADATA, Metadata, check_metadata
+from ..events import EMPTY_METADATA, Event, Metadata, check_metadata
 from ..formats import COPY_FIELDS, INT64_MAX, INT64_MIN, JSONB_VERSION, MAX_FIELD_BYTES, NULL_LENGTH, PG_EPOCH_OFFSET_US
 from ..payloads import ENCODE_ERRORS, MAX_PAYLOAD_BYTES, check_encoded, encode_error_text, float_capable
 from . import ids as _ids
@@ -44,12 +44,12 @@ def _int64(value, what: str, i: int) -> int:
 def encode_copy_rows(
     buf: bytearray,
     first_position: int,
-    stream_ids: list,
-    versions: list,
-    event_ids: list,
-    types: list,
-    payloads: list,
-    metadatas: list,
+    stream_ids: list[str],
+    versions: list[int],
+    event_ids: list[bytes],
+    types: list[str],
+    payloads: list[bytes],
+    metadatas: list[bytes | None],
     recorded_at_us: int,
 ) -> None:
     """Append one COPY BINARY row per event to `buf` (no header or trailer).
@@ -109,12 +109,12 @@ def encode_copy_rows(
 def encode_copy_events(
     buf: bytearray,
     first_position: int,
-    stream_ids: list,
-    events: list,
-    metadatas: list,
-    heads: dict,
+    stream_ids: list[str],
+    events: list[Event],
+    metadatas: list[Metadata | None],
+    heads: dict[str, int],
     recorded_at_us: int,
-) -> list:
+) -> list[bytes]:
     """Fused ingestion encoder: for each event make a UUIDv7, take the next version of its
     stream from `heads` (advanced in place), msgspec-encode the payload and metadata
     (ec.Metadata or None) with jsonb framing, and frame the row into `buf`.

@@ -9,7 +9,7 @@ from ..errors import ConcurrencyError
 from ..expected import ANY, STREAM_EXISTS
 
 
-def check_expected_versions(expected: dict, current: dict) -> None:
+def check_expected_versions(expected: dict[str, int], current: dict[str, int]) -> None:
     """Raise ConcurrencyError unless every stream's current version satisfies its expectation.
 
     `expected` maps stream id -> expected version (see `eventcore.expected`);
@@ -29,7 +29,7 @@ def check_expected_versions(expected: dict, current: dict) -> None:
             raise ConcurrencyError(sid, want, have)
 
 
-def assign_versions(stream_ids: list, heads: dict) -> list:
+def assign_versions(stream_ids: list[str], heads: dict[str, int]) -> list[int]:
     """Next version for each event, in order; `heads` (stream -> current version) is advanced in place."""
     out = []
     append = out.append
