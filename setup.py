@@ -1,6 +1,8 @@
 """Build script: compiles the Cython hot path in ext/ into the eventcore package.
 
-Metadata lives in pyproject.toml; this file only declares the extension modules.
+Metadata lives in pyproject.toml; this file only declares the extension modules: each
+ext/*.pyx is one module, eventcore.<stem>; the ext/*.pxi files are the parts it includes
+(one per module of src/eventcore/_pure, plus the C side of the modules both twins share).
 
 * With Cython installed (the normal build, see [build-system] in pyproject.toml) the
   .pyx sources are compiled; the sdist also carries the generated C, so building

@@ -30,7 +30,7 @@ from psycopg import sql
 import eventcore as ec
 from eventcore import _impl
 from eventcore._pure import codec
-from eventcore._pure.copy import COPY_HEADER, COPY_TRAILER
+from eventcore.formats import COPY_HEADER, COPY_TRAILER, PG_EPOCH_OFFSET_US
 from eventcore.stores.postgres import sql as pg_sql
 
 from conftest import FIGURES, MEDIANS, RATIOS, Measured, record
@@ -67,7 +67,7 @@ def preencoded(items):
     import struct
 
     bytea = bytearray(COPY_HEADER)
-    ts = struct.pack(">iq", 8, at - 946_684_800_000_000)
+    ts = struct.pack(">iq", 8, at - PG_EPOCH_OFFSET_US)
     for i in range(N):
         sid, typ, data = sids[i].encode(), types[i].encode(), payloads[i]
         bytea += struct.pack(">hiqi", 8, 8, i + 1, len(sid)) + sid + struct.pack(">iqi", 8, versions[i], 16) + ids[i]

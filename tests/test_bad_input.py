@@ -23,7 +23,7 @@ import pytest
 
 import eventcore as ec
 from domain import Noted, Opaque
-from eventcore._pure.payloads import MAX_PAYLOAD_BYTES
+from eventcore.payloads import MAX_PAYLOAD_BYTES
 from eventcore.jsonl import BadLine, JsonLinesReader, parse_line
 from eventcore.stores.base import MAX_EVENTS_PER_APPEND, MAX_EVENTS_PER_BATCH
 
@@ -453,7 +453,7 @@ def _msgspec_utf8_errors(data: bytes, start_in_string: int) -> list:
 
 
 def test_invalid_utf8_is_named_by_its_offset_in_the_input_however_msgspec_reports_it():
-    from eventcore._pure.utf8 import decode_error_text, is_utf8_error, row_decode_error_text
+    from eventcore.utf8 import decode_error_text, is_utf8_error, row_decode_error_text
 
     data = b'{"text": "ok \xff"}'  # the string's 4th byte, the input's 13th
     for exc in _msgspec_utf8_errors(data, 3):

@@ -11,6 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
 import eventcore as ec
+from eventcore import _pure
+from eventcore._impl import HOT_PATH_NAMES
 from eventcore._pure import codec as P_codec, copy as P_copy, ids as P_ids, versions as P_versions
 
 try:
@@ -20,16 +22,7 @@ except ImportError as exc:  # the compiled extension is part of every CI build
         raise
     pytest.skip(f"compiled extension not built: {exc}", allow_module_level=True)
 
-PY = {
-    "encode_event": P_codec.encode_event,
-    "encode_metadata": P_codec.encode_metadata,
-    "decode_rows": P_codec.decode_rows,
-    "new_event_ids": P_ids.new_event_ids,
-    "check_expected_versions": P_versions.check_expected_versions,
-    "assign_versions": P_versions.assign_versions,
-    "encode_copy_rows": P_copy.encode_copy_rows,
-    "encode_copy_events": P_copy.encode_copy_events,
-}
+PY = {name: getattr(_pure, name) for name in HOT_PATH_NAMES}
 IMPLS = {"python": PY, "c": {name: getattr(C, name) for name in PY}}
 
 

@@ -1,51 +1,108 @@
-"""Picks the hot-path implementation: compiled (Cython, `c`) or pure Python (`python`).
+"""The hot path's contract (`HotPath`) and the switch that picks who fulfils it.
+
+Two implementations satisfy `HotPath`, function for function and signature for
+signature: the compiled extension `eventcore._speedups` (Cython, built from
+ext/) and the pure-Python twins in `eventcore._pure` (the executable spec).
+tests/test_hotpath.py checks both against it, and `_speedups.pyi` too.
 
 EVENTCORE_IMPL=c       the compiled extension; ImportError if it cannot load
 EVENTCORE_IMPL=python  the pure-Python twins
 unset or empty         the best available: compiled if it loads, else Python
 
-Modules elsewhere import the hot-path functions from here, never from
-`_pure` directly, so the switch covers every caller.
+The chosen functions become attributes of this module (`_impl.decode_rows`).
+Modules elsewhere call the hot path through them, never through `_pure` or
+`_speedups` directly, so the switch covers every caller.
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
-from ._pure import codec as _codec, copy as _copy, ids as _ids, versions as _versions
+if TYPE_CHECKING:
+    from .events import Event, Metadata, RecordedEvent
+
+
+@runtime_checkable
+class HotPath(Protocol):
+    """The functions of the hot path. A module satisfies it with plain functions of these signatures."""
+
+    def encode_event(self, event: Event) -> tuple[str, bytes]:
+        """(type name, JSON payload) of an event; SerializationError for what JSON or PostgreSQL cannot hold."""
+
+    def encode_metadata(self, metadata: Metadata | None) -> bytes | None:
+        """JSON of the metadata, or None when there is nothing to store."""
+
+    def decode_rows(self, rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
+        """Stored rows (layout `formats.ROW_COLUMNS`) as RecordedEvents, in order; a corrupt row is an error."""
+
+    def new_event_ids(self, count: int) -> list[bytes]:
+        """`count` UUIDv7 ids (16 bytes each), strictly increasing within the process."""
+
+    def check_expected_versions(self, expected: dict[str, int], current: dict[str, int]) -> None:
+        """ConcurrencyError unless each stream's current version meets its expected version."""
+
+    def assign_versions(self, stream_ids: list[str], heads: dict[str, int]) -> list[int]:
+        """The next version of each event's stream, in order; `heads` advanced in place."""
+
+    def encode_copy_rows(
+        self,
+        buf: bytearray,
+        first_position: int,
+        stream_ids: list[str],
+        versions: list[int],
+        event_ids: list[bytes],
+        types: list[str],
+        payloads: list[bytes],
+        metadatas: list[bytes | None],
+        recorded_at_us: int,
+    ) -> None:
+        """One COPY BINARY row per pre-encoded event appended to `buf`; on error `buf` is as it was."""
+
+    def encode_copy_events(
+        self,
+        buf: bytearray,
+        first_position: int,
+        stream_ids: list[str],
+        events: list[Event],
+        metadatas: list[Metadata | None],
+        heads: dict[str, int],
+        recorded_at_us: int,
+    ) -> list[bytes]:
+        """Ids, versions, payloads and COPY framing in one pass; returns the ids. On error `buf` and
+        `heads` are as they were."""
+
+
+#: The hot path's function names, in the order HotPath declares them.
+HOT_PATH_NAMES: tuple[str, ...] = tuple(
+    name for name, value in vars(HotPath).items() if not name.startswith("_") and callable(value)
+)
 
 _requested = os.environ.get("EVENTCORE_IMPL", "").strip().lower()
 if _requested not in ("", "c", "python"):
     raise ImportError(f"EVENTCORE_IMPL must be 'c', 'python' or empty, not {_requested!r}")
 
-encode_event = _codec.encode_event
-encode_metadata = _codec.encode_metadata
-decode_rows = _codec.decode_rows
-new_event_ids = _ids.new_event_ids
-check_expected_versions = _versions.check_expected_versions
-assign_versions = _versions.assign_versions
-encode_copy_rows = _copy.encode_copy_rows
-encode_copy_events = _copy.encode_copy_events
 
-IMPL = "python"
+def _load(requested: str) -> tuple[str, HotPath]:
+    if requested in ("", "c"):
+        try:
+            from . import _speedups  # type: ignore[attr-defined]  # compiled from ext/
+        except ImportError as exc:
+            if requested == "c":
+                raise ImportError(
+                    "EVENTCORE_IMPL=c was requested but the compiled extension eventcore._speedups "
+                    f"cannot be imported ({exc}). This build of eventcore has no compiled hot path: "
+                    "install a wheel or build from source with Cython and a C compiler, or set "
+                    "EVENTCORE_IMPL=python (or leave it empty for the best available)."
+                ) from exc
+        else:
+            return "c", _speedups
+    from . import _pure
 
-if _requested in ("", "c"):
-    try:
-        from . import _speedups  # type: ignore[attr-defined]  # compiled from ext/ (hot-path issue)
-    except ImportError as exc:
-        if _requested == "c":
-            raise ImportError(
-                "EVENTCORE_IMPL=c was requested but the compiled extension eventcore._speedups "
-                f"cannot be imported ({exc}). This build of eventcore has no compiled hot path: "
-                "install a wheel or build from source with Cython and a C compiler, or set "
-                "EVENTCORE_IMPL=python (or leave it empty for the best available)."
-            ) from exc
-    else:
-        encode_event = _speedups.encode_event
-        encode_metadata = _speedups.encode_metadata
-        decode_rows = _speedups.decode_rows
-        new_event_ids = _speedups.new_event_ids
-        check_expected_versions = _speedups.check_expected_versions
-        assign_versions = _speedups.assign_versions
-        encode_copy_rows = _speedups.encode_copy_rows
-        encode_copy_events = _speedups.encode_copy_events
-        IMPL = "c"
+    return "python", _pure
+
+
+IMPL, implementation = _load(_requested)
+# Bound here as plain attributes, so a caller's `_impl.decode_rows(...)` costs one lookup.
+for _name in HOT_PATH_NAMES:
+    globals()[_name] = getattr(implementation, _name)
+del _name

@@ -1,5 +1,7 @@
-"""Type stubs of the compiled hot path (ext/_speedups.pyx); the pure-Python twins in
-eventcore._pure have the same signatures."""
+"""Type stubs of the compiled hot path (ext/_speedups.pyx and the parts it includes).
+
+The signatures are those of eventcore._impl.HotPath, which the pure-Python twins in
+eventcore._pure satisfy too; tests/test_hotpath.py keeps this file and the Protocol equal."""
 from typing import Any, Iterable
 
 from .events import Event, Metadata, RecordedEvent

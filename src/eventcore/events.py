@@ -14,10 +14,10 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from ._pure.payloads import MAX_PAYLOAD_BYTES, has_nul_escape
-from ._pure.utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 from .errors import ValidationError
+from .payloads import MAX_PAYLOAD_BYTES, has_nul_escape
 from .streams import StreamId, forbidden_character, stream_id as _stream_id
+from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 
 _registry: dict[str, type["Event"]] = {}
 _registry_lock = threading.Lock()
@@ -150,7 +150,7 @@ class ValidatedItem(tuple):
 def raw_data_problem(data: bytes, decoded: bool = False) -> str | None:
     """What is wrong with RawEvent data that parses as JSON, or None: too large, not UTF-8
     (msgspec does not check the bytes inside strings it skips), or a NUL (`\\u0000`), which
-    PostgreSQL's jsonb refuses (see eventcore._pure.payloads)."""
+    PostgreSQL's jsonb refuses (see eventcore.payloads)."""
     if len(data) > MAX_PAYLOAD_BYTES:
         return f"is {len(data):,} bytes; the limit is {MAX_PAYLOAD_BYTES:,} bytes (16 MiB) per event"
     if not data.isascii():

@@ -17,10 +17,10 @@ from typing import Any, BinaryIO, Iterator
 import msgspec
 
 from .errors import ValidationError
-from ._pure.payloads import has_nul_escape
-from ._pure.utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 from .events import Metadata, RawEvent, ValidatedItem, raw_data_problem, validate_type_name
+from .payloads import has_nul_escape
 from .streams import stream_id as _stream_id
+from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 
 
 class LineMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):

@@ -1,50 +1,43 @@
 """Event serialization: msgspec JSON payloads in, `RecordedEvent` envelopes out.
 
-Every backend hands rows to `decode_rows` in one layout (see `ROW_COLUMNS`), so
-the decoding, and its Cython twin, is shared by all stores.
+Every backend hands rows to `decode_rows` in one layout (`formats.ROW_COLUMNS`),
+so the decoding, and its Cython twin (ext/codec.pxi), is shared by all stores.
+What a payload may carry is checked by `eventcore.payloads`, which both twins call.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import uuid
+from typing import Any, Iterable
 
 import msgspec
 
 from ..errors import SerializationError, UnknownEventTypeError
 from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata, event_class
-from .payloads import MAX_PAYLOAD_BYTES, _float_capable, check_encoded, float_capable
-from .utf8 import NESTED_TOO_DEEPLY, row_decode_error_text
+from ..formats import ROW_COLUMNS
+from ..payloads import (
+    DECODE_ERRORS,
+    ENCODE_ERRORS,
+    MAX_PAYLOAD_BYTES,
+    check_encoded,
+    enc_hook,
+    encode_error_text,
+    float_capable,
+    float_capable_cache,
+)
+from ..utf8 import row_decode_error_text
 
-#: The row layout every store returns for decoding.
-ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us")
-
-def _enc_hook(obj):
-    # str subclasses (StreamId in an event field) are not native to msgspec.
-    if isinstance(obj, str):
-        return str(obj)
-    raise TypeError(f"objects of type {type(obj).__name__} are not JSON-serializable")
-
-
-_encoder = msgspec.json.Encoder(enc_hook=_enc_hook)
-# ValueError: a str with a lone surrogate (no UTF-8 form); RecursionError: nested deeper than
-# Python's recursion limit (msgspec counts its depth against it), reported as a typed error.
-_ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
-# UnicodeError: bytes that are not UTF-8 (as some msgspec versions report them; others raise a
-# DecodeError: see utf8), or text with lone surrogates (a non-UTF-8 SQLite TEXT value).
-_DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError)
+_encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 _metadata_decoder = msgspec.json.Decoder(Metadata)
 _decoders: dict[type, msgspec.json.Decoder] = {}
+_ROW_WIDTH = len(ROW_COLUMNS)
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _UUID = uuid.UUID
 _new_uuid = uuid.UUID.__new__
 _set = object.__setattr__
 
 
-def _nested_too_deeply(exc: BaseException) -> str:
-    return NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else str(exc)
-
-
-def encode_event(event: Event) -> tuple:
+def encode_event(event: Event) -> tuple[str, bytes]:
     """(type name, JSON payload bytes) for an event.
 
     SerializationError for what JSON or PostgreSQL cannot hold (see `payloads`): NaN or
@@ -57,9 +50,9 @@ def encode_event(event: Event) -> tuple:
         raise SerializationError(f"not an ec.Event: {cls.__name__}") from None
     try:
         data = _encoder.encode(event)
-    except _ENCODE_ERRORS as exc:
-        raise SerializationError(f"cannot encode event {name!r} ({cls.__name__}): {_nested_too_deeply(exc)}") from exc
-    floats = _float_capable.get(cls)
+    except ENCODE_ERRORS as exc:
+        raise SerializationError(f"cannot encode event {name!r} ({cls.__name__}): {encode_error_text(exc)}") from exc
+    floats = float_capable_cache.get(cls)
     if floats is None:
         floats = float_capable(cls)
     # The hot path's whole cost: a length test and one or two substring searches (see payloads).
@@ -68,15 +61,15 @@ def encode_event(event: Event) -> tuple:
     return name, data
 
 
-def encode_metadata(metadata) -> bytes | None:
+def encode_metadata(metadata: Metadata | None) -> bytes | None:
     """JSON bytes for metadata, or None when there is nothing to store (same checks as `encode_event`)."""
     if metadata is None or metadata == EMPTY_METADATA:
         return None
     check_metadata(metadata)
     try:
         data = _encoder.encode(metadata)
-    except _ENCODE_ERRORS as exc:
-        raise SerializationError(f"cannot encode metadata: {_nested_too_deeply(exc)}") from exc
+    except ENCODE_ERRORS as exc:
+        raise SerializationError(f"cannot encode metadata: {encode_error_text(exc)}") from exc
     if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or data.find(b"null") >= 0:
         check_encoded(metadata, data, "metadata", True)
     return data
@@ -99,8 +92,8 @@ def _uuid_from_bytes(raw) -> uuid.UUID:
     return u
 
 
-def decode_rows(rows) -> list:
-    """Decode stored rows (layout `ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
+def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
+    """Decode stored rows (layout `formats.ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
 
     A corrupt row (wrong shape, undecodable payload, bad id or timestamp) raises
     SerializationError naming its position; an unregistered type raises
@@ -110,8 +103,8 @@ def decode_rows(rows) -> list:
     append = out.append
     cache: dict = {}
     for row in rows:
-        if len(row) != 8:
-            raise SerializationError(f"a stored row has {len(row)} columns, expected 8")
+        if len(row) != _ROW_WIDTH:
+            raise SerializationError(f"a stored row has {len(row)} columns, expected {_ROW_WIDTH}")
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
         if type(type_name) is not str:
             raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r:.60}")
@@ -126,7 +119,7 @@ def decode_rows(rows) -> list:
         try:
             payload = dec.decode(data)
             md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
-        except _DECODE_ERRORS as exc:
+        except DECODE_ERRORS as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
                 f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, dec, data, metadata)}"

@@ -1,35 +1,29 @@
-"""COPY BINARY encoding of event rows: the batch writer's hot path (pure-Python twin).
+"""COPY BINARY encoding of event rows: the batch writer's hot path (pure-Python twin of ext/copy.pxi).
 
 Rows follow the column list of pg_sql.COPY_EVENTS: position int8,
 stream_id text, version int8, event_id uuid, type text, data jsonb, metadata
 jsonb (NULL when empty), recorded_at timestamptz. jsonb's binary form is a
 version byte (1) followed by the JSON text, which is exactly what msgspec
-produces, so payloads are framed, never re-encoded.
+produces, so payloads are framed, never re-encoded. The stream's header and
+trailer, and every limit, are in `eventcore.formats`.
 """
 from __future__ import annotations
 
 import struct
 
 from ..errors import SerializationError
-from ..events import EMPTY_METADATA, Metadata, check_metadata
+from ..events import EMPTY_METADATA, Event, Metadata, check_metadata
+from ..formats import COPY_FIELDS, INT64_MAX, INT64_MIN, JSONB_VERSION, MAX_FIELD_BYTES, NULL_LENGTH, PG_EPOCH_OFFSET_US
+from ..payloads import ENCODE_ERRORS, MAX_PAYLOAD_BYTES, check_encoded, encode_error_text, float_capable
 from . import ids as _ids
-from .codec import _ENCODE_ERRORS, _encoder, _nested_too_deeply
-from .payloads import MAX_PAYLOAD_BYTES, check_encoded, float_capable
+from .codec import _encoder
 
-COPY_HEADER = b"PGCOPY\n\xff\r\n\x00" + struct.pack(">ii", 0, 0)
-COPY_TRAILER = struct.pack(">h", -1)
-
-#: Microseconds between the Unix epoch and PostgreSQL's (2000-01-01 UTC).
-PG_EPOCH_OFFSET_US = 946_684_800_000_000
-_MAX_FIELD = 0x7FFF_FFFF  # a COPY field length is an int32
-_INT64_MAX = 0x7FFF_FFFF_FFFF_FFFF
-
-_ROW_START = struct.Struct(">hiq")  # field count 8; position: length 8, int8
+_ROW_START = struct.Struct(">hiq")  # field count; position: length 8, int8
 _INT8 = struct.Struct(">iq")
 _LEN = struct.Struct(">i")
 _UUID_FIELD = _LEN.pack(16)
-_NULL = _LEN.pack(-1)
-_JSONB_VERSION = b"\x01"
+_NULL = _LEN.pack(NULL_LENGTH)
+_JSONB_VERSION = bytes((JSONB_VERSION,))
 
 
 def _utf8(value, what: str, i: int) -> bytes:
@@ -42,7 +36,7 @@ def _utf8(value, what: str, i: int) -> bytes:
 
 
 def _int64(value, what: str, i: int) -> int:
-    if not isinstance(value, int) or not -_INT64_MAX - 1 <= value <= _INT64_MAX:
+    if not isinstance(value, int) or not INT64_MIN <= value <= INT64_MAX:
         raise SerializationError(f"{what} {i} must be an int within int64, got {value!r}")
     return value
 
@@ -50,12 +44,12 @@ def _int64(value, what: str, i: int) -> int:
 def encode_copy_rows(
     buf: bytearray,
     first_position: int,
-    stream_ids: list,
-    versions: list,
-    event_ids: list,
-    types: list,
-    payloads: list,
-    metadatas: list,
+    stream_ids: list[str],
+    versions: list[int],
+    event_ids: list[bytes],
+    types: list[str],
+    payloads: list[bytes],
+    metadatas: list[bytes | None],
     recorded_at_us: int,
 ) -> None:
     """Append one COPY BINARY row per event to `buf` (no header or trailer).
@@ -67,7 +61,7 @@ def encode_copy_rows(
     n = len(stream_ids)
     if not (len(versions) == len(event_ids) == len(types) == len(payloads) == len(metadatas) == n):
         raise SerializationError("encode_copy_rows: column lists differ in length")
-    if first_position > _INT64_MAX - n:
+    if first_position > INT64_MAX - n:
         raise SerializationError("position overflows int64")
     ts = _INT8.pack(8, recorded_at_us - PG_EPOCH_OFFSET_US)
     out = bytearray()
@@ -87,11 +81,11 @@ def encode_copy_rows(
         md = metadatas[i]
         if md is not None and type(md) is not bytes:
             raise SerializationError(f"metadata {i} must be bytes or None, got {type(md).__name__}")
-        if len(sid) > _MAX_FIELD or len(typ) > _MAX_FIELD or len(data) >= _MAX_FIELD or (
-            md is not None and len(md) >= _MAX_FIELD
+        if len(sid) > MAX_FIELD_BYTES or len(typ) > MAX_FIELD_BYTES or len(data) >= MAX_FIELD_BYTES or (
+            md is not None and len(md) >= MAX_FIELD_BYTES
         ):
             raise SerializationError(f"row {i} has a field longer than a COPY field allows (2 GiB)")
-        out += row_start(8, 8, first_position + i)
+        out += row_start(COPY_FIELDS, 8, first_position + i)
         out += length(len(sid))
         out += sid
         out += int8(8, version)
@@ -115,12 +109,12 @@ def encode_copy_rows(
 def encode_copy_events(
     buf: bytearray,
     first_position: int,
-    stream_ids: list,
-    events: list,
-    metadatas: list,
-    heads: dict,
+    stream_ids: list[str],
+    events: list[Event],
+    metadatas: list[Metadata | None],
+    heads: dict[str, int],
     recorded_at_us: int,
-) -> list:
+) -> list[bytes]:
     """Fused ingestion encoder: for each event make a UUIDv7, take the next version of its
     stream from `heads` (advanced in place), msgspec-encode the payload and metadata
     (ec.Metadata or None) with jsonb framing, and frame the row into `buf`.
@@ -130,7 +124,7 @@ def encode_copy_events(
     n = len(stream_ids)
     if len(events) != n or len(metadatas) != n:
         raise SerializationError("encode_copy_events: column lists differ in length")
-    if first_position > _INT64_MAX - n:
+    if first_position > INT64_MAX - n:
         raise SerializationError("position overflows int64")
     event_ids = _ids.new_event_ids(n)
     new_heads: dict = {}
@@ -149,15 +143,15 @@ def encode_copy_events(
         head = new_heads.get(sid)
         if head is None:
             head = _int64(heads.get(sid, 0), "stream head", i)
-        if head >= _INT64_MAX:
+        if head >= INT64_MAX:
             raise SerializationError(f"stream head {i} is at the int64 limit")
         new_heads[sid] = head + 1
         versions.append(head + 1)
         try:
             data = encode(ev)
-        except _ENCODE_ERRORS as exc:
+        except ENCODE_ERRORS as exc:
             raise SerializationError(
-                f"cannot encode event {i} {name!r} ({type(ev).__name__}): {_nested_too_deeply(exc)}"
+                f"cannot encode event {i} {name!r} ({type(ev).__name__}): {encode_error_text(exc)}"
             ) from exc
         floats = float_classes.get(type(ev))
         if floats is None:
@@ -176,8 +170,8 @@ def encode_copy_events(
                 md_checked = md
             try:
                 data = encode(md)
-            except _ENCODE_ERRORS as exc:
-                raise SerializationError(f"cannot encode metadata {i}: {_nested_too_deeply(exc)}") from exc
+            except ENCODE_ERRORS as exc:
+                raise SerializationError(f"cannot encode metadata {i}: {encode_error_text(exc)}") from exc
             if len(data) > MAX_PAYLOAD_BYTES or data.find(b"\\u0000") >= 0 or data.find(b"null") >= 0:
                 check_encoded(md, data, f"metadata {i}", True)
             mds.append(data)

@@ -9,6 +9,8 @@ import os
 import threading
 import time
 
+from ..formats import UUID_COUNTER_MAX, UUID_VARIANT, UUID_VERSION
+
 _lock = threading.Lock()
 _last_ms = 0
 _counter = 0
@@ -22,9 +24,10 @@ def _reinit_after_fork() -> None:
 if hasattr(os, "register_at_fork"):
     os.register_at_fork(after_in_child=_reinit_after_fork)
 
-# rand_a (12 bits) holds a per-millisecond counter (RFC 9562, method 1), so ids
-# made by this process in the same millisecond still sort in creation order.
-_COUNTER_MAX = 0xFFF
+# The 128 bits, most significant first: unix_ts_ms (48), version (4), counter in rand_a (12),
+# variant (2), random (62).
+_FIXED_BITS = UUID_VERSION << 76 | UUID_VARIANT << 62
+_RANDOM_MASK = (1 << 62) - 1
 
 
 def new_event_ids(count: int) -> list[bytes]:
@@ -36,6 +39,7 @@ def new_event_ids(count: int) -> list[bytes]:
     out = []
     append = out.append
     from_bytes = int.from_bytes
+    fixed, mask, counter_max = _FIXED_BITS, _RANDOM_MASK, UUID_COUNTER_MAX
     with _lock:
         ms = time.time_ns() // 1_000_000
         if ms > _last_ms:
@@ -46,12 +50,12 @@ def new_event_ids(count: int) -> list[bytes]:
         counter = _counter
         for i in range(count):
             counter += 1
-            if counter > _COUNTER_MAX:
+            if counter > counter_max:
                 # Counter exhausted within one millisecond: borrow the next one.
                 ms += 1
                 counter = 0
-            r = from_bytes(rand[8 * i : 8 * i + 8], "big") & 0x3FFF_FFFF_FFFF_FFFF
-            value = (ms << 80) | (0x7000 | counter) << 64 | 0x8000_0000_0000_0000 | r
+            r = from_bytes(rand[8 * i : 8 * i + 8], "big") & mask
+            value = (ms << 80) | counter << 64 | fixed | r
             append(value.to_bytes(16, "big"))
         _last_ms = ms
         _counter = counter

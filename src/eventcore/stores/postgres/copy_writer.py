@@ -14,7 +14,7 @@ chunk's rows come from:
 from __future__ import annotations
 
 from ... import _impl
-from ..._pure.copy import COPY_HEADER, COPY_TRAILER
+from ...formats import COPY_HEADER, COPY_TRAILER
 from ..base import PreparedAppend
 
 #: Rows encoded per call of the COPY encoder (~100 KiB of rows of ~100-byte events).

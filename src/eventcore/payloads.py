@@ -1,4 +1,4 @@
-"""What a JSON payload may not carry, checked after msgspec encoded it; shared by both implementations.
+"""What a JSON payload may carry, and how msgspec is told to encode one: shared by both hot-path implementations.
 
 msgspec writes NaN and +/-infinity as `null` (JSON has no such numbers), so an
 event holding one would come back as None, or fail to decode for ever after.
@@ -13,6 +13,10 @@ fields can hold a float (see `float_capable`). A hit is then confirmed on the
 Python object (slow path, rare), so a legitimate `null` or an escaped backslash
 followed by `u0000` is never refused. Fields are trusted to hold what they
 declare: msgspec does not check types when a Struct is constructed.
+
+The encoder hook and the exceptions that mean "this object cannot be JSON" live
+here too, so both twins encode the same objects to the same bytes and refuse
+the same ones with the same message.
 """
 from __future__ import annotations
 
@@ -23,7 +27,8 @@ import threading
 import msgspec
 import msgspec.inspect as _mi
 
-from ..errors import SerializationError
+from .errors import SerializationError
+from .utf8 import NESTED_TOO_DEEPLY
 
 #: Largest JSON payload (and, separately, metadata) one event may have, in bytes: 16 MiB.
 #: PostgreSQL's jsonb holds at most ~255 MB and a COPY field 2 GiB; an event store is
@@ -31,13 +36,37 @@ from ..errors import SerializationError
 #: (or a 1 GB row in SQLite) after.
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
+
+def enc_hook(obj):
+    """msgspec's hook for objects it does not encode natively: str subclasses (StreamId in an event field)."""
+    if isinstance(obj, str):
+        return str(obj)
+    raise TypeError(f"objects of type {type(obj).__name__} are not JSON-serializable")
+
+
+#: What msgspec raises for an object that has no JSON form. ValueError: a str with a lone surrogate
+#: (no UTF-8 form); RecursionError: nested deeper than Python's recursion limit (msgspec counts its
+#: depth against it), reported as a typed error like the others.
+ENCODE_ERRORS = (msgspec.EncodeError, TypeError, OverflowError, ValueError, RecursionError)
+#: What msgspec raises for stored bytes that are not a valid payload. UnicodeError: bytes that are not
+#: UTF-8 (as some msgspec versions report them; others raise a DecodeError: see utf8), or text with
+#: lone surrogates (a non-UTF-8 SQLite TEXT value).
+DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeError, RecursionError)
+
+
+def encode_error_text(exc: BaseException) -> str:
+    """What was wrong with an object msgspec could not encode (`exc` one of ENCODE_ERRORS)."""
+    return NESTED_TOO_DEEPLY if isinstance(exc, RecursionError) else str(exc)
+
+
 # Declared types that can never hold a float once encoded.
 _FLOAT_FREE = (
     _mi.IntType, _mi.StrType, _mi.BoolType, _mi.NoneType, _mi.BytesType, _mi.ByteArrayType, _mi.MemoryViewType,
     _mi.DateTimeType, _mi.DateType, _mi.TimeType, _mi.TimeDeltaType, _mi.UUIDType, _mi.DecimalType,
     _mi.LiteralType, _mi.EnumType, _mi.RawType, _mi.ExtType,
 )
-_float_capable: dict[type, bool] = {}
+#: float_capable's answers, per class: the hot paths read it directly and call float_capable on a miss.
+float_capable_cache: dict[type, bool] = {}
 _lock = threading.Lock()
 
 
@@ -62,14 +91,14 @@ def _type_may_hold_float(info, seen: set) -> bool:
 
 def float_capable(cls: type) -> bool:
     """Whether a declared field of `cls` (at any depth) can hold a float. Cached per class."""
-    found = _float_capable.get(cls)
+    found = float_capable_cache.get(cls)
     if found is None:
         try:
             found = _type_may_hold_float(_mi.type_info(cls), set())
         except Exception:  # noqa: BLE001 - a type msgspec cannot describe: check its payloads
             found = True
         with _lock:
-            _float_capable[cls] = found
+            float_capable_cache[cls] = found
     return found
 
 
