@@ -17,7 +17,7 @@ from psycopg import sql  # noqa: E402
 
 from eventcore.stores import pg_sql  # noqa: E402
 from eventcore.stores.postgres import _encode_group  # noqa: E402
-from eventcore.stores.base import prepare_append  # noqa: E402
+from eventcore.stores.prepare import prepare_append  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("pg_dsn")
 

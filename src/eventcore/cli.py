@@ -327,7 +327,7 @@ def _cmd_ingest(args) -> int:
 
     from .jsonl import BadLine, JsonLinesReader
     from .stores import connect
-    from .stores.base import IngestError
+    from .stores.ingest import IngestError
 
     dsn = _dsn(args)
     rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
@@ -473,7 +473,7 @@ def _cmd_tail(args) -> int:
         raise EventCoreError(f"--interval must be > 0 and at most 86400 seconds, got {args.interval}")
     types = None
     if args.type:
-        from .stores.base import _type_names
+        from .stores.prepare import type_names as _type_names
 
         types = _type_names([t for chunk in args.type for t in chunk.split(",") if t])  # ValidationError if bad
     prefix = args.prefix or None

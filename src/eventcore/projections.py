@@ -60,7 +60,8 @@ from .errors import EventCoreError, SerializationError, StoreUnavailableError, V
 from .events import RecordedEvent
 from .options import seconds
 from .streams import forbidden_character
-from .stores.base import MAX_EVENTS_PER_BATCH, EventStore, _type_names
+from .stores.base import EventStore
+from .stores.prepare import MAX_EVENTS_PER_BATCH, type_names as _type_names
 from .stores.sqlite import commit_or_roll_back as _commit_or_roll_back
 
 try:

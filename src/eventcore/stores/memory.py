@@ -12,7 +12,9 @@ import threading
 from .. import _impl
 from ..errors import DuplicateCommandError, StoreUnavailableError
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, group_by_stream
+from .ingest import ingest_overlap
+from .prepare import PreparedAppend
 
 
 class MemoryStore(EventStore):

@@ -59,7 +59,8 @@ from ..errors import (
 from ..events import RawEvent, RecordedEvent
 from .._pure import copy as _copy
 from . import pg_sql
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, PreparedAppend, group_by_stream
+from .ingest import ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
 from .dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from .dsn import without_secrets as _without_secrets

@@ -29,7 +29,9 @@ from ..errors import (
 )
 from ..events import RecordedEvent
 from ..options import boolean, seconds
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, group_by_stream
+from .ingest import ingest_overlap
+from .prepare import PreparedAppend
 
 log = logging.getLogger("eventcore.store.sqlite")
 
