@@ -24,6 +24,7 @@ from ..events import EventToWrite, Metadata, RawEvent, RecordedEvent
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
 from .observer import StoreObserver, observed
+from .projection_storage import PENDING_CAP, ProjectionStorage
 from .prepare import (
     MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, type_names as _type_names, validate_idempotency_key,
 )
@@ -128,9 +129,15 @@ class EventStore(ABC):
         """(schema version in place, version this eventcore needs); (None, None) when not applicable."""
         return None, None
 
+    def _projection_storage(self) -> ProjectionStorage:
+        """Where this store keeps projection checkpoints, dead letters and leader locks (see
+        projection_storage); a backend with projections returns its own."""
+        raise ValidationError(f"projections are not supported on {type(self).__name__}")
+
     def health(self) -> "StoreHealth":
-        """Connectivity, schema version, pool state and projection lag, read now. Never raises for an
-        unreachable store: `ok` is False and `error` says why (with no password in it)."""
+        """Connectivity, schema version, pool state and the projectors' checkpoints (lag = head position
+        - checkpoint), read now. Never raises for an unreachable store: `ok` is False and `error` says
+        why (with no password in it)."""
         error = None
         head = schema = expected = None
         latency_ms = 0.0
@@ -148,11 +155,11 @@ class EventStore(ABC):
         projections: list = []
         if error is None:
             try:
-                from ..projections import projection_status  # the read side, imported only when asked
-
-                projections = [{"name": p.name, "state": p.state, "position": p.position, "lag": p.lag,
-                                "pending": p.pending, "dead_letters": p.dead_letters} for p in projection_status(self)]
-            except Exception:  # noqa: BLE001 - no projection tables yet
+                projections = [{"name": p.name, "state": p.state, "position": p.position,
+                                "lag": max(0, p.head - p.position), "pending": p.pending,
+                                "dead_letters": p.dead_letters}
+                               for p in self._projection_storage().checkpoints(None, PENDING_CAP)]
+            except Exception:  # noqa: BLE001 - no projection tables yet, or a backend without projections
                 projections = []
         ok = error is None and (schema is None or schema == expected)
         problem = None if ok else "unreachable" if error is not None else "schema_version"

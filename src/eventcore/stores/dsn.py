@@ -163,3 +163,16 @@ def without_secrets(text: str, dsn: str) -> str:
     for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+
+
+def one_line(exc: BaseException, dsn: str) -> str:
+    """libpq's message (psycopg's for a host that does not resolve) on one line, without the DSN's secrets."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return without_secrets("; ".join(lines) or type(exc).__name__, dsn)
+
+
+def session_options(ours: str, dsn_options: str) -> str:
+    """libpq's `options` for a connection: eventcore's `-c` settings, then the DSN's own. A connection
+    keyword replaces the DSN's parameter of that name, so without this the DSN's would be lost; after
+    ours, its settings win where both set one (the server applies them in order)."""
+    return f"{ours} {dsn_options}" if dsn_options.strip() else ours

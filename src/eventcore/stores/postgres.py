@@ -64,6 +64,7 @@ from .ingest import ingest_overlap
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); these names stay here too.
 from .dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from .dsn import without_secrets as _without_secrets
+from .pg_projections import PostgresProjectionStorage
 
 log = logging.getLogger("eventcore.store.postgres")
 
@@ -602,6 +603,9 @@ class PostgresStore(EventStore):
     @property
     def url(self) -> str:
         return redact(self._dsn)
+
+    def _projection_storage(self) -> PostgresProjectionStorage:
+        return PostgresProjectionStorage(self)
 
     def close(self) -> None:
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
