@@ -39,7 +39,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import WORKLOADS
+    from .bench.runner import WORKLOADS
 
     parser = _Parser(prog="eventcore", description="eventcore: event sourcing with atomic multi-stream commands")
     parser.add_argument("--version", action="version", version=f"eventcore {__version__} (impl {_impl.IMPL})")
@@ -634,7 +634,8 @@ def _schema_option(dsn: str, scheme: str) -> str | None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import WORKLOADS, BenchStore, format_scaling, format_table, run_workload
+    from .bench.report import format_scaling, format_table
+    from .bench.runner import WORKLOADS, BenchStore, run_workload
     from .metrics import MetricsCollector
 
     if args.path and args.backend != "sqlite":
