@@ -42,7 +42,7 @@ import pytest
 from psycopg import sql
 
 import eventcore as ec
-from eventcore.workloads import AccountOpened, DepositMoney, MoneyWithdrawn, TransferMoney
+from eventcore.bench.workloads import AccountOpened, DepositMoney, MoneyWithdrawn, TransferMoney
 
 from conftest import CONCURRENCY, FIGURES, MEDIANS, RATIOS, record, run_split, transfer_pairs
 

@@ -12,7 +12,7 @@ import psycopg
 from psycopg import sql
 
 import eventcore as ec
-from eventcore.workloads import AccountOpened, MoneyDeposited, MoneyWithdrawn
+from eventcore.bench.workloads import AccountOpened, MoneyDeposited, MoneyWithdrawn
 
 
 def amount(event: ec.RecordedEvent) -> int:

@@ -25,7 +25,7 @@ import eventcore as ec
 from domain import Noted, Opaque
 from eventcore.payloads import MAX_PAYLOAD_BYTES
 from eventcore.jsonl import BadLine, JsonLinesReader, parse_line
-from eventcore.stores.base import MAX_EVENTS_PER_APPEND, MAX_EVENTS_PER_BATCH
+from eventcore.stores.prepare import MAX_EVENTS_PER_APPEND, MAX_EVENTS_PER_BATCH
 
 emit = ec.emit
 NESTING = 10_000  # far past Python's recursion limit (1,000 by default)

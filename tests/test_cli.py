@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from eventcore.bench import run_workload
+from eventcore.bench.runner import run_workload
 from eventcore.cli import main
 import eventcore as ec
 

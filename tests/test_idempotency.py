@@ -318,7 +318,7 @@ def test_two_members_of_one_group_commit_with_one_key(request):
     transaction records is reported as a duplicate and writes nothing; the others are written."""
     from pgserver import postgres_store
 
-    from eventcore.stores.base import prepare_append
+    from eventcore.stores.prepare import prepare_append
 
     store = postgres_store(request)
     try:

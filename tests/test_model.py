@@ -109,6 +109,13 @@ def test_errors_pickle_round_trip():
 # -- Metadata ----------------------------------------------------------------------------------
 
 
+def test_a_version_conflict_names_the_expected_version_in_words():
+    words = {ec.ANY: "expected any version,", ec.NO_STREAM: "expected no stream (version 0),",
+             ec.STREAM_EXISTS: "expected an existing stream,", 7: "expected version 7,"}
+    for expected, text in words.items():
+        assert text in str(ec.ConcurrencyError("s", expected, 3)), expected
+
+
 def test_metadata_defaults():
     md = ec.Metadata()
     assert md.correlation_id is None

@@ -221,13 +221,11 @@ def test_migrating_without_the_owners_rights_says_what_to_do(pg_dsn, pg_schema):
 
 def test_a_projection_that_cannot_connect_says_why_on_one_line(pg_dsn, pg_schema):
     """A projector's own connection, made after the store's, to a server that is no longer where it was."""
-    from eventcore.stores.pg_projections import PostgresBackend
-
     store = ec.connect(pg_dsn, schema=pg_schema)
     try:
         store._dsn = f"postgresql://app:{SECRET}@127.0.0.1:{_free_port()}/db"  # the server moved away
         with pytest.raises(ec.StoreUnavailableError) as info:
-            PostgresBackend(store, "balances").open()
+            store._projection_storage().session("balances").open()
     finally:
         store.close()
     message = str(info.value)

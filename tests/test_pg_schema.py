@@ -15,7 +15,7 @@ psycopg = require("psycopg")
 from psycopg import sql  # noqa: E402
 
 import pg_legacy  # noqa: E402
-from eventcore.stores.base import prepare_append  # noqa: E402
+from eventcore.stores.prepare import prepare_append  # noqa: E402
 from eventcore.stores.postgres import least_privilege_grants  # noqa: E402
 from eventcore.stores.postgres import migrations  # noqa: E402
 from eventcore.stores.postgres import sql as pg_sql  # noqa: E402
@@ -58,9 +58,11 @@ def test_every_function_is_defined_in_exactly_one_sql_file_named_after_it():
     for name, text in pg_sql.FUNCTIONS.items():
         assert re.search(r"CREATE OR REPLACE FUNCTION \{s\}\." + name + r"\(", text), name
     # and no Python module of the backend carries a function body any more
-    package = resources.files("eventcore.stores")
-    for path in ("pg_projections.py",):
-        assert not _DEFINES.search(package.joinpath(path).read_text(encoding="utf-8"))
+    package = resources.files("eventcore.stores.postgres")
+    modules = [p for p in package.iterdir() if p.name.endswith(".py")]
+    assert any(p.name == "projections.py" for p in modules)
+    for path in modules:
+        assert not _DEFINES.search(path.read_text(encoding="utf-8")), path.name
 
 
 def test_migrations_make_tables_and_triggers_only():

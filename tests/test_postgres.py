@@ -18,7 +18,7 @@ from psycopg import sql  # noqa: E402
 from eventcore.stores.postgres import least_privilege_grants  # noqa: E402
 from eventcore.stores.postgres import sql as pg_sql  # noqa: E402
 from eventcore.stores.postgres.group_commit import _encode_group  # noqa: E402
-from eventcore.stores.base import prepare_append  # noqa: E402
+from eventcore.stores.prepare import prepare_append  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("pg_dsn")
 
@@ -734,14 +734,12 @@ def _settings(conn, *names) -> list:
 def test_the_urls_options_reach_every_connection_after_the_stores_own(pg_dsn, pg_schema):
     """libpq's `options` in the URL: the store's settings and the URL's both apply, the URL's winning
     where both set one, on the pool's connections and on a projector's own."""
-    from eventcore.stores.pg_projections import PostgresBackend
-
     url = _with_options(pg_dsn, "-c statement_timeout=4321 -c work_mem=1234kB")
     with ec.connect(url, schema=pg_schema, statement_timeout=9) as store:
         with store._pool.connection() as conn:
             assert _settings(conn, "statement_timeout", "work_mem", "plan_cache_mode") == [
                 "4321ms", "1234kB", "force_custom_plan"]
-        backend = PostgresBackend(store, "opts", listen=False)
+        backend = store._projection_storage().session("opts", listen=False)
         backend.open()
         try:
             assert _settings(backend.connection, "statement_timeout", "work_mem") == ["4321ms", "1234kB"]

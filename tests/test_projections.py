@@ -845,11 +845,12 @@ def test_postgres_handler_operational_error_on_a_live_connection_goes_to_the_err
 
 
 def test_reconnect_backoff_is_exponential_and_bounded(monkeypatch):
-    from eventcore import projections
+    from eventcore.stores.memory_projections import MemoryProjectionSession
+    from eventcore.stores.projection_storage import StoreFailed
 
-    class Down(projections._Backend):
+    class Down(MemoryProjectionSession):
         def open(self):
-            raise projections._StoreFailed("projection 'down': connection refused")
+            raise StoreFailed("projection 'down': connection refused")
 
     class Recorder(threading.Event):
         def __init__(self):
@@ -863,7 +864,8 @@ def test_reconnect_backoff_is_exponential_and_bounded(monkeypatch):
             return self.is_set()
 
     store = ec.connect("memory://")
-    monkeypatch.setattr(projections, "_backend", lambda store, name, listen=True: Down(store, name))
+    storage = store._projection_storage()
+    monkeypatch.setattr(storage, "session", lambda name, listen=True: Down(storage, name))
     stop = Recorder()
     ec.run_projection(store, Collector("down"), stop_event=stop, reconnect_backoff=0.5, max_reconnect_backoff=10)
     assert stop.waits == [0.5, 1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0]
@@ -969,7 +971,7 @@ def test_rebuild_on_a_first_run_sets_up_before_it_resets(durable_store):
         handler=lambda e, ctx: ctx.connection.execute(f"INSERT INTO {table} VALUES ({ph})", (e.data.n,)))
     for _ in range(2):  # first run, then a true rebuild over a full read model
         ec.run_projection(store, proj, until_caught_up=True, rebuild=True)
-        conn = ec.projections._backend(store, "fresh")
+        conn = store._projection_storage().session("fresh")
         conn.open()
         try:
             assert sorted(r[0] for r in conn.connection.execute(f"SELECT n FROM {table}").fetchall()) == [0, 1, 2]
@@ -1036,7 +1038,7 @@ def test_filtered_projector_does_not_commit_a_checkpoint_per_idle_wake_up(store)
 
 def test_runner_lag_and_pending_come_from_the_stored_checkpoint(store, monkeypatch):
     """A waiting instance (its own position 0) reports the projector's lag, not the whole feed."""
-    from eventcore import projections
+    from eventcore.projections import status as listing
 
     store.append([ec.emit(f"l-{i}", Counted(i)) for i in range(3)])
     waiting = ec.ProjectionRunner(store, Collector())
@@ -1046,20 +1048,20 @@ def test_runner_lag_and_pending_come_from_the_stored_checkpoint(store, monkeypat
     store.append([ec.emit("l-9", Counted(9)), ec.emit("l-9", Counted(10))])
     assert waiting.lag() == store.head_position() - ec.projection_status(store, "collector")[0].position > 0
     assert waiting.pending() == 2 and waiting.status().pending == 2
-    monkeypatch.setattr(projections, "PENDING_CAP", 1)  # pending is a bounded count
+    monkeypatch.setattr(listing, "PENDING_CAP", 1)  # pending is a bounded count
     assert waiting.pending() == 1 and ec.projection_status(store)[0].pending == 1
 
 
 def test_postgres_filtered_read_looks_at_a_window_of_the_feed(pg, monkeypatch):
     """A filtered page reads at most a window of events after the cursor (an index range), not up to
     the fence; the runner walks the windows and finds what its filters want beyond them."""
-    from eventcore.stores import pg_projections
+    from eventcore.stores.postgres import projections as pg_projections
 
     monkeypatch.setattr(pg_projections, "WINDOW_MIN", 10)
     pg.append_batch([ec.emit(f"w-{i % 3}", Noise(str(i))) for i in range(25)])
     pg.append([ec.emit("w-9", Counted(1))])
     noise = [e.position for e in pg.read_all(types=[Noise])]
-    backend = pg_projections.PostgresBackend(pg, "window", listen=False)
+    backend = pg._projection_storage().session("window", listen=False)
     backend.open()
     try:
         assert backend.read_page(0, ["projtest.Counted"], None, 1) == ([], noise[9])  # the 10th event bounds it
@@ -1121,14 +1123,16 @@ def test_monitoring_commands_run_no_ddl_and_say_when_the_schema_is_behind(pg_dsn
 
 
 def test_reconnect_warning_names_the_projection_once(monkeypatch, caplog):
-    from eventcore import projections
+    from eventcore.stores.memory_projections import MemoryProjectionSession
+    from eventcore.stores.projection_storage import StoreFailed
 
-    class Down(projections._Backend):
+    class Down(MemoryProjectionSession):
         def open(self):
-            raise projections._StoreFailed("projection 'down': connection refused")
+            raise StoreFailed("projection 'down': connection refused")
 
     store = ec.connect("memory://")
-    monkeypatch.setattr(projections, "_backend", lambda store, name, listen=True: Down(store, name))
+    storage = store._projection_storage()
+    monkeypatch.setattr(storage, "session", lambda name, listen=True: Down(storage, name))
     stop = threading.Event()
     runner = ec.ProjectionRunner(store, Collector("down"), stop_event=stop, reconnect_backoff=0.01).start()
     try:
@@ -1145,7 +1149,7 @@ def test_sqlite_leader_lock_is_the_same_file_through_a_symlink(tmp_path):
     direct = ec.connect(f"sqlite:///{tmp_path / 'real' / 'events.db'}")
     (tmp_path / "linked.db").symlink_to(tmp_path / "real" / "events.db")
     linked = ec.connect(f"sqlite:///{tmp_path / 'linked.db'}")
-    a, b = (ec.projections._backend(s, "one") for s in (direct, linked))
+    a, b = (s._projection_storage().session("one") for s in (direct, linked))
     try:
         a.open()
         b.open()
@@ -1189,11 +1193,11 @@ def test_postgres_a_waiting_instance_does_not_listen(pg):
     try:
         wait_until(leader.leading.is_set, what="a leader")
         waiting = ec.ProjectionRunner(pg, Collector(), poll_interval=0.05, lock_poll_interval=0.05).start()
-        wait_until(lambda: waiting._backend is not None and waiting._backend.connection is not None,
+        wait_until(lambda: waiting._session is not None and waiting._session.connection is not None,
                    what="the second instance's connection")
 
         def channels(runner):
-            return runner._backend.connection.execute("SELECT pg_listening_channels()").fetchall()
+            return runner._session.connection.execute("SELECT pg_listening_channels()").fetchall()
 
         assert len(channels(leader)) == 1
         assert channels(waiting) == []

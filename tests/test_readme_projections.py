@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import eventcore as ec
-from eventcore.bench import run_workload
+from eventcore.bench.runner import run_workload
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "balances.py"

@@ -14,7 +14,7 @@ import pytest
 
 import eventcore as ec
 from domain import Deposited
-from eventcore.stores.base import prepare_append
+from eventcore.stores.prepare import prepare_append
 
 
 def _cli_ingest(db: str, path: str) -> None:

@@ -118,7 +118,7 @@ def test_library_without_driver(tmp_path):
     """import eventcore, connect, execute, project, measure and check health on SQLite and memory."""
     code = BLOCK_DRIVERS + textwrap.dedent("""
         import eventcore as ec
-        from eventcore.workloads import AccountOpened, DepositMoney
+        from eventcore.bench.workloads import AccountOpened, DepositMoney
 
         for url in (sys.argv[1], "memory://"):
             collector = ec.MetricsCollector()

@@ -43,7 +43,8 @@ from .projections import (
     run_projection,
 )
 from .stores import connect
-from .stores.base import BatchResult, EventStore, IngestError, IngestResult, StoreHealth
+from .stores.base import BatchResult, EventStore, StoreHealth
+from .stores.ingest import IngestError, IngestResult
 from .streams import StreamId
 
 __version__ = "0.1.0"

@@ -39,7 +39,7 @@ def _int_list(text: str) -> list[int]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .bench import WORKLOADS
+    from .bench.runner import WORKLOADS
 
     parser = _Parser(prog="eventcore", description="eventcore: event sourcing with atomic multi-stream commands")
     parser.add_argument("--version", action="version", version=f"eventcore {__version__} (impl {_impl.IMPL})")
@@ -328,7 +328,7 @@ def _cmd_ingest(args) -> int:
 
     from .jsonl import BadLine, JsonLinesReader
     from .stores import connect
-    from .stores.base import IngestError
+    from .stores.ingest import IngestError
 
     dsn = _dsn(args)
     rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
@@ -474,7 +474,7 @@ def _cmd_tail(args) -> int:
         raise EventCoreError(f"--interval must be > 0 and at most 86400 seconds, got {args.interval}")
     types = None
     if args.type:
-        from .stores.base import _type_names
+        from .stores.prepare import type_names as _type_names
 
         types = _type_names([t for chunk in args.type for t in chunk.split(",") if t])  # ValidationError if bad
     prefix = args.prefix or None
@@ -635,7 +635,8 @@ def _schema_option(dsn: str, scheme: str) -> str | None:
 
 
 def _cmd_bench(args) -> int:
-    from .bench import WORKLOADS, BenchStore, format_scaling, format_table, run_workload
+    from .bench.report import format_scaling, format_table
+    from .bench.runner import WORKLOADS, BenchStore, run_workload
     from .metrics import MetricsCollector
 
     if args.path and args.backend != "sqlite":

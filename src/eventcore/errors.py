@@ -7,6 +7,17 @@ version was expected and which was found, which input field was bad.
 from __future__ import annotations
 
 
+#: How an error names the special expected versions (their values are defined in eventcore.expected,
+#: which imports this module: the table is here so that errors import nothing of the model).
+_EXPECTED_WORDS = {-1: "any version", 0: "no stream (version 0)", -2: "an existing stream"}
+
+
+def describe_expected(expected: int) -> str:
+    """An expected version in words, as errors name it."""
+    words = _EXPECTED_WORDS.get(expected)
+    return words if words is not None else f"version {expected}"
+
+
 class EventCoreError(Exception):
     """Base class of every error raised by eventcore."""
 
@@ -31,8 +42,6 @@ class ConcurrencyError(EventCoreError):
         self.expected = expected
         self.actual = actual
         if message is None:
-            from .expected import describe_expected
-
             message = (
                 f"version conflict on stream {stream_id!r}: expected "
                 f"{describe_expected(expected)}, actual version {actual}"

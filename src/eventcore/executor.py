@@ -37,7 +37,8 @@ from .errors import (
 from .events import EventToWrite, Metadata, RecordedEvent
 from .metrics import MetricsCollector
 from .options import described as _described, seconds
-from .stores.base import EventStore, validate_idempotency_key
+from .stores.base import EventStore
+from .stores.prepare import validate_idempotency_key
 from .streams import stream_id as _stream_id
 
 log = logging.getLogger("eventcore.executor")
@@ -478,8 +479,9 @@ def execute(
         raise ValidationError(f"metrics must be an ec.MetricsCollector or None, got {_described(metrics)}")
     key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
-        metrics = getattr(store, "_metrics", None)
-        if metrics is None:  # the unobserved path: no clock read, no allocation
+        metrics = getattr(store, "_observer", None)
+        if metrics is None or not isinstance(metrics, MetricsCollector):
+            # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
             return _execute(store, command, policy, metadata, timeout, cache, None, key)
     run = metrics._command_start(command, declared_streams(command))
     try:

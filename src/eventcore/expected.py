@@ -43,13 +43,3 @@ def validate_expected(stream_id: str, expected: object) -> int:
             f"ec.NO_STREAM, ec.ANY or ec.STREAM_EXISTS; got {expected!r}"
         )
     return expected
-
-
-def describe_expected(expected: int) -> str:
-    if expected == ANY:
-        return "any version"
-    if expected == NO_STREAM:
-        return "no stream (version 0)"
-    if expected == STREAM_EXISTS:
-        return "an existing stream"
-    return f"version {expected}"

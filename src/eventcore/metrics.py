@@ -265,10 +265,12 @@ class MetricsCollector:
         """Register a tracer: `start(name, attributes) -> handle` and `end(handle, attributes, error)`."""
         self._tracers.append(tracer)
 
-    def _attached(self, store) -> None:
+    # -- the stores' StoreObserver protocol (eventcore.stores.observer) -------------------------
+
+    def store_attached(self, store) -> None:
         self._stores.add(store)
 
-    def _detached(self, store) -> None:
+    def store_detached(self, store) -> None:
         self._stores.discard(store)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -395,7 +397,7 @@ class MetricsCollector:
                 lines.append(f"Projection {name}: lag {lag:,}")
         return "\n".join(lines)
 
-    # -- recording (called by the executor and the stores) ---------------------------------------
+    # -- recording (called by the executor and, through the StoreObserver protocol, the stores) ---
 
     def _command_start(self, command, streams) -> _CommandRun:
         run = _CommandRun(self, command, streams)
@@ -462,7 +464,7 @@ class MetricsCollector:
             for fn in self._command_hooks:
                 _call_hook(fn, info)
 
-    def _op_start(self, store, op: str, streams, expected: dict | None = None) -> _OpRun:
+    def operation_started(self, store, op: str, streams, expected: dict | None = None) -> _OpRun:
         run = _OpRun(store, op, streams)
         if self._tracers and op != "ingest_batch":
             attrs = {"db.system": _DB_SYSTEM.get(getattr(store, "scheme", ""), "other"), "eventcore.operation": op}
@@ -473,7 +475,7 @@ class MetricsCollector:
             run.spans = [t.start(f"eventcore.{op}", attrs) for t in self._tracers]
         return run
 
-    def _op_end(self, run: _OpRun, events: int, error: BaseException | None, versions=None) -> None:
+    def operation_ended(self, run: _OpRun, events: int, error: BaseException | None, versions=None) -> None:
         """`versions`: a dict, or a function returning one, of stream -> version after (for spans only)."""
         duration = time.perf_counter() - run.started
         op = run.op

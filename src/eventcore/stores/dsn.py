@@ -163,3 +163,4 @@ def without_secrets(text: str, dsn: str) -> str:
     for secret in sorted({s for raw in secrets for s in (raw, unquote(raw))} - {""}, key=len, reverse=True):
         text = text.replace(secret, MASK)
     return text
+

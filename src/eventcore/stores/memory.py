@@ -12,7 +12,10 @@ import threading
 from .. import _impl
 from ..errors import DuplicateCommandError, StoreUnavailableError
 from ..events import RecordedEvent
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, group_by_stream
+from .ingest import ingest_overlap
+from .memory_projections import MemoryProjectionStorage
+from .prepare import PreparedAppend
 
 
 class MemoryStore(EventStore):
@@ -26,6 +29,7 @@ class MemoryStore(EventStore):
         self._progress: dict[str, dict[int, tuple[int, int]]] = {}  # ingest resume key -> lane -> (lanes, items)
         self._holes: dict[str, set] = {}  # ingest resume key -> input items passed over (see IngestProgress)
         self._progress_order: dict[str, int] = {}  # ingest resume key -> appends so far when last written
+        self._projections = MemoryProjectionStorage(self)  # checkpoints live as long as the events
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -38,6 +42,9 @@ class MemoryStore(EventStore):
     @property
     def url(self) -> str:
         return "memory://"
+
+    def _projection_storage(self) -> MemoryProjectionStorage:
+        return self._projections
 
     def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
         self._open()

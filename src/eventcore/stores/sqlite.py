@@ -29,7 +29,10 @@ from ..errors import (
 )
 from ..events import RecordedEvent
 from ..options import boolean, seconds
-from .base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from .base import EventStore, group_by_stream
+from .ingest import ingest_overlap
+from .prepare import PreparedAppend
+from .sqlite_projections import SQLiteProjectionStorage
 
 log = logging.getLogger("eventcore.store.sqlite")
 
@@ -90,7 +93,7 @@ _SCHEMA_STATEMENTS = (
         item INTEGER NOT NULL,
         PRIMARY KEY (key, item)
     ) WITHOUT ROWID""",
-    # Projection checkpoints and dead letters (eventcore.projections).
+    # Projection checkpoints and dead letters (see sqlite_projections).
     """CREATE TABLE IF NOT EXISTS projection_checkpoints (
         name       TEXT PRIMARY KEY,
         position   INTEGER NOT NULL DEFAULT 0,
@@ -234,6 +237,9 @@ class SQLiteStore(EventStore):
 
     def _schema_versions(self):
         return self._query("PRAGMA user_version", ())[0][0], SCHEMA_VERSION
+
+    def _projection_storage(self) -> SQLiteProjectionStorage:
+        return SQLiteProjectionStorage(self)
 
     # -- connections ---------------------------------------------------------------
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from ... import _impl
 from ...formats import COPY_HEADER, COPY_TRAILER
-from ..base import PreparedAppend
+from ..prepare import PreparedAppend
 
 #: Rows encoded per call of the COPY encoder (~100 KiB of rows of ~100-byte events).
 COPY_CHUNK_ROWS = 1000

@@ -13,7 +13,7 @@ from collections import deque
 import msgspec
 
 from ...events import RecordedEvent
-from ..base import PreparedAppend
+from ..prepare import PreparedAppend
 
 #: Most appends one group commit carries: enough to share a WAL flush widely, few enough
 #: that the server function's per-member scans stay short.

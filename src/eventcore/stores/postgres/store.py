@@ -39,7 +39,10 @@ from ...errors import (
 )
 from ...events import RawEvent, RecordedEvent
 from ...options import boolean, count, seconds
-from ..base import EventStore, PreparedAppend, group_by_stream, ingest_overlap
+from ..base import EventStore, group_by_stream
+from ..ingest import ingest_overlap
+from ..prepare import PreparedAppend
+from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
@@ -251,6 +254,9 @@ class PostgresStore(EventStore):
     @property
     def url(self) -> str:
         return redact(self._dsn)
+
+    def _projection_storage(self) -> PostgresProjectionStorage:
+        return PostgresProjectionStorage(self)
 
     def close(self) -> None:
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)

@@ -2,7 +2,7 @@
 --
 -- One row per projector: the position of the last event it has processed (0: none).
 -- A projector writes its checkpoint in the same transaction as its read model, with a
--- compare-and-set on the old position (see eventcore.stores.pg_projections).
+-- compare-and-set on the old position (see eventcore.stores.postgres.projections).
 CREATE TABLE {s}.projection_checkpoints (
     name       text PRIMARY KEY CHECK (length(name) BETWEEN 1 AND 255),
     position   bigint NOT NULL DEFAULT 0 CHECK (position >= 0),

@@ -1,4 +1,4 @@
-"""PostgreSQL side of projections (see eventcore.projections).
+"""Projection storage of the PostgreSQL store (the contract: projection_storage; the runner: eventcore.projections).
 
 One dedicated connection per running projector does everything: it holds the
 leader lock (a session advisory lock, so the server drops it the moment the
@@ -7,7 +7,8 @@ runs each batch's transaction — the handler's read-model writes and the
 checkpoint's compare-and-set commit together. Because the batch runs on the
 connection that holds the lock, an instance that lost its connection cannot
 commit anything afterwards; the compare-and-set on the old checkpoint catches
-anything else. Tables and the NOTIFY trigger come from migration 3 (postgres/sql/).
+anything else. Tables and the NOTIFY trigger come from migration 3 (sql/migrations/).
+Listings (status, dead letters, pending counts) and `eventcore tail` use the store's pool.
 """
 from __future__ import annotations
 
@@ -21,11 +22,12 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from ..errors import EventCoreError, StoreUnavailableError
-from ..projections import (DeadLetter, ProjectionStatus, _Backend, _effective_state, _EPOCH, _json_value,
-                           _LostLeadership, _Refused, _StoreFailed)
-from .postgres import sql as pg_sql
-from .postgres.connections import _one_line, _session_options
+from ...errors import EventCoreError, StoreUnavailableError
+from ..projection_storage import (
+    CheckpointRecord, LostLeadership, ProjectionSession, ProjectionStorage, Refused, StoreFailed, effective_state,
+)
+from . import sql as pg_sql
+from .connections import _one_line, _session_options
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -52,6 +54,8 @@ _RENEW = "UPDATE {s}.projection_checkpoints SET listening_until = now() + make_i
 _BEYOND = "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE position > %s)"
 _UNLISTEN = "UPDATE {s}.projection_checkpoints SET listening_until = NULL WHERE name = %s"
 _CHANNEL = "SELECT 'eventcore_events_' || to_regclass(%s)::oid::text"
+_COUNT_AFTER = "SELECT count(*) FROM (SELECT 1 FROM {s}.events WHERE position > %s AND position < " + pg_sql.FENCE + \
+    " LIMIT %s) p"
 _DEAD_LETTER = (
     "INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data, "
     "metadata, recorded_at, error, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, "
@@ -115,11 +119,44 @@ def _q(template: str, schema: str) -> sql.Composed:
     return pg_sql.q(template, schema)
 
 
-class PostgresBackend(_Backend):
+class PostgresProjectionStorage(ProjectionStorage):
+    #: Appends wake a live projector (LISTEN/NOTIFY): polling is only the fallback, for poolers that drop LISTEN.
+    poll_interval = 1.0
+
+    def session(self, name: str, listen: bool = True) -> "PostgresProjectionSession":
+        return PostgresProjectionSession(self, name, listen, listen_at_once=False)
+
+    def checkpoints(self, name, cap):
+        store = self.store
+        params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": cap}
+        rows = _fetch(store, _q(_STATUS, store.schema), params, jit=False)
+        return [CheckpointRecord(n, position, head, pending, effective_state(state, held), error, owner, updated, dead)
+                for n, position, head, pending, state, error, owner, updated, dead, held in rows]
+
+    def count_after(self, position, cap):
+        return _fetch(self.store, _q(_COUNT_AFTER, self.store.schema), (position, cap))[0][0]
+
+    def dead_letters(self, name):
+        return _fetch(self.store, _q(_DEAD_LETTERS, self.store.schema), (name,))
+
+    def read_rows(self, after, types, prefix, limit):
+        return _fetch(self.store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), self.store.schema),
+                      pg_sql.read_all_params(after, types, prefix, limit))
+
+    def waiter(self) -> "PostgresProjectionSession":
+        """A session that LISTENs at once (it holds no lock): woken by every append to the schema."""
+        waiter = PostgresProjectionSession(self, "", listen_at_once=True)
+        waiter.open()
+        return waiter
+
+
+class PostgresProjectionSession(ProjectionSession):
     """A projector's dedicated connection: leader lock, LISTEN, reads and batch transactions."""
 
-    def __init__(self, store, name: str, listen: bool = True, listen_at_once: bool = True) -> None:
-        super().__init__(store, name)
+    def __init__(self, storage: PostgresProjectionStorage, name: str, listen: bool = True,
+                 listen_at_once: bool = True) -> None:
+        super().__init__(storage, name)
+        store = self.store
         self.listen = listen
         # A projector LISTENs only once it leads (try_acquire): a waiting instance does not read its
         # socket, and a listener that does not drain notifications holds back the cluster's queue.
@@ -162,7 +199,7 @@ class PostgresBackend(_Backend):
                     self.connection.execute(sql.SQL("LISTEN {}").format(sql.Identifier(channel)))
         except psycopg.Error as exc:
             self.close()
-            raise _StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {_one_line(exc, store._dsn)}") from exc
+            raise StoreFailed(f"projection {self.name!r} cannot connect to {store.url}: {_one_line(exc, store._dsn)}") from exc
 
     def close(self) -> None:
         conn, self.connection = self.connection, None
@@ -203,12 +240,12 @@ class PostgresBackend(_Backend):
         operational failure such as a timeout: worth retrying after a backoff), or stop on an
         error retrying cannot mend (a missing table)."""
         if self.lost():
-            raise _StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
+            raise StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
         if isinstance(exc, psycopg.OperationalError):
-            raise _StoreFailed(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
+            raise StoreFailed(f"projection {self.name!r}: PostgreSQL failed: {exc}") from exc
         hint = " (run `eventcore migrate`: projections need schema version 3)" if isinstance(
             exc, psycopg.errors.UndefinedTable) else ""
-        raise _Refused(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
+        raise Refused(f"projection {self.name!r}: PostgreSQL refused a statement: {exc}{hint}") from exc
 
     # -- leadership --------------------------------------------------------------------
 
@@ -253,13 +290,13 @@ class PostgresBackend(_Backend):
     def transaction(self):
         """The batch's transaction. An error from inside it (the handler's, whatever its class)
         propagates as it is while the connection lives, for the error strategy to handle; only a
-        lost connection becomes _StoreFailed (reconnect)."""
+        lost connection becomes StoreFailed (reconnect)."""
         try:
             with self.connection.transaction():
                 yield self
         except psycopg.Error as exc:
             if self.lost():
-                raise _StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
+                raise StoreFailed(f"projection {self.name!r}: connection lost: {exc}") from exc
             raise
 
     def _write(self, query, params):
@@ -272,7 +309,7 @@ class PostgresBackend(_Backend):
     def advance(self, old: int, new: int) -> None:
         cur = self._write(self._sql["advance"], (new, self.name, old))
         if cur.rowcount != 1:
-            raise _LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
+            raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
     def dead_letter(self, row, error: str, attempts: int) -> None:
         position, sid, version, event_id, type_name, data, metadata, recorded_us = row
@@ -335,7 +372,7 @@ class PostgresBackend(_Backend):
             try:
                 readable, _, _ = select.select([self.connection.fileno()], [], [], min(left, 0.2))
             except (OSError, ValueError, psycopg.Error) as exc:
-                raise _StoreFailed(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
+                raise StoreFailed(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
             if readable:
                 self._exec("SELECT 1")
             self.keep_listening()
@@ -360,37 +397,3 @@ def _fetch(store, query, params=(), jit: bool = True) -> list:
         raise StoreUnavailableError(f"PostgreSQL read failed: {store._no_connection_reason(store.pool_timeout)}") from exc
     except psycopg.OperationalError as exc:
         raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
-
-
-def pg_status(store, name: str | None, head: int) -> list[ProjectionStatus]:
-    from .. import projections
-
-    params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": projections.PENDING_CAP}
-    rows = _fetch(store, _q(_STATUS, store.schema), params, jit=False)
-    out = []
-    for n, position, head_now, pending, state, error, owner, updated, dead, held in rows:
-        out.append(ProjectionStatus(n, position, head_now, max(0, head_now - position), pending,
-                                    _effective_state(state, held), error, owner, updated, dead))
-    return out
-
-
-def pg_count_after(store, position: int, cap: int) -> int:
-    query = "SELECT count(*) FROM (SELECT 1 FROM {s}.events WHERE position > %s AND position < " + pg_sql.FENCE + \
-        " LIMIT %s) p"
-    return _fetch(store, _q(query, store.schema), (position, cap))[0][0]
-
-
-def pg_dead_letters(store, name: str) -> list[DeadLetter]:
-    import datetime as _dt
-
-    rows = _fetch(store, _q(_DEAD_LETTERS, store.schema), (name,))
-    return [
-        DeadLetter(name, pos, sid, ver, uuid.UUID(bytes=bytes(eid)), t, _json_value(data), _json_value(md),
-                   _EPOCH + _dt.timedelta(microseconds=at), err, att, failed)
-        for pos, sid, ver, eid, t, data, md, at, err, att, failed in rows
-    ]
-
-
-def pg_read_rows(store, after: int, types, prefix, limit: int) -> list:
-    return _fetch(store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), store.schema),
-                  pg_sql.read_all_params(after, types, prefix, limit))

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import random
 
-from .commands import Command, require
-from .events import Event, emit
-from .streams import StreamId
+from ..commands import Command, require
+from ..events import Event, emit
+from ..streams import StreamId
 
 
 class AccountOpened(Event):

@@ -1,0 +1,67 @@
+"""The feed as stored, for `eventcore tail`: raw pages, one JSON line per row, and waiting for appends.
+
+Rows are read undecoded (codec.ROW_COLUMNS), so `tail` prints every event, even one this process
+has no class for, and says which row is corrupt rather than printing broken JSON.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+
+import msgspec
+
+from ..errors import SerializationError
+from ..stores.base import EventStore
+from ..stores.projection_storage import as_bytes
+from .status import storage_of
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_raw_json = msgspec.json.Decoder(msgspec.Raw)
+
+
+def read_rows(store: EventStore, after: int, types=None, prefix: str | None = None, limit: int = 1000) -> list:
+    """One page of the feed as stored rows (codec.ROW_COLUMNS), whether or not this process can decode them."""
+    return storage_of(store).read_rows(after, types, prefix, limit)
+
+
+def row_json(row) -> bytes:
+    """One stored row as a JSON object whose keys are RecordedEvent's fields, in order (for `eventcore tail`)."""
+    position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+    # Printed as stored, but never as broken JSON: a row corrupted behind the store's back (wrong
+    # column types, bytes that are not UTF-8 JSON) is a SerializationError naming it, as on read.
+    try:
+        if type(position) is not int or type(version) is not int or not isinstance(sid, str) or (
+                not isinstance(type_name, str)):
+            raise TypeError("position and version must be ints, stream id and type strs")
+        at = (_EPOCH + _dt.timedelta(microseconds=recorded_us)).isoformat()
+        eid = str(uuid.UUID(bytes=bytes(event_id)))
+        parts = []
+        for part in (data, metadata):
+            if part is not None:
+                if not isinstance(part, (bytes, bytearray, memoryview, str)):
+                    raise TypeError(f"a JSON column holds {type(part).__name__}")
+                part = as_bytes(part)
+                part.decode("utf-8")
+                _raw_json.decode(part)
+            parts.append(part)
+    except (TypeError, ValueError, OverflowError, msgspec.DecodeError, RecursionError) as exc:
+        raise SerializationError(
+            f"corrupt stored row at position {position!r} (stream {sid!r}, version {version!r}): "
+            f"{'nested too deeply' if isinstance(exc, RecursionError) else exc}"
+        ) from None
+    return msgspec.json.encode({
+        "stream_id": sid,
+        "version": version,
+        "position": position,
+        "event_id": eid,
+        "type": type_name,
+        "data": msgspec.Raw(parts[0]),
+        "metadata": msgspec.Raw(parts[1]) if parts[1] is not None else {},
+        "recorded_at": at,
+    })
+
+
+def follow_waiter(store: EventStore):
+    """For `eventcore tail --follow`: an object whose `wait(timeout, stop)` returns early when events are
+    appended (LISTEN/NOTIFY on PostgreSQL; a plain sleep elsewhere). Close it with `close()`."""
+    return storage_of(store).waiter()
