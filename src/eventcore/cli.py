@@ -468,7 +468,9 @@ def _cmd_tail(args) -> int:
     from .projections import follow_waiter, read_rows, row_json
     from .stores import connect
 
-    if not 0 <= args.from_position <= 2**63 - 1:
+    from .formats import INT64_MAX
+
+    if not 0 <= args.from_position <= INT64_MAX:
         raise EventCoreError(f"--from must be a position in 0..2**63-1, got {args.from_position}")
     if args.interval is not None and not 0 < args.interval <= 86400:  # also refuses nan and inf
         raise EventCoreError(f"--interval must be > 0 and at most 86400 seconds, got {args.interval}")

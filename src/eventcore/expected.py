@@ -11,6 +11,7 @@ it without attribute lookups:
 from __future__ import annotations
 
 from .errors import ValidationError
+from .formats import INT64_MAX
 
 ANY = -1
 NO_STREAM = 0
@@ -18,7 +19,7 @@ STREAM_EXISTS = -2
 
 #: Largest exact expected version: versions are int64 in every store (a PostgreSQL bigint, an SQLite
 #: INTEGER, a C int64 in the compiled hot path), so no stream can ever be past it.
-MAX_VERSION = 2**63 - 1
+MAX_VERSION = INT64_MAX
 
 
 class ExpectedVersion:

@@ -1,6 +1,6 @@
 """The feed as stored, for `eventcore tail`: raw pages, one JSON line per row, and waiting for appends.
 
-Rows are read undecoded (codec.ROW_COLUMNS), so `tail` prints every event, even one this process
+Rows are read undecoded (formats.ROW_COLUMNS), so `tail` prints every event, even one this process
 has no class for, and says which row is corrupt rather than printing broken JSON.
 """
 from __future__ import annotations
@@ -20,7 +20,7 @@ _raw_json = msgspec.json.Decoder(msgspec.Raw)
 
 
 def read_rows(store: EventStore, after: int, types=None, prefix: str | None = None, limit: int = 1000) -> list:
-    """One page of the feed as stored rows (codec.ROW_COLUMNS), whether or not this process can decode them."""
+    """One page of the feed as stored rows (formats.ROW_COLUMNS), whether or not this process can decode them."""
     return storage_of(store).read_rows(after, types, prefix, limit)
 
 

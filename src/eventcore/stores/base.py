@@ -20,6 +20,7 @@ import msgspec
 
 from .. import _impl
 from ..errors import DuplicateCommandError, ValidationError
+from ..formats import INT64_MAX
 from ..events import EventToWrite, Metadata, RawEvent, RecordedEvent
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
@@ -33,7 +34,6 @@ from .prepare import (
 #: (~1k rows decode in about a millisecond), small enough to bound memory.
 DEFAULT_PAGE_SIZE = 1000
 
-_INT64_MAX = 2**63 - 1
 
 
 class StoreHealth(msgspec.Struct, frozen=True):
@@ -222,7 +222,7 @@ class EventStore(ABC):
 
     @abstractmethod
     def _recorded_command_rows(self, key: str) -> list:
-        """The stored rows (codec.ROW_COLUMNS layout, position order) of the append recorded under `key`."""
+        """The stored rows (formats.ROW_COLUMNS layout, position order) of the append recorded under `key`."""
 
     @abstractmethod
     def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
@@ -347,9 +347,9 @@ class EventStore(ABC):
     def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
         """A stream's events in version order, from `from_version` (1-based)."""
         sid = _stream_id(stream_id)
-        if type(from_version) is not int or not 1 <= from_version <= _INT64_MAX:
+        if type(from_version) is not int or not 1 <= from_version <= INT64_MAX:
             raise ValidationError(f"from_version must be an int in 1..2**63-1, got {from_version!r}")
-        if limit is not None and (type(limit) is not int or not 0 <= limit <= _INT64_MAX):
+        if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
             raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
         observer = self._observer
         if observer is None:
@@ -395,12 +395,12 @@ class EventStore(ABC):
         Filters: `types` (type names or Event classes) and `stream_prefix`.
         A position once returned is never followed by a lower one on a later call.
         """
-        # Bounded to int64: the databases' integers (a larger one was an OverflowError or a server error).
-        if type(after_position) is not int or not 0 <= after_position <= _INT64_MAX:
+        # Bounded to int64: the databases' integers (a larger one would be an OverflowError or a server error).
+        if type(after_position) is not int or not 0 <= after_position <= INT64_MAX:
             raise ValidationError(f"after_position must be an int in 0..2**63-1, got {after_position!r}")
-        if type(page_size) is not int or not 1 <= page_size <= _INT64_MAX:
+        if type(page_size) is not int or not 1 <= page_size <= INT64_MAX:
             raise ValidationError(f"page_size must be an int in 1..2**63-1, got {page_size!r}")
-        if limit is not None and (type(limit) is not int or not 0 <= limit <= _INT64_MAX):
+        if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
             raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
         if stream_prefix is not None and (not isinstance(stream_prefix, str) or forbidden_character(stream_prefix)):
             raise ValidationError(
@@ -445,7 +445,7 @@ class EventStore(ABC):
     def _head_position(self) -> int: ...
 
     def _read_all_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple]:
-        """One page of the feed as stored rows, undecoded (layout codec.ROW_COLUMNS).
+        """One page of the feed as stored rows, undecoded (layout formats.ROW_COLUMNS).
 
         For readers that must see every event even when it cannot be decoded in
         this process (projections, `eventcore tail`); a backend without it raises.

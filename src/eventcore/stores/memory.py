@@ -23,7 +23,7 @@ class MemoryStore(EventStore):
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._rows: list[tuple] = []  # row layout of codec.ROW_COLUMNS; index = position - 1
+        self._rows: list[tuple] = []  # row layout of formats.ROW_COLUMNS; index = position - 1
         self._streams: dict[str, list[int]] = {}  # stream -> row indexes, version order
         self._keys: dict[str, tuple[int, int]] = {}  # idempotency key -> (first position, events)
         self._progress: dict[str, dict[int, tuple[int, int]]] = {}  # ingest resume key -> lane -> (lanes, items)
@@ -135,7 +135,7 @@ class MemoryStore(EventStore):
             return len(self._rows)
 
     def _read_all_rows(self, after, types, prefix, limit):
-        """Like `_read_all_page`, but the stored rows undecoded (layout codec.ROW_COLUMNS)."""
+        """Like `_read_all_page`, but the stored rows undecoded (layout formats.ROW_COLUMNS)."""
         self._open()
         out = []
         with self._lock:

@@ -22,7 +22,7 @@ from ..streams import StreamId, stream_id as _stream_id
 MAX_EVENTS_PER_APPEND = 100_000
 
 #: Most events accepted by one `append_batch`: one transaction; a PostgreSQL
-#: transaction can number at most 1,048,575 events (see pg_sql.POSITION_SHIFT).
+#: transaction can number at most 1,048,575 events (see stores/postgres/sql: POSITION_SHIFT).
 MAX_EVENTS_PER_BATCH = 1_000_000
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)

@@ -28,7 +28,7 @@ from ..errors import EventCoreError, StoreUnavailableError
 PENDING_CAP = 10_000
 
 #: The layout of a dead-letter row (`ProjectionStorage.dead_letters`): the event as stored (the feed's
-#: row layout, codec.ROW_COLUMNS), then the error, the attempts made and when it was given up.
+#: row layout, formats.ROW_COLUMNS), then the error, the attempts made and when it was given up.
 DEAD_LETTER_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata",
                        "recorded_at_us", "error", "attempts", "failed_at")
 
@@ -124,7 +124,7 @@ class ProjectionSession(ABC):
         return self.store.head_position()
 
     def read_rows(self, after: int, types, prefix, limit: int) -> list:
-        """A page of the feed after `after` as stored rows (codec.ROW_COLUMNS), undecoded."""
+        """A page of the feed after `after` as stored rows (formats.ROW_COLUMNS), undecoded."""
         return self.storage.read_rows(after, types, prefix, limit)
 
     def read_page(self, after: int, types, prefix, limit: int) -> "tuple[list, int | None]":
@@ -227,7 +227,7 @@ class ProjectionStorage(ABC):
         """The dead letters of projector `name` in position order, as rows (DEAD_LETTER_COLUMNS)."""
 
     def read_rows(self, after: int, types, prefix, limit: int) -> list:
-        """A page of the feed as stored rows (codec.ROW_COLUMNS), whether or not this process can decode them."""
+        """A page of the feed as stored rows (formats.ROW_COLUMNS), whether or not this process can decode them."""
         return self.store._read_all_rows(after, types, prefix, limit)
 
     def waiter(self):

@@ -484,7 +484,7 @@ class SQLiteStore(EventStore):
         return self._query(_SQL_HEAD, ())[0][0]
 
     def _read_all_rows(self, after, types, prefix, limit):
-        """Like `_read_all_page`, but the stored rows undecoded (layout codec.ROW_COLUMNS)."""
+        """Like `_read_all_page`, but the stored rows undecoded (layout formats.ROW_COLUMNS)."""
         params: list = [after]
         if types is not None:
             params.append(_json_list(types))

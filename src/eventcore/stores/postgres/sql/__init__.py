@@ -101,7 +101,7 @@ QUERIES: dict[str, str] = _queries(_read(_FILES.joinpath("queries.sql")))
 OWN_RELATIONS = sorted({m for _, _, text in MIGRATIONS for m in re.findall(r"CREATE TABLE \{s\}\.(\w+)", text)}
                        | {"schema_migrations"})
 
-#: The columns of a stored event as codec.ROW_COLUMNS reads them, and the feed's visibility fence.
+#: The columns of a stored event as formats.ROW_COLUMNS reads them, and the feed's visibility fence.
 COLUMNS = QUERIES["columns"]
 FENCE = QUERIES["fence"]
 

@@ -4,7 +4,7 @@
 -- section's text (a fragment). Every value is a parameter (%s).
 
 -- name: columns
--- A stored event as codec.ROW_COLUMNS reads it (a fragment of the reads below).
+-- A stored event as formats.ROW_COLUMNS reads it (a fragment of the reads below).
 position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text,
 (extract(epoch FROM recorded_at) * 1000000)::bigint
 
