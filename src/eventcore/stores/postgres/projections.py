@@ -33,77 +33,13 @@ from .connections import _one_line, _session_options
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
 LOCK_SEED = 0x65637072  # 'ecpr'
 
-_TRY_LOCK = "SELECT pg_try_advisory_lock(hashtextextended(%s, %s))"
-_UNLOCK = "SELECT pg_advisory_unlock(hashtextextended(%s, %s))"
-# A bigint advisory key shows in pg_locks as classid (high 32 bits), objid (low 32 bits), objsubid 1.
-_LOCK_HELD = (
-    "EXISTS (SELECT 1 FROM pg_locks l WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1 "
-    "AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database()) "
-    "AND ((l.classid::bigint << 32) | l.objid::bigint) = hashtextextended({key}, {seed}))"
-)
-_ENSURE = "INSERT INTO {s}.projection_checkpoints (name) VALUES (%s) ON CONFLICT (name) DO NOTHING"
-_LOAD = "SELECT position FROM {s}.projection_checkpoints WHERE name = %s"
-_ADVANCE = "UPDATE {s}.projection_checkpoints SET position = %s, updated_at = now() WHERE name = %s AND position = %s"
-_RESET = "UPDATE {s}.projection_checkpoints SET position = 0, updated_at = now() WHERE name = %s"
-_CLEAR_DEAD = "DELETE FROM {s}.projection_dead_letters WHERE projector = %s"
-_STATE = ("UPDATE {s}.projection_checkpoints SET state = %s, error = %s, owner = %s, "
-          "listening_until = CASE WHEN %s THEN now() + make_interval(secs => %s) END, "
-          "updated_at = now() WHERE name = %s")
-_RENEW = "UPDATE {s}.projection_checkpoints SET listening_until = now() + make_interval(secs => %s) WHERE name = %s"
-# Unfenced on purpose: committed events the fenced reads cannot see yet (an index probe).
-_BEYOND = "SELECT EXISTS (SELECT 1 FROM {s}.events WHERE position > %s)"
-_UNLISTEN = "UPDATE {s}.projection_checkpoints SET listening_until = NULL WHERE name = %s"
-_CHANNEL = "SELECT 'eventcore_events_' || to_regclass(%s)::oid::text"
-_COUNT_AFTER = "SELECT count(*) FROM (SELECT 1 FROM {s}.events WHERE position > %s AND position < " + pg_sql.FENCE + \
-    " LIMIT %s) p"
-_DEAD_LETTER = (
-    "INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data, "
-    "metadata, recorded_at, error, attempts) VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, "
-    "'epoch'::timestamptz + %s * interval '1 microsecond', %s, %s) "
-    "ON CONFLICT (projector, position) DO UPDATE SET error = excluded.error, attempts = excluded.attempts, "
-    "failed_at = now()"
-)
-_DEAD_LETTERS = (
-    "SELECT position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text, "
-    "(extract(epoch FROM recorded_at) * 1000000)::bigint, error, attempts, failed_at "
-    "FROM {s}.projection_dead_letters WHERE projector = %s ORDER BY position"
-)
-_STATUS = (
-    "WITH f AS MATERIALIZED (SELECT " + pg_sql.FENCE + " AS fence), "
-    # The fence as a scalar subquery (an index condition): max() reads one index entry, backwards.
-    "h AS MATERIALIZED (SELECT coalesce((SELECT max(position) FROM {s}.events "
-    "WHERE position < (SELECT fence FROM f)), 0) AS head) "
-    "SELECT c.name, c.position, h.head, "
-    "(SELECT count(*) FROM (SELECT 1 FROM {s}.events e, f WHERE e.position > c.position AND e.position < f.fence "
-    "LIMIT %(cap)s) p), "
-    "c.state, c.error, c.owner, c.updated_at, "
-    "(SELECT count(*) FROM {s}.projection_dead_letters d WHERE d.projector = c.name), "
-    + _LOCK_HELD.format(key="%(prefix)s || c.name", seed="%(seed)s") + " "
-    "FROM {s}.projection_checkpoints c, h WHERE (%(name)s::text IS NULL OR c.name = %(name)s) ORDER BY c.name"
-)
+_P = pg_sql.PROJECTION_QUERIES  # the statements, from sql/projections.sql
 
 
 def _window_sql(with_types: bool, with_prefix: bool) -> str:
-    """A filtered page bounded by a window: `bound` = the position of the %(k)s+1-th event after the
-    cursor when it is below the fence (else NULL: fewer than that many events lie below the fence,
-    the window reaches it), then the matching events up to it. Both ranges are index conditions,
-    so a selective filter costs at most the window, never a scan up to the fence. The window's end
-    is found without the fence (a fence condition whose value the planner cannot see can make it
-    prefer a bitmap scan of the whole range, then a sort). One statement: one snapshot, one fence.
-    The first row always carries the bound (with NULL columns when nothing matched)."""
-    filters = (" AND type = ANY(%(types)s::text[])" if with_types else "") + (
-        " AND starts_with(stream_id, %(prefix)s)" if with_prefix else "")
-    return (
-        f"WITH f AS MATERIALIZED (SELECT {pg_sql.FENCE} AS fence), "
-        "k AS MATERIALIZED (SELECT (SELECT position FROM {s}.events WHERE position > %(after)s "
-        "ORDER BY position OFFSET %(k)s LIMIT 1) AS kth), "
-        "w AS MATERIALIZED (SELECT CASE WHEN k.kth < f.fence THEN k.kth END AS bound FROM k, f), "
-        f"m AS MATERIALIZED (SELECT {pg_sql.COLUMNS} FROM {{s}}.events WHERE position > %(after)s "
-        "AND position < (SELECT fence FROM f) "
-        "AND position <= coalesce((SELECT bound FROM w), 9223372036854775807)"
-        f"{filters} ORDER BY position LIMIT %(limit)s) "
-        "SELECT w.bound, m.* FROM w LEFT JOIN m ON true ORDER BY m.position"
-    )
+    """The `window` statement (see projections.sql) with its type and/or stream prefix filter."""
+    filters = (_P["by_type"] if with_types else "") + (" " + _P["by_prefix"] if with_prefix else "")
+    return _P["window"].replace("[filters]", filters)
 
 
 #: A filtered page looks at most this many events (times the page size, at least WINDOW_MIN) after the cursor.
@@ -129,15 +65,15 @@ class PostgresProjectionStorage(ProjectionStorage):
     def checkpoints(self, name, cap):
         store = self.store
         params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": cap}
-        rows = _fetch(store, _q(_STATUS, store.schema), params, jit=False)
+        rows = _fetch(store, _q(_P["status"], store.schema), params, jit=False)
         return [CheckpointRecord(n, position, head, pending, effective_state(state, held), error, owner, updated, dead)
                 for n, position, head, pending, state, error, owner, updated, dead, held in rows]
 
     def count_after(self, position, cap):
-        return _fetch(self.store, _q(_COUNT_AFTER, self.store.schema), (position, cap))[0][0]
+        return _fetch(self.store, _q(_P["count_after"], self.store.schema), (position, cap))[0][0]
 
     def dead_letters(self, name):
-        return _fetch(self.store, _q(_DEAD_LETTERS, self.store.schema), (name,))
+        return _fetch(self.store, _q(_P["dead_letters"], self.store.schema), (name,))
 
     def read_rows(self, after, types, prefix, limit):
         return _fetch(self.store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), self.store.schema),
@@ -168,9 +104,11 @@ class PostgresProjectionSession(ProjectionSession):
         s = store.schema
         self._key = _key_prefix(s) + name
         self._sql = {k: _q(v, s) for k, v in (
-            ("ensure", _ENSURE), ("load", _LOAD), ("advance", _ADVANCE), ("reset", _RESET), ("clear", _CLEAR_DEAD),
-            ("state", _STATE), ("dead", _DEAD_LETTER), ("head", pg_sql.QUERIES["head"]), ("renew", _RENEW), ("beyond", _BEYOND),
-            ("unlisten", _UNLISTEN))}
+            ("ensure", _P["ensure"]), ("load", _P["load"]), ("advance", _P["advance"]), ("reset", _P["reset"]),
+            ("clear", _P["clear_dead_letters"]),
+            ("state", _P["set_state"]), ("dead", _P["dead_letter"]), ("head", pg_sql.QUERIES["head"]), ("renew", _P["renew"]),
+            ("beyond", _P["beyond"]),
+            ("unlisten", _P["unlisten"]))}
         self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
         self._window = {(t, p): _q(_window_sql(t, p), s) for t, p in ((True, False), (False, True), (True, True))}
@@ -190,7 +128,7 @@ class PostgresProjectionSession(ProjectionSession):
             if self.listen:
                 # The channel of this schema's appends (migration 3): named after the events table's oid.
                 events = sql.SQL("{}.events").format(sql.Identifier(store.schema)).as_string(self.connection)
-                channel = self.connection.execute(_CHANNEL, (events,)).fetchone()[0]
+                channel = self.connection.execute(_P["channel"], (events,)).fetchone()[0]
                 if channel is None:
                     raise EventCoreError(f"schema {store.schema!r} has no events table: run `eventcore migrate`")
                 self.connection.add_notify_handler(lambda n: self._woken.set())
@@ -250,7 +188,7 @@ class PostgresProjectionSession(ProjectionSession):
     # -- leadership --------------------------------------------------------------------
 
     def try_acquire(self) -> bool:
-        self._held = bool(self._exec(_TRY_LOCK, (self._key, LOCK_SEED))[0][0])
+        self._held = bool(self._exec(_P["try_lock"], (self._key, LOCK_SEED))[0][0])
         if self._held and self._channel is not None and not self.listen_at_once:
             # Before any read of the leader: an append committed after this notifies it.
             self._exec(sql.SQL("LISTEN {}").format(sql.Identifier(self._channel)))
@@ -259,7 +197,7 @@ class PostgresProjectionSession(ProjectionSession):
     def release(self) -> None:
         if self._held and not self.broken():
             try:
-                self._exec(_UNLOCK, (self._key, LOCK_SEED))
+                self._exec(_P["unlock"], (self._key, LOCK_SEED))
             except EventCoreError:
                 pass
         self._held = False

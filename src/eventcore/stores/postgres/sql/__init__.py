@@ -72,7 +72,8 @@ def _migrations() -> list[tuple[int, str, str]]:
     return out
 
 
-def _queries(text: str) -> dict[str, str]:
+def _queries(text: str, fragments: dict | None = None) -> dict[str, str]:
+    """`-- name:` sections of a .sql file; `{name}` in one is another's text (or one of `fragments`)."""
     sections: dict[str, list[str]] = {}
     lines = None
     for line in text.splitlines():
@@ -81,8 +82,9 @@ def _queries(text: str) -> dict[str, str]:
         elif lines is not None and line.strip() and not line.lstrip().startswith("--"):
             lines.append(line.rstrip())
     queries = {name: "\n".join(body) for name, body in sections.items()}
-    fragment = re.compile(r"\{(" + "|".join(map(re.escape, queries)) + r")\}")
-    return {name: fragment.sub(lambda m: queries[m.group(1)], body) for name, body in queries.items()}
+    known = {**(fragments or {}), **queries}
+    fragment = re.compile(r"\{(" + "|".join(map(re.escape, known)) + r")\}")
+    return {name: fragment.sub(lambda m: known[m.group(1)], body) for name, body in queries.items()}
 
 
 #: (version, description, text): the table changes of each schema version, in order.
@@ -104,6 +106,8 @@ OWN_RELATIONS = sorted({m for _, _, text in MIGRATIONS for m in re.findall(r"CRE
 #: The columns of a stored event as formats.ROW_COLUMNS reads them, and the feed's visibility fence.
 COLUMNS = QUERIES["columns"]
 FENCE = QUERIES["fence"]
+#: Statement name -> text for the projection storage (see projections.sql; the fragments of queries.sql apply).
+PROJECTION_QUERIES: dict[str, str] = _queries(_read(_FILES.joinpath("projections.sql")), QUERIES)
 
 _READ_ALL = {(False, False): "read_all", (True, False): "read_all_by_type", (False, True): "read_all_by_prefix",
              (True, True): "read_all_by_type_and_prefix"}
