@@ -13,6 +13,7 @@ import pytest
 
 import eventcore as ec
 from domain import Deposit, Deposited, Noted, Transfer, Withdrawn, balance
+from eventcore.stores.prepare import prepare_append
 
 
 def _head(store) -> int:
@@ -367,3 +368,16 @@ def test_a_later_failure_does_not_hide_an_ambiguous_attempt(store):
     # Settled by running it again once the store answers.
     assert ec.execute(store, Deposit(account="gone", amount=2), idempotency_key="gone-1").replayed
     assert balance(store, "gone") == 2
+
+
+def test_group_member_with_the_key_of_a_refused_member_is_written(pg_dsn, pg_schema):
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        store.append([ec.emit("s1", Deposited(amount=1, balance=1))])
+        refused = prepare_append([ec.emit("s1", Deposited(amount=2, balance=2))], {"s1": ec.NO_STREAM}, None)
+        refused.key = "K"
+        valid = prepare_append([ec.emit("s2", Deposited(amount=3, balance=3))], None, None)
+        valid.key = "K"
+        out = store._append_group([refused, valid])
+        assert isinstance(out[0], ec.ConcurrencyError)
+        assert not isinstance(out[1], BaseException), out[1]
+        assert store.recorded_command("K") is not None

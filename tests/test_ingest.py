@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import gzip
 import json
+import subprocess
+import sys
+import threading
 
 import pytest
 
 import eventcore as ec
-from domain import Noted, assert_feed_positions, assert_gap_free, feed_positions
+from domain import Deposited, Noted, assert_feed_positions, assert_gap_free, feed_positions
 
 
 def _items(n, streams=7):
@@ -540,3 +543,97 @@ def test_cli_default_rejects_file_of_an_earlier_version_is_replaced(tmp_path):
     summary = _ingest_cli(path, f"sqlite:///{tmp_path / 's.db'}", "--skip-invalid")
     assert (summary["events"], summary["rejected"]) == (1, 1)
     assert [json.loads(x)["line"] for x in old.read_text().splitlines()] == [2]
+
+
+# -- resuming through the command line and overlapping runs ---------------------------------------
+
+
+def _cli_ingest_quietly(db: str, path: str) -> None:
+    subprocess.run([sys.executable, "-m", "eventcore", "ingest", "--dsn", f"sqlite:///{db}", path,
+                    "--no-progress", "--batch-size", "2"], capture_output=True, text=True, timeout=60)
+
+
+def _numbered_line(i: int) -> str:
+    return '{"stream": "s", "type": "T", "data": {"i": %d}}\n' % i
+
+
+def test_cli_rerun_on_a_small_file_that_grew_writes_only_the_new_lines(tmp_path):
+    db, path = str(tmp_path / "s.db"), str(tmp_path / "in.jsonl")
+    with open(path, "w") as f:
+        f.writelines(_numbered_line(i) for i in range(3))
+    _cli_ingest_quietly(db, path)
+    with open(path, "a") as f:
+        f.write(_numbered_line(3))
+    _cli_ingest_quietly(db, path)
+    with ec.connect(f"sqlite:///{db}") as store:
+        assert store.stream_version("s") == 4
+
+
+def test_cli_rerun_after_fixing_the_bad_line_writes_each_line_once(tmp_path):
+    db, path = str(tmp_path / "s.db"), str(tmp_path / "in.jsonl")
+    with open(path, "w") as f:
+        f.writelines([_numbered_line(0), _numbered_line(1), _numbered_line(2), '{"stream": "s", "type": "T", "data": {"i": 3}\n', _numbered_line(4)])
+    _cli_ingest_quietly(db, path)  # stops at line 4: the batch of lines 1-2 is committed
+    with open(path) as f:
+        text = f.read().replace('"i": 3}\n', '"i": 3}}\n')
+    with open(path, "w") as f:
+        f.write(text)
+    _cli_ingest_quietly(db, path)
+    with ec.connect(f"sqlite:///{db}") as store:
+        assert store.stream_version("s") == 5
+
+
+def test_resumed_ingest_with_expected_finishes():
+    store = ec.connect("memory://")
+    items = [("a", Deposited(amount=i, balance=i)) for i in range(5)]
+
+    def killed_after(n):
+        for i, item in enumerate(items):
+            if i == n:
+                raise RuntimeError("killed")
+            yield item
+
+    with pytest.raises(RuntimeError):
+        store.ingest(killed_after(4), batch_size=2, expected={"a": ec.NO_STREAM}, resume_key="r")
+    store.ingest(items, batch_size=2, expected={"a": ec.NO_STREAM}, resume_key="r")
+    assert store.stream_version("a") == 5
+
+
+def test_two_overlapping_runs_under_one_resume_key_write_each_item_once():
+    store = ec.connect("memory://")
+    items = [("a", Deposited(amount=i, balance=i)) for i in range(6)]
+    second_done = threading.Event()
+    first_reading = threading.Event()  # set once the first run has read the recorded progress
+
+    def first_input():
+        first_reading.set()
+        for i, item in enumerate(items):
+            if i == 2:
+                second_done.wait(30)
+            yield item
+
+    outcome: list = []
+
+    def run_first():
+        try:
+            outcome.append(store.ingest(first_input(), batch_size=2, resume_key="r"))
+        except ec.IngestError as exc:
+            outcome.append(exc)
+
+    first = threading.Thread(target=run_first)
+    first.start()
+    assert first_reading.wait(30)
+    try:
+        outcome.append(store.ingest(items, batch_size=2, resume_key="r"))
+    except ec.IngestError as exc:
+        outcome.append(exc)
+    finally:
+        second_done.set()
+    first.join(30)
+    assert not first.is_alive()
+    # Whichever run's batch came second on a lane was refused (nothing of it written); the other
+    # finished, or a rerun finishes: every item once.
+    refused = [o for o in outcome if isinstance(o, ec.IngestError)]
+    assert len(refused) == 1 and "must not overlap" in str(refused[0]), outcome
+    store.ingest(items, batch_size=2, resume_key="r")
+    assert [e.data.amount for e in store.read_stream("a")] == list(range(6))

@@ -2,6 +2,7 @@
 immutability, least privilege, hostile input, connection loss and timeouts — on a real server."""
 from __future__ import annotations
 
+import os
 import random
 import threading
 import time
@@ -770,3 +771,24 @@ def test_an_invalid_setting_in_the_urls_options_fails_connect_with_the_servers_r
     assert 'invalid value for parameter "statement_timeout": "abc"' in message and "\n" not in message, message
     with pytest.raises(psycopg.OperationalError, match='invalid value for parameter "statement_timeout"'):
         psycopg.connect(_with_options(pg_dsn, "-c statement_timeout=abc")).close()  # as plain psycopg
+
+
+def test_a_forked_child_never_shuts_the_parents_connections(pg_dsn, pg_schema):
+    import psycopg
+
+    with ec.connect(pg_dsn, schema=pg_schema, statement_timeout=1, pool_size=1, pool_min_size=1) as store:
+        store.head_position()
+        slow = threading.Thread(target=lambda: store._fetch("SELECT pg_sleep(0.8)", ()))
+        slow.start()
+        time.sleep(0.2)  # the parent's call is in flight (registered with the watchdog) when it forks
+        pid = os.fork()
+        if pid == 0:
+            try:
+                with psycopg.connect(pg_dsn) as own:  # the child's first watched call of its own
+                    store._watchdog.done(store._watchdog.watch(own))
+                time.sleep(4)  # past the parent's call's deadline (1 s + 2 s margin)
+            finally:
+                os._exit(0)
+        slow.join()
+        os.waitpid(pid, 0)
+        assert store.head_position() >= 0  # the child shut nothing of the parent's

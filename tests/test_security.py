@@ -861,3 +861,42 @@ def test_least_privilege_role_connects_with_the_default_migrate_to_a_current_sch
     with ec.connect(url, schema=pg_schema) as app:
         app.append([ec.emit("lp-default", Said("hello"))])
         assert [e.data for e in app.read_stream("lp-default")] == [Said("hello")]
+
+
+def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, pg_schema):
+    """A deployment at schema version 3 whose application role got the grants of that time: migrating
+    to the current version grants it what the new tables need (idempotency keys, resumable ingest)."""
+    import uuid
+
+    from domain import Deposited
+
+    import psycopg
+    from psycopg import sql
+
+    import pg_legacy
+    from eventcore.stores.postgres import least_privilege_grants
+    from pgserver import url_as
+
+    role, password = f"app_{uuid.uuid4().hex[:8]}", f"pw-{uuid.uuid4().hex}"
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        pg_legacy.make(admin, pg_schema, 3)  # the schema as eventcore 3 left it
+        admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
+        for statement in least_privilege_grants(pg_schema, role):
+            if not any(table in statement.as_string(admin) for table in ("command_keys", "ingest_progress",
+                                                                            "ingest_holes")):
+                admin.execute(statement)
+    try:
+        ec.connect(pg_dsn, schema=pg_schema).close()  # the owner upgrades
+        with ec.connect(url_as(pg_dsn, role, password), schema=pg_schema, migrate=False) as app:
+            first = app.append([ec.emit("up", Deposited(amount=1))], idempotency_key="k")
+            with pytest.raises(ec.DuplicateCommandError) as info:
+                app.append([ec.emit("up", Deposited(amount=1))], idempotency_key="k")
+            assert [e.event_id for e in info.value.events] == [e.event_id for e in first]
+            items = [("up-ingest", Deposited(amount=i)) for i in range(10)]
+            assert app.ingest(items, resume_key="r").events == 10
+            assert app.ingest(items, resume_key="r").skipped == 10
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as admin:
+            admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))
+            admin.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            admin.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
