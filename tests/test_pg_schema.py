@@ -268,20 +268,28 @@ def test_functions_are_applied_again_only_when_they_may_differ(pg_dsn, pg_schema
 
 
 def test_wheels_and_the_sdist_carry_every_sql_file():
-    """pyproject's package data (wheels) and MANIFEST.in (the sdist) name every .sql file of the package."""
+    """pyproject's package data (wheels) and MANIFEST.in (the sdist) name every .sql file of the
+    package: the PostgreSQL backend's and SQLite's schema alike."""
     import fnmatch
     from pathlib import Path
 
     tomllib = pytest.importorskip("tomllib")
     root = Path(__file__).resolve().parent.parent
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
-    globs = data["eventcore.stores.postgres.sql"]
+    src = root / "src"
 
-    def carried(path):  # as setuptools globs: `*` stays within one folder
-        parts = path.split("/")
-        return any(len(g.split("/")) == len(parts) and all(map(fnmatch.fnmatch, parts, g.split("/"))) for g in globs)
+    def carried(path: Path) -> bool:  # as setuptools globs: `*` stays within one folder
+        for package, globs in data.items():
+            folder = src.joinpath(*package.split("."))
+            if folder in path.parents:
+                parts = path.relative_to(folder).parts
+                if any(len(g.split("/")) == len(parts) and all(map(fnmatch.fnmatch, parts, g.split("/")))
+                       for g in globs):
+                    return True
+        return False
 
-    files = _sql_files()
-    assert files and all(map(carried, files)), (globs, sorted(files))
+    files = sorted(src.rglob("*.sql"))
+    assert len(files) > len(_sql_files()), files  # the PostgreSQL files and SQLite's schema
+    assert [f for f in files if not carried(f)] == []
     manifest = (root / "MANIFEST.in").read_text().splitlines()
     assert any(line.startswith("recursive-include src/eventcore ") and "*.sql" in line.split() for line in manifest)

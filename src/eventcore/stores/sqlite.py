@@ -18,6 +18,7 @@ import threading
 import time
 import weakref
 from contextlib import contextmanager
+from importlib import resources
 from urllib.parse import quote
 
 import msgspec
@@ -53,72 +54,25 @@ APPLICATION_ID = int.from_bytes(b"EvCo", "big")
 #: before application_id existed.
 _OWN_TRIGGERS = {"events_are_immutable_update", "events_are_immutable_delete"}
 
-_SCHEMA_STATEMENTS = (
-    """CREATE TABLE IF NOT EXISTS events (
-        position    INTEGER PRIMARY KEY,
-        stream_id   TEXT    NOT NULL,
-        version     INTEGER NOT NULL CHECK (version >= 1),
-        event_id    BLOB    NOT NULL UNIQUE,
-        type        TEXT    NOT NULL,
-        data        BLOB    NOT NULL,
-        metadata    BLOB,
-        recorded_at INTEGER NOT NULL,
-        UNIQUE (stream_id, version)
-    )""",
-    """CREATE TRIGGER IF NOT EXISTS events_are_immutable_update BEFORE UPDATE ON events
-       BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (UPDATE rejected)'); END""",
-    """CREATE TRIGGER IF NOT EXISTS events_are_immutable_delete BEFORE DELETE ON events
-       BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (DELETE rejected)'); END""",
-    # An append's idempotency key, written in the append's transaction: its events are the
-    # event_count positions from first_position (one append's positions are consecutive).
-    """CREATE TABLE IF NOT EXISTS command_keys (
-        key            TEXT    PRIMARY KEY,
-        first_position INTEGER NOT NULL,
-        event_count    INTEGER NOT NULL,
-        recorded_at    INTEGER NOT NULL
-    ) WITHOUT ROWID""",
-    # How far each lane of a resumable ingest has committed its input, written with each batch.
-    """CREATE TABLE IF NOT EXISTS ingest_progress (
-        key        TEXT    NOT NULL,
-        lane       INTEGER NOT NULL,
-        lanes      INTEGER NOT NULL,
-        items      INTEGER NOT NULL,
-        updated_at INTEGER NOT NULL,
-        PRIMARY KEY (key, lane)
-    ) WITHOUT ROWID""",
-    # Input items a resumable ingest passed over (a rejected or blank line) below its committed count:
-    # written by the batch whose count passes them, deleted by the batch that writes them after all.
-    """CREATE TABLE IF NOT EXISTS ingest_holes (
-        key  TEXT    NOT NULL,
-        item INTEGER NOT NULL,
-        PRIMARY KEY (key, item)
-    ) WITHOUT ROWID""",
-    # Projection checkpoints and dead letters (see sqlite_projections).
-    """CREATE TABLE IF NOT EXISTS projection_checkpoints (
-        name       TEXT PRIMARY KEY,
-        position   INTEGER NOT NULL DEFAULT 0,
-        state      TEXT NOT NULL DEFAULT 'idle',
-        error      TEXT,
-        owner      TEXT,
-        updated_at TEXT
-    )""",
-    """CREATE TABLE IF NOT EXISTS projection_dead_letters (
-        projector   TEXT    NOT NULL,
-        position    INTEGER NOT NULL,
-        stream_id   TEXT    NOT NULL,
-        version     INTEGER NOT NULL,
-        event_id    BLOB    NOT NULL,
-        type        TEXT    NOT NULL,
-        data        BLOB    NOT NULL,
-        metadata    BLOB,
-        recorded_at INTEGER NOT NULL,
-        error       TEXT    NOT NULL,
-        attempts    INTEGER NOT NULL,
-        failed_at   TEXT    NOT NULL,
-        PRIMARY KEY (projector, position)
-    )""",
-    f"PRAGMA application_id = {APPLICATION_ID}",
-)
+def _schema_statements() -> list[str]:
+    """The statements of sqlite_schema.sql, each whole: lines are gathered until SQLite says the
+    text is a complete statement (a trigger's body holds ';' of its own)."""
+    text = resources.files(__package__).joinpath("sqlite_schema.sql").read_text(encoding="utf-8")
+    statements, pending = [], []
+    for line in text.splitlines():
+        if not pending and (not line.strip() or line.startswith("--")):
+            continue
+        pending.append(line)
+        if sqlite3.complete_statement("\n".join(pending)):
+            statements.append("\n".join(pending).strip().rstrip(";"))
+            pending = []
+    if pending:
+        raise RuntimeError("sqlite_schema.sql ends inside a statement")
+    return statements
+
+
+#: The schema's statements (sqlite_schema.sql, package data), in order, then the header's mark.
+_SCHEMA_STATEMENTS = (*_schema_statements(), f"PRAGMA application_id = {APPLICATION_ID}")
 
 _COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at"
 

@@ -1,0 +1,75 @@
+-- The SQLite store's schema (SCHEMA_VERSION in sqlite.py), applied in one transaction by
+-- SQLiteStore on a new file and on a file of an older schema version: every statement is
+-- idempotent (IF NOT EXISTS), so an upgrade runs the whole file. Statements end with ';' (the
+-- loader splits with sqlite3.complete_statement, so the triggers' inner ';' stay whole).
+
+CREATE TABLE IF NOT EXISTS events (
+    position    INTEGER PRIMARY KEY,
+    stream_id   TEXT    NOT NULL,
+    version     INTEGER NOT NULL CHECK (version >= 1),
+    event_id    BLOB    NOT NULL UNIQUE,
+    type        TEXT    NOT NULL,
+    data        BLOB    NOT NULL,
+    metadata    BLOB,
+    recorded_at INTEGER NOT NULL,
+    UNIQUE (stream_id, version)
+);
+
+CREATE TRIGGER IF NOT EXISTS events_are_immutable_update BEFORE UPDATE ON events
+BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (UPDATE rejected)'); END;
+
+CREATE TRIGGER IF NOT EXISTS events_are_immutable_delete BEFORE DELETE ON events
+BEGIN SELECT RAISE(ABORT, 'eventcore: events are immutable (DELETE rejected)'); END;
+
+-- An append's idempotency key, written in the append's transaction: its events are the
+-- event_count positions from first_position (one append's positions are consecutive).
+CREATE TABLE IF NOT EXISTS command_keys (
+    key            TEXT    PRIMARY KEY,
+    first_position INTEGER NOT NULL,
+    event_count    INTEGER NOT NULL,
+    recorded_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+
+-- How far each lane of a resumable ingest has committed its input, written with each batch.
+CREATE TABLE IF NOT EXISTS ingest_progress (
+    key        TEXT    NOT NULL,
+    lane       INTEGER NOT NULL,
+    lanes      INTEGER NOT NULL,
+    items      INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL,
+    PRIMARY KEY (key, lane)
+) WITHOUT ROWID;
+
+-- Input items a resumable ingest passed over (a rejected or blank line) below its committed count:
+-- written by the batch whose count passes them, deleted by the batch that writes them after all.
+CREATE TABLE IF NOT EXISTS ingest_holes (
+    key  TEXT    NOT NULL,
+    item INTEGER NOT NULL,
+    PRIMARY KEY (key, item)
+) WITHOUT ROWID;
+
+-- Projection checkpoints and dead letters (see sqlite_projections).
+CREATE TABLE IF NOT EXISTS projection_checkpoints (
+    name       TEXT PRIMARY KEY,
+    position   INTEGER NOT NULL DEFAULT 0,
+    state      TEXT NOT NULL DEFAULT 'idle',
+    error      TEXT,
+    owner      TEXT,
+    updated_at TEXT
+);
+
+CREATE TABLE IF NOT EXISTS projection_dead_letters (
+    projector   TEXT    NOT NULL,
+    position    INTEGER NOT NULL,
+    stream_id   TEXT    NOT NULL,
+    version     INTEGER NOT NULL,
+    event_id    BLOB    NOT NULL,
+    type        TEXT    NOT NULL,
+    data        BLOB    NOT NULL,
+    metadata    BLOB,
+    recorded_at INTEGER NOT NULL,
+    error       TEXT    NOT NULL,
+    attempts    INTEGER NOT NULL,
+    failed_at   TEXT    NOT NULL,
+    PRIMARY KEY (projector, position)
+);
