@@ -132,6 +132,23 @@ def test_parallel_lanes_keep_every_stream_in_order(store):
     assert (result.first_position, result.last_position) == (feed[0], feed[-1])
 
 
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_resumed_lanes_know_a_passed_over_item_was_committed_by_another_lane(store, parallel):
+    """Run 1 commits every item (some lanes get none); run 2 passes item 0 over (it is None) and gets a
+    new item; run 3 restores item 0. A finished ingest leaves every lane's count at the input's end,
+    so item 0 is known committed whichever lane had it: nothing is written twice."""
+    sids = ["acct-0", "acct-1", "acct-2", "acct-3"]
+    items = [(s, Noted(str(i))) for i, s in enumerate(sids)]
+    first = store.ingest(items, parallel=parallel, resume_key="k")
+    assert first.events == 4
+    second = store.ingest([None] + items[1:] + [("acct-4", Noted("4"))], parallel=parallel, resume_key="k")
+    assert (second.events, second.skipped) == (1, 3)
+    third = store.ingest(items + [("acct-4", Noted("4"))], parallel=parallel, resume_key="k")
+    assert (third.events, third.skipped) == (0, 5)
+    assert sorted(e.data.text for e in store.read_all()) == ["0", "1", "2", "3", "4"]
+    assert_gap_free(store)
+
+
 def test_parallel_ingest_failure_stops_with_committed_batches_intact(store):
     def items():
         yield from _items(1000, streams=5)
@@ -191,6 +208,8 @@ def shared_store(request):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
+    """With no --parallel the store's default lanes write (2 on PostgreSQL, 1 on SQLite): every line
+    once, each stream's events in file order, and with one lane the whole feed in file order."""
     from eventcore.cli import main
 
     store, dsn = shared_store
@@ -198,11 +217,45 @@ def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
     _write_lines(path, [_line(i) for i in range(250)], compress)
     assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["events"], summary["batches"], summary["rejected"], summary["error"]) == (250, 3, 0, None)
+    lanes = 2 if store.scheme == "postgresql" else 1
+    assert (summary["events"], summary["lanes"], summary["rejected"], summary["error"]) == (250, lanes, 0, None)
+    assert store.default_ingest_lanes == lanes
     feed = list(store.read_all())
-    assert [e.data.text for e in feed] == [str(i) for i in range(250)]
-    assert feed[7].metadata == ec.Metadata(user_id="loader", custom={"line": 8})
+    assert sorted(int(e.data.text) for e in feed) == list(range(250))
+    for k in range(5):
+        assert [e.data.text for e in feed if e.stream_id == f"acct-{k}"] == [str(i) for i in range(k, 250, 5)]
+    if lanes == 1:
+        assert [e.data.text for e in feed] == [str(i) for i in range(250)] and summary["batches"] == 3
+    seventh = next(e for e in feed if e.data.text == "7")
+    assert seventh.metadata == ec.Metadata(user_id="loader", custom={"line": 8})
     assert_gap_free(store)
+
+
+def test_cli_ingest_with_one_lane_keeps_the_file_order(shared_store, tmp_path, capsys):
+    from eventcore.cli import main
+
+    store, dsn = shared_store
+    path = tmp_path / "events.jsonl"
+    _write_lines(path, [_line(i) for i in range(250)], False)
+    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--parallel", "1", "--json",
+                 "--no-progress"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert (summary["events"], summary["batches"], summary["lanes"]) == (250, 3, 1)
+    assert [e.data.text for e in store.read_all()] == [str(i) for i in range(250)]
+
+
+def test_cli_resume_keeps_the_lane_count_the_ingest_was_started_with(shared_store, tmp_path):
+    """An ingest started with --parallel 1 is resumed with one lane when --parallel is not given (the
+    default is 2 on PostgreSQL): each stream's lane depends on the count."""
+    store, dsn = shared_store
+    path = tmp_path / "events.jsonl"
+    _write_lines(path, [_line(i) for i in range(40)], False)
+    first = _ingest_cli(path, dsn, "--parallel", "1", "--batch-size", "10")
+    assert (first["rc"], first["events"], first["lanes"]) == (0, 40, 1)
+    _write_lines(path, [_line(i) for i in range(60)], False)  # the file grew
+    again = _ingest_cli(path, dsn, "--batch-size", "10")
+    assert (again["rc"], again["events"], again["lanes"], again["error"]) == (0, 20, 1, None)
+    assert sorted(int(t) for t in _texts(store)) == list(range(60))
 
 
 def test_cli_ingest_stops_at_a_malformed_line(shared_store, tmp_path, capsys):
@@ -213,11 +266,32 @@ def test_cli_ingest_stops_at_a_malformed_line(shared_store, tmp_path, capsys):
     lines = [_line(i) for i in range(130)]
     lines[117] = '{"stream": "acct-1", "type": "test.Noted", "data": {"text": "x"}, "oops": 1}'
     _write_lines(path, lines)
-    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "50", "--no-progress"]) == 1
+    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "50", "--parallel", "1", "--no-progress"]) == 1
     err = capsys.readouterr().err
     assert "line 118" in err
     # batches 1-50 and 51-100 committed; nothing of the batch holding line 118
     assert [e.data.text for e in store.read_all()] == [str(i) for i in range(100)]
+
+
+def test_cli_ingest_stops_at_a_malformed_line_with_the_default_lanes(shared_store, tmp_path, capsys):
+    """Whatever the lanes, what is committed of each stream is a gap-free start of its lines in file
+    order, nothing from the malformed line on, and the summary counts exactly what is stored."""
+    from eventcore.cli import main
+
+    store, dsn = shared_store
+    path = tmp_path / "bad.jsonl"
+    lines = [_line(i) for i in range(130)]
+    lines[117] = '{"stream": "acct-1", "type": "test.Noted", "data": {"text": "x"}, "oops": 1}'
+    _write_lines(path, lines)
+    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "10", "--json", "--no-progress"]) == 1
+    summary = json.loads(capsys.readouterr().out)
+    assert "line 118" in summary["error"]
+    feed = list(store.read_all())
+    assert summary["events"] == len(feed) >= 100  # each lane's full batches of 10 below line 118
+    for k in range(5):
+        texts = [int(e.data.text) for e in feed if e.stream_id == f"acct-{k}"]
+        assert texts == list(range(k, 130, 5))[:len(texts)] and all(t < 117 for t in texts)
+    assert_gap_free(store)
 
 
 def test_cli_ingest_skip_invalid_writes_rejects(shared_store, tmp_path, capsys):
@@ -277,11 +351,11 @@ def test_cli_resume_after_skipped_line_is_fixed_writes_it_once(shared_store, tmp
     broken = list(lines)
     broken[2] = '{"stream": "acct-2", "type": "test.Noted", "data": "not an object"}'
     _write_lines(path, broken)
-    first = _ingest_cli(path, dsn, "--batch-size", "2", "--skip-invalid")
+    first = _ingest_cli(path, dsn, "--batch-size", "2", "--skip-invalid", "--parallel", "1")
     assert (first["rc"], first["events"], first["rejected"]) == (0, 5, 1)
     assert _texts(store) == ["0", "1", "3", "4", "5"]
     _write_lines(path, lines)
-    second = _ingest_cli(path, dsn, "--batch-size", "2", "--skip-invalid")
+    second = _ingest_cli(path, dsn, "--batch-size", "2", "--skip-invalid")  # resumed with the 1 lane it began with
     assert (second["rc"], second["events"], second["skipped"], second["rejected"]) == (0, 1, 5, 0)
     assert _texts(store) == ["0", "1", "3", "4", "5", "2"]
     third = _ingest_cli(path, dsn, "--batch-size", "2", "--skip-invalid")

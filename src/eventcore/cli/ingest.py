@@ -147,6 +147,17 @@ def _cli_resume_key(store, args) -> tuple[str | None, bool]:
     return args.resume_key, False
 
 
+def _lanes(store, given: int | None, resume_key: str | None) -> int:
+    """--parallel if given; else the lane count an interrupted ingest under `resume_key` was started
+    with (each stream's lane depends on it); else the store's default."""
+    if given is not None:
+        return given
+    recorded = store._ingest_progress(resume_key) if resume_key is not None else {}
+    if recorded:
+        return max(lanes for lanes, _ in recorded.values())
+    return store.default_ingest_lanes
+
+
 def _cmd_ingest(args) -> int:
     import time
 
@@ -200,7 +211,7 @@ def _cmd_ingest(args) -> int:
         progress_state["events"] = total
         draw()
 
-    status, error = 0, None
+    status, error, lanes = 0, None, None
     with JsonLinesReader(args.file, on_bad=reject if args.skip_invalid else None) as reader:
         with connect(dsn) as store:
             if args.skip_invalid and _same_file(rejects_path, getattr(store, "path", None)):
@@ -208,7 +219,8 @@ def _cmd_ingest(args) -> int:
                                      "with --rejects")
             try:
                 resume_key, reader.keep_places = _cli_resume_key(store, args)
-                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=args.parallel,
+                lanes = _lanes(store, args.parallel, resume_key)
+                result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=lanes,
                                       resume_key=resume_key)
                 events, batches, skipped = result.events, result.batches, result.skipped
                 first, last = result.first_position, result.last_position
@@ -232,6 +244,7 @@ def _cmd_ingest(args) -> int:
         "events": events,
         "skipped": skipped,
         "batches": batches,
+        "lanes": lanes,
         "lines": reader.lines,
         "rejected": reader.rejected,
         "rejects_file": rejects_path if reader.rejected else None,

@@ -127,6 +127,30 @@ MAX_INGEST_LANES = 32
 _VALID_ID_MEMO = 100_000
 
 
+def _finish_lanes(lanes: list, done: list, read: int, key: str, parallel: int, new_holes: list, lock, write) -> None:
+    """Once every item is read and every batch committed, every lane's count becomes `read`.
+
+    A passed-over item has no stream, so no lane: a later run takes it as committed only if it is
+    below every lane's count. A lane that got no items near the end (or none at all) would keep a
+    low count, and an item committed by another lane, passed over in a later run and restored in a
+    third, would be written twice. So a resumable ingest with several lanes ends with one empty
+    batch per lane whose count is behind: it records the lane's count (and the holes below it) and
+    writes no event. With one lane its count is the input's end already, but for passed-over items
+    at the end, which are holes either way."""
+    for lane in lanes:
+        if lane.pending is not None:
+            lane.pending.result()  # raises _BatchFailed: the lanes are not all committed
+            lane.pending = None
+    for lane_no in range(parallel):
+        if done[lane_no] >= read:
+            continue
+        with lock:
+            passed = [h for h in new_holes if h < read]
+        progress = IngestProgress(key, lane_no, parallel, read, done[lane_no], passed, [])
+        done[lane_no] = read
+        write([], [], [], read, progress)
+
+
 def _ingest_item(item, metadata, valid_ids: dict):
     """(stream id, event, metadata) of one ingest item, validated."""
     if type(item) is ValidatedItem:  # a JSON line, validated when it was read
@@ -244,6 +268,8 @@ def ingest(
                 new_holes[:] = [h for h in new_holes if h not in recorded_holes]
             for sid in checks.keys() & after.keys():
                 checks[sid] = after[sid]
+            if not sids:  # a lane's closing count (see _finish_lanes): no events, not a batch of them
+                return
             state["events"] += len(sids)
             state["batches"] += 1
             state["first"] = first if not state["first"] else min(state["first"], first)
@@ -269,8 +295,10 @@ def ingest(
         lane.pending = pool.submit(write, *batch)
 
     failure: tuple | None = None  # (item index, in a batch?, cause)
+    read = 0  # input items read (None items included)
     try:
         for index, item in enumerate(items):
+            read = index + 1
             if item is None:  # an input record passed over: it keeps its number
                 if resume_key is not None and index >= all_done and index not in holes:
                     with lock:
@@ -307,6 +335,8 @@ def ingest(
             for lane_no, lane in enumerate(lanes):
                 if lane.sids:
                     flush(lane_no, lane)
+            if resume_key is not None and parallel > 1:
+                _finish_lanes(lanes, done, read, resume_key, parallel, new_holes, lock, write)
     except _BatchFailed as exc:
         failure = (exc.start, True, exc.cause)
     except BaseException as exc:  # e.g. the caller's iterable raised: the span must still end
