@@ -361,11 +361,11 @@ def decode_copy(buffer):
 cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
     cdef Py_ssize_t o, row, size, extension, id_at
     cdef Py_ssize_t sid_at = 0, sid_len = -1, type_at = 0, type_len = -1
-    cdef int64_t position, version, recorded
+    cdef int64_t position, version, recorded, last_recorded = 0
     cdef list out = []
     cdef dict cache = {}
     cdef PyObject* found
-    cdef object sid = None, type_name = None, decode = None, data, metadata, md
+    cdef object sid = None, type_name = None, decode = None, data, metadata, md, at = None
     if end < COPY_HEADER_SIZE or memcmp(buf, PyBytes_AS_STRING(COPY_SIGNATURE), PyBytes_GET_SIZE(COPY_SIGNATURE)) != 0:
         raise SerializationError(_copy_header_problem(buffer))
     extension = _get_i32(buf + COPY_HEADER_SIZE - 4)
@@ -453,6 +453,8 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
                 f"(stream {sid!r}, version {version}): "
                 f"{_row_decode_error_text(exc, decode.__self__, data, metadata)}"
             ) from exc
-        out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), type_name, payload, md,
-                                 _utc_datetime(recorded + PG_EPOCH_OFFSET_US)))
+        if recorded != last_recorded or at is None:  # one per transaction: the events of a write share it
+            at = _utc_datetime(recorded + PG_EPOCH_OFFSET_US)
+            last_recorded = recorded
+        out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), type_name, payload, md, at))
     raise SerializationError(_copy_row_problem(buffer, row))

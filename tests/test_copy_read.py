@@ -125,6 +125,17 @@ def test_recorded_at_is_exact_over_the_whole_datetime_range():
             assert got == want and got.tzinfo is dt.timezone.utc, (name, at)
 
 
+def test_each_row_keeps_its_own_recorded_at_when_they_change_from_row_to_row():
+    buf, rows = bytearray(COPY_HEADER), []
+    for k, at in enumerate((NOW_US, NOW_US, NOW_US + 1, NOW_US, -5, -5, RECORDED_AT_MAX_US)):
+        part, part_rows = _rows([("s", Noted(str(k)), None)], first=k + 1, at_us=at, versions=[k + 1])
+        buf += part[len(COPY_HEADER):-len(COPY_TRAILER)]
+        rows += part_rows
+    buf += COPY_TRAILER
+    for name, decode in TWINS.items():
+        assert decode(bytes(buf)) == _pure.decode_rows(rows), name
+
+
 def test_event_ids_are_uuids_like_those_decode_rows_makes():
     buf, rows = _rows([("s", Noted(str(i)), None) for i in range(50)])
     for name, decode in TWINS.items():

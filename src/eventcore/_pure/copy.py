@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import struct
+import uuid
 
 from ..errors import SerializationError
 from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata
@@ -35,7 +36,7 @@ from ..formats import (
 from ..payloads import DECODE_ERRORS, ENCODE_ERRORS, MAX_PAYLOAD_BYTES, check_encoded, encode_error_text, float_capable
 from ..utf8 import row_decode_error_text
 from . import ids as _ids
-from .codec import _EPOCH, _decoder_for, _encoder, _metadata_decoder, _uuid_from_bytes
+from .codec import _EPOCH, _UUID, _decoder_for, _encoder, _metadata_decoder, _new_uuid, _set
 
 _ROW_START = struct.Struct(">hiq")  # field count; position: length 8, int8
 _INT8 = struct.Struct(">iq")
@@ -209,6 +210,7 @@ _HEADER_TAIL = struct.Struct(">Ii")  # flags, header extension length
 _I32 = struct.Struct(">i")
 _TIMESTAMP = _INT8
 _timedelta = _dt.timedelta
+_SAFE_UNKNOWN = uuid.SafeUUID.unknown
 
 
 def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
@@ -237,6 +239,8 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
     length = _I32.unpack_from
     stamp = _TIMESTAMP.unpack_from
     decode_md = _metadata_decoder.decode
+    new_uuid, set_attr, from_bytes = _new_uuid, _set, int.from_bytes  # as codec._uuid_from_bytes, inlined
+    last_recorded = at = None
     while True:
         row = o
         if end - o < 18:  # no room for a row's fixed start: the trailer (-1), and nothing after it
@@ -280,8 +284,9 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
             o += 12
             if size != 8:
                 break
-            recorded_us = recorded + PG_EPOCH_OFFSET_US
-            at = _EPOCH + _timedelta(microseconds=recorded_us)
+            if recorded != last_recorded:  # one per transaction: the events of a write share it
+                at = _EPOCH + _timedelta(microseconds=recorded + PG_EPOCH_OFFSET_US)
+                last_recorded = recorded
         except (struct.error, UnicodeDecodeError, OverflowError):
             break
         dec = cache.get(type_name)
@@ -295,5 +300,8 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
                 f"cannot decode event of type {type_name!r} at position {position} "
                 f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, dec, data, metadata)}"
             ) from exc
-        append(RecordedEvent(sid, version, position, _uuid_from_bytes(event_id), type_name, payload, md, at))
+        u = new_uuid(_UUID)
+        set_attr(u, "int", from_bytes(event_id, "big"))
+        set_attr(u, "is_safe", _SAFE_UNKNOWN)
+        append(RecordedEvent(sid, version, position, u, type_name, payload, md, at))
     raise SerializationError(copy_row_problem(buf, row))
