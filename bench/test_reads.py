@@ -154,7 +154,8 @@ def test_read_stream_long(benchmark, feed):
 @pytest.mark.benchmark(group="long streams")
 def test_read_streams_long(benchmark, feed):
     ids = [f"long-{k}" for k in range(LONG_STREAMS)]
-    assert _run(benchmark, lambda: sum(map(len, feed.read_streams(ids).values())), rounds=10) == LONG_STREAMS * LONG_EVENTS
+    events = LONG_STREAMS * LONG_EVENTS
+    assert _run(benchmark, lambda: sum(map(len, feed.read_streams(ids).values())), rounds=10) == events
     record("read_streams_long", benchmark)
     _rate("read_streams_long", f"read_streams, {LONG_STREAMS} x {LONG_EVENTS:,}-event streams ({ec.__impl__})",
           LONG_STREAMS * LONG_EVENTS)
@@ -170,7 +171,8 @@ def test_read_stream_long_row_path(benchmark, feed):
     _rate("read_stream_long_row_path", f"read_stream by the row path ({ec.__impl__})", LONG_EVENTS)
 
 
-RATIOS.append(("read_all: eventcore (C) vs raw psycopg row fetch", "read_all_eventcore_c", "read_all_raw_rows", ">= 3x"))
+RATIOS.append(("read_all: eventcore (C) vs raw psycopg row fetch", "read_all_eventcore_c", "read_all_raw_rows",
+               ">= 3x"))
 RATIOS.append(("read_all: eventcore (C) vs the row path it replaced (C)", "read_all_eventcore_c", "read_all_row_path_c",
                "> 1x"))
 RATIOS.append(("read_all: pure-Python twin vs the row path (Python)", "read_all_eventcore_python",

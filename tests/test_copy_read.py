@@ -262,7 +262,8 @@ def _row_read(store, name_or_sql, params):
     return _impl.decode_rows(store._fetch(text, params))
 
 
-ROW_READ_STREAM = f"SELECT {pg_sql.COLUMNS} FROM {{s}}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s"
+ROW_READ_STREAM = (f"SELECT {pg_sql.COLUMNS} FROM {{s}}.events WHERE stream_id = %s AND version >= %s "
+                   "ORDER BY version LIMIT %s")
 ROW_READ_STREAMS = f"SELECT {pg_sql.COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position"
 ODD_IDS = ["plain", "it's", 'say "hi"', "back\\slash", "per%cent", "{brace,comma}", "NULL", "ünïcødé-😀", " lead"]
 
@@ -344,7 +345,8 @@ def test_postgres_a_copy_read_past_statement_timeout_is_a_store_timeout(pg_dsn, 
         store.append([ec.emit("s", Noted("x"))])
         locker.execute(psycopg.sql.SQL("LOCK TABLE {}.events IN ACCESS EXCLUSIVE MODE").format(
             psycopg.sql.Identifier(pg_schema)))
-        for read in (lambda: store.read_stream("s"), lambda: store.read_streams(["s"]), lambda: list(store.read_all())):
+        reads = (lambda: store.read_stream("s"), lambda: store.read_streams(["s"]), lambda: list(store.read_all()))
+        for read in reads:
             with pytest.raises(ec.StoreTimeoutError, match="statement_timeout"):
                 read()
         locker.rollback()
@@ -406,3 +408,20 @@ def test_postgres_projection_page_with_an_undecodable_event_is_read_again_as_row
     assert handled == [1, 3]
     [dead] = ec.dead_letters(pg, "copyread-raw")
     assert (dead.version, dead.type, dead.data) == (2, "copyread.Unknown", {"x": 1})
+
+
+def test_postgres_a_copy_the_server_ends_with_an_error_raises_it_and_leaves_the_connection_idle(pg_dsn):
+    """Rows already streaming when statement_timeout fires: the QueryCanceled that ends the COPY is
+    raised (the store makes it a StoreTimeoutError), and the connection can run the next statement."""
+    from eventcore.stores.postgres.copy_reader import read_copy
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute("SET statement_timeout = '300ms'")
+        with pytest.raises(psycopg.errors.QueryCanceled):
+            read_copy(conn, "COPY (SELECT g, repeat('x', 9000), pg_sleep(0.01) FROM generate_series(1, 500) AS g) "
+                      "TO STDOUT (FORMAT BINARY)", None)
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+        whole = read_copy(conn, "COPY (SELECT g FROM generate_series(1, %s) AS g) TO STDOUT (FORMAT BINARY)", (3,))
+        assert whole.startswith(COPY_SIGNATURE) and whole.endswith(COPY_TRAILER)
+        assert whole.count(b"\x00\x01\x00\x00\x00\x04") == 3  # three rows of one int4 field

@@ -2,9 +2,9 @@
 
 The runner asks the store for its projection storage (`store._projection_storage()`) and drives a
 session of it: take the projector's leader lock (or wait to take it over), load the checkpoint, then
-read a page of the feed after the cursor, decoded (`ProjectionSession.read_events`), hand the events to the projector and move
-the checkpoint in the same transaction, again and again; when the feed is read to its head, wait for
-a wake-up or the poll interval. A failing batch is replayed one event per transaction to find the
+read a page of the feed after the cursor, decoded (`ProjectionSession.read_events`), hand the events
+to the projector and move the checkpoint in the same transaction, again and again; when the feed is
+read to its head, wait for a wake-up or the poll interval. A failing batch is replayed one event per transaction to find the
 failing event, which goes to the projector's error strategy. A lost connection, or a failure of one
 of the session's own statements, ends the session: the runner reconnects with exponential backoff
 and resumes from the stored checkpoint.

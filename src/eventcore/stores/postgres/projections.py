@@ -30,6 +30,7 @@ from ..projection_storage import (
 )
 from . import sql as pg_sql
 from .connections import _one_line, _session_options
+from .copy_reader import read_copy
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -233,12 +234,8 @@ class PostgresProjectionSession(ProjectionSession):
         a filtered page is read as rows through its window (read_page)."""
         if types is not None or prefix is not None:
             return super().read_events(after, types, prefix, limit)
-        out = bytearray()
         try:
-            with self.connection.cursor().copy(self._copy_read, pg_sql.read_all_params(after, None, None, limit)) as copy:
-                read = copy.read
-                while chunk := read():
-                    out += chunk
+            out = read_copy(self.connection, self._copy_read, pg_sql.read_all_params(after, None, None, limit))
         except psycopg.Error as exc:
             self._own_failure(exc)
         try:

@@ -45,6 +45,7 @@ from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
+from .copy_reader import read_copy
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
@@ -323,18 +324,13 @@ class PostgresStore(EventStore):
         the client), under the same deadline and errors as `_fetch`."""
         query = self._sql.get(name_or_sql, name_or_sql)
         wd = self._watchdog
-        out = bytearray()
         with self._reading():
             with self._pool.connection() as conn:
                 token = wd.watch(conn)
                 try:
-                    with conn.cursor().copy(query, params) as copy:
-                        read = copy.read
-                        while chunk := read():
-                            out += chunk
+                    return read_copy(conn, query, params)
                 finally:
                     wd.done(token)
-        return out
 
     @contextmanager
     def _reading(self):
