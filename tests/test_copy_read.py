@@ -425,3 +425,22 @@ def test_postgres_a_copy_the_server_ends_with_an_error_raises_it_and_leaves_the_
         whole = read_copy(conn, "COPY (SELECT g FROM generate_series(1, %s) AS g) TO STDOUT (FORMAT BINARY)", (3,))
         assert whole.startswith(COPY_SIGNATURE) and whole.endswith(COPY_TRAILER)
         assert whole.count(b"\x00\x01\x00\x00\x00\x04") == 3  # three rows of one int4 field
+
+
+def test_decode_copy_leaves_the_cyclic_collector_as_it_found_it():
+    """decode_copy pauses the collector while it builds a page, and only if it was running."""
+    import gc
+
+    buf, _ = _rows([("s", Noted("x"), None)])
+    was = gc.isenabled()
+    try:
+        for decode in TWINS.values():
+            for state in (True, False):
+                (gc.enable if state else gc.disable)()
+                decode(buf)
+                assert gc.isenabled() is state
+                with pytest.raises(ec.SerializationError):
+                    decode(buf[:-1])
+                assert gc.isenabled() is state
+    finally:
+        (gc.enable if was else gc.disable)()
