@@ -12,7 +12,8 @@ LONG_STREAMS streams of LONG_EVENTS events each; N = EVENTCORE_BENCH_EVENTS, def
 * read_all_raw_rows           raw psycopg fetchall of the same rows, page by page, same statement:
                               tuples of ints, str and bytes, no events (the floor of the target);
 * read_all_raw_copy_bytes     one COPY ... TO STDOUT (FORMAT BINARY) of the whole feed, bytes only;
-* projection_catch_up         run_projection(until_caught_up=True) of a no-op batch handler;
+* projection_catch_up         run_projection(until_caught_up=True) of a no-op batch handler, by
+                              COPY and by the row path a projector's session used before;
 * read_stream / read_streams  one LONG_EVENTS-event stream; all LONG_STREAMS of them in one call,
                               by COPY and by the row path.
 """
@@ -27,6 +28,8 @@ import pytest
 import eventcore as ec
 from eventcore import _impl, _pure
 from eventcore.stores.postgres import sql as pg_sql
+from eventcore.stores.postgres.projections import PostgresProjectionSession
+from eventcore.stores.projection_storage import ProjectionSession
 
 from conftest import FIGURES, MEDIANS, RATIOS, Measured, record
 
@@ -130,18 +133,23 @@ def test_read_all_raw_copy_bytes(benchmark, feed):
 
 
 @pytest.mark.benchmark(group="read_all")
-def test_projection_catch_up(benchmark, feed):
+@pytest.mark.parametrize("path", ["copy", "row_path"])
+def test_projection_catch_up(benchmark, feed, monkeypatch, path):
+    if path == "row_path":  # what a projector's session did before: rows, then decode_rows
+        monkeypatch.setattr(PostgresProjectionSession, "read_events", ProjectionSession.read_events)
     names = iter(range(1000))
 
     def run():
-        runner = ec.run_projection(feed, ec.Projector(f"bench-catch-up-{next(names)}",
+        runner = ec.run_projection(feed, ec.Projector(f"bench-catch-up-{path}-{next(names)}",
                                                       batch_handler=lambda events, ctx: None),
                                    until_caught_up=True)
         return runner.events_handled
 
     assert _run(benchmark, run) == TOTAL
-    record("projection_catch_up", benchmark)
-    _rate("projection_catch_up", f"projection catch-up, no-op handler ({ec.__impl__})", TOTAL)
+    name = "projection_catch_up" if path == "copy" else "projection_catch_up_row_path"
+    record(name, benchmark)
+    _rate(name, f"projection catch-up, no-op handler, batches of 500, {path.replace('_', ' ')} ({ec.__impl__})",
+          TOTAL)
 
 
 @pytest.mark.benchmark(group="long streams")
@@ -180,4 +188,6 @@ RATIOS.append(("read_all: pure-Python twin vs the row path (Python)", "read_all_
 RATIOS.append(("read_all: eventcore (C) vs raw COPY bytes (the limit)", "read_all_eventcore_c", "read_all_raw_copy",
                "the limit"))
 RATIOS.append(("projection catch-up vs raw psycopg row fetch", "projection_catch_up", "read_all_raw_rows", ">= 3x"))
+RATIOS.append(("projection catch-up: COPY vs the row path it replaced", "projection_catch_up",
+               "projection_catch_up_row_path", "> 1x"))
 RATIOS.append(("read_stream (long): COPY vs the row path", "read_stream_long", "read_stream_long_row_path", "> 1x"))
