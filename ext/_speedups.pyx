@@ -3,6 +3,7 @@
 
 encode_event / encode_metadata   msgspec JSON payloads
 decode_rows                      stored rows -> RecordedEvent
+decode_copy                      a binary COPY stream of stored events -> RecordedEvent
 new_event_ids                    UUIDv7, 16 bytes each
 check_expected_versions          expected-version checks under the write lock
 assign_versions                  per-stream version assignment for a batch

@@ -278,3 +278,188 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
         _counter = counter
     heads.update(new_heads)
     return ids
+
+
+# -- reading: decode_copy --------------------------------------------------------------------------
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.datetime cimport datetime_new, import_datetime
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.string cimport memcmp
+
+from eventcore.events import RecordedEvent
+from eventcore.formats import copy_header_problem as _copy_header_problem, copy_row_problem as _copy_row_problem
+
+cdef extern from "Python.h":
+    int PyObject_GenericSetAttr(object, object, object) except -1
+    object PyLong_FromUnsignedLongLong(unsigned long long)
+    int PyGC_Disable()  # both return whether the collector was enabled (Python >= 3.10)
+    int PyGC_Enable()
+
+import_datetime()
+
+_UTC = _dt.timezone.utc
+_SIXTY_FOUR = 64
+_decode_metadata = _metadata_decoder.decode
+cdef int64_t _DAY_US = 86_400_000_000
+
+
+cdef inline int32_t _get_i32(const unsigned char* p) noexcept nogil:
+    return <int32_t>((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3])
+
+
+cdef inline uint64_t _get_u64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_get_i32(p) << 32) | <uint32_t>_get_i32(p + 4)
+
+
+cdef object _utc_datetime(int64_t unix_us):
+    """A UTC datetime from Unix microseconds already checked to lie within datetime's range
+    (the proleptic Gregorian calendar from days since 1970: H. Hinnant's civil_from_days)."""
+    cdef int64_t days = unix_us // _DAY_US, rem = unix_us % _DAY_US
+    if rem < 0:  # C division truncates toward zero
+        rem += _DAY_US
+        days -= 1
+    cdef int64_t z = days + 719468
+    cdef int64_t era = (z if z >= 0 else z - 146096) // 146097
+    cdef int64_t doe = z - era * 146097
+    cdef int64_t yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef int64_t doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef int64_t mp = (5 * doy + 2) // 153
+    cdef int day = <int>(doy - (153 * mp + 2) // 5 + 1)
+    cdef int month = <int>(mp + 3 if mp < 10 else mp - 9)
+    cdef int year = <int>(yoe + era * 400 + (1 if month <= 2 else 0))
+    cdef int64_t secs = rem // 1_000_000
+    return datetime_new(year, month, day, <int>(secs // 3600), <int>((secs // 60) % 60), <int>(secs % 60),
+                        <int>(rem % 1_000_000), _UTC)
+
+
+cdef object _uuid_of(const unsigned char* p):
+    u = _uuid_new(_UUID)
+    PyObject_GenericSetAttr(u, "int", (PyLong_FromUnsignedLongLong(_get_u64(p)) << _SIXTY_FOUR)
+                            | PyLong_FromUnsignedLongLong(_get_u64(p + 8)))
+    PyObject_GenericSetAttr(u, "is_safe", _SAFE_UNKNOWN)
+    return u
+
+
+cdef object _text_or_null(const unsigned char* p, Py_ssize_t n):
+    """The UTF-8 text at p, or None when it is not UTF-8."""
+    try:
+        return PyUnicode_DecodeUTF8(<const char*>p, n, NULL)
+    except UnicodeDecodeError:
+        return None
+
+
+def decode_copy(buffer):
+    """Decode a whole binary COPY stream (header, rows, trailer) of the events table's columns
+    into RecordedEvents, in order (see eventcore._pure.copy.decode_copy)."""
+    cdef Py_buffer view
+    cdef bint collecting = PyGC_Disable()  # see _pure/copy.py: the cyclic collector waits for the page
+    PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+    try:
+        return _decode_copy(buffer, <const unsigned char*>view.buf, view.len)
+    finally:
+        PyBuffer_Release(&view)
+        if collecting:
+            PyGC_Enable()
+
+
+cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
+    cdef Py_ssize_t o, row, size, extension, id_at
+    cdef Py_ssize_t sid_at = 0, sid_len = -1, type_at = 0, type_len = -1
+    cdef int64_t position, version, recorded, last_recorded = 0
+    cdef list out = []
+    cdef dict cache = {}
+    cdef PyObject* found
+    cdef object sid = None, type_name = None, decode = None, data, metadata, md, at = None
+    if end < COPY_HEADER_SIZE or memcmp(buf, PyBytes_AS_STRING(COPY_SIGNATURE), PyBytes_GET_SIZE(COPY_SIGNATURE)) != 0:
+        raise SerializationError(_copy_header_problem(buffer))
+    extension = _get_i32(buf + COPY_HEADER_SIZE - 4)
+    if (<uint32_t>_get_i32(buf + COPY_HEADER_SIZE - 8)) & COPY_CRITICAL_FLAGS or extension < 0 \
+            or extension > end - COPY_HEADER_SIZE:
+        raise SerializationError(_copy_header_problem(buffer))
+    o = COPY_HEADER_SIZE + extension
+    while True:
+        row = o
+        # Every read below is preceded by a check that it lies within the buffer; lengths are int32,
+        # so `o + size` cannot overflow a Py_ssize_t.
+        if end - o < 18:  # no room for a row's fixed start: the trailer (-1), and nothing after it
+            if end - o == 2 and buf[o] == 0xFF and buf[o + 1] == 0xFF:
+                return out
+            break
+        if ((buf[o] << 8) | buf[o + 1]) != COPY_FIELDS or _get_i32(buf + o + 2) != 8:
+            break
+        position = <int64_t>_get_u64(buf + o + 6)
+        size = _get_i32(buf + o + 14)
+        o += 18
+        if size < 0 or size > end - o:
+            break
+        if size != sid_len or memcmp(buf + o, buf + sid_at, size) != 0:
+            sid = _text_or_null(buf + o, size)
+            if sid is None:
+                break
+            sid_at = o
+            sid_len = size
+        o += size
+        # version (4 + 8), event id (4 + 16), the type's length (4)
+        if end - o < 36 or _get_i32(buf + o) != 8 or _get_i32(buf + o + 12) != 16:
+            break
+        version = <int64_t>_get_u64(buf + o + 4)
+        id_at = o + 16
+        size = _get_i32(buf + o + 32)
+        o += 36
+        if size < 0 or size > end - o:
+            break
+        if size != type_len or memcmp(buf + o, buf + type_at, size) != 0:
+            type_name = _text_or_null(buf + o, size)
+            if type_name is None:
+                break
+            type_at = o
+            type_len = size
+            decode = None  # looked up once the whole row is known to be well framed
+        o += size
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        o += 4
+        if size < 1 or size > end - o or buf[o] != JSONB_VERSION:
+            break
+        data = PyBytes_FromStringAndSize(<const char*>buf + o + 1, size - 1)
+        o += size
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        o += 4
+        if size == NULL_LENGTH:
+            metadata = None
+        elif size < 1 or size > end - o or buf[o] != JSONB_VERSION:
+            break
+        else:
+            metadata = PyBytes_FromStringAndSize(<const char*>buf + o + 1, size - 1)
+            o += size
+        if end - o < 12 or _get_i32(buf + o) != 8:
+            break
+        recorded = <int64_t>_get_u64(buf + o + 4)
+        o += 12
+        if recorded < RECORDED_AT_MIN_US - PG_EPOCH_OFFSET_US or recorded > RECORDED_AT_MAX_US - PG_EPOCH_OFFSET_US:
+            break
+        if decode is None:
+            found = PyDict_GetItem(cache, type_name)
+            if found is NULL:
+                decode = _decoder_for(type_name, position, sid).decode
+                cache[type_name] = decode
+            else:
+                decode = <object>found
+        try:
+            payload = decode(data)
+            md = EMPTY_METADATA if metadata is None else _decode_metadata(metadata)
+        except _DecodeErrors as exc:
+            raise SerializationError(
+                f"cannot decode event of type {type_name!r} at position {position} "
+                f"(stream {sid!r}, version {version}): "
+                f"{_row_decode_error_text(exc, decode.__self__, data, metadata)}"
+            ) from exc
+        if recorded != last_recorded or at is None:  # one per transaction: the events of a write share it
+            at = _utc_datetime(recorded + PG_EPOCH_OFFSET_US)
+            last_recorded = recorded
+        out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), type_name, payload, md, at))
+    raise SerializationError(_copy_row_problem(buffer, row))

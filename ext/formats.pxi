@@ -2,7 +2,7 @@
 # as typed C globals, copied from the Python modules when the extension is imported: each value is
 # written once, in Python, for both twins.
 
-from libc.stdint cimport int64_t
+from libc.stdint cimport int64_t, uint32_t
 
 from eventcore import expected as _expected, formats as _formats
 
@@ -22,3 +22,9 @@ cdef int64_t STREAM_EXISTS = _expected.STREAM_EXISTS
 # Fixed bytes of one COPY row: field count (2) + position (4+8) + stream len (4) + version (4+8)
 # + event id (4+16) + type len (4) + data len (4) + jsonb version (1) + metadata len (4) + recorded_at (4+8)
 cdef Py_ssize_t ROW_FIXED = 2 + 12 + 4 + 12 + 20 + 4 + 4 + 1 + 4 + 12
+
+cdef int64_t RECORDED_AT_MIN_US = _formats.RECORDED_AT_MIN_US
+cdef int64_t RECORDED_AT_MAX_US = _formats.RECORDED_AT_MAX_US
+cdef uint32_t COPY_CRITICAL_FLAGS = _formats.COPY_CRITICAL_FLAGS
+cdef bytes COPY_SIGNATURE = _formats.COPY_SIGNATURE
+cdef Py_ssize_t COPY_HEADER_SIZE = len(_formats.COPY_HEADER)

@@ -7,7 +7,8 @@ Cython `eventcore._speedups` and the pure-Python `eventcore._pure`) and checks, 
 example, that neither raises anything but the library's typed errors and that both agree:
 the same value, or an error of the same type.
 
-Targets: `decode_rows` (stored rows: random and mutated JSON, random envelopes),
+Targets: `decode_rows` (stored rows: random and mutated JSON, random envelopes), `decode_copy`
+(binary COPY streams: well-formed ones mutated byte by byte, truncated, with lengths overwritten),
 `encode_event` / `encode_metadata` / `encode_copy_events` (nested values with NaN, infinity,
 NUL, lone surrogates, huge ints), `encode_copy_rows` (random columns), and the JSON Lines
 parser and RawEvent validation (random and mutated lines; pure Python, one implementation).
@@ -27,7 +28,7 @@ import pytest
 import eventcore as ec
 
 HERE = Path(__file__).resolve().parent
-TARGETS = ("decode_rows", "encode", "encode_copy_rows", "json_lines")
+TARGETS = ("decode_rows", "decode_copy", "encode", "encode_copy_rows", "json_lines")
 
 
 @pytest.mark.parametrize("target", TARGETS)
@@ -79,7 +80,8 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             raise
         C = None  # a pure-Python build: check the Python twin alone
 
-    IMPLS = {"python": {"decode_rows": P_codec.decode_rows, "encode_event": P_codec.encode_event,
+    IMPLS = {"python": {"decode_rows": P_codec.decode_rows, "decode_copy": P_copy.decode_copy,
+                        "encode_event": P_codec.encode_event,
                         "encode_metadata": P_codec.encode_metadata, "encode_copy_events": P_copy.encode_copy_events,
                         "encode_copy_rows": P_copy.encode_copy_rows}}
     if C is not None:
@@ -201,6 +203,40 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             for value in (Anything(deep), ec.Metadata(custom={"d": deep})):
                 f = funcs["encode_event"] if isinstance(value, Anything) else funcs["encode_metadata"]
                 assert outcome(f, value)[0] == "error", impl
+
+    elif target == "decode_copy":
+        import struct
+
+        from eventcore.formats import COPY_HEADER, COPY_TRAILER
+
+        def stream(rows) -> bytes:
+            buf = bytearray(COPY_HEADER)
+            for i, (sid, data, metadata, at) in enumerate(rows):
+                P_copy.encode_copy_rows(buf, i + 1, [sid], [i + 1], [bytes(range(i, i + 16))],
+                                        ["fuzz.Item" if i % 2 else "fuzz.Anything"], [data], [metadata], at)
+            return bytes(buf + COPY_TRAILER)
+
+        good = st.builds(stream, st.lists(st.tuples(
+            st.text(max_size=6), st.one_of(good_items, st.builds(lambda v: json_bytes({"value": v}), values), payloads),
+            st.one_of(st.none(), st.just(b'{"user_id":"u"}'), payloads),
+            st.integers(-(2**62), 2**62)), max_size=4))
+
+        @st.composite
+        def lengths_overwritten(draw, base):
+            data = bytearray(draw(base))
+            for _ in range(draw(st.integers(1, 3))):
+                if data:
+                    pos = draw(st.integers(0, len(data) - 1))
+                    data[pos:pos + 4] = struct.pack(">i", draw(st.sampled_from([-2, -1, 0, 1, 8, 16, 2**31 - 1,
+                                                                                len(data)])))
+            return bytes(data)
+
+        @fuzz(600)
+        @given(buf=st.one_of(good, mutated(good), lengths_overwritten(good), st.binary(max_size=80)))
+        def run(buf):
+            (kind, result), _ = same_everywhere("decode_copy", buf)
+            for other in (bytearray(buf), memoryview(buf)):
+                assert outcome(IMPLS["python"]["decode_copy"], other) == (kind, result)
 
     elif target == "encode_copy_rows":
         anything = st.one_of(st.none(), st.integers(-(2**70), 2**70), st.floats(), st.text(max_size=8),

@@ -163,17 +163,22 @@ def test_append_and_read_streams_are_one_statement_each(pg, monkeypatch):
     cmd = Move(ec.StreamId("acct-a"), ec.StreamId("acct-b"), 10)
     ec.execute(pg, cmd)  # warm: statements get prepared on first use
     calls = []
-    real = psycopg.Connection.execute
+    real_execute, real_copy = psycopg.Connection.execute, psycopg.Cursor.copy
 
     def counting(self, query, params=None, **kw):
         calls.append(query)
-        return real(self, query, params, **kw)
+        return real_execute(self, query, params, **kw)
+
+    def counting_copy(self, statement, params=None, **kw):  # reads are COPY ... TO STDOUT
+        calls.append(statement)
+        return real_copy(self, statement, params, **kw)
 
     monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    monkeypatch.setattr(psycopg.Cursor, "copy", counting_copy)
     result = ec.execute(pg, cmd)
     monkeypatch.undo()
     assert result.attempts == 1 and len(result.events) == 2
-    assert len(calls) == 2
+    assert len(calls) == 2 and calls[0].startswith("COPY (SELECT")
 
 
 def test_conflict_leaves_nothing_and_names_the_stream(pg):

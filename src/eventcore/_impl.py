@@ -35,6 +35,10 @@ class HotPath(Protocol):
     def decode_rows(self, rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
         """Stored rows (layout `formats.ROW_COLUMNS`) as RecordedEvents, in order; a corrupt row is an error."""
 
+    def decode_copy(self, buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
+        """A whole binary COPY stream of the events table's columns as RecordedEvents, in order; a
+        corrupt or truncated stream is an error."""
+
     def new_event_ids(self, count: int) -> list[bytes]:
         """`count` UUIDv7 ids (16 bytes each), strictly increasing within the process."""
 

@@ -9,7 +9,7 @@ byte formats) is not here but in `eventcore.payloads`, `eventcore.utf8` and
 `eventcore.formats`.
 """
 from .codec import decode_rows, encode_event, encode_metadata
-from .copy import encode_copy_events, encode_copy_rows
+from .copy import decode_copy, encode_copy_events, encode_copy_rows
 from .ids import new_event_ids
 from .versions import assign_versions, check_expected_versions
 
@@ -17,6 +17,7 @@ __all__ = [
     "encode_event",
     "encode_metadata",
     "decode_rows",
+    "decode_copy",
     "new_event_ids",
     "check_expected_versions",
     "assign_versions",

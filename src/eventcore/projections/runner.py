@@ -2,9 +2,9 @@
 
 The runner asks the store for its projection storage (`store._projection_storage()`) and drives a
 session of it: take the projector's leader lock (or wait to take it over), load the checkpoint, then
-read a page of stored rows after the cursor, decode it, hand the events to the projector and move
-the checkpoint in the same transaction, again and again; when the feed is read to its head, wait for
-a wake-up or the poll interval. A failing batch is replayed one event per transaction to find the
+read a page of the feed after the cursor, decoded (`ProjectionSession.read_events`), hand the events
+to the projector and move the checkpoint in the same transaction, again and again; when the feed is
+read to its head, wait for a wake-up or the poll interval. A failing batch is replayed one event per transaction to find the
 failing event, which goes to the projector's error strategy. A lost connection, or a failure of one
 of the session's own statements, ends the session: the runner reconnects with exponential backoff
 and resumes from the stored checkpoint.
@@ -18,11 +18,10 @@ import socket
 import threading
 import time as _time
 
-from .. import _impl
-from ..errors import SerializationError, ValidationError
+from ..errors import ValidationError
 from ..options import seconds
 from ..stores.base import EventStore
-from ..stores.projection_storage import LostLeadership, ProjectionSession, Refused, StoreFailed
+from ..stores.projection_storage import FeedPage, LostLeadership, ProjectionSession, Refused, StoreFailed
 from .projector import SKIP, ProjectionContext, ProjectionError, Projector, Retry
 from .status import ProjectionStatus, count_after, projection_status, storage_of
 
@@ -51,23 +50,6 @@ def _unprefixed(exc: BaseException, name: str) -> str:
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
-
-
-def _decode(rows: list) -> tuple[list, list]:
-    """Decode a page: (events, errors), parallel to rows; an undecodable row has event None and its error."""
-    try:
-        return _impl.decode_rows(rows), [None] * len(rows)
-    except SerializationError:
-        pass
-    events, errors = [], []
-    for row in rows:
-        try:
-            events.append(_impl.decode_rows([row])[0])
-            errors.append(None)
-        except SerializationError as exc:
-            events.append(None)
-            errors.append(exc)
-    return events, errors
 
 
 class ProjectionRunner:
@@ -256,11 +238,11 @@ class ProjectionRunner:
             session.keep_listening()  # before the read: an append it misses notifies
             before = self._cursor
             head = session.head()
-            rows, bound = session.read_page(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
+            page, bound = session.read_events(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
             self._failures = 0  # the connection works: the next reconnection starts from the base backoff
-            if rows:
-                self._process(session, rows)
-            if len(rows) < p.batch_size and bound is not None:
+            if page:
+                self._process(session, page)
+            if len(page) < p.batch_size and bound is not None:
                 # A filtered read looked only up to `bound` (a window of the feed after the cursor)
                 # and found less than a page: nothing else up to `bound` is for this projector, and
                 # nothing can appear there later: `bound` is an event below the fence, so every
@@ -272,7 +254,7 @@ class ProjectionRunner:
                 self.caught_up.clear()
                 retry = 0.0
                 continue
-            if len(rows) < p.batch_size:
+            if len(page) < p.batch_size:
                 # Everything up to `head` was read (head was read first): nothing up to it is left
                 # for this projector, so reading goes on from there. The stored checkpoint follows
                 # past such filtered-out events at most every `idle_checkpoint_interval` seconds
@@ -307,34 +289,35 @@ class ProjectionRunner:
                 session.advance(self.position, self._cursor)
             self.position = self._cursor
 
-    def _process(self, session: ProjectionSession, rows: list) -> None:
-        events, errors = _decode(rows)
-        i, n = 0, len(rows)
+    def _process(self, session: ProjectionSession, page: FeedPage) -> None:
+        events = page.events
+        i, n = 0, len(events)
         while i < n:  # the page in hand is finished even when a stop is requested
             j = i
             while j < n and events[j] is not None:
                 j += 1
             if j > i:
-                self._apply_batch(session, rows[i:j], events[i:j])
+                self._apply_batch(session, page, i, j)
             if j < n:
-                self._failed(session, rows[j], None, errors[j], attempts=1)
+                self._failed(session, page.row(j), None, page.errors[j], attempts=1)
             i = j + 1
 
-    def _commit(self, session: ProjectionSession, rows: list, events: list) -> None:
-        """One transaction: the handler over `events`, then the checkpoint moved to the last of `rows`."""
+    def _commit(self, session: ProjectionSession, events: list) -> None:
+        """One transaction: the handler over `events`, then the checkpoint moved to the last of them."""
         p = self.projector
-        new = rows[-1][0]
+        new = events[-1].position
         with session.transaction():
-            if events:
-                p.handle_batch(events, ProjectionContext(self.store, p, session.connection, self.position))
+            p.handle_batch(events, ProjectionContext(self.store, p, session.connection, self.position))
             session.advance(self.position, new)
         self.position = self._cursor = new
         self.events_handled += len(events)
         self.batches += 1
 
-    def _apply_batch(self, session: ProjectionSession, rows: list, events: list) -> None:
+    def _apply_batch(self, session: ProjectionSession, page: FeedPage, i: int, j: int) -> None:
+        """Events i..j-1 of the page (all decoded) in one transaction, else one per transaction."""
+        events = page.events[i:j]
         try:
-            self._commit(session, rows, events)
+            self._commit(session, events)
             return
         except (LostLeadership, StoreFailed, Refused):
             raise
@@ -342,17 +325,17 @@ class ProjectionRunner:
             if session.lost():
                 raise StoreFailed(f"projection connection lost: {exc}") from exc
             if len(events) == 1:
-                self._failed(session, rows[0], events[0], exc, attempts=1)
+                self._failed(session, page.row(i), events[0], exc, attempts=1)
                 return
-        for row, event in zip(rows, events):  # one event per transaction, to isolate the failing one
+        for k, event in enumerate(events, i):  # one event per transaction, to isolate the failing one
             try:
-                self._commit(session, [row], [event])
+                self._commit(session, [event])
             except (LostLeadership, StoreFailed, Refused):
                 raise
             except Exception as exc:  # noqa: BLE001
                 if session.lost():
                     raise StoreFailed(f"projection connection lost: {exc}") from exc
-                self._failed(session, row, event, exc, attempts=1)
+                self._failed(session, page.row(k), event, exc, attempts=1)
 
     def _failed(self, session: ProjectionSession, row, event, exc: BaseException, attempts: int) -> None:
         """Apply the error strategy to one event that failed (event None: it could not be decoded)."""
@@ -366,7 +349,7 @@ class ProjectionRunner:
                 delay = min(delay * 2, strategy.max_backoff)
                 attempts += 1
                 try:
-                    self._commit(session, [row], [event])
+                    self._commit(session, [event])
                     return
                 except (LostLeadership, StoreFailed, Refused):
                     raise

@@ -22,7 +22,8 @@ from typing import Iterator
 
 import msgspec
 
-from ..errors import EventCoreError, StoreUnavailableError
+from .. import _impl
+from ..errors import EventCoreError, SerializationError, StoreUnavailableError
 
 #: Events after a checkpoint are counted up to this many (a bounded cost); the value means "at least".
 PENDING_CAP = 10_000
@@ -86,6 +87,48 @@ def as_bytes(value) -> bytes:
     return bytes(value)
 
 
+class FeedPage:
+    """A page of the feed as the runner takes it: `events` in position order, each decoded or None
+    when it cannot be (its SerializationError at the same index of `errors`), and each event's
+    stored row (formats.ROW_COLUMNS) on demand: `row(i)`, what a dead letter keeps. A backend that
+    decodes a page without making rows (PostgreSQL's binary COPY) passes `load_rows`, which reads
+    the page's rows again, only when a dead letter needs one."""
+
+    __slots__ = ("events", "errors", "_rows", "_load_rows")
+
+    def __init__(self, events: list, errors: list, rows: list | None = None, load_rows=None) -> None:
+        self.events = events
+        self.errors = errors
+        self._rows = rows
+        self._load_rows = load_rows
+
+    @classmethod
+    def of_rows(cls, rows: list) -> "FeedPage":
+        """Stored rows decoded: all at once, or, when one of them cannot be, each alone."""
+        try:
+            return cls(_impl.decode_rows(rows), [None] * len(rows), rows)
+        except SerializationError:
+            pass
+        events, errors = [], []
+        for row in rows:
+            try:
+                events.append(_impl.decode_rows([row])[0])
+                errors.append(None)
+            except SerializationError as exc:
+                events.append(None)
+                errors.append(exc)
+        return cls(events, errors, rows)
+
+    def __len__(self) -> int:
+        return len(self.events)
+
+    def row(self, i: int) -> tuple:
+        """The stored row of event `i`."""
+        if self._rows is None:
+            self._rows = self._load_rows()
+        return self._rows[i]
+
+
 class ProjectionSession(ABC):
     """One running projector's access to its store: a leader lock, checkpoint transactions, raw
     reads of the feed and wake-ups. `open()` before use, `close()` after (it releases the lock).
@@ -133,6 +176,11 @@ class ProjectionSession(ABC):
         projector), which is below the head, and every event up to it that matches is in rows
         unless rows is a full page."""
         return self.read_rows(after, types, prefix, limit), None
+
+    def read_events(self, after: int, types, prefix, limit: int) -> "tuple[FeedPage, int | None]":
+        """`read_page`, decoded: (page, bound). A backend may override it with a faster way."""
+        rows, bound = self.read_page(after, types, prefix, limit)
+        return FeedPage.of_rows(rows), bound
 
     @abstractmethod
     @contextmanager

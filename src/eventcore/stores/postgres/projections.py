@@ -22,12 +22,15 @@ import psycopg
 from psycopg import sql
 from psycopg_pool import PoolTimeout
 
-from ...errors import EventCoreError, StoreUnavailableError
+from ... import _impl
+from ...errors import EventCoreError, SerializationError, StoreUnavailableError
 from ..projection_storage import (
-    CheckpointRecord, LostLeadership, ProjectionSession, ProjectionStorage, Refused, StoreFailed, effective_state,
+    CheckpointRecord, FeedPage, LostLeadership, ProjectionSession, ProjectionStorage, Refused, StoreFailed,
+    effective_state,
 )
 from . import sql as pg_sql
 from .connections import _one_line, _session_options
+from .copy_reader import read_copy
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -111,6 +114,7 @@ class PostgresProjectionSession(ProjectionSession):
             ("unlisten", _P["unlisten"]))}
         self._renew_at: float | None = None  # monotonic time the lease is due for renewal (None: not listening)
         self._read = {(t, p): _q(pg_sql.read_all_sql(t, p), s) for t in (False, True) for p in (False, True)}
+        self._copy_read = _q(pg_sql.copy_read_all_sql(False, False), s)
         self._window = {(t, p): _q(_window_sql(t, p), s) for t, p in ((True, False), (False, True), (True, True))}
 
     # -- connection --------------------------------------------------------------------
@@ -223,6 +227,31 @@ class PostgresProjectionSession(ProjectionSession):
         result = self._exec(self._window[types is not None, prefix is not None], params)
         bound = result[0][0]
         return [r[1:] for r in result if r[1] is not None], bound
+
+    def read_events(self, after, types, prefix, limit) -> tuple[FeedPage, "int | None"]:
+        """An unfiltered page by binary COPY, decoded straight into events (see decode_copy). A page
+        holding an event this process cannot decode is read again as rows, each decoded alone;
+        a filtered page is read as rows through its window (read_page)."""
+        if types is not None or prefix is not None:
+            return super().read_events(after, types, prefix, limit)
+        try:
+            out = read_copy(self.connection, self._copy_read, pg_sql.read_all_params(after, None, None, limit))
+        except psycopg.Error as exc:
+            self._own_failure(exc)
+        try:
+            events = _impl.decode_copy(out)
+        except SerializationError:
+            return super().read_events(after, types, prefix, limit)
+        return FeedPage(events, [None] * len(events), load_rows=lambda: self._rows_of(events, after, limit)), None
+
+    def _rows_of(self, events: list, after: int, limit: int) -> list:
+        """The stored rows of a page read by COPY (for dead letters). Read again, they are the same
+        events: nothing can appear below the fence the page was read under."""
+        rows = self.read_rows(after, None, None, limit)[:len(events)]
+        if [r[0] for r in rows] != [e.position for e in events]:
+            raise StoreFailed(f"projection {self.name!r}: the feed's rows after position {after} differ from "
+                              "the page read before")
+        return rows
 
     @contextmanager
     def transaction(self):

@@ -45,11 +45,12 @@ from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
+from .copy_reader import read_copy
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
-from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, q, \
-    read_all_params, read_all_sql
+from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, \
+    copy_read_all_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
 
 log = logging.getLogger("eventcore.store.postgres")
@@ -156,7 +157,7 @@ class PostgresStore(EventStore):
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
         self._sql = {name: q(QUERIES[name], schema).as_string(None) for name in _STATEMENTS}
         self._read_all_sql = {
-            (t, p): q(read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
+            (t, p): q(copy_read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
         }
         # plan_cache_mode: the prepared statements of these connections are planned for each call's
         # values. A plan cached while the tables were small (a new store, before autovacuum's
@@ -248,7 +249,6 @@ class PostgresStore(EventStore):
         try:
             conn.execute(self._sql["append_group"], (_EMPTY_GROUP,)).fetchall()
             conn.execute(self._sql["reserve"], ([], [], [], 0)).fetchall()  # no events: returns before writing
-            conn.execute(self._sql["read_streams"], ([],)).fetchall()
         except psycopg.Error:
             pass
 
@@ -315,13 +315,32 @@ class PostgresStore(EventStore):
     def _fetch(self, name_or_sql, params: tuple) -> list:
         query = self._sql.get(name_or_sql, name_or_sql)
         wd = self._watchdog
-        try:
+        with self._reading():
             with self._pool.connection() as conn:
                 token = wd.watch(conn)
                 try:
                     return conn.execute(query, params).fetchall()
                 finally:
                     wd.done(token)
+
+    def _copy_out(self, name_or_sql, params: tuple) -> bytearray:
+        """The whole output of a `COPY ... TO STDOUT` statement (its parameters bound by psycopg on
+        the client), under the same deadline and errors as `_fetch`."""
+        query = self._sql.get(name_or_sql, name_or_sql)
+        wd = self._watchdog
+        with self._reading():
+            with self._pool.connection() as conn:
+                token = wd.watch(conn)
+                try:
+                    return read_copy(conn, query, params)
+                finally:
+                    wd.done(token)
+
+    @contextmanager
+    def _reading(self):
+        """A read's failures as eventcore's errors."""
+        try:
+            yield
         except PoolTimeout as exc:
             raise StoreUnavailableError(
                 f"PostgreSQL read failed: {self._no_connection_reason(self.pool_timeout)}") from exc
@@ -555,11 +574,10 @@ class PostgresStore(EventStore):
         return [key for (key,) in self._fetch("resume_keys", (prefix,))]
 
     def _read_stream(self, stream_id, from_version, limit):
-        return _impl.decode_rows(self._fetch("read_stream", (stream_id, from_version, limit)))
+        return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)))
 
     def _read_streams(self, stream_ids):
-        rows = self._fetch("read_streams", (stream_ids,))
-        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+        return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,))))
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)
@@ -567,9 +585,8 @@ class PostgresStore(EventStore):
         return out
 
     def _read_all_page(self, after, types, prefix, limit):
-        rows = self._fetch(self._read_all_sql[types is not None, prefix is not None],
-                           read_all_params(after, types, prefix, limit))
-        return _impl.decode_rows(rows)
+        return _impl.decode_copy(self._copy_out(self._read_all_sql[types is not None, prefix is not None],
+                                                read_all_params(after, types, prefix, limit)))
 
     def _head_position(self):
         return self._fetch("head", ())[0][0]

@@ -123,6 +123,11 @@ def read_all_sql(with_types: bool, with_prefix: bool) -> str:
     return QUERIES[_READ_ALL[with_types, with_prefix]]
 
 
+def copy_read_all_sql(with_types: bool, with_prefix: bool) -> str:
+    """`read_all_sql` as the store runs it: a COPY (FORMAT BINARY) for decode_copy (same parameters)."""
+    return QUERIES["copy_" + _READ_ALL[with_types, with_prefix]]
+
+
 def read_all_params(after: int, types, prefix, limit: int) -> tuple:
     """The parameters of `read_all_sql(types is not None, prefix is not None)`, in order."""
     params: list = [after]

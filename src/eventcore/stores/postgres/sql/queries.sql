@@ -32,11 +32,24 @@ FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)
 COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
 FROM STDIN (FORMAT BINARY)
 
+-- name: copy_columns
+-- A stored event as the store's reads send it: the table's own columns in their binary forms
+-- (int8, text, int8, uuid, text, jsonb, jsonb or NULL, timestamptz), the layout of the COPY writer,
+-- decoded by eventcore._pure.copy.decode_copy. No conversion on the server: jsonb's binary form is
+-- a version byte and the JSON text, a timestamptz microseconds since 2000.
+position, stream_id, version, event_id, type, data, metadata, recorded_at
+
+-- Reads run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a row, decoded from the
+-- bytes straight into events. COPY takes no server-side parameters: psycopg binds these %s on the
+-- client, as quoted literals (strings, arrays of text and NULL included).
+
 -- name: read_stream
-SELECT {columns} FROM {s}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s
+COPY (SELECT {copy_columns} FROM {s}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s)
+TO STDOUT (FORMAT BINARY)
 
 -- name: read_streams
-SELECT {columns} FROM {s}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position
+COPY (SELECT {copy_columns} FROM {s}.events WHERE stream_id = ANY(%s::text[]) ORDER BY position)
+TO STDOUT (FORMAT BINARY)
 
 -- name: stream_versions
 SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s::text[])
@@ -64,6 +77,27 @@ ORDER BY position LIMIT %s
 SELECT {columns} FROM {s}.events WHERE position > %s AND position < {fence}
 AND type = ANY(%s::text[]) AND starts_with(stream_id, %s)
 ORDER BY position LIMIT %s
+
+-- name: copy_read_all
+-- The four statements above as the store's readers run them (see read_stream): the same conditions
+-- (tests/test_copy_read.py holds them equal), the columns of copy_columns.
+COPY (SELECT {copy_columns} FROM {s}.events WHERE position > %s AND position < {fence}
+ORDER BY position LIMIT %s) TO STDOUT (FORMAT BINARY)
+
+-- name: copy_read_all_by_type
+COPY (SELECT {copy_columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND type = ANY(%s::text[])
+ORDER BY position LIMIT %s) TO STDOUT (FORMAT BINARY)
+
+-- name: copy_read_all_by_prefix
+COPY (SELECT {copy_columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND starts_with(stream_id, %s)
+ORDER BY position LIMIT %s) TO STDOUT (FORMAT BINARY)
+
+-- name: copy_read_all_by_type_and_prefix
+COPY (SELECT {copy_columns} FROM {s}.events WHERE position > %s AND position < {fence}
+AND type = ANY(%s::text[]) AND starts_with(stream_id, %s)
+ORDER BY position LIMIT %s) TO STDOUT (FORMAT BINARY)
 
 -- name: terminate_backend
 -- Ending a lost connection's backend (its own role may end it), then checking that it is gone.
