@@ -444,3 +444,31 @@ def test_decode_copy_leaves_the_cyclic_collector_as_it_found_it():
                 assert gc.isenabled() is state
     finally:
         (gc.enable if was else gc.disable)()
+
+
+def test_postgres_copy_reads_work_on_a_connection_numbered_past_select_limit(pg_dsn, pg_schema):
+    """A process with over 1,024 open files gives its connections descriptors select() refuses: the
+    reader waits with poll."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 1200
+    if soft < wanted:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
+    held = []
+    try:
+        while len(held) < 1100:
+            held.append(os.open(os.devnull, os.O_RDONLY))
+        store = ec.connect(pg_dsn, schema=pg_schema, pool_size=1)
+        try:
+            with store._pool.connection() as conn:
+                assert conn.pgconn.socket > 1024
+            store.append([ec.emit("fd-1", Noted(str(i))) for i in range(300)])
+            assert [e.data.text for e in store.read_stream("fd-1")] == [str(i) for i in range(300)]
+            assert len(list(store.read_all())) == 300
+        finally:
+            store.close()
+    finally:
+        for fd in held:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))

@@ -52,5 +52,14 @@ def read_copy(conn, query, params) -> bytearray:
 
 def _wait_readable(pgconn) -> None:
     # No timeout: the store's watchdog shuts the socket down at the call's deadline, which makes it
-    # readable, and libpq then reports the connection lost.
-    select.select([pgconn.socket], [], [])
+    # readable, and libpq then reports the connection lost. poll, not select: select refuses a
+    # descriptor numbered past FD_SETSIZE (1024), which a busy process's connections can have.
+    if _poll is None:
+        select.select([pgconn.socket], [], [])
+        return
+    poller = _poll()
+    poller.register(pgconn.socket, select.POLLIN)
+    poller.poll()
+
+
+_poll = getattr(select, "poll", None)  # Windows has none; its select takes any socket
