@@ -293,8 +293,6 @@ from eventcore.formats import copy_header_problem as _copy_header_problem, copy_
 cdef extern from "Python.h":
     int PyObject_GenericSetAttr(object, object, object) except -1
     object PyLong_FromUnsignedLongLong(unsigned long long)
-    int PyGC_Disable()  # both return whether the collector was enabled (Python >= 3.10)
-    int PyGC_Enable()
 
 import_datetime()
 
@@ -353,14 +351,13 @@ def decode_copy(buffer):
     """Decode a whole binary COPY stream (header, rows, trailer) of the events table's columns
     into RecordedEvents, in order (see eventcore._pure.copy.decode_copy)."""
     cdef Py_buffer view
-    cdef bint collecting = PyGC_Disable()  # see _pure/copy.py: the cyclic collector waits for the page
+    if type(buffer) is not bytes and type(buffer) is not bytearray:
+        buffer = bytes(buffer)  # as the pure twin: any buffer (a non-contiguous view too) is copied once
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
     try:
         return _decode_copy(buffer, <const unsigned char*>view.buf, view.len)
     finally:
         PyBuffer_Release(&view)
-        if collecting:
-            PyGC_Enable()
 
 
 cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):

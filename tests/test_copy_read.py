@@ -427,8 +427,10 @@ def test_postgres_a_copy_the_server_ends_with_an_error_raises_it_and_leaves_the_
         assert whole.count(b"\x00\x01\x00\x00\x00\x04") == 3  # three rows of one int4 field
 
 
-def test_decode_copy_leaves_the_cyclic_collector_as_it_found_it():
-    """decode_copy pauses the collector while it builds a page, and only if it was running."""
+def test_decode_copy_never_touches_the_cyclic_collector_and_takes_any_buffer_alike():
+    """No process-wide switch: the collector's state is the caller's, whatever happens (a page, a
+    corrupt page, an argument that is no buffer). Recorded events are simply not tracked by it.
+    Both twins take bytes, bytearray and any memoryview (a non-contiguous one too) alike."""
     import gc
 
     buf, _ = _rows([("s", Noted("x"), None)])
@@ -437,13 +439,19 @@ def test_decode_copy_leaves_the_cyclic_collector_as_it_found_it():
         for decode in TWINS.values():
             for state in (True, False):
                 (gc.enable if state else gc.disable)()
-                decode(buf)
+                assert not gc.is_tracked(decode(buf)[0])
                 assert gc.isenabled() is state
                 with pytest.raises(ec.SerializationError):
                     decode(buf[:-1])
+                for bad in (None, "text"):
+                    with pytest.raises(TypeError):
+                        decode(bad)
                 assert gc.isenabled() is state
     finally:
         (gc.enable if was else gc.disable)()
+    spaced = bytes(b for c in buf for b in (c, 0))  # every other byte is the stream's
+    outcomes = {name: _outcome(decode, memoryview(spaced)[::2]) for name, decode in TWINS.items()}
+    assert all(o == _outcome(TWINS["python"], buf) for o in outcomes.values()), outcomes
 
 
 def test_postgres_copy_reads_work_on_a_connection_numbered_past_select_limit(pg_dsn, pg_schema):
@@ -472,3 +480,27 @@ def test_postgres_copy_reads_work_on_a_connection_numbered_past_select_limit(pg_
         for fd in held:
             os.close(fd)
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize("how", ["environment", "url", "session"])
+def test_postgres_text_is_exact_whatever_client_encoding_the_user_asks_for(pg_dsn, pg_schema, monkeypatch, how):
+    """Binary COPY carries text in the client's encoding; the store's connections speak UTF-8 whatever
+    PGCLIENTENCODING or the URL say, and a reader whose session was switched switches it back."""
+    sid = "café-é ü"
+    dsn = pg_dsn
+    if how == "environment":
+        monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    elif how == "url":
+        dsn = f"{pg_dsn}&client_encoding=LATIN1"
+    store = ec.connect(dsn, schema=pg_schema)
+    try:
+        store.append([ec.emit(sid, Noted("naïve é ü")), ec.emit("plain", Noted("x"))])
+        store.ingest([(sid, Noted("ingested ß"))])
+        if how == "session":
+            with store._pool.connection() as conn:
+                conn.execute("SET client_encoding TO 'LATIN1'")
+        for _ in range(3):  # every pooled connection
+            assert [e.data.text for e in store.read_stream(sid)] == ["naïve é ü", "ingested ß"]
+            assert {e.stream_id for e in store.read_all()} == {sid, "plain"}
+    finally:
+        store.close()

@@ -107,12 +107,18 @@ def check_metadata(md: Metadata) -> None:
                 f"Metadata.custom keys must be str (JSON object keys), got {type(key).__name__}: {key!r:.80}")
 
 
-class RecordedEvent(msgspec.Struct, frozen=True):
+class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     """An event as stored: its envelope and its decoded payload.
 
     `version` is 1-based and gap-free within the stream; `position` is the
     global position in the store's feed (strictly increasing; a reader never finds a
     new event below a position it has seen); `event_id` is a UUIDv7.
+
+    Not tracked by the cyclic garbage collector (`gc=False`): reads make these by the
+    hundred thousand, and the collector scanning them as they were built cost more than
+    decoding them (0.78 against 0.66 µs an event for a page of 1,000). A recorded event
+    cannot be in a reference cycle unless its payload is changed to refer back to it,
+    which would keep both alive (a leak, never a wrong value).
     """
 
     stream_id: str

@@ -14,7 +14,6 @@ trailer, and every limit, are in `eventcore.formats`.
 from __future__ import annotations
 
 import datetime as _dt
-import gc
 import struct
 import uuid
 
@@ -224,16 +223,7 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
     position and stream once they are read); an undecodable payload raises it as `decode_rows`
     does, an unregistered type UnknownEventTypeError. Nothing is ever skipped.
     """
-    # A page makes several objects the cyclic collector tracks per event (the event, its payload,
-    # its UUID...), none of them in a cycle. Left on, the collector ran again and again over the
-    # page being built: 0.4-0.8 us an event of the compiled twin's ~0.45. It runs as usual after.
-    collecting = gc.isenabled()
-    gc.disable()
-    try:
-        return _decode_copy(buffer)
-    finally:
-        if collecting:
-            gc.enable()
+    return _decode_copy(buffer)
 
 
 def _decode_copy(buffer) -> list[RecordedEvent]:

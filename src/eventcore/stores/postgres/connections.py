@@ -7,6 +7,7 @@ committed) and shown (one line, without the DSN's secrets).
 """
 from __future__ import annotations
 
+import select
 import threading
 import time
 
@@ -119,3 +120,16 @@ class _Connections:
         error, at = self._error, self._at
         return None if error is None else f"{time.monotonic() - at:.1f} s ago: {error}"
 
+
+_poll = getattr(select, "poll", None)  # Windows has none; its select takes any socket
+
+
+def wait_readable(fd: int, timeout: float | None = None) -> bool:
+    """Whether `fd` became readable within `timeout` seconds (None: wait as long as it takes).
+    poll, not select: select refuses a descriptor numbered past FD_SETSIZE (1024), which a busy
+    process's connections can have."""
+    if _poll is None:
+        return bool(select.select([fd], [], [], timeout)[0])
+    poller = _poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))

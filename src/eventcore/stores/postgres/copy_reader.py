@@ -9,10 +9,10 @@ on pages of 1,000 events: 0.67 µs of client CPU a row through `Copy.read()`, 0.
 """
 from __future__ import annotations
 
-import select
-
 from psycopg import pq
 from psycopg.errors import error_from_result
+
+from .connections import wait_readable
 
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 
@@ -21,6 +21,8 @@ def read_copy(conn, query, params) -> bytearray:
     """Every byte a COPY ... TO STDOUT sends (header, rows, trailer); the server's error, if it
     ends the COPY with one (a cancelled statement: QueryCanceled), is raised as psycopg raises it."""
     out = bytearray()
+    if conn.info.encoding != "utf-8":  # the store's connections are made UTF8; a handler may have SET it
+        conn.execute("SET client_encoding TO 'UTF8'")
     with conn.cursor().copy(query, params):
         pgconn = conn.pgconn
         get = pgconn.get_copy_data
@@ -52,14 +54,5 @@ def read_copy(conn, query, params) -> bytearray:
 
 def _wait_readable(pgconn) -> None:
     # No timeout: the store's watchdog shuts the socket down at the call's deadline, which makes it
-    # readable, and libpq then reports the connection lost. poll, not select: select refuses a
-    # descriptor numbered past FD_SETSIZE (1024), which a busy process's connections can have.
-    if _poll is None:
-        select.select([pgconn.socket], [], [])
-        return
-    poller = _poll()
-    poller.register(pgconn.socket, select.POLLIN)
-    poller.poll()
-
-
-_poll = getattr(select, "poll", None)  # Windows has none; its select takes any socket
+    # readable, and libpq then reports the connection lost.
+    wait_readable(pgconn.socket)

@@ -12,7 +12,6 @@ Listings (status, dead letters, pending counts) and `eventcore tail` use the sto
 """
 from __future__ import annotations
 
-import select
 import threading
 import time
 import uuid
@@ -29,7 +28,7 @@ from ..projection_storage import (
     effective_state,
 )
 from . import sql as pg_sql
-from .connections import _one_line, _session_options
+from .connections import _one_line, _session_options, wait_readable
 from .copy_reader import read_copy
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
@@ -127,6 +126,7 @@ class PostgresProjectionSession(ProjectionSession):
                 options=_session_options(f"-c statement_timeout={int(store.statement_timeout * 1000)}",
                                         store._dsn_options),
                 application_name=f"eventcore-projection:{self.name}"[:63],
+                client_encoding="UTF8",  # its catch-up reads by binary COPY (see the store's connections)
                 **store._keepalives,
             )
             if self.listen:
@@ -337,7 +337,7 @@ class PostgresProjectionSession(ProjectionSession):
             if left <= 0:
                 break
             try:
-                readable, _, _ = select.select([self.connection.fileno()], [], [], min(left, 0.2))
+                readable = wait_readable(self.connection.fileno(), min(left, 0.2))
             except (OSError, ValueError, psycopg.Error) as exc:
                 raise StoreFailed(f"projection {self.name!r}: connection lost while waiting: {exc}") from exc
             if readable:

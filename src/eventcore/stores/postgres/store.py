@@ -173,6 +173,10 @@ class PostgresStore(EventStore):
             "prepare_threshold": 0,
             "connect_timeout": max(1, int(self.connect_timeout)),
             "options": options,
+            # Binary COPY carries text in the client's encoding, and the COPY reader and writer speak
+            # UTF-8: a LATIN1 database, PGCLIENTENCODING or the URL's own client_encoding would
+            # otherwise turn 'é' into two wrong characters or a refused row. (A keyword wins over both.)
+            "client_encoding": "UTF8",
             **self._keepalives,
             **self._application_name,
         }
