@@ -90,6 +90,10 @@ def _schema_name(schema) -> str:
     return schema
 
 
+
+def _fetch_all(conn, query, params) -> list:
+    return conn.execute(query, params).fetchall()
+
 class PostgresStore(EventStore):
     scheme = "postgresql"
     #: A COPY is bound by one server backend: two raw COPY streams load 1.77x one on 2 cores, and
@@ -317,26 +321,24 @@ class PostgresStore(EventStore):
     # -- helpers ---------------------------------------------------------------------
 
     def _fetch(self, name_or_sql, params: tuple) -> list:
-        query = self._sql.get(name_or_sql, name_or_sql)
-        wd = self._watchdog
-        with self._reading():
-            with self._pool.connection() as conn:
-                token = wd.watch(conn)
-                try:
-                    return conn.execute(query, params).fetchall()
-                finally:
-                    wd.done(token)
+        """The rows of a statement (by name, or its text)."""
+        return self._read(_fetch_all, name_or_sql, params)
 
     def _copy_out(self, name_or_sql, params: tuple) -> bytearray:
         """The whole output of a `COPY ... TO STDOUT` statement (its parameters bound by psycopg on
         the client), under the same deadline and errors as `_fetch`."""
+        return self._read(read_copy, name_or_sql, params)
+
+    def _read(self, run, name_or_sql, params: tuple):
+        """`run(conn, query, params)` on a pooled connection, under the client-side deadline, its
+        failures as eventcore's errors."""
         query = self._sql.get(name_or_sql, name_or_sql)
         wd = self._watchdog
         with self._reading():
             with self._pool.connection() as conn:
                 token = wd.watch(conn)
                 try:
-                    return read_copy(conn, query, params)
+                    return run(conn, query, params)
                 finally:
                     wd.done(token)
 
