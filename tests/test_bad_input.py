@@ -653,3 +653,22 @@ def test_raw_data_with_a_number_readers_take_for_infinity_is_refused(store, tmp_
     assert store.head_position() == 0
     store.append([ec.emit("n", ec.RawEvent("test.Opaque", b'{"value": [1e-400, 2.5]}'))])  # in range: fine
     assert store.read_stream("n")[0].data.value == [0.0, 2.5]
+
+
+def test_the_reader_checks_every_stream_and_type_even_when_it_remembers_valid_ones(tmp_path, monkeypatch):
+    """The reader remembers stream ids and type names found valid (bounded): a bad one is still refused
+    on any line, before or after good ones, and after the memory starts afresh."""
+    import eventcore.jsonl as jsonl
+
+    monkeypatch.setattr(jsonl, "VALID_NAMES_MEMO", 3)
+    good = [json.dumps({"stream": f"s-{i % 4}", "type": f"test.T{i % 2}", "data": {"i": i}}) for i in range(20)]
+    bad = [json.dumps({"stream": "bad\x01id", "type": "test.T0", "data": {}}),
+           json.dumps({"stream": "s-1", "type": "", "data": {}})]
+    path = tmp_path / "memo.jsonl"
+    path.write_text("\n".join(good[:10] + [bad[0]] + good[10:] + [bad[1]]) + "\n")
+    rejected = []
+    with JsonLinesReader(str(path), on_bad=rejected.append) as reader:
+        items = list(reader)
+    assert [r.line for r in rejected] == [11, 22]
+    assert [(str(i[0]), i[1].type) for i in items if i is not None] == [
+        (f"s-{i % 4}", f"test.T{i % 2}") for i in range(20)]
