@@ -183,8 +183,10 @@ def test_ingest_raw_copy_two_streams_in_parallel(benchmark, pg_dsn, fresh_schema
     FIGURES["raw psycopg COPY, 2 parallel streams, jsonb: events/s"] = (N / MEDIANS["ingest_raw_parallel"], "events/s")
 
 
-def test_cli_ingest_file_memory_and_rate(pg_dsn, fresh_schema, tmp_path_factory):
-    """`eventcore ingest` of an N-line gzip JSON Lines file: events/s and the process's peak memory."""
+@pytest.mark.parametrize("lanes", [1, 2])
+def test_cli_ingest_file_memory_and_rate(pg_dsn, fresh_schema, tmp_path_factory, lanes):
+    """`eventcore ingest` of an N-line gzip JSON Lines file (default: one lane; and --parallel 2):
+    events/s and the process's peak memory."""
     path = tmp_path_factory.mktemp("ingest") / "events.jsonl.gz"
     with gzip.open(path, "wt", compresslevel=1) as f:
         for i in range(N):
@@ -202,7 +204,7 @@ def test_cli_ingest_file_memory_and_rate(pg_dsn, fresh_schema, tmp_path_factory)
     with open(out_path, "w") as out:
         proc = subprocess.run(
             [sys.executable, "-c", launcher, str(peak_path), "ingest", str(path), "--dsn",
-             f"{pg_dsn}&schema={schema}", "--json", "--no-progress"],
+             f"{pg_dsn}&schema={schema}", "--json", "--no-progress", "--parallel", str(lanes)],
             stdout=out, stderr=subprocess.STDOUT,
         )
     output = out_path.read_text()
@@ -210,8 +212,9 @@ def test_cli_ingest_file_memory_and_rate(pg_dsn, fresh_schema, tmp_path_factory)
     summary = json.loads(output.strip().splitlines()[-1])
     assert summary["events"] == N and _count(pg_dsn, schema) == N
     peak_mb = int(peak_path.read_text()) / 1024  # VmHWM is in KiB
-    FIGURES[f"eventcore ingest FILE ({N:,}-line .jsonl.gz): events/s"] = (summary["events_per_s"], "events/s")
-    FIGURES["eventcore ingest FILE: peak memory (VmHWM)"] = (peak_mb, "MB")
+    label = f"eventcore ingest FILE ({N:,}-line .jsonl.gz), {lanes} lane(s)"
+    FIGURES[f"{label}: events/s"] = (summary["events_per_s"], "events/s")
+    FIGURES[f"{label}: peak memory (VmHWM)"] = (peak_mb, "MB")
 
 
 RATIOS.append(("ingest: eventcore vs raw COPY of pre-encoded rows", "ingest_eventcore", "ingest_raw_copy", ">= 0.7x"))

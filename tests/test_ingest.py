@@ -208,8 +208,7 @@ def shared_store(request):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
-    """With no --parallel the store's default lanes write (2 on PostgreSQL, 1 on SQLite): every line
-    once, each stream's events in file order, and with one lane the whole feed in file order."""
+    """With no --parallel one lane writes: the whole feed in file order."""
     from eventcore.cli import main
 
     store, dsn = shared_store
@@ -217,44 +216,42 @@ def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
     _write_lines(path, [_line(i) for i in range(250)], compress)
     assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    lanes = 2 if store.scheme == "postgresql" else 1
-    assert (summary["events"], summary["lanes"], summary["rejected"], summary["error"]) == (250, lanes, 0, None)
-    assert store.default_ingest_lanes == lanes
+    assert (summary["events"], summary["batches"], summary["lanes"], summary["rejected"], summary["error"]) == (
+        250, 3, 1, 0, None)
     feed = list(store.read_all())
-    assert sorted(int(e.data.text) for e in feed) == list(range(250))
-    for k in range(5):
-        assert [e.data.text for e in feed if e.stream_id == f"acct-{k}"] == [str(i) for i in range(k, 250, 5)]
-    if lanes == 1:
-        assert [e.data.text for e in feed] == [str(i) for i in range(250)] and summary["batches"] == 3
-    seventh = next(e for e in feed if e.data.text == "7")
-    assert seventh.metadata == ec.Metadata(user_id="loader", custom={"line": 8})
+    assert [e.data.text for e in feed] == [str(i) for i in range(250)]
+    assert feed[7].metadata == ec.Metadata(user_id="loader", custom={"line": 8})
     assert_gap_free(store)
 
 
-def test_cli_ingest_with_one_lane_keeps_the_file_order(shared_store, tmp_path, capsys):
+def test_cli_ingest_on_two_lanes_keeps_each_streams_order(shared_store, tmp_path, capsys):
     from eventcore.cli import main
 
     store, dsn = shared_store
     path = tmp_path / "events.jsonl"
     _write_lines(path, [_line(i) for i in range(250)], False)
-    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--parallel", "1", "--json",
+    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--parallel", "2", "--json",
                  "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["events"], summary["batches"], summary["lanes"]) == (250, 3, 1)
-    assert [e.data.text for e in store.read_all()] == [str(i) for i in range(250)]
+    assert (summary["events"], summary["lanes"]) == (250, 2)
+    feed = list(store.read_all())
+    assert sorted(int(e.data.text) for e in feed) == list(range(250))
+    for k in range(5):
+        assert [e.data.text for e in feed if e.stream_id == f"acct-{k}"] == [str(i) for i in range(k, 250, 5)]
+    assert_gap_free(store)
 
 
 def test_cli_resume_keeps_the_lane_count_the_ingest_was_started_with(shared_store, tmp_path):
-    """An ingest started with --parallel 1 is resumed with one lane when --parallel is not given (the
-    default is 2 on PostgreSQL): each stream's lane depends on the count."""
+    """An ingest started with --parallel 2 is resumed with two lanes when --parallel is not given (the
+    default is 1): each stream's lane depends on the count."""
     store, dsn = shared_store
     path = tmp_path / "events.jsonl"
     _write_lines(path, [_line(i) for i in range(40)], False)
-    first = _ingest_cli(path, dsn, "--parallel", "1", "--batch-size", "10")
-    assert (first["rc"], first["events"], first["lanes"]) == (0, 40, 1)
+    first = _ingest_cli(path, dsn, "--parallel", "2", "--batch-size", "10")
+    assert (first["rc"], first["events"], first["lanes"]) == (0, 40, 2)
     _write_lines(path, [_line(i) for i in range(60)], False)  # the file grew
     again = _ingest_cli(path, dsn, "--batch-size", "10")
-    assert (again["rc"], again["events"], again["lanes"], again["error"]) == (0, 20, 1, None)
+    assert (again["rc"], again["events"], again["lanes"], again["error"]) == (0, 20, 2, None)
     assert sorted(int(t) for t in _texts(store)) == list(range(60))
 
 
@@ -273,7 +270,7 @@ def test_cli_ingest_stops_at_a_malformed_line(shared_store, tmp_path, capsys):
     assert [e.data.text for e in store.read_all()] == [str(i) for i in range(100)]
 
 
-def test_cli_ingest_stops_at_a_malformed_line_with_the_default_lanes(shared_store, tmp_path, capsys):
+def test_cli_ingest_stops_at_a_malformed_line_on_two_lanes(shared_store, tmp_path, capsys):
     """Whatever the lanes, what is committed of each stream is a gap-free start of its lines in file
     order, nothing from the malformed line on, and the summary counts exactly what is stored."""
     from eventcore.cli import main
@@ -283,7 +280,8 @@ def test_cli_ingest_stops_at_a_malformed_line_with_the_default_lanes(shared_stor
     lines = [_line(i) for i in range(130)]
     lines[117] = '{"stream": "acct-1", "type": "test.Noted", "data": {"text": "x"}, "oops": 1}'
     _write_lines(path, lines)
-    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "10", "--json", "--no-progress"]) == 1
+    assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "10", "--parallel", "2", "--json",
+                 "--no-progress"]) == 1
     summary = json.loads(capsys.readouterr().out)
     assert "line 118" in summary["error"]
     feed = list(store.read_all())

@@ -83,9 +83,6 @@ class EventStore(ABC):
 
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
-    #: Lanes (`ingest(parallel=...)`) `eventcore ingest` uses when not told: one writer unless the
-    #: backend gains from more (one SQLite file has one writer at a time).
-    default_ingest_lanes: int = 1
     #: The attached StoreObserver (see `attach`); None: nothing is measured.
     _observer = None
 

@@ -96,10 +96,6 @@ def _fetch_all(conn, query, params) -> list:
 
 class PostgresStore(EventStore):
     scheme = "postgresql"
-    #: A COPY is bound by one server backend: two raw COPY streams load 1.77x one on 2 cores, and
-    #: `eventcore ingest` of 200,000 JSON lines ran at 110-119k events/s on 2 lanes against 84-91k on
-    #: one (same cluster, one run). More lanes than the server's cores only add contention.
-    default_ingest_lanes = 2
 
     @classmethod
     def from_url(cls, url: str, **options) -> "PostgresStore":
