@@ -381,3 +381,50 @@ def test_group_member_with_the_key_of_a_refused_member_is_written(pg_dsn, pg_sch
         assert isinstance(out[0], ec.ConcurrencyError)
         assert not isinstance(out[1], BaseException), out[1]
         assert store.recorded_command("K") is not None
+
+
+def test_two_runs_of_one_key_with_different_lane_counts_never_both_write(pg_dsn, pg_schema):
+    """Two runs of one resumable ingest start at once, one with one lane and one with two; both read
+    the key's progress before either records any (a third session holds the progress table's write
+    lock meanwhile). One of them writes; the other is refused, nothing of its batches written; every
+    item is stored once, and the key is resumed afterwards with the winner's lane count."""
+    import threading
+    import time
+
+    import psycopg
+
+    from eventcore.stores.ingest import IngestError
+    from eventcore.stores.postgres import sql as pg_sql
+
+    store = ec.connect(pg_dsn, schema=pg_schema, pool_size=4)
+    try:
+        items = [(f"acct-{i % 6}", Noted(str(i))) for i in range(400)]
+        blocker = psycopg.connect(pg_dsn)
+        blocker.execute(pg_sql.q("LOCK TABLE {s}.ingest_progress IN EXCLUSIVE MODE", pg_schema))
+        outcomes = {}
+
+        def run(lanes):
+            try:
+                outcomes[lanes] = store.ingest(items, batch_size=50, parallel=lanes, resume_key="race")
+            except IngestError as exc:
+                outcomes[lanes] = exc
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in (1, 2)]
+        for t in threads:
+            t.start()
+        time.sleep(1.0)  # both have read the (empty) progress and are at their first batches
+        blocker.rollback()
+        blocker.close()
+        for t in threads:
+            t.join(30)
+        refused = [n for n, o in outcomes.items() if isinstance(o, IngestError)]
+        assert len(refused) == 1, outcomes
+        assert "different parallel" in str(outcomes[refused[0]].__cause__ or outcomes[refused[0]])
+        texts = sorted(int(e.data.text) for e in store.read_all())
+        assert texts == sorted(set(texts)), "an item was written twice"
+        winner = 3 - refused[0]
+        again = store.ingest(items, batch_size=50, parallel=winner, resume_key="race")
+        assert sorted(int(e.data.text) for e in store.read_all()) == list(range(400))
+        assert again.events + len(texts) == 400
+    finally:
+        store.close()

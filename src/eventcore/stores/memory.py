@@ -13,7 +13,7 @@ from .. import _impl
 from ..errors import DuplicateCommandError, StoreUnavailableError
 from ..events import RecordedEvent
 from .base import EventStore, group_by_stream
-from .ingest import ingest_overlap
+from .ingest import ingest_lanes_differ, ingest_overlap
 from .memory_projections import MemoryProjectionStorage
 from .prepare import PreparedAppend
 
@@ -56,6 +56,8 @@ class MemoryStore(EventStore):
             _impl.check_expected_versions(p.expected, current)
             progress = p.progress
             if progress is not None:
+                if any(n != progress.lanes for n, _ in self._progress.get(progress.key, {}).values()):
+                    raise ingest_lanes_differ(progress)
                 stored = self._progress.get(progress.key, {}).get(progress.lane, (progress.lanes, 0))[1]
                 if stored != progress.before:
                     raise ingest_overlap(progress, stored)

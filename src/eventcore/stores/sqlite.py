@@ -31,7 +31,7 @@ from ..errors import (
 from ..events import RecordedEvent
 from ..options import boolean, seconds
 from .base import EventStore, group_by_stream
-from .ingest import ingest_overlap
+from .ingest import ingest_lanes_differ, ingest_overlap
 from .prepare import PreparedAppend
 from .sqlite_projections import SQLiteProjectionStorage
 
@@ -106,6 +106,7 @@ _SQL_RECORD_PROGRESS = (
     "updated_at = excluded.updated_at WHERE items = ?"
 )
 _SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
+_SQL_OTHER_LANES = "SELECT 1 FROM ingest_progress WHERE key = ? AND lanes <> ? LIMIT 1"
 _SQL_INGEST_HOLES = "SELECT item FROM ingest_holes WHERE key = ?"
 _SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND item IN (SELECT value FROM json_each(?))"
 _SQL_RECORD_HOLES = "INSERT OR IGNORE INTO ingest_holes (key, item) SELECT ?, value FROM json_each(?)"
@@ -352,6 +353,9 @@ class SQLiteStore(EventStore):
                 progress = p.progress
                 if progress is not None:
                     key = progress.key
+                    # Under the write lock: every other run's progress is committed or not begun.
+                    if conn.execute(_SQL_OTHER_LANES, (key, progress.lanes)).fetchone() is not None:
+                        raise ingest_lanes_differ(progress)
                     if conn.execute(_SQL_RECORD_PROGRESS, (key, progress.lane, progress.lanes, progress.items, at,
                                                            progress.before)).rowcount != 1:
                         raise ingest_overlap(progress)

@@ -40,7 +40,7 @@ from ...errors import (
 from ...events import RawEvent, RecordedEvent
 from ...options import boolean, count, seconds
 from ..base import EventStore, group_by_stream
-from ..ingest import ingest_overlap
+from ..ingest import ingest_lanes_differ, ingest_overlap
 from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
@@ -68,7 +68,7 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: statement's bytes on every call).
 _STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream", "read_streams", "stream_versions", "head",
                "event_by_id", "committed_rows", "recorded_command", "ingest_progress", "ingest_holes", "resume_keys",
-               "record_progress")
+               "record_progress", "ingest_key_lock")
 
 
 def _schema_name(schema) -> str:
@@ -526,6 +526,8 @@ class PostgresStore(EventStore):
             with self._pool.connection() as conn, self._watched(conn, statements=3):
                 backend = conn.info.backend_pid
                 with conn.transaction():
+                    if progress is not None and progress.first:
+                        conn.execute(self._sql["ingest_key_lock"], (progress.key,))
                     before, first, at_us = conn.execute(
                         self._sql["reserve"],
                         (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
@@ -533,11 +535,14 @@ class PostgresStore(EventStore):
                     heads = dict(zip(streams, before or ()))  # no events: reserve returns no heads
                     if progress is not None:
                         key = progress.key
-                        counted, filled = conn.execute(self._sql["record_progress"], (
-                            key, progress.lane, progress.lanes, progress.items, progress.before,
-                            key, progress.filled, key, progress.holes)).fetchone()
+                        counted, filled, differ = conn.execute(self._sql["record_progress"], (
+                            key, progress.lane, progress.lanes, progress.items, key, progress.lanes,
+                            progress.before, key, progress.filled, key, progress.holes, key,
+                            progress.lanes)).fetchone()
+                        if differ:
+                            raise ingest_lanes_differ(progress)  # leaves the transaction: nothing is written
                         if counted != 1 or filled != len(progress.filled):
-                            raise ingest_overlap(progress)  # leaves the transaction: nothing is written
+                            raise ingest_overlap(progress)
                     with conn.cursor().copy(self._sql["copy_events"]) as copy:
                         event_ids = copy_writer.write(copy, rows, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed

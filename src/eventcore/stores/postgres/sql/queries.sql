@@ -129,20 +129,31 @@ SELECT item FROM {s}.ingest_holes WHERE key = %s
 -- name: resume_keys
 SELECT key FROM {s}.ingest_progress WHERE starts_with(key, %s) GROUP BY key ORDER BY max(updated_at) DESC, key
 
+-- name: ingest_key_lock
+-- Taken by a lane's first batch of a resumable ingest, before anything else in its transaction: the
+-- first batches of one key commit one after the other, so each sees whether a run with another
+-- lane count has recorded the key (record_progress refuses it then).
+SELECT pg_advisory_xact_lock(hashtextextended('eventcore ingest key:' || %s, 0))
+
 -- name: record_progress
--- One statement (see base.IngestProgress): the lane's count as a compare-and-set, the holes this
--- batch writes deleted, the holes its count passes recorded. Parameters: key, lane, lanes, items,
--- before, key, filled, key, holes. Returns (count rows written: 0 -> another run moved this lane's
--- count, holes deleted: fewer than `filled` -> another run wrote one of them).
+-- One statement (see ingest.IngestProgress): the lane's count as a compare-and-set, written only
+-- while no row of the key has another lane count, the holes this batch writes deleted, the holes
+-- its count passes recorded. Parameters: key, lane, lanes, items, key, lanes, before, key, filled,
+-- key, holes, key, lanes. Returns (count rows written: 0 -> another run moved this lane's count or
+-- records the key with another lane count, holes deleted: fewer than `filled` -> another run wrote
+-- one of them, rows of the key with another lane count).
 WITH progress AS (
- INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items) VALUES (%s, %s, %s, %s)
+ INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items)
+ SELECT %s, %s, %s, %s
+  WHERE NOT EXISTS (SELECT 1 FROM {s}.ingest_progress q WHERE q.key = %s AND q.lanes <> %s)
  ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()
- WHERE p.items = %s RETURNING 1
+ WHERE p.items = %s AND p.lanes = excluded.lanes RETURNING 1
 ), filled AS (
  DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING 1
 ), recorded AS (
  INSERT INTO {s}.ingest_holes (key, item) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING
-) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled)
+) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled),
+        (SELECT count(*) FROM {s}.ingest_progress q WHERE q.key = %s AND q.lanes <> %s)
 
 -- name: migration_lock
 -- Held by migrate for its transaction: concurrent migrations of one schema run one after the other.
