@@ -412,7 +412,14 @@ def test_two_runs_of_one_key_with_different_lane_counts_never_both_write(pg_dsn,
         threads = [threading.Thread(target=run, args=(n,)) for n in (1, 2)]
         for t in threads:
             t.start()
-        time.sleep(1.0)  # both have read the (empty) progress and are at their first batches
+        # Both have read the (empty) progress and wait at their first batches: one on the table lock
+        # (it holds the key's lock), the other on the key's lock.
+        with psycopg.connect(pg_dsn, autocommit=True) as watcher:
+            deadline = time.monotonic() + 60
+            while watcher.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                                  "AND datname = current_database()").fetchone()[0] < 2:
+                assert time.monotonic() < deadline, "the two runs never reached their first batches"
+                time.sleep(0.01)
         blocker.rollback()
         blocker.close()
         for t in threads:

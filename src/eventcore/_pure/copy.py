@@ -223,10 +223,6 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
     position and stream once they are read); an undecodable payload raises it as `decode_rows`
     does, an unregistered type UnknownEventTypeError. Nothing is ever skipped.
     """
-    return _decode_copy(buffer)
-
-
-def _decode_copy(buffer) -> list[RecordedEvent]:
     buf = buffer if type(buffer) is bytes else bytes(buffer)
     end = len(buf)
     if end < len(COPY_HEADER) or buf[:len(COPY_SIGNATURE)] != COPY_SIGNATURE:
