@@ -460,3 +460,51 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
             last_recorded = recorded
         out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), type_name, payload, md, at))
     raise SerializationError(_copy_row_problem(buffer, row))
+
+
+def copy_from_result(result):
+    """Twin of eventcore._pure.copy.copy_from_result: a binary-format libpq result's rows as one
+    binary COPY stream (header, rows, trailer), sized once and written through a pointer."""
+    cdef Py_ssize_t rows = result.ntuples
+    cdef Py_ssize_t fields = result.nfields
+    cdef Py_ssize_t r, f, k, size, total
+    cdef list cells
+    cdef object v
+    cdef bytes out
+    cdef char* p
+    if not 0 <= fields <= 0x7FFF:
+        raise SerializationError(f"a COPY row holds at most 32767 fields, the result has {fields}")
+    get = result.get_value
+    cells = [None] * (rows * fields)
+    total = COPY_HEADER_SIZE + 2 + rows * (2 + 4 * fields)
+    k = 0
+    for r in range(rows):
+        for f in range(fields):
+            v = get(r, f)
+            if v is not None:
+                if not PyBytes_Check(v):
+                    raise SerializationError(f"value {f} of result row {r} is {type(v).__name__}, not bytes")
+                total += PyBytes_GET_SIZE(v)
+            cells[k] = v
+            k += 1
+    out = PyBytes_FromStringAndSize(NULL, total)
+    p = PyBytes_AS_STRING(out)
+    memcpy(p, PyBytes_AS_STRING(COPY_HEADER), COPY_HEADER_SIZE)
+    p += COPY_HEADER_SIZE
+    k = 0
+    for r in range(rows):
+        _put_i16(p, <int>fields)
+        p += 2
+        for f in range(fields):
+            v = <object>PyList_GET_ITEM(cells, k)
+            k += 1
+            if v is None:
+                _put_i32(p, -1)
+                p += 4
+            else:
+                size = PyBytes_GET_SIZE(v)
+                _put_i32(p, <int32_t>size)
+                memcpy(p + 4, PyBytes_AS_STRING(v), size)
+                p += 4 + size
+    _put_i16(p, -1)
+    return out

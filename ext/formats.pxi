@@ -28,3 +28,4 @@ cdef int64_t RECORDED_AT_MAX_US = _formats.RECORDED_AT_MAX_US
 cdef uint32_t COPY_CRITICAL_FLAGS = _formats.COPY_CRITICAL_FLAGS
 cdef bytes COPY_SIGNATURE = _formats.COPY_SIGNATURE
 cdef Py_ssize_t COPY_HEADER_SIZE = len(_formats.COPY_HEADER)
+cdef bytes COPY_HEADER = _formats.COPY_HEADER

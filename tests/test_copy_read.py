@@ -504,3 +504,106 @@ def test_postgres_text_is_exact_whatever_client_encoding_the_user_asks_for(pg_ds
             assert {e.stream_id for e in store.read_all()} == {sid, "plain"}
     finally:
         store.close()
+
+
+# -- short reads of streams: a prepared statement's binary rows laid out as COPY -------------------
+
+LAYOUTS = {"python": _pure.copy_from_result, **({"c": C.copy_from_result} if C is not None else {})}
+
+
+class _Result:
+    """What copy_from_result reads of a libpq result (psycopg's pq.PGresult): rows of bytes or None."""
+
+    def __init__(self, rows: list[list], fields: int | None = None) -> None:
+        self.rows = rows
+        self.ntuples = len(rows)
+        self.nfields = fields if fields is not None else (len(rows[0]) if rows else 8)
+
+    def get_value(self, row: int, field: int):
+        return self.rows[row][field]
+
+
+def test_both_twins_lay_a_result_out_as_the_copy_of_its_rows():
+    buf, _ = _rows([(f"s-{i % 3}", Noted("é" * i), ec.Metadata(custom={"i": i}) if i % 2 else None)
+                    for i in range(9)])
+    # The same rows, cut back into values (what a binary result holds), give the same bytes back.
+    values, o = [], len(COPY_HEADER)
+    while buf[o:o + 2] != COPY_TRAILER:
+        count, = struct.unpack_from(">h", buf, o)
+        o += 2
+        row = []
+        for _ in range(count):
+            size, = struct.unpack_from(">i", buf, o)
+            o += 4
+            row.append(None if size == -1 else buf[o:o + size])
+            o += max(size, 0)
+        values.append(row)
+    for name, lay_out in LAYOUTS.items():
+        assert lay_out(_Result(values)) == buf, name
+        assert lay_out(_Result([])) == COPY_HEADER + COPY_TRAILER, name
+        assert lay_out(_Result([[b""], [None]], 1)) == COPY_HEADER + b"\x00\x01\x00\x00\x00\x00" \
+            + b"\x00\x01\xff\xff\xff\xff" + COPY_TRAILER, name
+
+
+def test_both_twins_refuse_what_is_not_a_binary_value_with_the_same_error():
+    outcomes = {}
+    for name, lay_out in LAYOUTS.items():
+        with pytest.raises(ec.SerializationError) as info:
+            lay_out(_Result([[b"1", "text"]]))
+        outcomes[name] = str(info.value)
+        with pytest.raises(ec.SerializationError, match="32767 fields"):
+            lay_out(_Result([], 40_000))
+    assert len(set(outcomes.values())) == 1 and "value 1 of result row 0 is str" in outcomes["python"]
+
+
+def test_postgres_a_binary_result_laid_out_is_byte_for_byte_the_copy_of_the_same_select(pg):
+    """What makes the short reads right: a prepared SELECT's values in binary are exactly the fields
+    a binary COPY of the same SELECT sends."""
+    from eventcore.stores.postgres.copy_reader import read_copy, read_prepared
+
+    streams = _fill(pg)
+    select = pg_sql.q(f"SELECT {pg_sql.QUERIES['copy_columns']} FROM {{s}}.events ORDER BY position",
+                      pg.schema).as_string(None)
+    with pg._pool.connection() as conn:
+        copied = bytes(read_copy(conn, f"COPY ({select}) TO STDOUT (FORMAT BINARY)", ()))
+        result = read_prepared(conn, b"test_whole_table", select, [])
+    assert result.ntuples == 240 and len(streams) > 10
+    for name, lay_out in LAYOUTS.items():
+        assert lay_out(result) == copied, name
+
+
+@pytest.mark.parametrize("length_past_first_rows", [-1, 0, 1, 5 + pg_sql.FIRST_ROWS])
+def test_postgres_reads_of_streams_either_side_of_the_prepared_rows_equal_the_row_path(pg, length_past_first_rows):
+    """A stream read in one prepared statement, or in its first rows and the rest by COPY; several
+    streams in one prepared statement, or all again by COPY; and again once the store knows which
+    streams are long (it reads those by COPY at once): always what the row path reads."""
+    first = pg_sql.FIRST_ROWS
+    n = first + length_past_first_rows
+    long_id, short_ids = 'lo"ng,{x}', ["s-1", "s-2"]
+    for k in range(0, n, 100):
+        pg.append([ec.emit(long_id, Counted(i)) for i in range(k, min(n, k + 100))])
+    for i in range(30):
+        pg.append([ec.emit(short_ids[i % 2], Noted(str(i))), ec.emit(long_id, Noted(str(i)))])
+    total = n + 30
+    cases = [(1, None), (1, first), (1, first - 1), (1, first + 1), (2, None), (2, first), (first, None),
+             (first + 1, None), (first + 1, 3), (total, None), (total + 1, None), (1, 0), (1, total + 7)]
+    for _ in range(2):
+        for from_version, limit in cases:
+            assert pg.read_stream(long_id, from_version=from_version, limit=limit) == _row_read(
+                pg, ROW_READ_STREAM, (long_id, from_version, limit)), (from_version, limit)
+        for ids in ([long_id], [long_id, *short_ids], short_ids, [short_ids[0], "absent"], ["absent", long_id]):
+            rows = _row_read(pg, ROW_READ_STREAMS, (ids,))
+            assert pg.read_streams(ids) == {s: [e for e in rows if e.stream_id == s] for s in ids}, ids
+
+
+def test_postgres_a_read_statement_the_server_forgot_is_prepared_again(pg_dsn, pg_schema):
+    store = ec.connect(pg_dsn, schema=pg_schema, pool_size=1, pool_min_size=1)
+    try:
+        store.append([ec.emit("s", Noted("x")), ec.emit("t", Noted("y"))])
+        assert [e.data.text for e in store.read_stream("s")] == ["x"]
+        with store._pool.connection() as conn:  # the pool's only connection: the one that prepared it
+            conn.execute("DEALLOCATE ALL")
+        assert [e.data.text for e in store.read_stream("s")] == ["x"]
+        assert [len(v) for v in store.read_streams(["s", "t"]).values()] == [1, 1]
+    finally:
+        store.close()

@@ -41,8 +41,8 @@ def _shape(sig: inspect.Signature) -> list[tuple]:
 
 def test_the_protocol_names_the_hot_path():
     assert HOT_PATH_NAMES == (
-        "encode_event", "encode_metadata", "decode_rows", "decode_copy", "new_event_ids", "check_expected_versions",
-        "assign_versions", "encode_copy_rows", "encode_copy_events",
+        "encode_event", "encode_metadata", "decode_rows", "decode_copy", "copy_from_result", "new_event_ids",
+        "check_expected_versions", "assign_versions", "encode_copy_rows", "encode_copy_events",
     )
 
 

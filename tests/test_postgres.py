@@ -158,27 +158,36 @@ def test_tailing_reader_collects_every_event_in_order(pg):
 # -- one round trip, prepared statements ------------------------------------------------------
 
 def test_append_and_read_streams_are_one_statement_each(pg, monkeypatch):
-    """A three-stream command costs one statement to read and one to append."""
+    """A three-stream command costs one statement to read (prepared, its rows fetched in binary) and
+    one to append."""
+    from eventcore.stores.postgres import store as pg_store
+
     pg.append([ec.emit("acct-a", Credited(100))])
     cmd = Move(ec.StreamId("acct-a"), ec.StreamId("acct-b"), 10)
     ec.execute(pg, cmd)  # warm: statements get prepared on first use
     calls = []
-    real_execute, real_copy = psycopg.Connection.execute, psycopg.Cursor.copy
+    real_execute, real_copy, real_prepared = psycopg.Connection.execute, psycopg.Cursor.copy, pg_store.read_prepared
 
     def counting(self, query, params=None, **kw):
         calls.append(query)
         return real_execute(self, query, params, **kw)
 
-    def counting_copy(self, statement, params=None, **kw):  # reads are COPY ... TO STDOUT
+    def counting_copy(self, statement, params=None, **kw):  # longer reads are COPY ... TO STDOUT
         calls.append(statement)
         return real_copy(self, statement, params, **kw)
 
+    def counting_prepared(conn, name, query, params):
+        calls.append(query)
+        return real_prepared(conn, name, query, params)
+
     monkeypatch.setattr(psycopg.Connection, "execute", counting)
     monkeypatch.setattr(psycopg.Cursor, "copy", counting_copy)
+    monkeypatch.setattr(pg_store, "read_prepared", counting_prepared)
     result = ec.execute(pg, cmd)
     monkeypatch.undo()
     assert result.attempts == 1 and len(result.events) == 2
-    assert len(calls) == 2 and calls[0].startswith("COPY (SELECT")
+    assert len(calls) == 2 and calls[0].startswith("SELECT") and "LIMIT" in calls[0], calls
+    assert "append_group" in calls[1]
 
 
 def test_conflict_leaves_nothing_and_names_the_stream(pg):

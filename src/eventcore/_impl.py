@@ -39,6 +39,10 @@ class HotPath(Protocol):
         """A whole binary COPY stream of the events table's columns as RecordedEvents, in order; a
         corrupt or truncated stream is an error."""
 
+    def copy_from_result(self, result: Any) -> bytes:
+        """The rows of a binary-format libpq result (psycopg's pq.PGresult) laid out as a binary COPY
+        stream of the same columns (for decode_copy)."""
+
     def new_event_ids(self, count: int) -> list[bytes]:
         """`count` UUIDv7 ids (16 bytes each), strictly increasing within the process."""
 

@@ -9,7 +9,7 @@ byte formats) is not here but in `eventcore.payloads`, `eventcore.utf8` and
 `eventcore.formats`.
 """
 from .codec import decode_rows, encode_event, encode_metadata
-from .copy import decode_copy, encode_copy_events, encode_copy_rows
+from .copy import copy_from_result, decode_copy, encode_copy_events, encode_copy_rows
 from .ids import new_event_ids
 from .versions import assign_versions, check_expected_versions
 
@@ -18,6 +18,7 @@ __all__ = [
     "encode_metadata",
     "decode_rows",
     "decode_copy",
+    "copy_from_result",
     "new_event_ids",
     "check_expected_versions",
     "assign_versions",

@@ -10,12 +10,14 @@ trailer, and every limit, are in `eventcore.formats`.
 
 `decode_copy` reads the same layout back (what PostgreSQL sends for `COPY (SELECT ...) TO STDOUT
 (FORMAT BINARY)`) straight into `RecordedEvent`s: no row tuples, no text conversions on the server.
+`copy_from_result` lays a binary-format query result out the same way, for decode_copy.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import struct
 import uuid
+from typing import Any
 
 from ..errors import SerializationError
 from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata
@@ -44,6 +46,7 @@ _LEN = struct.Struct(">i")
 _UUID_FIELD = _LEN.pack(16)
 _NULL = _LEN.pack(NULL_LENGTH)
 _JSONB_VERSION = bytes((JSONB_VERSION,))
+_COPY_TRAILER = _LEN.pack(NULL_LENGTH)[:2]  # int16 -1
 
 
 def _utf8(value, what: str, i: int) -> bytes:
@@ -305,3 +308,29 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
         set_attr(u, "is_safe", _SAFE_UNKNOWN)
         append(RecordedEvent(sid, version, position, u, type_name, payload, md, at))
     raise SerializationError(copy_row_problem(buf, row))
+
+
+def copy_from_result(result: Any) -> bytes:
+    """The rows of a libpq query result fetched in binary format (psycopg's `pq.PGresult`:
+    `ntuples`, `nfields`, `get_value(row, field)` -> bytes or None) as a whole binary COPY stream:
+    header, per row its field count and each value's length (-1: NULL) and bytes, trailer. A binary
+    result's values are what a binary COPY of the same columns sends, so decode_copy reads it."""
+    rows, fields = result.ntuples, result.nfields
+    if not 0 <= fields <= 0x7FFF:
+        raise SerializationError(f"a COPY row holds at most 32767 fields, the result has {fields}")
+    parts = [COPY_HEADER]
+    add, value, length = parts.append, result.get_value, _LEN.pack
+    count = struct.pack(">h", fields)
+    for r in range(rows):
+        add(count)
+        for f in range(fields):
+            v = value(r, f)
+            if v is None:
+                add(_NULL)
+            elif type(v) is bytes:
+                add(length(len(v)))
+                add(v)
+            else:
+                raise SerializationError(f"value {f} of result row {r} is {type(v).__name__}, not bytes")
+    add(_COPY_TRAILER)
+    return b"".join(parts)

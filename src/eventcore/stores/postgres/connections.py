@@ -133,3 +133,14 @@ def wait_readable(fd: int, timeout: float | None = None) -> bool:
     poller = _poll()
     poller.register(fd, select.POLLIN)
     return bool(poller.poll(None if timeout is None else max(0, int(timeout * 1000))))
+
+
+def wait_readable_or_writable(fd: int) -> None:
+    """Wait until `fd` can be read or written (libpq's rule while a non-blocking send is unflushed:
+    write-ready, flush again; read-ready, consume input, then flush again)."""
+    if _poll is None:
+        select.select([fd], [fd], [])
+        return
+    poller = _poll()
+    poller.register(fd, select.POLLIN | select.POLLOUT)
+    poller.poll()

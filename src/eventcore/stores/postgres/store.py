@@ -45,11 +45,11 @@ from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
-from .copy_reader import read_copy
+from .copy_reader import read_copy, read_prepared
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
-from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, \
+from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, FIRST_ROWS, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, \
     copy_read_all_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
 
@@ -66,7 +66,8 @@ _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statemen
 MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: The statements the store runs, rendered once per store (psycopg would otherwise compose each
 #: statement's bytes on every call).
-_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream", "read_streams", "stream_versions", "head",
+_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream_first", "read_streams_first", "read_stream",
+               "read_streams", "stream_versions", "head",
                "event_by_id", "committed_rows", "recorded_command", "ingest_progress", "ingest_holes", "resume_keys",
                "record_progress", "ingest_key_lock")
 
@@ -89,6 +90,24 @@ def _schema_name(schema) -> str:
             f"and not information_schema, got {schema!r}")
     return schema
 
+
+
+#: How many stream ids PostgresStore._long_streams holds before it starts again (~100 bytes each).
+LONG_STREAMS_KEPT = 10_000
+
+
+def _remember_long(long: set, stream_ids) -> None:
+    """Note streams whose reads go straight to COPY (see _read_stream): a hint that chooses how a
+    stream is read, never what is read, so forgetting them all when the set is full costs only the
+    prepared page their next reads try first."""
+    if len(long) >= LONG_STREAMS_KEPT:
+        long.clear()
+    long.update(stream_ids)
+
+
+def _text_array(items) -> bytes:
+    """A text[] literal of `items` (stream ids: no NUL, checked by StreamId), for a text-format parameter."""
+    return ("{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}").encode()
 
 
 def _fetch_all(conn, query, params) -> list:
@@ -152,6 +171,8 @@ class PostgresStore(EventStore):
         self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
         # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
         self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
+        #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
+        self._long_streams: set[str] = set()
         self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if boolean("group_commit", group_commit) else None
         migrate = boolean("migrate", migrate)
         # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
@@ -580,11 +601,48 @@ class PostgresStore(EventStore):
     def _resume_keys(self, prefix):
         return [key for (key,) in self._fetch("resume_keys", (prefix,))]
 
+    def _first_rows(self, name: str, params: list) -> list[RecordedEvent]:
+        """The events of a read_*_first statement (see queries.sql): prepared, fetched in binary."""
+        statement = b"eventcore_" + name.encode()
+        result = self._read(lambda conn, query, values: read_prepared(conn, statement, query, values), name, params)
+        return _impl.decode_copy(_impl.copy_from_result(result))
+
     def _read_stream(self, stream_id, from_version, limit):
-        return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)))
+        long = self._long_streams
+        if stream_id in long and (limit is None or limit > FIRST_ROWS):
+            return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)))
+        # FIRST_ROWS events by prepared statement; the rest, if there may be more, by COPY from the next
+        # version. A stream's versions never change, so the two reads join without a gap or a repeat,
+        # and together they are the stream as the second one saw it: one point in time still.
+        first = FIRST_ROWS if limit is None else min(limit, FIRST_ROWS)
+        events = self._first_rows("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first])
+        if len(events) == FIRST_ROWS and limit != FIRST_ROWS:
+            events += _impl.decode_copy(self._copy_out(
+                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS)))
+            _remember_long(long, (stream_id,))
+        return events
 
     def _read_streams(self, stream_ids):
-        return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,))))
+        if len(stream_ids) == 1:
+            return {stream_ids[0]: self._read_stream(stream_ids[0], 1, None)}
+        long = self._long_streams
+        if not any(s in long for s in stream_ids):
+            # The first FIRST_ROWS events by prepared statement; if there may be more, all of them again
+            # by COPY: several streams are read at one point in time (the executor counts on it, see
+            # _attempts), which two reads joined by version would not be.
+            events = self._first_rows("read_streams_first", [_text_array(stream_ids)])
+            if len(events) < FIRST_ROWS:
+                return group_by_stream(stream_ids, events)
+        out = group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,))))
+        # The longest streams, until the others together fit in the prepared statement's rows.
+        left, longest = sum(map(len, out.values())), []
+        for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
+            if left < FIRST_ROWS:
+                break
+            longest.append(s)
+            left -= len(out[s])
+        _remember_long(long, longest)
+        return out
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

@@ -39,9 +39,25 @@ FROM STDIN (FORMAT BINARY)
 -- a version byte and the JSON text, a timestamptz microseconds since 2000.
 position, stream_id, version, event_id, type, data, metadata, recorded_at
 
--- Reads run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a row, decoded from the
--- bytes straight into events. COPY takes no server-side parameters: psycopg binds these %s on the
--- client, as quoted literals (strings, arrays of text and NULL included).
+-- Reads of streams (a command's read, read_stream): their first {FIRST_ROWS} events by a prepared
+-- statement fetched in binary (copy_reader.read_prepared: the values a binary COPY of the same
+-- columns sends, laid out as one for decode_copy by copy_from_result); a longer read goes on by
+-- COPY (see PostgresStore._read_stream, _read_streams). Simple statements on purpose: the session
+-- plans each call anew (plan_cache_mode), and a statement that asked the heads first how long the
+-- read will be cost more to plan than it saved. $n, not %s: the store prepares these statements on
+-- each connection itself.
+
+-- name: read_stream_first
+-- Parameters: stream id, from version, limit (at most {FIRST_ROWS}). By version: the (stream_id,
+-- version) index gives the first rows of a long stream without reading the rest.
+SELECT {copy_columns} FROM {s}.events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3
+
+-- name: read_streams_first
+SELECT {copy_columns} FROM {s}.events WHERE stream_id = ANY($1::text[]) ORDER BY position LIMIT {FIRST_ROWS}
+
+-- Longer reads, and the feed's, run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a
+-- row, decoded from the bytes straight into events. COPY takes no server-side parameters: psycopg
+-- binds these %s on the client, as quoted literals (strings, arrays of text and NULL included).
 
 -- name: read_stream
 COPY (SELECT {copy_columns} FROM {s}.events WHERE stream_id = %s AND version >= %s ORDER BY version LIMIT %s)
@@ -79,7 +95,7 @@ AND type = ANY(%s::text[]) AND starts_with(stream_id, %s)
 ORDER BY position LIMIT %s
 
 -- name: copy_read_all
--- The four statements above as the store's readers run them (see read_stream): the same conditions
+-- The four statements above as the store's readers run them: the same conditions
 -- (tests/test_copy_read.py holds them equal), the columns of copy_columns.
 COPY (SELECT {copy_columns} FROM {s}.events WHERE position > %s AND position < {fence}
 ORDER BY position LIMIT %s) TO STDOUT (FORMAT BINARY)
