@@ -140,6 +140,23 @@ def test_lag_is_reported_while_behind(store):
     assert status.state == "stopped"
 
 
+def test_a_read_of_many_batches_still_hands_each_batch_alone(store):
+    """An unfiltered projector reads several batches at once (about READ_AHEAD_EVENTS events): each
+    is still its own transaction of at most batch_size events, in order, across reads."""
+    from eventcore.projections import runner as runner_module
+
+    total = 2 * runner_module.READ_AHEAD_EVENTS + 11  # three reads
+    store.append([ec.emit(f"s-{i % 4}", Counted(i)) for i in range(total)])
+    batches = []
+    proj = ec.Projector("chunks", batch_handler=lambda events, ctx: batches.append([e.data.n for e in events]),
+                        batch_size=7)
+    runner = ec.run_projection(store, proj, until_caught_up=True)
+    assert [len(b) for b in batches] == [7] * (total // 7) + [total % 7]
+    assert [n for b in batches for n in b] == list(range(total))
+    assert runner.batches == len(batches) and runner.events_handled == total
+    assert ec.projection_status(store)[0].position == store.head_position()
+
+
 # -- never skip ----------------------------------------------------------------------------------------
 
 

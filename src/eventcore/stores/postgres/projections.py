@@ -53,8 +53,9 @@ def _key_prefix(schema: str) -> str:
     return f"{len(schema)}:{schema}:"
 
 
-def _q(template: str, schema: str) -> sql.Composed:
-    return pg_sql.q(template, schema)
+def _q(template: str, schema: str) -> str:
+    """A statement's text for `schema`, rendered once (psycopg would compose a Composed at each call)."""
+    return pg_sql.q(template, schema).as_string(None)
 
 
 class PostgresProjectionStorage(ProjectionStorage):
