@@ -56,7 +56,7 @@ def test_pure_twins_satisfy_the_protocol_with_the_same_annotations():
 
 # What Cython's embedsignature writes for a typed argument, as the Python type it accepts.
 _C_TYPES = {"bytearray": "bytearray", "list": "list", "dict": "dict", "str": "str", "bytes": "bytes",
-            "int64_t": "int", "Py_ssize_t": "int"}
+            "int64_t": "int", "Py_ssize_t": "int", "bint": "bool"}
 
 
 @needs_extension

@@ -191,7 +191,9 @@ def _ingest_item(item, metadata, valid_ids: dict):
     if not isinstance(ev, Event):
         if type(ev) is not RawEvent:
             raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
-        validate_raw_event(ev)
+        t, data, tv = validate_raw_event(ev)
+        if ev.version != tv:
+            ev = RawEvent(t, data, tv)
     if md is None:
         md = metadata
     elif type(md) is not Metadata:

@@ -31,7 +31,7 @@ PENDING_CAP = 10_000
 #: The layout of a dead-letter row (`ProjectionStorage.dead_letters`): the event as stored (the feed's
 #: row layout, formats.ROW_COLUMNS), then the error, the attempts made and when it was given up.
 DEAD_LETTER_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata",
-                       "recorded_at_us", "error", "attempts", "failed_at")
+                       "recorded_at_us", "type_version", "error", "attempts", "failed_at")
 
 
 class LostLeadership(Exception):

@@ -279,10 +279,10 @@ class PostgresProjectionSession(ProjectionSession):
             raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
     def dead_letter(self, row, error: str, attempts: int) -> None:
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         self._write(self._sql["dead"], (
             self.name, position, sid, version, uuid.UUID(bytes=bytes(event_id)), type_name, data, metadata,
-            recorded_us, error, attempts))
+            recorded_us, type_version, error, attempts))
 
     def reset(self) -> None:
         self._write(self._sql["reset"], (self.name,))

@@ -67,8 +67,8 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: The statements the store runs, rendered once per store (psycopg would otherwise compose each
 #: statement's bytes on every call).
 _STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream", "read_streams", "stream_versions", "head",
-               "event_by_id", "committed_rows", "recorded_command", "ingest_progress", "ingest_holes", "resume_keys",
-               "record_progress", "ingest_key_lock")
+               "event_by_id", "committed_rows", "recorded_command", "type_counts", "ingest_progress", "ingest_holes",
+               "resume_keys", "record_progress", "ingest_key_lock")
 
 
 def _schema_name(schema) -> str:
@@ -580,20 +580,23 @@ class PostgresStore(EventStore):
     def _resume_keys(self, prefix):
         return [key for (key,) in self._fetch("resume_keys", (prefix,))]
 
-    def _read_stream(self, stream_id, from_version, limit):
-        return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)))
+    def _read_stream(self, stream_id, from_version, limit, raw=False):
+        return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)), raw)
 
-    def _read_streams(self, stream_ids):
-        return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,))))
+    def _read_streams(self, stream_ids, raw=False):
+        return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)
         out.update(self._fetch("stream_versions", (stream_ids,)))
         return out
 
-    def _read_all_page(self, after, types, prefix, limit):
+    def _read_all_page(self, after, types, prefix, limit, raw=False):
         return _impl.decode_copy(self._copy_out(self._read_all_sql[types is not None, prefix is not None],
-                                                read_all_params(after, types, prefix, limit)))
+                                                read_all_params(after, types, prefix, limit)), raw)
+
+    def _type_counts(self):
+        return self._fetch("type_counts", ())
 
     def _head_position(self):
         return self._fetch("head", ())[0][0]
