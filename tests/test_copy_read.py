@@ -60,11 +60,12 @@ def _rows(events: list[tuple[str, ec.Event, ec.Metadata | None]], first: int = 1
     encoded = [_pure.encode_event(e) for _, e, _ in events]
     mds = [_pure.encode_metadata(m) for _, _, m in events]
     buf = bytearray(COPY_HEADER)
-    _pure.encode_copy_rows(buf, first, sids, versions, ids, [t for t, _ in encoded], [d for _, d in encoded], mds,
-                           at_us)
+    tvs = [type(e).__event_version__ for _, e, _ in events]
+    _pure.encode_copy_rows(buf, first, sids, versions, ids, [t for t, _ in encoded], tvs, [d for _, d in encoded],
+                           mds, at_us)
     buf += COPY_TRAILER
     rows = [(first + i, sids[i], versions[i], ids[i], encoded[i][0], encoded[i][1].decode(),
-             None if mds[i] is None else mds[i].decode(), at_us) for i in range(len(events))]
+             None if mds[i] is None else mds[i].decode(), at_us, tvs[i]) for i in range(len(events))]
     return bytes(buf), rows
 
 

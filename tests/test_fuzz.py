@@ -213,7 +213,7 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             buf = bytearray(COPY_HEADER)
             for i, (sid, data, metadata, at) in enumerate(rows):
                 P_copy.encode_copy_rows(buf, i + 1, [sid], [i + 1], [bytes(range(i, i + 16))],
-                                        ["fuzz.Item" if i % 2 else "fuzz.Anything"], [data], [metadata], at)
+                                        ["fuzz.Item" if i % 2 else "fuzz.Anything"], [1], [data], [metadata], at)
             return bytes(buf + COPY_TRAILER)
 
         good = st.builds(stream, st.lists(st.tuples(

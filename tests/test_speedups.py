@@ -80,11 +80,11 @@ def test_encode_copy_rows_parity():
 def test_encode_copy_rows_layout_is_postgres_binary_copy():
     buf = bytearray()
     eid = uuid.UUID("01890000-0000-7000-8000-000000000001").bytes
-    C.encode_copy_rows(buf, 7, ["s"], [3], [eid], ["T"], [b"{}"], [None], 946_684_800_000_001)
+    C.encode_copy_rows(buf, 7, ["s"], [3], [eid], ["T"], [300], [b"{}"], [None], 946_684_800_000_001)
     expected = (
-        struct.pack(">h", 8) + struct.pack(">iq", 8, 7) + struct.pack(">i", 1) + b"s" + struct.pack(">iq", 8, 3)
+        struct.pack(">h", 9) + struct.pack(">iq", 8, 7) + struct.pack(">i", 1) + b"s" + struct.pack(">iq", 8, 3)
         + struct.pack(">i", 16) + eid + struct.pack(">i", 1) + b"T" + struct.pack(">i", 3) + b"\x01{}"
-        + struct.pack(">i", -1) + struct.pack(">iq", 8, 1)
+        + struct.pack(">i", -1) + struct.pack(">iq", 8, 1) + struct.pack(">ih", 2, 300)
     )
     assert bytes(buf) == expected
 
@@ -267,9 +267,10 @@ def _outcome(f, *args):
     sid=st.one_of(st.text(max_size=30), anything), version=anything, eid=st.one_of(st.binary(min_size=14, max_size=18), anything),
     typ=st.one_of(st.text(max_size=10), anything), data=st.one_of(st.binary(max_size=64), anything),
     md=st.one_of(st.none(), st.binary(max_size=16), anything), position=st.integers(min_value=-(2**63), max_value=2**63 - 2),
+    tv=st.one_of(st.integers(min_value=-2, max_value=40000), anything),
 )
-def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position):
-    args = (position, [sid], [version], [eid], [typ], [data], [md], 0)
+def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position, tv):
+    args = (position, [sid], [version], [eid], [typ], [tv], [data], [md], 0)
     py = _outcome(PY["encode_copy_rows"], *args)
     c = _outcome(IMPLS["c"]["encode_copy_rows"], *args)
     assert py == c
@@ -282,9 +283,10 @@ def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position):
     data=st.one_of(st.binary(max_size=80), st.sampled_from([b'{"n":1,"text":"a"}', b'{"value":[1,{}]}']), anything),
     md=st.one_of(st.none(), st.binary(max_size=30), st.just(b'{"user_id":"u"}'), anything),
     at=st.one_of(st.integers(min_value=-(2**64), max_value=2**64), anything),
+    tv=st.one_of(st.integers(min_value=-1, max_value=3), anything),
 )
-def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
-    row = (position, sid, version, eid, type_name, data, md, at)
+def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at, tv):
+    row = (position, sid, version, eid, type_name, data, md, at, tv)
     outcomes = []
     for impl in IMPLS.values():
         try:

@@ -228,20 +228,20 @@ class PostgresProjectionSession(ProjectionSession):
         bound = result[0][0]
         return [r[1:] for r in result if r[1] is not None], bound
 
-    def read_events(self, after, types, prefix, limit) -> tuple[FeedPage, "int | None"]:
+    def read_events(self, after, types, prefix, limit, decoding="strict") -> tuple[FeedPage, "int | None"]:
         """An unfiltered page by binary COPY, decoded straight into events (see decode_copy). A page
         holding an event this process cannot decode is read again as rows, each decoded alone;
         a filtered page is read as rows through its window (read_page)."""
         if types is not None or prefix is not None:
-            return super().read_events(after, types, prefix, limit)
+            return super().read_events(after, types, prefix, limit, decoding)
         try:
             out = read_copy(self.connection, self._copy_read, pg_sql.read_all_params(after, None, None, limit))
         except psycopg.Error as exc:
             self._own_failure(exc)
         try:
-            events = _impl.decode_copy(out)
+            events = _impl.decode_copy(out, decoding == "raw")
         except SerializationError:
-            return super().read_events(after, types, prefix, limit)
+            return super().read_events(after, types, prefix, limit, decoding)
         return FeedPage(events, [None] * len(events), load_rows=lambda: self._rows_of(events, after, limit)), None
 
     def _rows_of(self, events: list, after: int, limit: int) -> list:
