@@ -357,11 +357,10 @@ def validate_type_name(t: object, what: str = "RawEvent.type") -> str:
     return t
 
 
-def validate_raw_event(event: RawEvent) -> tuple[str, bytes, int]:
-    """(type, data, type version to store) of a RawEvent, or ValidationError: type non-empty, data
-    one JSON object (UTF-8, no NUL, at most MAX_PAYLOAD_BYTES, nested less deeply than the recursion
-    limit) that decodes as the class registered for the type, if any, at the version it declares
-    (see evolution.raw_event_version)."""
+def validate_raw_event(event: RawEvent) -> tuple[str, bytes]:
+    """(type, data) of a RawEvent, or ValidationError: type non-empty, data one JSON object (UTF-8,
+    no NUL, at most MAX_PAYLOAD_BYTES, nested less deeply than the recursion limit). Whether it
+    decodes as its class is evolution.check_raw_event's to say."""
     t, data = event.type, event.data
     validate_type_name(t)
     if type(data) is not bytes:
@@ -382,9 +381,7 @@ def validate_raw_event(event: RawEvent) -> tuple[str, bytes, int]:
     problem = raw_data_problem(data, decoded=True)
     if problem is not None:
         raise ValidationError(f"RawEvent.data of type {t!r} {problem}")
-    from .evolution import raw_event_version  # evolution reads this module's registry
-
-    return t, data, raw_event_version(t, data, event.version)
+    return t, data
 
 
 class EventToWrite(msgspec.Struct, frozen=True):

@@ -18,7 +18,9 @@ from typing import Any, Callable
 import msgspec
 
 from .errors import EventVersionError, SerializationError, UnknownEventTypeError, UpcastError, ValidationError
-from .events import MAX_EVENT_VERSION, Event, _generation, _registry, _registry_lock, _upcasters
+from .events import (
+    MAX_EVENT_VERSION, Event, RawEvent, _generation, _registry, _registry_lock, _upcasters, validate_raw_event,
+)
 from .payloads import DECODE_ERRORS, ENCODE_ERRORS, enc_hook
 
 _decoders: dict[type, msgspec.json.Decoder] = {}
@@ -95,7 +97,7 @@ class _Chain:
             return self.decoder.decode(_encode(obj))
         except (*DECODE_ERRORS, *ENCODE_ERRORS) as exc:
             raise UpcastError(self.type_name, self.version, None,
-                              f"{exc} (decoding {_short(obj)} as {self.decoder.type.__qualname__})") from exc
+                              f"{exc} (decoding {_short(obj)} as {self.decoder.type.__name__})") from exc
 
 
 def _name(fn) -> str:
@@ -123,14 +125,14 @@ def chain_for(cls: type[Event], version: int) -> _Chain:
         return chain
     name, current = cls.__event_type__, cls.__event_version__
     if version > current:
-        raise EventVersionError(name, version, current, class_name=cls.__qualname__)
+        raise EventVersionError(name, version, current, class_name=cls.__name__)
     with _registry_lock:
         known = dict(_upcasters.get(name, {}))
     steps = []
     for v in range(version, current):
         fn = known.get(v)
         if fn is None:
-            raise EventVersionError(name, version, current, missing=v, class_name=cls.__qualname__)
+            raise EventVersionError(name, version, current, missing=v, class_name=cls.__name__)
         steps.append((v, fn))
     chain = _chains[(cls, version)] = _Chain(name, version, steps, class_decoder(cls))
     return chain
@@ -147,14 +149,27 @@ def check_chains(cls: type[Event] | None = None) -> None:
             chain_for(c, v)
 
 
+def check_raw_event(event: RawEvent) -> tuple[str, bytes, int]:
+    """(type, data, type version to store) of a RawEvent, or ValidationError: its JSON checked as
+    `events.validate_raw_event` does, then against its class if one is registered (`raw_event_version`)."""
+    t, data = validate_raw_event(event)
+    return t, data, raw_event_version(t, data, event.version)
+
+
+#: How raw_event_version names what it checks: a RawEvent's fields, or a JSON line's.
+_RAW_WORDS = {"RawEvent": ("RawEvent", "RawEvent.data", "RawEvent.version"),
+              "line": ("the line", "`data`", "`version`")}
+
+
 def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEvent") -> int:
     """The type version a RawEvent is stored with, its payload checked against its class.
 
     `version` None: the registered class's version, or 1 for a type this process does not know.
     For a known type the payload must decode as the class, through the upcasters from `version`:
     otherwise ValidationError saying why, and nothing is written."""
+    event_words, data_words, version_words = _RAW_WORDS[what]
     if version is not None and (type(version) is not int or not 1 <= version <= MAX_EVENT_VERSION):
-        raise ValidationError(f"{what}.version of type {type_name!r} must be an int in 1..{MAX_EVENT_VERSION} "
+        raise ValidationError(f"{version_words} of type {type_name!r} must be an int in 1..{MAX_EVENT_VERSION} "
                               f"or None, got {version!r}")
     cls = _registry.get(type_name)
     if cls is None:
@@ -168,8 +183,8 @@ def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEven
         else:
             chain_for(cls, version).decode(data)
     except (EventVersionError, UpcastError) as exc:
-        raise ValidationError(f"{what} of type {type_name!r} version {version}: {exc}") from None
+        raise ValidationError(f"{event_words} of type {type_name!r} version {version}: {exc}") from None
     except DECODE_ERRORS as exc:
-        raise ValidationError(f"{what}.data of type {type_name!r} version {version} does not decode as "
-                              f"{cls.__qualname__}: {exc}") from None
+        raise ValidationError(f"{data_words} of type {type_name!r} version {version} does not decode as "
+                              f"{cls.__name__}: {exc}") from None
     return version

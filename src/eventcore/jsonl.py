@@ -118,7 +118,7 @@ def parse_line(number: int, raw: bytes, valid: dict | None = None) -> tuple:
             raise BadLine(number, str(exc), raw) from None
         _remember(valid, ("t", line.type), True)
     try:
-        version = raw_event_version(line.type, data, line.version, "the line")
+        version = raw_event_version(line.type, data, line.version, "line")
     except ValidationError as exc:
         raise BadLine(number, str(exc), raw) from None
     md = line.metadata

@@ -13,7 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 from .. import _impl
 from ..errors import ValidationError
-from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event, validate_type_name
+from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_type_name
+from ..evolution import check_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
 
@@ -104,7 +105,7 @@ def prepare_append(
             type_name, payload = encode_event(ev)
             type_version = type(ev).__event_version__
         elif type(ev) is RawEvent:
-            type_name, payload, type_version = validate_raw_event(ev)
+            type_name, payload, type_version = check_raw_event(ev)
         else:
             raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
         md = item.metadata

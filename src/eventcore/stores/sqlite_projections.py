@@ -89,7 +89,7 @@ class SQLiteProjectionStorage(ProjectionStorage):
         return self.store._query(_COUNT_AFTER, (position, cap))[0][0]
 
     def dead_letters(self, name):
-        return [(*r[:10], _timestamp(r[10])) for r in self._select(_DEAD_LETTERS, (name,))]
+        return [(*r[:11], _timestamp(r[11])) for r in self._select(_DEAD_LETTERS, (name,))]
 
 
 class SQLiteProjectionSession(ProjectionSession):
