@@ -95,6 +95,16 @@ def test_types_command_lists_names_versions_counts_and_what_this_process_knows(u
     lines = proc.stdout.splitlines()
     assert lines[0].split()[:3] == ["Deposited", "v1", "3"] and "alias of 'evo.Deposited'" in lines[0]
     assert "upcast" in lines[0] and lines[1].split()[:3] == ["evo.Deposited", "v2", "1"]
+    # tail: as stored without the classes; with them, as release 3 reads them.
+    for imports, expected in (([], [("Deposited", 1, {"amount": 1}), ("evo.Deposited", 2, {"cents": 101})]),
+                              (["--import", "evolution_worker"],
+                               [("evo.Deposited", 3, {"amount_cents": 100, "currency": "EUR"}),
+                                ("evo.Deposited", 3, {"amount_cents": 101, "currency": "EUR"})])):
+        proc = subprocess.run([PY, "-m", "eventcore", "tail", "--dsn", url, *imports], capture_output=True, text=True,
+                              timeout=120, cwd=TESTS, env={**os.environ, "EVO_RELEASE": "3"})
+        assert proc.returncode == 0, proc.stderr
+        printed = [json.loads(line) for line in proc.stdout.splitlines()]
+        assert [(o["type"], o["type_version"], o["data"]) for o in printed][::3] == expected, printed
 
 
 # -- the same on the memory store, in one process ---------------------------------------------------
@@ -667,3 +677,80 @@ def test_any_chain_of_field_renames_and_defaults_round_trips(data):
                 final.setdefault(extra, -1)
         assert msgspec.structs.asdict(event.data) == final
         assert store.read_stream("h", decode=False)[0].data == mapping
+
+
+# -- stores written before type versions: the migrations ---------------------------------------------
+
+
+def test_sqlite_store_of_schema_3_gains_type_versions_and_its_events_are_version_1(tmp_path):
+    import sqlite3
+
+    from eventcore.stores import sqlite as sqlite_store
+
+    path = tmp_path / "old.db"
+    with isolated_registry():
+        class Amount(ec.Event):
+            __event_type__ = "evo.migrate.Amount"
+            amount: int
+        with ec.connect(f"sqlite:///{path}") as store:
+            store.append([ec.emit("s", Amount(amount=4))])
+    conn = sqlite3.connect(path, isolation_level=None)  # the tables as schema 3 made them
+    conn.execute("ALTER TABLE events DROP COLUMN type_version")
+    conn.execute("ALTER TABLE projection_dead_letters DROP COLUMN type_version")
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    with isolated_registry():
+        class Amount(ec.Event):  # noqa: F811
+            __event_type__ = "evo.migrate.Amount"
+            __event_version__ = 2
+            cents: int
+
+        @ec.upcaster("evo.migrate.Amount", from_version=1)
+        def _v1(data):
+            return {"cents": data["amount"] * 100}
+
+        with pytest.raises(ec.SchemaVersionError):
+            ec.connect(f"sqlite:///{path}", migrate=False)
+        with ec.connect(f"sqlite:///{path}") as store:  # upgraded in place
+            store.append([ec.emit("s", Amount(cents=1))])
+            assert [e.data for e in store.read_stream("s")] == [Amount(cents=400), Amount(cents=1)]
+            assert [e.type_version for e in store.read_stream("s", decode=False)] == [1, 2]
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+    conn.close()
+
+
+def test_postgres_schema_of_version_5_gains_type_versions_and_its_events_are_version_1(pg_dsn, pg_schema):
+    import pg_legacy
+    import psycopg
+    from psycopg import sql
+
+    from eventcore.stores.postgres import sql as pg_sql
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        pg_legacy.make(admin, pg_schema, 5)
+        s = sql.Identifier(pg_schema)
+        with admin.transaction():  # an event as eventcore 5 stored it: no type version
+            admin.execute(sql.SQL("INSERT INTO {}.streams (stream_id, version) VALUES ('s', 1)").format(s))
+            admin.execute(sql.SQL("INSERT INTO {}.events (position, stream_id, version, event_id, type, data) "
+                                  "VALUES (1, 's', 1, gen_random_uuid(), 'evo.migrate.Amount', "
+                                  "'{{\"amount\": 3}}')").format(s))
+    with isolated_registry():
+        class Amount(ec.Event):
+            __event_type__ = "evo.migrate.Amount"
+            __event_version__ = 2
+            cents: int
+
+        @ec.upcaster("evo.migrate.Amount", from_version=1)
+        def _v1(data):
+            return {"cents": data["amount"] * 100}
+
+        with ec.connect(pg_dsn, schema=pg_schema) as store:  # migrates to the current version
+            store.append([ec.emit("s", Amount(cents=2))])
+            assert [e.data for e in store.read_stream("s")] == [Amount(cents=300), Amount(cents=2)]
+            assert [(e.type, e.type_version) for e in store.read_all(decode=False)] == [
+                ("evo.migrate.Amount", 1), ("evo.migrate.Amount", 2)]
+            assert store.type_counts() == [("evo.migrate.Amount", 1, 1), ("evo.migrate.Amount", 2, 1)]
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        version = admin.execute(sql.SQL("SELECT max(version) FROM {}.schema_migrations").format(s)).fetchone()[0]
+        assert version == pg_sql.SCHEMA_VERSION == 6

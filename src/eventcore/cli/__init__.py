@@ -5,7 +5,7 @@
                     [--path FILE] [--dsn URL] [--json]
     eventcore ingest FILE [--dsn URL] [--batch-size N] [--parallel N] [--skip-invalid] [--rejects FILE]
                      [--resume-key KEY | --no-resume] [--import MODULE] [--json]    (cli/ingest.py)
-    eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--dsn URL]  (cli/monitor.py)
+    eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--import MODULE] [--dsn URL]
     eventcore types [--import MODULE] [--json] [--dsn URL]                            (cli/monitor.py)
     eventcore projections [--json] [--dsn URL]                                       (cli/monitor.py)
     eventcore status [--json] [--dsn URL]                                            (cli/monitor.py)
@@ -138,6 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--type", action="append", metavar="T",
                       help="only events of this type name (repeat or comma-separate for several)")
     tail.add_argument("--prefix", metavar="P", help="only events of streams whose id starts with P")
+    tail.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                      help="import MODULE first (its event classes and upcasters) and print the events of its types "
+                           "as the application reads them (current version, upcast); other types as stored")
     tail.add_argument("--from", dest="from_position", type=int, default=0, metavar="POSITION",
                       help="start at this global position, inclusive (default: the beginning); positions are "
                            "opaque cursors: pass one printed earlier, e.g. the last one seen + 1")

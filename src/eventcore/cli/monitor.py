@@ -92,6 +92,8 @@ def _cmd_tail(args) -> int:
     if prefix is not None and forbidden_character(prefix):
         raise EventCoreError(f"--prefix {prefix!r} contains {forbidden_character(prefix)}: no stream id has one")
     after = max(0, args.from_position - 1)
+    import_event_modules(args)
+    decode = bool(args.imports)  # with the application's classes: its events as it reads them
     out = sys.stdout.buffer
     page = 1000
     stop = threading.Event()
@@ -115,7 +117,7 @@ def _cmd_tail(args) -> int:
                         lines = []
                         try:  # a corrupt row stops the command; the rows before it are printed
                             for row in rows:
-                                lines.append(row_json(row) + b"\n")
+                                lines.append(row_json(row, decode) + b"\n")
                         finally:
                             out.write(b"".join(lines))
                             out.flush()
