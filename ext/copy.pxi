@@ -456,10 +456,17 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end, 
         o += 12
         if recorded < RECORDED_AT_MIN_US - PG_EPOCH_OFFSET_US or recorded > RECORDED_AT_MAX_US - PG_EPOCH_OFFSET_US:
             break
-        if end - o < 6 or _get_i32(buf + o) != TYPE_VERSION_BYTES:
+        if end - o < 4:
             break
-        type_version = <int16_t>((buf[o + 4] << 8) | buf[o + 5])
-        o += 6
+        size = _get_i32(buf + o)
+        if size == NULL_LENGTH:  # the store's reads send version 1 as NULL
+            type_version = 1
+            o += 4
+        elif size != TYPE_VERSION_BYTES or end - o < 6:
+            break
+        else:
+            type_version = <int16_t>((buf[o + 4] << 8) | buf[o + 5])
+            o += 6
         if fast is None:
             found = PyDict_GetItem(cache, type_name)
             if found is NULL:

@@ -192,7 +192,7 @@ def _corrupt_cases():
         "payload not UTF-8": (at(data_len_at + 5 + len('{"text":"'), b"\xff"), "payload is not valid UTF-8"),
         "truncated inside the second row": (buf[:-12], "truncated"),
         "type version of 4 bytes": (buf[:-8] + struct.pack(">i", 4) + buf[-4:], "corrupt type version at position 8"),
-        "NULL type version": (buf[:-8] + struct.pack(">i", -1) + buf[-4:], "corrupt type version at position 8"),
+        "type version of -2 bytes": (buf[:-8] + struct.pack(">i", -2) + buf[-4:], "corrupt type version at position 8"),
         "no type version": (buf[:-8] + COPY_TRAILER, "truncated type version at position 8"),
         "trailer missing": (buf[:-2], "without its trailer"),
     }

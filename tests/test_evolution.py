@@ -593,7 +593,7 @@ def test_a_current_version_is_decoded_by_the_class_decoder_itself():
         assert decode == class_decoder(Q).decode and name == "evo.fast.Q" and reads == 4
 
 
-def test_corrupt_type_version_in_a_copy_stream_is_named():
+def test_corrupt_type_version_in_a_copy_stream_is_named_and_null_is_version_1():
     import struct
 
     from eventcore import _pure
@@ -609,8 +609,11 @@ def test_corrupt_type_version_in_a_copy_stream_is_named():
         buf, _ = _copy_and_rows([("s", "evo.corrupt.R", 1, b'{"r": 1}')])
         assert buf[-8:] == struct.pack(">ih", 2, 1) + COPY_TRAILER
         cases = {"3 bytes, expected 2": buf[:-8] + struct.pack(">i", 3) + buf[-4:],
-                 "NULL": buf[:-8] + struct.pack(">i", -1) + buf[-4:],
+                 "NULL (length -5)": buf[:-8] + struct.pack(">i", -5) + buf[-4:],
                  "truncated type version": buf[:-8]}
+        null = buf[:-8] + struct.pack(">i", -1) + COPY_TRAILER  # what the store's reads send for version 1
+        for twin in filter(None, (_pure, _speedups)):
+            assert [(e.type_version, e.data) for e in twin.decode_copy(null)] == [(1, R(r=1))]
         for message, broken in cases.items():
             for twin in filter(None, (_pure, _speedups)):
                 with pytest.raises(ec.SerializationError, match=f"type version.*|{message}") as info:

@@ -23,7 +23,7 @@ COPY_TRAILER = struct.pack(">h", -1)
 #: Fields per COPY row: position, stream_id, version, event_id, type, data, metadata, recorded_at,
 #: type_version (an int2: the event type's version the payload is in).
 COPY_FIELDS = 9
-#: The bytes of the int2 type version field.
+#: The bytes of the int2 type version field; a reader takes NULL for 1 (what the store's reads send).
 TYPE_VERSION_BYTES = 2
 #: The field length that stands for NULL.
 NULL_LENGTH = -1
@@ -114,7 +114,7 @@ def copy_row_problem(buffer, offset: int) -> str:
             return f"truncated {name} {where}: the data ends at byte {end}"
         size = _I32.unpack_from(buf, o)[0]
         o += 4
-        if size == NULL_LENGTH and name == "metadata":
+        if size == NULL_LENGTH and name in ("metadata", "type version"):
             values.append(None)
             continue
         if size < 0:

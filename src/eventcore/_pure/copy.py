@@ -298,10 +298,15 @@ def decode_copy(buffer: bytes | bytearray | memoryview, raw: bool = False) -> li
             o += 12
             if size != 8:
                 break
-            size, type_version = int2(buf, o)
-            o += 6
-            if size != TYPE_VERSION_BYTES or o > end:
-                break
+            size = length(buf, o)[0]
+            if size == NULL_LENGTH:  # the store's reads send version 1 as NULL
+                type_version = 1
+                o += 4
+            else:
+                size, type_version = int2(buf, o)
+                o += 6
+                if size != TYPE_VERSION_BYTES:
+                    break
             if recorded != last_recorded:  # one per transaction: the events of a write share it
                 at = _EPOCH + _timedelta(microseconds=recorded + PG_EPOCH_OFFSET_US)
                 last_recorded = recorded

@@ -34,10 +34,13 @@ FROM STDIN (FORMAT BINARY)
 
 -- name: copy_columns
 -- A stored event as the store's reads send it: the table's own columns in their binary forms
--- (int8, text, int8, uuid, text, jsonb, jsonb or NULL, timestamptz, int2), the layout of the COPY
--- writer, decoded by eventcore._pure.copy.decode_copy. No conversion on the server: jsonb's binary
--- form is a version byte and the JSON text, a timestamptz microseconds since 2000.
-position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version
+-- (int8, text, int8, uuid, text, jsonb, jsonb or NULL, timestamptz, int2 or NULL), the layout of the
+-- COPY writer, decoded by eventcore._pure.copy.decode_copy. No conversion on the server: jsonb's
+-- binary form is a version byte and the JSON text, a timestamptz microseconds since 2000. The type
+-- version is sent as NULL when it is 1 (the decoders read NULL as 1): the server then calls no send
+-- function for it, which kept a COPY of 1M version-1 events 4 % slower than without the column
+-- instead of 10 %.
+position, stream_id, version, event_id, type, data, metadata, recorded_at, nullif(type_version, 1)
 
 -- Reads run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a row, decoded from the
 -- bytes straight into events. COPY takes no server-side parameters: psycopg binds these %s on the
