@@ -3,7 +3,8 @@
 
 Rows follow the column list of pg_sql.COPY_EVENTS: position int8,
 stream_id text, version int8, event_id uuid, type text, data jsonb, metadata
-jsonb (NULL when empty), recorded_at timestamptz, type_version int2. jsonb's binary form is a
+jsonb (NULL when empty), recorded_at timestamptz, type_version int2 (the writers always send it;
+the readers also take NULL for 1, which is how the store's reads send version 1). jsonb's binary form is a
 version byte (1) followed by the JSON text, which is exactly what msgspec
 produces, so payloads are framed, never re-encoded. The stream's header and
 trailer, and every limit, are in `eventcore.formats`.
