@@ -61,7 +61,7 @@ def preencoded(items):
     payloads = [codec.encode_event(e)[1] for _, e in items]
     at = time.time_ns() // 1000
     jsonb = bytearray(COPY_HEADER)
-    _impl.encode_copy_rows(jsonb, 1, sids, versions, ids, types, payloads, [None] * N, at)
+    _impl.encode_copy_rows(jsonb, 1, sids, versions, ids, types, [1] * N, payloads, [None] * N, at)
     jsonb += COPY_TRAILER
     # bytea framing: the same rows without jsonb's version byte.
     import struct
@@ -70,8 +70,9 @@ def preencoded(items):
     ts = struct.pack(">iq", 8, at - PG_EPOCH_OFFSET_US)
     for i in range(N):
         sid, typ, data = sids[i].encode(), types[i].encode(), payloads[i]
-        bytea += struct.pack(">hiqi", 8, 8, i + 1, len(sid)) + sid + struct.pack(">iqi", 8, versions[i], 16) + ids[i]
+        bytea += struct.pack(">hiqi", 9, 8, i + 1, len(sid)) + sid + struct.pack(">iqi", 8, versions[i], 16) + ids[i]
         bytea += struct.pack(">i", len(typ)) + typ + struct.pack(">i", len(data)) + data + struct.pack(">i", -1) + ts
+        bytea += struct.pack(">ih", 2, 1)
     bytea += COPY_TRAILER
     half = N // 2
     halves = []
@@ -80,7 +81,7 @@ def preencoded(items):
         # disjoint streams per COPY stream: even and odd halves of the stream set
         _impl.encode_copy_rows(b, part.start + 1, [f"p{part.start}-{sids[i]}" for i in part],
                                [versions[i] for i in part], [ids[i] for i in part], [types[i] for i in part],
-                               [payloads[i] for i in part], [None] * len(part), at)
+                               [1] * len(part), [payloads[i] for i in part], [None] * len(part), at)
         b += COPY_TRAILER
         halves.append(_chunks(bytes(b)))
     return {"jsonb": _chunks(bytes(jsonb)), "bytea": _chunks(bytes(bytea)), "halves": halves}
@@ -93,7 +94,8 @@ def _count(dsn, schema, table="events") -> int:
 
 def _copy(dsn, schema, chunks, table="events") -> None:
     copy_sql = sql.SQL(
-        "COPY {}.{} (position, stream_id, version, event_id, type, data, metadata, recorded_at) FROM STDIN (FORMAT BINARY)"
+        "COPY {}.{} (position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version) "
+        "FROM STDIN (FORMAT BINARY)"
     ).format(sql.Identifier(schema), sql.Identifier(table))
     with psycopg.connect(dsn) as conn:
         with conn.cursor().copy(copy_sql) as copy:

@@ -10,8 +10,9 @@ import uuid as _uuid
 
 import msgspec as _msgspec
 
-from eventcore.errors import SerializationError, UnknownEventTypeError
-from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, check_metadata, event_class
+from eventcore.errors import SerializationError, UpcastError as _UpcastError
+from eventcore.events import EMPTY_METADATA, Metadata, RecordedEvent, check_metadata
+from eventcore.evolution import decoding as _decoding, upcasting as _upcasting
 from eventcore.payloads import enc_hook as _enc_hook
 from eventcore.utf8 import row_decode_error_text as _row_decode_error_text
 
@@ -19,7 +20,6 @@ _encoder = _msgspec.json.Encoder(enc_hook=_enc_hook)
 _encode = _encoder.encode
 _encode_into = _encoder.encode_into
 _metadata_decoder = _msgspec.json.Decoder(Metadata)
-_decoders = {}
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _timedelta = _dt.timedelta
 _UUID = _uuid.UUID
@@ -62,48 +62,55 @@ def encode_metadata(metadata):
     return data
 
 
-cdef object _decoder_for(str type_name, object position, object sid):
-    cls = event_class(type_name)
-    if cls is None:
-        raise UnknownEventTypeError(type_name, position, sid)
-    dec = _decoders.get(cls)
-    if dec is None:
-        dec = _msgspec.json.Decoder(cls)
-        _decoders[cls] = dec
-    return dec
-
-
-def decode_rows(rows):
+def decode_rows(rows, bint raw=False):
     """Decode stored rows (position, stream_id, version, event_id, type, data, metadata,
-    recorded_at_us) into RecordedEvents, in the given order."""
+    recorded_at_us, type_version) into RecordedEvents, in the given order (see
+    eventcore._pure.codec.decode_rows)."""
     cdef list out = []
     cdef dict cache = {}
     cdef PyObject* found
+    cdef tuple entry
     for row in rows:
         if len(row) != ROW_WIDTH:
             raise SerializationError(f"a stored row has {len(row)} columns, expected {ROW_WIDTH}")
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         if type(type_name) is not str:
             raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r:.60}")
-        if type(position) is not int or type(version) is not int or not PyUnicode_Check(sid):
+        if type(position) is not int or type(version) is not int or not PyUnicode_Check(sid) \
+                or type(type_version) is not int:
             raise SerializationError(
                 f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
-                "position and version must be ints, the stream id a str"
+                "position, version and type version must be ints, the stream id a str"
             )
         found = PyDict_GetItem(cache, type_name)
         if found is NULL:
-            dec = _decoder_for(type_name, position, sid)
-            cache[type_name] = dec
+            entry = _decoding(type_name, raw, position, sid)
+            cache[type_name] = entry
         else:
-            dec = <object>found
+            entry = <tuple>found
+        decode = entry[0]
+        reads = entry[2]
+        if type_version == reads or reads < 0:
+            delivered_version = type_version
+        else:  # stored at another version than its class's: the upcaster chain (the slow path)
+            key = (type_name, type_version)
+            found = PyDict_GetItem(cache, key)
+            if found is NULL:
+                decode = _upcasting(type_name, type_version, position, sid)
+                cache[key] = decode
+            else:
+                decode = <object>found
+            delivered_version = reads
         try:
-            payload = dec.decode(data)
+            payload = decode(data)
             md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
         except _DecodeErrors as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {_row_decode_error_text(exc, dec, data, metadata)}"
+                f"(stream {sid!r}, version {version}): {_row_decode_error_text(exc, decode.__self__, data, metadata)}"
             ) from exc
+        except _UpcastError as exc:
+            raise exc.located(position, sid) from exc.__cause__
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
         if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
@@ -115,5 +122,5 @@ def decode_rows(rows):
             at = _EPOCH + _timedelta(microseconds=recorded_us)
         except (OverflowError, TypeError, ValueError):
             raise SerializationError(f"corrupt recorded_at at position {position} (stream {sid!r}, version {version}): {recorded_us!r}") from None
-        out.append(RecordedEvent(sid, version, position, u, type_name, payload, md, at))
+        out.append(RecordedEvent(sid, version, position, u, entry[1], payload, md, at, delivered_version))
     return out

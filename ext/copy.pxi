@@ -8,7 +8,7 @@ from cpython.list cimport PyList_GET_ITEM, PyList_GET_SIZE
 from cpython.long cimport PyLong_Check
 from cpython.object cimport PyObject
 from cpython.unicode cimport PyUnicode_Check
-from libc.stdint cimport int32_t, int64_t, uint32_t, uint64_t
+from libc.stdint cimport int16_t, int32_t, int64_t, uint32_t, uint64_t
 from libc.string cimport memcpy
 
 from eventcore.errors import SerializationError
@@ -78,27 +78,30 @@ cdef int64_t _as_i64_error(object v, str what, Py_ssize_t i) except? -1:
 
 
 def encode_copy_rows(bytearray buf, int64_t first_position, list stream_ids, list versions, list event_ids,
-                     list types, list payloads, list metadatas, int64_t recorded_at_us):
+                     list types, list type_versions, list payloads, list metadatas, int64_t recorded_at_us):
     """Append one COPY BINARY row per event to `buf` (no header or trailer).
 
-    event_ids: 16-byte UUIDs; payloads, metadatas: JSON bytes (metadata may be None).
-    On error `buf` is left as it was.
+    event_ids: 16-byte UUIDs; type_versions: ints in 1..32767; payloads, metadatas: JSON bytes
+    (metadata may be None). On error `buf` is left as it was.
     """
     cdef Py_ssize_t n = PyList_GET_SIZE(stream_ids)
     cdef Py_ssize_t i, total = 0, start, sid_len, typ_len, data_len, md_len
     cdef const char* sid_p
     cdef const char* typ_p
-    cdef object data, md, eid
+    cdef object data, md, eid, tv
     cdef char* p
     cdef int64_t ts = recorded_at_us - PG_EPOCH_OFFSET_US
     if not (PyList_GET_SIZE(versions) == PyList_GET_SIZE(event_ids) == PyList_GET_SIZE(types)
-            == PyList_GET_SIZE(payloads) == PyList_GET_SIZE(metadatas) == n):
+            == PyList_GET_SIZE(type_versions) == PyList_GET_SIZE(payloads) == PyList_GET_SIZE(metadatas) == n):
         raise SerializationError("encode_copy_rows: column lists differ in length")
     # Pass 1: validate everything and size the rows, so a bad row leaves the buffer untouched.
     for i in range(n):
         _utf8(<object>PyList_GET_ITEM(stream_ids, i), &sid_len, "stream id", i)
         _utf8(<object>PyList_GET_ITEM(types, i), &typ_len, "type", i)
         _as_i64(<object>PyList_GET_ITEM(versions, i), "version", i)
+        tv = <object>PyList_GET_ITEM(type_versions, i)
+        if type(tv) is not int or not 1 <= tv <= MAX_EVENT_VERSION:
+            raise SerializationError(f"type version {i} must be an int in 1..{MAX_EVENT_VERSION}, got {tv!r}")
         eid = <object>PyList_GET_ITEM(event_ids, i)
         if not PyBytes_Check(eid) or PyBytes_GET_SIZE(eid) != 16:
             raise SerializationError(f"event id {i} must be 16 bytes")
@@ -142,6 +145,7 @@ def encode_copy_rows(bytearray buf, int64_t first_position, list stream_ids, lis
             _put_i32(p, <int32_t>(md_len + 1)); p[4] = JSONB_VERSION; memcpy(p + 5, PyBytes_AS_STRING(md), md_len)
             p += 5 + md_len
         _put_i32(p, 8); _put_i64(p + 4, ts); p += 12
+        _put_i32(p, TYPE_VERSION_BYTES); _put_i16(p + 4, <int>(<object>PyList_GET_ITEM(type_versions, i))); p += 6
 
 
 def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, list events, list metadatas,
@@ -164,6 +168,8 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
     cdef const unsigned char* r
     cdef dict type_names = {}
     cdef dict floats_of = {}
+    cdef dict type_versions_of = {}
+    cdef int tv
     cdef bint floats
     cdef dict new_heads = {}
     cdef list ids = [None] * n
@@ -198,9 +204,11 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                         raise SerializationError(f"event {i} is not an ec.Event: {cls.__name__}") from None
                     type_names[cls] = name
                     floats_of[cls] = _floats(cls)
+                    type_versions_of[cls] = cls.__event_version__
                 else:
                     name = <object>found
                 floats = <bint>(<object>PyDict_GetItem(floats_of, cls))
+                tv = <int>(<object>PyDict_GetItem(type_versions_of, cls))
                 typ_p = _utf8(name, &typ_len, "type", i)
                 found = PyDict_GetItem(new_heads, sid)
                 if found is NULL:
@@ -243,10 +251,11 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                 _put_i32(PyByteArray_AS_STRING(buf) + mark - 5, <int32_t>(size + 1))
                 if md is None or md == EMPTY_METADATA:
                     row_start = PyByteArray_GET_SIZE(buf)
-                    PyByteArray_Resize(buf, row_start + 16)
+                    PyByteArray_Resize(buf, row_start + 22)
                     p = PyByteArray_AS_STRING(buf) + row_start
                     _put_i32(p, NULL_LENGTH)
                     _put_i32(p + 4, 8); _put_i64(p + 8, ts)
+                    _put_i32(p + 16, TYPE_VERSION_BYTES); _put_i16(p + 20, tv)
                 else:
                     if type(md) is not Metadata:
                         raise SerializationError(f"metadata {i} must be an ec.Metadata or None, got {type(md).__name__}")
@@ -268,9 +277,10 @@ def encode_copy_events(bytearray buf, int64_t first_position, list stream_ids, l
                         raise SerializationError(f"metadata {i} is larger than a COPY field allows (2 GiB)")
                     _put_i32(PyByteArray_AS_STRING(buf) + row_start, <int32_t>(size + 1))
                     row_start = PyByteArray_GET_SIZE(buf)
-                    PyByteArray_Resize(buf, row_start + 12)
+                    PyByteArray_Resize(buf, row_start + 18)
                     p = PyByteArray_AS_STRING(buf) + row_start
                     _put_i32(p, 8); _put_i64(p + 4, ts)
+                    _put_i32(p + 12, TYPE_VERSION_BYTES); _put_i16(p + 16, tv)
         except BaseException:
             PyByteArray_Resize(buf, start)
             raise
@@ -287,7 +297,9 @@ from cpython.datetime cimport datetime_new, import_datetime
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.string cimport memcmp
 
+from eventcore.errors import UpcastError as _UpcastError
 from eventcore.events import RecordedEvent
+from eventcore.evolution import decoding as _decoding, upcasting as _upcasting
 from eventcore.formats import copy_header_problem as _copy_header_problem, copy_row_problem as _copy_row_problem
 
 cdef extern from "Python.h":
@@ -347,7 +359,7 @@ cdef object _text_or_null(const unsigned char* p, Py_ssize_t n):
         return None
 
 
-def decode_copy(buffer):
+def decode_copy(buffer, bint raw=False):
     """Decode a whole binary COPY stream (header, rows, trailer) of the events table's columns
     into RecordedEvents, in order (see eventcore._pure.copy.decode_copy)."""
     cdef Py_buffer view
@@ -355,19 +367,24 @@ def decode_copy(buffer):
         buffer = bytes(buffer)  # as the pure twin: any buffer (a non-contiguous view too) is copied once
     PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
     try:
-        return _decode_copy(buffer, <const unsigned char*>view.buf, view.len)
+        return _decode_copy(buffer, <const unsigned char*>view.buf, view.len, raw)
     finally:
         PyBuffer_Release(&view)
 
 
-cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
+cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end, bint raw):
     cdef Py_ssize_t o, row, size, extension, id_at
     cdef Py_ssize_t sid_at = 0, sid_len = -1, type_at = 0, type_len = -1
     cdef int64_t position, version, recorded, last_recorded = 0
+    # The version the current type's decoder reads as is (-1: any, when raw): a row stored at
+    # another goes to the upcasters (the slow path, eventcore.evolution).
+    cdef int type_version, reads = -1
     cdef list out = []
     cdef dict cache = {}
     cdef PyObject* found
-    cdef object sid = None, type_name = None, decode = None, data, metadata, md, at = None
+    cdef tuple entry
+    cdef object sid = None, type_name = None, delivered = None, decode = None, data, metadata, md, at = None
+    cdef object fast = None, key
     if end < COPY_HEADER_SIZE or memcmp(buf, PyBytes_AS_STRING(COPY_SIGNATURE), PyBytes_GET_SIZE(COPY_SIGNATURE)) != 0:
         raise SerializationError(_copy_header_problem(buffer))
     extension = _get_i32(buf + COPY_HEADER_SIZE - 4)
@@ -412,7 +429,7 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
                 break
             type_at = o
             type_len = size
-            decode = None  # looked up once the whole row is known to be well framed
+            fast = None  # looked up once the whole row is known to be well framed
         o += size
         if end - o < 4:
             break
@@ -439,11 +456,35 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
         o += 12
         if recorded < RECORDED_AT_MIN_US - PG_EPOCH_OFFSET_US or recorded > RECORDED_AT_MAX_US - PG_EPOCH_OFFSET_US:
             break
-        if decode is None:
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        if size == NULL_LENGTH:  # the store's reads send version 1 as NULL
+            type_version = 1
+            o += 4
+        elif size != TYPE_VERSION_BYTES or end - o < 6:
+            break
+        else:
+            type_version = <int16_t>((buf[o + 4] << 8) | buf[o + 5])
+            o += 6
+        if fast is None:
             found = PyDict_GetItem(cache, type_name)
             if found is NULL:
-                decode = _decoder_for(type_name, position, sid).decode
-                cache[type_name] = decode
+                entry = _decoding(type_name, raw, position, sid)
+                cache[type_name] = entry
+            else:
+                entry = <tuple>found
+            fast = entry[0]
+            delivered = entry[1]
+            reads = entry[2]
+        if type_version == reads or reads < 0:
+            decode = fast
+        else:  # stored at another version than its class's
+            key = (type_name, type_version)
+            found = PyDict_GetItem(cache, key)
+            if found is NULL:
+                decode = _upcasting(type_name, type_version, position, sid)
+                cache[key] = decode
             else:
                 decode = <object>found
         try:
@@ -455,10 +496,13 @@ cdef list _decode_copy(object buffer, const unsigned char* buf, Py_ssize_t end):
                 f"(stream {sid!r}, version {version}): "
                 f"{_row_decode_error_text(exc, decode.__self__, data, metadata)}"
             ) from exc
+        except _UpcastError as exc:
+            raise exc.located(position, sid) from exc.__cause__
         if recorded != last_recorded or at is None:  # one per transaction: the events of a write share it
             at = _utc_datetime(recorded + PG_EPOCH_OFFSET_US)
             last_recorded = recorded
-        out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), type_name, payload, md, at))
+        out.append(RecordedEvent(sid, version, position, _uuid_of(buf + id_at), delivered, payload, md, at,
+                                 type_version if decode is fast else reads))
     raise SerializationError(_copy_row_problem(buffer, row))
 
 

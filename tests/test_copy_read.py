@@ -60,11 +60,12 @@ def _rows(events: list[tuple[str, ec.Event, ec.Metadata | None]], first: int = 1
     encoded = [_pure.encode_event(e) for _, e, _ in events]
     mds = [_pure.encode_metadata(m) for _, _, m in events]
     buf = bytearray(COPY_HEADER)
-    _pure.encode_copy_rows(buf, first, sids, versions, ids, [t for t, _ in encoded], [d for _, d in encoded], mds,
-                           at_us)
+    tvs = [type(e).__event_version__ for _, e, _ in events]
+    _pure.encode_copy_rows(buf, first, sids, versions, ids, [t for t, _ in encoded], tvs, [d for _, d in encoded],
+                           mds, at_us)
     buf += COPY_TRAILER
     rows = [(first + i, sids[i], versions[i], ids[i], encoded[i][0], encoded[i][1].decode(),
-             None if mds[i] is None else mds[i].decode(), at_us) for i in range(len(events))]
+             None if mds[i] is None else mds[i].decode(), at_us, tvs[i]) for i in range(len(events))]
     return bytes(buf), rows
 
 
@@ -175,7 +176,7 @@ def _corrupt_cases():
         "OIDs flag": (COPY_SIGNATURE + struct.pack(">Ii", 1 << 16, 0) + COPY_TRAILER, "does not know"),
         "header extension past the end": (COPY_SIGNATURE + struct.pack(">Ii", 0, 99) + COPY_TRAILER, "extension"),
         "bytes after the trailer": (buf + b"\x00", "after the COPY trailer"),
-        "wrong field count": (at(h, struct.pack(">h", 7)), "has 7 fields, expected 8"),
+        "wrong field count": (at(h, struct.pack(">h", 8)), "has 8 fields, expected 9"),
         "position of 4 bytes": (at(h + 2, struct.pack(">i", 4)), "corrupt position"),
         "NULL stream id": (at(sid_len_at, struct.pack(">i", -1)), "corrupt stream id"),
         "stream id longer than the data": (at(sid_len_at, struct.pack(">i", 10**6)), "truncated stream id"),
@@ -190,6 +191,9 @@ def _corrupt_cases():
         "payload not JSON": (at(data_len_at + 5, b"!"), "cannot decode event of type 'copyread.Noted' at position 7"),
         "payload not UTF-8": (at(data_len_at + 5 + len('{"text":"'), b"\xff"), "payload is not valid UTF-8"),
         "truncated inside the second row": (buf[:-12], "truncated"),
+        "type version of 4 bytes": (buf[:-8] + struct.pack(">i", 4) + buf[-4:], "corrupt type version at position 8"),
+        "type version of -2 bytes": (buf[:-8] + struct.pack(">i", -2) + buf[-4:], "corrupt type version at position 8"),
+        "no type version": (buf[:-8] + COPY_TRAILER, "truncated type version at position 8"),
         "trailer missing": (buf[:-2], "without its trailer"),
     }
 
@@ -206,7 +210,7 @@ def test_timestamps_outside_pythons_range_are_corrupt_in_both_twins():
                   RECORDED_AT_MIN_US - PG_EPOCH_OFFSET_US - 1):
         buf, _ = _rows([("s", Noted("t"), None)])
         b = bytearray(buf)
-        b[-10:-2] = struct.pack(">q", pg_us)  # recorded_at is the row's last field, before the trailer
+        b[-16:-8] = struct.pack(">q", pg_us)  # recorded_at comes before the type version (6 bytes) and the trailer
         kind, message = _same_in_both(bytes(b))
         assert kind == "SerializationError" and "corrupt recorded_at at position 1 (stream 's')" in message
 

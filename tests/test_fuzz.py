@@ -71,6 +71,7 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
 
     from eventcore._pure import codec as P_codec, copy as P_copy
     from eventcore.events import validate_raw_event
+    from eventcore.evolution import check_raw_event
     from eventcore.jsonl import BadLine, parse_line
 
     try:
@@ -160,11 +161,12 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             envelope=st.tuples(st.one_of(st.integers(1, 2**62), anything), st.one_of(st.text(max_size=5), anything),
                                st.one_of(st.integers(1, 2**62), anything),
                                st.one_of(st.binary(min_size=16, max_size=16), anything),
-                               st.one_of(st.integers(-(2**62), 2**62), anything)),
+                               st.one_of(st.integers(-(2**62), 2**62), anything),
+                               st.one_of(st.integers(-1, 3), anything)),
         )
         def run(type_name, data, metadata, envelope):
-            position, sid, version, event_id, at = envelope
-            row = (position, sid, version, event_id, type_name, data, metadata, at)
+            position, sid, version, event_id, at, type_version = envelope
+            row = (position, sid, version, event_id, type_name, data, metadata, at, type_version)
             same_everywhere("decode_rows", [row])
 
     elif target == "encode":
@@ -181,7 +183,7 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             if result[0] == "ok":  # what is accepted comes back as it was
                 name, data = result[1]
                 assert type(event).__event_type__ == name
-                back = P_codec.decode_rows([(1, "s", 1, b"0" * 16, name, data, None, 0)])[0].data
+                back = P_codec.decode_rows([(1, "s", 1, b"0" * 16, name, data, None, 0, 1)])[0].data
                 assert back == event, (event, back)
             same_everywhere("encode_metadata", metadata)
 
@@ -213,7 +215,7 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
             buf = bytearray(COPY_HEADER)
             for i, (sid, data, metadata, at) in enumerate(rows):
                 P_copy.encode_copy_rows(buf, i + 1, [sid], [i + 1], [bytes(range(i, i + 16))],
-                                        ["fuzz.Item" if i % 2 else "fuzz.Anything"], [data], [metadata], at)
+                                        ["fuzz.Item" if i % 2 else "fuzz.Anything"], [1], [data], [metadata], at)
             return bytes(buf + COPY_TRAILER)
 
         good = st.builds(stream, st.lists(st.tuples(
@@ -246,11 +248,12 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
         @given(sid=st.one_of(text, anything), version=st.one_of(st.integers(-(2**64), 2**64), anything),
                event_id=st.one_of(st.binary(min_size=15, max_size=17), anything), type_name=st.one_of(text, anything),
                data=st.one_of(payloads, anything), metadata=st.one_of(st.none(), payloads, anything),
-               position=st.integers(-(2**63), 2**63 - 1), at=st.integers(-(2**62), 2**62))
-        def run(sid, version, event_id, type_name, data, metadata, position, at):
+               position=st.integers(-(2**63), 2**63 - 1), at=st.integers(-(2**62), 2**62),
+               type_version=st.one_of(st.integers(-2, 2**16), anything))
+        def run(sid, version, event_id, type_name, data, metadata, position, at, type_version):
             def fresh():
                 return (bytearray(b"keep"), position, ["ok", sid], [1, version], [b"0" * 16, event_id],
-                        ["T", type_name], [b"{}", data], [None, metadata], at)
+                        ["T", type_name], [1, type_version], [b"{}", data], [None, metadata], at)
 
             (kind, _), args = same_everywhere("encode_copy_rows", copy_args=fresh,
                                               key=lambda result, args: (result, bytes(args[0])))
@@ -278,6 +281,7 @@ def _child(target: str) -> None:  # noqa: C901 - one function per target, kept t
                 raise AssertionError(f"parse_line raised {type(exc).__name__}: {exc} on {line!r}") from exc
             # what parse_line accepts is what the store accepts (and can store on every backend)
             assert validate_raw_event(raw) == (raw.type, raw.data)
+            assert check_raw_event(raw) == (raw.type, raw.data, raw.version)
             assert isinstance(sid, ec.StreamId) and (md is None or isinstance(md, ec.Metadata))
             raw.data.decode("utf-8")
             if md is not None:

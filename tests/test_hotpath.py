@@ -56,7 +56,7 @@ def test_pure_twins_satisfy_the_protocol_with_the_same_annotations():
 
 # What Cython's embedsignature writes for a typed argument, as the Python type it accepts.
 _C_TYPES = {"bytearray": "bytearray", "list": "list", "dict": "dict", "str": "str", "bytes": "bytes",
-            "int64_t": "int", "Py_ssize_t": "int"}
+            "int64_t": "int", "Py_ssize_t": "int", "bool": "bool"}
 
 
 @needs_extension
@@ -72,7 +72,9 @@ def test_compiled_extension_satisfies_the_protocol():
         assert m, first
         for arg, param in zip(m.group(1).split(", ") if m.group(1) else [], want.parameters.values()):
             *ctype, argname = arg.split()
+            argname, _, default = argname.partition("=")
             assert argname == param.name, (name, arg)
+            assert not default or default == repr(param.default), (name, arg)
             if ctype:
                 assert _C_TYPES[ctype[0]] == param.annotation.split("[")[0], (name, arg, param.annotation)
 

@@ -709,7 +709,8 @@ def test_tail_prints_recorded_event_fields_as_json_lines(durable_store, capsys):
     url = store_url(store)
     assert main(["tail", "--dsn", url]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-    assert FIELDS == ["stream_id", "version", "position", "event_id", "type", "data", "metadata", "recorded_at"]
+    assert FIELDS == ["stream_id", "version", "position", "event_id", "type", "data", "metadata", "recorded_at",
+                      "type_version"]
     assert all(list(obj) == FIELDS for obj in lines)
     events = list(store.read_all(types=[Counted, Noise]))
     assert [(o["stream_id"], o["version"], o["position"], o["event_id"], o["type"]) for o in lines[:2]] == [

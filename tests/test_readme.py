@@ -28,6 +28,22 @@ def test_bank_example_runs_twice(tmp_path):
     assert (tmp_path / "bank.db").exists()
 
 
+def test_readme_embeds_the_evolution_example_and_its_output(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    example = (ROOT / "examples" / "evolution.py").read_text().rstrip()
+    assert example in readme
+    for run in (1, 2):  # the second run reads what the first stored
+        proc = subprocess.run([sys.executable, str(ROOT / "examples" / "evolution.py")], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr
+        assert "```\n" + proc.stdout in readme, proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "eventcore", "types", "--dsn", "sqlite:///evolution.db",
+                           "--import", "evolution"], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(ROOT / "examples")})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout in readme, proc.stdout
+
+
 def test_readme_least_privilege_grants_match_the_code():
     import re
 

@@ -71,7 +71,8 @@ def test_encode_copy_rows_parity():
     out = {}
     for name, impl in IMPLS.items():
         buf = bytearray(b"prefix")
-        impl["encode_copy_rows"](buf, 12345 << 20, sids, versions, ids, types, payloads, md_bytes, 1_700_000_000_123_456)
+        impl["encode_copy_rows"](buf, 12345 << 20, sids, versions, ids, types, [1 + i % 3 for i in range(len(sids))],
+                                 payloads, md_bytes, 1_700_000_000_123_456)
         out[name] = bytes(buf)
     assert out["python"] == out["c"]
     assert out["c"].startswith(b"prefix")
@@ -80,11 +81,11 @@ def test_encode_copy_rows_parity():
 def test_encode_copy_rows_layout_is_postgres_binary_copy():
     buf = bytearray()
     eid = uuid.UUID("01890000-0000-7000-8000-000000000001").bytes
-    C.encode_copy_rows(buf, 7, ["s"], [3], [eid], ["T"], [b"{}"], [None], 946_684_800_000_001)
+    C.encode_copy_rows(buf, 7, ["s"], [3], [eid], ["T"], [300], [b"{}"], [None], 946_684_800_000_001)
     expected = (
-        struct.pack(">h", 8) + struct.pack(">iq", 8, 7) + struct.pack(">i", 1) + b"s" + struct.pack(">iq", 8, 3)
+        struct.pack(">h", 9) + struct.pack(">iq", 8, 7) + struct.pack(">i", 1) + b"s" + struct.pack(">iq", 8, 3)
         + struct.pack(">i", 16) + eid + struct.pack(">i", 1) + b"T" + struct.pack(">i", 3) + b"\x01{}"
-        + struct.pack(">i", -1) + struct.pack(">iq", 8, 1)
+        + struct.pack(">i", -1) + struct.pack(">iq", 8, 1) + struct.pack(">ih", 2, 300)
     )
     assert bytes(buf) == expected
 
@@ -114,7 +115,8 @@ def test_encode_copy_events_equals_encode_copy_rows_of_the_same_rows():
         again = bytearray()
         impl["encode_copy_rows"](
             again, 1, sids, P_versions.assign_versions(sids, {}), ids, [e.__event_type__ for e in events],
-            [P_codec.encode_event(e)[1] for e in events], [P_codec.encode_metadata(m) for m in mds], 5,
+            [e.__event_version__ for e in events], [P_codec.encode_event(e)[1] for e in events],
+            [P_codec.encode_metadata(m) for m in mds], 5,
         )
         assert bytes(buf) == bytes(again)
 
@@ -124,7 +126,7 @@ def test_decode_rows_and_codec_parity():
     ids = P_ids.new_event_ids(len(sids))
     rows = [
         (i + 1, sids[i], i + 1, ids[i], events[i].__event_type__, P_codec.encode_event(events[i])[1],
-         P_codec.encode_metadata(mds[i]), 1_700_000_000_000_000 + i)
+         P_codec.encode_metadata(mds[i]), 1_700_000_000_000_000 + i, events[i].__event_version__)
         for i in range(len(sids))
     ]
     py, c = PY["decode_rows"](rows), IMPLS["c"]["decode_rows"](rows)
@@ -171,18 +173,23 @@ BAD_ROWS = [
     ("payload not bytes", dict(payloads=["{}"])),
     ("metadata not bytes", dict(metadatas=[{}])),
     ("ragged", dict(types=["T", "T"])),
+    ("type version 0", dict(type_versions=[0])),
+    ("type version too big", dict(type_versions=[32768])),
+    ("type version not int", dict(type_versions=[True])),
+    ("type versions ragged", dict(type_versions=[1, 1])),
 ]
 
 
 @pytest.mark.parametrize("impl", list(IMPLS))
 @pytest.mark.parametrize("label, override", BAD_ROWS, ids=[b[0] for b in BAD_ROWS])
 def test_encode_copy_rows_rejects_bad_input(impl, label, override):
-    cols = dict(stream_ids=["s"], versions=[1], event_ids=[b"0" * 16], types=["T"], payloads=[b"{}"], metadatas=[None])
+    cols = dict(stream_ids=["s"], versions=[1], event_ids=[b"0" * 16], types=["T"], type_versions=[1],
+                payloads=[b"{}"], metadatas=[None])
     cols.update(override)
     buf = bytearray(b"keep")
     with pytest.raises(ec.SerializationError):
         IMPLS[impl]["encode_copy_rows"](buf, 1, cols["stream_ids"], cols["versions"], cols["event_ids"],
-                                        cols["types"], cols["payloads"], cols["metadatas"], 0)
+                                        cols["types"], cols["type_versions"], cols["payloads"], cols["metadatas"], 0)
     assert buf == bytearray(b"keep")
 
 
@@ -207,17 +214,20 @@ def test_encode_copy_events_rejects_bad_input_and_leaves_state(impl):
 @pytest.mark.parametrize("impl", list(IMPLS))
 def test_decode_rows_rejects_corrupt_rows(impl):
     f = IMPLS[impl]["decode_rows"]
-    good = (1, "s", 1, b"0" * 16, "speedups.Item", b'{"n":1,"text":"a"}', None, 0)
+    good = (1, "s", 1, b"0" * 16, "speedups.Item", b'{"n":1,"text":"a"}', None, 0, 1)
     assert f([good])[0].data == Item(1, "a")
     corrupt = [
-        good[:7],
+        good[:8],
+        good[:8] + (None,),                                  # no type version
+        good[:8] + (0,),                                     # a type version below 1
+        good[:8] + (2,),                                     # newer than the class
         good[:5] + (b'{"n":"x","text":"a"}',) + good[6:],   # wrong type for the event class
         good[:5] + (b'{"n":1,"text":"\xff"}',) + good[6:],  # invalid UTF-8
         good[:5] + (b'{"n":1,',) + good[6:],                # truncated
         good[:5] + (None,) + good[6:],
         good[:3] + (b"short",) + good[4:],
         good[:6] + (b"[1,2]",) + good[7:],                   # metadata of the wrong shape
-        good[:7] + (10**30,),                                # recorded_at out of range
+        good[:7] + (10**30, 1),                              # recorded_at out of range
         good[:4] + (None,) + good[5:],
     ]
     for row in corrupt:
@@ -235,7 +245,7 @@ def test_decode_rows_rejects_corrupt_rows(impl):
     (b'{"n":1,"text":"a"}', b'{"custom":{"k\xc3":1}}', "metadata is not valid UTF-8 (byte 13: b'\\xc3')"),
 ])
 def test_decode_rows_names_the_first_byte_that_is_not_utf8_identically(data, metadata, problem):
-    row = (7, "s", 2, b"0" * 16, "speedups.Item", data, metadata, 0)
+    row = (7, "s", 2, b"0" * 16, "speedups.Item", data, metadata, 0, 1)
     messages = []
     for impl in IMPLS.values():
         with pytest.raises(ec.SerializationError) as info:
@@ -267,9 +277,10 @@ def _outcome(f, *args):
     sid=st.one_of(st.text(max_size=30), anything), version=anything, eid=st.one_of(st.binary(min_size=14, max_size=18), anything),
     typ=st.one_of(st.text(max_size=10), anything), data=st.one_of(st.binary(max_size=64), anything),
     md=st.one_of(st.none(), st.binary(max_size=16), anything), position=st.integers(min_value=-(2**63), max_value=2**63 - 2),
+    tv=st.one_of(st.integers(min_value=-2, max_value=40000), anything),
 )
-def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position):
-    args = (position, [sid], [version], [eid], [typ], [data], [md], 0)
+def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position, tv):
+    args = (position, [sid], [version], [eid], [typ], [tv], [data], [md], 0)
     py = _outcome(PY["encode_copy_rows"], *args)
     c = _outcome(IMPLS["c"]["encode_copy_rows"], *args)
     assert py == c
@@ -282,9 +293,10 @@ def test_fuzz_encode_copy_rows(sid, version, eid, typ, data, md, position):
     data=st.one_of(st.binary(max_size=80), st.sampled_from([b'{"n":1,"text":"a"}', b'{"value":[1,{}]}']), anything),
     md=st.one_of(st.none(), st.binary(max_size=30), st.just(b'{"user_id":"u"}'), anything),
     at=st.one_of(st.integers(min_value=-(2**64), max_value=2**64), anything),
+    tv=st.one_of(st.integers(min_value=-1, max_value=3), anything),
 )
-def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at):
-    row = (position, sid, version, eid, type_name, data, md, at)
+def test_fuzz_decode_rows(position, sid, version, eid, type_name, data, md, at, tv):
+    row = (position, sid, version, eid, type_name, data, md, at, tv)
     outcomes = []
     for impl in IMPLS.values():
         try:
@@ -331,7 +343,7 @@ def test_fuzz_check_expected_versions(expected, current):
 def test_non_int_versions_and_heads_at_the_limit_are_rejected(impl):
     rows = IMPLS[impl]["encode_copy_rows"]
     with pytest.raises(ec.SerializationError):
-        rows(bytearray(), 1, ["s"], [2.7], [b"0" * 16], ["T"], [b"{}"], [None], 0)
+        rows(bytearray(), 1, ["s"], [2.7], [b"0" * 16], ["T"], [1], [b"{}"], [None], 0)
     events = IMPLS[impl]["encode_copy_events"]
     for head in (1.9, "3", 2**63 - 1, 2**64):
         buf, heads = bytearray(), {"s": head}

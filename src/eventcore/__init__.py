@@ -16,6 +16,8 @@ from .errors import (
     ConcurrencyError,
     DuplicateCommandError,
     EventCoreError,
+    EventDefinitionError,
+    EventVersionError,
     NotAnEventStoreError,
     SchemaVersionError,
     SerializationError,
@@ -24,9 +26,11 @@ from .errors import (
     StoreUnavailableError,
     UndeclaredStreamError,
     UnknownEventTypeError,
+    UpcastError,
     ValidationError,
 )
-from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit
+from .events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent, emit, upcaster
+from .evolution import check_chains
 from .executor import ExecutionResult, RetryPolicy, StateCache, execute
 from .metrics import CommandInfo, MetricsCollector, OperationInfo, RetryInfo
 from .expected import ANY, NO_STREAM, STREAM_EXISTS, ExpectedVersion
@@ -62,6 +66,8 @@ __all__ = [
     "DeadLetter",
     "Event",
     "EventCoreError",
+    "EventDefinitionError",
+    "EventVersionError",
     "NotAnEventStoreError",
     "EventStore",
     "EventToWrite",
@@ -94,8 +100,10 @@ __all__ = [
     "StreamId",
     "UndeclaredStreamError",
     "UnknownEventTypeError",
+    "UpcastError",
     "ValidationError",
     "__impl__",
+    "check_chains",
     "connect",
     "dead_letters",
     "emit",
@@ -103,4 +111,5 @@ __all__ = [
     "projection_status",
     "require",
     "run_projection",
+    "upcaster",
 ]

@@ -32,10 +32,11 @@ class HotPath(Protocol):
     def encode_metadata(self, metadata: Metadata | None) -> bytes | None:
         """JSON of the metadata, or None when there is nothing to store."""
 
-    def decode_rows(self, rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
-        """Stored rows (layout `formats.ROW_COLUMNS`) as RecordedEvents, in order; a corrupt row is an error."""
+    def decode_rows(self, rows: Iterable[tuple[Any, ...]], raw: bool = False) -> list[RecordedEvent]:
+        """Stored rows (layout `formats.ROW_COLUMNS`) as RecordedEvents, in order; a corrupt row is an error.
+        Old type versions go through the upcasters (eventcore.evolution); `raw`: payloads as stored dicts."""
 
-    def decode_copy(self, buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
+    def decode_copy(self, buffer: bytes | bytearray | memoryview, raw: bool = False) -> list[RecordedEvent]:
         """A whole binary COPY stream of the events table's columns as RecordedEvents, in order; a
         corrupt or truncated stream is an error."""
 
@@ -60,6 +61,7 @@ class HotPath(Protocol):
         versions: list[int],
         event_ids: list[bytes],
         types: list[str],
+        type_versions: list[int],
         payloads: list[bytes],
         metadatas: list[bytes | None],
         recorded_at_us: int,

@@ -94,6 +94,85 @@ class UnknownEventTypeError(SerializationError):
         return (type(self), (self.type_name, self.position, self.stream_id))
 
 
+def _where(position: int | None, stream_id: str | None) -> str:
+    where = "" if position is None else f" at position {position}"
+    if stream_id is not None:
+        where += f" (stream {stream_id!r})"
+    return where
+
+
+class EventDefinitionError(EventCoreError, TypeError):
+    """An event class or upcaster contradicts what is registered: a stored type name or alias claimed
+    by two classes, two upcasters for one step of a chain, an upcaster from a version the class has
+    reached, a bad `__event_version__` or `__event_aliases__`. Raised when the class or upcaster is
+    defined (a TypeError too, as Python raises for a bad class definition)."""
+
+
+class EventVersionError(SerializationError):
+    """A stored event's type version cannot be brought to its class's version: the stored version is
+    newer than the class (this code is older than the data: deploy the newer class), or a step of
+    the upcaster chain from the stored version to the class's is missing. Nothing is skipped.
+
+    `type_name` and `version` are as stored, `class_version` the class's `__event_version__`,
+    `missing` the first version with no upcaster to the next (None when the stored one is newer)."""
+
+    def __init__(self, type_name: str, version: int, class_version: int, missing: int | None = None,
+                 position: int | None = None, stream_id: str | None = None, class_name: str | None = None):
+        self.type_name = type_name
+        self.version = version
+        self.class_version = class_version
+        self.missing = missing
+        self.position = position
+        self.stream_id = stream_id
+        self.class_name = class_name
+        cls = f" ({class_name})" if class_name else ""
+        if missing is None:
+            text = (f"event type {type_name!r} version {version}{_where(position, stream_id)} is newer than its "
+                    f"class{cls}, which is at version {class_version}: this code is older than the data; deploy "
+                    f"the class that writes version {version}")
+        else:
+            text = (f"event type {type_name!r}{cls} is at version {class_version} but no upcaster takes version "
+                    f"{missing} to {missing + 1}, so the stored version {version}{_where(position, stream_id)} "
+                    f"cannot be read: define @ec.upcaster({type_name!r}, from_version={missing})")
+        super().__init__(text)
+
+    def located(self, position: int, stream_id: str) -> "EventVersionError":
+        return EventVersionError(self.type_name, self.version, self.class_version, self.missing, position,
+                                 stream_id, self.class_name)
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.version, self.class_version, self.missing, self.position,
+                             self.stream_id, self.class_name))
+
+
+class UpcastError(SerializationError):
+    """An upcaster raised, or returned something its class cannot decode, while a stored event was
+    brought from its stored version to its class's. `type_name` and `version` are as stored,
+    `step` the version the failing upcaster takes to the next (None: the chain's result did not
+    decode as the class), `position` and `stream_id` the event."""
+
+    def __init__(self, type_name: str, version: int, step: int | None, reason: str,
+                 position: int | None = None, stream_id: str | None = None):
+        self.type_name = type_name
+        self.version = version
+        self.step = step
+        self.reason = reason
+        self.position = position
+        self.stream_id = stream_id
+        if step is None:
+            what = "the upcasters' result does not decode as its class"
+        else:
+            what = f"the upcaster from version {step} to {step + 1} failed"
+        super().__init__(f"cannot upcast event type {type_name!r} version {version}{_where(position, stream_id)}: "
+                         f"{what}: {reason}")
+
+    def located(self, position: int, stream_id: str) -> "UpcastError":
+        return UpcastError(self.type_name, self.version, self.step, self.reason, position, stream_id)
+
+    def __reduce__(self):
+        return (type(self), (self.type_name, self.version, self.step, self.reason, self.position, self.stream_id))
+
+
 class StoreUnavailableError(EventCoreError):
     """The store could not be reached or failed mid-operation.
 

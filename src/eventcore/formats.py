@@ -20,8 +20,11 @@ COPY_HEADER = COPY_SIGNATURE + struct.pack(">ii", 0, 0)
 COPY_CRITICAL_FLAGS = 0xFFFF_0000
 #: The field count -1 that ends a binary COPY stream.
 COPY_TRAILER = struct.pack(">h", -1)
-#: Fields per COPY row: position, stream_id, version, event_id, type, data, metadata, recorded_at.
-COPY_FIELDS = 8
+#: Fields per COPY row: position, stream_id, version, event_id, type, data, metadata, recorded_at,
+#: type_version (an int2: the event type's version the payload is in).
+COPY_FIELDS = 9
+#: The bytes of the int2 type version field; a reader takes NULL for 1 (what the store's reads send).
+TYPE_VERSION_BYTES = 2
 #: The field length that stands for NULL.
 NULL_LENGTH = -1
 #: A COPY field's length is an int32, so no field (jsonb version byte included) may reach 2 GiB.
@@ -43,7 +46,8 @@ INT64_MAX = 2**63 - 1
 # -- stored rows -----------------------------------------------------------------------------------
 
 #: The row layout every store hands to `decode_rows` (the COPY fields in the same order).
-ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us")
+ROW_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata", "recorded_at_us",
+               "type_version")
 
 # -- event ids: UUIDv7 (RFC 9562) ------------------------------------------------------------------
 
@@ -65,7 +69,8 @@ UUID_COUNTER_MAX = 0xFFF
 _I16 = struct.Struct(">h")
 _I32 = struct.Struct(">i")
 _I64 = struct.Struct(">q")
-_FIELDS = ("position", "stream id", "version", "event id", "type name", "data", "metadata", "recorded_at")
+_FIELDS = ("position", "stream id", "version", "event id", "type name", "data", "metadata", "recorded_at",
+           "type version")
 
 
 def copy_header_problem(buffer) -> str | None:
@@ -109,7 +114,7 @@ def copy_row_problem(buffer, offset: int) -> str:
             return f"truncated {name} {where}: the data ends at byte {end}"
         size = _I32.unpack_from(buf, o)[0]
         o += 4
-        if size == NULL_LENGTH and name == "metadata":
+        if size == NULL_LENGTH and name in ("metadata", "type version"):
             values.append(None)
             continue
         if size < 0:
@@ -120,6 +125,8 @@ def copy_row_problem(buffer, offset: int) -> str:
         o += size
         if name in ("position", "version", "recorded_at") and size != 8:
             return f"corrupt {name} {where}: {size} bytes, expected 8"
+        if name == "type version" and size != TYPE_VERSION_BYTES:
+            return f"corrupt {name} {where}: {size} bytes, expected {TYPE_VERSION_BYTES}"
         if name == "event id" and size != 16:
             return f"corrupt {name} {where}: {size} bytes, expected 16"
         if name in ("stream id", "type name"):

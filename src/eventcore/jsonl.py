@@ -1,9 +1,11 @@
 """JSON Lines ingestion (`eventcore ingest FILE`): one event per line, streamed into a store.
 
-Each line is `{"stream": ..., "type": ..., "data": {...}, "metadata": {...}}`
-(metadata optional; its keys are those of `ec.Metadata`). The payload is kept
-as the exact JSON text of the line (msgspec.Raw): it is validated, never
-re-encoded. Files ending in .gz (or starting with gzip's magic bytes) are
+Each line is `{"stream": ..., "type": ..., "data": {...}, "metadata": {...}, "version": 1}`
+(metadata optional, its keys those of `ec.Metadata`; version optional: the event type's version
+`data` is in, by default the current version of the type's class, or 1 for a type this process
+has no class for). The payload is kept as the exact JSON text of the line (msgspec.Raw): it is
+validated, never re-encoded. A line of a type this process knows must decode as its class (through
+the upcasters from the version it declares), or it is refused with its line number. Files ending in .gz (or starting with gzip's magic bytes) are
 decompressed on the fly; memory stays bounded by one batch.
 """
 from __future__ import annotations
@@ -18,6 +20,7 @@ import msgspec
 
 from .errors import ValidationError
 from .events import Metadata, RawEvent, ValidatedItem, raw_data_problem, validate_type_name
+from .evolution import raw_event_version
 from .payloads import has_nul_escape
 from .streams import stream_id as _stream_id
 from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
@@ -38,6 +41,7 @@ class JsonLine(msgspec.Struct, forbid_unknown_fields=True):
     type: str
     data: msgspec.Raw
     metadata: LineMetadata | None = None
+    version: int | None = None
 
 
 _decoder = msgspec.json.Decoder(JsonLine)
@@ -113,12 +117,16 @@ def parse_line(number: int, raw: bytes, valid: dict | None = None) -> tuple:
         except ValidationError as exc:
             raise BadLine(number, str(exc), raw) from None
         _remember(valid, ("t", line.type), True)
+    try:
+        version = raw_event_version(line.type, data, line.version, "line")
+    except ValidationError as exc:
+        raise BadLine(number, str(exc), raw) from None
     md = line.metadata
     if md is not None:
         if raw.find(b"\\u0000") >= 0 and has_nul_escape(raw):  # not in data, stream or type: checked above
             raise BadLine(number, "`metadata` holds a NUL character (\\u0000), which PostgreSQL cannot store", raw)
         md = Metadata(md.correlation_id, md.causation_id, md.user_id, md.custom)
-    return ValidatedItem((sid, RawEvent(line.type, data), md))
+    return ValidatedItem((sid, RawEvent(line.type, data, version), md))
 
 
 def _remember(valid: dict | None, key: tuple, value) -> None:

@@ -12,8 +12,9 @@ from typing import Any, Iterable
 
 import msgspec
 
-from ..errors import SerializationError, UnknownEventTypeError
-from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata, event_class
+from ..errors import SerializationError, UpcastError
+from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata
+from ..evolution import decoding, upcasting
 from ..formats import ROW_COLUMNS
 from ..payloads import (
     DECODE_ERRORS,
@@ -29,7 +30,6 @@ from ..utf8 import row_decode_error_text
 
 _encoder = msgspec.json.Encoder(enc_hook=enc_hook)
 _metadata_decoder = msgspec.json.Decoder(Metadata)
-_decoders: dict[type, msgspec.json.Decoder] = {}
 _ROW_WIDTH = len(ROW_COLUMNS)
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _UUID = uuid.UUID
@@ -75,16 +75,6 @@ def encode_metadata(metadata: Metadata | None) -> bytes | None:
     return data
 
 
-def _decoder_for(type_name: str, position, stream_id) -> msgspec.json.Decoder:
-    cls = event_class(type_name)
-    if cls is None:
-        raise UnknownEventTypeError(type_name, position, stream_id)
-    dec = _decoders.get(cls)
-    if dec is None:
-        dec = _decoders[cls] = msgspec.json.Decoder(cls)
-    return dec
-
-
 def _uuid_from_bytes(raw) -> uuid.UUID:
     u = _new_uuid(_UUID)
     _set(u, "int", int.from_bytes(raw, "big"))
@@ -92,12 +82,15 @@ def _uuid_from_bytes(raw) -> uuid.UUID:
     return u
 
 
-def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
+def decode_rows(rows: Iterable[tuple[Any, ...]], raw: bool = False) -> list[RecordedEvent]:
     """Decode stored rows (layout `formats.ROW_COLUMNS`) into `RecordedEvent`s, in the given order.
 
-    A corrupt row (wrong shape, undecodable payload, bad id or timestamp) raises
-    SerializationError naming its position; an unregistered type raises
-    UnknownEventTypeError. Nothing is ever skipped.
+    Each payload is decoded as its registered class, through the upcasters when it was stored at an
+    older type version (see eventcore.evolution); `raw`: as the stored JSON object (a dict), under
+    the stored type name and version, whatever the type. A corrupt row (wrong shape, undecodable
+    payload, bad id or timestamp) raises SerializationError naming its position; an unregistered
+    type (unless raw) UnknownEventTypeError, a version that cannot be upcast EventVersionError, an
+    upcaster that fails UpcastError. Nothing is ever skipped.
     """
     out = []
     append = out.append
@@ -105,25 +98,37 @@ def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
     for row in rows:
         if len(row) != _ROW_WIDTH:
             raise SerializationError(f"a stored row has {len(row)} columns, expected {_ROW_WIDTH}")
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         if type(type_name) is not str:
             raise SerializationError(f"corrupt type name at position {position!r} (stream {sid!r}): {type_name!r:.60}")
-        if type(position) is not int or type(version) is not int or not isinstance(sid, str):
+        if type(position) is not int or type(version) is not int or not isinstance(sid, str) or (
+                type(type_version) is not int):
             raise SerializationError(
                 f"corrupt envelope at position {position!r} (stream {sid!r}, version {version!r}): "
-                "position and version must be ints, the stream id a str"
+                "position, version and type version must be ints, the stream id a str"
             )
-        dec = cache.get(type_name)
-        if dec is None:
-            dec = cache[type_name] = _decoder_for(type_name, position, sid)
+        entry = cache.get(type_name)
+        if entry is None:
+            entry = cache[type_name] = decoding(type_name, raw, position, sid)
+        decode, delivered, reads = entry
+        if type_version == reads or reads < 0:
+            delivered_version = type_version
+        else:  # stored at another version than its class's: the upcaster chain (the slow path)
+            key = (type_name, type_version)
+            decode = cache.get(key)
+            if decode is None:
+                decode = cache[key] = upcasting(type_name, type_version, position, sid)
+            delivered_version = reads
         try:
-            payload = dec.decode(data)
+            payload = decode(data)
             md = EMPTY_METADATA if metadata is None else _metadata_decoder.decode(metadata)
         except DECODE_ERRORS as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, dec, data, metadata)}"
+                f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, decode.__self__, data, metadata)}"
             ) from exc
+        except UpcastError as exc:
+            raise exc.located(position, sid) from exc.__cause__
         except TypeError as exc:
             raise SerializationError(f"corrupt payload at position {position} (stream {sid!r}, version {version}): {exc}") from exc
         if not isinstance(event_id, (bytes, bytearray, memoryview)) or len(event_id) != 16:
@@ -132,5 +137,6 @@ def decode_rows(rows: Iterable[tuple[Any, ...]]) -> list[RecordedEvent]:
             at = _EPOCH + _dt.timedelta(microseconds=recorded_us)
         except (OverflowError, TypeError, ValueError):
             raise SerializationError(f"corrupt recorded_at at position {position} (stream {sid!r}, version {version}): {recorded_us!r}") from None
-        append(RecordedEvent(sid, version, position, _uuid_from_bytes(event_id), type_name, payload, md, at))
+        append(RecordedEvent(sid, version, position, _uuid_from_bytes(event_id), delivered, payload, md, at,
+                             delivered_version))
     return out

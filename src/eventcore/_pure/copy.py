@@ -3,7 +3,8 @@
 
 Rows follow the column list of pg_sql.COPY_EVENTS: position int8,
 stream_id text, version int8, event_id uuid, type text, data jsonb, metadata
-jsonb (NULL when empty), recorded_at timestamptz. jsonb's binary form is a
+jsonb (NULL when empty), recorded_at timestamptz, type_version int2 (the writers always send it;
+the readers also take NULL for 1, which is how the store's reads send version 1). jsonb's binary form is a
 version byte (1) followed by the JSON text, which is exactly what msgspec
 produces, so payloads are framed, never re-encoded. The stream's header and
 trailer, and every limit, are in `eventcore.formats`.
@@ -19,8 +20,9 @@ import struct
 import uuid
 from typing import Any
 
-from ..errors import SerializationError
-from ..events import EMPTY_METADATA, Event, Metadata, RecordedEvent, check_metadata
+from ..errors import SerializationError, UpcastError
+from ..events import EMPTY_METADATA, MAX_EVENT_VERSION, Event, Metadata, RecordedEvent, check_metadata
+from ..evolution import decoding, upcasting
 from ..formats import (
     COPY_CRITICAL_FLAGS,
     COPY_FIELDS,
@@ -32,18 +34,20 @@ from ..formats import (
     MAX_FIELD_BYTES,
     NULL_LENGTH,
     PG_EPOCH_OFFSET_US,
+    TYPE_VERSION_BYTES,
     copy_header_problem,
     copy_row_problem,
 )
 from ..payloads import DECODE_ERRORS, ENCODE_ERRORS, MAX_PAYLOAD_BYTES, check_encoded, encode_error_text, float_capable
 from ..utf8 import row_decode_error_text
 from . import ids as _ids
-from .codec import _EPOCH, _UUID, _decoder_for, _encoder, _metadata_decoder, _new_uuid, _set
+from .codec import _EPOCH, _UUID, _encoder, _metadata_decoder, _new_uuid, _set
 
 _ROW_START = struct.Struct(">hiq")  # field count; position: length 8, int8
 _INT8 = struct.Struct(">iq")
 _LEN = struct.Struct(">i")
 _UUID_FIELD = _LEN.pack(16)
+_INT2 = struct.Struct(">ih")  # length 2, int2: the type version
 _NULL = _LEN.pack(NULL_LENGTH)
 _JSONB_VERSION = bytes((JSONB_VERSION,))
 _COPY_TRAILER = _LEN.pack(NULL_LENGTH)[:2]  # int16 -1
@@ -71,18 +75,20 @@ def encode_copy_rows(
     versions: list[int],
     event_ids: list[bytes],
     types: list[str],
+    type_versions: list[int],
     payloads: list[bytes],
     metadatas: list[bytes | None],
     recorded_at_us: int,
 ) -> None:
     """Append one COPY BINARY row per event to `buf` (no header or trailer).
 
-    `event_ids` are 16-byte UUIDs, `payloads` and `metadatas` msgspec JSON bytes
-    (metadata may be None), `recorded_at_us` microseconds since the Unix epoch.
-    On error `buf` is left as it was.
+    `event_ids` are 16-byte UUIDs, `type_versions` each event type's version (1..32767),
+    `payloads` and `metadatas` msgspec JSON bytes (metadata may be None), `recorded_at_us`
+    microseconds since the Unix epoch. On error `buf` is left as it was.
     """
     n = len(stream_ids)
-    if not (len(versions) == len(event_ids) == len(types) == len(payloads) == len(metadatas) == n):
+    if not (len(versions) == len(event_ids) == len(types) == len(type_versions) == len(payloads)
+            == len(metadatas) == n):
         raise SerializationError("encode_copy_rows: column lists differ in length")
     if first_position > INT64_MAX - n:
         raise SerializationError("position overflows int64")
@@ -91,10 +97,14 @@ def encode_copy_rows(
     row_start = _ROW_START.pack
     int8 = _INT8.pack
     length = _LEN.pack
+    int2 = _INT2.pack
     for i in range(n):
         sid = _utf8(stream_ids[i], "stream id", i)
         typ = _utf8(types[i], "type", i)
         version = _int64(versions[i], "version", i)
+        tv = type_versions[i]
+        if type(tv) is not int or not 1 <= tv <= MAX_EVENT_VERSION:
+            raise SerializationError(f"type version {i} must be an int in 1..{MAX_EVENT_VERSION}, got {tv!r}")
         eid = event_ids[i]
         if type(eid) is not bytes or len(eid) != 16:
             raise SerializationError(f"event id {i} must be 16 bytes")
@@ -126,6 +136,7 @@ def encode_copy_rows(
             out += _JSONB_VERSION
             out += md
         out += ts
+        out += int2(2, tv)
     buf += out
 
 
@@ -151,7 +162,7 @@ def encode_copy_events(
         raise SerializationError("position overflows int64")
     event_ids = _ids.new_event_ids(n)
     new_heads: dict = {}
-    types, payloads, mds, versions = [], [], [], []
+    types, type_versions, payloads, mds, versions = [], [], [], [], []
     encode = _encoder.encode
     float_classes: dict = {}  # class -> float_capable(class), looked up once per call
     md_checked = None  # the Metadata last checked: an ingest often gives one to every event
@@ -199,7 +210,9 @@ def encode_copy_events(
                 check_encoded(md, data, f"metadata {i}", True)
             mds.append(data)
         types.append(name)
-    encode_copy_rows(buf, first_position, stream_ids, versions, event_ids, types, payloads, mds, recorded_at_us)
+        type_versions.append(type(ev).__event_version__)
+    encode_copy_rows(buf, first_position, stream_ids, versions, event_ids, types, type_versions, payloads, mds,
+                     recorded_at_us)
     heads.update(new_heads)
     return event_ids
 
@@ -216,15 +229,16 @@ _timedelta = _dt.timedelta
 _SAFE_UNKNOWN = uuid.SafeUUID.unknown
 
 
-def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
+def decode_copy(buffer: bytes | bytearray | memoryview, raw: bool = False) -> list[RecordedEvent]:
     """Decode a whole binary COPY stream (header, rows, trailer) of the events table's columns
-    (position, stream_id, version, event_id, type, data, metadata, recorded_at: the layout
-    `encode_copy_rows` writes) into `RecordedEvent`s, in order.
+    (position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version: the
+    layout `encode_copy_rows` writes) into `RecordedEvent`s, in order.
 
     Every length is checked: a truncated or corrupt stream, a field of the wrong size, text that
     is not UTF-8 or a jsonb of another version raises SerializationError naming the row (its
     position and stream once they are read); an undecodable payload raises it as `decode_rows`
-    does, an unregistered type UnknownEventTypeError. Nothing is ever skipped.
+    does, an unregistered type UnknownEventTypeError, and old type versions go through the
+    upcasters as there (`raw`: every payload as its stored JSON object). Nothing is ever skipped.
     """
     buf = buffer if type(buffer) is bytes else bytes(buffer)
     end = len(buf)
@@ -241,6 +255,7 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
     mid = _ROW_MID.unpack_from
     length = _I32.unpack_from
     stamp = _TIMESTAMP.unpack_from
+    int2 = _INT2.unpack_from
     decode_md = _metadata_decoder.decode
     new_uuid, set_attr, from_bytes = _new_uuid, _set, int.from_bytes  # as codec._uuid_from_bytes, inlined
     last_recorded = at = None
@@ -287,26 +302,46 @@ def decode_copy(buffer: bytes | bytearray | memoryview) -> list[RecordedEvent]:
             o += 12
             if size != 8:
                 break
+            size = length(buf, o)[0]
+            if size == NULL_LENGTH:  # the store's reads send version 1 as NULL
+                type_version = 1
+                o += 4
+            else:
+                size, type_version = int2(buf, o)
+                o += 6
+                if size != TYPE_VERSION_BYTES:
+                    break
             if recorded != last_recorded:  # one per transaction: the events of a write share it
                 at = _EPOCH + _timedelta(microseconds=recorded + PG_EPOCH_OFFSET_US)
                 last_recorded = recorded
         except (struct.error, UnicodeDecodeError, OverflowError):
             break
-        dec = cache.get(type_name)
-        if dec is None:
-            dec = cache[type_name] = _decoder_for(type_name, position, sid)
+        entry = cache.get(type_name)
+        if entry is None:
+            entry = cache[type_name] = decoding(type_name, raw, position, sid)
+        decode, delivered, reads = entry
+        if type_version == reads or reads < 0:
+            delivered_version = type_version
+        else:  # stored at another version than its class's: the upcaster chain (the slow path)
+            key = (type_name, type_version)
+            decode = cache.get(key)
+            if decode is None:
+                decode = cache[key] = upcasting(type_name, type_version, position, sid)
+            delivered_version = reads
         try:
-            payload = dec.decode(data)
+            payload = decode(data)
             md = EMPTY_METADATA if metadata is None else decode_md(metadata)
         except DECODE_ERRORS as exc:
             raise SerializationError(
                 f"cannot decode event of type {type_name!r} at position {position} "
-                f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, dec, data, metadata)}"
+                f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, decode.__self__, data, metadata)}"
             ) from exc
+        except UpcastError as exc:
+            raise exc.located(position, sid) from exc.__cause__
         u = new_uuid(_UUID)
         set_attr(u, "int", from_bytes(event_id, "big"))
         set_attr(u, "is_safe", _SAFE_UNKNOWN)
-        append(RecordedEvent(sid, version, position, u, type_name, payload, md, at))
+        append(RecordedEvent(sid, version, position, u, delivered, payload, md, at, delivered_version))
     raise SerializationError(copy_row_problem(buf, row))
 
 

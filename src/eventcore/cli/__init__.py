@@ -4,8 +4,9 @@
                     [--concurrency N[,N...]] [--cache] [--no-group-commit] [--batch-size N]
                     [--path FILE] [--dsn URL] [--json]
     eventcore ingest FILE [--dsn URL] [--batch-size N] [--parallel N] [--skip-invalid] [--rejects FILE]
-                     [--resume-key KEY | --no-resume] [--json]                      (cli/ingest.py)
-    eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--dsn URL]  (cli/monitor.py)
+                     [--resume-key KEY | --no-resume] [--import MODULE] [--json]    (cli/ingest.py)
+    eventcore tail [--follow] [--type T] [--prefix P] [--from POSITION] [--import MODULE] [--dsn URL]
+    eventcore types [--import MODULE] [--json] [--dsn URL]                            (cli/monitor.py)
     eventcore projections [--json] [--dsn URL]                                       (cli/monitor.py)
     eventcore status [--json] [--dsn URL]                                            (cli/monitor.py)
     eventcore migrate [--dsn URL] [--schema NAME]
@@ -22,7 +23,7 @@ from .. import __version__, _impl
 from ..errors import EventCoreError
 from .common import dsn_of as _dsn, scheme_of as _scheme, stdout_to_devnull as _stdout_to_devnull
 from .ingest import _cmd_ingest, default_resume_key
-from .monitor import _cmd_projections, _cmd_status, _cmd_tail
+from .monitor import _cmd_projections, _cmd_status, _cmd_tail, _cmd_types
 
 __all__ = ["build_parser", "default_resume_key", "main"]
 
@@ -116,6 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "same key writes each line once")
     ingest.add_argument("--no-resume", action="store_true",
                         help="neither skip nor record progress: write every line again")
+    ingest.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                        help="import MODULE first (its event classes and upcasters): a line of a type it defines "
+                             "must decode as that class at the version it declares, or it is refused; repeatable")
     ingest.add_argument("--json", action="store_true", help="print the summary as one JSON object")
     ingest.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
 
@@ -134,12 +138,28 @@ def build_parser() -> argparse.ArgumentParser:
     tail.add_argument("--type", action="append", metavar="T",
                       help="only events of this type name (repeat or comma-separate for several)")
     tail.add_argument("--prefix", metavar="P", help="only events of streams whose id starts with P")
+    tail.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                      help="import MODULE first (its event classes and upcasters) and print the events of its types "
+                           "as the application reads them (current version, upcast); other types as stored")
     tail.add_argument("--from", dest="from_position", type=int, default=0, metavar="POSITION",
                       help="start at this global position, inclusive (default: the beginning); positions are "
                            "opaque cursors: pass one printed earlier, e.g. the last one seen + 1")
     tail.add_argument("--interval", type=float, default=None,
                       help="seconds between polls with --follow (default 0.2; on PostgreSQL a NOTIFY, sent "
                            "while a live projector listens, wakes it earlier)")
+
+    types = sub.add_parser(
+        "types",
+        help="list each stored event type with its versions, counts and whether this process knows it",
+        description=("List each event type name stored, with each type version and how many events hold it, "
+                     "and whether this process can read it: the class registered for it (after --import), and "
+                     "for older versions whether the upcaster chain is complete. Plan an upcaster before "
+                     "deploying a change to an event class."),
+    )
+    types.add_argument("--dsn", help="store URL (postgresql://..., sqlite:///file.db; default: $EVENTCORE_DSN)")
+    types.add_argument("--import", dest="imports", action="append", metavar="MODULE",
+                       help="import MODULE first (its event classes and upcasters); repeatable")
+    types.add_argument("--json", action="store_true", help="print one JSON array")
 
     projections = sub.add_parser(
         "projections",
@@ -247,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
         # psycopg's pool logs every failed connection attempt; the command reports the outcome in one line.
         logging.getLogger("psycopg").addHandler(logging.NullHandler())
     commands = {"bench": _cmd_bench, "migrate": _cmd_migrate, "ingest": _cmd_ingest, "tail": _cmd_tail,
-                "projections": _cmd_projections, "status": _cmd_status}
+                "types": _cmd_types, "projections": _cmd_projections, "status": _cmd_status}
     command = commands.get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command!r}")

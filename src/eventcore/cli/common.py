@@ -29,3 +29,17 @@ def stdout_to_devnull() -> None:
             os.close(devnull)
     except (OSError, ValueError, AttributeError):  # no file descriptor (stdout replaced, e.g. captured)
         sys.stdout = open(os.devnull, "w")
+
+
+def import_event_modules(args) -> None:
+    """Import the modules named by --import (each defining event classes and upcasters), so that the
+    command knows those types as the application does. An import that fails is an EventCoreError."""
+    import importlib
+
+    for name in getattr(args, "imports", None) or ():
+        if os.getcwd() not in sys.path and "" not in sys.path:
+            sys.path.insert(0, os.getcwd())  # as `python -m` finds a module of the current directory
+        try:
+            importlib.import_module(name)
+        except Exception as exc:  # noqa: BLE001 - whatever the module raised, said in one line
+            raise EventCoreError(f"--import {name}: {type(exc).__name__}: {exc}") from None

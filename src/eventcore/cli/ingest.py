@@ -7,7 +7,7 @@ import os
 import sys
 
 from ..errors import EventCoreError
-from .common import dsn_of as _dsn
+from .common import dsn_of as _dsn, import_event_modules
 
 
 #: Bytes of the first line hashed by the resume keys of eventcore before schema 3 (still recognised).
@@ -173,6 +173,7 @@ def _cmd_ingest(args) -> int:
     from ..stores.ingest import IngestError
 
     dsn = _dsn(args)
+    import_event_modules(args)
     rejects_path = args.rejects or f"{args.file}.rejects.jsonl"
     rejects = None
     if args.skip_invalid and args.rejects and _rejects_list(rejects_path) is False:

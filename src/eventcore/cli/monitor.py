@@ -1,5 +1,5 @@
-"""The read-only commands: `eventcore tail`, `projections` and `status`. They open the store with
-migrate=False: they create and change nothing."""
+"""The read-only commands: `eventcore tail`, `types`, `projections` and `status`. They open the store
+with migrate=False: they create and change nothing."""
 from __future__ import annotations
 
 import json
@@ -8,7 +8,66 @@ import sys
 
 from ..errors import EventCoreError
 from ..streams import forbidden_character
-from .common import dsn_of as _dsn, scheme_of as _scheme
+from .common import dsn_of as _dsn, import_event_modules, scheme_of as _scheme
+
+
+def _cmd_types(args) -> int:
+    """Each stored type name with its versions and counts, and whether this process can read it: the
+    class registered for the name (its own or an alias), its version, and for each older stored
+    version whether the upcaster chain to it is complete."""
+    from ..errors import EventVersionError
+    from ..events import known_type_names
+    from ..evolution import chain_for
+    from ..stores import connect
+
+    import_event_modules(args)
+    with connect(_dsn(args), migrate=False) as store:
+        counts = store.type_counts()
+    known = known_type_names()
+    by_type: dict = {}
+    for name, version, count in counts:
+        by_type.setdefault(name, []).append((version, count))
+    out = []
+    for name, versions in by_type.items():
+        cls = known.get(name)
+        entry = {"type": name, "events": sum(n for _, n in versions),
+                 "versions": [{"version": v, "events": n} for v, n in versions], "known": cls is not None}
+        if cls is not None:
+            entry["class"] = f"{cls.__module__}.{cls.__qualname__}"
+            entry["class_version"] = cls.__event_version__
+            if cls.__event_type__ != name:
+                entry["alias_of"] = cls.__event_type__
+            for v in entry["versions"]:
+                try:
+                    if v["version"] != cls.__event_version__:
+                        chain_for(cls, v["version"])
+                    v["readable"] = True
+                except EventVersionError as exc:
+                    v["readable"] = False
+                    v["problem"] = str(exc)
+        out.append(entry)
+    if args.json:
+        print(json.dumps(out))
+        return 0
+    if not out:
+        print("no events stored")
+        return 0
+    width = max(len(e["type"]) for e in out)
+    for e in out:
+        for i, v in enumerate(e["versions"]):
+            name = e["type"] if i == 0 else ""
+            if not e["known"]:
+                note = "unknown here (read it with decode=False)"
+            elif v.get("readable") is False:
+                note = "NOT READABLE: " + v["problem"]
+            else:
+                note = f"{e['class']} v{e['class_version']}"
+                if "alias_of" in e:
+                    note += f" (alias of {e['alias_of']!r})"
+                if v["version"] != e["class_version"]:
+                    note += ", upcast"
+            print(f"{name:<{width}}  v{v['version']:<5} {v['events']:>12,}  {note}")
+    return 0
 
 
 def _cmd_tail(args) -> int:
@@ -33,6 +92,8 @@ def _cmd_tail(args) -> int:
     if prefix is not None and forbidden_character(prefix):
         raise EventCoreError(f"--prefix {prefix!r} contains {forbidden_character(prefix)}: no stream id has one")
     after = max(0, args.from_position - 1)
+    import_event_modules(args)
+    decode = bool(args.imports)  # with the application's classes: its events as it reads them
     out = sys.stdout.buffer
     page = 1000
     stop = threading.Event()
@@ -56,7 +117,7 @@ def _cmd_tail(args) -> int:
                         lines = []
                         try:  # a corrupt row stops the command; the rows before it are printed
                             for row in rows:
-                                lines.append(row_json(row) + b"\n")
+                                lines.append(row_json(row, decode) + b"\n")
                         finally:
                             out.write(b"".join(lines))
                             out.flush()

@@ -101,6 +101,12 @@ class Projector:
     `setup(ctx)` runs once when an instance becomes the active one (create
     tables there), `reset(ctx)` when the projection is rebuilt (empty the read
     model there); both in the transaction of the batch machinery.
+
+    Events arrive as `read_all` gives them: decoded, older type versions brought to
+    their class's by the upcasters. `unknown_types="raw"` hands an event of a type
+    this process has no class for to the handler as `read_all(decode=False)` does
+    (`data` a dict, `type` the stored name) instead of failing it (the error
+    strategy); `decode=False` hands every event so.
     """
 
     name: str = ""
@@ -108,6 +114,8 @@ class Projector:
     stream_prefix: str | None = None
     on_error: "str | Retry" = FATAL
     batch_size: int = DEFAULT_BATCH_SIZE
+    decode: bool = True
+    unknown_types: str = "fail"
 
     def __init__(
         self,
@@ -121,6 +129,8 @@ class Projector:
         batch_size: int | None = None,
         setup: Callable | None = None,
         reset: Callable | None = None,
+        decode: bool | None = None,
+        unknown_types: str | None = None,
     ) -> None:
         if name is not None:
             self.name = name
@@ -132,6 +142,16 @@ class Projector:
             self.on_error = on_error
         if batch_size is not None:
             self.batch_size = batch_size
+        if decode is not None:
+            self.decode = decode
+        if unknown_types is not None:
+            self.unknown_types = unknown_types
+        if type(self.decode) is not bool:
+            raise ValidationError(f"decode must be True or False, got {self.decode!r}")
+        if self.unknown_types not in ("fail", "raw"):
+            raise ValidationError(f"unknown_types must be 'fail' or 'raw', got {self.unknown_types!r}")
+        #: How the runner decodes the feed for it (see FeedPage): "raw", "known" or "strict".
+        self.decoding = "raw" if not self.decode else "known" if self.unknown_types == "raw" else "strict"
         self._handler = handler
         self._batch_handler = batch_handler
         self._setup = setup

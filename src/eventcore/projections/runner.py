@@ -242,7 +242,8 @@ class ProjectionRunner:
             session.keep_listening()  # before the read: an append it misses notifies
             before = self._cursor
             head = session.head()
-            page, bound = session.read_events(self._cursor, p.type_names, p.stream_prefix, p.batch_size)
+            page, bound = session.read_events(self._cursor, p.type_names, p.stream_prefix, p.batch_size,
+                                              p.decoding)
             self._failures = 0  # the connection works: the next reconnection starts from the base backoff
             if page:
                 self._process(session, page)

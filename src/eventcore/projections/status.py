@@ -50,7 +50,8 @@ class DeadLetter(msgspec.Struct, frozen=True):
     """An event a projector skipped, as stored, with the error that made it skip.
 
     `data` and `metadata` are the stored JSON decoded to Python values (dicts, lists, ...), or
-    the stored bytes unchanged when they are not JSON (an event nobody can decode)."""
+    the stored bytes unchanged when they are not JSON (an event nobody can decode); `type` and
+    `type_version` are as stored."""
 
     projector: str
     position: int
@@ -64,6 +65,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     error: str
     attempts: int
     failed_at: _dt.datetime | None
+    type_version: int = 1
 
 
 def storage_of(store) -> ProjectionStorage:
@@ -94,8 +96,8 @@ def dead_letters(store: EventStore, projector: "str | Projector") -> list[DeadLe
         return []  # no projector can have that name
     return [
         DeadLetter(name, pos, sid, ver, uuid.UUID(bytes=bytes(eid)), t, _json_value(data), _json_value(md),
-                   _EPOCH + _dt.timedelta(microseconds=at), err, att, failed)
-        for pos, sid, ver, eid, t, data, md, at, err, att, failed in storage_of(store).dead_letters(name)
+                   _EPOCH + _dt.timedelta(microseconds=at), err, att, failed, tv)
+        for pos, sid, ver, eid, t, data, md, at, tv, err, att, failed in storage_of(store).dead_letters(name)
     ]
 
 

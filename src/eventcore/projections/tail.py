@@ -10,7 +10,8 @@ import uuid
 
 import msgspec
 
-from ..errors import SerializationError
+from .. import _impl
+from ..errors import SerializationError, UnknownEventTypeError
 from ..stores.base import EventStore
 from ..stores.projection_storage import as_bytes
 from .status import storage_of
@@ -24,15 +25,30 @@ def read_rows(store: EventStore, after: int, types=None, prefix: str | None = No
     return storage_of(store).read_rows(after, types, prefix, limit)
 
 
-def row_json(row) -> bytes:
-    """One stored row as a JSON object whose keys are RecordedEvent's fields, in order (for `eventcore tail`)."""
-    position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+def row_json(row, decode: bool = False) -> bytes:
+    """One stored row as a JSON object whose keys are RecordedEvent's fields, in order (for `eventcore tail`):
+    the event as `read_all(decode=False)` gives it, its type and type version as stored. `decode`: an
+    event of a type this process knows as `read_all()` gives it (its class's current version, through
+    the upcasters: type, type_version and data as decoded); one of a type it does not know as stored."""
+    if decode:
+        try:
+            event = _impl.decode_rows([row])[0]
+        except UnknownEventTypeError:
+            pass
+        else:
+            return msgspec.json.encode({
+                "stream_id": event.stream_id, "version": event.version, "position": event.position,
+                "event_id": str(event.event_id), "type": event.type, "data": event.data,
+                "metadata": event.metadata, "recorded_at": event.recorded_at.isoformat(),
+                "type_version": event.type_version,
+            }, enc_hook=str)
+    position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
     # Printed as stored, but never as broken JSON: a row corrupted behind the store's back (wrong
     # column types, bytes that are not UTF-8 JSON) is a SerializationError naming it, as on read.
     try:
         if type(position) is not int or type(version) is not int or not isinstance(sid, str) or (
-                not isinstance(type_name, str)):
-            raise TypeError("position and version must be ints, stream id and type strs")
+                not isinstance(type_name, str)) or type(type_version) is not int:
+            raise TypeError("position, version and type version must be ints, stream id and type strs")
         at = (_EPOCH + _dt.timedelta(microseconds=recorded_us)).isoformat()
         eid = str(uuid.UUID(bytes=bytes(event_id)))
         parts = []
@@ -58,6 +74,7 @@ def row_json(row) -> bytes:
         "data": msgspec.Raw(parts[0]),
         "metadata": msgspec.Raw(parts[1]) if parts[1] is not None else {},
         "recorded_at": at,
+        "type_version": type_version,
     })
 
 

@@ -329,14 +329,18 @@ class EventStore(ABC):
         (first position, last position, stream -> version after)."""
         encode_event = _impl.encode_event
         encode_metadata = _impl.encode_metadata
-        types, payloads, md_bytes = [], [], []
+        types, type_versions, payloads, md_bytes = [], [], [], []
         for ev, md in zip(events, metadatas):
-            t, data = encode_event(ev) if type(ev) is not RawEvent else (ev.type, ev.data)
+            if type(ev) is RawEvent:  # validated, its version resolved (ingest._ingest_item, jsonl)
+                t, data, tv = ev.type, ev.data, ev.version
+            else:
+                (t, data), tv = encode_event(ev), type(ev).__event_version__
             types.append(t)
+            type_versions.append(tv)
             payloads.append(data)
             md_bytes.append(encode_metadata(md))
         prepared = PreparedAppend(
-            list(stream_ids), types, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
+            list(stream_ids), types, type_versions, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
             list(events), list(metadatas), expected,
         )
         prepared.progress = progress
@@ -344,31 +348,38 @@ class EventStore(ABC):
 
     # -- reading ----------------------------------------------------------------
 
-    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None) -> list[RecordedEvent]:
-        """A stream's events in version order, from `from_version` (1-based)."""
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: bool = True) -> list[RecordedEvent]:
+        """A stream's events in version order, from `from_version` (1-based).
+
+        `decode=False`: every event as stored, whatever its type (see `read_all`)."""
         sid = _stream_id(stream_id)
         if type(from_version) is not int or not 1 <= from_version <= INT64_MAX:
             raise ValidationError(f"from_version must be an int in 1..2**63-1, got {from_version!r}")
         if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
             raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
+        raw = _raw(decode)
         observer = self._observer
         if observer is None:
-            return self._read_stream(sid, from_version, limit)
-        return observed(observer, self, "read", [sid], None, self._read_stream, (sid, from_version, limit), len,
-                        _written_versions)
+            return self._read_stream(sid, from_version, limit, raw) if raw else self._read_stream(sid, from_version, limit)
+        args = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
+        return observed(observer, self, "read", [sid], None, self._read_stream, args, len, _written_versions)
 
-    def read_streams(self, stream_ids: Iterable[str]) -> dict[str, list[RecordedEvent]]:
+    def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]:
         """Every event of several streams, read at one point in time (one round trip where possible).
 
         Returns stream id -> events in version order; streams without events map to [].
+        `decode=False`: every event as stored, whatever its type (see `read_all`).
         """
         ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+        raw = _raw(decode)
         if not ids:
             return {}
+        args = (ids, raw) if raw else (ids,)
         observer = self._observer
         if observer is None:
-            return self._read_streams(ids)
-        return observed(observer, self, "read", ids, None, self._read_streams, (ids,), _events_in, _stream_heads)
+            return self._read_streams(*args)
+        return observed(observer, self, "read", ids, None, self._read_streams, args, _events_in, _stream_heads)
 
     def stream_version(self, stream_id: str) -> int:
         """A stream's current version (0 if it has no events)."""
@@ -389,11 +400,17 @@ class EventStore(ABC):
         stream_prefix: str | None = None,
         limit: int | None = None,
         page_size: int = DEFAULT_PAGE_SIZE,
+        decode: bool = True,
     ) -> Iterator[RecordedEvent]:
         """Every event after `after_position`, in ascending global position, fetched page by page.
 
-        Filters: `types` (type names or Event classes) and `stream_prefix`.
-        A position once returned is never followed by a lower one on a later call.
+        Filters: `types` (type names, or Event classes: a class also matches its aliases) and
+        `stream_prefix`. A position once returned is never followed by a lower one on a later call.
+
+        Decoded (the default), each event's `data` is an instance of its class at the class's
+        current version (older versions through the upcasters). `decode=False` never needs a
+        class and never raises for an unknown type: `data` is the stored JSON object as a dict,
+        `type` and `type_version` the stored name and version (see RecordedEvent).
         """
         # Bounded to int64: the databases' integers (a larger one would be an OverflowError or a server error).
         if type(after_position) is not int or not 0 <= after_position <= INT64_MAX:
@@ -407,17 +424,18 @@ class EventStore(ABC):
                 f"stream_prefix must be a str without control characters, NUL or lone surrogates, got {stream_prefix!r}"
             )
         names = _type_names(types)
-        return self._iter_all(after_position, names, stream_prefix or None, limit, page_size)
+        return self._iter_all(after_position, names, stream_prefix or None, limit, page_size, _raw(decode))
 
-    def _iter_all(self, after, names, prefix, limit, page_size) -> Iterator[RecordedEvent]:
+    def _iter_all(self, after, names, prefix, limit, page_size, raw=False) -> Iterator[RecordedEvent]:
         remaining = limit
         while remaining is None or remaining > 0:
             n = page_size if remaining is None else min(page_size, remaining)
+            args = (after, names, prefix, n, raw) if raw else (after, names, prefix, n)
             observer = self._observer
             if observer is None:
-                page = self._read_all_page(after, names, prefix, n)
+                page = self._read_all_page(*args)
             else:
-                page = observed(observer, self, "read_all", None, None, self._read_all_page, (after, names, prefix, n))
+                page = observed(observer, self, "read_all", None, None, self._read_all_page, args)
             yield from page
             if len(page) < n:
                 return
@@ -429,17 +447,30 @@ class EventStore(ABC):
         """The highest global position visible to readers (0 for an empty store)."""
         return self._head_position()
 
-    @abstractmethod
-    def _read_stream(self, stream_id: str, from_version: int, limit: int | None) -> list[RecordedEvent]: ...
+    def type_counts(self) -> list[tuple[str, int, int]]:
+        """(stored type name, type version, events) for every type name and version stored, sorted by
+        name then version: what `eventcore types` shows. Reads every event once (a planning tool)."""
+        return [tuple(row) for row in self._type_counts()]
+
+    def _type_counts(self) -> list:
+        """(type, type_version, count) rows of the whole events table, by type and version."""
+        raise NotImplementedError(f"{type(self).__name__} cannot count its types")
+
+    # The read primitives take `raw` (decode=False) as a last argument, passed only when true.
 
     @abstractmethod
-    def _read_streams(self, stream_ids: list[str]) -> dict[str, list[RecordedEvent]]: ...
+    def _read_stream(self, stream_id: str, from_version: int, limit: int | None,
+                     raw: bool = False) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    def _read_streams(self, stream_ids: list[str], raw: bool = False) -> dict[str, list[RecordedEvent]]: ...
 
     @abstractmethod
     def _stream_versions(self, stream_ids: list[str]) -> dict[str, int]: ...
 
     @abstractmethod
-    def _read_all_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[RecordedEvent]: ...
+    def _read_all_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int,
+                       raw: bool = False) -> list[RecordedEvent]: ...
 
     @abstractmethod
     def _head_position(self) -> int: ...
@@ -468,6 +499,13 @@ class EventStore(ABC):
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _raw(decode: object) -> bool:
+    """The `raw` flag of the read primitives from a `decode` argument (a bool)."""
+    if type(decode) is not bool:
+        raise ValidationError(f"decode must be True or False, got {decode!r}")
+    return not decode
 
 
 def _written_versions(events: list[RecordedEvent]) -> dict[str, int] | None:

@@ -19,7 +19,8 @@ from typing import Iterable, Mapping
 import msgspec
 
 from ..errors import ConcurrencyError, EventCoreError, ValidationError
-from ..events import Event, EventToWrite, Metadata, RawEvent, ValidatedItem, validate_raw_event
+from ..events import Event, EventToWrite, Metadata, RawEvent, ValidatedItem
+from ..evolution import check_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
 from .observer import observed
@@ -191,7 +192,9 @@ def _ingest_item(item, metadata, valid_ids: dict):
     if not isinstance(ev, Event):
         if type(ev) is not RawEvent:
             raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
-        validate_raw_event(ev)
+        t, data, tv = check_raw_event(ev)
+        if ev.version != tv:
+            ev = RawEvent(t, data, tv)
     if md is None:
         md = metadata
     elif type(md) is not Metadata:

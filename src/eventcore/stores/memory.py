@@ -69,10 +69,10 @@ class MemoryStore(EventStore):
             first = len(rows) + 1
             positions = range(first, first + len(p))
             at = p.recorded_at_us
-            for sid, v, pos, eid, t, data, md in zip(
-                p.stream_ids, versions, positions, p.event_ids, p.types, p.payloads, p.metadatas
+            for sid, v, pos, eid, t, data, md, tv in zip(
+                p.stream_ids, versions, positions, p.event_ids, p.types, p.payloads, p.metadatas, p.type_versions
             ):
-                rows.append((pos, sid, v, eid, t, data, md, at))
+                rows.append((pos, sid, v, eid, t, data, md, at, tv))
                 idx = streams.get(sid)
                 if idx is None:
                     idx = streams[sid] = []
@@ -108,28 +108,37 @@ class MemoryStore(EventStore):
             keys = [k for k in self._progress if k.startswith(prefix)]
             return sorted(keys, key=self._progress_order.__getitem__, reverse=True)
 
-    def _read_stream(self, stream_id, from_version, limit):
+    def _read_stream(self, stream_id, from_version, limit, raw=False):
         self._open()
         with self._lock:
             idx = self._streams.get(stream_id, ())
             stop = None if limit is None else from_version - 1 + limit
             rows = [self._rows[i] for i in idx[from_version - 1 : stop]]
-        return _impl.decode_rows(rows)
+        return _impl.decode_rows(rows, raw)
 
-    def _read_streams(self, stream_ids):
+    def _read_streams(self, stream_ids, raw=False):
         self._open()
         with self._lock:
             idx = [i for sid in stream_ids for i in self._streams.get(sid, ())]
             rows = [self._rows[i] for i in sorted(idx)]
-        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+        return group_by_stream(stream_ids, _impl.decode_rows(rows, raw))
 
     def _stream_versions(self, stream_ids):
         self._open()
         with self._lock:
             return {sid: len(self._streams.get(sid, ())) for sid in stream_ids}
 
-    def _read_all_page(self, after, types, prefix, limit):
-        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit))
+    def _read_all_page(self, after, types, prefix, limit, raw=False):
+        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit), raw)
+
+    def _type_counts(self):
+        self._open()
+        counts: dict = {}
+        with self._lock:
+            for row in self._rows:
+                key = (row[4], row[8])
+                counts[key] = counts.get(key, 0) + 1
+        return [(t, v, n) for (t, v), n in sorted(counts.items())]
 
     def _head_position(self):
         self._open()

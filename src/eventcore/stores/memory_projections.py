@@ -108,9 +108,10 @@ class MemoryProjectionSession(ProjectionSession):
         self._ops.append(op)
 
     def dead_letter(self, row, error, attempts):
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         record = (position, sid, version, bytes(event_id), type_name, as_bytes(data),
-                  None if metadata is None else as_bytes(metadata), recorded_us, error, attempts, _now())
+                  None if metadata is None else as_bytes(metadata), recorded_us, type_version, error, attempts,
+                  _now())
         self._ops.append(lambda: self.storage.dead.__setitem__((self.name, position), record))
 
     def reset(self):

@@ -13,7 +13,8 @@ from typing import Iterable, Mapping, Sequence
 
 from .. import _impl
 from ..errors import ValidationError
-from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_raw_event, validate_type_name
+from ..events import EMPTY_METADATA, Event, EventToWrite, Metadata, RawEvent, RecordedEvent, validate_type_name
+from ..evolution import check_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
 
@@ -36,12 +37,15 @@ class PreparedAppend:
     stream, written or read-only.
     """
 
-    __slots__ = ("stream_ids", "types", "payloads", "metadatas", "event_ids", "events", "metadata_objs",
-                 "expected", "recorded_at_us", "key", "progress")
+    __slots__ = ("stream_ids", "types", "type_versions", "payloads", "metadatas", "event_ids", "events",
+                 "metadata_objs", "expected", "recorded_at_us", "key", "progress")
 
-    def __init__(self, stream_ids, types, payloads, metadatas, event_ids, events, metadata_objs, expected):
+    def __init__(self, stream_ids, types, type_versions, payloads, metadatas, event_ids, events, metadata_objs,
+                 expected):
         self.stream_ids = stream_ids
         self.types = types
+        #: Each event's type version, stored with it (the class's __event_version__, or a RawEvent's).
+        self.type_versions = type_versions
         self.payloads = payloads
         self.metadatas = metadatas
         self.event_ids = event_ids
@@ -62,9 +66,10 @@ class PreparedAppend:
         """The `RecordedEvent`s of this append once the backend assigned versions and positions."""
         at = _EPOCH + _dt.timedelta(microseconds=self.recorded_at_us)
         return [
-            RecordedEvent(sid, v, p, uuid.UUID(bytes=eid), t, ev, md if md is not None else EMPTY_METADATA, at)
-            for sid, v, p, eid, t, ev, md in zip(
-                self.stream_ids, versions, positions, self.event_ids, self.types, self.events, self.metadata_objs
+            RecordedEvent(sid, v, p, uuid.UUID(bytes=eid), t, ev, md if md is not None else EMPTY_METADATA, at, tv)
+            for sid, v, p, eid, t, ev, md, tv in zip(
+                self.stream_ids, versions, positions, self.event_ids, self.types, self.events, self.metadata_objs,
+                self.type_versions,
             )
         ]
 
@@ -83,7 +88,7 @@ def prepare_append(
         for sid, want in expected.items():
             sid = _stream_id(sid)
             exp[sid] = validate_expected(sid, want)
-    stream_ids, types, payloads, metadatas, objs, mds = [], [], [], [], [], []
+    stream_ids, types, type_versions, payloads, metadatas, objs, mds = [], [], [], [], [], [], []
     encode_event = _impl.encode_event
     encode_metadata = _impl.encode_metadata
     default_md_bytes = encode_metadata(metadata)
@@ -98,8 +103,9 @@ def prepare_append(
             sid = _stream_id(sid)
         if isinstance(ev, Event):
             type_name, payload = encode_event(ev)
+            type_version = type(ev).__event_version__
         elif type(ev) is RawEvent:
-            type_name, payload = validate_raw_event(ev)
+            type_name, payload, type_version = check_raw_event(ev)
         else:
             raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
         md = item.metadata
@@ -111,6 +117,7 @@ def prepare_append(
             md_bytes = encode_metadata(md)
         stream_ids.append(sid)
         types.append(type_name)
+        type_versions.append(type_version)
         payloads.append(payload)
         metadatas.append(md_bytes)
         objs.append(ev)
@@ -123,7 +130,7 @@ def prepare_append(
             + ("; use store.append_batch() for bulk writes" if limit == MAX_EVENTS_PER_APPEND else "")
         )
     event_ids = _impl.new_event_ids(len(stream_ids))
-    return PreparedAppend(stream_ids, types, payloads, metadatas, event_ids, objs, mds, exp)
+    return PreparedAppend(stream_ids, types, type_versions, payloads, metadatas, event_ids, objs, mds, exp)
 
 
 #: Longest idempotency key accepted (as a stream id: one B-tree entry on every backend).
@@ -145,7 +152,8 @@ def validate_idempotency_key(value: object, what: str = "idempotency key") -> st
 
 
 def type_names(types) -> tuple[str, ...] | None:
-    """A `types` filter (event type names or Event classes) as a tuple of validated names; None: no filter."""
+    """A `types` filter (event type names or Event classes) as a tuple of validated names; None: no filter.
+    A class stands for its type name and its aliases; a name for that stored name only."""
     if types is None:
         return None
     if isinstance(types, (str, type)):
@@ -154,6 +162,7 @@ def type_names(types) -> tuple[str, ...] | None:
     for t in types:
         if isinstance(t, type) and issubclass(t, Event):
             names.append(t.__event_type__)
+            names.extend(t.__event_aliases__)  # its events stored before a rename are its events too
         elif isinstance(t, str):
             names.append(validate_type_name(t, "a types filter name"))  # no NUL/surrogate reaches SQL
         else:

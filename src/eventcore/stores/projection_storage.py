@@ -23,7 +23,7 @@ from typing import Iterator
 import msgspec
 
 from .. import _impl
-from ..errors import EventCoreError, SerializationError, StoreUnavailableError
+from ..errors import EventCoreError, SerializationError, StoreUnavailableError, UnknownEventTypeError
 
 #: Events after a checkpoint are counted up to this many (a bounded cost); the value means "at least".
 PENDING_CAP = 10_000
@@ -31,7 +31,7 @@ PENDING_CAP = 10_000
 #: The layout of a dead-letter row (`ProjectionStorage.dead_letters`): the event as stored (the feed's
 #: row layout, formats.ROW_COLUMNS), then the error, the attempts made and when it was given up.
 DEAD_LETTER_COLUMNS = ("position", "stream_id", "version", "event_id", "type", "data", "metadata",
-                       "recorded_at_us", "error", "attempts", "failed_at")
+                       "recorded_at_us", "type_version", "error", "attempts", "failed_at")
 
 
 class LostLeadership(Exception):
@@ -103,17 +103,28 @@ class FeedPage:
         self._load_rows = load_rows
 
     @classmethod
-    def of_rows(cls, rows: list) -> "FeedPage":
-        """Stored rows decoded: all at once, or, when one of them cannot be, each alone."""
+    def of_rows(cls, rows: list, decoding: str = "strict") -> "FeedPage":
+        """Stored rows decoded: all at once, or, when one of them cannot be, each alone. `decoding`:
+        "strict" (every event decoded as its class; one that cannot be has its error), "raw" (every
+        event as read_all(decode=False) gives it), "known" (strict, but an event of a type this
+        process has no class for raw)."""
+        raw = decoding == "raw"
         try:
-            return cls(_impl.decode_rows(rows), [None] * len(rows), rows)
+            return cls(_impl.decode_rows(rows, raw), [None] * len(rows), rows)
         except SerializationError:
             pass
         events, errors = [], []
         for row in rows:
             try:
-                events.append(_impl.decode_rows([row])[0])
+                events.append(_impl.decode_rows([row], raw)[0])
                 errors.append(None)
+            except UnknownEventTypeError as exc:
+                if decoding == "known":
+                    events.append(_impl.decode_rows([row], True)[0])
+                    errors.append(None)
+                else:
+                    events.append(None)
+                    errors.append(exc)
             except SerializationError as exc:
                 events.append(None)
                 errors.append(exc)
@@ -177,10 +188,12 @@ class ProjectionSession(ABC):
         unless rows is a full page."""
         return self.read_rows(after, types, prefix, limit), None
 
-    def read_events(self, after: int, types, prefix, limit: int) -> "tuple[FeedPage, int | None]":
-        """`read_page`, decoded: (page, bound). A backend may override it with a faster way."""
+    def read_events(self, after: int, types, prefix, limit: int,
+                    decoding: str = "strict") -> "tuple[FeedPage, int | None]":
+        """`read_page`, decoded (see FeedPage.of_rows): (page, bound). A backend may override it with a
+        faster way."""
         rows, bound = self.read_page(after, types, prefix, limit)
-        return FeedPage.of_rows(rows), bound
+        return FeedPage.of_rows(rows, decoding), bound
 
     @abstractmethod
     @contextmanager

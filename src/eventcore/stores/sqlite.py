@@ -39,8 +39,16 @@ log = logging.getLogger("eventcore.store.sqlite")
 
 #: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
-#: by the first projection).
-SCHEMA_VERSION = 3
+#: by the first projection); 4: each event's type version (events.type_version, also in dead letters).
+SCHEMA_VERSION = 4
+
+#: Columns added to a table after it was first made: (table, column, declaration). CREATE TABLE IF NOT
+#: EXISTS leaves an older store's table as it is, so an upgrade adds these where they are missing
+#: (ALTER TABLE ... ADD COLUMN with a constant default: no row is rewritten).
+_ADDED_COLUMNS = (
+    ("events", "type_version", "INTEGER NOT NULL DEFAULT 1 CHECK (type_version BETWEEN 1 AND 32767)"),
+    ("projection_dead_letters", "type_version", "INTEGER NOT NULL DEFAULT 1"),
+)
 
 #: Seconds between tries of a refused switch to WAL (see SQLiteStore._switch_to_wal): the switch that
 #: got in holds the file for a few milliseconds.
@@ -74,7 +82,7 @@ def _schema_statements() -> list[str]:
 #: The schema's statements (sqlite_schema.sql, package data), in order, then the header's mark.
 _SCHEMA_STATEMENTS = (*_schema_statements(), f"PRAGMA application_id = {APPLICATION_ID}")
 
-_COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at"
+_COLUMNS = "position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version"
 
 # Stream ids travel as one JSON array parameter (json_each), so each statement
 # has one fixed text and stays in sqlite3's statement cache whatever the number of streams.
@@ -87,7 +95,8 @@ _SQL_VERSIONS = (
     "SELECT stream_id, MAX(version) FROM events "
     "WHERE stream_id IN (SELECT value FROM json_each(?)) GROUP BY stream_id"
 )
-_SQL_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+_SQL_INSERT = f"INSERT INTO events ({_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+_SQL_TYPES = "SELECT type, type_version, count(*) FROM events GROUP BY type, type_version ORDER BY type, type_version"
 _SQL_READ_STREAM = f"SELECT {_COLUMNS} FROM events WHERE stream_id = ? AND version >= ? ORDER BY version LIMIT ?"
 _SQL_READ_STREAMS = (
     f"SELECT {_COLUMNS} FROM events WHERE stream_id IN (SELECT value FROM json_each(?)) ORDER BY position"
@@ -264,6 +273,10 @@ class SQLiteStore(EventStore):
                         log.info("upgrading SQLite store %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
                     for statement in _SCHEMA_STATEMENTS:
                         conn.execute(statement)
+                    for table, column, declaration in _ADDED_COLUMNS:
+                        have = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
+                        if column not in have:
+                            conn.execute(f'ALTER TABLE "{table}" ADD COLUMN "{column}" {declaration}')
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             self._switch_to_wal(conn)
         except sqlite3.Error as exc:
@@ -342,9 +355,10 @@ class SQLiteStore(EventStore):
                 conn.executemany(
                     _SQL_INSERT,
                     [
-                        (pos, sid, v, eid, t, data, md, at)
-                        for pos, sid, v, eid, t, data, md in zip(
-                            positions, p.stream_ids, versions, p.event_ids, p.types, p.payloads, p.metadatas
+                        (pos, sid, v, eid, t, data, md, at, tv)
+                        for pos, sid, v, eid, t, data, md, tv in zip(
+                            positions, p.stream_ids, versions, p.event_ids, p.types, p.payloads, p.metadatas,
+                            p.type_versions,
                         )
                     ],
                 )
@@ -402,7 +416,7 @@ class SQLiteStore(EventStore):
                             value.encode("utf-8")
                         except UnicodeEncodeError:
                             where = (f"at position {row[0]!r} (stream {row[1]!r}, version {row[2]!r})"
-                                     if len(row) == 8 else f"{row[:3]!r}")  # 8: an events row (ROW_COLUMNS)
+                                     if len(row) == 9 else f"{row[:3]!r}")  # 9: an events row (ROW_COLUMNS)
                             raise SerializationError(
                                 f"corrupt stored row {where}: column {i} holds text that is not UTF-8: {value[:60]!r}"
                             ) from None
@@ -422,21 +436,24 @@ class SQLiteStore(EventStore):
     def _resume_keys(self, prefix):
         return [key for (key,) in self._query(_SQL_RESUME_KEYS, (len(prefix), prefix))]
 
-    def _read_stream(self, stream_id, from_version, limit):
+    def _read_stream(self, stream_id, from_version, limit, raw=False):
         rows = self._query(_SQL_READ_STREAM, (stream_id, from_version, -1 if limit is None else limit))
-        return _impl.decode_rows(rows)
+        return _impl.decode_rows(rows, raw)
 
-    def _read_streams(self, stream_ids):
+    def _read_streams(self, stream_ids, raw=False):
         rows = self._query(_SQL_READ_STREAMS, (_json_list(stream_ids),))
-        return group_by_stream(stream_ids, _impl.decode_rows(rows))
+        return group_by_stream(stream_ids, _impl.decode_rows(rows, raw))
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)
         out.update(self._query(_SQL_VERSIONS, (_json_list(stream_ids),)))
         return out
 
-    def _read_all_page(self, after, types, prefix, limit):
-        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit))
+    def _read_all_page(self, after, types, prefix, limit, raw=False):
+        return _impl.decode_rows(self._read_all_rows(after, types, prefix, limit), raw)
+
+    def _type_counts(self):
+        return self._query(_SQL_TYPES, ())
 
     def _head_position(self):
         return self._query(_SQL_HEAD, ())[0][0]

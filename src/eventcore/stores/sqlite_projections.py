@@ -31,7 +31,8 @@ _LOAD = "SELECT position FROM projection_checkpoints WHERE name = ?"
 _ADVANCE = f"UPDATE projection_checkpoints SET position = ?, updated_at = {_NOW} WHERE name = ? AND position = ?"
 _DEAD_LETTER = (
     "INSERT OR REPLACE INTO projection_dead_letters (projector, position, stream_id, version, event_id, type, "
-    f"data, metadata, recorded_at, error, attempts, failed_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})"
+    f"data, metadata, recorded_at, type_version, error, attempts, failed_at) "
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, {_NOW})"
 )
 _RESET = f"UPDATE projection_checkpoints SET position = 0, updated_at = {_NOW} WHERE name = ?"
 _CLEAR_DEAD = "DELETE FROM projection_dead_letters WHERE projector = ?"
@@ -42,8 +43,8 @@ _CHECKPOINTS = (
     "FROM projection_checkpoints c ORDER BY name"
 )
 _DEAD_LETTERS = (
-    "SELECT position, stream_id, version, event_id, type, data, metadata, recorded_at, error, attempts, "
-    "failed_at FROM projection_dead_letters WHERE projector = ? ORDER BY position"
+    "SELECT position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version, error, "
+    "attempts, failed_at FROM projection_dead_letters WHERE projector = ? ORDER BY position"
 )
 _COUNT_AFTER = "SELECT count(*) FROM (SELECT 1 FROM events WHERE position > ? LIMIT ?)"
 
@@ -88,7 +89,7 @@ class SQLiteProjectionStorage(ProjectionStorage):
         return self.store._query(_COUNT_AFTER, (position, cap))[0][0]
 
     def dead_letters(self, name):
-        return [(*r[:10], _timestamp(r[10])) for r in self._select(_DEAD_LETTERS, (name,))]
+        return [(*r[:11], _timestamp(r[11])) for r in self._select(_DEAD_LETTERS, (name,))]
 
 
 class SQLiteProjectionSession(ProjectionSession):
@@ -166,10 +167,10 @@ class SQLiteProjectionSession(ProjectionSession):
             raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
     def dead_letter(self, row, error, attempts):
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         self.connection.execute(_DEAD_LETTER, (
             self.name, position, sid, version, bytes(event_id), type_name, as_bytes(data),
-            None if metadata is None else as_bytes(metadata), recorded_us, error, attempts))
+            None if metadata is None else as_bytes(metadata), recorded_us, type_version, error, attempts))
 
     def reset(self):
         self.connection.execute(_RESET, (self.name,))

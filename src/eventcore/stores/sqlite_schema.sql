@@ -12,6 +12,9 @@ CREATE TABLE IF NOT EXISTS events (
     data        BLOB    NOT NULL,
     metadata    BLOB,
     recorded_at INTEGER NOT NULL,
+    -- The event type's version the payload is in (schema 4; added to older stores by SQLiteStore,
+    -- their events being version 1).
+    type_version INTEGER NOT NULL DEFAULT 1 CHECK (type_version BETWEEN 1 AND 32767),
     UNIQUE (stream_id, version)
 );
 
@@ -68,6 +71,7 @@ CREATE TABLE IF NOT EXISTS projection_dead_letters (
     data        BLOB    NOT NULL,
     metadata    BLOB,
     recorded_at INTEGER NOT NULL,
+    type_version INTEGER NOT NULL DEFAULT 1,
     error       TEXT    NOT NULL,
     attempts    INTEGER NOT NULL,
     failed_at   TEXT    NOT NULL,

@@ -40,7 +40,8 @@ class EncodedRows:
     def encode(self, buf: bytearray, position: int, start: int, stop: int, heads: dict, at_us: int) -> None:
         p = self._p
         _impl.encode_copy_rows(buf, position, p.stream_ids[start:stop], self._versions[start:stop],
-                               p.event_ids[start:stop], p.types[start:stop], p.payloads[start:stop],
+                               p.event_ids[start:stop], p.types[start:stop], p.type_versions[start:stop],
+                               p.payloads[start:stop],
                                p.metadatas[start:stop], at_us)
 
 

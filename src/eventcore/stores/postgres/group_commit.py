@@ -140,9 +140,11 @@ def _encode_group(group: list) -> str:
         written = set(p.stream_ids)
         n += len(expected)
         events = []
-        for sid, eid, t, d, md in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas):
+        for sid, eid, t, d, md, tv in zip(p.stream_ids, p.event_ids, p.types, p.payloads, p.metadatas,
+                                          p.type_versions):
             ordinal += 1
-            events.append((sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md), ordinal))
+            events.append((sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md), ordinal)
+                          if tv == 1 else (sid, eid.hex(), t, _Raw(d), None if md is None else _Raw(md), ordinal, tv))
         participants = [(s, expected[s], 1 if s in written else 0) for s in sorted(expected)]
         members.append((participants, events) if p.key is None else (participants, events, p.key))
     return _encode_json({"n": n, "g": members}).decode()

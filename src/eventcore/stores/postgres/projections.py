@@ -229,20 +229,20 @@ class PostgresProjectionSession(ProjectionSession):
         bound = result[0][0]
         return [r[1:] for r in result if r[1] is not None], bound
 
-    def read_events(self, after, types, prefix, limit) -> tuple[FeedPage, "int | None"]:
+    def read_events(self, after, types, prefix, limit, decoding="strict") -> tuple[FeedPage, "int | None"]:
         """An unfiltered page by binary COPY, decoded straight into events (see decode_copy). A page
         holding an event this process cannot decode is read again as rows, each decoded alone;
         a filtered page is read as rows through its window (read_page)."""
         if types is not None or prefix is not None:
-            return super().read_events(after, types, prefix, limit)
+            return super().read_events(after, types, prefix, limit, decoding)
         try:
             out = read_copy(self.connection, self._copy_read, pg_sql.read_all_params(after, None, None, limit))
         except psycopg.Error as exc:
             self._own_failure(exc)
         try:
-            events = _impl.decode_copy(out)
+            events = _impl.decode_copy(out, decoding == "raw")
         except SerializationError:
-            return super().read_events(after, types, prefix, limit)
+            return super().read_events(after, types, prefix, limit, decoding)
         return FeedPage(events, [None] * len(events), load_rows=lambda: self._rows_of(events, after, limit)), None
 
     def _rows_of(self, events: list, after: int, limit: int) -> list:
@@ -280,10 +280,10 @@ class PostgresProjectionSession(ProjectionSession):
             raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
     def dead_letter(self, row, error: str, attempts: int) -> None:
-        position, sid, version, event_id, type_name, data, metadata, recorded_us = row
+        position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         self._write(self._sql["dead"], (
             self.name, position, sid, version, uuid.UUID(bytes=bytes(event_id)), type_name, data, metadata,
-            recorded_us, error, attempts))
+            recorded_us, type_version, error, attempts))
 
     def reset(self) -> None:
         self._write(self._sql["reset"], (self.name,))

@@ -67,9 +67,8 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: The statements the store runs, rendered once per store (psycopg would otherwise compose each
 #: statement's bytes on every call).
 _STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream_first", "read_streams_first", "read_stream",
-               "read_streams", "stream_versions", "head",
-               "event_by_id", "committed_rows", "recorded_command", "ingest_progress", "ingest_holes", "resume_keys",
-               "record_progress", "ingest_key_lock")
+               "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
+               "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock")
 
 
 def _schema_name(schema) -> str:
@@ -601,39 +600,39 @@ class PostgresStore(EventStore):
     def _resume_keys(self, prefix):
         return [key for (key,) in self._fetch("resume_keys", (prefix,))]
 
-    def _first_rows(self, name: str, params: list) -> list[RecordedEvent]:
+    def _first_rows(self, name: str, params: list, raw: bool) -> list[RecordedEvent]:
         """The events of a read_*_first statement (see queries.sql): prepared, fetched in binary."""
         statement = b"eventcore_" + name.encode()
         result = self._read(lambda conn, query, values: read_prepared(conn, statement, query, values), name, params)
-        return _impl.decode_copy(_impl.copy_from_result(result))
+        return _impl.decode_copy(_impl.copy_from_result(result), raw)
 
-    def _read_stream(self, stream_id, from_version, limit):
+    def _read_stream(self, stream_id, from_version, limit, raw=False):
         long = self._long_streams
         if stream_id in long and (limit is None or limit > FIRST_ROWS):
-            return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)))
+            return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)), raw)
         # FIRST_ROWS events by prepared statement; the rest, if there may be more, by COPY from the next
         # version. A stream's versions never change, so the two reads join without a gap or a repeat,
         # and together they are the stream as the second one saw it: one point in time still.
         first = FIRST_ROWS if limit is None else min(limit, FIRST_ROWS)
-        events = self._first_rows("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first])
+        events = self._first_rows("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first], raw)
         if len(events) == FIRST_ROWS and limit != FIRST_ROWS:
             events += _impl.decode_copy(self._copy_out(
-                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS)))
+                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS)), raw)
             _remember_long(long, (stream_id,))
         return events
 
-    def _read_streams(self, stream_ids):
+    def _read_streams(self, stream_ids, raw=False):
         if len(stream_ids) == 1:
-            return {stream_ids[0]: self._read_stream(stream_ids[0], 1, None)}
+            return {stream_ids[0]: self._read_stream(stream_ids[0], 1, None, raw)}
         long = self._long_streams
         if not any(s in long for s in stream_ids):
             # The first FIRST_ROWS events by prepared statement; if there may be more, all of them again
             # by COPY: several streams are read at one point in time (the executor counts on it, see
             # _attempts), which two reads joined by version would not be.
-            events = self._first_rows("read_streams_first", [_text_array(stream_ids)])
+            events = self._first_rows("read_streams_first", [_text_array(stream_ids)], raw)
             if len(events) < FIRST_ROWS:
                 return group_by_stream(stream_ids, events)
-        out = group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,))))
+        out = group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
         # The longest streams, until the others together fit in the prepared statement's rows.
         left, longest = sum(map(len, out.values())), []
         for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
@@ -649,9 +648,12 @@ class PostgresStore(EventStore):
         out.update(self._fetch("stream_versions", (stream_ids,)))
         return out
 
-    def _read_all_page(self, after, types, prefix, limit):
+    def _read_all_page(self, after, types, prefix, limit, raw=False):
         return _impl.decode_copy(self._copy_out(self._read_all_sql[types is not None, prefix is not None],
-                                                read_all_params(after, types, prefix, limit)))
+                                                read_all_params(after, types, prefix, limit)), raw)
+
+    def _type_counts(self):
+        return self._fetch("type_counts", ())
 
     def _head_position(self):
         return self._fetch("head", ())[0][0]

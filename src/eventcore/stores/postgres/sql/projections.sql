@@ -50,14 +50,15 @@ SELECT count(*) FROM (SELECT 1 FROM {s}.events WHERE position > %s AND position 
 
 -- name: dead_letter
 INSERT INTO {s}.projection_dead_letters (projector, position, stream_id, version, event_id, type, data,
-    metadata, recorded_at, error, attempts)
-VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, 'epoch'::timestamptz + %s * interval '1 microsecond', %s, %s)
+    metadata, recorded_at, type_version, error, attempts)
+VALUES (%s, %s, %s, %s, %s, %s, %s::jsonb, %s::jsonb, 'epoch'::timestamptz + %s * interval '1 microsecond', %s,
+    %s, %s)
 ON CONFLICT (projector, position) DO UPDATE SET error = excluded.error, attempts = excluded.attempts,
     failed_at = now()
 
 -- name: dead_letters
 SELECT position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text,
-    (extract(epoch FROM recorded_at) * 1000000)::bigint, error, attempts, failed_at
+    (extract(epoch FROM recorded_at) * 1000000)::bigint, type_version, error, attempts, failed_at
 FROM {s}.projection_dead_letters WHERE projector = %s ORDER BY position
 
 -- name: status

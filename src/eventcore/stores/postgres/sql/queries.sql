@@ -6,7 +6,7 @@
 -- name: columns
 -- A stored event as formats.ROW_COLUMNS reads it (a fragment of the reads below).
 position, stream_id, version, uuid_send(event_id), type, data::text, metadata::text,
-(extract(epoch FROM recorded_at) * 1000000)::bigint
+(extract(epoch FROM recorded_at) * 1000000)::bigint, type_version::int
 
 -- name: fence
 -- Global order. `position` is (transaction id << {POSITION_SHIFT}) + index within the transaction.
@@ -29,15 +29,18 @@ FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)
 
 -- name: copy_events
 -- The row layout of the COPY encoders (eventcore._pure.copy).
-COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
+COPY {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at, type_version)
 FROM STDIN (FORMAT BINARY)
 
 -- name: copy_columns
 -- A stored event as the store's reads send it: the table's own columns in their binary forms
--- (int8, text, int8, uuid, text, jsonb, jsonb or NULL, timestamptz), the layout of the COPY writer,
--- decoded by eventcore._pure.copy.decode_copy. No conversion on the server: jsonb's binary form is
--- a version byte and the JSON text, a timestamptz microseconds since 2000.
-position, stream_id, version, event_id, type, data, metadata, recorded_at
+-- (int8, text, int8, uuid, text, jsonb, jsonb or NULL, timestamptz, int2 or NULL), the layout of the
+-- COPY writer, decoded by eventcore._pure.copy.decode_copy. No conversion on the server: jsonb's
+-- binary form is a version byte and the JSON text, a timestamptz microseconds since 2000. The type
+-- version is sent as NULL when it is 1 (the decoders read NULL as 1): the server then calls no send
+-- function for it, which kept a COPY of 1M version-1 events 4 % slower than without the column
+-- instead of 10 %.
+position, stream_id, version, event_id, type, data, metadata, recorded_at, nullif(type_version, 1)
 
 -- Reads of streams (a command's read, read_stream): their first {FIRST_ROWS} events by a prepared
 -- statement fetched in binary (copy_reader.read_prepared: the values a binary COPY of the same
@@ -121,6 +124,11 @@ SELECT pg_terminate_backend(%s, %s)
 
 -- name: backend_alive
 SELECT count(*) > 0 FROM pg_stat_activity WHERE pid = %s
+
+-- name: type_counts
+-- Each stored type name with each of its type versions and how many events hold it (eventcore types).
+-- Unfenced: a count, not a feed; it reads every event once.
+SELECT type, type_version::int, count(*) FROM {s}.events GROUP BY type, type_version ORDER BY type, type_version
 
 -- name: event_by_id
 SELECT position FROM {s}.events WHERE event_id = %s

@@ -11,7 +11,7 @@
 -- [participants, events, idempotency key] (the key may be null or left out);
 -- participant = [stream_id, expected version, written (0/1)]; event = [stream_id,
 -- event id (hex), type, data (JSON), metadata (JSON or null), ordinal in the group
--- (1, 2, ...; positions are base + ordinal)]. One JSON parameter instead of nine
+-- (1, 2, ...; positions are base + ordinal), type version (1 when left out)]. One JSON parameter instead of nine
 -- arrays: the client encodes it in one msgspec call with the payloads embedded
 -- verbatim, and the server parses it once per statement.
 --
@@ -112,7 +112,7 @@ BEGIN
                     ELSE c.conflict END AS conflict
           FROM checked c
     ), numbered AS (
-        SELECT ev.m, ev.n, ev.s, ev.id, ev.t, ev.d, ev.md,
+        SELECT ev.m, ev.n, ev.s, ev.id, ev.t, ev.d, ev.md, ev.tv,
                (SELECT h.h FROM heads h WHERE h.m = ev.m AND h.s = ev.s)
                    + row_number() OVER (PARTITION BY ev.s ORDER BY ev.n) AS v
           -- An ordinal outside 1 .. {MAX_EVENTS_PER_TRANSACTION} would spill into another transaction's positions:
@@ -120,7 +120,8 @@ BEGIN
           FROM (SELECT m.ord::int AS m,
                        CASE WHEN (e.doc->>5)::bigint BETWEEN 1 AND {MAX_EVENTS_PER_TRANSACTION} THEN (e.doc->>5)::bigint END AS n,
                        e.doc->>0 AS s, (e.doc->>1)::uuid AS id,
-                       e.doc->>2 AS t, e.doc->3 AS d, nullif(e.doc->4, 'null'::jsonb) AS md
+                       e.doc->>2 AS t, e.doc->3 AS d, nullif(e.doc->4, 'null'::jsonb) AS md,
+                       coalesce((e.doc->>6)::smallint, 1::smallint) AS tv
                   FROM jsonb_array_elements(p_group->'g') WITH ORDINALITY AS m(doc, ord),
                        jsonb_array_elements(m.doc->1) AS e(doc)) AS ev
          WHERE ev.m IN (SELECT mb.m FROM members mb WHERE mb.conflict IS NULL)
@@ -132,8 +133,9 @@ BEGIN
         SELECT x.s, max(x.v) FROM numbered x GROUP BY x.s
         ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version
     ), inserted AS (
-        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at)
-        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, now() FROM numbered x, base
+        INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at,
+                                type_version)
+        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, now(), x.tv FROM numbered x, base
     ), keyed AS (
         INSERT INTO {s}.command_keys (key, first_position, event_count)
         SELECT mb.key, min(base.b + x.n), count(*)
