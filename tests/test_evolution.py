@@ -286,6 +286,24 @@ def test_definition_errors_name_the_type_and_versions():
             ec.upcaster("evo.err.H", from_version=0)
         assert issubclass(ec.EventDefinitionError, TypeError)
 
+        # Two lambdas (one name, one module) for one step are two upcasters, not one defined again.
+        class J(ec.Event):
+            __event_type__ = "evo.err.J"
+            __event_version__ = 2
+            x: int
+
+        ec.upcaster("evo.err.J", from_version=1)(lambda d: d)
+        with pytest.raises(ec.EventDefinitionError, match=r"two upcasters for event type 'evo.err.J' from version 1"):
+            ec.upcaster("evo.err.J", from_version=1)(lambda d: {"x": 1})
+
+        # Upcasters registered under a name that a class then takes as an alias: refused with the class.
+        ec.upcaster("evo.err.K.old", from_version=1)(lambda d: d)
+        with pytest.raises(ec.EventDefinitionError, match=r"registered under 'evo.err.K.old', which .*K names as an alias"):
+            class K(ec.Event):
+                __event_type__ = "evo.err.K"
+                __event_version__ = 2
+                __event_aliases__ = ("evo.err.K.old",)
+
 
 def test_read_errors_name_position_stream_type_and_versions(store):
     with isolated_registry():
@@ -757,3 +775,12 @@ def test_postgres_schema_of_version_5_gains_type_versions_and_its_events_are_ver
     with psycopg.connect(pg_dsn, autocommit=True) as admin:
         version = admin.execute(sql.SQL("SELECT max(version) FROM {}.schema_migrations").format(s)).fetchone()[0]
         assert version == pg_sql.SCHEMA_VERSION == 6
+        # The check on type_version was added without reading the events already there (NOT VALID: no
+        # scan under the migration's exclusive lock); it still refuses a bad row written since.
+        validated = admin.execute(
+            "SELECT convalidated FROM pg_constraint WHERE conname = 'events_type_version_check' "
+            "AND conrelid = %s::regclass", (f'"{pg_schema}".events',)).fetchone()[0]
+        assert validated is False
+        with pytest.raises(psycopg.errors.CheckViolation):
+            admin.execute(sql.SQL("INSERT INTO {}.events (position, stream_id, version, event_id, type, data, "
+                                  "type_version) VALUES (2, 't', 1, gen_random_uuid(), 'x', '{{}}', 0)").format(s))

@@ -140,13 +140,24 @@ def test_lag_is_reported_while_behind(store):
     assert status.state == "stopped"
 
 
-def test_a_read_of_many_batches_still_hands_each_batch_alone(store):
+def test_a_read_of_many_batches_still_hands_each_batch_alone(store, monkeypatch):
     """An unfiltered projector reads several batches at once (about READ_AHEAD_EVENTS events): each
-    is still its own transaction of at most batch_size events, in order, across reads."""
+    is still its own transaction of at most batch_size events, in order, across reads; the head is
+    read only once a page comes short."""
     from eventcore.projections import runner as runner_module
+    from eventcore.stores.postgres.projections import PostgresProjectionSession
+    from eventcore.stores.projection_storage import ProjectionSession
 
-    total = 2 * runner_module.READ_AHEAD_EVENTS + 11  # three reads
+    total = 2 * runner_module.READ_AHEAD_EVENTS + 11
     store.append([ec.emit(f"s-{i % 4}", Counted(i)) for i in range(total)])
+    calls = []
+    for cls in {ProjectionSession, PostgresProjectionSession}:
+        for name in ("head", "read_events"):
+            if name in vars(cls):
+                def counting(self, *args, _real=vars(cls)[name], _name=name):
+                    calls.append(_name)
+                    return _real(self, *args)
+                monkeypatch.setattr(cls, name, counting)
     batches = []
     proj = ec.Projector("chunks", batch_handler=lambda events, ctx: batches.append([e.data.n for e in events]),
                         batch_size=7)
@@ -155,6 +166,9 @@ def test_a_read_of_many_batches_still_hands_each_batch_alone(store):
     assert [n for b in batches for n in b] == list(range(total))
     assert runner.batches == len(batches) and runner.events_handled == total
     assert ec.projection_status(store)[0].position == store.head_position()
+    # 3 reads of 571 batches (3,997 events) and the short third read again after the head.
+    read_size = 7 * (runner_module.READ_AHEAD_EVENTS // 7)
+    assert calls == ["read_events"] * (total // read_size + 1) + ["head", "read_events"], calls
 
 
 # -- never skip ----------------------------------------------------------------------------------------

@@ -91,6 +91,15 @@ def _qualified(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _definition_site(fn) -> tuple:
+    """Where a function was defined: its qualified name, file and first line. The same site twice is
+    one upcaster defined again (a module reloaded); two lambdas, or two functions of one name in one
+    module, are two."""
+    code = getattr(fn, "__code__", None)
+    return _qualified(fn), getattr(code, "co_filename", None), getattr(code, "co_firstlineno", None), \
+        None if code is not None else id(fn)
+
+
 def register_event_type(cls: type[Event]) -> None:
     """Register `cls` under its type name and aliases (done automatically for every `Event` subclass).
 
@@ -115,6 +124,12 @@ def register_event_type(cls: type[Event]) -> None:
                 raise EventDefinitionError(
                     f"the {what} {n!r} of {_qualified(cls)} is already the {theirs} of {_qualified(existing)}: "
                     "a stored name can mean one class only"
+                )
+        for alias in names[1:]:
+            if _upcasters.get(alias):
+                raise EventDefinitionError(
+                    f"upcasters are registered under {alias!r}, which {_qualified(cls)} names as an alias: register "
+                    f"them under its current type name {name!r} (old events of an alias go through its chain)"
                 )
         too_new = sorted(v for v in _upcasters.get(name, {}) if v >= version)
         if too_new:
@@ -159,7 +174,7 @@ def upcaster(type_name: str, *, from_version: int):
         with _registry_lock:
             steps = _upcasters.setdefault(type_name, {})
             existing = steps.get(from_version)
-            if existing is not None and existing is not fn and _qualified(existing) != _qualified(fn):
+            if existing is not None and existing is not fn and _definition_site(existing) != _definition_site(fn):
                 raise EventDefinitionError(
                     f"two upcasters for event type {type_name!r} from version {from_version} to {from_version + 1}: "
                     f"{_qualified(existing)} and {_qualified(fn)}"

@@ -237,17 +237,25 @@ class ProjectionRunner:
         self.leading.set()
         log.info("projection %r: leading from position %d", p.name, position)
         retry = 0.0
+        # An unfiltered projector reads whole batches, about READ_AHEAD_EVENTS, per read (each batch still
+        # its own transaction); a filtered one reads a batch through its window of the feed.
+        unfiltered = p.type_names is None and p.stream_prefix is None
+        limit = p.batch_size * (max(1, READ_AHEAD_EVENTS // p.batch_size) if unfiltered else 1)
+        need_head = False  # catching up, pages come full: the head is read once one comes short
         while not self.stop_event.is_set():
             session.clear_wake()
             session.keep_listening()  # before the read: an append it misses notifies
             before = self._cursor
-            head = session.head()
-            page, bound = session.read_events(self._cursor, p.type_names, p.stream_prefix, p.batch_size,
-                                              p.decoding)
+            # The head, read before the page, is what a short page has caught up to. After a full page
+            # another one is likely, so it is not read; a short page read without it is read again,
+            # with it (once per catch-up).
+            head = session.head() if need_head else None
+            page, bound = session.read_events(self._cursor, p.type_names, p.stream_prefix, limit, p.decoding)
             self._failures = 0  # the connection works: the next reconnection starts from the base backoff
             if page:
                 self._process(session, page)
-            if len(page) < p.batch_size and bound is not None:
+            need_head = len(page) < limit
+            if len(page) < limit and bound is not None:
                 # A filtered read looked only up to `bound` (a window of the feed after the cursor)
                 # and found less than a page: nothing else up to `bound` is for this projector, and
                 # nothing can appear there later: `bound` is an event below the fence, so every
@@ -259,7 +267,9 @@ class ProjectionRunner:
                 self.caught_up.clear()
                 retry = 0.0
                 continue
-            if len(page) < p.batch_size:
+            if len(page) < limit:
+                if head is None:
+                    continue  # read again, the head first
                 # Everything up to `head` was read (head was read first): nothing up to it is left
                 # for this projector, so reading goes on from there. The stored checkpoint follows
                 # past such filtered-out events at most every `idle_checkpoint_interval` seconds
@@ -296,16 +306,17 @@ class ProjectionRunner:
 
     def _process(self, session: ProjectionSession, page: FeedPage) -> None:
         events = page.events
-        i, n = 0, len(events)
+        i, n, most = 0, len(events), self.projector.batch_size
         while i < n:  # the page in hand is finished even when a stop is requested
             j = i
-            while j < n and events[j] is not None:
+            while j < n and j - i < most and events[j] is not None:
                 j += 1
             if j > i:
                 self._apply_batch(session, page, i, j)
-            if j < n:
+            if j < n and events[j] is None:
                 self._failed(session, page.row(j), None, page.errors[j], attempts=1)
-            i = j + 1
+                j += 1
+            i = j
 
     def _commit(self, session: ProjectionSession, events: list) -> None:
         """One transaction: the handler over `events`, then the checkpoint moved to the last of them."""

@@ -19,6 +19,7 @@ from .connections import wait_readable, wait_readable_or_writable
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
 _TUPLES_OK = pq.ExecStatus.TUPLES_OK
 _UNDEFINED_STATEMENT = "26000"  # invalid_sql_statement_name: not prepared on this connection (any more)
+_DUPLICATE_STATEMENT = "42P05"  # duplicate_prepared_statement: prepared already (our record of it was lost)
 _BINARY = 1
 
 
@@ -78,8 +79,7 @@ def read_prepared(conn, name: bytes, query: str, params: list):
     pgconn = conn.pgconn
     for attempt in (1, 2):
         if name not in prepared:
-            _result(conn, pgconn, pgconn.send_prepare, (name, query.encode()))
-            prepared.add(name)
+            prepare(conn, name, query)
         try:
             return _result(conn, pgconn, pgconn.send_query_prepared, (name, params, None, _BINARY))
         except Exception as exc:
@@ -88,6 +88,18 @@ def read_prepared(conn, name: bytes, query: str, params: list):
                 raise
             prepared.discard(name)
     raise AssertionError("unreachable")
+
+
+def prepare(conn, name: bytes, query: str) -> None:
+    """Prepare `query` as `name` on the connection (read_prepared's statements; the store's pool does
+    it for each new connection), and remember it there."""
+    pgconn = conn.pgconn
+    try:
+        _result(conn, pgconn, pgconn.send_prepare, (name, query.encode()))
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _DUPLICATE_STATEMENT:
+            raise
+    conn.__dict__.setdefault("eventcore_prepared", set()).add(name)
 
 
 def _result(conn, pgconn, send, args):

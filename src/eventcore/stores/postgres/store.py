@@ -45,7 +45,7 @@ from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
-from .copy_reader import read_copy, read_prepared
+from .copy_reader import prepare, read_copy, read_prepared
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
@@ -89,6 +89,14 @@ def _schema_name(schema) -> str:
             f"and not information_schema, got {schema!r}")
     return schema
 
+
+
+#: The reads run as prepared statements (see copy_reader.read_prepared), prepared on each new connection.
+_PREPARED_READS = ("read_stream_first", "read_streams_first")
+
+
+def _prepared_name(name: str) -> bytes:
+    return b"eventcore_" + name.encode()
 
 
 #: How many stream ids PostgresStore._long_streams holds before it starts again (~100 bytes each).
@@ -273,6 +281,8 @@ class PostgresStore(EventStore):
         try:
             conn.execute(self._sql["append_group"], (_EMPTY_GROUP,)).fetchall()
             conn.execute(self._sql["reserve"], ([], [], [], 0)).fetchall()  # no events: returns before writing
+            for name in _PREPARED_READS:
+                prepare(conn, _prepared_name(name), self._sql[name])
         except psycopg.Error:
             pass
 
@@ -602,7 +612,7 @@ class PostgresStore(EventStore):
 
     def _first_rows(self, name: str, params: list, raw: bool) -> list[RecordedEvent]:
         """The events of a read_*_first statement (see queries.sql): prepared, fetched in binary."""
-        statement = b"eventcore_" + name.encode()
+        statement = _prepared_name(name)
         result = self._read(lambda conn, query, values: read_prepared(conn, statement, query, values), name, params)
         return _impl.decode_copy(_impl.copy_from_result(result), raw)
 

@@ -56,7 +56,15 @@ position, stream_id, version, event_id, type, data, metadata, recorded_at, nulli
 SELECT {copy_columns} FROM {s}.events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3
 
 -- name: read_streams_first
-SELECT {copy_columns} FROM {s}.events WHERE stream_id = ANY($1::text[]) ORDER BY position LIMIT {FIRST_ROWS}
+-- Each stream's first {FIRST_ROWS} events by the (stream_id, version) index, then the first {FIRST_ROWS}
+-- of them all by position: the same rows as `stream_id = ANY($1) ORDER BY position LIMIT`, which an
+-- event of one of them has at most {FIRST_ROWS} - 1 events of its stream before it, but that form let
+-- the planner walk the whole table in position order, filtering (seen: 240,000 rows passed over to
+-- find 256 of a stream appended last); this one reads at most {FIRST_ROWS} rows per stream.
+SELECT e.* FROM unnest($1::text[]) AS f(id)
+CROSS JOIN LATERAL (SELECT {copy_columns} FROM {s}.events WHERE stream_id = f.id ORDER BY version
+                    LIMIT {FIRST_ROWS}) AS e
+ORDER BY e.position LIMIT {FIRST_ROWS}
 
 -- Longer reads, and the feed's, run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a
 -- row, decoded from the bytes straight into events. COPY takes no server-side parameters: psycopg
