@@ -24,9 +24,11 @@ from .events import (
 from .payloads import DECODE_ERRORS, ENCODE_ERRORS, enc_hook
 
 _decoders: dict[type, msgspec.json.Decoder] = {}
-#: The stored JSON object as a dict: what `decode=False` delivers.
+#: The stored JSON object as a dict: what upcasters take.
 _raw_decoder = msgspec.json.Decoder(dict)
 raw_decode = _raw_decoder.decode
+#: The stored JSON as it is: what `decode=False` delivers (a dict; a list for an array_like class's events).
+stored_decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder(enc_hook=enc_hook).encode
 #: (class, stored version) -> its chain, for the registry generation in _chains_generation.
 _chains: dict[tuple[type, int], "_Chain"] = {}
@@ -47,7 +49,7 @@ def decoding(type_name: str, raw: bool, position, stream_id) -> tuple[Callable[[
     any version. Else the registered class's decoder, under the class's own name (an alias's events
     too), for the class's version; UnknownEventTypeError when no class is registered."""
     if raw:
-        return raw_decode, type_name, -1
+        return stored_decode, type_name, -1
     cls = _registry.get(type_name)
     if cls is None:
         raise UnknownEventTypeError(type_name, position, stream_id)
@@ -142,6 +144,8 @@ def check_chains(cls: type[Event] | None = None) -> None:
     """EventVersionError unless every registered class (or `cls`) has an upcaster for each step from
     version 1 to its version: call it at start-up (or in a test) to find a missing step before a
     read does."""
+    if cls is not None and not (isinstance(cls, type) and issubclass(cls, Event)):
+        raise ValidationError(f"check_chains takes an ec.Event subclass or nothing, got {cls!r}")
     with _registry_lock:
         classes = {c for c in _registry.values()} if cls is None else {cls}
     for c in sorted(classes, key=lambda c: c.__event_type__):
@@ -161,12 +165,13 @@ _RAW_WORDS = {"RawEvent": ("RawEvent", "RawEvent.data", "RawEvent.version"),
               "line": ("the line", "`data`", "`version`")}
 
 
-def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEvent") -> int:
+def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEvent", against_class: bool = True) -> int:
     """The type version a RawEvent is stored with, its payload checked against its class.
 
     `version` None: the registered class's version, or 1 for a type this process does not know.
     For a known type the payload must decode as the class, through the upcasters from `version`:
-    otherwise ValidationError saying why, and nothing is written."""
+    otherwise ValidationError saying why, and nothing is written. `against_class` False: the version
+    alone (an item a resumed ingest passes over: see jsonl.parse_line)."""
     event_words, data_words, version_words = _RAW_WORDS[what]
     if version is not None and (type(version) is not int or not 1 <= version <= MAX_EVENT_VERSION):
         raise ValidationError(f"{version_words} of type {type_name!r} must be an int in 1..{MAX_EVENT_VERSION} "
@@ -175,6 +180,8 @@ def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEven
     if cls is None:
         return 1 if version is None else version
     current = cls.__event_version__
+    if not against_class:
+        return current if version is None else version
     if version is None:
         version = current
     try:

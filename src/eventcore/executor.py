@@ -28,13 +28,14 @@ from .errors import (
     CommandTimeoutError,
     ConcurrencyError,
     DuplicateCommandError,
+    EventVersionError,
     SerializationError,
     StoreTimeoutError,
     StoreUnavailableError,
     UndeclaredStreamError,
     ValidationError,
 )
-from .events import EventToWrite, Metadata, RecordedEvent
+from .events import EventToWrite, Metadata, RawEvent, RecordedEvent
 from .metrics import MetricsCollector
 from .options import described as _described, seconds
 from .stores.base import EventStore
@@ -585,11 +586,18 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 if unconfirmed:  # events decided on cached state that cannot be written: as a refusal
                     _confirm_current(store, versions)
                 raise
-            if entry is not None:
+            # A RawEvent is written in its stored form, and a read gives it back as the class it decodes
+            # to (through the upcasters): the cache would hold what no read returns. Its streams are
+            # forgotten instead, and read afresh by the next command.
+            raw = entry is not None and any(type(e.data) is RawEvent for e in recorded)
+            if raw:
+                entry.valid = False
+                cache._forget(store, {*versions, *(e.stream_id for e in recorded)})
+            elif entry is not None:
                 cache._remember_append(store, recorded, versions)
             for e in recorded:
                 versions[e.stream_id] = e.version
-            if entry is not None:
+            if entry is not None and not raw:
                 _remember(entry, command, state, recorded, versions)
             return ExecutionResult(recorded, attempt, versions)
         except ConcurrencyError as exc:
@@ -621,6 +629,16 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
             if exc.maybe_committed:
                 ambiguous.append(exc)
             failure = exc
+        except EventVersionError:
+            # Events newer than this code's classes (a later release wrote them; a rolling deploy). If
+            # this very command already ran, its replay needs no read of them.
+            if entry is not None:
+                entry.valid = False
+            if key is not None:
+                prior = store.recorded_command(key)
+                if prior:
+                    return _replayed(prior, attempt)
+            raise
         except BusinessRuleViolation:
             if key is not None:  # refused now perhaps because this very command already ran
                 prior = store.recorded_command(key)

@@ -77,11 +77,13 @@ def line_digest(raw: bytes) -> str:
 VALID_NAMES_MEMO = 100_000
 
 
-def parse_line(number: int, raw: bytes, valid: dict | None = None) -> tuple:
+def parse_line(number: int, raw: bytes, valid: dict | None = None, against_class: bool = True) -> tuple:
     """(stream id, RawEvent, metadata) of one line, or BadLine naming what is wrong with it.
 
     `valid`: a dict the caller keeps between lines, of stream ids and type names found valid
-    already (checked once each)."""
+    already (checked once each). `against_class` False: the payload is not checked against its
+    registered class (a line an earlier run committed, which a resumed ingest passes over: that run
+    checked it against the class of its day, which may have changed since)."""
     if raw.startswith(_BOM):
         raise BadLine(number, "starts with a UTF-8 byte-order mark (BOM): save the file as UTF-8 without BOM", raw)
     try:
@@ -118,7 +120,7 @@ def parse_line(number: int, raw: bytes, valid: dict | None = None) -> tuple:
             raise BadLine(number, str(exc), raw) from None
         _remember(valid, ("t", line.type), True)
     try:
-        version = raw_event_version(line.type, data, line.version, "line")
+        version = raw_event_version(line.type, data, line.version, "line", against_class)
     except ValidationError as exc:
         raise BadLine(number, str(exc), raw) from None
     md = line.metadata
@@ -153,6 +155,9 @@ class JsonLinesReader:
         #: False: a passed-over line yields nothing, so items are numbered among valid lines only (how an
         #: eventcore before schema 3 counted; an ingest it started is resumed in its own coordinates).
         self.keep_places = keep_places
+        #: For a resumed ingest: whether the item of an index was committed by an earlier run (see
+        #: eventcore.stores.ingest.committed_items); such a line's payload is not checked against its class.
+        self.committed = None
         self.lines = 0
         self.rejected = 0
         try:
@@ -175,8 +180,10 @@ class JsonLinesReader:
 
     def __iter__(self) -> Iterator[tuple]:
         number = 0
+        item = -1  # the index of the item this line is (lines passed over included when keep_places)
         lines = iter(self._buffered)
         valid: dict = {}
+        committed = self.committed
         while True:
             try:
                 raw = next(lines, None)
@@ -192,18 +199,21 @@ class JsonLinesReader:
             stripped = raw.strip()
             if not stripped:
                 if self.keep_places:
+                    item += 1
                     yield None
                 continue
             try:
-                parsed = parse_line(number, stripped, valid)
+                parsed = parse_line(number, stripped, valid, committed is None or not committed(item + 1))
             except BadLine as bad:
                 if self.on_bad is None:
                     raise
                 self.rejected += 1
                 self.on_bad(bad)  # outside the read's error handling: its own errors are its own
                 if self.keep_places:
+                    item += 1
                     yield None
                 continue
+            item += 1
             yield parsed
 
     def close(self) -> None:

@@ -7,6 +7,7 @@ import os
 import sys
 
 from ..errors import EventCoreError
+from ..stores.ingest import committed_items
 from .common import dsn_of as _dsn, import_event_modules
 
 
@@ -228,6 +229,7 @@ def _cmd_ingest(args) -> int:
             try:
                 resume_key, reader.keep_places = _cli_resume_key(store, args)
                 lanes = _lanes(store, args.parallel, resume_key)
+                reader.committed = committed_items(store, resume_key, lanes)
                 result = store.ingest(reader, batch_size=args.batch_size, on_batch=on_batch, parallel=lanes,
                                       resume_key=resume_key)
                 events, batches, skipped = result.events, result.batches, result.skipped

@@ -19,7 +19,7 @@ from typing import Iterable, Iterator, Mapping
 import msgspec
 
 from .. import _impl
-from ..errors import DuplicateCommandError, ValidationError
+from ..errors import DuplicateCommandError, EventVersionError, UnknownEventTypeError, ValidationError
 from ..formats import INT64_MAX
 from ..events import EventToWrite, Metadata, RawEvent, RecordedEvent
 from ..streams import forbidden_character, stream_id as _stream_id
@@ -218,7 +218,21 @@ class EventStore(ABC):
     def recorded_command(self, key: str | uuid.UUID) -> list[RecordedEvent] | None:
         """The events an append with idempotency key `key` recorded, or None if no append committed with it."""
         rows = self._recorded_command_rows(validate_idempotency_key(key))
-        return _impl.decode_rows(rows) if rows else None
+        if not rows:
+            return None
+        try:
+            return _impl.decode_rows(rows)
+        except (UnknownEventTypeError, EventVersionError):
+            # The command's events as stored for a type this process does not know (a RawEvent it wrote),
+            # or at a version newer than its class (a later release wrote it): a replay or a duplicate
+            # still hands back what was recorded, those events raw (`decode=False`'s shape), the rest decoded.
+            out = []
+            for row in rows:
+                try:
+                    out.extend(_impl.decode_rows([row]))
+                except (UnknownEventTypeError, EventVersionError):
+                    out.extend(_impl.decode_rows([row], True))
+            return out
 
     @abstractmethod
     def _recorded_command_rows(self, key: str) -> list:

@@ -189,17 +189,29 @@ def _ingest_item(item, metadata, valid_ids: dict):
         sid = known
     elif type(sid) is not StreamId:
         sid = _stream_id(sid)
-    if not isinstance(ev, Event):
-        if type(ev) is not RawEvent:
-            raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
-        t, data, tv = check_raw_event(ev)
-        if ev.version != tv:
-            ev = RawEvent(t, data, tv)
+    if not isinstance(ev, Event) and type(ev) is not RawEvent:
+        raise ValidationError(f"not an ec.Event: {type(ev).__name__}")
     if md is None:
         md = metadata
     elif type(md) is not Metadata:
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(md).__name__}")
     return sid, ev, md
+
+
+def committed_items(store, resume_key: str | None, parallel: int):
+    """For a resumed ingest: a predicate telling whether the input item of an index was committed by
+    an earlier run (below every lane's count and not a hole), or None when nothing was. A reader
+    passes such items over without checking them against their class (see jsonl.JsonLinesReader)."""
+    if resume_key is None:
+        return None
+    recorded = store._ingest_progress(resume_key)
+    if not recorded:
+        return None
+    below = min(recorded.get(lane, (0, 0))[1] for lane in range(parallel))
+    if below == 0:
+        return None
+    holes = store._ingest_holes(resume_key)
+    return lambda index: index < below and index not in holes
 
 
 def ingest(
@@ -341,6 +353,17 @@ def ingest(
                     with lock:
                         rebase.add(sid)
                 continue
+            if type(ev) is RawEvent and type(item) is not ValidatedItem:
+                # Checked against its class only now that it is to be written: an item an earlier run
+                # committed is passed over unchecked (that run checked it against the class of its day,
+                # which may have changed since: a resumed ingest must be able to finish).
+                try:
+                    t, data, tv = check_raw_event(ev)
+                except EventCoreError as exc:
+                    failure = (index, False, exc)
+                    break
+                if ev.version != tv:
+                    ev = RawEvent(t, data, tv)
             lane = lanes[lane_no]
             if not lane.sids:
                 lane.start = index
