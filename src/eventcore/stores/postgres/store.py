@@ -66,7 +66,7 @@ _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statemen
 MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: The statements the store runs, rendered once per store (psycopg would otherwise compose each
 #: statement's bytes on every call).
-_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream_first", "read_streams_first", "read_stream",
+_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
                "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
                "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock")
 
@@ -92,7 +92,7 @@ def _schema_name(schema) -> str:
 
 
 #: The reads run as prepared statements (see copy_reader.read_prepared), prepared on each new connection.
-_PREPARED_READS = ("read_stream_first", "read_streams_first")
+_PREPARED_READS = ("read_stream_first", "read_streams_prepared")
 
 
 def _prepared_name(name: str) -> bytes:
@@ -634,23 +634,21 @@ class PostgresStore(EventStore):
     def _read_streams(self, stream_ids, raw=False):
         if len(stream_ids) == 1:
             return {stream_ids[0]: self._read_stream(stream_ids[0], 1, None, raw)}
+        # One statement, so the streams are read at one point in time (the executor counts on it, see
+        # _attempts): prepared, unless one of them is known to be long (then COPY, cheaper per event).
         long = self._long_streams
-        if not any(s in long for s in stream_ids):
-            # The first FIRST_ROWS events by prepared statement; if there may be more, all of them again
-            # by COPY: several streams are read at one point in time (the executor counts on it, see
-            # _attempts), which two reads joined by version would not be.
-            events = self._first_rows("read_streams_first", [_text_array(stream_ids)], raw)
-            if len(events) < FIRST_ROWS:
-                return group_by_stream(stream_ids, events)
-        out = group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
-        # The longest streams, until the others together fit in the prepared statement's rows.
-        left, longest = sum(map(len, out.values())), []
-        for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
-            if left < FIRST_ROWS:
-                break
-            longest.append(s)
-            left -= len(out[s])
-        _remember_long(long, longest)
+        if any(s in long for s in stream_ids):
+            return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
+        out = group_by_stream(stream_ids, self._first_rows("read_streams_prepared", [_text_array(stream_ids)], raw))
+        left = sum(map(len, out.values()))
+        if left > FIRST_ROWS:  # long: its longest streams, until the others fit, are read by COPY next time
+            longest = []
+            for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
+                if left <= FIRST_ROWS:
+                    break
+                longest.append(s)
+                left -= len(out[s])
+            _remember_long(long, longest)
         return out
 
     def _stream_versions(self, stream_ids):

@@ -42,8 +42,7 @@ FROM STDIN (FORMAT BINARY)
 -- instead of 10 %.
 position, stream_id, version, event_id, type, data, metadata, recorded_at, nullif(type_version, 1)
 
--- Reads of streams (a command's read, read_stream): their first {FIRST_ROWS} events by a prepared
--- statement fetched in binary (copy_reader.read_prepared: the values a binary COPY of the same
+-- Reads of streams (a command's read, read_stream): by a prepared statement fetched in binary (copy_reader.read_prepared: the values a binary COPY of the same
 -- columns sends, laid out as one for decode_copy by copy_from_result); a longer read goes on by
 -- COPY (see PostgresStore._read_stream, _read_streams). Simple statements on purpose: the session
 -- plans each call anew (plan_cache_mode), and a statement that asked the heads first how long the
@@ -55,16 +54,12 @@ position, stream_id, version, event_id, type, data, metadata, recorded_at, nulli
 -- version) index gives the first rows of a long stream without reading the rest.
 SELECT {copy_columns} FROM {s}.events WHERE stream_id = $1 AND version >= $2 ORDER BY version LIMIT $3
 
--- name: read_streams_first
--- Each stream's first {FIRST_ROWS} events by the (stream_id, version) index, then the first {FIRST_ROWS}
--- of them all by position: the same rows as `stream_id = ANY($1) ORDER BY position LIMIT`, which an
--- event of one of them has at most {FIRST_ROWS} - 1 events of its stream before it, but that form let
--- the planner walk the whole table in position order, filtering (seen: 240,000 rows passed over to
--- find 256 of a stream appended last); this one reads at most {FIRST_ROWS} rows per stream.
-SELECT e.* FROM unnest($1::text[]) AS f(id)
-CROSS JOIN LATERAL (SELECT {copy_columns} FROM {s}.events WHERE stream_id = f.id ORDER BY version
-                    LIMIT {FIRST_ROWS}) AS e
-ORDER BY e.position LIMIT {FIRST_ROWS}
+-- name: read_streams_prepared
+-- Several streams: all their events (no LIMIT: with one, the planner could walk the whole feed in
+-- position order, filtering, to find the first rows of streams appended last; a per-stream LIMIT
+-- through LATERAL cost more to plan than the prepared statement saved). A read that proves long
+-- marks its longest streams, whose next reads go by COPY (see PostgresStore._read_streams).
+SELECT {copy_columns} FROM {s}.events WHERE stream_id = ANY($1::text[]) ORDER BY position
 
 -- Longer reads, and the feed's, run as COPY (SELECT ...) TO STDOUT (FORMAT BINARY): one message a
 -- row, decoded from the bytes straight into events. COPY takes no server-side parameters: psycopg
