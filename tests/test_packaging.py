@@ -55,6 +55,14 @@ def test_the_pypi_page_links_only_absolute_urls():
     assert all(url.startswith("https://") for url in PYPROJECT["project"]["urls"].values())
 
 
+def test_the_pypi_page_example_runs(tmp_path):
+    text = (ROOT / PYPROJECT["project"]["readme"]).read_text()
+    (example,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    script = example + "print([(e.version, e.data.amount) for e in store.read_stream('account-alice')])\n"
+    proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert (proc.returncode, proc.stdout) == (0, "[(1, 100)]\n"), proc.stderr
+
+
 def _manifest_files() -> set[str]:
     """The files MANIFEST.in adds (its `include` and `recursive-include` lines), as setuptools globs them."""
     files: set[str] = set()
