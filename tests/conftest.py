@@ -6,9 +6,15 @@ other fixtures (a server, a schema name) with `request.getfixturevalue(...)`.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import eventcore
+
+# Child processes the tests start run the implementation under test; and a pure-Python build,
+# named by EVENTCORE_IMPL=python, keeps PurePythonWarning off the stderr that tests compare.
+os.environ.setdefault("EVENTCORE_IMPL", eventcore.__impl__)
 
 # PostgreSQL fixtures (pg_dsn, pg_schema): a throwaway cluster or EVENTCORE_TEST_DSN.
 pytest_plugins = ["pgserver"]

@@ -8,6 +8,7 @@ atomically, with optimistic concurrency on every stream it read.
     ec.execute(store, Deposit(account=ec.StreamId("account-1"), amount=10))
 """
 from ._impl import IMPL as __impl__
+from ._impl import PurePythonWarning
 from .payloads import MAX_PAYLOAD_BYTES
 from .commands import Command, require
 from .errors import (
@@ -84,6 +85,7 @@ __all__ = [
     "ProjectionRunner",
     "ProjectionStatus",
     "Projector",
+    "PurePythonWarning",
     "RawEvent",
     "RecordedEvent",
     "Retry",

@@ -7,7 +7,8 @@ tests/test_hotpath.py checks both against it, and `_speedups.pyi` too.
 
 EVENTCORE_IMPL=c       the compiled extension; ImportError if it cannot load
 EVENTCORE_IMPL=python  the pure-Python twins
-unset or empty         the best available: compiled if it loads, else Python
+unset or empty         the best available: compiled if it loads, else Python with one
+                       PurePythonWarning at import (a slower build should not go unnoticed)
 
 The chosen functions become attributes of this module (`_impl.decode_rows`).
 Modules elsewhere call the hot path through them, never through `_pure` or
@@ -16,6 +17,7 @@ Modules elsewhere call the hot path through them, never through `_pure` or
 from __future__ import annotations
 
 import os
+import warnings
 from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
@@ -87,6 +89,14 @@ HOT_PATH_NAMES: tuple[str, ...] = tuple(
     name for name, value in vars(HotPath).items() if not name.startswith("_") and callable(value)
 )
 
+
+class PurePythonWarning(RuntimeWarning):
+    """eventcore runs its pure-Python twin because the compiled extension cannot be imported.
+
+    A RuntimeWarning, not an ImportWarning: Python ignores ImportWarnings by default, and this
+    one is meant to be seen. EVENTCORE_IMPL=python chooses the twin and silences it."""
+
+
 _requested = os.environ.get("EVENTCORE_IMPL", "").strip().lower()
 if _requested not in ("", "c", "python"):
     raise ImportError(f"EVENTCORE_IMPL must be 'c', 'python' or empty, not {_requested!r}")
@@ -104,6 +114,14 @@ def _load(requested: str) -> tuple[str, HotPath]:
                     "install a wheel or build from source with Cython and a C compiler, or set "
                     "EVENTCORE_IMPL=python (or leave it empty for the best available)."
                 ) from exc
+            warnings.warn(
+                "eventcore is falling back to its slower pure-Python implementation: the compiled extension "
+                f"eventcore._speedups cannot be imported ({exc}). Install a wheel or build from source with "
+                "a C compiler, or set EVENTCORE_IMPL=python to choose the pure-Python implementation and "
+                "silence this warning.",
+                PurePythonWarning,
+                stacklevel=2,
+            )
         else:
             return "c", _speedups
     from . import _pure
