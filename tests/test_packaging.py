@@ -79,16 +79,27 @@ def _manifest_files() -> set[str]:
     return files
 
 
+def _build_installed() -> bool:
+    """Whether PyPA's `build` is installed (by its distribution: a checkout's own build/ folder, which
+    setuptools leaves behind, would pass for an importable `build` package from the repository root)."""
+    try:
+        importlib.metadata.distribution("build")
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def _sdist_files(tmp_path: Path) -> set[str]:
+    # Run from tmp_path: from the repository root `-m build` would find the build/ folder first.
     subprocess.run([sys.executable, "-m", "build", "--sdist", "--outdir", str(tmp_path), str(ROOT)],
-                   check=True, capture_output=True, timeout=600)
+                   check=True, capture_output=True, timeout=600, cwd=tmp_path)
     (archive,) = tmp_path.glob("*.tar.gz")
     with tarfile.open(archive) as tar:
         return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
 
 
 def test_the_sdist_carries_what_its_tests_read(tmp_path):
-    if os.environ.get("CI", "").lower() == "true" and importlib.util.find_spec("build") is not None:
+    if os.environ.get("CI", "").lower() == "true" and _build_installed():
         files = _sdist_files(tmp_path)
     else:
         files = _manifest_files()
