@@ -43,18 +43,7 @@ def read_copy(conn, query, params) -> bytearray:
                 break
         # The statement's own result: COMMAND_OK, or the error that ended the COPY. All of them are
         # read, leaving the connection idle, as psycopg's Copy expects when its block ends without error.
-        error = None
-        while True:
-            while pgconn.is_busy():
-                _wait_readable(pgconn)
-                pgconn.consume_input()
-            result = pgconn.get_result()
-            if result is None:
-                break
-            if result.status != _COMMAND_OK and error is None:
-                error = error_from_result(result, encoding=conn.info.encoding)
-        if error is not None:
-            raise error
+        _results(conn, pgconn, (_COMMAND_OK,))
     return out
 
 
@@ -109,6 +98,12 @@ def _result(conn, pgconn, send, args):
     while pgconn.flush():  # 1: the socket took part of it (a long list of stream ids); libpq keeps the rest
         wait_readable_or_writable(pgconn.socket)
         pgconn.consume_input()
+    return _results(conn, pgconn, (_TUPLES_OK, _COMMAND_OK))
+
+
+def _results(conn, pgconn, ok: tuple):
+    """Every result of the statement in flight, read (the connection left idle): the last one whose
+    status is in `ok`, or the first error, raised as psycopg raises it."""
     out = error = None
     while True:
         while pgconn.is_busy():
@@ -117,7 +112,7 @@ def _result(conn, pgconn, send, args):
         result = pgconn.get_result()
         if result is None:
             break
-        if result.status in (_TUPLES_OK, _COMMAND_OK):
+        if result.status in ok:
             out = result
         elif error is None:
             error = error_from_result(result, encoding=conn.info.encoding)
