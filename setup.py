@@ -15,7 +15,7 @@ ext/*.pyx is one module, eventcore.<stem>; the ext/*.pxi files are the parts it 
   EVENTCORE_IMPL=python says the pure-Python implementation is meant.
 * EVENTCORE_REQUIRE_EXTENSIONS=1 (what CI sets) is still honoured; it is what every build
   now does unless EVENTCORE_PUREPYTHON=1, and asking for both is an error.
-* Release builds carry no debug symbols (`build_ext --debug` keeps them).
+* Release builds carry no debug symbols (`build_ext --debug` or EVENTCORE_DEBUG=1 keeps them).
 """
 import os
 import sys
@@ -75,7 +75,8 @@ class RequiredBuildExt(build_ext):
     """Compile the extensions, without debug symbols unless --debug; a failure fails the build."""
 
     def build_extensions(self):
-        if not self.debug:
+        # EVENTCORE_DEBUG=1 keeps the symbols too (pip cannot pass --debug through to build_ext).
+        if not self.debug and os.environ.get("EVENTCORE_DEBUG") != "1":
             compile_args, link_args = _strip_flags(self.compiler.compiler_type, sys.platform)
             for ext in self.extensions:
                 ext.extra_compile_args = [*ext.extra_compile_args, *compile_args]

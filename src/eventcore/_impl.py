@@ -94,7 +94,10 @@ class PurePythonWarning(RuntimeWarning):
     """eventcore runs its pure-Python twin because the compiled extension cannot be imported.
 
     A RuntimeWarning, not an ImportWarning: Python ignores ImportWarnings by default, and this
-    one is meant to be seen. EVENTCORE_IMPL=python chooses the twin and silences it."""
+    one is meant to be seen. EVENTCORE_IMPL=python chooses the twin and silences it; so does a filter
+    by module set before the import (warnings.filterwarnings("ignore", category=RuntimeWarning,
+    module="eventcore")). A filter naming this class cannot work: it exists only once the import that
+    warns has run."""
 
 
 _requested = os.environ.get("EVENTCORE_IMPL", "").strip().lower()
