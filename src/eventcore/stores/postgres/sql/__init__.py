@@ -31,11 +31,12 @@ STORE_LOCK_KEY = int.from_bytes(b"eventcor", "big")
 #: per stream (see functions/lock_streams.sql).
 BULK_STREAMS = 2048
 
-#: Events a read of streams fetches by prepared statement before it goes on by COPY (see the
-#: read_stream_first section of queries.sql). Measured here (compiled hot path): the prepared
+#: Events a read of one stream fetches by prepared statement before it goes on by COPY, and the size
+#: past which a read of several streams marks its longest ones to be read by COPY next time (see
+#: PostgresStore._read_stream, _read_streams). Measured here (compiled hot path): the prepared
 #: statement starts 0.05-0.1 ms sooner than a COPY and costs ~0.4 us more per event (a libpq value
-#: per column, against one message per row), so they break even around 150-250 events; a read past
-#: 256 pays one COPY more (~0.2 ms), which the first 256 events' head start mostly repays by ~600.
+#: per column, against one message per row), so they break even around 150-250 events; a one-stream
+#: read past 256 pays one COPY more (~0.2 ms), which the first 256 events' head start mostly repays.
 FIRST_ROWS = 256
 
 #: What `{NAME}` stands for in the .sql files.

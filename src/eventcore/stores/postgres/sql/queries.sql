@@ -42,12 +42,12 @@ FROM STDIN (FORMAT BINARY)
 -- instead of 10 %.
 position, stream_id, version, event_id, type, data, metadata, recorded_at, nullif(type_version, 1)
 
--- Reads of streams (a command's read, read_stream): by a prepared statement fetched in binary (copy_reader.read_prepared: the values a binary COPY of the same
--- columns sends, laid out as one for decode_copy by copy_from_result); a longer read goes on by
--- COPY (see PostgresStore._read_stream, _read_streams). Simple statements on purpose: the session
--- plans each call anew (plan_cache_mode), and a statement that asked the heads first how long the
--- read will be cost more to plan than it saved. $n, not %s: the store prepares these statements on
--- each connection itself.
+-- Reads of streams (a command's read, read_stream): by a prepared statement fetched in binary
+-- (copy_reader.read_prepared: the values a binary COPY of the same columns sends, laid out as one
+-- for decode_copy by copy_from_result); a longer read goes on by COPY (see PostgresStore._read_stream,
+-- _read_streams). Simple statements on purpose: the session plans each call anew (plan_cache_mode),
+-- and a statement that asked the heads first how long the read will be cost more to plan than it
+-- saved. $n, not %s: the store prepares these statements on each connection itself.
 
 -- name: read_stream_first
 -- Parameters: stream id, from version, limit (at most {FIRST_ROWS}). By version: the (stream_id,
