@@ -108,7 +108,8 @@ def test_a_postgresql_command_without_driver_is_a_one_line_error(argv):
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr
     lines = proc.stderr.splitlines()
     assert len(lines) == 1, proc.stderr
-    assert lines[0].startswith(f"eventcore {argv[0]}: error: ") and "pip install 'pyeventcore[postgres]'" in lines[0]
+    assert lines[0].startswith(f"eventcore {argv[0]}: error: ") and "pip install 'pyeventcore[postgres]'" in lines[0] \
+        and "'pyeventcore[postgres-binary]'" in lines[0]
     assert "pw" not in proc.stderr
     # The bench finds the driver missing before it starts a temporary cluster (seconds of initdb).
     assert "starting a temporary PostgreSQL cluster" not in proc.stderr, took

@@ -66,13 +66,18 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
     return store
 
 
+#: How to install the PostgreSQL driver, as the errors of a missing one say it.
+INSTALL_POSTGRES = ("pip install 'pyeventcore[postgres]' (psycopg compiled against libpq: needs pg_config and a C "
+                    "compiler) or 'pyeventcore[postgres-binary]' (psycopg's prebuilt binary)")
+
+
 def _open(url: str, scheme: str, module_name: str, class_name: str, options: dict) -> EventStore:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:
         if exc.name == module_name:
             raise ValidationError(f"the {scheme} backend is not available in this version of eventcore") from None
-        raise ImportError(f"the {scheme} backend needs {exc.name!r}: pip install 'pyeventcore[postgres]'") from exc
+        raise ImportError(f"the {scheme} backend needs {exc.name!r}: {INSTALL_POSTGRES}") from exc
     cls = getattr(module, class_name)
     if scheme == "memory":
         if url.split("://", 1)[1].strip("/"):

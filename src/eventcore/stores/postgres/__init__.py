@@ -14,9 +14,9 @@ try:
     import psycopg
     import psycopg_pool
 except ImportError as exc:  # pragma: no cover - exercised only without the extra installed
-    raise ImportError(
-        "the PostgreSQL backend needs psycopg 3 and psycopg_pool: pip install 'pyeventcore[postgres]'"
-    ) from exc
+    from .. import INSTALL_POSTGRES
+
+    raise ImportError(f"the PostgreSQL backend needs psycopg 3 and psycopg_pool: {INSTALL_POSTGRES}") from exc
 del psycopg, psycopg_pool
 
 # Redaction lives in a module without a driver (the CLI shows URLs of every backend); it is offered here too.
