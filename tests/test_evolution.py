@@ -567,8 +567,10 @@ def test_both_twins_agree_on_upcast_current_alias_and_raw_rows(impl):
 
     try:
         from eventcore import _speedups
-    except ImportError:
+    except ImportError:  # the compiled extension is part of every CI build
         if impl == "c":
+            if os.environ.get("CI", "").lower() == "true":
+                raise
             pytest.skip("compiled extension not built")
     twin = _pure if impl == "python" else _speedups
     with isolated_registry():
