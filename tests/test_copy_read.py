@@ -613,7 +613,7 @@ def test_postgres_a_read_statement_the_server_forgot_is_prepared_again(pg_dsn, p
         store.close()
 
 
-def test_postgres_the_first_rows_of_several_streams_never_walk_the_feed(pg):
+def test_postgres_the_prepared_read_of_several_streams_never_walks_the_feed(pg):
     """The prepared read of several streams that are a small share of the table finds them through
     the (stream_id, version) index, also when they were appended last (it has no LIMIT: with one,
     `ANY(...) ORDER BY position LIMIT` could walk the primary key, filtering, past every earlier event)."""

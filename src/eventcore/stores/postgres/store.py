@@ -610,8 +610,8 @@ class PostgresStore(EventStore):
     def _resume_keys(self, prefix):
         return [key for (key,) in self._fetch("resume_keys", (prefix,))]
 
-    def _first_rows(self, name: str, params: list, raw: bool) -> list[RecordedEvent]:
-        """The events of a read_*_first statement (see queries.sql): prepared, fetched in binary."""
+    def _prepared_read(self, name: str, params: list, raw: bool) -> list[RecordedEvent]:
+        """The events of one of _PREPARED_READS (see queries.sql): prepared, fetched in binary."""
         statement = _prepared_name(name)
         result = self._read(lambda conn, query, values: read_prepared(conn, statement, query, values), name, params)
         return _impl.decode_copy(_impl.copy_from_result(result), raw)
@@ -624,7 +624,7 @@ class PostgresStore(EventStore):
         # version. A stream's versions never change, so the two reads join without a gap or a repeat,
         # and together they are the stream as the second one saw it: one point in time still.
         first = FIRST_ROWS if limit is None else min(limit, FIRST_ROWS)
-        events = self._first_rows("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first], raw)
+        events = self._prepared_read("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first], raw)
         if len(events) == FIRST_ROWS and limit != FIRST_ROWS:
             events += _impl.decode_copy(self._copy_out(
                 "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS)), raw)
@@ -639,7 +639,7 @@ class PostgresStore(EventStore):
         long = self._long_streams
         if any(s in long for s in stream_ids):
             return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
-        out = group_by_stream(stream_ids, self._first_rows("read_streams_prepared", [_text_array(stream_ids)], raw))
+        out = group_by_stream(stream_ids, self._prepared_read("read_streams_prepared", [_text_array(stream_ids)], raw))
         left = sum(map(len, out.values()))
         if left > FIRST_ROWS:  # long: its longest streams, until the others fit, are read by COPY next time
             longest = []
