@@ -187,7 +187,7 @@ def test_append_and_read_streams_are_one_statement_each(pg, monkeypatch):
     monkeypatch.undo()
     assert result.attempts == 1 and len(result.events) == 2
     assert len(calls) == 2 and calls[0].startswith("SELECT") and "ANY" in calls[0], calls
-    assert "append_group" in calls[1]
+    assert "append_one" in calls[1]  # a lone append: the function made for a group of one
 
 
 def test_conflict_leaves_nothing_and_names_the_stream(pg):

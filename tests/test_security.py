@@ -882,8 +882,9 @@ def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, p
         pg_legacy.make(admin, pg_schema, 3)  # the schema as eventcore 3 left it
         admin.execute(sql.SQL("CREATE ROLE {} LOGIN PASSWORD {}").format(sql.Identifier(role), sql.Literal(password)))
         for statement in least_privilege_grants(pg_schema, role):
-            if not any(table in statement.as_string(admin) for table in ("command_keys", "ingest_progress",
-                                                                            "ingest_holes")):
+            # What version 3 did not have: the tables of migrations 4 and 5, the function of migration 7.
+            if not any(name in statement.as_string(admin) for name in ("command_keys", "ingest_progress",
+                                                                          "ingest_holes", "append_one")):
                 admin.execute(statement)
     try:
         ec.connect(pg_dsn, schema=pg_schema).close()  # the owner upgrades

@@ -126,6 +126,9 @@ _Raw = msgspec.Raw
 
 #: An append_group argument with no members: what _warm_up sends.
 _EMPTY_GROUP = '{"n": 0, "g": []}'
+#: An append_one argument that writes nothing (one participant, any version, no event): what _warm_up
+#: sends to have the server compile append_one. It takes two advisory locks, which its transaction ends.
+_LONE_EMPTY_MEMBER = '{"n": 1, "g": [[[["eventcore warm-up", -1, 0]], []]]}'
 
 
 def _encode_group(group: list) -> str:

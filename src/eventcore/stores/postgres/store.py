@@ -48,7 +48,7 @@ from . import copy_writer, migrations
 from .copy_reader import prepare, read_copy, read_prepared
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
-from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _encode_group, _GroupCommitter
+from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE_EMPTY_MEMBER, _encode_group, _GroupCommitter
 from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, FIRST_ROWS, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, \
     copy_read_all_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
@@ -66,7 +66,7 @@ _OPTIONS = {"schema", "pool_size", "pool_min_size", "connect_timeout", "statemen
 MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: The statements the store runs, rendered once per store (psycopg would otherwise compose each
 #: statement's bytes on every call).
-_STATEMENTS = ("append_group", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
+_STATEMENTS = ("append_group", "append_one", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
                "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
                "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock")
 
@@ -280,6 +280,7 @@ class PostgresStore(EventStore):
         first use."""
         try:
             conn.execute(self._sql["append_group"], (_EMPTY_GROUP,)).fetchall()
+            conn.execute(self._sql["append_one"], (_LONE_EMPTY_MEMBER,)).fetchall()
             conn.execute(self._sql["reserve"], ([], [], [], 0)).fetchall()  # no events: returns before writing
             for name in _PREPARED_READS:
                 prepare(conn, _prepared_name(name), self._sql[name])
@@ -412,7 +413,9 @@ class PostgresStore(EventStore):
                 wd = self._watchdog
                 token = wd.watch(conn)
                 try:
-                    rows = conn.execute(self._sql["append_group"], (doc,)).fetchall()
+                    # A lone append (a group of one) runs the function made for it (functions/append_one.sql).
+                    statement = self._sql["append_one" if len(group) == 1 else "append_group"]
+                    rows = conn.execute(statement, (doc,)).fetchall()
                 finally:
                     wd.done(token)
         except (pg_errors.Error, PoolTimeout) as exc:

@@ -23,6 +23,10 @@ position, stream_id, version, uuid_send(event_id), type, data::text, metadata::t
 -- name: append_group
 SELECT member, versions, base_position, conflict, recorded_at_us FROM {s}.append_group(%s::jsonb)
 
+-- name: append_one
+-- The same for a group of one member (functions/append_one.sql: fewer plan nodes, less server time).
+SELECT member, versions, base_position, conflict, recorded_at_us FROM {s}.append_one(%s::jsonb)
+
 -- name: reserve
 SELECT versions, first_position, recorded_at_us
 FROM {s}.reserve_append(%s::text[], %s::bigint[], %s::int[], %s::int)
@@ -239,6 +243,7 @@ GRANT SELECT ON {s}.streams TO {role};
 GRANT SELECT ON {s}.schema_migrations TO {role};
 GRANT EXECUTE ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) TO {role};
 GRANT EXECUTE ON FUNCTION {s}.append_group(jsonb) TO {role};
+GRANT EXECUTE ON FUNCTION {s}.append_one(jsonb) TO {role};
 GRANT SELECT, INSERT, UPDATE ON {s}.projection_checkpoints TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.projection_dead_letters TO {role};
 GRANT SELECT ON {s}.command_keys TO {role};
