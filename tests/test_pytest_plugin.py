@@ -151,3 +151,12 @@ def test_a_postgres_store_lives_in_its_own_schema_dropped_after_use(pg_dsn):
         rows = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = ANY(%s)",
                             ([first.schema, second.schema],)).fetchall()
     assert rows == [] and first.closed and second.closed
+
+
+def test_the_readme_shows_tests_of_the_example_verbatim():
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Testing your own commands: the pytest plugin\n", 1)[1]
+    code = section.split("```python\n", 1)[1].split("```", 1)[0]
+    example = EXAMPLE.read_text()
+    for function in code.strip().split("\n\n\n"):
+        assert function in example, function

@@ -22,6 +22,7 @@ CI=true they fail instead, so a CI job never passes without having tested Postgr
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import os
 import re
 import uuid
@@ -124,10 +125,9 @@ def eventcore_postgres_url() -> Iterator[str]:
     if url:
         yield url
         return
-    try:
-        import psycopg  # noqa: F401  - without the driver no store could use the cluster: say so first
-    except ImportError as exc:
-        _postgres_unavailable(f"the driver is not installed ({exc}); pip install 'pyeventcore[postgres]'")
+    # Without the driver no store could use the cluster: say so before starting one.
+    if importlib.util.find_spec("psycopg") is None:
+        _postgres_unavailable("the driver psycopg is not installed: pip install 'pyeventcore[postgres]'")
     from .pgcluster import TemporaryCluster
 
     try:
