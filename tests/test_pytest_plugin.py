@@ -46,6 +46,19 @@ def test_with_autoloading_off_the_plugin_loads_by_name(tmp_path):
     assert "3 passed" in proc.stdout, proc.stdout
 
 
+def test_naming_the_plugin_while_it_is_autoloaded_loads_it_once(pytester, no_postgres):
+    pytester.makeconftest('pytest_plugins = ["eventcore.testing.pytest_plugin"]\n')
+    pytester.makepyfile(USES_STORE)
+    pytester.runpytest("-p", "eventcore.testing.pytest_plugin", "--eventcore-backends=memory").assert_outcomes(passed=1)
+
+
+def test_it_can_be_turned_off(pytester):
+    pytester.makepyfile(USES_STORE)
+    result = pytester.runpytest("-p", "no:eventcore.testing.pytest_plugin")
+    result.assert_outcomes(errors=1)
+    result.stdout.fnmatch_lines(["*fixture 'eventcore_store' not found*"])
+
+
 def test_loading_the_plugin_imports_no_driver_and_starts_nothing():
     code = ("import sys, eventcore.testing.pytest_plugin; "
             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('psycopg', 'psycopg_pool', 'sqlite3')))")

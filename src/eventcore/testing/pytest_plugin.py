@@ -1,8 +1,8 @@
 """The eventcore pytest plugin: test and benchmark your own commands against every store backend.
 
-Installed with pyeventcore and loaded by pytest automatically (entry point `pytest11`, plugin name
-`eventcore`; `-p no:eventcore` turns it off, `-p eventcore.testing.pytest_plugin` loads it where
-PYTEST_DISABLE_PLUGIN_AUTOLOAD is set). Loading it starts nothing and imports no database driver:
+Installed with pyeventcore and loaded by pytest automatically (entry point `pytest11`, named as this
+module: `-p no:eventcore.testing.pytest_plugin` turns it off, `-p eventcore.testing.pytest_plugin` loads it
+where PYTEST_DISABLE_PLUGIN_AUTOLOAD is set, and naming it while it is autoloaded loads it once). Loading it starts nothing and imports no database driver:
 a store, a schema or a PostgreSQL server exists only once a test asks for one of these fixtures.
 
     eventcore_store           an empty store, closed after the test; a test using it runs once per
