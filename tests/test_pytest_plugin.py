@@ -173,3 +173,12 @@ def test_the_readme_shows_tests_of_the_example_verbatim():
     example = EXAMPLE.read_text()
     for function in code.strip().split("\n\n\n"):
         assert function in example, function
+
+
+def test_the_pypi_page_example_and_its_test_pass(pytester):
+    page = (ROOT / "PYPI.md").read_text()
+    blocks = [block.split("```", 1)[0] for block in page.split("```python\n")[1:]]
+    assert len(blocks) == 2 and "eventcore_store" in blocks[1]
+    pytester.makepyfile(test_page="\n".join(blocks))
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--eventcore-backends=memory,sqlite")
+    result.assert_outcomes(passed=2)
