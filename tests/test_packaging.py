@@ -66,7 +66,8 @@ def test_the_pypi_page_links_only_absolute_urls():
 
 def test_the_pypi_page_example_runs(tmp_path):
     text = (ROOT / _pyproject()["project"]["readme"]).read_text()
-    (example,) = re.findall(r"```python\n(.*?)```", text, flags=re.S)
+    # The first block; the second, a test using the pytest plugin, runs in tests/test_pytest_plugin.py.
+    example = re.findall(r"```python\n(.*?)```", text, flags=re.S)[0]
     script = example + "print([(e.version, e.data.amount) for e in store.read_stream('account-alice')])\n"
     proc = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert (proc.returncode, proc.stdout) == (0, "[(1, 100)]\n"), proc.stderr

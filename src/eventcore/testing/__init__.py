@@ -2,6 +2,9 @@
 
 - `TemporaryCluster` (eventcore.testing.pgcluster): a private, throwaway PostgreSQL server from the
   installed binaries, for tests and `eventcore bench` when no DSN is given.
+- the pytest plugin (eventcore.testing.pytest_plugin, loaded by pytest through its entry point): fixtures
+  `eventcore_store`, `eventcore_store_factory`, `eventcore_backend`, `eventcore_postgres_url`. Not imported
+  here: it needs pytest, which `eventcore bench` does not.
 """
 from __future__ import annotations
 
