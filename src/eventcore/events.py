@@ -17,7 +17,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import uuid
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic
 
 import msgspec
 
@@ -25,6 +25,9 @@ from .errors import EventDefinitionError, ValidationError
 from .payloads import MAX_PAYLOAD_BYTES, has_nul_escape
 from .streams import StreamId, forbidden_character, stream_id as _stream_id
 from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 #: Stored type name (a class's own, or one of its aliases) -> the class that reads it.
 _registry: dict[str, type["Event"]] = {}
@@ -222,7 +225,7 @@ class isolated_registry:
     def __init__(self, *, empty: bool = False) -> None:
         self.empty = empty
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         with _registry_lock:
             self._saved = (dict(_registry), {k: dict(v) for k, v in _upcasters.items()})
             if self.empty:
@@ -272,8 +275,26 @@ def check_metadata(md: Metadata) -> None:
                 f"Metadata.custom keys must be str (JSON object keys), got {type(key).__name__}: {key!r:.80}")
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
+if TYPE_CHECKING:
+    # The default (PEP 696) is for type checkers only, so typing_extensions need not be installed at run time
+    # (type checkers ship their own copy); Python 3.10-3.12's TypeVar takes no default.
+    from typing_extensions import TypeVar
+
+    #: The type of `RecordedEvent.data`: `RecordedEvent[Deposited]`; a bare `RecordedEvent` is `RecordedEvent[Any]`.
+    DataT = TypeVar("DataT", covariant=True, default=Any)
+else:
+    from typing import TypeVar
+
+    DataT = TypeVar("DataT", covariant=True)
+
+
+class RecordedEvent(msgspec.Struct, Generic[DataT], frozen=True, gc=False):
     """An event as stored: its envelope and its decoded payload.
+
+    Generic in the type of `data` for type checkers: `RecordedEvent[Deposited]` is an event whose
+    `data` is a `Deposited`. What a read returns is `RecordedEvent[Any]` unless its arguments say
+    more (`read_all(types=[Deposited])` gives `RecordedEvent[Deposited]`, `decode=False` gives
+    `RecordedEvent[dict[str, Any]]`); nothing is checked at run time.
 
     `version` is 1-based and gap-free within the stream; `position` is the
     global position in the store's feed (strictly increasing; a reader never finds a
@@ -297,7 +318,7 @@ class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     position: int
     event_id: uuid.UUID
     type: str
-    data: Any
+    data: DataT
     metadata: Metadata
     recorded_at: _dt.datetime
     type_version: int = 1

@@ -14,7 +14,7 @@ import gzip
 import io
 import os
 import zlib
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Iterator
 
 import msgspec
 
@@ -24,6 +24,9 @@ from .evolution import raw_event_version
 from .payloads import has_nul_escape
 from .streams import stream_id as _stream_id
 from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class LineMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -222,7 +225,7 @@ class JsonLinesReader:
         finally:
             self._raw.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:

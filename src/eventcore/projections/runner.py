@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time as _time
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import ValidationError
 from ..options import seconds
@@ -24,6 +25,9 @@ from ..stores.base import EventStore
 from ..stores.projection_storage import FeedPage, LostLeadership, ProjectionSession, Refused, StoreFailed
 from .projector import SKIP, ProjectionContext, ProjectionError, Projector, Retry
 from .status import ProjectionStatus, count_after, projection_status, storage_of
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 log = logging.getLogger("eventcore.projections")
 
@@ -406,7 +410,24 @@ class ProjectionRunner:
             signal.signal(sig, handler)
 
 
-def run_projection(store: EventStore, projector: Projector, **options) -> ProjectionRunner:
+class RunOptions(TypedDict, total=False):
+    """The keyword options of `run_projection`, the arguments of `ProjectionRunner` after the store
+    and the projector (see `run_projection` for what each does): a type checker reports a misspelt one."""
+
+    stop_event: threading.Event | None
+    poll_interval: float | None
+    lock_poll_interval: float
+    until_caught_up: bool
+    rebuild: bool
+    handle_signals: bool
+    reconnect_backoff: float
+    max_reconnect_backoff: float
+    listen: bool
+    listen_lease: float
+    idle_checkpoint_interval: float
+
+
+def run_projection(store: EventStore, projector: Projector, **options: Unpack[RunOptions]) -> ProjectionRunner:
     """Run `projector` against `store` in this thread: catch up from its checkpoint, then follow live.
 
     Options: `stop_event` (a threading.Event that stops it), `handle_signals`

@@ -7,12 +7,17 @@ postgresql://...          production (its own package, stores/postgres/, importe
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ValidationError
 from ..options import boolean
 from .base import EventStore
 from .dsn import check_url, redact, without_secrets
+from .observer import StoreObserver
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -23,7 +28,32 @@ _BACKENDS = {
 }
 
 
-def connect(url: str, *, metrics=None, **options) -> EventStore:
+class ConnectOptions(TypedDict, total=False):
+    """The keyword options of `connect` (each may also be given in the URL's query, as text).
+
+    A type checker reports a misspelt or mistyped one; at run time a store refuses an option its
+    backend does not know with a ValidationError that lists the ones it does."""
+
+    #: Every backend: create the store if there is none and upgrade its schema (default True).
+    migrate: bool
+    #: SQLite: seconds to wait for another writer's lock (default 10).
+    timeout: float
+    #: SQLite: PRAGMA synchronous, "off", "normal", "full" (the default) or "extra".
+    synchronous: str
+    #: PostgreSQL: the schema holding the store's tables (default "eventcore").
+    schema: str
+    #: PostgreSQL: the connection pool's largest and smallest size.
+    pool_size: int
+    pool_min_size: int
+    #: PostgreSQL: seconds to connect, per statement (0: no limit) and to wait for a pooled connection.
+    connect_timeout: float
+    statement_timeout: float
+    pool_timeout: float
+    #: PostgreSQL: share one transaction among concurrent single appends (default True).
+    group_commit: bool
+
+
+def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack[ConnectOptions]) -> EventStore:
     """Open the store a URL names. Options come from the URL query and/or keyword arguments (which win).
 
     `migrate` (every backend, default True): create the store if there is none and upgrade its schema.
@@ -71,7 +101,7 @@ INSTALL_POSTGRES = ("pip install 'pyeventcore[postgres]' (psycopg compiled again
                     "compiler) or 'pyeventcore[postgres-binary]' (psycopg's prebuilt binary)")
 
 
-def _open(url: str, scheme: str, module_name: str, class_name: str, options: dict) -> EventStore:
+def _open(url: str, scheme: str, module_name: str, class_name: str, options: ConnectOptions) -> EventStore:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

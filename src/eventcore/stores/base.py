@@ -14,14 +14,14 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, TypeVar, overload
 
 import msgspec
 
 from .. import _impl
 from ..errors import DuplicateCommandError, EventVersionError, UnknownEventTypeError, ValidationError
 from ..formats import INT64_MAX
-from ..events import EventToWrite, Metadata, RawEvent, RecordedEvent
+from ..events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
 from .observer import StoreObserver, observed
@@ -29,6 +29,12 @@ from .projection_storage import PENDING_CAP, ProjectionStorage
 from .prepare import (
     MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, type_names as _type_names, validate_idempotency_key,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+#: An event class named in `read_all(types=[...])`: the type of the events' `data`.
+E = TypeVar("E", bound=Event)
 
 #: Rows per page of `read_all`: large enough that the per-query cost vanishes
 #: (~1k rows decode in about a millisecond), small enough to bound memory.
@@ -99,7 +105,7 @@ class EventStore(ABC):
 
     # -- observability ------------------------------------------------------------
 
-    def attach(self, collector) -> None:
+    def attach(self, collector: StoreObserver) -> None:
         """Measure this store with `collector` (an `ec.MetricsCollector`, or another StoreObserver):
         every command executed on it and every store operation, until `detach()`. One collector per
         store; a collector may watch many stores."""
@@ -117,7 +123,7 @@ class EventStore(ABC):
             observer.store_detached(self)
 
     @property
-    def metrics(self):
+    def metrics(self) -> StoreObserver | None:
         """The attached MetricsCollector (or other StoreObserver), or None."""
         return self._observer
 
@@ -362,6 +368,16 @@ class EventStore(ABC):
 
     # -- reading ----------------------------------------------------------------
 
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: Literal[True] = True) -> list[RecordedEvent]: ...
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: Literal[False]) -> list[RecordedEvent[dict[str, Any]]]: ...
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: bool = True) -> list[RecordedEvent]: ...
+
     def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
                     decode: bool = True) -> list[RecordedEvent]:
         """A stream's events in version order, from `from_version` (1-based).
@@ -378,6 +394,15 @@ class EventStore(ABC):
             return self._read_stream(sid, from_version, limit, raw) if raw else self._read_stream(sid, from_version, limit)
         args = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
         return observed(observer, self, "read", [sid], None, self._read_stream, args, len, _written_versions)
+
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *,
+                     decode: Literal[True] = True) -> dict[str, list[RecordedEvent]]: ...
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *,
+                     decode: Literal[False]) -> dict[str, list[RecordedEvent[dict[str, Any]]]]: ...
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]: ...
 
     def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]:
         """Every event of several streams, read at one point in time (one round trip where possible).
@@ -405,6 +430,21 @@ class EventStore(ABC):
         if not ids:
             return {}
         return self._stream_versions(ids)
+
+    # Typed by what is asked for: classes only, decoded -> RecordedEvent[those classes]; decode=False ->
+    # RecordedEvent[dict[str, Any]]; otherwise (type names, or a mix) RecordedEvent[Any].
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[type[E]], stream_prefix: str | None = None,
+                 limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: Literal[True] = True) -> Iterator[RecordedEvent[E]]: ...
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[str | type] | None = None,
+                 stream_prefix: str | None = None, limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: Literal[False]) -> Iterator[RecordedEvent[dict[str, Any]]]: ...
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[str | type] | None = None,
+                 stream_prefix: str | None = None, limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: bool = True) -> Iterator[RecordedEvent]: ...
 
     def read_all(
         self,
@@ -508,7 +548,7 @@ class EventStore(ABC):
         for dependant in list(self._dependants):
             dependant._drop_store(self.instance)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc) -> None:
