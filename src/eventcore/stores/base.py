@@ -14,7 +14,7 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Literal, Mapping, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar, overload
 
 import msgspec
 
@@ -59,13 +59,14 @@ class StoreHealth(msgspec.Struct, frozen=True):
     head_position: int | None
     schema_version: int | None
     schema_expected: int | None
-    pool: dict | None
-    projections: list
+    pool: dict[str, Any] | None
+    projections: list[dict[str, Any]]
     error: str | None
     schema: str | None = None
     problem: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what `eventcore health --json` prints)."""
         return msgspec.structs.asdict(self)
 
 
@@ -90,9 +91,12 @@ class EventStore(ABC):
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
     #: The attached StoreObserver (see `attach`); None: nothing is measured.
-    _observer = None
+    _observer: StoreObserver | None = None
+    instance: int
+    closed: bool
+    _dependants: weakref.WeakSet[Any]
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         self = super().__new__(cls)
         #: This store object's number, unique in the process for its lifetime (see `_instances`):
         #: what in-process caches key their entries by.
@@ -127,7 +131,7 @@ class EventStore(ABC):
         """The attached MetricsCollector (or other StoreObserver), or None."""
         return self._observer
 
-    def pool_stats(self) -> dict | None:
+    def pool_stats(self) -> dict[str, Any] | None:
         """The connection pool's state (PostgreSQL), or None for backends without a pool."""
         return None
 
@@ -140,7 +144,12 @@ class EventStore(ABC):
         projection_storage); a backend with projections returns its own."""
         raise ValidationError(f"projections are not supported on {type(self).__name__}")
 
-    def health(self) -> "StoreHealth":
+    @property
+    def url(self) -> str:
+        """The store's URL, with no password in it."""
+        raise NotImplementedError
+
+    def health(self) -> StoreHealth:
         """Connectivity, schema version, pool state and the projectors' checkpoints (lag = head position
         - checkpoint), read now. Never raises for an unreachable store: `ok` is False and `error` says
         why (with no password in it)."""
@@ -158,7 +167,7 @@ class EventStore(ABC):
             pool = self.pool_stats()
         except Exception:  # noqa: BLE001 - a closed pool reports nothing
             pool = None
-        projections: list = []
+        projections: list[dict[str, Any]] = []
         if error is None:
             try:
                 projections = [{"name": p.name, "state": p.state, "position": p.position,
@@ -285,12 +294,12 @@ class EventStore(ABC):
 
     def ingest(
         self,
-        items: Iterable,
+        items: Iterable[EventToWrite | tuple[Any, ...]],
         *,
         batch_size: int = DEFAULT_INGEST_BATCH,
         expected: Mapping[str, int] | None = None,
         metadata: Metadata | None = None,
-        on_batch=None,
+        on_batch: Callable[[int], object] | None = None,
         parallel: int = 1,
         resume_key: str | None = None,
     ) -> IngestResult:
@@ -551,7 +560,7 @@ class EventStore(ABC):
     def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 
