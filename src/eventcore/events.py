@@ -234,7 +234,7 @@ class isolated_registry:
             _generation[0] += 1
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         with _registry_lock:
             _registry.clear()
             _registry.update(self._saved[0])

@@ -29,7 +29,7 @@ from .status import ProjectionStatus, count_after, projection_status, storage_of
 if TYPE_CHECKING:
     from typing_extensions import Unpack
 
-log = logging.getLogger("eventcore.projections")
+log: logging.Logger = logging.getLogger("eventcore.projections")
 
 #: Longest pause between looks while committed events wait behind the feed's fence (PostgreSQL).
 _FENCE_RETRY_MAX = 0.05

@@ -35,7 +35,7 @@ from .ingest import ingest_lanes_differ, ingest_overlap
 from .prepare import PreparedAppend
 from .sqlite_projections import SQLiteProjectionStorage
 
-log = logging.getLogger("eventcore.store.sqlite")
+log: logging.Logger = logging.getLogger("eventcore.store.sqlite")
 
 #: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not

@@ -30,7 +30,7 @@ from ...errors import EventCoreError, NotAnEventStoreError, SchemaVersionError, 
 from .connections import _one_line
 from .sql import FUNCTIONS, FUNCTIONS_DIGEST, MIGRATIONS, OWN_RELATIONS, QUERIES, SCHEMA_VERSION, q
 
-log = logging.getLogger("eventcore.store.postgres")
+log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
 #: The columns of eventcore's schema_migrations (queries.sql: create_migrations), sorted.
 MIGRATIONS_COLUMNS = ["applied_at", "description", "version"]

@@ -53,7 +53,7 @@ from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, FIRST_ROWS, QUERIES, SCH
     copy_read_all_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
 
-log = logging.getLogger("eventcore.store.postgres")
+log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
 #: Pool size: 10 connections keep two cores (shared by client and server) busy, with room for
 #: writers blocked on a lock.
