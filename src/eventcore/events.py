@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import uuid
-from typing import TYPE_CHECKING, Any, ClassVar, Generic
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic
+from typing import TypeVar as _TypeVar
 
 import msgspec
 
@@ -36,6 +37,9 @@ _upcasters: dict[str, dict[int, Any]] = {}
 #: Bumped by every registration: readers drop the upcaster chains they built (eventcore.evolution).
 _generation = [0]
 _registry_lock = threading.RLock()
+
+#: An upcaster: a stored payload (dict) of one version in, the payload of the next version out.
+UpcasterT = _TypeVar("UpcasterT", bound=Callable[[dict[str, Any]], dict[str, Any]])
 
 #: Type versions are stored as a smallint (PostgreSQL) and an INTEGER (SQLite): 1 .. 32767.
 MAX_EVENT_VERSION = 32767
@@ -149,7 +153,7 @@ def register_event_type(cls: type[Event]) -> None:
         _generation[0] += 1
 
 
-def upcaster(type_name: str, *, from_version: int):
+def upcaster(type_name: str, *, from_version: int) -> Callable[[UpcasterT], UpcasterT]:
     """Register the decorated function as the upcaster of `type_name` from `from_version` to the next
     version: it takes the stored payload of that version (a dict, as JSON decodes it) and returns the
     payload of `from_version + 1` (a dict). Reading an event stored at version v of a class at version
@@ -170,7 +174,7 @@ def upcaster(type_name: str, *, from_version: int):
         raise EventDefinitionError(f"upcaster from_version of {type_name!r} must be an int in 1..{MAX_EVENT_VERSION - 1}, "
                                    f"got {from_version!r}")
 
-    def register(fn):
+    def register(fn: UpcasterT) -> UpcasterT:
         if not callable(fn):
             raise EventDefinitionError(f"@upcaster({type_name!r}, from_version={from_version}) decorates "
                                        f"{fn!r}, which is not callable")

@@ -73,13 +73,14 @@ class ProjectionError(EventCoreError):
     `RecordedEvent` (None when the event could not be decoded).
     """
 
-    def __init__(self, message: str, projector: str = "", position: int | None = None, event=None):
+    def __init__(self, message: str, projector: str = "", position: int | None = None,
+                 event: RecordedEvent | None = None):
         self.projector = projector
         self.position = position
-        self.event = event
+        self.event: RecordedEvent | None = event
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.projector, self.position, None))
 
 
@@ -191,7 +192,7 @@ class Projector:
         if self.stream_prefix is not None and (not isinstance(self.stream_prefix, str) or "\x00" in self.stream_prefix):
             raise ValidationError(f"stream_prefix must be a str without NUL, got {self.stream_prefix!r}")
         self.on_error = _strategy(self.on_error)
-        self.type_names = _type_names(self.types)
+        self.type_names: tuple[str, ...] | None = _type_names(self.types)
         overridden = type(self).handle is not Projector.handle or type(self).handle_batch is not Projector.handle_batch
         if handler is None and batch_handler is None and not overridden:
             raise ValidationError(f"projector {self.name!r} has no handler: pass handler= or batch_handler=, "

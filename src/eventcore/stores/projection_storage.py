@@ -100,8 +100,8 @@ class FeedPage:
     def __init__(self, events: list[RecordedEvent | None], errors: list[BaseException | None],
                  rows: list[tuple[Any, ...]] | None = None,
                  load_rows: Callable[[], list[tuple[Any, ...]]] | None = None) -> None:
-        self.events = events
-        self.errors = errors
+        self.events: list[RecordedEvent | None] = events
+        self.errors: list[BaseException | None] = errors
         self._rows = rows
         self._load_rows = load_rows
 
@@ -154,9 +154,9 @@ class ProjectionSession(ABC):
     #: Seconds a running listener's claim lasts unless renewed (PostgreSQL: appends NOTIFY while it lasts).
     listen_lease: float = 30.0
 
-    def __init__(self, storage: "ProjectionStorage", name: str) -> None:
+    def __init__(self, storage: ProjectionStorage, name: str) -> None:
         self.storage = storage
-        self.store = storage.store
+        self.store: Any = storage.store
         self.name = name
 
     def open(self) -> None:
