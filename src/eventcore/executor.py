@@ -432,7 +432,7 @@ def _remember(entry: _Folded, command: Command, state: Any, recorded: list, vers
 
 
 def execute(
-    store,
+    store: EventStore,
     command: Command,
     *,
     retry: RetryPolicy | None = None,

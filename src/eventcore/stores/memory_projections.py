@@ -26,11 +26,11 @@ def _now() -> _dt.datetime:
 
 
 class MemoryProjectionStorage(ProjectionStorage):
-    def __init__(self, store) -> None:
+    def __init__(self, store: Any) -> None:
         super().__init__(store)
-        self.lock = threading.RLock()
-        self.checkpoints_by_name: dict[str, dict] = {}
-        self.dead: dict[tuple[str, int], tuple] = {}  # (projector, position) -> row (DEAD_LETTER_COLUMNS)
+        self.lock: threading.RLock = threading.RLock()
+        self.checkpoints_by_name: dict[str, dict[str, Any]] = {}
+        self.dead: dict[tuple[str, int], tuple[Any, ...]] = {}  # (projector, position) -> row (DEAD_LETTER_COLUMNS)
         self.leaders: dict[str, threading.Lock] = {}
 
     def session(self, name: str, listen: bool = True) -> "MemoryProjectionSession":
@@ -63,8 +63,8 @@ class MemoryProjectionSession(ProjectionSession):
     def __init__(self, storage: MemoryProjectionStorage, name: str) -> None:
         super().__init__(storage, name)
         with storage.lock:
-            self.leader = storage.leaders.setdefault(name, threading.Lock())
-        self.held = False
+            self.leader: threading.Lock = storage.leaders.setdefault(name, threading.Lock())
+        self.held: bool = False
         self._ops: list | None = None
         self._expect: int | None = None
 

@@ -43,17 +43,17 @@ class PreparedAppend:
     def __init__(self, stream_ids: list[str], types: list[str], type_versions: list[int], payloads: list[bytes],
                  metadatas: list[bytes | None], event_ids: list[bytes], events: list[Event | RawEvent],
                  metadata_objs: list[Metadata | None], expected: dict[str, int]) -> None:
-        self.stream_ids = stream_ids
-        self.types = types
+        self.stream_ids: list[str] = stream_ids
+        self.types: list[str] = types
         #: Each event's type version, stored with it (the class's __event_version__, or a RawEvent's).
-        self.type_versions = type_versions
-        self.payloads = payloads
-        self.metadatas = metadatas
-        self.event_ids = event_ids
+        self.type_versions: list[int] = type_versions
+        self.payloads: list[bytes] = payloads
+        self.metadatas: list[bytes | None] = metadatas
+        self.event_ids: list[bytes] = event_ids
         #: The events as given (what `recorded` hands back as each RecordedEvent's data).
-        self.events = events
-        self.metadata_objs = metadata_objs
-        self.expected = expected
+        self.events: list[Event | RawEvent] = events
+        self.metadata_objs: list[Metadata | None] = metadata_objs
+        self.expected: dict[str, int] = expected
         self.recorded_at_us: int = time.time_ns() // 1000
         #: The append's idempotency key (str) or None: recorded in the append's transaction;
         #: a key already recorded makes the backend raise DuplicateCommandError, writing nothing.

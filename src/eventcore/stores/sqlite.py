@@ -161,7 +161,7 @@ class SQLiteStore(EventStore):
             raise ValidationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, got {synchronous!r}")
         timeout = seconds("timeout", timeout, text=True)
         migrate = boolean("migrate", migrate)
-        self.path = os.path.abspath(path)
+        self.path: str = os.path.abspath(path)
         self.timeout = timeout
         self.synchronous = synchronous
         self._local = threading.local()

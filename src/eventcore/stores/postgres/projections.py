@@ -61,7 +61,7 @@ def _q(template: str, schema: str) -> str:
 
 class PostgresProjectionStorage(ProjectionStorage):
     #: Appends wake a live projector (LISTEN/NOTIFY): polling is only the fallback, for poolers that drop LISTEN.
-    poll_interval = 1.0
+    poll_interval: float = 1.0
 
     def session(self, name: str, listen: bool = True) -> "PostgresProjectionSession":
         return PostgresProjectionSession(self, name, listen, listen_at_once=False)
