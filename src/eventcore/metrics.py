@@ -204,18 +204,18 @@ class _CommandRun:
         self.streams = streams
         self.retries = 0
         self.conflicts = 0
-        self.spans: list | None = None
+        self.spans: list[Any] | None = None
 
 
 class _OpRun:
     __slots__ = ("store", "op", "streams", "started", "spans")
 
-    def __init__(self, store, op, streams) -> None:
+    def __init__(self, store: EventStore, op: str, streams: Iterable[str] | None) -> None:
         self.store = store
         self.op = op
         self.streams = streams
         self.started = time.perf_counter()
-        self.spans: list | None = None
+        self.spans: list[Any] | None = None
 
 
 class MetricsCollector:

@@ -94,6 +94,10 @@ class SQLiteProjectionStorage(ProjectionStorage):
 
 
 class SQLiteProjectionSession(ProjectionSession):
+    """A projector's batches on SQLite: `connection` is the store file's sqlite3 connection."""
+
+    connection: sqlite3.Connection | None
+
     def __init__(self, storage: SQLiteProjectionStorage, name: str) -> None:
         super().__init__(storage, name)
         self._lock_file: int | None = None
