@@ -24,10 +24,18 @@ if TYPE_CHECKING:
     from .events import Event, Metadata, RecordedEvent
     # What the loop at the end of this module binds, as type checkers should see it (either
     # implementation has these signatures: tests/test_hotpath.py checks both).
-    from ._speedups import (
-        assign_versions, check_expected_versions, copy_from_result, decode_copy, decode_rows, encode_copy_events,
-        encode_copy_rows, encode_event, encode_metadata, new_event_ids,
-    )
+    from . import _speedups as _typed
+
+    encode_event = _typed.encode_event
+    encode_metadata = _typed.encode_metadata
+    decode_rows = _typed.decode_rows
+    decode_copy = _typed.decode_copy
+    copy_from_result = _typed.copy_from_result
+    new_event_ids = _typed.new_event_ids
+    check_expected_versions = _typed.check_expected_versions
+    assign_versions = _typed.assign_versions
+    encode_copy_rows = _typed.encode_copy_rows
+    encode_copy_events = _typed.encode_copy_events
 
 
 @runtime_checkable
