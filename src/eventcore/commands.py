@@ -95,7 +95,7 @@ def declared_streams(command: Command) -> list[StreamId]:
     return list(seen)
 
 
-def stream_ids_of(value: object, what: str) -> Iterable[Any]:
+def stream_ids_of(value: Any, what: str) -> Iterable[Any]:
     """`value` as a collection of stream ids, or ValidationError: a str (or bytes) would be iterated one
     character at a time, each taken for a stream id."""
     if isinstance(value, (str, bytes, bytearray)):

@@ -10,7 +10,7 @@ come here.
 """
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import msgspec
 
@@ -52,7 +52,7 @@ def decode_error_text(exc: BaseException, data: object) -> str:
     return str(exc)
 
 
-def row_decode_error_text(exc: BaseException, decoder: Callable[[bytes], Any], data: bytes,
+def row_decode_error_text(exc: BaseException, decoder: Any, data: bytes,
                           metadata: bytes | None) -> str:
     """`decode_error_text` for a stored row whose payload or metadata failed to decode, saying
     which of the two is not UTF-8 (the payload is decoded again to know: an error path only)."""

@@ -254,7 +254,7 @@ class EventStore(ABC):
         """The stored rows (formats.ROW_COLUMNS layout, position order) of the append recorded under `key`."""
 
     @abstractmethod
-    def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
+    def _append(self, prepared: PreparedAppend, /) -> list[RecordedEvent]:
         """Check every expected version and write every event, atomically."""
 
     def append_batch(
@@ -284,7 +284,7 @@ class EventStore(ABC):
                                              (prepared,), lambda _: len(prepared), operator.itemgetter(2))
         return BatchResult(len(prepared), first, last, versions, time.perf_counter() - started)
 
-    def _append_batch(self, prepared: PreparedAppend) -> tuple[int, int, dict[str, int]]:
+    def _append_batch(self, prepared: PreparedAppend, /) -> tuple[int, int, dict[str, int]]:
         """(first position, last position, stream -> version after). Backends may override for speed."""
         recorded = self._append(prepared)
         versions = {e.stream_id: e.version for e in recorded}  # later events of a stream overwrite earlier
