@@ -3,10 +3,12 @@
 memory://                 in-process, for tests
 sqlite:///relative.db     embedded default (sqlite:////absolute/path.db for an absolute path)
 postgresql://...          production (its own package, stores/postgres/, imported only when asked for)
+host=... dbname=...       libpq's key=value form, as psycopg takes it: PostgreSQL too
 """
 from __future__ import annotations
 
 import importlib
+import re
 from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
@@ -18,6 +20,9 @@ from .observer import StoreObserver
 
 if TYPE_CHECKING:
     from typing_extensions import Unpack
+
+#: libpq's key=value connection string ("host=/tmp dbname=bank"): a keyword, optional blanks, '='.
+_KEY_VALUE = re.compile(r"\s*[A-Za-z_]+\s*=")
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -65,12 +70,31 @@ def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack
 
     >>> store = connect("sqlite:///bank.db")             # doctest: +SKIP
     >>> store = connect("sqlite:///bank.db?synchronous=normal&timeout=5")  # doctest: +SKIP
+    >>> store = connect("host=/var/run/postgresql dbname=bank", schema="bank")  # doctest: +SKIP
+
+    libpq's key=value form opens a PostgreSQL store, as psycopg.connect takes it; eventcore's own
+    options are keyword arguments then (libpq refuses keys it does not know).
     """
+    if isinstance(url, str) and "://" not in url and _KEY_VALUE.match(url):
+        store = _open(url, "postgresql", *_BACKENDS["postgresql"], options)
+    else:
+        store = _open_url(url, options)
+    if metrics is not None:
+        try:
+            store.attach(metrics)
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _open_url(url: object, options: ConnectOptions) -> EventStore:
     if not isinstance(url, str) or "://" not in url:
         # Not quoted when it may hold a password (libpq's key=value form: host=... password=...).
         shown = "a key=value string" if isinstance(url, str) and "password" in url.lower() else repr(url)
         raise ValidationError(
-            f"store URL must look like memory://, sqlite:///path.db or postgresql://..., got {shown}"
+            f"store URL must look like memory://, sqlite:///path.db, postgresql://... or libpq's host=... "
+            f"dbname=..., got {shown}"
         )
     scheme = url.split("://", 1)[0].lower()
     backend = _BACKENDS.get(scheme)
@@ -86,14 +110,7 @@ def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack
     except ValueError as exc:
         # urllib's message may quote the netloc, or the part of it it took for a host or a port.
         raise ValidationError(f"malformed {scheme}:// URL: {without_secrets(str(exc), url)}") from None
-    store = _open(url, scheme, module_name, class_name, options)
-    if metrics is not None:
-        try:
-            store.attach(metrics)
-        except BaseException:
-            store.close()
-            raise
-    return store
+    return _open(url, scheme, module_name, class_name, options)
 
 
 #: How to install the PostgreSQL driver, as the errors of a missing one say it.

@@ -130,7 +130,13 @@ class PostgresStore(EventStore):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         """The store a postgresql:// URL names: eventcore's own options taken from its query (and `options`,
-        which win), the rest of the URL passed to libpq as written."""
+        which win), the rest of the URL passed to libpq as written. libpq's key=value form takes eventcore's
+        options as keyword arguments only (libpq refuses keys it does not know)."""
+        if "://" not in url:
+            unknown = set(options) - _OPTIONS
+            if unknown:
+                raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+            return cls(url, **options)  # which checks the string with libpq's parser, as below
         # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
         # values (a %20 is not a +) and the URL the store shows.
         check_url(url)
