@@ -160,4 +160,4 @@ IMPL, implementation = _load(_requested)
 # Bound here as plain attributes, so a caller's `_impl.decode_rows(...)` costs one lookup.
 for _name in HOT_PATH_NAMES:
     globals()[_name] = getattr(implementation, _name)
-del _name  # pyright: ignore[reportPossiblyUnbound]
+del _name  # pyright: ignore[reportPossiblyUnboundVariable]
