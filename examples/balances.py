@@ -13,6 +13,7 @@ from psycopg import sql
 
 import eventcore as ec
 from eventcore.bench.workloads import AccountOpened, MoneyDeposited, MoneyWithdrawn
+from eventcore.stores.postgres import PostgresStore
 
 
 def amount(event: ec.RecordedEvent) -> int:
@@ -49,13 +50,13 @@ class Balances(ec.Projector):
         ).format(self.table(ctx)), list(deltas.items()))
 
 
-def check(store, dsn: str) -> bool:
+def check(store: PostgresStore, dsn: str) -> bool:
     """Compare the table with a full replay of the feed."""
-    replay = {}
+    replay: dict[str, int] = {}
     for e in store.read_all(types=Balances.types):
         replay[e.stream_id] = replay.get(e.stream_id, 0) + amount(e)
     with psycopg.connect(dsn) as conn:
-        table = dict(conn.execute(sql.SQL("SELECT account, balance FROM {}").format(
+        table: dict[str, int] = dict(conn.execute(sql.SQL("SELECT account, balance FROM {}").format(
             sql.Identifier(store.schema, "account_balances"))).fetchall())
     (status,) = ec.projection_status(store, Balances.name)
     print(f"{len(table)} accounts, checkpoint {status.position}, lag {status.lag}, "
@@ -70,6 +71,7 @@ def check(store, dsn: str) -> bool:
 if __name__ == "__main__":
     dsn, schema = sys.argv[1], sys.argv[2]
     store = ec.connect(dsn, schema=schema)
+    assert isinstance(store, PostgresStore)   # what a postgresql:// URL opens
     if "--check" in sys.argv:
         sys.exit(0 if check(store, dsn) else 1)
     runner = ec.run_projection(store, Balances(), handle_signals=True, rebuild="--rebuild" in sys.argv)

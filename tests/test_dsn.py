@@ -294,3 +294,33 @@ def test_a_store_made_from_a_key_value_dsn_shows_no_piece_of_its_password(dsn, c
         postgres.PostgresStore(dsn, connect_timeout=1)
     for piece in ("Top", "Secret"):
         assert piece not in f"{info.value} {info.value!r} {caplog.text}", info.value
+
+
+# -- connect() takes libpq's key=value form, as psycopg does ---------------------------------------------
+
+@pytest.mark.parametrize("dsn, options, says", [
+    ("host=/nowhere bogus=1", {}, 'invalid connection option "bogus"'),   # libpq's parser refuses the key
+    ("host=/nowhere dbname=x", {"schemaa": "x"}, "unknown postgresql option(s) ['schemaa']"),
+])
+def test_connect_takes_a_key_value_string_for_postgresql_and_checks_it_before_connecting(dsn, options, says):
+    import eventcore as ec
+
+    pytest.importorskip("eventcore.stores.postgres")
+    with pytest.raises(ec.ValidationError) as info:
+        ec.connect(dsn, **options)
+    assert says in str(info.value)
+
+
+def test_a_key_value_string_opens_the_postgresql_store_its_url_form_opens(pg_dsn, pg_schema):
+    import psycopg
+
+    import eventcore as ec
+    from eventcore.stores.postgres import PostgresStore
+
+    key_value = psycopg.conninfo.make_conninfo(**psycopg.conninfo.conninfo_to_dict(pg_dsn))
+    assert "://" not in key_value
+    with ec.connect(key_value, schema=pg_schema, pool_size=2) as store:
+        assert isinstance(store, PostgresStore) and store.schema == pg_schema and store.pool_size == 2
+        store.append([ec.emit("kv-1", ec.RawEvent("test.KeyValue", b'{"n": 1}'))])
+    with ec.connect(pg_dsn, schema=pg_schema) as same:
+        assert [e.stream_id for e in same.read_stream("kv-1", decode=False)] == ["kv-1"]

@@ -625,7 +625,7 @@ def _assert_hidden(text: str, password: str = PASSWORD) -> None:
     (f"postgresql://app:{PASSWORD}@[::1/db", {}),  # malformed host
     (f"postgresql://app:{PASSWORD}@127.0.0.1:1/db", {"pool_size": "many"}),
     (f"postgresq://app:{PASSWORD}@127.0.0.1:1/db", {}),  # a typo in the scheme
-    (f"host=127.0.0.1 port=1 user=app password={PASSWORD}", {}),  # libpq's key=value form: not a URL
+    (f"host=127.0.0.1 port=1 user=app password={PASSWORD}", {}),  # libpq's key=value form
     ("postgresql://app@127.0.0.1:1/db", {"password": PASSWORD}),  # not an option: refused by name
 ], ids=["userinfo", "query", "sslpassword", "bad-param", "bad-percent", "bad-host", "bad-option", "scheme-typo",
         "keyword-form", "keyword-option"])

@@ -22,6 +22,20 @@ from typing import TYPE_CHECKING, Any, Iterable, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .events import Event, Metadata, RecordedEvent
+    # What the loop at the end of this module binds, as type checkers should see it (either
+    # implementation has these signatures: tests/test_hotpath.py checks both).
+    from . import _speedups as _typed
+
+    encode_event = _typed.encode_event
+    encode_metadata = _typed.encode_metadata
+    decode_rows = _typed.decode_rows
+    decode_copy = _typed.decode_copy
+    copy_from_result = _typed.copy_from_result
+    new_event_ids = _typed.new_event_ids
+    check_expected_versions = _typed.check_expected_versions
+    assign_versions = _typed.assign_versions
+    encode_copy_rows = _typed.encode_copy_rows
+    encode_copy_events = _typed.encode_copy_events
 
 
 @runtime_checkable
@@ -30,30 +44,38 @@ class HotPath(Protocol):
 
     def encode_event(self, event: Event) -> tuple[str, bytes]:
         """(type name, JSON payload) of an event; SerializationError for what JSON or PostgreSQL cannot hold."""
+        ...
 
     def encode_metadata(self, metadata: Metadata | None) -> bytes | None:
         """JSON of the metadata, or None when there is nothing to store."""
+        ...
 
     def decode_rows(self, rows: Iterable[tuple[Any, ...]], raw: bool = False) -> list[RecordedEvent]:
         """Stored rows (layout `formats.ROW_COLUMNS`) as RecordedEvents, in order; a corrupt row is an error.
         Old type versions go through the upcasters (eventcore.evolution); `raw`: payloads as stored dicts."""
+        ...
 
     def decode_copy(self, buffer: bytes | bytearray | memoryview, raw: bool = False) -> list[RecordedEvent]:
         """A whole binary COPY stream of the events table's columns as RecordedEvents, in order; a
         corrupt or truncated stream is an error."""
+        ...
 
     def copy_from_result(self, result: Any) -> bytes:
         """The rows of a binary-format libpq result (psycopg's pq.PGresult) laid out as a binary COPY
         stream of the same columns (for decode_copy)."""
+        ...
 
     def new_event_ids(self, count: int) -> list[bytes]:
         """`count` UUIDv7 ids (16 bytes each), strictly increasing within the process."""
+        ...
 
     def check_expected_versions(self, expected: dict[str, int], current: dict[str, int]) -> None:
         """ConcurrencyError unless each stream's current version meets its expected version."""
+        ...
 
     def assign_versions(self, stream_ids: list[str], heads: dict[str, int]) -> list[int]:
         """The next version of each event's stream, in order; `heads` advanced in place."""
+        ...
 
     def encode_copy_rows(
         self,
@@ -69,6 +91,7 @@ class HotPath(Protocol):
         recorded_at_us: int,
     ) -> None:
         """One COPY BINARY row per pre-encoded event appended to `buf`; on error `buf` is as it was."""
+        ...
 
     def encode_copy_events(
         self,
@@ -82,6 +105,7 @@ class HotPath(Protocol):
     ) -> list[bytes]:
         """Ids, versions, payloads and COPY framing in one pass; returns the ids. On error `buf` and
         `heads` are as they were."""
+        ...
 
 
 #: The hot path's function names, in the order HotPath declares them.
@@ -108,7 +132,7 @@ if _requested not in ("", "c", "python"):
 def _load(requested: str) -> tuple[str, HotPath]:
     if requested in ("", "c"):
         try:
-            from . import _speedups  # type: ignore[attr-defined]  # compiled from ext/
+            from . import _speedups  # compiled from ext/
         except ImportError as exc:
             if requested == "c":
                 raise ImportError(
@@ -136,4 +160,4 @@ IMPL, implementation = _load(_requested)
 # Bound here as plain attributes, so a caller's `_impl.decode_rows(...)` costs one lookup.
 for _name in HOT_PATH_NAMES:
     globals()[_name] = getattr(implementation, _name)
-del _name
+del _name  # pyright: ignore[reportPossiblyUnboundVariable]

@@ -13,6 +13,7 @@ from typing import Any, Iterable
 import msgspec
 
 from .errors import BusinessRuleViolation, ValidationError
+from .events import EventToWrite, RecordedEvent
 from .streams import StreamId, stream_id as _stream_id
 
 _COLLECTIONS = (list, tuple, set, frozenset)
@@ -49,22 +50,26 @@ class Command(msgspec.Struct):
     event)` to fold the streams read. `handle` returns the events to append as
     `ec.emit(stream, event)` items; it must be pure: the executor may call it
     again on fresh state after a version conflict.
+
+    The hooks' parameters are positional-only: the executor passes them by position, so an
+    override may name them after what they hold (`def handle(self, balances)`) and still
+    match this class for type checkers.
     """
 
     def initial_state(self) -> Any:
         return None
 
-    def apply(self, state: Any, event: Any) -> Any:
+    def apply(self, state: Any, event: RecordedEvent, /) -> Any:
         return state
 
-    def handle(self, state: Any) -> Iterable[Any]:
+    def handle(self, state: Any, /) -> Iterable[EventToWrite] | None:
         raise NotImplementedError(f"{type(self).__name__} must implement handle(state)")
 
     def streams(self) -> Iterable[str]:
         """Extra streams to read, beyond the StreamId fields (e.g. an order's product lines)."""
         return ()
 
-    def discover(self, state: Any) -> Iterable[str]:
+    def discover(self, state: Any, /) -> Iterable[str]:
         """Further streams to read, found from the state folded so far (bounded by the executor)."""
         return ()
 
@@ -90,7 +95,7 @@ def declared_streams(command: Command) -> list[StreamId]:
     return list(seen)
 
 
-def stream_ids_of(value: object, what: str) -> Iterable:
+def stream_ids_of(value: Any, what: str) -> Iterable[Any]:
     """`value` as a collection of stream ids, or ValidationError: a str (or bytes) would be iterated one
     character at a time, each taken for a stream id."""
     if isinstance(value, (str, bytes, bytearray)):

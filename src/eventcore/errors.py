@@ -6,6 +6,8 @@ version was expected and which was found, which input field was bad.
 """
 from __future__ import annotations
 
+from typing import Any
+
 
 #: How an error names the special expected versions (their values are defined in eventcore.expected,
 #: which imports this module: the table is here so that errors import nothing of the model).
@@ -48,7 +50,7 @@ class ConcurrencyError(EventCoreError):
             )
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.stream_id, self.expected, self.actual, str(self)))
 
 
@@ -58,14 +60,14 @@ class UndeclaredStreamError(EventCoreError):
     def __init__(self, stream_id: str, command: str, declared: list[str] | tuple[str, ...]):
         self.stream_id = stream_id
         self.command = command
-        self.declared = tuple(declared)
+        self.declared: tuple[str, ...] = tuple(declared)
         super().__init__(
             f"{command} emitted an event to stream {stream_id!r}, which it did not declare; "
             f"declared streams: {list(self.declared)}. Declare it as a StreamId field, return it "
             f"from streams(), or discover it with discover(state). Nothing was written."
         )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.stream_id, self.command, self.declared))
 
 
@@ -90,7 +92,7 @@ class UnknownEventTypeError(SerializationError):
             f"__event_type__ = {type_name!r} (or that class name) and import it before reading"
         )
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.position, self.stream_id))
 
 
@@ -140,7 +142,7 @@ class EventVersionError(SerializationError):
         return EventVersionError(self.type_name, self.version, self.class_version, self.missing, position,
                                  stream_id, self.class_name)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.version, self.class_version, self.missing, self.position,
                              self.stream_id, self.class_name))
 
@@ -169,7 +171,7 @@ class UpcastError(SerializationError):
     def located(self, position: int, stream_id: str) -> "UpcastError":
         return UpcastError(self.type_name, self.version, self.step, self.reason, position, stream_id)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.type_name, self.version, self.step, self.reason, self.position, self.stream_id))
 
 
@@ -208,7 +210,7 @@ class SchemaVersionError(StoreUnavailableError):
         self.expected = expected
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.found, self.expected))
 
 
@@ -220,13 +222,14 @@ class DuplicateCommandError(EventCoreError):
     that first append's result (`ExecutionResult.replayed`).
     """
 
-    def __init__(self, key: str, events: list | None = None, message: str | None = None):
+    def __init__(self, key: str, events: list[Any] | None = None, message: str | None = None):
         self.key = key
+        #: The RecordedEvents of the first append (a list of Any: this module imports nothing of the model).
         self.events = events
         super().__init__(message or (
             f"idempotency key {key!r} was already used by a committed append; nothing new was written"))
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.key, self.events, str(self)))
 
 
@@ -249,7 +252,7 @@ class CommandTimeoutError(EventCoreError, TimeoutError):
         self.maybe_committed = maybe_committed
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (_rebuild_timeout, (type(self), str(self), self.maybe_committed))
 
 

@@ -17,7 +17,8 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import uuid
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic
+from typing import TypeVar as _TypeVar
 
 import msgspec
 
@@ -26,6 +27,9 @@ from .payloads import MAX_PAYLOAD_BYTES, has_nul_escape
 from .streams import StreamId, forbidden_character, stream_id as _stream_id
 from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
 
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
 #: Stored type name (a class's own, or one of its aliases) -> the class that reads it.
 _registry: dict[str, type["Event"]] = {}
 #: Type name -> {from_version: upcaster}: the function taking a payload (dict) of that version to the next.
@@ -33,6 +37,9 @@ _upcasters: dict[str, dict[int, Any]] = {}
 #: Bumped by every registration: readers drop the upcaster chains they built (eventcore.evolution).
 _generation = [0]
 _registry_lock = threading.RLock()
+
+#: An upcaster: a stored payload (dict) of one version in, the payload of the next version out.
+UpcasterT = _TypeVar("UpcasterT", bound=Callable[[dict[str, Any]], dict[str, Any]])
 
 #: Type versions are stored as a smallint (PostgreSQL) and an INTEGER (SQLite): 1 .. 32767.
 MAX_EVENT_VERSION = 32767
@@ -146,7 +153,7 @@ def register_event_type(cls: type[Event]) -> None:
         _generation[0] += 1
 
 
-def upcaster(type_name: str, *, from_version: int):
+def upcaster(type_name: str, *, from_version: int) -> Callable[[UpcasterT], UpcasterT]:
     """Register the decorated function as the upcaster of `type_name` from `from_version` to the next
     version: it takes the stored payload of that version (a dict, as JSON decodes it) and returns the
     payload of `from_version + 1` (a dict). Reading an event stored at version v of a class at version
@@ -167,7 +174,7 @@ def upcaster(type_name: str, *, from_version: int):
         raise EventDefinitionError(f"upcaster from_version of {type_name!r} must be an int in 1..{MAX_EVENT_VERSION - 1}, "
                                    f"got {from_version!r}")
 
-    def register(fn):
+    def register(fn: UpcasterT) -> UpcasterT:
         if not callable(fn):
             raise EventDefinitionError(f"@upcaster({type_name!r}, from_version={from_version}) decorates "
                                        f"{fn!r}, which is not callable")
@@ -222,7 +229,7 @@ class isolated_registry:
     def __init__(self, *, empty: bool = False) -> None:
         self.empty = empty
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         with _registry_lock:
             self._saved = (dict(_registry), {k: dict(v) for k, v in _upcasters.items()})
             if self.empty:
@@ -231,7 +238,7 @@ class isolated_registry:
             _generation[0] += 1
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         with _registry_lock:
             _registry.clear()
             _registry.update(self._saved[0])
@@ -272,8 +279,26 @@ def check_metadata(md: Metadata) -> None:
                 f"Metadata.custom keys must be str (JSON object keys), got {type(key).__name__}: {key!r:.80}")
 
 
-class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
+if TYPE_CHECKING:
+    # The default (PEP 696) is for type checkers only, so typing_extensions need not be installed at run time
+    # (type checkers ship their own copy); Python 3.10-3.12's TypeVar takes no default.
+    from typing_extensions import TypeVar
+
+    #: The type of `RecordedEvent.data`: `RecordedEvent[Deposited]`; a bare `RecordedEvent` is `RecordedEvent[Any]`.
+    DataT = TypeVar("DataT", covariant=True, default=Any)
+else:
+    from typing import TypeVar
+
+    DataT = TypeVar("DataT", covariant=True)
+
+
+class RecordedEvent(msgspec.Struct, Generic[DataT], frozen=True, gc=False):
     """An event as stored: its envelope and its decoded payload.
+
+    Generic in the type of `data` for type checkers: `RecordedEvent[Deposited]` is an event whose
+    `data` is a `Deposited`. What a read returns is `RecordedEvent[Any]` unless its arguments say
+    more (`read_all(types=[Deposited])` gives `RecordedEvent[Deposited]`, `decode=False` gives
+    `RecordedEvent[dict[str, Any]]`); nothing is checked at run time.
 
     `version` is 1-based and gap-free within the stream; `position` is the
     global position in the store's feed (strictly increasing; a reader never finds a
@@ -297,7 +322,7 @@ class RecordedEvent(msgspec.Struct, frozen=True, gc=False):
     position: int
     event_id: uuid.UUID
     type: str
-    data: Any
+    data: DataT
     metadata: Metadata
     recorded_at: _dt.datetime
     type_version: int = 1

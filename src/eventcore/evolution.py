@@ -26,16 +26,16 @@ from .payloads import DECODE_ERRORS, ENCODE_ERRORS, enc_hook
 _decoders: dict[type, msgspec.json.Decoder] = {}
 #: The stored JSON object as a dict: what upcasters take.
 _raw_decoder = msgspec.json.Decoder(dict)
-raw_decode = _raw_decoder.decode
+raw_decode: Callable[[bytes], dict[str, Any]] = _raw_decoder.decode
 #: The stored JSON as it is: what `decode=False` delivers (a dict; a list for an array_like class's events).
-stored_decode = msgspec.json.Decoder().decode
+stored_decode: Callable[[bytes], Any] = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder(enc_hook=enc_hook).encode
 #: (class, stored version) -> its chain, for the registry generation in _chains_generation.
 _chains: dict[tuple[type, int], "_Chain"] = {}
 _chains_generation = [-1]
 
 
-def class_decoder(cls: type[Event]) -> msgspec.json.Decoder:
+def class_decoder(cls: type[Event]) -> msgspec.json.Decoder[Any]:
     """The msgspec JSON decoder of an event class (one per class, kept)."""
     dec = _decoders.get(cls)
     if dec is None:
@@ -43,7 +43,8 @@ def class_decoder(cls: type[Event]) -> msgspec.json.Decoder:
     return dec
 
 
-def decoding(type_name: str, raw: bool, position, stream_id) -> tuple[Callable[[bytes], Any], str, int]:
+def decoding(type_name: str, raw: bool, position: int | None,
+             stream_id: str | None) -> tuple[Callable[[bytes], Any], str, int]:
     """How the decoders read events stored under `type_name`: (decode, the type name delivered, the
     stored version `decode` reads as is; -1: any). Raw: the JSON as a dict under the stored name, at
     any version. Else the registered class's decoder, under the class's own name (an alias's events
@@ -57,7 +58,7 @@ def decoding(type_name: str, raw: bool, position, stream_id) -> tuple[Callable[[
     return class_decoder(cls).decode, (type_name if name == type_name else name), cls.__event_version__
 
 
-def upcasting(type_name: str, version, position, stream_id) -> Callable[[bytes], Any]:
+def upcasting(type_name: str, version: int, position: int | None, stream_id: str | None) -> Callable[[bytes], Any]:
     """The decode of events stored under `type_name` at `version`, which is not their class's: the
     upcaster chain to the class's version. EventVersionError (naming the event) when the version is
     newer than the class or a step is missing; a corrupt version is a SerializationError."""
@@ -165,7 +166,8 @@ _RAW_WORDS = {"RawEvent": ("RawEvent", "RawEvent.data", "RawEvent.version"),
               "line": ("the line", "`data`", "`version`")}
 
 
-def raw_event_version(type_name: str, data: bytes, version, what: str = "RawEvent", against_class: bool = True) -> int:
+def raw_event_version(type_name: str, data: bytes, version: int | None, what: str = "RawEvent",
+                      against_class: bool = True) -> int:
     """The type version a RawEvent is stored with, its payload checked against its class.
 
     `version` None: the registered class's version, or 1 for a type this process does not know.

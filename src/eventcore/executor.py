@@ -42,7 +42,7 @@ from .stores.base import EventStore
 from .stores.prepare import validate_idempotency_key
 from .streams import stream_id as _stream_id
 
-log = logging.getLogger("eventcore.executor")
+log: logging.Logger = logging.getLogger("eventcore.executor")
 
 #: Discovery rounds per attempt before the command is declared unbounded.
 #: A real resolver needs one or two (order -> product lines); 8 is generous.
@@ -432,7 +432,7 @@ def _remember(entry: _Folded, command: Command, state: Any, recorded: list, vers
 
 
 def execute(
-    store,
+    store: EventStore,
     command: Command,
     *,
     retry: RetryPolicy | None = None,

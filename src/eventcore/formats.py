@@ -73,7 +73,7 @@ _FIELDS = ("position", "stream id", "version", "event id", "type name", "data", 
            "type version")
 
 
-def copy_header_problem(buffer) -> str | None:
+def copy_header_problem(buffer: bytes | bytearray | memoryview) -> str | None:
     """What makes `buffer` not start a binary COPY stream the readers take, or None if its header is good."""
     view = memoryview(buffer)
     buf = bytes(view[:len(COPY_HEADER)])
@@ -90,7 +90,7 @@ def copy_header_problem(buffer) -> str | None:
     return None
 
 
-def copy_row_problem(buffer, offset: int) -> str:
+def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int) -> str:
     """What is wrong with the COPY row (or trailer) starting at byte `offset` of `buffer`: the first
     of its fields that is truncated, NULL where a value is due, of the wrong length, not UTF-8, a
     jsonb of an unknown version or a timestamp out of Python's range; the row is named by its

@@ -14,7 +14,7 @@ import gzip
 import io
 import os
 import zlib
-from typing import Any, BinaryIO, Iterator
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Iterator
 
 import msgspec
 
@@ -24,6 +24,9 @@ from .evolution import raw_event_version
 from .payloads import has_nul_escape
 from .streams import stream_id as _stream_id
 from .utf8 import NESTED_TOO_DEEPLY, invalid_utf8, is_utf8_error
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 
 class LineMetadata(msgspec.Struct, forbid_unknown_fields=True, frozen=True):
@@ -56,7 +59,7 @@ class BadLine(ValidationError):
         self.text = text
         super().__init__(f"line {line}: {reason}")
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.line, self.reason, self.text))
 
 
@@ -77,7 +80,8 @@ def line_digest(raw: bytes) -> str:
 VALID_NAMES_MEMO = 100_000
 
 
-def parse_line(number: int, raw: bytes, valid: dict | None = None, against_class: bool = True) -> tuple:
+def parse_line(number: int, raw: bytes, valid: dict[Any, Any] | None = None,
+               against_class: bool = True) -> tuple[Any, ...]:
     """(stream id, RawEvent, metadata) of one line, or BadLine naming what is wrong with it.
 
     `valid`: a dict the caller keeps between lines, of stream ids and type names found valid
@@ -149,7 +153,7 @@ class JsonLinesReader:
     (compressed) file read so far.
     """
 
-    def __init__(self, path: str, on_bad=None, keep_places: bool = True) -> None:
+    def __init__(self, path: str, on_bad: Callable[[BadLine], object] | None = None, keep_places: bool = True) -> None:
         self.path = path
         self.on_bad = on_bad
         #: False: a passed-over line yields nothing, so items are numbered among valid lines only (how an
@@ -157,9 +161,9 @@ class JsonLinesReader:
         self.keep_places = keep_places
         #: For a resumed ingest: whether the item of an index was committed by an earlier run (see
         #: eventcore.stores.ingest.committed_items); such a line's payload is not checked against its class.
-        self.committed = None
-        self.lines = 0
-        self.rejected = 0
+        self.committed: Callable[[int], bool] | None = None
+        self.lines: int = 0
+        self.rejected: int = 0
         try:
             self._raw: BinaryIO = open(path, "rb")
         except OSError as exc:
@@ -178,7 +182,7 @@ class JsonLinesReader:
         except (OSError, ValueError):
             return 0.0
 
-    def __iter__(self) -> Iterator[tuple]:
+    def __iter__(self) -> Iterator[tuple[Any, ...] | None]:
         number = 0
         item = -1  # the index of the item this line is (lines passed over included when keep_places)
         lines = iter(self._buffered)
@@ -222,8 +226,8 @@ class JsonLinesReader:
         finally:
             self._raw.close()
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()

@@ -27,7 +27,7 @@ import threading
 import time
 import weakref
 from bisect import bisect_left
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Iterable, TypeVar
 
 from .errors import (
     BusinessRuleViolation,
@@ -36,7 +36,16 @@ from .errors import (
     StoreUnavailableError,
 )
 
-log = logging.getLogger("eventcore.metrics")
+log: logging.Logger = logging.getLogger("eventcore.metrics")
+
+if TYPE_CHECKING:
+    from .commands import Command
+    from .stores.base import EventStore
+
+#: A hook function, handed back by the decorator that registers it.
+HookT = TypeVar("HookT", bound=Callable[["CommandInfo"], Any])
+RetryHookT = TypeVar("RetryHookT", bound=Callable[["RetryInfo"], Any])
+OperationHookT = TypeVar("OperationHookT", bound=Callable[["OperationInfo"], Any])
 
 #: Final outcomes of a command. `conflict_retried` (commands that needed at least one retry
 #: after a version conflict, whatever their final outcome) is counted beside them.
@@ -72,11 +81,11 @@ class Histogram:
     __slots__ = ("counts", "count", "sum", "min", "max")
 
     def __init__(self) -> None:
-        self.counts = [0] * (len(BUCKET_BOUNDS) + 1)  # the last one: above the top bound
-        self.count = 0
-        self.sum = 0.0
-        self.min = float("inf")
-        self.max = 0.0
+        self.counts: list[int] = [0] * (len(BUCKET_BOUNDS) + 1)  # the last one: above the top bound
+        self.count: int = 0
+        self.sum: float = 0.0
+        self.min: float = float("inf")
+        self.max: float = 0.0
 
     def observe(self, seconds: float) -> None:
         self.counts[bisect_left(BUCKET_BOUNDS, seconds)] += 1
@@ -100,7 +109,8 @@ class Histogram:
                 return max(self.min, min(edge, self.max))
         return self.max  # pragma: no cover
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, float]:
+        """Count, sum (seconds), min, max and percentiles (milliseconds)."""
         return {
             "count": self.count,
             "sum_s": self.sum,
@@ -118,18 +128,19 @@ class CommandInfo:
     __slots__ = ("command", "command_type", "outcome", "attempts", "duration_s", "streams", "stream_versions",
                  "events_written", "error", "replayed")
 
-    def __init__(self, command, command_type, outcome, attempts, duration_s, streams, stream_versions,
-                 events_written, error, replayed: bool = False) -> None:
-        self.command = command
+    def __init__(self, command: Command, command_type: str, outcome: str, attempts: int, duration_s: float,
+                 streams: list[str], stream_versions: dict[str, int], events_written: int,
+                 error: BaseException | None, replayed: bool = False) -> None:
+        self.command: Command = command
         self.command_type: str = command_type
         #: One of OUTCOMES.
         self.outcome: str = outcome
         self.attempts: int = attempts
         self.duration_s: float = duration_s
         #: Every stream the command touched (declared, discovered and written) in order.
-        self.streams: list = streams
+        self.streams: list[str] = streams
         #: Version of each stream after the command (succeeded only; else {}).
-        self.stream_versions: dict = stream_versions
+        self.stream_versions: dict[str, int] = stream_versions
         #: Events this call wrote: 0 when it replayed an earlier run's result (`replayed`).
         self.events_written: int = events_written
         self.error: BaseException | None = error
@@ -151,8 +162,9 @@ class RetryInfo:
 
     __slots__ = ("command", "command_type", "attempt", "reason", "delay_s", "error")
 
-    def __init__(self, command, command_type, attempt, reason, delay_s, error) -> None:
-        self.command = command
+    def __init__(self, command: Command, command_type: str, attempt: int, reason: str, delay_s: float,
+                 error: BaseException) -> None:
+        self.command: Command = command
         self.command_type: str = command_type
         self.attempt: int = attempt
         self.reason: str = reason
@@ -168,14 +180,15 @@ class OperationInfo:
 
     __slots__ = ("store", "operation", "duration_s", "events", "outcome", "streams", "error")
 
-    def __init__(self, store, operation, duration_s, events, outcome, streams, error) -> None:
-        self.store = store
+    def __init__(self, store: EventStore, operation: str, duration_s: float, events: int, outcome: str,
+                 streams: list[str], error: BaseException | None) -> None:
+        self.store: EventStore = store
         self.operation: str = operation
         self.duration_s: float = duration_s
         self.events: int = events
         #: "ok", "conflict" or "error".
         self.outcome: str = outcome
-        self.streams: list = streams
+        self.streams: list[str] = streams
         self.error: BaseException | None = error
 
 
@@ -191,18 +204,18 @@ class _CommandRun:
         self.streams = streams
         self.retries = 0
         self.conflicts = 0
-        self.spans: list | None = None
+        self.spans: list[Any] | None = None
 
 
 class _OpRun:
     __slots__ = ("store", "op", "streams", "started", "spans")
 
-    def __init__(self, store, op, streams) -> None:
+    def __init__(self, store: EventStore, op: str, streams: Iterable[str] | None) -> None:
         self.store = store
         self.op = op
         self.streams = streams
         self.started = time.perf_counter()
-        self.spans: list | None = None
+        self.spans: list[Any] | None = None
 
 
 class MetricsCollector:
@@ -231,46 +244,48 @@ class MetricsCollector:
         """Zero every counter and histogram (hooks, tracers and attached stores stay)."""
         with self._lock:
             #: (command type, outcome) -> commands; outcome in OUTCOMES or "conflict_retried".
-            self.commands: dict = {}
+            self.commands: dict[tuple[str, str], int] = {}
             #: (command type, reason) -> retries; reason "conflict", "store_error" or "stale_cache".
-            self.retries: dict = {}
+            self.retries: dict[tuple[str, str], int] = {}
             #: command type -> Histogram of execute() durations (every outcome).
-            self.command_latency: dict = {}
+            self.command_latency: dict[str, Histogram] = {}
             #: (operation, outcome) -> calls; outcome "ok", "conflict" or "error".
-            self.operations: dict = {}
+            self.operations: dict[tuple[str, str], int] = {}
             #: operation -> Histogram of store call durations (every outcome).
-            self.operation_latency: dict = {}
-            self.events_written = 0
-            self.events_read = 0
-            self.started = time.monotonic()
+            self.operation_latency: dict[str, Histogram] = {}
+            self.events_written: int = 0
+            self.events_read: int = 0
+            self.started: float = time.monotonic()
             #: command type -> [first start, last end] (perf_counter): the window its ops/s is taken over.
             self._windows: dict = {}
 
-    def on_command_complete(self, fn: Callable[[CommandInfo], Any]) -> Callable:
+    def on_command_complete(self, fn: HookT) -> HookT:
         """Call fn(CommandInfo) after every command (any outcome). Usable as a decorator."""
         self._command_hooks.append(fn)
         return fn
 
-    def on_retry(self, fn: Callable[[RetryInfo], Any]) -> Callable:
+    def on_retry(self, fn: RetryHookT) -> RetryHookT:
         """Call fn(RetryInfo) before every retry of a command. Usable as a decorator."""
         self._retry_hooks.append(fn)
         return fn
 
-    def on_store_operation(self, fn: Callable[[OperationInfo], Any]) -> Callable:
+    def on_store_operation(self, fn: OperationHookT) -> OperationHookT:
         """Call fn(OperationInfo) after every timed store operation. Usable as a decorator."""
         self._op_hooks.append(fn)
         return fn
 
-    def add_tracer(self, tracer) -> None:
+    def add_tracer(self, tracer: Any) -> None:
         """Register a tracer: `start(name, attributes) -> handle` and `end(handle, attributes, error)`."""
         self._tracers.append(tracer)
 
     # -- the stores' StoreObserver protocol (eventcore.stores.observer) -------------------------
 
-    def store_attached(self, store) -> None:
+    def store_attached(self, store: EventStore, /) -> None:
+        """Measure `store` too (called by `store.attach`)."""
         self._stores.add(store)
 
-    def store_detached(self, store) -> None:
+    def store_detached(self, store: EventStore, /) -> None:
+        """Stop measuring `store` (called by `store.detach`)."""
         self._stores.discard(store)
 
     # -- reading ---------------------------------------------------------------------------------
@@ -291,7 +306,7 @@ class MetricsCollector:
         """The latency histogram of a store operation (see STORE_OPS)."""
         return self.operation_latency.get(name) or Histogram()
 
-    def gauges(self) -> dict:
+    def gauges(self) -> dict[str, dict[str, Any]]:
         """Read now from the attached stores: {store url: {"pool": {...} or None, "projections": {name: lag}}}."""
         out = {}
         for store in list(self._stores):
@@ -302,7 +317,7 @@ class MetricsCollector:
             out[store.url] = {"pool": pool, "projections": _projection_lags(store)}
         return out
 
-    def snapshot(self) -> dict:
+    def snapshot(self) -> dict[str, Any]:
         """Every counter and histogram as plain data (a consistent copy), plus the gauges."""
         with self._lock:
             snap = {
@@ -317,7 +332,7 @@ class MetricsCollector:
         snap["stores"] = self.gauges()
         return snap
 
-    def summary(self, duration_s: float | None = None) -> dict:
+    def summary(self, duration_s: float | None = None) -> dict[str, Any]:
         """The reference report's "key metrics to track", over `duration_s` (default: since reset()).
 
         Throughput by command type, events written per second, success rate, P50/P95/P99 by
@@ -361,7 +376,7 @@ class MetricsCollector:
             "stores": self.gauges(),
         }
 
-    def format_summary(self, duration_s: float | None = None, summary: dict | None = None) -> str:
+    def format_summary(self, duration_s: float | None = None, summary: dict[str, Any] | None = None) -> str:
         """summary() as the text `eventcore bench` ends with."""
         s = summary if summary is not None else self.summary(duration_s)
         lines = [f"Metrics collector: key metrics over {s['duration_s']:.2f} s "
@@ -464,7 +479,9 @@ class MetricsCollector:
             for fn in self._command_hooks:
                 _call_hook(fn, info)
 
-    def operation_started(self, store, op: str, streams, expected: dict | None = None) -> _OpRun:
+    def operation_started(self, store: EventStore, op: str, streams: Iterable[str] | None,
+                          expected: dict[str, int] | None = None, /) -> _OpRun:
+        """A store operation begins (the StoreObserver protocol): its span starts, if a tracer is added."""
         run = _OpRun(store, op, streams)
         if self._tracers and op != "ingest_batch":
             attrs = {"db.system": _DB_SYSTEM.get(getattr(store, "scheme", ""), "other"), "eventcore.operation": op}
@@ -475,7 +492,8 @@ class MetricsCollector:
             run.spans = [t.start(f"eventcore.{op}", attrs) for t in self._tracers]
         return run
 
-    def operation_ended(self, run: _OpRun, events: int, error: BaseException | None, versions=None) -> None:
+    def operation_ended(self, run: _OpRun, events: int, error: BaseException | None,
+                        versions: dict[str, int] | Callable[[], dict[str, int] | None] | None = None, /) -> None:
         """`versions`: a dict, or a function returning one, of stream -> version after (for spans only)."""
         duration = time.perf_counter() - run.started
         op = run.op

@@ -37,7 +37,7 @@ from .utf8 import NESTED_TOO_DEEPLY
 MAX_PAYLOAD_BYTES = 16 * 1024 * 1024
 
 
-def enc_hook(obj):
+def enc_hook(obj: object) -> str:
     """msgspec's hook for objects it does not encode natively: str subclasses (StreamId in an event field)."""
     if isinstance(obj, str):
         return str(obj)
@@ -120,7 +120,7 @@ def _children(obj, path: str):
             yield getattr(obj, f.name), f"{path}.{f.name}" if path else f.name
 
 
-def non_finite_float(obj) -> tuple[str, float] | None:
+def non_finite_float(obj: object) -> tuple[str, float] | None:
     """(path, value) of the first NaN or infinite float in `obj` (walked without recursion), or None."""
     stack = [(obj, "")]
     while stack:
@@ -168,7 +168,7 @@ def _nul_path(obj) -> str | None:
     return None
 
 
-def check_encoded(obj, data, what: str, may_hold_float: bool) -> None:
+def check_encoded(obj: object, data: bytes, what: str, may_hold_float: bool) -> None:
     """Raise SerializationError if encoded `data` of `obj` is too large, holds NaN/infinity
     (as the `null` msgspec wrote for it) or a NUL. `what` names the object in the message.
     `data` is bytes or any buffer over the encoded JSON (e.g. a memoryview of a COPY buffer)."""

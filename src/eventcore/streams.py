@@ -26,7 +26,7 @@ class StreamId(str):
 
     def __new__(cls, value: object) -> "StreamId":
         if type(value) is cls:
-            return value  # type: ignore[return-value]
+            return value
         if not isinstance(value, str):
             raise ValidationError(f"stream id must be a str, got {type(value).__name__}: {value!r}")
         if not value:
@@ -59,5 +59,5 @@ def forbidden_character(text: str) -> str | None:
 def stream_id(value: object) -> StreamId:
     """Validate `value` as a stream id (returns it unchanged when it already is one)."""
     if type(value) is StreamId:
-        return value  # type: ignore[return-value]
+        return value
     return StreamId(value)

@@ -10,12 +10,14 @@ come here.
 """
 from __future__ import annotations
 
+from typing import Any
+
 import msgspec
 
 NESTED_TOO_DEEPLY = "nested too deeply (more levels than Python's recursion limit)"
 
 
-def invalid_utf8(data) -> str | None:
+def invalid_utf8(data: object) -> str | None:
     """"not valid UTF-8 (byte N: b'\\xNN')" for bytes that are not UTF-8, N the offset of the
     first invalid byte; None for valid UTF-8 and for anything that is not bytes-like."""
     if isinstance(data, str):
@@ -38,7 +40,7 @@ def is_utf8_error(exc: BaseException) -> bool:
     return isinstance(exc, msgspec.DecodeError) and "UTF-8" in str(exc)
 
 
-def decode_error_text(exc: BaseException, data) -> str:
+def decode_error_text(exc: BaseException, data: object) -> str:
     """What was wrong with `data` when msgspec raised `exc` decoding it: invalid UTF-8 named by
     the offset of its first bad byte, nesting past the recursion limit, else msgspec's message."""
     if isinstance(exc, RecursionError):
@@ -50,7 +52,8 @@ def decode_error_text(exc: BaseException, data) -> str:
     return str(exc)
 
 
-def row_decode_error_text(exc: BaseException, decoder, data, metadata) -> str:
+def row_decode_error_text(exc: BaseException, decoder: Any, data: bytes,
+                          metadata: bytes | None) -> str:
     """`decode_error_text` for a stored row whose payload or metadata failed to decode, saying
     which of the two is not UTF-8 (the payload is decoded again to know: an error path only)."""
     if not is_utf8_error(exc):

@@ -143,7 +143,7 @@ class _Progress:
             if self._stop.wait(interval):
                 return
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._thread.join()
         if self._shown and self.stream.isatty():
@@ -415,7 +415,7 @@ class BenchStore:
             raise
         return self.store
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         if self.store is not None:
             self.store.close()
             self.store = None

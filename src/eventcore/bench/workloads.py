@@ -9,7 +9,7 @@ from __future__ import annotations
 import random
 
 from ..commands import Command, require
-from ..events import Event, emit
+from ..events import Event, EventToWrite, RecordedEvent, emit
 from ..streams import StreamId
 
 
@@ -45,7 +45,7 @@ class OrderPlaced(Event):
     lines: list[tuple[str, int]]
 
 
-def _balance(state: int, event) -> int:
+def _balance(state: int, event: RecordedEvent) -> int:
     data = event.data
     if type(data) is MoneyWithdrawn:
         return state - data.amount
@@ -63,10 +63,10 @@ class DepositMoney(Command):
     def initial_state(self) -> int:
         return 0
 
-    def apply(self, state, event):
+    def apply(self, state: int, event: RecordedEvent, /) -> int:
         return _balance(state, event)
 
-    def handle(self, state):
+    def handle(self, state: int, /) -> list[EventToWrite]:
         require(self.amount > 0, "amount must be positive")
         return [emit(self.account, MoneyDeposited(self.amount))]
 
@@ -78,14 +78,14 @@ class TransferMoney(Command):
     target: StreamId
     amount: int
 
-    def initial_state(self) -> dict:
+    def initial_state(self) -> dict[str, int]:
         return {}
 
-    def apply(self, state, event):
+    def apply(self, state: dict[str, int], event: RecordedEvent, /) -> dict[str, int]:
         state[event.stream_id] = _balance(state.get(event.stream_id, 0), event)
         return state
 
-    def handle(self, state):
+    def handle(self, state: dict[str, int], /) -> list[EventToWrite]:
         require(self.amount > 0, "amount must be positive")
         require(self.source != self.target, "cannot transfer to the same account")
         require(state.get(self.source, 0) >= self.amount, f"insufficient funds in {self.source}")
@@ -99,13 +99,13 @@ class PlaceOrder(Command):
     order_id: str
     lines: list[tuple[str, int]]
 
-    def streams(self):
+    def streams(self) -> list[str]:
         return [product for product, _ in self.lines]
 
-    def initial_state(self) -> dict:
+    def initial_state(self) -> dict[str, int]:
         return {}
 
-    def apply(self, state, event):
+    def apply(self, state: dict[str, int], event: RecordedEvent, /) -> dict[str, int]:
         data = event.data
         if type(data) is ProductStocked:
             state[event.stream_id] = state.get(event.stream_id, 0) + data.quantity
@@ -113,7 +113,7 @@ class PlaceOrder(Command):
             state[event.stream_id] = state.get(event.stream_id, 0) - data.quantity
         return state
 
-    def handle(self, state):
+    def handle(self, state: dict[str, int], /) -> list[EventToWrite]:
         require(self.lines, "an order needs at least one line")
         events = [emit(self.customer, OrderPlaced(self.order_id, self.lines))]
         for product, quantity in self.lines:

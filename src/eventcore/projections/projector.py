@@ -6,7 +6,7 @@ fails on an event. Nothing here touches a store: the runner (runner.py) feeds it
 """
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Any, Callable, Generic, Iterable
 
 import msgspec
 
@@ -15,6 +15,18 @@ from ..events import RecordedEvent
 from ..options import seconds
 from ..stores.prepare import MAX_EVENTS_PER_BATCH, type_names as _type_names
 from ..streams import forbidden_character
+
+if TYPE_CHECKING:
+    from typing_extensions import TypeVar
+
+    from ..stores.base import EventStore
+
+    #: The type of `ProjectionContext.connection`, which depends on the backend (see ProjectionContext).
+    ConnectionT = TypeVar("ConnectionT", default=Any)
+else:  # the default is for type checkers only (Python 3.10-3.12's TypeVar takes none)
+    from typing import TypeVar
+
+    ConnectionT = TypeVar("ConnectionT")
 
 #: Events per batch (one transaction each) unless the projector says otherwise.
 DEFAULT_BATCH_SIZE = 500
@@ -61,17 +73,18 @@ class ProjectionError(EventCoreError):
     `RecordedEvent` (None when the event could not be decoded).
     """
 
-    def __init__(self, message: str, projector: str = "", position: int | None = None, event=None):
+    def __init__(self, message: str, projector: str = "", position: int | None = None,
+                 event: RecordedEvent | None = None):
         self.projector = projector
         self.position = position
-        self.event = event
+        self.event: RecordedEvent | None = event
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.projector, self.position, None))
 
 
-class ProjectionContext:
+class ProjectionContext(Generic[ConnectionT]):
     """What a handler gets with its events.
 
     `connection`: on PostgreSQL the psycopg connection, inside the batch's
@@ -79,11 +92,20 @@ class ProjectionContext:
     checkpoint); on SQLite the `sqlite3` connection of the store's file, inside
     a `BEGIN IMMEDIATE` transaction; on the memory store None. `position`: the
     checkpoint before this batch.
+
+    Which connection it is depends on the store, known only at run time, so `connection` is
+    `Any` unless the handler says: annotate `ctx: ec.ProjectionContext[sqlite3.Connection]`
+    (or `[psycopg.Connection[Any]]`) and the type checker checks what is done with it.
     """
 
     __slots__ = ("store", "projector", "connection", "position")
 
-    def __init__(self, store, projector: "Projector", connection, position: int) -> None:
+    store: EventStore
+    projector: Projector
+    connection: ConnectionT
+    position: int
+
+    def __init__(self, store: EventStore, projector: Projector, connection: ConnectionT, position: int) -> None:
         self.store = store
         self.projector = projector
         self.connection = connection
@@ -107,6 +129,9 @@ class Projector:
     this process has no class for to the handler as `read_all(decode=False)` does
     (`data` a dict, `type` the stored name) instead of failing it (the error
     strategy); `decode=False` hands every event so.
+
+    The hooks' parameters are positional-only (the runner passes them by position): an override
+    may name them as it likes.
     """
 
     name: str = ""
@@ -120,15 +145,15 @@ class Projector:
     def __init__(
         self,
         name: str | None = None,
-        handler: Callable | None = None,
+        handler: Callable[[RecordedEvent, ProjectionContext], object] | None = None,
         *,
-        batch_handler: Callable | None = None,
+        batch_handler: Callable[[list[RecordedEvent], ProjectionContext], object] | None = None,
         types: Iterable[str | type] | None = None,
         stream_prefix: str | None = None,
         on_error: "str | Retry | None" = None,
         batch_size: int | None = None,
-        setup: Callable | None = None,
-        reset: Callable | None = None,
+        setup: Callable[[ProjectionContext], object] | None = None,
+        reset: Callable[[ProjectionContext], object] | None = None,
         decode: bool | None = None,
         unknown_types: str | None = None,
     ) -> None:
@@ -167,7 +192,7 @@ class Projector:
         if self.stream_prefix is not None and (not isinstance(self.stream_prefix, str) or "\x00" in self.stream_prefix):
             raise ValidationError(f"stream_prefix must be a str without NUL, got {self.stream_prefix!r}")
         self.on_error = _strategy(self.on_error)
-        self.type_names = _type_names(self.types)
+        self.type_names: tuple[str, ...] | None = _type_names(self.types)
         overridden = type(self).handle is not Projector.handle or type(self).handle_batch is not Projector.handle_batch
         if handler is None and batch_handler is None and not overridden:
             raise ValidationError(f"projector {self.name!r} has no handler: pass handler= or batch_handler=, "
@@ -176,22 +201,22 @@ class Projector:
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.name!r})"
 
-    def handle(self, event: RecordedEvent, ctx: ProjectionContext) -> None:
+    def handle(self, event: RecordedEvent, ctx: ProjectionContext, /) -> None:
         if self._handler is None:
             raise NotImplementedError(f"projector {self.name!r} handles batches only")
         self._handler(event, ctx)
 
-    def handle_batch(self, events: list[RecordedEvent], ctx: ProjectionContext) -> None:
+    def handle_batch(self, events: list[RecordedEvent], ctx: ProjectionContext, /) -> None:
         if self._batch_handler is not None:
             self._batch_handler(events, ctx)
             return
         for event in events:
             self.handle(event, ctx)
 
-    def setup(self, ctx: ProjectionContext) -> None:
+    def setup(self, ctx: ProjectionContext, /) -> None:
         if self._setup is not None:
             self._setup(ctx)
 
-    def reset(self, ctx: ProjectionContext) -> None:
+    def reset(self, ctx: ProjectionContext, /) -> None:
         if self._reset is not None:
             self._reset(ctx)

@@ -17,6 +17,7 @@ import signal
 import socket
 import threading
 import time as _time
+from typing import TYPE_CHECKING, TypedDict
 
 from ..errors import ValidationError
 from ..options import seconds
@@ -25,7 +26,10 @@ from ..stores.projection_storage import FeedPage, LostLeadership, ProjectionSess
 from .projector import SKIP, ProjectionContext, ProjectionError, Projector, Retry
 from .status import ProjectionStatus, count_after, projection_status, storage_of
 
-log = logging.getLogger("eventcore.projections")
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+log: logging.Logger = logging.getLogger("eventcore.projections")
 
 #: Longest pause between looks while committed events wait behind the feed's fence (PostgreSQL).
 _FENCE_RETRY_MAX = 0.05
@@ -83,27 +87,27 @@ class ProjectionRunner:
     ) -> None:
         if not isinstance(projector, Projector):
             raise ValidationError(f"run_projection takes an ec.Projector, got {type(projector).__name__}")
-        self.store = store
-        self.projector = projector
-        self.stop_event = stop_event if stop_event is not None else threading.Event()
+        self.store: EventStore = store
+        self.projector: Projector = projector
+        self.stop_event: threading.Event = stop_event if stop_event is not None else threading.Event()
         #: Seconds between looks at the feed while idle (None: the store's default, see run()).
-        self.poll_interval = None if poll_interval is None else seconds("poll_interval", poll_interval)
-        self.lock_poll_interval = seconds("lock_poll_interval", lock_poll_interval)
-        self.reconnect_backoff = seconds("reconnect_backoff", reconnect_backoff)
-        self.max_reconnect_backoff = seconds("max_reconnect_backoff", max_reconnect_backoff)
-        self.listen_lease = seconds("listen_lease", listen_lease)
-        self.idle_checkpoint_interval = seconds("idle_checkpoint_interval", idle_checkpoint_interval, allow_zero=True)
-        self.until_caught_up = until_caught_up
-        self.rebuild = rebuild
-        self.handle_signals = handle_signals
-        self.listen = listen
-        self.caught_up = threading.Event()
-        self.leading = threading.Event()
-        self.position = 0  # the stored checkpoint, as this instance last wrote or read it
+        self.poll_interval: float | None = None if poll_interval is None else seconds("poll_interval", poll_interval)
+        self.lock_poll_interval: float = seconds("lock_poll_interval", lock_poll_interval)
+        self.reconnect_backoff: float = seconds("reconnect_backoff", reconnect_backoff)
+        self.max_reconnect_backoff: float = seconds("max_reconnect_backoff", max_reconnect_backoff)
+        self.listen_lease: float = seconds("listen_lease", listen_lease)
+        self.idle_checkpoint_interval: float = seconds("idle_checkpoint_interval", idle_checkpoint_interval, allow_zero=True)
+        self.until_caught_up: bool = until_caught_up
+        self.rebuild: bool = rebuild
+        self.handle_signals: bool = handle_signals
+        self.listen: bool = listen
+        self.caught_up: threading.Event = threading.Event()
+        self.leading: threading.Event = threading.Event()
+        self.position: int = 0  # the stored checkpoint, as this instance last wrote or read it
         self._cursor = 0  # where reading goes on from: the checkpoint, or past events the filters left out
         self._idle_due = 0.0
-        self.events_handled = 0
-        self.batches = 0
+        self.events_handled: int = 0
+        self.batches: int = 0
         self.error: BaseException | None = None
         self._session: ProjectionSession | None = None
         self._thread: threading.Thread | None = None
@@ -406,7 +410,24 @@ class ProjectionRunner:
             signal.signal(sig, handler)
 
 
-def run_projection(store: EventStore, projector: Projector, **options) -> ProjectionRunner:
+class RunOptions(TypedDict, total=False):
+    """The keyword options of `run_projection`, the arguments of `ProjectionRunner` after the store
+    and the projector (see `run_projection` for what each does): a type checker reports a misspelt one."""
+
+    stop_event: threading.Event | None
+    poll_interval: float | None
+    lock_poll_interval: float
+    until_caught_up: bool
+    rebuild: bool
+    handle_signals: bool
+    reconnect_backoff: float
+    max_reconnect_backoff: float
+    listen: bool
+    listen_lease: float
+    idle_checkpoint_interval: float
+
+
+def run_projection(store: EventStore, projector: Projector, **options: Unpack[RunOptions]) -> ProjectionRunner:
     """Run `projector` against `store` in this thread: catch up from its checkpoint, then follow live.
 
     Options: `stop_event` (a threading.Event that stops it), `handle_signals`

@@ -68,7 +68,7 @@ class DeadLetter(msgspec.Struct, frozen=True):
     type_version: int = 1
 
 
-def storage_of(store) -> ProjectionStorage:
+def storage_of(store: object) -> ProjectionStorage:
     """The projection storage of `store` (ValidationError for anything else than an eventcore store)."""
     if not isinstance(store, EventStore):
         raise ValidationError(f"projections are not supported on {type(store).__name__}")

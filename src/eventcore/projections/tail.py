@@ -7,25 +7,27 @@ from __future__ import annotations
 
 import datetime as _dt
 import uuid
+from typing import Any
 
 import msgspec
 
 from .. import _impl
 from ..errors import SerializationError, UnknownEventTypeError
 from ..stores.base import EventStore
-from ..stores.projection_storage import as_bytes
+from ..stores.projection_storage import Waiter, as_bytes
 from .status import storage_of
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _raw_json = msgspec.json.Decoder(msgspec.Raw)
 
 
-def read_rows(store: EventStore, after: int, types=None, prefix: str | None = None, limit: int = 1000) -> list:
+def read_rows(store: EventStore, after: int, types: tuple[str, ...] | None = None, prefix: str | None = None,
+              limit: int = 1000) -> list[tuple[Any, ...]]:
     """One page of the feed as stored rows (formats.ROW_COLUMNS), whether or not this process can decode them."""
     return storage_of(store).read_rows(after, types, prefix, limit)
 
 
-def row_json(row, decode: bool = False) -> bytes:
+def row_json(row: tuple[Any, ...], decode: bool = False) -> bytes:
     """One stored row as a JSON object whose keys are RecordedEvent's fields, in order (for `eventcore tail`):
     the event as `read_all(decode=False)` gives it, its type and type version as stored. `decode`: an
     event of a type this process knows as `read_all()` gives it (its class's current version, through
@@ -78,7 +80,7 @@ def row_json(row, decode: bool = False) -> bytes:
     })
 
 
-def follow_waiter(store: EventStore):
+def follow_waiter(store: EventStore) -> Waiter:
     """For `eventcore tail --follow`: an object whose `wait(timeout, stop)` returns early when events are
     appended (LISTEN/NOTIFY on PostgreSQL; a plain sleep elsewhere). Close it with `close()`."""
     return storage_of(store).waiter()

@@ -3,16 +3,26 @@
 memory://                 in-process, for tests
 sqlite:///relative.db     embedded default (sqlite:////absolute/path.db for an absolute path)
 postgresql://...          production (its own package, stores/postgres/, imported only when asked for)
+host=... dbname=...       libpq's key=value form, as psycopg takes it: PostgreSQL too
 """
 from __future__ import annotations
 
 import importlib
+import re
+from typing import TYPE_CHECKING, TypedDict
 from urllib.parse import parse_qsl, urlsplit
 
 from ..errors import ValidationError
 from ..options import boolean
 from .base import EventStore
 from .dsn import check_url, redact, without_secrets
+from .observer import StoreObserver
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
+
+#: libpq's key=value connection string ("host=/tmp dbname=bank"): a keyword, optional blanks, '='.
+_KEY_VALUE = re.compile(r"\s*[A-Za-z_]+\s*=")
 
 # scheme -> (module, class); imported lazily so a backend's driver is needed only when used.
 _BACKENDS = {
@@ -23,7 +33,32 @@ _BACKENDS = {
 }
 
 
-def connect(url: str, *, metrics=None, **options) -> EventStore:
+class ConnectOptions(TypedDict, total=False):
+    """The keyword options of `connect` (each may also be given in the URL's query, as text).
+
+    A type checker reports a misspelt or mistyped one; at run time a store refuses an option its
+    backend does not know with a ValidationError that lists the ones it does."""
+
+    #: Every backend: create the store if there is none and upgrade its schema (default True).
+    migrate: bool
+    #: SQLite: seconds to wait for another writer's lock (default 10).
+    timeout: float
+    #: SQLite: PRAGMA synchronous, "off", "normal", "full" (the default) or "extra".
+    synchronous: str
+    #: PostgreSQL: the schema holding the store's tables (default "eventcore").
+    schema: str
+    #: PostgreSQL: the connection pool's largest and smallest size.
+    pool_size: int
+    pool_min_size: int
+    #: PostgreSQL: seconds to connect, per statement (0: no limit) and to wait for a pooled connection.
+    connect_timeout: float
+    statement_timeout: float
+    pool_timeout: float
+    #: PostgreSQL: share one transaction among concurrent single appends (default True).
+    group_commit: bool
+
+
+def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack[ConnectOptions]) -> EventStore:
     """Open the store a URL names. Options come from the URL query and/or keyword arguments (which win).
 
     `migrate` (every backend, default True): create the store if there is none and upgrade its schema.
@@ -35,12 +70,31 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
 
     >>> store = connect("sqlite:///bank.db")             # doctest: +SKIP
     >>> store = connect("sqlite:///bank.db?synchronous=normal&timeout=5")  # doctest: +SKIP
+    >>> store = connect("host=/var/run/postgresql dbname=bank", schema="bank")  # doctest: +SKIP
+
+    libpq's key=value form opens a PostgreSQL store, as psycopg.connect takes it; eventcore's own
+    options are keyword arguments then (libpq refuses keys it does not know).
     """
+    if isinstance(url, str) and "://" not in url and _KEY_VALUE.match(url):
+        store = _open(url, "postgresql", *_BACKENDS["postgresql"], options)
+    else:
+        store = _open_url(url, options)
+    if metrics is not None:
+        try:
+            store.attach(metrics)
+        except BaseException:
+            store.close()
+            raise
+    return store
+
+
+def _open_url(url: object, options: ConnectOptions) -> EventStore:
     if not isinstance(url, str) or "://" not in url:
         # Not quoted when it may hold a password (libpq's key=value form: host=... password=...).
         shown = "a key=value string" if isinstance(url, str) and "password" in url.lower() else repr(url)
         raise ValidationError(
-            f"store URL must look like memory://, sqlite:///path.db or postgresql://..., got {shown}"
+            f"store URL must look like memory://, sqlite:///path.db, postgresql://... or libpq's host=... "
+            f"dbname=..., got {shown}"
         )
     scheme = url.split("://", 1)[0].lower()
     backend = _BACKENDS.get(scheme)
@@ -56,14 +110,7 @@ def connect(url: str, *, metrics=None, **options) -> EventStore:
     except ValueError as exc:
         # urllib's message may quote the netloc, or the part of it it took for a host or a port.
         raise ValidationError(f"malformed {scheme}:// URL: {without_secrets(str(exc), url)}") from None
-    store = _open(url, scheme, module_name, class_name, options)
-    if metrics is not None:
-        try:
-            store.attach(metrics)
-        except BaseException:
-            store.close()
-            raise
-    return store
+    return _open(url, scheme, module_name, class_name, options)
 
 
 #: How to install the PostgreSQL driver, as the errors of a missing one say it.
@@ -71,7 +118,7 @@ INSTALL_POSTGRES = ("pip install 'pyeventcore[postgres]' (psycopg compiled again
                     "compiler) or 'pyeventcore[postgres-binary]' (psycopg's prebuilt binary)")
 
 
-def _open(url: str, scheme: str, module_name: str, class_name: str, options: dict) -> EventStore:
+def _open(url: str, scheme: str, module_name: str, class_name: str, options: ConnectOptions) -> EventStore:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as exc:

@@ -14,14 +14,14 @@ import time
 import uuid
 import weakref
 from abc import ABC, abstractmethod
-from typing import Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping, TypeVar, overload
 
 import msgspec
 
 from .. import _impl
 from ..errors import DuplicateCommandError, EventVersionError, UnknownEventTypeError, ValidationError
 from ..formats import INT64_MAX
-from ..events import EventToWrite, Metadata, RawEvent, RecordedEvent
+from ..events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
 from .observer import StoreObserver, observed
@@ -29,6 +29,12 @@ from .projection_storage import PENDING_CAP, ProjectionStorage
 from .prepare import (
     MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, type_names as _type_names, validate_idempotency_key,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+#: An event class named in `read_all(types=[...])`: the type of the events' `data`.
+E = TypeVar("E", bound=Event)
 
 #: Rows per page of `read_all`: large enough that the per-query cost vanishes
 #: (~1k rows decode in about a millisecond), small enough to bound memory.
@@ -53,13 +59,14 @@ class StoreHealth(msgspec.Struct, frozen=True):
     head_position: int | None
     schema_version: int | None
     schema_expected: int | None
-    pool: dict | None
-    projections: list
+    pool: dict[str, Any] | None
+    projections: list[dict[str, Any]]
     error: str | None
     schema: str | None = None
     problem: str | None = None
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
+        """The fields as a dict (what `eventcore health --json` prints)."""
         return msgspec.structs.asdict(self)
 
 
@@ -84,9 +91,12 @@ class EventStore(ABC):
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
     #: The attached StoreObserver (see `attach`); None: nothing is measured.
-    _observer = None
+    _observer: StoreObserver | None = None
+    instance: int
+    closed: bool
+    _dependants: weakref.WeakSet[Any]
 
-    def __new__(cls, *args, **kwargs):
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         self = super().__new__(cls)
         #: This store object's number, unique in the process for its lifetime (see `_instances`):
         #: what in-process caches key their entries by.
@@ -99,7 +109,7 @@ class EventStore(ABC):
 
     # -- observability ------------------------------------------------------------
 
-    def attach(self, collector) -> None:
+    def attach(self, collector: StoreObserver) -> None:
         """Measure this store with `collector` (an `ec.MetricsCollector`, or another StoreObserver):
         every command executed on it and every store operation, until `detach()`. One collector per
         store; a collector may watch many stores."""
@@ -117,11 +127,11 @@ class EventStore(ABC):
             observer.store_detached(self)
 
     @property
-    def metrics(self):
+    def metrics(self) -> StoreObserver | None:
         """The attached MetricsCollector (or other StoreObserver), or None."""
         return self._observer
 
-    def pool_stats(self) -> dict | None:
+    def pool_stats(self) -> dict[str, Any] | None:
         """The connection pool's state (PostgreSQL), or None for backends without a pool."""
         return None
 
@@ -134,7 +144,12 @@ class EventStore(ABC):
         projection_storage); a backend with projections returns its own."""
         raise ValidationError(f"projections are not supported on {type(self).__name__}")
 
-    def health(self) -> "StoreHealth":
+    @property
+    def url(self) -> str:
+        """The store's URL, with no password in it."""
+        raise NotImplementedError
+
+    def health(self) -> StoreHealth:
         """Connectivity, schema version, pool state and the projectors' checkpoints (lag = head position
         - checkpoint), read now. Never raises for an unreachable store: `ok` is False and `error` says
         why (with no password in it)."""
@@ -152,7 +167,7 @@ class EventStore(ABC):
             pool = self.pool_stats()
         except Exception:  # noqa: BLE001 - a closed pool reports nothing
             pool = None
-        projections: list = []
+        projections: list[dict[str, Any]] = []
         if error is None:
             try:
                 projections = [{"name": p.name, "state": p.state, "position": p.position,
@@ -239,7 +254,7 @@ class EventStore(ABC):
         """The stored rows (formats.ROW_COLUMNS layout, position order) of the append recorded under `key`."""
 
     @abstractmethod
-    def _append(self, prepared: PreparedAppend) -> list[RecordedEvent]:
+    def _append(self, prepared: PreparedAppend, /) -> list[RecordedEvent]:
         """Check every expected version and write every event, atomically."""
 
     def append_batch(
@@ -269,7 +284,7 @@ class EventStore(ABC):
                                              (prepared,), lambda _: len(prepared), operator.itemgetter(2))
         return BatchResult(len(prepared), first, last, versions, time.perf_counter() - started)
 
-    def _append_batch(self, prepared: PreparedAppend) -> tuple[int, int, dict[str, int]]:
+    def _append_batch(self, prepared: PreparedAppend, /) -> tuple[int, int, dict[str, int]]:
         """(first position, last position, stream -> version after). Backends may override for speed."""
         recorded = self._append(prepared)
         versions = {e.stream_id: e.version for e in recorded}  # later events of a stream overwrite earlier
@@ -279,12 +294,12 @@ class EventStore(ABC):
 
     def ingest(
         self,
-        items: Iterable,
+        items: Iterable[EventToWrite | tuple[Any, ...]],
         *,
         batch_size: int = DEFAULT_INGEST_BATCH,
         expected: Mapping[str, int] | None = None,
         metadata: Metadata | None = None,
-        on_batch=None,
+        on_batch: Callable[[int], object] | None = None,
         parallel: int = 1,
         resume_key: str | None = None,
     ) -> IngestResult:
@@ -362,6 +377,16 @@ class EventStore(ABC):
 
     # -- reading ----------------------------------------------------------------
 
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: Literal[True] = True) -> list[RecordedEvent]: ...
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: Literal[False]) -> list[RecordedEvent[dict[str, Any]]]: ...
+    @overload
+    def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                    decode: bool = True) -> list[RecordedEvent]: ...
+
     def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
                     decode: bool = True) -> list[RecordedEvent]:
         """A stream's events in version order, from `from_version` (1-based).
@@ -378,6 +403,15 @@ class EventStore(ABC):
             return self._read_stream(sid, from_version, limit, raw) if raw else self._read_stream(sid, from_version, limit)
         args = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
         return observed(observer, self, "read", [sid], None, self._read_stream, args, len, _written_versions)
+
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *,
+                     decode: Literal[True] = True) -> dict[str, list[RecordedEvent]]: ...
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *,
+                     decode: Literal[False]) -> dict[str, list[RecordedEvent[dict[str, Any]]]]: ...
+    @overload
+    def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]: ...
 
     def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]:
         """Every event of several streams, read at one point in time (one round trip where possible).
@@ -405,6 +439,21 @@ class EventStore(ABC):
         if not ids:
             return {}
         return self._stream_versions(ids)
+
+    # Typed by what is asked for: classes only, decoded -> RecordedEvent[those classes]; decode=False ->
+    # RecordedEvent[dict[str, Any]]; otherwise (type names, or a mix) RecordedEvent[Any].
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[type[E]], stream_prefix: str | None = None,
+                 limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: Literal[True] = True) -> Iterator[RecordedEvent[E]]: ...
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[str | type] | None = None,
+                 stream_prefix: str | None = None, limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: Literal[False]) -> Iterator[RecordedEvent[dict[str, Any]]]: ...
+    @overload
+    def read_all(self, *, after_position: int = 0, types: Iterable[str | type] | None = None,
+                 stream_prefix: str | None = None, limit: int | None = None, page_size: int = DEFAULT_PAGE_SIZE,
+                 decode: bool = True) -> Iterator[RecordedEvent]: ...
 
     def read_all(
         self,
@@ -508,10 +557,10 @@ class EventStore(ABC):
         for dependant in list(self._dependants):
             dependant._drop_store(self.instance)
 
-    def __enter__(self):
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
 

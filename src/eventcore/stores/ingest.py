@@ -14,7 +14,7 @@ import threading
 import time
 import zlib
 from concurrent.futures import ThreadPoolExecutor
-from typing import Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import msgspec
 
@@ -45,9 +45,9 @@ class IngestProgress(msgspec.Struct, frozen=True):
     items: int
     before: int
     #: Holes to record (None items below `items`, ON CONFLICT ignored: several lanes may record one).
-    holes: list = []
+    holes: list[int] = []
     #: Recorded holes this batch writes (deleted with it).
-    filled: list = []
+    filled: list[int] = []
     #: The lane's first batch in this run: on PostgreSQL it first waits for any other first batch of
     #: the key to commit (an advisory lock), so that a run with another lane count is seen (see
     #: ingest_lanes_differ).
@@ -103,7 +103,7 @@ class IngestError(EventCoreError):
         self.item = item
         super().__init__(message)
 
-    def __reduce__(self):
+    def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (str(self), self.committed, self.item))
 
 
@@ -198,7 +198,7 @@ def _ingest_item(item, metadata, valid_ids: dict):
     return sid, ev, md
 
 
-def committed_items(store, resume_key: str | None, parallel: int):
+def committed_items(store: Any, resume_key: str | None, parallel: int) -> Callable[[int], bool] | None:
     """For a resumed ingest: a predicate telling whether the input item of an index was committed by
     an earlier run (below every lane's count and not a hole), or None when nothing was. A reader
     passes such items over without checking them against their class (see jsonl.JsonLinesReader)."""
@@ -215,13 +215,13 @@ def committed_items(store, resume_key: str | None, parallel: int):
 
 
 def ingest(
-    store,
-    items: Iterable,
+    store: Any,
+    items: Iterable[Any],
     *,
     batch_size: int = DEFAULT_INGEST_BATCH,
     expected: Mapping[str, int] | None = None,
     metadata: Metadata | None = None,
-    on_batch=None,
+    on_batch: Callable[[int], object] | None = None,
     parallel: int = 1,
     resume_key: str | None = None,
 ) -> IngestResult:

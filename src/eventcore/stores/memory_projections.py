@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 from contextlib import contextmanager
+from typing import Any
 
 from .projection_storage import (
     CheckpointRecord, LostLeadership, ProjectionSession, ProjectionStorage, as_bytes, effective_state,
@@ -25,17 +26,17 @@ def _now() -> _dt.datetime:
 
 
 class MemoryProjectionStorage(ProjectionStorage):
-    def __init__(self, store) -> None:
+    def __init__(self, store: Any) -> None:
         super().__init__(store)
-        self.lock = threading.RLock()
-        self.checkpoints_by_name: dict[str, dict] = {}
-        self.dead: dict[tuple[str, int], tuple] = {}  # (projector, position) -> row (DEAD_LETTER_COLUMNS)
+        self.lock: threading.RLock = threading.RLock()
+        self.checkpoints_by_name: dict[str, dict[str, Any]] = {}
+        self.dead: dict[tuple[str, int], tuple[Any, ...]] = {}  # (projector, position) -> row (DEAD_LETTER_COLUMNS)
         self.leaders: dict[str, threading.Lock] = {}
 
     def session(self, name: str, listen: bool = True) -> "MemoryProjectionSession":
         return MemoryProjectionSession(self, name)
 
-    def checkpoints(self, name, cap):
+    def checkpoints(self, name: str | None, cap: int) -> list[CheckpointRecord]:
         head = self.store.head_position()
         with self.lock:
             items = sorted(self.checkpoints_by_name.items())
@@ -48,10 +49,10 @@ class MemoryProjectionStorage(ProjectionStorage):
                                  effective_state(cp["state"], held), cp["error"], cp["owner"], cp["updated_at"], dead)
                 for n, cp, dead, held in found]
 
-    def count_after(self, position, cap):
+    def count_after(self, position: int, cap: int) -> int:
         return min(cap, max(0, self.store.head_position() - position))
 
-    def dead_letters(self, name):
+    def dead_letters(self, name: str) -> list[tuple[Any, ...]]:
         with self.lock:
             return [row for (n, _), row in sorted(self.dead.items()) if n == name]
 
@@ -62,8 +63,8 @@ class MemoryProjectionSession(ProjectionSession):
     def __init__(self, storage: MemoryProjectionStorage, name: str) -> None:
         super().__init__(storage, name)
         with storage.lock:
-            self.leader = storage.leaders.setdefault(name, threading.Lock())
-        self.held = False
+            self.leader: threading.Lock = storage.leaders.setdefault(name, threading.Lock())
+        self.held: bool = False
         self._ops: list | None = None
         self._expect: int | None = None
 
@@ -99,7 +100,7 @@ class MemoryProjectionSession(ProjectionSession):
         finally:
             self._ops = None
 
-    def advance(self, old, new):
+    def advance(self, old: int, new: int) -> None:
         def op():
             cp = self.storage.checkpoints_by_name[self.name]
             cp["position"] = new
@@ -107,14 +108,14 @@ class MemoryProjectionSession(ProjectionSession):
         self._expect = old
         self._ops.append(op)
 
-    def dead_letter(self, row, error, attempts):
+    def dead_letter(self, row: tuple[Any, ...], error: str, attempts: int) -> None:
         position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         record = (position, sid, version, bytes(event_id), type_name, as_bytes(data),
                   None if metadata is None else as_bytes(metadata), recorded_us, type_version, error, attempts,
                   _now())
         self._ops.append(lambda: self.storage.dead.__setitem__((self.name, position), record))
 
-    def reset(self):
+    def reset(self) -> None:
         def op():
             storage = self.storage
             storage.checkpoints_by_name[self.name]["position"] = 0
@@ -122,7 +123,7 @@ class MemoryProjectionSession(ProjectionSession):
                 del storage.dead[key]
         self._ops.append(op)
 
-    def set_state(self, state, error, owner):
+    def set_state(self, state: str, error: str | None, owner: str | None) -> None:
         with self.storage.lock:
             cp = self.storage.checkpoints_by_name.setdefault(self.name, _new_checkpoint())
             cp.update(state=state, error=error, owner=owner, updated_at=_now())

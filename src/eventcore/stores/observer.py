@@ -10,30 +10,37 @@ Operation names: "read" (read_stream, read_streams), "read_all" (one page), "app
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Protocol, runtime_checkable
+
+#: The EventStore reporting (Any here: the store module imports this one, never the reverse).
+Store = Any
 
 
 @runtime_checkable
 class StoreObserver(Protocol):
-    """Told about every operation of the stores it is attached to."""
+    """Told about every operation of the stores it is attached to (by position: an implementation
+    may name the parameters as it likes)."""
 
-    def store_attached(self, store) -> None:
+    def store_attached(self, store: Store, /) -> None:
         """`store` will report its operations here (called by `store.attach`)."""
 
-    def store_detached(self, store) -> None:
+    def store_detached(self, store: Store, /) -> None:
         """`store` reports no more operations here (called by `store.detach`)."""
 
-    def operation_started(self, store, operation: str, streams, expected: dict | None = None) -> Any:
+    def operation_started(self, store: Store, operation: str, streams: Iterable[str] | None,
+                          expected: dict[str, int] | None = None, /) -> Any:
         """An operation begins: its name, the streams it names (or None), their expected versions
         (appends). Returns a token given back to `operation_ended`."""
 
-    def operation_ended(self, token, events: int, error: BaseException | None, versions=None) -> None:
+    def operation_ended(self, token: Any, events: int, error: BaseException | None,
+                        versions: dict[str, int] | Callable[[], dict[str, int] | None] | None = None, /) -> None:
         """The operation ended: events written or read, the error it raised (None: it succeeded),
         and stream -> version after it (a dict, or a function returning one, or None)."""
 
 
-def observed(observer: StoreObserver, store, operation: str, streams, expected, call: Callable, args: tuple,
-             count: Callable = len, versions: Callable | None = None):
+def observed(observer: StoreObserver, store: Store, operation: str, streams: Iterable[str] | None,
+             expected: dict[str, int] | None, call: Callable[..., Any], args: tuple[Any, ...],
+             count: Callable[[Any], int] = len, versions: Callable[[Any], dict[str, int] | None] | None = None) -> Any:
     """`call(*args)` bracketed by `observer`: `count(result)` events, `versions(result)` asked for only
     if the observer wants it."""
     token = observer.operation_started(store, operation, streams, expected)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as _dt
 import time
 import uuid
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 from .. import _impl
 from ..errors import ValidationError
@@ -40,24 +40,26 @@ class PreparedAppend:
     __slots__ = ("stream_ids", "types", "type_versions", "payloads", "metadatas", "event_ids", "events",
                  "metadata_objs", "expected", "recorded_at_us", "key", "progress")
 
-    def __init__(self, stream_ids, types, type_versions, payloads, metadatas, event_ids, events, metadata_objs,
-                 expected):
-        self.stream_ids = stream_ids
-        self.types = types
+    def __init__(self, stream_ids: list[str], types: list[str], type_versions: list[int], payloads: list[bytes],
+                 metadatas: list[bytes | None], event_ids: list[bytes], events: list[Event | RawEvent],
+                 metadata_objs: list[Metadata | None], expected: dict[str, int]) -> None:
+        self.stream_ids: list[str] = stream_ids
+        self.types: list[str] = types
         #: Each event's type version, stored with it (the class's __event_version__, or a RawEvent's).
-        self.type_versions = type_versions
-        self.payloads = payloads
-        self.metadatas = metadatas
-        self.event_ids = event_ids
-        self.events = events
-        self.metadata_objs = metadata_objs
-        self.expected = expected
-        self.recorded_at_us = time.time_ns() // 1000
+        self.type_versions: list[int] = type_versions
+        self.payloads: list[bytes] = payloads
+        self.metadatas: list[bytes | None] = metadatas
+        self.event_ids: list[bytes] = event_ids
+        #: The events as given (what `recorded` hands back as each RecordedEvent's data).
+        self.events: list[Event | RawEvent] = events
+        self.metadata_objs: list[Metadata | None] = metadata_objs
+        self.expected: dict[str, int] = expected
+        self.recorded_at_us: int = time.time_ns() // 1000
         #: The append's idempotency key (str) or None: recorded in the append's transaction;
         #: a key already recorded makes the backend raise DuplicateCommandError, writing nothing.
-        self.key = None
+        self.key: str | None = None
         #: Ingest progress to record in the same transaction, or None: an IngestProgress.
-        self.progress = None
+        self.progress: Any = None
 
     def __len__(self) -> int:
         return len(self.stream_ids)
@@ -151,7 +153,7 @@ def validate_idempotency_key(value: object, what: str = "idempotency key") -> st
         raise ValidationError(str(exc).replace("stream id", what, 1)) from None
 
 
-def type_names(types) -> tuple[str, ...] | None:
+def type_names(types: Iterable[str | type] | None) -> tuple[str, ...] | None:
     """A `types` filter (event type names or Event classes) as a tuple of validated names; None: no filter.
     A class stands for its type name and its aliases; a name for that stored name only."""
     if types is None:

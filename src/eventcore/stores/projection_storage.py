@@ -18,12 +18,13 @@ import datetime as _dt
 import threading
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 import msgspec
 
 from .. import _impl
 from ..errors import EventCoreError, SerializationError, StoreUnavailableError, UnknownEventTypeError
+from ..events import RecordedEvent
 
 #: Events after a checkpoint are counted up to this many (a bounded cost); the value means "at least".
 PENDING_CAP = 10_000
@@ -78,7 +79,7 @@ def effective_state(stored: str, held: bool) -> str:
     return stored
 
 
-def as_bytes(value) -> bytes:
+def as_bytes(value: bytes | bytearray | memoryview | str) -> bytes:
     """A stored JSON column (bytes, memoryview or str; None) as bytes."""
     if value is None:
         return b""
@@ -96,14 +97,16 @@ class FeedPage:
 
     __slots__ = ("events", "errors", "_rows", "_load_rows")
 
-    def __init__(self, events: list, errors: list, rows: list | None = None, load_rows=None) -> None:
-        self.events = events
-        self.errors = errors
+    def __init__(self, events: list[RecordedEvent | None], errors: list[BaseException | None],
+                 rows: list[tuple[Any, ...]] | None = None,
+                 load_rows: Callable[[], list[tuple[Any, ...]]] | None = None) -> None:
+        self.events: list[RecordedEvent | None] = events
+        self.errors: list[BaseException | None] = errors
         self._rows = rows
         self._load_rows = load_rows
 
     @classmethod
-    def of_rows(cls, rows: list, decoding: str = "strict") -> "FeedPage":
+    def of_rows(cls, rows: list[tuple[Any, ...]], decoding: str = "strict") -> FeedPage:
         """Stored rows decoded: all at once, or, when one of them cannot be, each alone. `decoding`:
         "strict" (every event decoded as its class; one that cannot be has its error), "raw" (every
         event as read_all(decode=False) gives it), "known" (strict, but an event of a type this
@@ -133,7 +136,7 @@ class FeedPage:
     def __len__(self) -> int:
         return len(self.events)
 
-    def row(self, i: int) -> tuple:
+    def row(self, i: int) -> tuple[Any, ...]:
         """The stored row of event `i`."""
         if self._rows is None:
             self._rows = self._load_rows()
@@ -147,13 +150,13 @@ class ProjectionSession(ABC):
     `connection` is what handlers get as `ctx.connection`: the connection the batch's transaction
     runs on (None where there is none)."""
 
-    connection = None
+    connection: Any = None
     #: Seconds a running listener's claim lasts unless renewed (PostgreSQL: appends NOTIFY while it lasts).
-    listen_lease = 30.0
+    listen_lease: float = 30.0
 
-    def __init__(self, storage: "ProjectionStorage", name: str) -> None:
+    def __init__(self, storage: ProjectionStorage, name: str) -> None:
         self.storage = storage
-        self.store = storage.store
+        self.store: Any = storage.store
         self.name = name
 
     def open(self) -> None:
@@ -177,18 +180,19 @@ class ProjectionSession(ABC):
         """The feed's head position, as its readers see it."""
         return self.store.head_position()
 
-    def read_rows(self, after: int, types, prefix, limit: int) -> list:
+    def read_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple[Any, ...]]:
         """A page of the feed after `after` as stored rows (formats.ROW_COLUMNS), undecoded."""
         return self.storage.read_rows(after, types, prefix, limit)
 
-    def read_page(self, after: int, types, prefix, limit: int) -> "tuple[list, int | None]":
+    def read_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None,
+                  limit: int) -> tuple[list[tuple[Any, ...]], int | None]:
         """A page for the runner: (rows, bound). bound None: the read looked up to the feed's head;
         else it looked only up to `bound` (a window of the feed, on PostgreSQL for a filtered
         projector), which is below the head, and every event up to it that matches is in rows
         unless rows is a full page."""
         return self.read_rows(after, types, prefix, limit), None
 
-    def read_events(self, after: int, types, prefix, limit: int,
+    def read_events(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int,
                     decoding: str = "strict") -> "tuple[FeedPage, int | None]":
         """`read_page`, decoded (see FeedPage.of_rows): (page, bound). A backend may override it with a
         faster way."""
@@ -207,7 +211,7 @@ class ProjectionSession(ABC):
         """Move the checkpoint from `old` to `new`: a compare-and-set (LostLeadership if it is not at `old`)."""
 
     @abstractmethod
-    def dead_letter(self, row, error: str, attempts: int) -> None:
+    def dead_letter(self, row: tuple[Any, ...], error: str, attempts: int) -> None:
         """Record the event of stored `row` as skipped, with its error and the attempts made."""
 
     @abstractmethod
@@ -266,9 +270,10 @@ class ProjectionStorage(ABC):
 
     #: Seconds between looks at the feed of a live projector that nothing wakes sooner (the runner's
     #: default poll_interval): where appends wake it, this is only the fallback.
-    poll_interval = 0.1
+    poll_interval: float = 0.1
 
-    def __init__(self, store) -> None:
+    def __init__(self, store: Any) -> None:
+        #: The EventStore these projections read (Any: the store module imports this one, not the reverse).
         self.store = store
 
     @abstractmethod
@@ -284,14 +289,14 @@ class ProjectionStorage(ABC):
         """Events after `position` (any type), counted up to `cap`."""
 
     @abstractmethod
-    def dead_letters(self, name: str) -> list[tuple]:
+    def dead_letters(self, name: str) -> list[tuple[Any, ...]]:
         """The dead letters of projector `name` in position order, as rows (DEAD_LETTER_COLUMNS)."""
 
-    def read_rows(self, after: int, types, prefix, limit: int) -> list:
+    def read_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple[Any, ...]]:
         """A page of the feed as stored rows (formats.ROW_COLUMNS), whether or not this process can decode them."""
         return self.store._read_all_rows(after, types, prefix, limit)
 
-    def waiter(self):
+    def waiter(self) -> Waiter:
         """For `eventcore tail --follow`: an object whose `wait(timeout, stop)` returns early (True)
         when events are appended, where the store can say so (`clear_wake()` before each read forgets
         earlier wake-ups); `close()` it after."""

@@ -35,7 +35,7 @@ from .ingest import ingest_lanes_differ, ingest_overlap
 from .prepare import PreparedAppend
 from .sqlite_projections import SQLiteProjectionStorage
 
-log = logging.getLogger("eventcore.store.sqlite")
+log: logging.Logger = logging.getLogger("eventcore.store.sqlite")
 
 #: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
@@ -161,7 +161,7 @@ class SQLiteStore(EventStore):
             raise ValidationError(f"synchronous must be one of {sorted(_SYNCHRONOUS)}, got {synchronous!r}")
         timeout = seconds("timeout", timeout, text=True)
         migrate = boolean("migrate", migrate)
-        self.path = os.path.abspath(path)
+        self.path: str = os.path.abspath(path)
         self.timeout = timeout
         self.synchronous = synchronous
         self._local = threading.local()

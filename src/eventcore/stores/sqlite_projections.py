@@ -14,6 +14,7 @@ import hashlib
 import os
 import sqlite3
 from contextlib import contextmanager
+from typing import Any
 
 from .projection_storage import (
     CheckpointRecord, LostLeadership, ProjectionSession, ProjectionStorage, StoreFailed, as_bytes, effective_state,
@@ -74,7 +75,7 @@ class SQLiteProjectionStorage(ProjectionStorage):
         finally:
             conn.close()
 
-    def checkpoints(self, name, cap):
+    def checkpoints(self, name: str | None, cap: int) -> list[CheckpointRecord]:
         head = self.store.head_position()
         out = []
         for n, position, state, error, owner, updated, dead in self._select(_CHECKPOINTS):
@@ -85,14 +86,18 @@ class SQLiteProjectionStorage(ProjectionStorage):
                                         effective_state(state, held), error, owner, _timestamp(updated), dead))
         return out
 
-    def count_after(self, position, cap):
+    def count_after(self, position: int, cap: int) -> int:
         return self.store._query(_COUNT_AFTER, (position, cap))[0][0]
 
-    def dead_letters(self, name):
+    def dead_letters(self, name: str) -> list[tuple[Any, ...]]:
         return [(*r[:11], _timestamp(r[11])) for r in self._select(_DEAD_LETTERS, (name,))]
 
 
 class SQLiteProjectionSession(ProjectionSession):
+    """A projector's batches on SQLite: `connection` is the store file's sqlite3 connection."""
+
+    connection: sqlite3.Connection | None
+
     def __init__(self, storage: SQLiteProjectionStorage, name: str) -> None:
         super().__init__(storage, name)
         self._lock_file: int | None = None
@@ -162,20 +167,20 @@ class SQLiteProjectionSession(ProjectionSession):
                 conn.execute("ROLLBACK")
             raise
 
-    def advance(self, old, new):
+    def advance(self, old: int, new: int) -> None:
         if self.connection.execute(_ADVANCE, (new, self.name, old)).rowcount != 1:
             raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
-    def dead_letter(self, row, error, attempts):
+    def dead_letter(self, row: tuple[Any, ...], error: str, attempts: int) -> None:
         position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         self.connection.execute(_DEAD_LETTER, (
             self.name, position, sid, version, bytes(event_id), type_name, as_bytes(data),
             None if metadata is None else as_bytes(metadata), recorded_us, type_version, error, attempts))
 
-    def reset(self):
+    def reset(self) -> None:
         self.connection.execute(_RESET, (self.name,))
         self.connection.execute(_CLEAR_DEAD, (self.name,))
 
-    def set_state(self, state, error, owner):
+    def set_state(self, state: str, error: str | None, owner: str | None) -> None:
         self._run(_ENSURE, (self.name,))
         self._run(_STATE, (state, error, owner, self.name))

@@ -45,14 +45,14 @@ def find_pg_bindir() -> Path | None:
 class TemporaryCluster:
     """`with TemporaryCluster() as dsn: ...` — a private PostgreSQL server for the duration of the block."""
 
-    def __init__(self, settings: dict | None = None) -> None:
-        self.bindir = find_pg_bindir()
+    def __init__(self, settings: dict[str, str] | None = None) -> None:
+        self.bindir: Path | None = find_pg_bindir()
         if self.bindir is None:
             raise StoreUnavailableError(
                 "no PostgreSQL server binaries found (initdb/pg_ctl on PATH or via pg_config --bindir); "
                 "install PostgreSQL or pass a DSN"
             )
-        self.settings = dict(settings or {})
+        self.settings: dict[str, str] = dict(settings or {})
         self.dir: Path | None = None
         self.pid: int | None = None
         self.dsn: str | None = None
@@ -113,5 +113,5 @@ class TemporaryCluster:
             self.stop()
             raise
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop()

@@ -11,6 +11,9 @@ on pages of 1,000 events: 0.67 µs of client CPU a row through `Copy.read()`, 0.
 """
 from __future__ import annotations
 
+from typing import Any, Sequence
+
+import psycopg
 from psycopg import pq
 from psycopg.errors import error_from_result
 
@@ -23,7 +26,7 @@ _DUPLICATE_STATEMENT = "42P05"  # duplicate_prepared_statement: prepared already
 _BINARY = 1
 
 
-def read_copy(conn, query, params) -> bytearray:
+def read_copy(conn: psycopg.Connection[Any], query: bytes | str, params: Sequence[Any]) -> bytearray:
     """Every byte a COPY ... TO STDOUT sends (header, rows, trailer); the server's error, if it
     ends the COPY with one (a cancelled statement: QueryCanceled), is raised as psycopg raises it."""
     out = bytearray()
@@ -53,7 +56,7 @@ def _wait_readable(pgconn) -> None:
     wait_readable(pgconn.socket)
 
 
-def read_prepared(conn, name: bytes, query: str, params: list):
+def read_prepared(conn: psycopg.Connection[Any], name: bytes, query: str, params: list[bytes | None]) -> pq.abc.PGresult:
     """The result (psycopg's pq.PGresult, values in binary) of `query` (its parameters $1.., given
     as text: bytes, or None for NULL), run as the connection's prepared statement `name` (prepared
     on first use). For copy_from_result and decode_copy.
@@ -79,7 +82,7 @@ def read_prepared(conn, name: bytes, query: str, params: list):
     raise AssertionError("unreachable")
 
 
-def prepare(conn, name: bytes, query: str) -> None:
+def prepare(conn: psycopg.Connection[Any], name: bytes, query: str) -> None:
     """Prepare `query` as `name` on the connection (read_prepared's statements; the store's pool does
     it for each new connection), and remember it there."""
     pgconn = conn.pgconn

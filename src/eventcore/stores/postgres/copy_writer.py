@@ -13,7 +13,10 @@ chunk's rows come from:
 """
 from __future__ import annotations
 
+from typing import Any
+
 from ... import _impl
+from ...events import Event, Metadata
 from ...formats import COPY_HEADER, COPY_TRAILER
 from ..prepare import PreparedAppend
 
@@ -29,15 +32,16 @@ class EncodedRows:
     """Rows whose payloads and metadata are encoded already (a PreparedAppend)."""
 
     def __init__(self, p: PreparedAppend) -> None:
-        self.stream_ids = p.stream_ids
-        self.event_ids = p.event_ids
+        self.stream_ids: list[str] = p.stream_ids
+        self.event_ids: list[bytes] = p.event_ids
         self._p = p
-        self._versions: list = []
+        self._versions: list[int] = []
 
-    def start(self, heads: dict) -> None:
+    def start(self, heads: dict[str, int]) -> None:
         self._versions = _impl.assign_versions(self.stream_ids, heads)
 
-    def encode(self, buf: bytearray, position: int, start: int, stop: int, heads: dict, at_us: int) -> None:
+    def encode(self, buf: bytearray, position: int, start: int, stop: int, heads: dict[str, int],
+               at_us: int) -> None:
         p = self._p
         _impl.encode_copy_rows(buf, position, p.stream_ids[start:stop], self._versions[start:stop],
                                p.event_ids[start:stop], p.types[start:stop], p.type_versions[start:stop],
@@ -48,22 +52,23 @@ class EncodedRows:
 class Events:
     """Event objects (with their metadata) encoded while the rows are framed; ids made on the way."""
 
-    def __init__(self, stream_ids: list, events: list, metadatas: list) -> None:
-        self.stream_ids = stream_ids
-        self.event_ids: list = []
+    def __init__(self, stream_ids: list[str], events: list[Event], metadatas: list[Metadata | None]) -> None:
+        self.stream_ids: list[str] = stream_ids
+        self.event_ids: list[bytes] = []
         self._events = events
         self._metadatas = metadatas
 
-    def start(self, heads: dict) -> None:
+    def start(self, heads: dict[str, int]) -> None:
         self.event_ids = []
 
-    def encode(self, buf: bytearray, position: int, start: int, stop: int, heads: dict, at_us: int) -> None:
+    def encode(self, buf: bytearray, position: int, start: int, stop: int, heads: dict[str, int],
+               at_us: int) -> None:
         self.event_ids += _impl.encode_copy_events(buf, position, self.stream_ids[start:stop],
                                                    self._events[start:stop], self._metadatas[start:stop],
                                                    heads, at_us)
 
 
-def write(copy, rows, first: int, heads: dict, at_us: int) -> list:
+def write(copy: Any, rows: EncodedRows | Events, first: int, heads: dict[str, int], at_us: int) -> list[bytes]:
     """Write `rows` (EncodedRows or Events) into `copy`, an open binary COPY of the events table:
     positions from `first`, each stream's versions after its head in `heads` (advanced in place),
     recorded at `at_us`. Returns the event ids written, in order."""

@@ -20,6 +20,7 @@ function (its own file, applied before the migrations) and a migration that drop
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -30,7 +31,7 @@ from ...errors import EventCoreError, NotAnEventStoreError, SchemaVersionError, 
 from .connections import _one_line
 from .sql import FUNCTIONS, FUNCTIONS_DIGEST, MIGRATIONS, OWN_RELATIONS, QUERIES, SCHEMA_VERSION, q
 
-log = logging.getLogger("eventcore.store.postgres")
+log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
 #: The columns of eventcore's schema_migrations (queries.sql: create_migrations), sorted.
 MIGRATIONS_COLUMNS = ["applied_at", "description", "version"]
@@ -59,7 +60,7 @@ def _functions_current(version: int, recorded: str | None) -> bool:
     return recorded == FUNCTIONS_DIGEST
 
 
-def migrate(conn, schema: str, dsn: str, *, reapply_functions: bool = False) -> int:
+def migrate(conn: psycopg.Connection[Any], schema: str, dsn: str, *, reapply_functions: bool = False) -> int:
     """Apply pending migrations, and the functions when they may differ (always with `reapply_functions`).
 
     Returns the schema version now in place.
@@ -109,7 +110,7 @@ def migrate(conn, schema: str, dsn: str, *, reapply_functions: bool = False) -> 
         raise StoreUnavailableError(f"migration of schema {s!r} failed: {exc}") from exc
 
 
-def regrant(conn, schema: str) -> None:
+def regrant(conn: psycopg.Connection[Any], schema: str) -> None:
     """After an upgrade: application roles (those, other than the owner, that may INSERT events)
     get least_privilege_grants again, so they can use the new tables (e.g. migration 4's
     command_keys and ingest_progress) without an administrator re-running the grants."""
@@ -121,7 +122,7 @@ def regrant(conn, schema: str) -> None:
             conn.execute(statement, prepare=False)
 
 
-def schema_state(conn, schema: str) -> str:
+def schema_state(conn: psycopg.Connection[Any], schema: str) -> str:
     """"missing" (no such schema), "empty" (a schema without eventcore's tables) or "store"; another
     application's schema (one of eventcore's table names, but not eventcore's schema_migrations)
     raises NotAnEventStoreError."""
@@ -137,7 +138,7 @@ def schema_state(conn, schema: str) -> str:
     return "empty"
 
 
-def schema_version(conn, schema: str) -> int:
+def schema_version(conn: psycopg.Connection[Any], schema: str) -> int:
     """The migration version of the schema (0: not created)."""
     try:
         if schema_state(conn, schema) != "store":
@@ -147,7 +148,7 @@ def schema_version(conn, schema: str) -> int:
         raise StoreUnavailableError(f"cannot read the schema version: {exc}") from exc
 
 
-def check_schema(conn, schema: str) -> None:
+def check_schema(conn: psycopg.Connection[Any], schema: str) -> None:
     """For a store opened with migrate=False: the schema must exist, be eventcore's and be current.
     Functions that differ from this eventcore's are only logged: nothing is changed."""
     try:

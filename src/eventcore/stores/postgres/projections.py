@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -60,25 +61,25 @@ def _q(template: str, schema: str) -> str:
 
 class PostgresProjectionStorage(ProjectionStorage):
     #: Appends wake a live projector (LISTEN/NOTIFY): polling is only the fallback, for poolers that drop LISTEN.
-    poll_interval = 1.0
+    poll_interval: float = 1.0
 
     def session(self, name: str, listen: bool = True) -> "PostgresProjectionSession":
         return PostgresProjectionSession(self, name, listen, listen_at_once=False)
 
-    def checkpoints(self, name, cap):
+    def checkpoints(self, name: str | None, cap: int) -> list[CheckpointRecord]:
         store = self.store
         params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": cap}
         rows = _fetch(store, _q(_P["status"], store.schema), params, jit=False)
         return [CheckpointRecord(n, position, head, pending, effective_state(state, held), error, owner, updated, dead)
                 for n, position, head, pending, state, error, owner, updated, dead, held in rows]
 
-    def count_after(self, position, cap):
+    def count_after(self, position: int, cap: int) -> int:
         return _fetch(self.store, _q(_P["count_after"], self.store.schema), (position, cap))[0][0]
 
-    def dead_letters(self, name):
+    def dead_letters(self, name: str) -> list[tuple[Any, ...]]:
         return _fetch(self.store, _q(_P["dead_letters"], self.store.schema), (name,))
 
-    def read_rows(self, after, types, prefix, limit):
+    def read_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple[Any, ...]]:
         return _fetch(self.store, _q(pg_sql.read_all_sql(types is not None, prefix is not None), self.store.schema),
                       pg_sql.read_all_params(after, types, prefix, limit))
 
@@ -216,11 +217,12 @@ class PostgresProjectionSession(ProjectionSession):
     def head(self) -> int:
         return self._exec(self._sql["head"])[0][0]
 
-    def read_rows(self, after, types, prefix, limit) -> list:
+    def read_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> list[tuple[Any, ...]]:
         return self._exec(self._read[types is not None, prefix is not None],
                           pg_sql.read_all_params(after, types, prefix, limit))
 
-    def read_page(self, after, types, prefix, limit) -> tuple[list, "int | None"]:
+    def read_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None,
+                  limit: int) -> tuple[list[tuple[Any, ...]], int | None]:
         if types is None and prefix is None:
             return self.read_rows(after, types, prefix, limit), None
         params = {"after": after, "k": max(WINDOW_PAGES * limit, WINDOW_MIN) - 1, "limit": limit,
@@ -229,7 +231,8 @@ class PostgresProjectionSession(ProjectionSession):
         bound = result[0][0]
         return [r[1:] for r in result if r[1] is not None], bound
 
-    def read_events(self, after, types, prefix, limit, decoding="strict") -> tuple[FeedPage, "int | None"]:
+    def read_events(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int,
+                    decoding: str = "strict") -> tuple[FeedPage, int | None]:
         """An unfiltered page by binary COPY, decoded straight into events (see decode_copy). A page
         holding an event this process cannot decode is read again as rows, each decoded alone;
         a filtered page is read as rows through its window (read_page)."""
@@ -279,7 +282,7 @@ class PostgresProjectionSession(ProjectionSession):
         if cur.rowcount != 1:
             raise LostLeadership(f"checkpoint of {self.name!r} is no longer at {old}")
 
-    def dead_letter(self, row, error: str, attempts: int) -> None:
+    def dead_letter(self, row: tuple[Any, ...], error: str, attempts: int) -> None:
         position, sid, version, event_id, type_name, data, metadata, recorded_us, type_version = row
         self._write(self._sql["dead"], (
             self.name, position, sid, version, uuid.UUID(bytes=bytes(event_id)), type_name, data, metadata,
@@ -289,7 +292,7 @@ class PostgresProjectionSession(ProjectionSession):
         self._write(self._sql["reset"], (self.name,))
         self._write(self._sql["clear"], (self.name,))
 
-    def set_state(self, state: str, error, owner) -> None:
+    def set_state(self, state: str, error: str | None, owner: str | None) -> None:
         self._exec(self._sql["ensure"], (self.name,))
         # While it runs and listens, appends send NOTIFY (see migration 3); otherwise they need not.
         # The claim is a lease (listening_until), renewed by keep_listening(): a process that dies

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import uuid
+from typing import Any
 from contextlib import contextmanager
 from urllib.parse import parse_qsl
 
@@ -53,7 +54,7 @@ from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, FIRST_ROWS, QUERIES, SCH
     copy_read_all_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
 
-log = logging.getLogger("eventcore.store.postgres")
+log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
 #: Pool size: 10 connections keep two cores (shared by client and server) busy, with room for
 #: writers blocked on a lock.
@@ -121,10 +122,21 @@ def _fetch_all(conn, query, params) -> list:
     return conn.execute(query, params).fetchall()
 
 class PostgresStore(EventStore):
+    """The PostgreSQL store (`ec.connect("postgresql://...")`): psycopg 3 with a connection pool, one
+    schema of tables and functions; see this module's docstring for what each option does."""
+
     scheme = "postgresql"
 
     @classmethod
-    def from_url(cls, url: str, **options) -> "PostgresStore":
+    def from_url(cls, url: str, **options: Any) -> PostgresStore:
+        """The store a postgresql:// URL names: eventcore's own options taken from its query (and `options`,
+        which win), the rest of the URL passed to libpq as written. libpq's key=value form takes eventcore's
+        options as keyword arguments only (libpq refuses keys it does not know)."""
+        if "://" not in url:
+            unknown = set(options) - _OPTIONS
+            if unknown:
+                raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+            return cls(url, **options)  # which checks the string with libpq's parser, as below
         # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
         # values (a %20 is not a +) and the URL the store shows.
         check_url(url)
@@ -161,13 +173,13 @@ class PostgresStore(EventStore):
         migrate: bool = True,
         group_commit: bool = True,
     ) -> None:
-        self.schema = _schema_name(schema)
-        self.pool_size = count("pool_size", pool_size, 1, text=True)
-        self.pool_min_size = min(count("pool_min_size", pool_min_size, 0, text=True), self.pool_size)
-        self.connect_timeout = seconds("connect_timeout", connect_timeout, text=True)
-        self.statement_timeout = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
+        self.schema: str = _schema_name(schema)
+        self.pool_size: int = count("pool_size", pool_size, 1, text=True)
+        self.pool_min_size: int = min(count("pool_min_size", pool_min_size, 0, text=True), self.pool_size)
+        self.connect_timeout: float = seconds("connect_timeout", connect_timeout, text=True)
+        self.statement_timeout: float = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
                                           maximum=MAX_STATEMENT_TIMEOUT)
-        self.pool_timeout = seconds("pool_timeout", pool_timeout, text=True)
+        self.pool_timeout: float = seconds("pool_timeout", pool_timeout, text=True)
         self._dsn = dsn
         st = self.statement_timeout
         self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
@@ -332,7 +344,7 @@ class PostgresStore(EventStore):
     def _schema_versions(self):
         return self.schema_version(), SCHEMA_VERSION
 
-    def pool_stats(self) -> dict:
+    def pool_stats(self) -> dict[str, Any]:
         """The pool now: connections open (`size`), `in_use`, `idle`, requests `waiting`, its bounds, and
         psycopg_pool's cumulative counters (`requests_num`, `requests_wait_ms`, `connections_num`,
         `connections_ms`, ...) since the store opened."""

@@ -17,7 +17,7 @@ import weakref
 
 import psycopg
 
-log = logging.getLogger("eventcore.store.postgres")
+log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
 #: A call gets no answer for statement_timeout + this (or + a quarter of statement_timeout if that is
 #: more) -> its connection is shut down from the client side (see _Watchdog). The server cancels a

@@ -15,6 +15,7 @@ parameter. Global order and the position fence: see the `fence` section of queri
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 import re
 from importlib import resources
 
@@ -137,7 +138,7 @@ def copy_read_all_sql(with_types: bool, with_prefix: bool) -> str:
     return QUERIES["copy_" + _READ_ALL[with_types, with_prefix]]
 
 
-def read_all_params(after: int, types, prefix, limit: int) -> tuple:
+def read_all_params(after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> tuple[Any, ...]:
     """The parameters of `read_all_sql(types is not None, prefix is not None)`, in order."""
     params: list = [after]
     if types is not None:
