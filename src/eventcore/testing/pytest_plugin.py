@@ -26,6 +26,7 @@ import importlib.util
 import os
 import re
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Iterator, NoReturn
 
 import pytest
@@ -131,7 +132,7 @@ def eventcore_postgres_url() -> Iterator[str]:
     from .pgcluster import TemporaryCluster
 
     try:
-        cluster = TemporaryCluster(settings={"max_connections": 200})
+        cluster = TemporaryCluster(settings={"max_connections": "200"})
     except Exception as exc:
         _postgres_unavailable(f"{type(exc).__name__}: {exc}")
     # The server is a separate process: stop it even if the session ends without its teardown (Ctrl-C).
@@ -152,7 +153,7 @@ class StoreFactory:
     """Makes empty stores of one backend (this test run's). Every store it made is closed at the end of the
     test, and on PostgreSQL its schema dropped: each store lives in a schema of its own."""
 
-    def __init__(self, backend: str, *, sqlite_dir=None, postgres_url: str | None = None) -> None:
+    def __init__(self, backend: str, *, sqlite_dir: Path | None = None, postgres_url: str | None = None) -> None:
         self.backend = backend
         self._sqlite_dir = sqlite_dir
         self._postgres_url = postgres_url
@@ -169,10 +170,13 @@ class StoreFactory:
         if self.backend == "memory":
             store = eventcore.connect("memory://", **options)
         elif self.backend == "sqlite":
+            assert self._sqlite_dir is not None, "a SQLite factory is made with the directory of its files"
             store = eventcore.connect(f"sqlite:///{self._sqlite_dir / f'events-{self._made}.db'}", **options)
         else:
+            assert self._postgres_url is not None, "a PostgreSQL factory is made with the server's URL"
             schema = f"eventcore_test_{uuid.uuid4().hex[:12]}"
-            store = eventcore.connect(self._postgres_url, **{"schema": schema, **options})
+            connect_options: dict[str, Any] = {"schema": schema, **options}
+            store = eventcore.connect(self._postgres_url, **connect_options)
         self._open.append((store, schema))
         return store
 
@@ -210,6 +214,7 @@ class StoreFactory:
         import psycopg
         from psycopg import sql
 
+        assert self._postgres_url is not None
         with psycopg.connect(self._postgres_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
 
