@@ -198,3 +198,43 @@ def test_append_one_takes_the_locks_append_group_takes(pg_dsn, pg_schema, partic
     with psycopg.connect(pg_dsn) as conn:
         assert _advisory_locks(conn, pg_schema, "append_one", argument) == \
             _advisory_locks(conn, pg_schema, "append_group", argument)
+
+
+@pytest.mark.parametrize("function", ["append_one", "append_group"])
+def test_a_read_only_participant_that_moves_while_waiting_for_its_lock_is_a_conflict_under_repeatable_read(
+        pg_dsn, pg_schema, function):
+    """Pre-existing (append_group too), found reviewing append_one: the heads are read in a statement
+    after the locks so that their snapshot is taken after them, which holds in READ COMMITTED only. A
+    session whose default_transaction_isolation is repeatable read (a DSN's options, ALTER ROLE/DATABASE
+    SET) reads every head in the snapshot of the calling SELECT, taken before the locks: a read-only
+    participant that another append moved while this one waited for its lock passes its check (write
+    skew; a written stream fails on its (stream_id, version) key instead of reporting a conflict).
+    Either refuse such a transaction or report the conflict: never pass the check."""
+    ec.connect(pg_dsn, schema=pg_schema).close()
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        assert _run(conn, pg_schema, function, _doc([["R", NO_STREAM, 1]], [_ev("R", 1)]))[0] == "ok"
+    holder = psycopg.connect(pg_dsn)  # moves R to version 2 and holds its lock until it commits
+    try:
+        assert _run(holder, pg_schema, function, _doc([["R", 1, 1]], [_ev("R", 1)]))[0] == "ok"
+        out = {}
+
+        def reader():
+            with psycopg.connect(pg_dsn, autocommit=True,
+                                 options="-c default_transaction_isolation=repeatable\\ read") as conn:
+                out["r"] = _run(conn, pg_schema, function,
+                                _doc([["R", 1, 0], ["W", NO_STREAM, 1]], [_ev("W", 1)]))
+
+        t = threading.Thread(target=reader)
+        t.start()
+        with psycopg.connect(pg_dsn, autocommit=True) as watcher:  # until the reader waits for R's lock
+            for _ in range(200):
+                if watcher.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted"
+                                   ).fetchone()[0]:
+                    break
+                threading.Event().wait(0.05)
+        holder.commit()
+        t.join(30)
+    finally:
+        holder.close()
+    result = out["r"]
+    assert result[0] == "error" or result[1][0][3] == {"stream_id": "R", "expected": 1, "actual": 2}, result
