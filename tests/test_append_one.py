@@ -200,3 +200,21 @@ def test_a_lone_append_and_a_group_take_their_locks_in_one_order(pg_dsn, pg_sche
         assert sum(len(store.read_stream(s)) for s in streams) == 6 * 40 * 3
     finally:
         store.close()
+
+
+def test_the_store_appends_in_read_committed_whatever_the_dsn_asks(pg_dsn, pg_schema):
+    """The append functions refuse any isolation but READ COMMITTED (see their guard); the store pins it
+    on its connections after the DSN's own options, so a DSN (or a role) that asks for REPEATABLE READ
+    still gets a working store."""
+    separator = "&" if "?" in pg_dsn else "?"
+    dsn = pg_dsn + separator + "options=-c%20default_transaction_isolation%3Drepeatable%5C%20read"
+    with psycopg.connect(dsn) as conn:  # the DSN does ask for it
+        assert conn.execute("SHOW transaction_isolation").fetchone()[0] == "repeatable read"
+    with ec.connect(dsn, schema=pg_schema) as store:
+        store.append([ec.emit("r", Noted(1))])
+        store.append([ec.emit("w", Noted(2))], {"r": 1, "w": ec.NO_STREAM})
+        with store._pool.connection() as conn:
+            assert conn.execute("SHOW transaction_isolation").fetchone()[0] == "read committed"
+    with psycopg.connect(dsn, autocommit=True) as conn:  # a caller of the function in REPEATABLE READ: refused
+        assert _run(conn, pg_schema, "append_one", _doc([["x", NO_STREAM, 1]], [_ev("x", 1)])) == ("error", "EC400")
+        assert _run(conn, pg_schema, "append_group", _doc([["x", NO_STREAM, 1]], [_ev("x", 1)])) == ("error", "EC400")

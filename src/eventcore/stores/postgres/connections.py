@@ -40,11 +40,12 @@ def _conninfo(dsn: str) -> dict:
         raise ValidationError(f"invalid PostgreSQL DSN {redact(dsn)}: {_one_line(exc, dsn)}") from None
 
 
-def _session_options(ours: str, dsn_options: str) -> str:
-    """libpq's `options` for a connection: eventcore's `-c` settings, then the DSN's own. A connection
-    keyword replaces the DSN's parameter of that name, so without this the DSN's would be lost; after
-    ours, its settings win where both set one (the server applies them in order)."""
-    return f"{ours} {dsn_options}" if dsn_options.strip() else ours
+def _session_options(ours: str, dsn_options: str, pinned: str = "") -> str:
+    """libpq's `options` for a connection: eventcore's `-c` settings, then the DSN's own, then `pinned`.
+    A connection keyword replaces the DSN's parameter of that name, so without this the DSN's would be
+    lost; after ours, its settings win where both set one (the server applies them in order), except
+    the `pinned` ones, which come last: settings the store's correctness needs."""
+    return " ".join(part for part in (ours, dsn_options.strip(), pinned) if part)
 
 
 def _connection_lost(exc: Exception) -> bool:

@@ -1,8 +1,9 @@
 """The PostgreSQL store (`postgresql://...`): the production backend.
 
 One round trip per append whatever the number of streams (the server function
-`append_group` locks every participant in sorted order, checks every expected
-version before writing anything, advances the heads and inserts the events),
+`append_one`, or `append_group` for a group commit of several appends, locks every
+participant in one global order, checks every expected version before writing
+anything, advances the heads and inserts the events),
 one round trip for `read_streams`, statements rendered once and prepared on
 first use (`prepare_threshold=0`), a psycopg_pool of autocommit connections,
 group commit (group_commit.py), batch writes by binary COPY (copy_writer.py),
@@ -204,8 +205,13 @@ class PostgresStore(EventStore):
         # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
         # 7 ms after 40,000 more streams, until ANALYZE. Planning anew costs ~0.03-0.06 ms; parsing is
         # still saved. The append functions keep their cached plans (they set it back; see sql/functions/).
+        # default_transaction_isolation, pinned after the DSN's options (which also override ALTER ROLE or
+        # DATABASE ... SET): the append functions read the stream heads in a statement after their locks,
+        # which sees what committed meanwhile only in READ COMMITTED; in REPEATABLE READ a read-only stream
+        # moved while the append waited would pass its check. The functions refuse any other level.
         options = _session_options(f"-c statement_timeout={int(self.statement_timeout * 1000)} "
-                                  "-c plan_cache_mode=force_custom_plan", self._dsn_options)
+                                  "-c plan_cache_mode=force_custom_plan", self._dsn_options,
+                                  pinned="-c default_transaction_isolation=read\\ committed")
         #: What every connection of the store is made with, the first one's included.
         self._connect_kwargs = {
             "autocommit": True,

@@ -235,8 +235,8 @@ AND has_table_privilege(r.oid, %s::regclass, 'INSERT') ORDER BY 1
 -- What an application role ({role}) needs to append and read, and nothing more, one statement a
 -- line: SELECT and INSERT events (never UPDATE, DELETE or TRUNCATE them), read stream heads, call
 -- the append functions, which move the heads with their owner's rights (SECURITY DEFINER), run
--- projections (their checkpoints and dead letters), look up idempotency keys (written by
--- append_group) and resume an ingest. Migrations need the schema owner.
+-- projections (their checkpoints and dead letters), look up idempotency keys (written by the
+-- append functions) and resume an ingest. Migrations need the schema owner.
 GRANT USAGE ON SCHEMA {s} TO {role};
 GRANT SELECT, INSERT ON {s}.events TO {role};
 GRANT SELECT ON {s}.streams TO {role};

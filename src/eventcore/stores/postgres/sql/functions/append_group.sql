@@ -41,6 +41,13 @@ BEGIN
         RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
             USING ERRCODE = 'EC412';
     END IF;
+    -- The heads are read in a statement after the locks, which sees what committed meanwhile in READ
+    -- COMMITTED only (in REPEATABLE READ a read-only stream moved while this waited would pass its
+    -- check). The store pins READ COMMITTED on its connections; any other caller is refused.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'eventcore: appends run in READ COMMITTED; this transaction is %',
+            upper(current_setting('transaction_isolation')) USING ERRCODE = 'EC400';
+    END IF;
 
     -- 1. Lock every participant before the first write (see lock_streams): the
     --    store-wide key, then one key per stream in key order, exclusive if written.

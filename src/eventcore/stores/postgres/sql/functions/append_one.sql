@@ -1,6 +1,6 @@
 -- The append of a group of one member: what every append that shares no transaction runs (a command
 -- on one thread, a lone `store.append`). The same argument, result, locks, checks and rows as
--- append_group, which serves groups of several members; tests/test_pg_schema.py runs both on the
+-- append_group, which serves groups of several members; tests/test_append_one.py runs both on the
 -- same inputs and compares. Why a second function: append_group's one set-based statement builds a
 -- plan of some forty nodes (members, keys, heads, a window, three writing CTEs) whose executor
 -- start-up alone cost about as much as the writes; for one member, plain statements do the same in
@@ -27,8 +27,8 @@ DECLARE
     v_np       int   := coalesce(jsonb_array_length(p_group->'g'->0->0), 0);
     v_ne       int   := coalesce(jsonb_array_length(p_group->'g'->0->1), 0);
     v_streams  text[];
+    v_expected bigint[];  -- each participant's, read (and cast: a malformed one fails) before any check
     v_distinct bigint;
-    v_expected bigint;
     v_version  bigint;
     v_ordinal  bigint;
     i          int;
@@ -36,6 +36,13 @@ BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
             USING ERRCODE = 'EC412';
+    END IF;
+    -- The heads are read in a statement after the locks, which sees what committed meanwhile in READ
+    -- COMMITTED only (in REPEATABLE READ a read-only stream moved while this waited would pass its
+    -- check). The store pins READ COMMITTED on its connections; any other caller is refused.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'eventcore: appends run in READ COMMITTED; this transaction is %',
+            upper(current_setting('transaction_isolation')) USING ERRCODE = 'EC400';
     END IF;
     IF jsonb_typeof(p_group->'g') IS DISTINCT FROM 'array' OR jsonb_array_length(p_group->'g') <> 1
        OR (p_group->>'n')::int IS DISTINCT FROM v_np OR v_np = 0 THEN
@@ -50,6 +57,7 @@ BEGIN
     --    store-wide key alone, exclusive. One participant and no key, the common case, needs no sort.
     IF v_np = 1 AND v_key IS NULL THEN
         v_streams := ARRAY[v_parts->0->>0];
+        v_expected := ARRAY[(v_parts->0->>1)::bigint];
         IF v_streams[1] IS NULL THEN
             RAISE EXCEPTION 'eventcore: append_one participants must be distinct streams, "n" of them'
                 USING ERRCODE = 'EC400';
@@ -82,6 +90,7 @@ BEGIN
                  ORDER BY u.k OFFSET 0) AS o;
         FOR i IN 1 .. v_np LOOP
             v_streams[i] := v_parts->(i - 1)->>0;
+            v_expected[i] := (v_parts->(i - 1)->>1)::bigint;
         END LOOP;
         -- 2. Under the locks: the heads, in participant order.
         SELECT array_agg(coalesce((SELECT st.version FROM {s}.streams st WHERE st.stream_id = p.s), 0) ORDER BY p.i),
@@ -101,10 +110,9 @@ BEGIN
     -- 3. The checks, in participant order (the first that fails is reported): a recorded key first.
     IF conflict IS NULL THEN
         FOR i IN 1 .. v_np LOOP
-            v_expected := (v_parts->(i - 1)->>1)::bigint;
-            IF v_expected <> -1 AND ((v_expected = -2 AND versions[i] = 0)
-                                     OR (v_expected >= 0 AND versions[i] <> v_expected)) THEN
-                conflict := json_build_object('stream_id', v_streams[i], 'expected', v_expected,
+            IF v_expected[i] <> -1 AND ((v_expected[i] = -2 AND versions[i] = 0)
+                                        OR (v_expected[i] >= 0 AND versions[i] <> v_expected[i])) THEN
+                conflict := json_build_object('stream_id', v_streams[i], 'expected', v_expected[i],
                                               'actual', versions[i])::text;
                 EXIT;
             END IF;

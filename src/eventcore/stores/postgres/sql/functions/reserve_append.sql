@@ -31,6 +31,13 @@ BEGIN
         RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
             USING ERRCODE = 'EC412';
     END IF;
+    -- The heads are read in a statement after the locks, which sees what committed meanwhile in READ
+    -- COMMITTED only (in REPEATABLE READ a read-only stream moved while this waited would pass its
+    -- check). The store pins READ COMMITTED on its connections; any other caller is refused.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'eventcore: appends run in READ COMMITTED; this transaction is %',
+            upper(current_setting('transaction_isolation')) USING ERRCODE = 'EC400';
+    END IF;
     IF coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_expected, 1), 0)
        OR coalesce(array_length(p_streams, 1), 0) <> coalesce(array_length(p_counts, 1), 0)
        OR p_n <> coalesce((SELECT sum(c) FROM unnest(p_counts) c), 0) THEN
