@@ -141,7 +141,7 @@ def test_lag_is_reported_while_behind(store):
     assert status.state == "stopped"
 
 
-def test_a_read_of_many_batches_still_hands_each_batch_alone(store, backend, monkeypatch):
+def test_a_read_of_many_batches_still_hands_each_batch_alone(store, monkeypatch):
     """An unfiltered projector reads several batches at once (about READ_AHEAD_EVENTS events): each
     is still its own transaction of at most batch_size events, in order, across reads; the head is
     read only once a page comes short."""
@@ -149,7 +149,7 @@ def test_a_read_of_many_batches_still_hands_each_batch_alone(store, backend, mon
     from eventcore.stores.projection_storage import ProjectionSession
 
     sessions = [ProjectionSession]
-    if backend.startswith("postgres"):  # the PostgreSQL session module needs the driver: only where it runs
+    if store.scheme == "postgresql":  # the PostgreSQL session module needs the driver: only where it runs
         from eventcore.stores.postgres.projections import PostgresProjectionSession
 
         sessions.append(PostgresProjectionSession)
