@@ -3,6 +3,9 @@
 To add a backend (e.g. PostgreSQL), add one entry to `BACKENDS`: a factory
 taking the pytest `request` and returning an open store. A factory may pull
 other fixtures (a server, a schema name) with `request.getfixturevalue(...)`.
+
+EVENTCORE_TEST_BACKENDS (see optional.py) narrows a run to some backends: the tests of the others are
+deselected here, at collection.
 """
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ import os
 import pytest
 
 import eventcore
+from optional import backend_of, selected_backends
 
 # Child processes the tests start run the implementation under test; and a pure-Python build,
 # named by EVENTCORE_IMPL=python, keeps PurePythonWarning off the stderr that tests compare.
@@ -39,7 +43,36 @@ BACKENDS = {
 
 
 def pytest_report_header(config):
-    return f"eventcore impl: {eventcore.__impl__}"
+    backends = selected_backends()
+    chosen = "all" if not os.environ.get("EVENTCORE_TEST_BACKENDS", "").strip() else "EVENTCORE_TEST_BACKENDS"
+    return [f"eventcore impl: {eventcore.__impl__}", f"eventcore backends: {', '.join(backends)} ({chosen})"]
+
+
+def pytest_configure(config):
+    selected_backends()  # a misspelt EVENTCORE_TEST_BACKENDS stops the run before anything is collected
+
+
+def _backends_needed(item) -> set[str]:
+    """The backends a collected test runs on, as far as collection can tell: the backend names among its
+    parameters (the `backend` fixture's and every test's own), and PostgreSQL for a test that uses its
+    fixtures. A test that reaches pg_dsn only at run time (request.getfixturevalue) is skipped by pg_dsn."""
+    needed = set()
+    callspec = getattr(item, "callspec", None)
+    if callspec is not None:
+        needed.update(b for b in map(backend_of, callspec.params.values()) if b is not None)
+    if {"pg_dsn", "pg_schema"} & set(getattr(item, "fixturenames", ())):
+        needed.add("postgres")
+    return needed
+
+
+def pytest_collection_modifyitems(config, items):
+    selected = set(selected_backends())
+    kept, deselected = [], []
+    for item in items:
+        (kept if _backends_needed(item) <= selected else deselected).append(item)
+    if deselected:
+        config.hook.pytest_deselected(items=deselected)
+        items[:] = kept
 
 
 @pytest.fixture(params=list(BACKENDS))

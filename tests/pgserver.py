@@ -1,7 +1,9 @@
 """PostgreSQL for the tests: EVENTCORE_TEST_DSN when set, else a throwaway cluster for the session.
 
 Under CI=true a missing PostgreSQL fails the run; elsewhere its tests are skipped
-with the reason. Each test gets its own schema, so tests never see each other's events.
+with the reason. EVENTCORE_TEST_BACKENDS without `postgres` (optional.py) leaves it out on purpose:
+conftest.py deselects the tests it can see need it, and pg_dsn skips the rest.
+Each test gets its own schema, so tests never see each other's events.
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 import pytest
 
 import eventcore as ec
+from optional import skip_unless_postgres_selected
 
 _cluster = None
 _error: str | None = None
@@ -40,6 +43,7 @@ def _start() -> str | None:
 
 @pytest.fixture(scope="session")
 def pg_dsn():
+    skip_unless_postgres_selected()
     dsn = _start()
     if dsn is None:
         message = f"PostgreSQL unavailable (set EVENTCORE_TEST_DSN or install the server binaries): {_error}"

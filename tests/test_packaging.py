@@ -2,7 +2,9 @@
 
 The licence is in the metadata and the distributions; the sdist carries what its own tests read
 (docs/, examples/, bench/, .ci/run); an import that falls back to the pure-Python twin says so
-once, and an import that chose it says nothing.
+once, and an import that chose it says nothing. Under CI=true (they take a minute each) the built
+wheel is installed the way a user installs it and tested, and a build whose compiler fails is shown
+to fail, naming EVENTCORE_PUREPYTHON=1, the way out.
 """
 from __future__ import annotations
 
@@ -13,9 +15,12 @@ import json
 import os
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 import tarfile
+import venv
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -180,3 +185,118 @@ def test_the_compiled_extension_does_not_warn():
         pytest.skip("compiled extension not built")
     for impl in (None, "c"):
         assert _warnings("keep", impl) == ("c", [])
+
+
+# -- built and installed like a user's copy (CI=true only) ------------------------------------------------------
+
+def _under_ci_with_build(what: str) -> None:
+    """Skip a slow build test outside CI; under CI=true `build` (in the test extra) must be there."""
+    if os.environ.get("CI", "").lower() != "true":
+        pytest.skip(f"{what} builds and installs from PyPI (about a minute): runs under CI=true")
+    assert _build_installed(), "PyPA build is in the test extra: `pip install '.[test]'`"
+
+
+#: What a build must not pick up from a developer's checkout: build products (a stale build/lib would go into
+#: the wheel as it is), virtualenvs, caches, databases. The generated C is left out too, so the build cythonizes.
+_NOT_SOURCE = shutil.ignore_patterns(".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".*_cache",
+                                     ".hypothesis", ".benchmarks", "*.so", "*.pyd", "*.c", "*.db", "*.db-*")
+
+
+def _source_copy(tmp_path: Path) -> Path:
+    """The source tree, copied: building in place would write build/ and ext/*.c into the checkout under test."""
+    return Path(shutil.copytree(ROOT, tmp_path / "source", ignore=_NOT_SOURCE))
+
+
+def _bare_env(**extra: str) -> dict[str, str]:
+    """The environment of a user's shell: nothing that points Python at this checkout or its virtualenv, and
+    none of the build switches CI sets."""
+    dropped = {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "EVENTCORE_IMPL", "EVENTCORE_PUREPYTHON",
+               "EVENTCORE_REQUIRE_EXTENSIONS", "EVENTCORE_TEST_DSN", "EVENTCORE_TEST_BACKENDS", "CC", "LDSHARED"}
+    env = {k: v for k, v in os.environ.items() if k not in dropped}
+    env["PIP_DISABLE_PIP_VERSION_CHECK"] = "1"
+    return {**env, **extra}
+
+
+def _run(args: list, cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def _new_venv(path: Path) -> Path:
+    """A virtualenv with pip and nothing else; returns its python."""
+    venv.create(path, with_pip=True, clear=True)
+    return path / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
+
+
+def test_the_built_wheel_installs_from_pypi_like_a_users_and_passes_its_tests(tmp_path):
+    """`python -m build --wheel` gives a wheel with the compiled hot path, the licence and the type marker; pip
+    installs it into a bare virtualenv, fetching its dependencies from PyPI; and the model and hot-path tests
+    pass against that installation, run from a directory where this checkout's src/ cannot be imported."""
+    _under_ci_with_build("the wheel test")
+    source = _source_copy(tmp_path)
+    dist = tmp_path / "dist"
+    built = _run([sys.executable, "-m", "build", "--wheel", "--outdir", dist, source], tmp_path, _bare_env())
+    assert built.returncode == 0, built.stdout[-3000:] + built.stderr[-3000:]
+    (wheel,) = dist.glob("pyeventcore-*.whl")
+    assert not wheel.name.endswith("-none-any.whl"), "a wheel with a compiled extension is platform-specific"
+    with zipfile.ZipFile(wheel) as archive:
+        names = archive.namelist()
+    assert [n for n in names if re.fullmatch(r"eventcore/_speedups\.[^/]*(\.so|\.pyd)", n)], names
+    assert [n for n in names if re.fullmatch(r"pyeventcore-[^/]*\.dist-info/licenses/LICENSE", n)], names
+    assert "eventcore/py.typed" in names
+    assert [n for n in names if n.startswith("eventcore/stores/postgres/sql/migrations/")], "the SQL is package data"
+
+    python = _new_venv(tmp_path / "venv")
+    # No --no-deps: msgspec comes from PyPI, as for a user.
+    installed = _run([python, "-m", "pip", "install", "-q", wheel, "pytest>=7", "hypothesis>=6"], tmp_path, _bare_env())
+    assert installed.returncode == 0, installed.stderr[-3000:]
+
+    run_dir = tmp_path / "elsewhere"
+    run_dir.mkdir()
+    where = _run([python, "-c", "import eventcore, json; print(json.dumps([eventcore.__file__, eventcore.__impl__]))"],
+                 run_dir, _bare_env(EVENTCORE_IMPL="c"))
+    assert where.returncode == 0, where.stderr
+    module_file, impl = json.loads(where.stdout)
+    assert Path(module_file).resolve().is_relative_to((tmp_path / "venv").resolve()) and impl == "c"
+
+    tests = _run([python, "-m", "pytest", "-p", "no:cacheprovider", ROOT / "tests/test_model.py",
+                  ROOT / "tests/test_speedups.py"], run_dir,
+                 _bare_env(EVENTCORE_IMPL="c", EVENTCORE_TEST_BACKENDS="memory,sqlite", CI="true"))
+    assert tests.returncode == 0, tests.stdout[-5000:] + tests.stderr[-2000:]
+    assert "eventcore impl: c" in tests.stdout and " passed" in tests.stdout
+
+    # twine's checks of the metadata PyPI will show (wheels.yml runs them on the sdist before publishing).
+    if importlib.util.find_spec("twine") is not None:
+        sdist = _run([sys.executable, "-m", "build", "--sdist", "--outdir", dist, source], tmp_path, _bare_env())
+        assert sdist.returncode == 0, sdist.stderr[-3000:]
+        checked = _run([sys.executable, "-m", "twine", "check", "--strict", *sorted(dist.iterdir())], tmp_path,
+                       _bare_env())
+        assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def test_a_failing_compiler_fails_the_build_unless_pure_python_is_asked_for(tmp_path):
+    """A compiler that fails fails `pip install`, and the error names EVENTCORE_PUREPYTHON=1; with it the same
+    build succeeds, builds no extension, and the installation runs the pure-Python implementation."""
+    _under_ci_with_build("the failing-compiler test")
+    if sys.platform == "win32":
+        pytest.skip("the failing compiler is a shell script (setuptools reads CC on POSIX only)")
+    source = _source_copy(tmp_path)
+    failing_cc = tmp_path / "failing-cc"
+    failing_cc.write_text("#!/bin/sh\necho 'failing-cc: this compiler always fails' >&2\nexit 1\n")
+    failing_cc.chmod(0o755)
+    python = _new_venv(tmp_path / "venv")
+    install = [python, "-m", "pip", "install", "-v", source]
+
+    failed = _run(install, tmp_path, _bare_env(CC=str(failing_cc)))
+    output = failed.stdout + failed.stderr
+    assert failed.returncode != 0, output[-3000:]
+    assert "failing-cc: this compiler always fails" in output, output[-3000:]
+    assert "could not be built" in output and "EVENTCORE_PUREPYTHON=1" in output, output[-3000:]
+    assert _run([python, "-m", "pip", "show", "pyeventcore"], tmp_path, _bare_env()).returncode != 0
+
+    built = _run(install, tmp_path, _bare_env(CC=str(failing_cc), EVENTCORE_PUREPYTHON="1"))
+    assert built.returncode == 0, (built.stdout + built.stderr)[-3000:]
+    imported = _run([python, "-c", "import eventcore, importlib.util; "
+                     "print(eventcore.__impl__, importlib.util.find_spec('eventcore._speedups') is None)"],
+                    tmp_path, _bare_env())
+    assert (imported.returncode, imported.stdout) == (0, "python True\n"), imported.stderr
+    assert "PurePythonWarning" in imported.stderr  # not chosen with EVENTCORE_IMPL=python: the import says so

@@ -67,9 +67,11 @@ def bad_dsns(pg_dsn, tcp_server):
     secret_param = {"sslpassword": SECRET}  # a secret libpq accepts and, without a client key, ignores
     return {
         "wrong-port": (f"postgresql://app:{SECRET}@127.0.0.1:{_free_port()}/db", "Connection refused"),
-        # psycopg resolves the name itself; libpq says it its own way.
+        # psycopg resolves the name itself: from 3.3 it says "failed to resolve host ...: <the resolver's words>",
+        # before that only the resolver's words (glibc's "Name or service not known"); libpq says it its own way.
+        # One match per mention: a prefix takes the rest of its line.
         "unknown-host": (f"postgresql://app:{SECRET}@no-such-host.invalid/db",
-                         "failed to resolve host|could not translate host name"),
+                         "(?:failed to resolve host|could not translate host name)[^\n]*|Name or service not known"),
         # Under trust: 'role "..." does not exist'; under password authentication the server names the
         # role in 'password authentication failed for user "..."'. Either way, libpq's words.
         "missing-role": (with_query(url_as(pg_dsn, role, SECRET), **secret_param),

@@ -175,3 +175,20 @@ def test_the_oldest_msgspec_supported_is_the_one_ci_tests():
     (floor,) = re.findall(r"\"msgspec>=([0-9.]+); python_version < '3.13'\"", pyproject)
     assert f"oldest_msgspec={floor}\n" in (ROOT / ".ci" / "run").read_text()
     assert f"msgspec {floor} or newer" in (ROOT / "README.md").read_text()
+
+
+@pytest.mark.parametrize("distribution,variable",
+                         [("psycopg", "oldest_psycopg"), ("psycopg-pool", "oldest_psycopg_pool")])
+def test_the_oldest_postgresql_driver_supported_is_the_one_ci_tests(distribution, variable):
+    """Every extra that installs the driver names the same floor, .ci/run tests exactly that release, and the
+    README says so."""
+    import re
+
+    from packaging.version import Version
+
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    floors = set(re.findall(rf"\"{re.escape(distribution)}(?:\[\w+\])?>=([0-9.]+)\"", pyproject))
+    assert len(floors) == 1, floors
+    (ci,) = re.findall(rf"^{variable}=([0-9.]+)$", (ROOT / ".ci" / "run").read_text(), flags=re.M)
+    assert Version(ci) == Version(floors.pop())
+    assert f"{distribution} {ci} or newer" in (ROOT / "README.md").read_text()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import multiprocessing
+import os
 import sqlite3
 
 import pytest
@@ -288,9 +289,9 @@ def test_postgres_url_without_a_server_fails_cleanly(url):
         store.close()
 
 
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_fork_while_another_thread_holds_the_write_lock(tmp_path):
     """A lock held by another thread at fork() would stay held in the child forever."""
-    import os
     import threading
 
     url = f"sqlite:///{tmp_path / 'fork.db'}"
