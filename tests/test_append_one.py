@@ -166,42 +166,6 @@ def test_append_one_is_one_append_per_transaction(pg_dsn, pg_schema):
         assert info.value.sqlstate == "EC412"
 
 
-def test_a_lone_append_and_a_group_take_their_locks_in_one_order(pg_dsn, pg_schema):
-    """Concurrent lone appends (append_one) and groups (append_group) over the same streams in
-    opposite participant orders: every append ends, none deadlocks, and each stream's versions are
-    1..n without a gap."""
-    import threading
-
-    store = ec.connect(pg_dsn, schema=pg_schema, pool_size=8)
-    streams = [f"s-{k}" for k in range(6)]
-    errors = []
-
-    def work(seed):
-        import random
-        rng = random.Random(seed)
-        for i in range(40):
-            chosen = rng.sample(streams, 3)
-            try:
-                store.append([ec.emit(s, Noted(i)) for s in chosen])
-            except Exception as exc:  # noqa: BLE001 - collected and reported below
-                errors.append(exc)
-
-    threads = [threading.Thread(target=work, args=(seed,)) for seed in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    try:
-        assert not any(t.is_alive() for t in threads)
-        assert errors == []
-        for s in streams:
-            versions = [e.version for e in store.read_stream(s)]
-            assert versions == list(range(1, len(versions) + 1))
-        assert sum(len(store.read_stream(s)) for s in streams) == 6 * 40 * 3
-    finally:
-        store.close()
-
-
 def test_the_store_appends_in_read_committed_whatever_the_dsn_asks(pg_dsn, pg_schema):
     """The append functions refuse any isolation but READ COMMITTED (see their guard); the store pins it
     on its connections after the DSN's own options, so a DSN (or a role) that asks for REPEATABLE READ

@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import random
 import threading
 import uuid
@@ -23,31 +22,12 @@ from optional import require
 psycopg = require("psycopg")
 from psycopg import sql  # noqa: E402
 
-NO_STREAM, ANY = ec.NO_STREAM, ec.ANY
+from test_append_one import ANY, NO_STREAM, _doc, _ev, _run  # noqa: E402,F401 - one set of helpers
 
 
 class Noted(ec.Event):
     __event_type__ = "append_one_review.Noted"
     k: int
-
-
-def _ev(stream, ordinal):
-    return [stream, uuid.uuid4().hex, "t.Deposited", {"amount": 1}, None, ordinal]
-
-
-def _doc(participants, events, key=None):
-    member = [participants, events] if key is None else [participants, events, key]
-    return json.dumps({"n": len(participants), "g": [member]})
-
-
-def _run(conn, schema, function, argument):
-    call = sql.SQL("SELECT member, versions, base_position, conflict FROM {}.{}(%s::jsonb)").format(
-        sql.Identifier(schema), sql.Identifier(function))
-    try:
-        rows = conn.execute(call, (argument,)).fetchall()
-    except psycopg.Error as exc:
-        return ("error", exc.sqlstate)
-    return ("ok", [(m, v, base != 0, conflict and json.loads(conflict)) for m, v, base, conflict in rows])
 
 
 @pytest.mark.parametrize("argument", [
