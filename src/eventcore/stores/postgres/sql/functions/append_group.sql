@@ -59,12 +59,16 @@ BEGIN
     ELSE
         v_void := pg_advisory_xact_lock_shared({STORE_LOCK_KEY})::text;
     END IF;
-    SELECT count(*) FILTER (WHERE NOT o.is_key), count(DISTINCT o.s) FILTER (WHERE NOT o.is_key),
-           count(CASE WHEN v_bulk AND NOT o.is_key THEN NULL
-                      WHEN o.w THEN pg_advisory_xact_lock(o.k)::text
-                      ELSE pg_advisory_xact_lock_shared(o.k)::text END)
+    -- The locks are taken in the ordered subquery's select list (PostgreSQL evaluates a volatile
+    -- expression there after the sort), not in an aggregate's argument: PostgreSQL 16 and later may sort
+    -- an aggregate's input for a DISTINCT or ordered aggregate (the count(DISTINCT ...) here), which would
+    -- take them in stream-id order instead of the key order every other append path uses.
+    SELECT count(*) FILTER (WHERE NOT o.is_key), count(DISTINCT o.s) FILTER (WHERE NOT o.is_key), count(o.locked)
       INTO v_parts, v_distinct
-      FROM (SELECT u.s, u.k, u.w, u.is_key
+      FROM (SELECT u.s, u.is_key,
+                   CASE WHEN v_bulk AND NOT u.is_key THEN NULL
+                        WHEN u.w THEN pg_advisory_xact_lock(u.k)::text
+                        ELSE pg_advisory_xact_lock_shared(u.k)::text END AS locked
               FROM (SELECT p.doc->>0 AS s, hashtextextended(p.doc->>0, 0) AS k, (p.doc->>2)::int > 0 AS w,
                            false AS is_key
                       FROM jsonb_array_elements(p_group->'g') AS m(doc), jsonb_array_elements(m.doc->0) AS p(doc)

@@ -75,13 +75,14 @@ BEGIN
         ELSE
             PERFORM pg_advisory_xact_lock_shared({STORE_LOCK_KEY});
         END IF;
-        -- No ordered or DISTINCT aggregate here: the planner may sort an aggregate's input for one,
-        -- and the locks must be taken in key order (every append function takes them in that order,
-        -- so no two appends deadlock).
-        PERFORM count(CASE WHEN v_np > {BULK_STREAMS} AND NOT o.is_key THEN NULL
-                           WHEN o.w THEN pg_advisory_xact_lock(o.k)::text
-                           ELSE pg_advisory_xact_lock_shared(o.k)::text END)
-          FROM (SELECT u.k, u.w, u.is_key
+        -- The locks in key order (every append path takes them in that order, so no two appends
+        -- deadlock): taken in the ordered subquery's select list, where PostgreSQL evaluates a volatile
+        -- expression after the sort, and with no DISTINCT or ordered aggregate, for which PostgreSQL 16
+        -- and later may sort an aggregate's input.
+        PERFORM count(o.locked)
+          FROM (SELECT CASE WHEN v_np > {BULK_STREAMS} AND NOT u.is_key THEN NULL
+                            WHEN u.w THEN pg_advisory_xact_lock(u.k)::text
+                            ELSE pg_advisory_xact_lock_shared(u.k)::text END AS locked
                   FROM (SELECT hashtextextended(p.doc->>0, 0) AS k, (p.doc->>2)::int > 0 AS w, false AS is_key
                           FROM jsonb_array_elements(v_parts) AS p(doc)
                         UNION ALL
