@@ -149,6 +149,52 @@ def test_resumed_lanes_know_a_passed_over_item_was_committed_by_another_lane(sto
     assert_gap_free(store)
 
 
+def _stream_in_lane(lane, lanes, taken=()):
+    """A stream id that ingest routes to `lane` of `lanes` (crc32 of the id, as ingest does)."""
+    import zlib
+
+    return next(sid for sid in (f"lane-{n}" for n in range(1000))
+                if zlib.crc32(sid.encode()) % lanes == lane and sid not in taken)
+
+
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_an_item_committed_by_an_interrupted_run_blanked_then_restored_is_written_once(store, parallel):
+    """Run 1 commits items 0 and 1 in lane 0 and stops at a bad item, the other lanes' counts still at
+    0; run 2 passes item 0 over and the other lanes' counts pass it; run 3 restores it. Lane 0 committed
+    it: it is skipped (holes are the passing lane's own), and a new item in another lane is written."""
+    a = _stream_in_lane(0, parallel)
+    b = _stream_in_lane(1, parallel)
+    items = [(a, Noted("0")), (a, Noted("1"))]
+    with pytest.raises(ec.IngestError):
+        store.ingest(items + [("", Noted("bad"))], batch_size=1, parallel=parallel, resume_key="cut")
+    assert sorted(e.data.text for e in store.read_all()) == ["0", "1"]
+    second = store.ingest([None, items[1], (b, Noted("2"))], batch_size=1, parallel=parallel, resume_key="cut")
+    assert (second.events, second.skipped) == (1, 1)
+    third = store.ingest(items + [(b, Noted("2")), (b, Noted("3"))], batch_size=1, parallel=parallel,
+                         resume_key="cut")
+    assert (third.events, third.skipped) == (1, 3)
+    assert sorted(e.data.text for e in store.read_all()) == ["0", "1", "2", "3"]
+    assert_gap_free(store)
+
+
+@pytest.mark.parametrize("parallel", [2, 3])
+def test_an_item_passed_over_by_every_run_so_far_is_written_in_its_lane_once_restored(store, parallel):
+    """Item 0 is None in runs 1 and 2 (interrupted in lane 0 only): whichever lane it turns out to be of,
+    that lane's count passed it while it was passed over, so run 3 writes it, once."""
+    a = _stream_in_lane(0, parallel)
+    b = _stream_in_lane(1, parallel)
+    with pytest.raises(ec.IngestError):
+        store.ingest([None, (a, Noted("1")), ("", Noted("bad"))], batch_size=1, parallel=parallel,
+                     resume_key="gap")
+    store.ingest([None, (a, Noted("1")), (b, Noted("2"))], batch_size=1, parallel=parallel, resume_key="gap")
+    third = store.ingest([(b, Noted("0")), (a, Noted("1")), (b, Noted("2"))], batch_size=1, parallel=parallel,
+                         resume_key="gap")
+    assert (third.events, third.skipped) == (1, 2)
+    assert [e.data.text for e in store.read_stream(b)] == ["2", "0"]
+    assert store.ingest([(b, Noted("0")), (a, Noted("1")), (b, Noted("2"))], parallel=parallel,
+                        resume_key="gap").events == 0
+
+
 def test_parallel_ingest_failure_stops_with_committed_batches_intact(store):
     def items():
         yield from _items(1000, streams=5)
@@ -208,7 +254,8 @@ def shared_store(request):
 
 @pytest.mark.parametrize("compress", [False, True])
 def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
-    """With no --parallel one lane writes: the whole feed in file order."""
+    """With no --parallel the store's default lanes write (two on PostgreSQL, one on SQLite): each
+    stream in file order, and on one lane the whole feed."""
     from eventcore.cli import main
 
     store, dsn = shared_store
@@ -216,11 +263,15 @@ def test_cli_ingest_file(shared_store, tmp_path, capsys, compress):
     _write_lines(path, [_line(i) for i in range(250)], compress)
     assert main(["ingest", str(path), "--dsn", dsn, "--batch-size", "100", "--json", "--no-progress"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert (summary["events"], summary["batches"], summary["lanes"], summary["rejected"], summary["error"]) == (
-        250, 3, 1, 0, None)
+    lanes = 2 if store.scheme == "postgresql" else 1
+    assert (summary["events"], summary["lanes"], summary["rejected"], summary["error"]) == (250, lanes, 0, None)
+    assert summary["batches"] == 3  # two lanes: acct-0..3 (200 lines) in one, acct-4 (50) in the other
     feed = list(store.read_all())
-    assert [e.data.text for e in feed] == [str(i) for i in range(250)]
-    assert feed[7].metadata == ec.Metadata(user_id="loader", custom={"line": 8})
+    if lanes == 1:
+        assert [e.data.text for e in feed] == [str(i) for i in range(250)]
+    for k in range(5):
+        assert [e.data.text for e in feed if e.stream_id == f"acct-{k}"] == [str(i) for i in range(k, 250, 5)]
+    assert next(e for e in feed if e.data.text == "7").metadata == ec.Metadata(user_id="loader", custom={"line": 8})
     assert_gap_free(store)
 
 
@@ -242,16 +293,16 @@ def test_cli_ingest_on_two_lanes_keeps_each_streams_order(shared_store, tmp_path
 
 
 def test_cli_resume_keeps_the_lane_count_the_ingest_was_started_with(shared_store, tmp_path):
-    """An ingest started with --parallel 2 is resumed with two lanes when --parallel is not given (the
-    default is 1): each stream's lane depends on the count."""
+    """An ingest started with --parallel 3 is resumed with three lanes when --parallel is not given (the
+    default is 1 or 2): each stream's lane depends on the count."""
     store, dsn = shared_store
     path = tmp_path / "events.jsonl"
     _write_lines(path, [_line(i) for i in range(40)], False)
-    first = _ingest_cli(path, dsn, "--parallel", "2", "--batch-size", "10")
-    assert (first["rc"], first["events"], first["lanes"]) == (0, 40, 2)
+    first = _ingest_cli(path, dsn, "--parallel", "3", "--batch-size", "10")
+    assert (first["rc"], first["events"], first["lanes"]) == (0, 40, 3)
     _write_lines(path, [_line(i) for i in range(60)], False)  # the file grew
     again = _ingest_cli(path, dsn, "--batch-size", "10")
-    assert (again["rc"], again["events"], again["lanes"], again["error"]) == (0, 20, 2, None)
+    assert (again["rc"], again["events"], again["lanes"], again["error"]) == (0, 20, 3, None)
     assert sorted(int(t) for t in _texts(store)) == list(range(60))
 
 
@@ -425,6 +476,54 @@ def test_cli_resume_any_mix_of_skipped_fixed_blank_and_grown_lines(shared_store,
     final = _ingest_cli(path, dsn, "--batch-size", "3", "--skip-invalid", "--parallel", str(parallel))
     assert final["skipped"] == len(committed)
     assert sorted(_texts(store), key=int) == [str(i) for i in range(len(state))]
+    assert_gap_free(store)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_cli_interrupted_runs_and_committed_lines_blanked_and_restored_write_each_line_once(
+        shared_store, tmp_path, seed):
+    """Default lanes (two on PostgreSQL). Runs over one file that changes between them: some stop at
+    the first invalid line (interrupted: each lane committed what it had flushed), others record it
+    as rejected; committed lines are blanked and restored (the two anchor lines excepted), uncommitted
+    ones fixed, broken or blanked, lines appended. No line is ever written twice, and once every line
+    is valid the last run writes each line not yet written."""
+    import random
+    from collections import Counter
+
+    rng = random.Random(seed)
+    store, dsn = shared_store
+    path = tmp_path / "cut.jsonl"
+    state: list = ["ok", "ok"]  # per line: "ok", "bad" or "blank"; lines 0 and 1 are the key's anchors
+
+    def render():
+        _write_lines(path, [json.dumps(_line(i)) if kind == "ok" else
+                            ("" if kind == "blank" else '{"stream": "acct-0", "type": "test.Noted", "data": 1}')
+                            for i, kind in enumerate(state)])
+
+    def written() -> set:
+        counts = Counter(_texts(store))
+        assert all(n == 1 for n in counts.values()), counts
+        return {int(t) for t in counts}
+
+    for run in range(6):
+        committed = written()
+        for i in range(2, len(state)):
+            if i in committed:
+                if rng.random() < 0.3:
+                    state[i] = "blank" if state[i] == "ok" else "ok"
+            elif rng.random() < 0.5:
+                state[i] = rng.choice(["ok", "bad", "blank"])
+        state += [rng.choice(["ok", "ok", "ok", "bad", "blank"]) for _ in range(rng.randint(3, 15))]
+        render()
+        strict = rng.random() < 0.5
+        summary = _ingest_cli(path, dsn, "--batch-size", str(rng.randint(1, 3)),
+                              *(() if strict else ("--skip-invalid",)))
+        assert summary["rc"] == (1 if strict and "bad" in state else 0), summary
+    state = ["ok"] * len(state)
+    render()
+    final = _ingest_cli(path, dsn, "--batch-size", "2")
+    assert final["rc"] == 0 and final["lanes"] == store.default_ingest_lanes, final
+    assert written() == set(range(len(state)))
     assert_gap_free(store)
 
 
@@ -709,3 +808,67 @@ def test_two_overlapping_runs_under_one_resume_key_write_each_item_once():
     assert len(refused) == 1 and "must not overlap" in str(refused[0]), outcome
     store.ingest(items, batch_size=2, resume_key="r")
     assert [e.data.amount for e in store.read_stream("a")] == list(range(6))
+
+
+def _lane_less_holes_resume(store, key):
+    """A resume under `key` that an eventcore before per-lane holes started with two lanes: items 0-3,
+    item 1 passed over (a hole then, recorded for the whole key); finished now with item 1 restored."""
+    a, b = _stream_in_lane(0, 2), _stream_in_lane(1, 2)
+    items = [(a, Noted("0")), (b, Noted("1")), (a, Noted("2")), (b, Noted("3"))]
+    resumed = store.ingest(items, batch_size=1, parallel=2, resume_key=key)
+    assert (resumed.events, resumed.skipped) == (1, 3)  # the hole is item 1's lane's: written, once
+    assert sorted(e.data.text for e in store.read_all()) == ["0", "1", "2", "3"]
+
+
+def test_sqlite_store_of_schema_4_keeps_its_ingest_holes_for_every_lane(tmp_path):
+    """Upgrading a SQLite store whose holes have no lane copies each to every lane of its key (what it
+    meant then), so an ingest it was resuming finishes writing each item once."""
+    import sqlite3
+
+    from eventcore.stores import sqlite as sqlite_store
+
+    path = tmp_path / "holes.db"
+    a, b = _stream_in_lane(0, 2), _stream_in_lane(1, 2)
+    with ec.connect(f"sqlite:///{path}") as store:
+        store.ingest([(a, Noted("0")), None, (a, Noted("2")), (b, Noted("3"))], batch_size=1, parallel=2,
+                     resume_key="old")
+    conn = sqlite3.connect(path, isolation_level=None)  # the holes table as schema 4 had it
+    conn.execute("DROP TABLE ingest_holes")
+    conn.execute("CREATE TABLE ingest_holes (key TEXT NOT NULL, item INTEGER NOT NULL, PRIMARY KEY (key, item)) "
+                 "WITHOUT ROWID")
+    conn.execute("INSERT INTO ingest_holes VALUES ('old', 1)")
+    conn.execute("PRAGMA user_version = 4")
+    conn.close()
+    with ec.connect(f"sqlite:///{path}") as store:
+        assert store._ingest_holes("old") == {(0, 1), (1, 1)}
+        _lane_less_holes_resume(store, "old")
+    conn = sqlite3.connect(path)
+    assert conn.execute("PRAGMA user_version").fetchone()[0] == sqlite_store.SCHEMA_VERSION
+    assert conn.execute("SELECT count(*) FROM sqlite_master WHERE name = 'ingest_holes_without_lanes'").fetchone() == (0,)
+    conn.close()
+
+
+def test_postgres_schema_of_version_5_keeps_its_ingest_holes_for_every_lane(pg_dsn, pg_schema):
+    """The same on PostgreSQL: migration 8 copies each lane-less hole to every lane of its key."""
+    import pg_legacy
+    import psycopg
+    from psycopg import sql
+
+    a, b = _stream_in_lane(0, 2), _stream_in_lane(1, 2)
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        pg_legacy.make(admin, pg_schema, 5)
+        s = sql.Identifier(pg_schema)
+        with admin.transaction():  # the ingest as eventcore 5 left it: items 0, 2 (lane 0) and 3 (lane 1)
+            admin.execute(sql.SQL("INSERT INTO {}.streams (stream_id, version) VALUES (%s, 2), (%s, 1)").format(s),
+                          (a, b))
+            admin.execute(sql.SQL(
+                "INSERT INTO {}.events (position, stream_id, version, event_id, type, data) VALUES "
+                "(1, %s, 1, gen_random_uuid(), 'test.Noted', '{{\"text\": \"0\"}}'), "
+                "(2, %s, 2, gen_random_uuid(), 'test.Noted', '{{\"text\": \"2\"}}'), "
+                "(3, %s, 1, gen_random_uuid(), 'test.Noted', '{{\"text\": \"3\"}}')").format(s), (a, a, b))
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_progress (key, lane, lanes, items) VALUES "
+                                  "('old', 0, 2, 4), ('old', 1, 2, 4)").format(s))
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_holes (key, item) VALUES ('old', 1)").format(s))
+    with ec.connect(pg_dsn, schema=pg_schema) as store:  # migrations 6 to the current one
+        assert store._ingest_holes("old") == {(0, 1), (1, 1)}
+        _lane_less_holes_resume(store, "old")

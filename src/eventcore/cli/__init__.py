@@ -105,8 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--batch-size", type=_positive_int, default=10_000,
                         help="events per transaction (default 10000)")
     ingest.add_argument("--parallel", type=_positive_int, default=None,
-                        help="connections writing at once; each stream stays on one, in file order (default 1; "
-                             "a resumed ingest keeps the count it was started with)")
+                        help="connections writing at once; each stream stays on one, in file order (default 2 on "
+                             "PostgreSQL, 1 on SQLite; a resumed ingest keeps the count it was started with)")
     ingest.add_argument("--skip-invalid", action="store_true",
                         help="record malformed lines in a rejects file (line number, reason, text) instead of "
                              "stopping; run again once they are fixed and they are written")

@@ -148,22 +148,16 @@ def _cli_resume_key(store, args) -> tuple[str | None, bool]:
     return args.resume_key, False
 
 
-#: Lanes when --parallel is not given. One, though two load PostgreSQL faster (200,000 lines: 110-119k
-#: events/s against 84-91k): with several lanes, a line committed by an interrupted run, blanked for
-#: the resumed run and restored in a third is written twice (a passed-over line has no stream, so no
-#: lane, to tell whether it was committed); with one lane every resume is exact.
-DEFAULT_LANES = 1
-
-
 def _lanes(store, given: int | None, resume_key: str | None) -> int:
     """--parallel if given; else the lane count an ingest under `resume_key` was started with (each
-    stream's lane depends on it); else DEFAULT_LANES."""
+    stream's lane depends on it); else the store's default (two on PostgreSQL, one where commits are
+    serialised: see EventStore.default_ingest_lanes)."""
     if given is not None:
         return given
     recorded = store._ingest_progress(resume_key) if resume_key is not None else {}
     if recorded:
         return max(lanes for lanes, _ in recorded.values())
-    return DEFAULT_LANES
+    return store.default_ingest_lanes
 
 
 def _cmd_ingest(args) -> int:

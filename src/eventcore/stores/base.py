@@ -90,6 +90,9 @@ class EventStore(ABC):
 
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
+    #: Lanes `eventcore ingest FILE` writes with when --parallel is not given (see cli.ingest): one
+    #: where commits are serialised anyway.
+    default_ingest_lanes: int = 1
     #: The attached StoreObserver (see `attach`); None: nothing is measured.
     _observer: StoreObserver | None = None
     instance: int
@@ -345,7 +348,7 @@ class EventStore(ABC):
         raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
 
     def _ingest_holes(self, key: str) -> set:
-        """The input items recorded as holes under an ingest resume key (see IngestProgress)."""
+        """The (lane, input item) pairs recorded as holes under an ingest resume key (see IngestProgress)."""
         raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
 
     def _resume_keys(self, prefix: str) -> list:

@@ -32,8 +32,10 @@ class IngestProgress(msgspec.Struct, frozen=True):
 
     Input items are numbered from 0 in the order the input gives them; a None item (a line the reader
     passed over: blank, or rejected) keeps its number. For each lane, `items` is the count below which
-    every item of that lane is committed, except the numbers recorded as holes: items that were None
-    when a batch's count passed them, and that a later run writes if they are items by then.
+    every item of that lane is committed, except the lane's holes: items that were None when one of
+    the lane's batches passed them with its count, and that a later run writes in that lane if they
+    are items of it by then. A None item has no stream, so no lane: each lane whose count passes it
+    records it, as a hole of its own (another lane may have committed it before it was passed over).
 
     The backend records it only if the lane's stored count is still `before` and every hole in
     `filled` is still recorded (else ingest_overlap(), writing nothing): so two runs of one ingest
@@ -44,9 +46,9 @@ class IngestProgress(msgspec.Struct, frozen=True):
     lanes: int
     items: int
     before: int
-    #: Holes to record (None items below `items`, ON CONFLICT ignored: several lanes may record one).
+    #: Holes of this lane to record (None items below `items`; one recorded already is left as it is).
     holes: list[int] = []
-    #: Recorded holes this batch writes (deleted with it).
+    #: Recorded holes of this lane that this batch writes (deleted with it).
     filled: list[int] = []
     #: The lane's first batch in this run: on PostgreSQL it first waits for any other first batch of
     #: the key to commit (an advisory lock), so that a run with another lane count is seen (see
@@ -145,12 +147,12 @@ _VALID_ID_MEMO = 100_000
 def _finish_lanes(lanes: list, done: list, read: int, key: str, parallel: int, new_holes: list, lock, write) -> None:
     """Once every item is read and every batch committed, every lane's count becomes `read`.
 
-    A passed-over item has no stream, so no lane: a later run takes it as committed only if it is
-    below every lane's count. A lane that got no items near the end (or none at all) would keep a
-    low count, and an item committed by another lane, passed over in a later run and restored in a
-    third, would be written twice. So a resumable ingest with several lanes ends with one empty
-    batch per lane whose count is behind: it records the lane's count (and the holes below it) and
-    writes no event. With one lane its count is the input's end already, but for passed-over items
+    A resumable ingest with several lanes ends with one empty batch per lane whose count is behind
+    (a lane that got no items near the end, or none at all): it records the lane's count and its
+    holes below it, and writes no event. Then a finished ingest is committed up to its input's end
+    in every lane, which a later run of it (a line fixed) reads as such: every item below that is
+    committed but the holes, and is passed over without being checked against its class (see
+    committed_items). With one lane its count is the input's end already, but for passed-over items
     at the end, which are holes either way."""
     for lane in lanes:
         if lane.pending is not None:
@@ -160,7 +162,7 @@ def _finish_lanes(lanes: list, done: list, read: int, key: str, parallel: int, n
         if done[lane_no] >= read:
             continue
         with lock:
-            passed = [h for h in new_holes if h < read]
+            passed = [h for h in new_holes[lane_no] if h < read]
         progress = IngestProgress(key, lane_no, parallel, read, done[lane_no], passed, [], True)
         done[lane_no] = read
         write([], [], [], read, progress)
@@ -200,7 +202,7 @@ def _ingest_item(item, metadata, valid_ids: dict):
 
 def committed_items(store: Any, resume_key: str | None, parallel: int) -> Callable[[int], bool] | None:
     """For a resumed ingest: a predicate telling whether the input item of an index was committed by
-    an earlier run (below every lane's count and not a hole), or None when nothing was. A reader
+    an earlier run (below every lane's count and a hole of none), or None when nothing was. A reader
     passes such items over without checking them against their class (see jsonl.JsonLinesReader)."""
     if resume_key is None:
         return None
@@ -210,7 +212,7 @@ def committed_items(store: Any, resume_key: str | None, parallel: int) -> Callab
     below = min(recorded.get(lane, (0, 0))[1] for lane in range(parallel))
     if below == 0:
         return None
-    holes = store._ingest_holes(resume_key)
+    holes = {item for _, item in store._ingest_holes(resume_key)}
     return lambda index: index < below and index not in holes
 
 
@@ -234,7 +236,7 @@ def ingest(
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
     checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
     done = [0] * parallel  # per lane: input items below this index are committed already (but holes)
-    holes: set = set()  # items an earlier run passed over (None) below a lane's count: not committed
+    holes: set = set()  # (lane, item): items an earlier run passed over (None) below the lane's count
     if resume_key is not None:
         resume_key = validate_idempotency_key(resume_key, "resume key")
         recorded = store._ingest_progress(resume_key)
@@ -247,12 +249,10 @@ def ingest(
             for lane_no, (_, items_done) in recorded.items():
                 done[lane_no] = items_done
             holes = store._ingest_holes(resume_key)
-    # A None item below every lane's count and not a hole was committed by an earlier run (its line
-    # has changed since): nothing to record. Above it, it may be an item no lane has written: a hole.
-    all_done = min(done)
-    # Holes found by this run that no committed batch has recorded yet, in input order: every batch
-    # records those below its count, so whichever lane a later fix of the line goes to, it is written.
-    new_holes: list = []
+    # Per lane, holes found by this run that no committed batch of the lane has recorded yet, in input
+    # order: a None item at or above a lane's count is a hole of that lane (if it is an item of that
+    # lane in a later run, this lane has not written it); below, it is one already or the lane wrote it.
+    new_holes: list = [[] for _ in range(parallel)]
     skipped = 0
     rebase: set = set()  # streams in `expected` that an earlier run of this ingest already wrote
     started = time.perf_counter()
@@ -294,7 +294,8 @@ def ingest(
         with lock:
             if progress is not None and progress.holes:
                 recorded_holes = set(progress.holes)
-                new_holes[:] = [h for h in new_holes if h not in recorded_holes]
+                lane_holes = new_holes[progress.lane]
+                lane_holes[:] = [h for h in lane_holes if h not in recorded_holes]
             for sid in checks.keys() & after.keys():
                 checks[sid] = after[sid]
             if not sids:  # a lane's closing count (see _finish_lanes): no events, not a batch of them
@@ -314,7 +315,7 @@ def ingest(
             # batch of fixed lines only (all below the count) leaves the count where it was.
             count = max(done[lane_no], lane.last + 1)
             with lock:
-                passed = [h for h in new_holes if h < count]
+                passed = [h for h in new_holes[lane_no] if h < count]
             # No batch in flight before: the lane's first batch of this run.
             progress = IngestProgress(resume_key, lane_no, parallel, count, done[lane_no], passed, lane.filled,
                                       lane.pending is None)
@@ -331,9 +332,11 @@ def ingest(
         for index, item in enumerate(items):
             read = index + 1
             if item is None:  # an input record passed over: it keeps its number
-                if resume_key is not None and index >= all_done and index not in holes:
+                if resume_key is not None:
                     with lock:
-                        new_holes.append(index)
+                        for lane_no in range(parallel):
+                            if index >= done[lane_no]:
+                                new_holes[lane_no].append(index)
                 continue
             try:
                 sid, ev, md = _ingest_item(item, metadata, valid_ids)
@@ -343,7 +346,7 @@ def ingest(
             # A stream's lane must be the same in every run (resume_key): crc32, not hash(),
             # which Python salts per process.
             lane_no = zlib.crc32(sid.encode()) % parallel if parallel > 1 else 0
-            if index in holes:
+            if (lane_no, index) in holes:
                 lanes[lane_no].filled.append(index)  # passed over before, an item now: written, once
             elif index < done[lane_no]:
                 skipped += 1

@@ -27,7 +27,7 @@ class MemoryStore(EventStore):
         self._streams: dict[str, list[int]] = {}  # stream -> row indexes, version order
         self._keys: dict[str, tuple[int, int]] = {}  # idempotency key -> (first position, events)
         self._progress: dict[str, dict[int, tuple[int, int]]] = {}  # ingest resume key -> lane -> (lanes, items)
-        self._holes: dict[str, set] = {}  # ingest resume key -> input items passed over (see IngestProgress)
+        self._holes: dict[str, set] = {}  # ingest resume key -> (lane, input item) passed over (see IngestProgress)
         self._progress_order: dict[str, int] = {}  # ingest resume key -> appends so far when last written
         self._projections = MemoryProjectionStorage(self)  # checkpoints live as long as the events
 
@@ -62,7 +62,8 @@ class MemoryStore(EventStore):
                 if stored != progress.before:
                     raise ingest_overlap(progress, stored)
                 holes = self._holes.setdefault(progress.key, set())
-                if not holes.issuperset(progress.filled):
+                filled = {(progress.lane, item) for item in progress.filled}
+                if not holes.issuperset(filled):
                     raise ingest_overlap(progress)
             versions = _impl.assign_versions(p.stream_ids, current)
             rows = self._rows
@@ -81,8 +82,8 @@ class MemoryStore(EventStore):
                 self._keys[p.key] = (first, len(p))
             if progress is not None:
                 self._progress.setdefault(progress.key, {})[progress.lane] = (progress.lanes, progress.items)
-                holes.difference_update(progress.filled)
-                holes.update(progress.holes)
+                holes.difference_update(filled)
+                holes.update((progress.lane, item) for item in progress.holes)
                 self._progress_order[progress.key] = len(rows)
         return p.recorded(versions, positions)
 

@@ -39,8 +39,9 @@ log: logging.Logger = logging.getLogger("eventcore.store.sqlite")
 
 #: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
-#: by the first projection); 4: each event's type version (events.type_version, also in dead letters).
-SCHEMA_VERSION = 4
+#: by the first projection); 4: each event's type version (events.type_version, also in dead letters);
+#: 5: ingest holes recorded per lane (ingest_holes.lane, see _holes_per_lane).
+SCHEMA_VERSION = 5
 
 #: Columns added to a table after it was first made: (table, column, declaration). CREATE TABLE IF NOT
 #: EXISTS leaves an older store's table as it is, so an upgrade adds these where they are missing
@@ -61,6 +62,32 @@ APPLICATION_ID = int.from_bytes(b"EvCo", "big")
 #: The immutability triggers on `events`: with it and a schema version, the mark of a store written
 #: before application_id existed.
 _OWN_TRIGGERS = {"events_are_immutable_update", "events_are_immutable_delete"}
+
+#: Where an upgrade keeps an ingest_holes table of schema 3 or 4 (no lane column) while the new one is
+#: made and filled (see _holes_per_lane).
+_LANE_LESS_HOLES = "ingest_holes_without_lanes"
+
+
+def _set_aside_lane_less_holes(conn: sqlite3.Connection) -> bool:
+    """Rename an ingest_holes table without a lane column (its primary key changes, which SQLite can
+    only do by making the table anew), so that the schema's statements make the new one; whether
+    there was one."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(ingest_holes)")}
+    if not columns or "lane" in columns:
+        return False
+    conn.execute(f"ALTER TABLE ingest_holes RENAME TO {_LANE_LESS_HOLES}")
+    return True
+
+
+def _holes_per_lane(conn: sqlite3.Connection) -> None:
+    """Copy the holes of the set-aside table into the new one, each to every lane of its key (a hole
+    recorded before holes had lanes held for every lane), and drop the old table."""
+    lanes = dict(conn.execute("SELECT key, max(lanes) FROM ingest_progress GROUP BY key").fetchall())
+    rows = [(key, lane, item) for key, item in conn.execute(f"SELECT key, item FROM {_LANE_LESS_HOLES}")
+            for lane in range(lanes.get(key, 1))]
+    conn.executemany("INSERT OR IGNORE INTO ingest_holes (key, lane, item) VALUES (?, ?, ?)", rows)
+    conn.execute(f"DROP TABLE {_LANE_LESS_HOLES}")
+
 
 def _schema_statements() -> list[str]:
     """The statements of sqlite_schema.sql, each whole: lines are gathered until SQLite says the
@@ -116,9 +143,9 @@ _SQL_RECORD_PROGRESS = (
 )
 _SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
 _SQL_OTHER_LANES = "SELECT 1 FROM ingest_progress WHERE key = ? AND lanes <> ? LIMIT 1"
-_SQL_INGEST_HOLES = "SELECT item FROM ingest_holes WHERE key = ?"
-_SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND item IN (SELECT value FROM json_each(?))"
-_SQL_RECORD_HOLES = "INSERT OR IGNORE INTO ingest_holes (key, item) SELECT ?, value FROM json_each(?)"
+_SQL_INGEST_HOLES = "SELECT lane, item FROM ingest_holes WHERE key = ?"
+_SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND lane = ? AND item IN (SELECT value FROM json_each(?))"
+_SQL_RECORD_HOLES = "INSERT OR IGNORE INTO ingest_holes (key, lane, item) SELECT ?, ?, value FROM json_each(?)"
 # Keys by prefix: substr, not LIKE, so '%' and '_' in a key are plain characters.
 _SQL_RESUME_KEYS = (
     "SELECT key FROM ingest_progress WHERE substr(key, 1, ?) = ? GROUP BY key ORDER BY max(updated_at) DESC, key"
@@ -271,8 +298,11 @@ class SQLiteStore(EventStore):
                 if found == "empty" or version < SCHEMA_VERSION:
                     if found == "store":
                         log.info("upgrading SQLite store %s from schema %d to %d", self.path, version, SCHEMA_VERSION)
+                    lane_less = _set_aside_lane_less_holes(conn)
                     for statement in _SCHEMA_STATEMENTS:
                         conn.execute(statement)
+                    if lane_less:
+                        _holes_per_lane(conn)
                     for table, column, declaration in _ADDED_COLUMNS:
                         have = {row[1] for row in conn.execute(f'PRAGMA table_info("{table}")')}
                         if column not in have:
@@ -374,10 +404,11 @@ class SQLiteStore(EventStore):
                                                            progress.before)).rowcount != 1:
                         raise ingest_overlap(progress)
                     if progress.filled and conn.execute(
-                            _SQL_FILL_HOLES, (key, _json_list(progress.filled))).rowcount != len(progress.filled):
+                            _SQL_FILL_HOLES, (key, progress.lane, _json_list(progress.filled))
+                    ).rowcount != len(progress.filled):
                         raise ingest_overlap(progress)  # another run wrote one of these items meanwhile
                     if progress.holes:
-                        conn.execute(_SQL_RECORD_HOLES, (key, _json_list(progress.holes)))
+                        conn.execute(_SQL_RECORD_HOLES, (key, progress.lane, _json_list(progress.holes)))
         except sqlite3.Error as exc:
             # A failed COMMIT in SQLite leaves nothing behind, so the outcome is never ambiguous.
             raise _store_error(exc, f"SQLite append failed on {self.path!r}; nothing was written") from exc
@@ -431,7 +462,7 @@ class SQLiteStore(EventStore):
         return {lane: (lanes, items) for lane, lanes, items in self._query(_SQL_INGEST_PROGRESS, (key,))}
 
     def _ingest_holes(self, key):
-        return {item for (item,) in self._query(_SQL_INGEST_HOLES, (key,))}
+        return {(lane, item) for lane, item in self._query(_SQL_INGEST_HOLES, (key,))}
 
     def _resume_keys(self, prefix):
         return [key for (key,) in self._query(_SQL_RESUME_KEYS, (len(prefix), prefix))]

@@ -43,12 +43,15 @@ CREATE TABLE IF NOT EXISTS ingest_progress (
     PRIMARY KEY (key, lane)
 ) WITHOUT ROWID;
 
--- Input items a resumable ingest passed over (a rejected or blank line) below its committed count:
--- written by the batch whose count passes them, deleted by the batch that writes them after all.
+-- Input items a resumable ingest passed over (a rejected or blank line) below a lane's committed
+-- count, per lane: written by the lane's batch whose count passes them, deleted by the lane's batch
+-- that writes one after all. (A passed-over item has no stream, so no lane: only a lane whose count
+-- passed it while it was passed over may write it later, so an item is never written twice.)
 CREATE TABLE IF NOT EXISTS ingest_holes (
     key  TEXT    NOT NULL,
+    lane INTEGER NOT NULL,
     item INTEGER NOT NULL,
-    PRIMARY KEY (key, item)
+    PRIMARY KEY (key, lane, item)
 ) WITHOUT ROWID;
 
 -- Projection checkpoints and dead letters (see sqlite_projections).

@@ -155,7 +155,7 @@ WHERE position >= k.f AND position < k.f + k.c ORDER BY position
 SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s
 
 -- name: ingest_holes
-SELECT item FROM {s}.ingest_holes WHERE key = %s
+SELECT lane, item FROM {s}.ingest_holes WHERE key = %s
 
 -- name: resume_keys
 SELECT key FROM {s}.ingest_progress WHERE starts_with(key, %s) GROUP BY key ORDER BY max(updated_at) DESC, key
@@ -169,10 +169,11 @@ SELECT pg_advisory_xact_lock(hashtextextended('eventcore ingest key:' || %s, 0))
 -- name: record_progress
 -- One statement (see ingest.IngestProgress): the lane's count as a compare-and-set, written only
 -- while no row of the key has another lane count, the holes this batch writes deleted, the holes
--- its count passes recorded. Parameters: key, lane, lanes, items, key, lanes, before, key, filled,
--- key, holes, key, lanes. Returns (count rows written: 0 -> another run moved this lane's count or
--- records the key with another lane count, holes deleted: fewer than `filled` -> another run wrote
--- one of them, rows of the key with another lane count).
+-- its count passes recorded, both the lane's own (holes are per lane). Parameters: key, lane,
+-- lanes, items, key, lanes, before, key, lane, filled, key, lane, holes, key, lanes. Returns (count
+-- rows written: 0 -> another run moved this lane's count or records the key with another lane
+-- count, holes deleted: fewer than `filled` -> another run wrote one of them, rows of the key with
+-- another lane count).
 WITH progress AS (
  INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items)
  SELECT %s, %s, %s, %s
@@ -180,9 +181,9 @@ WITH progress AS (
  ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()
  WHERE p.items = %s AND p.lanes = excluded.lanes RETURNING 1
 ), filled AS (
- DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING 1
+ DELETE FROM {s}.ingest_holes WHERE key = %s AND lane = %s AND item = ANY(%s::bigint[]) RETURNING 1
 ), recorded AS (
- INSERT INTO {s}.ingest_holes (key, item) SELECT %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING
+ INSERT INTO {s}.ingest_holes (key, lane, item) SELECT %s, %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING
 ) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled),
         (SELECT count(*) FROM {s}.ingest_progress q WHERE q.key = %s AND q.lanes <> %s)
 
