@@ -627,3 +627,62 @@ def test_postgres_the_prepared_read_of_several_streams_never_walks_the_feed(pg):
     got = pg.read_streams(["hot", "old-3"])
     assert [len(v) for v in got.values()] == [300, 200]
     assert [e.data.text for e in got["hot"]] == [str(i) for i in range(300)]
+
+
+def _slow_copy(schema: str) -> str:
+    """A COPY of the events' columns whose rows the server produces slowly (a sleep per row), so that
+    the client runs out of received rows many times before the end: read_copy_decoded decodes parts."""
+    columns = pg_sql.QUERIES["copy_columns"].replace("position", "e.position", 1)
+    return (f"COPY (SELECT {columns} FROM \"{schema}\".events e "
+            "CROSS JOIN LATERAL (SELECT pg_sleep(0.0005 * (e.position % 2))) AS z ORDER BY e.position) "
+            "TO STDOUT (FORMAT BINARY)")
+
+
+@pytest.mark.parametrize("twin", sorted(TWINS))
+def test_postgres_a_copy_decoded_in_parts_as_it_arrives_is_the_copy_decoded_whole(pg, pg_dsn, monkeypatch, twin):
+    from eventcore.stores.postgres import copy_reader
+
+    _fill(pg)
+    monkeypatch.setattr(copy_reader, "DECODE_AFTER_ROWS", 1)
+    calls = []
+
+    def decode(buffer, raw=False):
+        calls.append(len(buffer))
+        return TWINS[twin](buffer, raw)
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        whole = TWINS[twin](copy_reader.read_copy(conn, _slow_copy(pg.schema), ()))
+        for raw in (False, True):
+            calls.clear()
+            parts = copy_reader.read_copy_decoded(conn, _slow_copy(pg.schema), (), lambda b: decode(b, raw))
+            assert len(calls) > 1, calls  # decoded in parts, each a whole COPY stream of its own
+            assert parts == (whole if not raw else TWINS[twin](copy_reader.read_copy(conn, _slow_copy(pg.schema), ()),
+                                                               True))
+    assert [e.position for e in whole] == [e.position for e in pg.read_all()] and len(whole) == 240
+
+
+@pytest.mark.parametrize("autocommit", [True, False])
+def test_postgres_a_part_that_fails_to_decode_is_raised_after_the_copy_and_the_connection_is_usable(
+        pg, pg_dsn, monkeypatch, autocommit):
+    """The rest of the COPY is read, not decoded; the error raised then; the connection is idle, or
+    still in its open transaction, which goes on (nothing was cancelled)."""
+    from eventcore.stores.postgres import copy_reader
+
+    _fill(pg)
+    monkeypatch.setattr(copy_reader, "DECODE_AFTER_ROWS", 1)
+    calls = []
+
+    def decode(buffer):
+        calls.append(1)
+        if len(calls) == 2:
+            raise ec.SerializationError("part 2 refused")
+        return _impl.decode_copy(buffer)
+
+    with psycopg.connect(pg_dsn, autocommit=autocommit) as conn:
+        with pytest.raises(ec.SerializationError, match="part 2 refused"):
+            copy_reader.read_copy_decoded(conn, _slow_copy(pg.schema), (), decode)
+        assert len(calls) == 2
+        status = psycopg.pq.TransactionStatus
+        assert conn.info.transaction_status == (status.IDLE if autocommit else status.INTRANS)
+        assert conn.execute("SELECT count(*) FROM " + f'"{pg.schema}".events').fetchone() == (240,)
+        assert len(copy_reader.read_copy_decoded(conn, _slow_copy(pg.schema), (), _impl.decode_copy)) == 240

@@ -1,5 +1,6 @@
 """The readers' COPY: the whole output of a `COPY (SELECT ...) TO STDOUT (FORMAT BINARY)` as one
-buffer, for the hot path's decode_copy (every read of the store and of a projector's catch-up).
+buffer, or decoded by the hot path's decode_copy as it arrives (every read of the store and of a
+projector's catch-up).
 And `read_prepared`: a prepared statement's result in binary (short reads of streams), which
 `copy_from_result` lays out as a COPY stream.
 
@@ -11,12 +12,13 @@ on pages of 1,000 events: 0.67 µs of client CPU a row through `Copy.read()`, 0.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import psycopg
 from psycopg import pq
 from psycopg.errors import error_from_result
 
+from ...formats import COPY_HEADER, COPY_TRAILER
 from .connections import wait_readable, wait_readable_or_writable
 
 _COMMAND_OK = pq.ExecStatus.COMMAND_OK
@@ -26,10 +28,39 @@ _DUPLICATE_STATEMENT = "42P05"  # duplicate_prepared_statement: prepared already
 _BINARY = 1
 
 
+#: Rows received, at least, before those received so far are decoded while the COPY goes on (see
+#: read_copy_decoded). Each decode of a part costs a call and a copy of its header: 256 rows (~50 KB
+#: of events of ~200 bytes) make that ~1 % of decoding them, and leave the server room to go on
+#: writing the next rows into the socket's buffer (~200 KB on Linux) meanwhile.
+DECODE_AFTER_ROWS = 256
+
+
 def read_copy(conn: psycopg.Connection[Any], query: bytes | str, params: Sequence[Any]) -> bytearray:
     """Every byte a COPY ... TO STDOUT sends (header, rows, trailer); the server's error, if it
     ends the COPY with one (a cancelled statement: QueryCanceled), is raised as psycopg raises it."""
+    return _copy(conn, query, params, None)[0]
+
+
+def read_copy_decoded(conn: psycopg.Connection[Any], query: bytes | str, params: Sequence[Any],
+                      decode: Callable[[bytearray], list]) -> list:
+    """The events of a COPY ... TO STDOUT (FORMAT BINARY), decoded while it arrives: `decode` (the hot
+    path's decode_copy of a whole stream) takes the rows received so far, once there are
+    DECODE_AFTER_ROWS of them and libpq holds no more, while the server produces the next ones. The
+    client's decoding and the server's sending then overlap instead of following each other.
+
+    Each part is a whole COPY stream of its own: PostgreSQL sends every row of a COPY out as one
+    message (the header comes with the first), so the rows received so far end on a row's end; a
+    part is given the header if it is not the first, and the trailer if it is not the last. What
+    `decode` raises is raised once the COPY is over (the rest of it is read, not decoded), so the
+    connection is left idle, as when read_copy returns, whatever its transaction."""
+    return _copy(conn, query, params, decode)[1]
+
+
+def _copy(conn, query, params, decode):
     out = bytearray()
+    events: list = []
+    failure: BaseException | None = None
+    rows = 0
     if conn.info.encoding != "utf-8":  # the store's connections are made UTF8; a handler may have SET it
         conn.execute("SET client_encoding TO 'UTF8'")
     with conn.cursor().copy(query, params):
@@ -39,7 +70,18 @@ def read_copy(conn: psycopg.Connection[Any], query: bytes | str, params: Sequenc
             size, data = get(1)  # 1: never blocks; 0 when libpq holds no complete message yet
             if size > 0:
                 out += data
+                rows += 1
             elif size == 0:
+                if decode is not None and rows >= DECODE_AFTER_ROWS:
+                    out += COPY_TRAILER
+                    try:
+                        events += decode(out)
+                    except Exception as exc:
+                        failure, decode = exc, None  # the rest is read, not kept
+                    out = bytearray(COPY_HEADER)
+                    rows = 0
+                elif decode is None and failure is not None:
+                    out = bytearray()
                 _wait_readable(pgconn)
                 pgconn.consume_input()
             else:  # -1: the COPY is over (-2, a failure, is raised by psycopg)
@@ -47,7 +89,11 @@ def read_copy(conn: psycopg.Connection[Any], query: bytes | str, params: Sequenc
         # The statement's own result: COMMAND_OK, or the error that ended the COPY. All of them are
         # read, leaving the connection idle, as psycopg's Copy expects when its block ends without error.
         _results(conn, pgconn, (_COMMAND_OK,))
-    return out
+    if failure is not None:
+        raise failure
+    if decode is not None:
+        events += decode(out)
+    return out, events
 
 
 def _wait_readable(pgconn) -> None:

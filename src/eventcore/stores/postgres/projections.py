@@ -30,7 +30,7 @@ from ..projection_storage import (
 )
 from . import sql as pg_sql
 from .connections import _one_line, _session_options, wait_readable
-from .copy_reader import read_copy
+from .copy_reader import read_copy_decoded
 
 #: Seed of the 64-bit hash that keys a projector's session advisory lock: hashtextextended(key, LOCK_SEED).
 #: The append path keys its stream locks with seed 0, so no stream id can name a projector's lock.
@@ -238,12 +238,13 @@ class PostgresProjectionSession(ProjectionSession):
         a filtered page is read as rows through its window (read_page)."""
         if types is not None or prefix is not None:
             return super().read_events(after, types, prefix, limit, decoding)
+        raw = decoding == "raw"
         try:
-            out = read_copy(self.connection, self._copy_read, pg_sql.read_all_params(after, None, None, limit))
+            events = read_copy_decoded(self.connection, self._copy_read,
+                                       pg_sql.read_all_params(after, None, None, limit),
+                                       lambda buffer: _impl.decode_copy(buffer, raw))
         except psycopg.Error as exc:
             self._own_failure(exc)
-        try:
-            events = _impl.decode_copy(out, decoding == "raw")
         except SerializationError:
             return super().read_events(after, types, prefix, limit, decoding)
         return FeedPage(events, [None] * len(events), load_rows=lambda: self._rows_of(events, after, limit)), None

@@ -47,7 +47,7 @@ from ..prepare import PreparedAppend
 from .projections import PostgresProjectionStorage
 from ..dsn import DEFAULT_SCHEMA, check_url, redact, split_query
 from . import copy_writer, migrations
-from .copy_reader import prepare, read_copy, read_prepared
+from .copy_reader import prepare, read_copy_decoded, read_prepared
 from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connection_lost, _conninfo, _one_line, \
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE_EMPTY_MEMBER, _encode_group, _GroupCommitter
@@ -373,10 +373,12 @@ class PostgresStore(EventStore):
         """The rows of a statement (by name, or its text)."""
         return self._read(_fetch_all, name_or_sql, params)
 
-    def _copy_out(self, name_or_sql, params: tuple) -> bytearray:
-        """The whole output of a `COPY ... TO STDOUT` statement (its parameters bound by psycopg on
-        the client), under the same deadline and errors as `_fetch`."""
-        return self._read(read_copy, name_or_sql, params)
+    def _copy_events(self, name_or_sql, params: tuple, raw: bool) -> list[RecordedEvent]:
+        """The events of a `COPY ... TO STDOUT (FORMAT BINARY)` of the events' columns (its parameters
+        bound by psycopg on the client), decoded as they arrive (see read_copy_decoded), under the
+        same deadline and errors as `_fetch`."""
+        return self._read(lambda conn, query, values: read_copy_decoded(
+            conn, query, values, lambda buffer: _impl.decode_copy(buffer, raw)), name_or_sql, params)
 
     def _read(self, run, name_or_sql, params: tuple):
         """`run(conn, query, params)` on a pooled connection, under the client-side deadline, its
@@ -644,15 +646,15 @@ class PostgresStore(EventStore):
     def _read_stream(self, stream_id, from_version, limit, raw=False):
         long = self._long_streams
         if stream_id in long and (limit is None or limit > FIRST_ROWS):
-            return _impl.decode_copy(self._copy_out("read_stream", (stream_id, from_version, limit)), raw)
+            return self._copy_events("read_stream", (stream_id, from_version, limit), raw)
         # FIRST_ROWS events by prepared statement; the rest, if there may be more, by COPY from the next
         # version. A stream's versions never change, so the two reads join without a gap or a repeat,
         # and together they are the stream as the second one saw it: one point in time still.
         first = FIRST_ROWS if limit is None else min(limit, FIRST_ROWS)
         events = self._prepared_read("read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first], raw)
         if len(events) == FIRST_ROWS and limit != FIRST_ROWS:
-            events += _impl.decode_copy(self._copy_out(
-                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS)), raw)
+            events += self._copy_events(
+                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS), raw)
             _remember_long(long, (stream_id,))
         return events
 
@@ -663,7 +665,7 @@ class PostgresStore(EventStore):
         # _attempts): prepared, unless one of them is known to be long (then COPY, cheaper per event).
         long = self._long_streams
         if any(s in long for s in stream_ids):
-            return group_by_stream(stream_ids, _impl.decode_copy(self._copy_out("read_streams", (stream_ids,)), raw))
+            return group_by_stream(stream_ids, self._copy_events("read_streams", (stream_ids,), raw))
         out = group_by_stream(stream_ids, self._prepared_read("read_streams_prepared", [_text_array(stream_ids)], raw))
         left = sum(map(len, out.values()))
         if left > FIRST_ROWS:  # long: its longest streams, until the others fit, are read by COPY next time
@@ -682,8 +684,8 @@ class PostgresStore(EventStore):
         return out
 
     def _read_all_page(self, after, types, prefix, limit, raw=False):
-        return _impl.decode_copy(self._copy_out(self._read_all_sql[types is not None, prefix is not None],
-                                                read_all_params(after, types, prefix, limit)), raw)
+        return self._copy_events(self._read_all_sql[types is not None, prefix is not None],
+                                 read_all_params(after, types, prefix, limit), raw)
 
     def _type_counts(self):
         return self._fetch("type_counts", ())
