@@ -26,6 +26,7 @@ import psycopg
 import pytest
 
 import eventcore as ec
+from eventcore.projections import DEFAULT_BATCH_SIZE
 from eventcore import _impl, _pure
 from eventcore.stores.postgres import sql as pg_sql
 from eventcore.stores.postgres.projections import PostgresProjectionSession
@@ -171,8 +172,8 @@ def test_projection_catch_up(benchmark, feed, monkeypatch, path):
     assert _run(benchmark, run) == TOTAL
     name = "projection_catch_up" if path == "copy" else "projection_catch_up_row_path"
     record(name, benchmark)
-    _rate(name, f"projection catch-up, no-op handler, batches of 500, {path.replace('_', ' ')} ({ec.__impl__})",
-          TOTAL)
+    _rate(name, f"projection catch-up, no-op handler, batches of {DEFAULT_BATCH_SIZE:,}, {path.replace('_', ' ')} "
+                f"({ec.__impl__})", TOTAL)
 
 
 @pytest.mark.benchmark(group="long streams")

@@ -28,8 +28,11 @@ else:  # the default is for type checkers only (Python 3.10-3.12's TypeVar takes
 
     ConnectionT = TypeVar("ConnectionT")
 
-#: Events per batch (one transaction each) unless the projector says otherwise.
-DEFAULT_BATCH_SIZE = 500
+#: Events per batch (one transaction each: the handler's writes and the checkpoint) unless the
+#: projector says otherwise. A catch-up pays a commit (a WAL flush) per batch: 2,000 caught up 1.36x
+#: faster than 500 (517k against 381k events/s, no-op handler, 400,000 events, PostgreSQL; 4,000:
+#: 564k), while a batch stays a short transaction and a failing event is found among few.
+DEFAULT_BATCH_SIZE = 2000
 
 #: Error strategies: stop on the failing event, or record it as a dead letter and go on.
 FATAL = "fatal"

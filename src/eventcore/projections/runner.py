@@ -34,7 +34,7 @@ log: logging.Logger = logging.getLogger("eventcore.projections")
 #: Longest pause between looks while committed events wait behind the feed's fence (PostgreSQL).
 _FENCE_RETRY_MAX = 0.05
 #: Events an unfiltered projector reads at once (in whole batches): one read's start-up (on PostgreSQL
-#: a COPY, ~0.2 ms) shared by 8 batches of the default 500 instead of paid for each; measured in
+#: a COPY, ~0.2 ms) shared by 2 batches of the default 2,000 (8 of 500) instead of paid for each; measured in
 #: bench/test_reads.py (projection catch-up). Bounded so a page stays a few MB in memory.
 READ_AHEAD_EVENTS = 4000
 
