@@ -20,7 +20,10 @@ joining the threads is part of the timed round.
 
 * eventcore: one store per round, `ec.connect(dsn, pool_size=max(2, c))` with the store's defaults
   otherwise (group commit on: concurrent appends share a transaction; the pool opens connections
-  as they are needed); the cache variant shares one `ec.StateCache()` among the round's threads;
+  as they are needed); by default each command goes through the store's exact cache (as
+  `ec.execute` does unless told otherwise), the "uncached" variant passes cache=None (every command
+  reads its streams), the "cache" variant shares one `ec.StateCache()` (it reuses folded states)
+  among the round's threads;
   every execute has `retry=ec.RetryPolicy(max_retries=50, base_delay=0.001, max_delay=0.05)`.
 * raw: one autocommit connection per thread (prepare_threshold=0), opened in setup; a unique
   violation (another thread wrote the stream first) re-reads and tries again, without limit.
@@ -42,6 +45,7 @@ import pytest
 from psycopg import sql
 
 import eventcore as ec
+from eventcore.executor import STORE_CACHE
 from eventcore.bench.workloads import AccountOpened, DepositMoney, MoneyWithdrawn, TransferMoney
 
 from conftest import CONCURRENCY, FIGURES, MEDIANS, RATIOS, record, run_split, transfer_pairs
@@ -101,7 +105,7 @@ def _check_eventcore(store, accounts, workload, pairs) -> None:
 
 @pytest.mark.benchmark(group="commands")
 @pytest.mark.parametrize("concurrency", CONCURRENCY, ids=lambda c: f"c{c}")
-@pytest.mark.parametrize("variant", ["plain", "cache"])
+@pytest.mark.parametrize("variant", ["default", "uncached", "cache"])
 @pytest.mark.parametrize("workload", ["deposit", "transfer"])
 def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, concurrency):
     pairs = transfer_pairs(OPS, ACCOUNTS)
@@ -113,7 +117,7 @@ def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, 
         while pending:
             store, accounts, cache = pending.pop()
             if cache is not None:
-                stale.append(cache.stale)
+                stale.append((store.command_cache if cache is STORE_CACHE else cache).stale)
             try:
                 _check_eventcore(store, accounts, workload, pairs)
             finally:
@@ -125,7 +129,7 @@ def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, 
         store = ec.connect(pg_dsn, schema=fresh_schema(), pool_size=max(2, concurrency),
                            pool_min_size=max(2, concurrency))
         accounts = _accounts("acct")
-        cache = ec.StateCache() if variant == "cache" else None
+        cache = {"default": STORE_CACHE, "uncached": None, "cache": ec.StateCache()}[variant]
         pending.append((store, accounts, cache))
         store.append([ec.emit(a, AccountOpened(OPENING_BALANCE)) for a in accounts],
                      {a: ec.NO_STREAM for a in accounts})
@@ -153,10 +157,16 @@ def test_commands_eventcore(benchmark, pg_dsn, fresh_schema, workload, variant, 
             store.close()
     benchmark.extra_info.update(ops=OPS, accounts=ACCOUNTS, concurrency=concurrency,
                                 retries_all_rounds=sum(retried), cache_stale_per_round=stale)
-    name = f"cmd_{workload}_eventcore" + ("_cache" if variant == "cache" else "") + _suffix(concurrency)
+    name = f"cmd_{workload}_eventcore" + _VARIANTS[variant][0] + _suffix(concurrency)
     record(name, benchmark)
-    FIGURES[f"{workload}, eventcore{' + StateCache' if variant == 'cache' else ''} ({ec.__impl__})"
-            f"{_label(concurrency)}: ops/s"] = (OPS / MEDIANS[name], "ops/s")
+    FIGURES[f"{workload}, {_VARIANTS[variant][1]} ({ec.__impl__}){_label(concurrency)}: ops/s"] = (
+        OPS / MEDIANS[name], "ops/s")
+
+
+#: variant -> (benchmark name suffix, what it is)
+_VARIANTS = {"default": ("", "eventcore (defaults: the store's exact cache)"),
+             "uncached": ("_uncached", "eventcore, cache=None"),
+             "cache": ("_cache", "eventcore + StateCache()")}
 
 
 _RAW_TABLE = """
@@ -266,7 +276,7 @@ def test_commands_raw_psycopg(benchmark, pg_dsn, fresh_schema, workload, concurr
 
 for _c in CONCURRENCY:
     for _workload in ("deposit", "transfer"):
-        for _variant, _what in (("", "eventcore"), ("_cache", "eventcore + StateCache")):
+        for _variant, _what in _VARIANTS.values():
             RATIOS.append((f"{_workload}{_label(_c)}: {_what} vs hand-written psycopg",
                            f"cmd_{_workload}_eventcore{_variant}{_suffix(_c)}",
                            f"cmd_{_workload}_raw{_suffix(_c)}", ">= 0.8x"))

@@ -295,7 +295,8 @@ def test_cmd_transfer_eventsourcing(benchmark, pg_dsn, config, concurrency):
 
 for _c in CONCURRENCY:
     for _workload in ("deposit", "transfer"):
-        for _variant, _what in (("", "eventcore"), ("_cache", "eventcore + StateCache")):
+        for _variant, _what in (("", "eventcore (defaults)"), ("_uncached", "eventcore, cache=None"),
+                                ("_cache", "eventcore + StateCache()")):
             _threads = "" if _c == 1 else f", {_c} threads"
             # The targets: 2x the peer at its fastest on one thread, 4x on 8.
             RATIOS.append((f"{_workload}{_threads}: {_what} vs eventsourcing at its fastest",

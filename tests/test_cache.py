@@ -12,6 +12,12 @@ from domain import (Deposit, Deposited, LimitedWithdraw, LimitSet, SetLimit, Tra
                     assert_gap_free, balance)
 
 
+@pytest.fixture(params=["reuse_state", "exact"])
+def new_cache(request):
+    """StateCache's two modes: reusing folded states (opt-in), and exact (every store's default)."""
+    return lambda *args, **kw: ec.StateCache(*args, reuse_state=request.param == "reuse_state", **kw)
+
+
 def _count_reads(store, monkeypatch):
     calls = []
     real = store.read_streams
@@ -24,9 +30,9 @@ def _count_reads(store, monkeypatch):
     return calls
 
 
-def test_warm_command_skips_the_read(store, monkeypatch):
+def test_warm_command_skips_the_read(store, monkeypatch, new_cache):
     """Entries are per command type and streams: the first Withdraw reads, the next ones do not."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId("c-1")
     store.append([ec.emit(acct, Deposited(amount=100))])
     reads = _count_reads(store, monkeypatch)
@@ -39,9 +45,9 @@ def test_warm_command_skips_the_read(store, monkeypatch):
     assert balance(store, "c-1") == 10
 
 
-def test_stale_cached_state_never_commits_a_decision(store):
+def test_stale_cached_state_never_commits_a_decision(store, new_cache):
     """Cache says 100; someone else withdraws 80; a cached Withdraw(50) must not commit."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId("c-2")
     store.append([ec.emit(acct, Deposited(amount=110))])
     ec.execute(store, Withdraw(acct, 10), cache=cache)  # warm: the cache now says 100 at version 2
@@ -53,8 +59,8 @@ def test_stale_cached_state_never_commits_a_decision(store):
     assert balance(store, "c-2") == 20
 
 
-def test_stale_cache_retry_is_free(store):
-    cache = ec.StateCache()
+def test_stale_cache_retry_is_free(store, new_cache):
+    cache = new_cache()
     acct = ec.StreamId("c-3")
     ec.execute(store, Deposit(acct, 10), cache=cache)
     store.append([ec.emit(acct, Deposited(amount=5))])
@@ -66,8 +72,8 @@ def test_stale_cache_retry_is_free(store):
     assert cache.hits == 2 and cache.stale == 1
 
 
-def test_business_rule_rejection_keeps_the_entry(store):
-    cache = ec.StateCache()
+def test_business_rule_rejection_keeps_the_entry(store, new_cache):
+    cache = new_cache()
     acct = ec.StreamId("c-4")
     store.append([ec.emit(acct, Deposited(amount=10))])
     with pytest.raises(ec.BusinessRuleViolation):
@@ -80,8 +86,8 @@ def test_business_rule_rejection_keeps_the_entry(store):
     assert cache.hits == 3 and cache.misses == 1
 
 
-def test_threads_share_a_cache_without_lost_updates(store):
-    cache = ec.StateCache()
+def test_threads_share_a_cache_without_lost_updates(store, new_cache):
+    cache = new_cache()
     acct = ec.StreamId("c-5")
     errors = []
 
@@ -103,8 +109,8 @@ def test_threads_share_a_cache_without_lost_updates(store):
     assert_gap_free(store)
 
 
-def test_cache_is_bounded_and_per_store(store):
-    cache = ec.StateCache(max_entries=2)
+def test_cache_is_bounded_and_per_store(store, new_cache):
+    cache = new_cache(max_entries=2)
     for k in range(5):
         ec.execute(store, Deposit(ec.StreamId(f"c-b{k}"), 1), cache=cache)
     assert len(cache) == 2
@@ -120,10 +126,10 @@ def test_cache_is_bounded_and_per_store(store):
         ec.execute(store, Deposit(ec.StreamId("x"), 1), cache={})
 
 
-def test_streams_are_cached_one_by_one_so_new_pairs_skip_the_read(store, monkeypatch):
+def test_streams_are_cached_one_by_one_so_new_pairs_skip_the_read(store, monkeypatch, new_cache):
     """A transfer between two accounts that other commands already touched reads nothing:
     the cache keeps each stream's events, not only whole command states."""
-    cache = ec.StateCache()
+    cache = new_cache()
     a, b, c = (ec.StreamId(f"p-{k}") for k in "abc")
     store.append([ec.emit(s, Deposited(amount=100)) for s in (a, b, c)])
     reads = _count_reads(store, monkeypatch)
@@ -139,9 +145,9 @@ def test_streams_are_cached_one_by_one_so_new_pairs_skip_the_read(store, monkeyp
     assert {s: balance(store, s) for s in ("p-a", "p-b", "p-c")} == {"p-a": 119, "p-b": 90, "p-c": 90}
 
 
-def test_stale_cached_stream_never_commits_a_decision(store):
+def test_stale_cached_stream_never_commits_a_decision(store, new_cache):
     """Per-stream entries too: someone else drains the source; the cached transfer must not commit."""
-    cache = ec.StateCache()
+    cache = new_cache()
     a, b = ec.StreamId("s-a"), ec.StreamId("s-b")
     store.append([ec.emit(a, Deposited(amount=100)), ec.emit(b, Deposited(amount=0))])
     ec.execute(store, Withdraw(a, 10), cache=cache)  # caches a (90 at version 2)
@@ -154,17 +160,17 @@ def test_stale_cached_stream_never_commits_a_decision(store):
     assert balance(store, "s-a") == 0 and balance(store, "s-b") == 5
 
 
-def test_long_streams_keep_only_their_version_and_the_event_budget_holds(store, monkeypatch):
-    cache = ec.StateCache(max_stream_events=3, max_events=5)
+def test_long_streams_keep_only_their_version_and_the_event_budget_holds(store, monkeypatch, new_cache):
+    cache = new_cache(max_stream_events=3, max_events=5)
     long, short = ec.StreamId("l-long"), ec.StreamId("l-short")
     store.append([ec.emit(long, Deposited(amount=1)) for _ in range(4)])
     store.append([ec.emit(short, Deposited(amount=1))])
     reads = _count_reads(store, monkeypatch)
     ec.execute(store, Deposit(long, 1), cache=cache)
-    ec.execute(store, Deposit(long, 1), cache=cache)  # the folded state still serves it
-    assert len(reads) == 1
+    ec.execute(store, Deposit(long, 1), cache=cache)  # the folded state still serves it (exact: none kept)
+    assert len(reads) == (1 if cache.reuse_state else 2)
     ec.execute(store, Transfer(long, short, 1), cache=cache)  # long's events are not kept: read
-    assert len(reads) == 2
+    assert len(reads) == (2 if cache.reuse_state else 3)
     assert cache._events <= 5
     for k in range(4):  # more short streams than the event budget: the oldest go
         ec.execute(store, Deposit(ec.StreamId(f"l-{k}"), 1), cache=cache)
@@ -174,8 +180,8 @@ def test_long_streams_keep_only_their_version_and_the_event_budget_holds(store, 
         ec.StateCache(max_events=-1)
 
 
-def test_transfers_from_threads_through_one_cache_conserve_money(store):
-    cache = ec.StateCache()
+def test_transfers_from_threads_through_one_cache_conserve_money(store, new_cache):
+    cache = new_cache()
     accounts = [ec.StreamId(f"t-{k}") for k in range(5)]
     store.append([ec.emit(a, Deposited(amount=1000)) for a in accounts])
     errors = []
@@ -249,10 +255,10 @@ BEHIND = ("same store", "another store", "another process")
 
 
 @pytest.mark.parametrize("how", BEHIND)
-def test_refusal_on_cached_state_is_final_only_once_its_versions_are_current(store, request, how):
+def test_refusal_on_cached_state_is_final_only_once_its_versions_are_current(store, request, how, new_cache):
     """Cached Withdraw(50) on an empty account is refused; someone deposits 100 behind the cache;
     the same cached Withdraw(50) now succeeds, as it would without the cache."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId(f"r-{BEHIND.index(how)}")
     with pytest.raises(ec.BusinessRuleViolation):
         ec.execute(store, Withdraw(acct, 50), cache=cache)
@@ -269,10 +275,10 @@ def test_refusal_on_cached_state_is_final_only_once_its_versions_are_current(sto
 
 
 @pytest.mark.parametrize("how", BEHIND)
-def test_no_op_on_cached_state_is_checked_against_the_store(store, request, how):
+def test_no_op_on_cached_state_is_checked_against_the_store(store, request, how, new_cache):
     """SetLimit(5) emits nothing when the cache says the limit is 5; if another writer set it to 7
     meanwhile, the command must see that and set it back to 5."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId(f"n-{BEHIND.index(how)}")
     ec.execute(store, SetLimit(acct, 5), cache=cache)
     quiet = ec.execute(store, SetLimit(acct, 5), cache=cache)  # a no-op, confirmed current
@@ -286,9 +292,9 @@ def test_no_op_on_cached_state_is_checked_against_the_store(store, request, how)
     assert again.events == [] and again.stream_versions == {acct: 3}
 
 
-def test_error_raised_on_cached_state_is_rechecked(store):
+def test_error_raised_on_cached_state_is_rechecked(store, new_cache):
     """Not only refusals: any exception `handle` raises on cached state is final only once current."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId("e-1")
     with pytest.raises(LookupError):
         ec.execute(store, LimitedWithdraw(acct), cache=cache)
@@ -299,12 +305,12 @@ def test_error_raised_on_cached_state_is_rechecked(store):
     assert [e.data for e in result.events] == [Withdrawn(amount=3)]
 
 
-def test_one_cache_many_stores_never_serves_one_store_state_to_another():
+def test_one_cache_many_stores_never_serves_one_store_state_to_another(new_cache):
     """Tenant stores opened and closed through one cache: a new store (which may reuse a freed store's
     id()) is never served a closed store's state, and closing a store drops its entries."""
     import gc
 
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId("tenant-account")
     for round_, funds in enumerate((50, 0, 50, 0)):
         stores = [ec.connect("memory://") for _ in range(60)]
@@ -326,8 +332,8 @@ def test_one_cache_many_stores_never_serves_one_store_state_to_another():
     assert len(cache) == 0 and not cache._folded  # closing a store dropped its entries
 
 
-def test_closing_a_store_drops_only_its_entries(store):
-    cache = ec.StateCache()
+def test_closing_a_store_drops_only_its_entries(store, new_cache):
+    cache = new_cache()
     other = ec.connect("memory://")
     ec.execute(store, Deposit(ec.StreamId("d-1"), 5), cache=cache)
     ec.execute(other, Deposit(ec.StreamId("d-1"), 7), cache=cache)
@@ -338,10 +344,10 @@ def test_closing_a_store_drops_only_its_entries(store):
     assert cache.hits == 1
 
 
-def test_a_read_that_fails_through_the_cache_is_a_store_error(store):
+def test_a_read_that_fails_through_the_cache_is_a_store_error(store, new_cache):
     """The first read of a cached command fails: StoreUnavailableError, retried like any store error,
     and the cache forgets the command's streams."""
-    cache = ec.StateCache()
+    cache = new_cache()
     acct = ec.StreamId("f-1")
     ec.execute(store, Deposit(acct, 1), cache=cache)
     cache.clear()
@@ -362,3 +368,104 @@ def test_a_read_that_fails_through_the_cache_is_a_store_error(store):
     finally:
         del store.read_streams
     assert result.attempts == 2 and balance(store, acct) == 2
+
+
+# -- the store's own cache: exact, on by default ------------------------------------------------
+
+
+class Tagged(ec.Event):
+    __event_type__ = "cache.Tagged"
+    tags: list[str]
+    labels: dict[str, int] = {}
+
+
+class Tag(ec.Command):
+    """Adds a tag unless present. Its state keeps the events' own list and dict, and `handle` changes
+    them (sloppy, but legal code): an exact cache must not let that reach a later command."""
+
+    stream: ec.StreamId
+    tag: str
+
+    def initial_state(self):
+        return {"tags": [], "labels": {}}
+
+    def apply(self, state, event):
+        state["tags"] = event.data.tags  # the event's own list, not a copy
+        state["labels"] = event.data.labels
+        return state
+
+    def handle(self, state):
+        tags = state["tags"]
+        if self.tag in tags:
+            return []
+        tags.append(self.tag)  # changes the list apply() took from the last event
+        state["labels"][self.tag] = len(tags)
+        return [ec.emit(self.stream, Tagged(list(tags), dict(state["labels"])))]
+
+
+class CountOf(ec.Command):
+    """Its fold depends on one of its own fields (`kind`), not only on the events."""
+
+    stream: ec.StreamId
+    kind: str
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + (self.kind in event.data.tags)
+
+    def handle(self, state):
+        ec.require(state < 2, f"already two {self.kind}")
+        return [ec.emit(self.stream, Tagged([self.kind]))]
+
+
+def test_every_store_has_an_exact_cache_that_execute_uses_by_default(store, monkeypatch):
+    acct = ec.StreamId("d-1")
+    cache = store.command_cache
+    assert isinstance(cache, ec.StateCache) and cache.reuse_state is False and store.command_cache is cache
+    reads = _count_reads(store, monkeypatch)
+    ec.execute(store, Deposit(acct, 5))
+    ec.execute(store, Deposit(acct, 5))
+    assert reads == [["d-1"]] and (cache.hits, cache.misses) == (1, 1)
+    ec.execute(store, Deposit(acct, 5), cache=None)  # read every time
+    assert len(reads) == 2
+    store.command_cache = None  # off for this store
+    ec.execute(store, Deposit(acct, 5))
+    assert len(reads) == 3 and balance(store, acct) == 20
+
+
+def test_the_exact_cache_gives_each_command_the_events_a_read_gives(store):
+    """Whatever a command's handle() does to its state, and so to the events apply() kept in it, the
+    next command folds events equal to a read's, as new objects."""
+    s = ec.StreamId("t-1")
+    for tag in ("a", "b", "a", "c", "b"):
+        ec.execute(store, Tag(s, tag))
+    assert [e.data.tags for e in store.read_stream(s)] == [["a"], ["a", "b"], ["a", "b", "c"]]
+    cached = store.command_cache._events_of(store, [s])[s]
+    assert cached == store.read_stream(s)
+    again = store.command_cache._events_of(store, [s])[s]
+    assert again == cached and all(x.data is not y.data for x, y in zip(again, cached))
+
+
+def test_the_exact_cache_folds_with_each_commands_own_fields(store):
+    s = ec.StreamId("k-1")
+    ec.execute(store, CountOf(s, "x"))
+    ec.execute(store, CountOf(s, "y"))
+    ec.execute(store, CountOf(s, "x"))
+    with pytest.raises(ec.BusinessRuleViolation, match="already two x"):
+        ec.execute(store, CountOf(s, "x"))
+    ec.execute(store, CountOf(s, "y"))  # one y so far: allowed
+    assert [e.data.tags for e in store.read_stream(s)] == [["x"], ["y"], ["x"], ["y"]]
+
+
+def test_what_one_command_does_to_its_state_never_reaches_another_through_the_exact_cache(store):
+    """Tag's handle() changes the list its state took from an event; CountOf then folds the same
+    stream. Through the store's cache it counts what the events hold, as after a read. (A cache that
+    reuses folded state and event objects, the opt-in StateCache(), counts the changed list: it
+    assumes handle() leaves its state alone.)"""
+    s = ec.StreamId("t-2")
+    ec.execute(store, Tag(s, "a"))
+    ec.execute(store, Tag(s, "b"))  # appends "b" to the list its state holds (the first event's, if shared)
+    ec.execute(store, CountOf(s, "b"))  # one event holds "b" so far: allowed
+    assert [e.data.tags for e in store.read_stream(s)] == [["a"], ["a", "b"], ["b"]]

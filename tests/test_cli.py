@@ -76,7 +76,7 @@ def test_bench_scaling_table_and_cache(capsys):
     assert reports[0]["cpu"]["client_us_per_op"] > 0 and reports[0]["cpu"]["server_cores"] is None
     assert main(argv) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Scaling: transfer") and "| Concurrency |" in out and "StateCache on" in out
+    assert out.startswith("Scaling: transfer") and "| Concurrency |" in out and "a shared StateCache" in out
     assert "At the best concurrency" in out
 
 

@@ -82,7 +82,7 @@ def format_table(r: dict) -> str:
 
     config = f"backend {r['backend']}, impl {r['impl']}, concurrency {r['concurrency']}"
     if w != "batch":
-        config += f", StateCache {'on' if r.get('cache') else 'off'}"
+        config += ", a shared StateCache" if r.get("cache") else ", the store's exact cache"
     if r.get("group_commit") is not None:
         config += f", group commit {'on' if r['group_commit'] else 'off'}"
     lines = [

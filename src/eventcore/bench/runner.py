@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from .. import _impl
 from ..errors import EventCoreError, ValidationError
 from ..events import emit
-from ..executor import RetryPolicy, StateCache, execute
+from ..executor import STORE_CACHE, RetryPolicy, StateCache, execute
 from ..expected import NO_STREAM
 from ..stores import connect
 from .workloads import AccountOpened, DepositMoney, ProductStocked, TransferMoney, random_order, MoneyDeposited
@@ -264,7 +264,8 @@ def run_workload(
 ) -> dict:
     """Run one workload against an open store and return its report (see BenchResult.as_dict).
 
-    cache: run the commands with one shared `StateCache` (warm streams skip the read).
+    cache: run the commands with one shared `StateCache()`, which reuses folded states (its opt-in
+    mode); without, with the store's exact cache, as `execute` does by default.
     warmup: first run a few untimed operations of the workload on streams of their own, enough
     to use every pooled connection once: a connection's first statements cost several times a
     warm one's (the server compiles and plans the append functions per connection), which
@@ -287,7 +288,8 @@ def run_workload(
     # A run-unique prefix: benches can share one database file without colliding.
     prefix = f"bench-{uuid.uuid4().hex[:8]}-"
     local = threading.local()
-    state_cache = StateCache() if cache else None
+    # Without --cache the commands use what a program gets by default: the store's exact cache.
+    state_cache = StateCache() if cache else STORE_CACHE
     group_commit = getattr(store, "_group", False) is not None if backend == "postgres" else None
 
     def rng() -> random.Random:

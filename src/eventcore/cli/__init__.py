@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="threads issuing operations (default 1); several, e.g. 1,4,8,16, run the workload at "
                             "each and print a scaling table")
     bench.add_argument("--cache", action="store_true",
-                       help="run commands with an ec.StateCache (warm streams skip the read)")
+                       help="run commands with a shared ec.StateCache() that reuses folded states (default: each "
+                            "store's exact cache, as ec.execute uses)")
     bench.add_argument("--no-group-commit", action="store_true",
                        help="PostgreSQL: one transaction per append instead of sharing them between threads")
     bench.add_argument("--batch-size", type=_positive_int, default=100, help="events per append in the batch workload")

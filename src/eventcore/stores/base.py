@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import itertools
 import operator
+import threading
 import time
 import uuid
 import weakref
@@ -32,6 +33,18 @@ from .prepare import (
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+_COMMAND_CACHE_LOCK = threading.Lock()
+_NOT_MADE: Any = object()
+#: What makes a store's command_cache: registered by eventcore.executor, which defines StateCache (the
+#: stores import nothing above them).
+_command_cache_factory: list[Callable[[], Any] | None] = [None]
+
+
+def set_command_cache_factory(make: Callable[[], Any]) -> None:
+    """Register what makes each store's command_cache (eventcore.executor does, on import)."""
+    _command_cache_factory[0] = make
+
 
 #: An event class named in `read_all(types=[...])`: the type of the events' `data`.
 E = TypeVar("E", bound=Event)
@@ -90,6 +103,8 @@ class EventStore(ABC):
 
     #: The URL scheme this backend answers to (e.g. "sqlite").
     scheme: str = ""
+    #: See command_cache.
+    _command_cache: Any = _NOT_MADE
     #: Lanes `eventcore ingest FILE` writes with when --parallel is not given (see cli.ingest): one
     #: where commits are serialised anyway.
     default_ingest_lanes: int = 1
@@ -508,6 +523,24 @@ class EventStore(ABC):
             after = page[-1].position
             if remaining is not None:
                 remaining -= len(page)
+
+    @property
+    def command_cache(self) -> Any:
+        """The `ec.StateCache` that `ec.execute` uses for this store unless told otherwise: an exact one
+        (`reuse_state=False`), made on first use. Set it to None to have commands read every stream
+        every time, or to a StateCache of your own."""
+        cache = self._command_cache
+        if cache is _NOT_MADE:
+            with _COMMAND_CACHE_LOCK:
+                cache = self._command_cache
+                if cache is _NOT_MADE:
+                    make = _command_cache_factory[0]
+                    cache = self._command_cache = None if make is None else make()
+        return cache
+
+    @command_cache.setter
+    def command_cache(self, cache: Any) -> None:
+        self._command_cache = cache
 
     def head_position(self) -> int:
         """The highest global position visible to readers (0 for an empty store)."""
