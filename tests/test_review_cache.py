@@ -1,0 +1,231 @@
+"""Review of ce6e6de (every store's exact command cache, on by default): hostile tests.
+
+Claim under test: with default settings `ec.execute` answers exactly as it would with `cache=None`.
+Each test runs the same scenario and states what `cache=None` answers. A failing test here is a
+defect report (see the docstrings), kept failing on purpose.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import uuid
+from typing import Any
+
+import pytest
+
+import eventcore as ec
+
+
+# -- domain ----------------------------------------------------------------------------------------
+
+
+class RvNamed(ec.Event):
+    __event_type__ = "review.cache.Named"
+    name: str
+
+
+class RvLinked(ec.Event):
+    """Written to stream B after RvNamed(name=ref) was written to stream A: B refers to A."""
+    __event_type__ = "review.cache.Linked"
+    ref: str
+
+
+class RvPointer(ec.Event):
+    __event_type__ = "review.cache.Pointer"
+    target: str
+
+
+class RvRich(ec.Event):
+    __event_type__ = "review.cache.Rich"
+    when: dt.datetime
+    ratio: float
+    big: int
+    text: str
+    anything: Any = None
+
+
+class RvTouch(ec.Command):
+    """Reads one stream, writes nothing: leaves the stream in the store's cache."""
+    stream: ec.StreamId
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + 1
+
+    def handle(self, state):
+        return []
+
+
+class RvCheckLinks(ec.Command):
+    """Folds A and B in position order; a link to a name A does not hold (yet) is impossible in the
+    store (A's event is committed before B's), so apply() treats it as a corrupt history."""
+    a: ec.StreamId
+    b: ec.StreamId
+
+    def initial_state(self):
+        return set()
+
+    def apply(self, state, event):
+        if isinstance(event.data, RvNamed):
+            state.add(event.data.name)
+        elif isinstance(event.data, RvLinked) and event.data.ref not in state:
+            raise RuntimeError(f"corrupt history: link to {event.data.ref!r} before it was named")
+        return state
+
+    def handle(self, state):
+        return [ec.emit(self.a, RvNamed(name=f"checked-{len(state)}"))]
+
+
+class RvFollow(ec.Command):
+    """Declares the pointer stream; discovers the stream it points to and writes there."""
+    pointer: ec.StreamId
+
+    def initial_state(self):
+        return {"target": None, "n": 0}
+
+    def apply(self, state, event):
+        if isinstance(event.data, RvPointer):
+            return {"target": event.data.target, "n": 0}
+        return {"target": state["target"], "n": state["n"] + 1}
+
+    def discover(self, state):
+        return [ec.StreamId(state["target"])] if state["target"] else []
+
+    def handle(self, state):
+        if state["target"] is None:
+            return []
+        return [ec.emit(ec.StreamId(state["target"]), RvNamed(name=f"seen-{state['n']}"))]
+
+
+class RvWriteRich(ec.Command):
+    stream: ec.StreamId
+    event: RvRich
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + 1
+
+    def handle(self, state):
+        return [ec.emit(self.stream, self.event)]
+
+
+def _other_writer(store):
+    """A write the store's cache does not see: the store's own append (no execute)."""
+    return store.append
+
+
+# -- tests -----------------------------------------------------------------------------------------
+
+
+def test_error_from_apply_on_a_mix_of_stale_cached_and_fresh_streams_is_not_rechecked(store):
+    """DEFECT (expected to fail). An exception raised while folding (apply/discover/initial_state) is
+    outside the `_handle` try in executor._attempts, so it is raised without `_confirm_current`. The
+    exact cache folds a *stale prefix* of a cached stream merged with a *fresh* read of an uncached
+    one: that merge is not a prefix of any real history, so apply() can see an order of events that
+    never existed. With cache=None this command succeeds."""
+    a, b = ec.StreamId("rv-a"), ec.StreamId("rv-b")
+    store.append([ec.emit(a, RvNamed(name="first"))])
+    ec.execute(store, RvTouch(a))  # A now cached at version 1
+    # Another writer: name "x" on A, then link to it on B (B never cached).
+    _other_writer(store)([ec.emit(a, RvNamed(name="x"))])
+    _other_writer(store)([ec.emit(b, RvLinked(ref="x"))])
+    # What a read-every-time execute answers:
+    expected_state_size = 2
+    result = ec.execute(store, RvCheckLinks(a, b))  # default: the store's exact cache
+    assert result.events[0].data == RvNamed(name=f"checked-{expected_state_size}")
+
+
+def test_same_scenario_without_the_cache_succeeds(store):
+    """Control for the test above: cache=None."""
+    a, b = ec.StreamId("rv-a"), ec.StreamId("rv-b")
+    store.append([ec.emit(a, RvNamed(name="first"))])
+    ec.execute(store, RvTouch(a), cache=None)
+    store.append([ec.emit(a, RvNamed(name="x"))])
+    store.append([ec.emit(b, RvLinked(ref="x"))])
+    result = ec.execute(store, RvCheckLinks(a, b), cache=None)
+    assert result.events[0].data == RvNamed(name="checked-2")
+
+
+def test_two_stale_cached_streams_met_in_turn_use_up_a_real_retry(store):
+    """DEFECT (expected to fail). Only the first stale-cache conflict is free (free_retry_used). A
+    stream discovered only on the fresh state, cached and stale too, makes the second attempt conflict
+    as well, which counts against the RetryPolicy: with NO_RETRY the command raises ConcurrencyError
+    where cache=None commits at once (and with the default policy `attempts` is 2, not 1)."""
+    p, c1, c2 = ec.StreamId("rv-p"), ec.StreamId("rv-c1"), ec.StreamId("rv-c2")
+    store.append([ec.emit(p, RvPointer(target=str(c1)))])
+    store.append([ec.emit(c1, RvNamed(name="c1"))])
+    store.append([ec.emit(c2, RvNamed(name="c2"))])
+    ec.execute(store, RvFollow(p))  # caches p and c1 (and writes to c1)
+    ec.execute(store, RvTouch(c2))  # caches c2
+    # Another writer moves p (now pointing at c2) and c2.
+    store.append([ec.emit(p, RvPointer(target=str(c2)))])
+    store.append([ec.emit(c2, RvNamed(name="moved"))])
+    result = ec.execute(store, RvFollow(p), retry=ec.RetryPolicy(max_retries=0))
+    assert result.attempts == 1
+    assert [e.stream_id for e in result.events] == [str(c2)]
+    assert result.events[0].version == 3
+
+
+def test_cached_rows_decode_to_exactly_what_a_read_returns(store):
+    """Guarantee: what the exact cache hands the next command (rows laid out from the events an
+    execute wrote) equals a read: data, metadata (custom values of several JSON types, tuples made
+    lists), recorded_at (tz, microseconds), positions, event ids, type versions."""
+    s = ec.StreamId("rv-rich")
+    md = ec.Metadata(correlation_id="corr", causation_id=str(uuid.uuid4()), user_id="ü",
+                     custom={"t": (1, 2), "f": 0.1, "n": None, "nested": {"z": [1, {"y": "é"}]}, "big": 2**62})
+    for i in range(3):
+        ev = RvRich(when=dt.datetime(2026, 1, 2, 3, 4, 5, 123456 + i, tzinfo=dt.timezone(dt.timedelta(hours=5))),
+                    ratio=1 / 3 + i, big=-(2**63) + i, text="x\u2028y\U0001F600", anything=(i, "t", 1.5))
+        ec.execute(store, RvWriteRich(s, ev), metadata=md)
+    cache = store.command_cache
+    cached = cache._events_of(store, [s])[s]
+    read = store.read_stream(s)
+
+    def envelope(e):
+        return (e.stream_id, e.version, e.position, e.event_id, e.type, e.type_version, e.data, e.metadata,
+                e.recorded_at, e.recorded_at.utcoffset())
+    assert [envelope(e) for e in cached] == [envelope(e) for e in read]
+
+
+def test_idempotency_key_replay_through_a_warm_cache(store):
+    """Guarantee: the second execute with the same key replays the first one's events (as with
+    cache=None), though the cached state says the command can run again."""
+    s = ec.StreamId("rv-key")
+    first = ec.execute(store, RvWriteRich(s, RvRich(when=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), ratio=0.5,
+                                                    big=1, text="a")), idempotency_key="rv-key-1")
+    again = ec.execute(store, RvWriteRich(s, RvRich(when=dt.datetime(2026, 1, 1, tzinfo=dt.timezone.utc), ratio=0.5,
+                                                    big=1, text="a")), idempotency_key="rv-key-1")
+    assert again.replayed and [e.event_id for e in again.events] == [e.event_id for e in first.events]
+    assert len(store.read_stream(s)) == 1
+
+
+def test_store_close_and_reopen_does_not_serve_the_closed_stores_rows(backend, request, tmp_path):
+    """Guarantee (SQLite, PostgreSQL): a reopened store object starts with its own cache."""
+    if backend == "memory":
+        pytest.skip("a memory store does not survive close")
+    from conftest import BACKENDS
+    s = ec.StreamId("rv-reopen")
+    first = BACKENDS[backend](request)
+    try:
+        ec.execute(first, RvTouch(s))
+        url_store = first
+        if backend == "sqlite":
+            path = first.path
+        first.append([ec.emit(s, RvNamed(name="one"))])
+        ec.execute(first, RvTouch(s))
+        old_cache = first.command_cache
+    finally:
+        first.close()
+    assert len(old_cache) == 0  # close dropped this store's entries
+    del url_store
+    if backend == "sqlite":
+        second = ec.connect(f"sqlite:///{path}")
+        try:
+            second.append([ec.emit(s, RvNamed(name="two"))])
+            r = ec.execute(second, RvFollow(s))  # no pointer: writes nothing, state from a read
+            assert r.stream_versions == {str(s): 2}
+        finally:
+            second.close()
