@@ -229,3 +229,91 @@ def test_store_close_and_reopen_does_not_serve_the_closed_stores_rows(backend, r
             assert r.stream_versions == {str(s): 2}
         finally:
             second.close()
+
+
+class RvBlob(ec.Event):
+    __event_type__ = "review.cache.Blob"
+    body: str
+
+
+class RvAppendBlob(ec.Command):
+    stream: ec.StreamId
+    size: int
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        return state + 1
+
+    def handle(self, state):
+        return [ec.emit(self.stream, RvBlob(body="b" * self.size))]
+
+
+def test_the_default_cache_is_bounded_in_bytes_as_the_docs_say():
+    """DEFECT (expected to fail). executor.STORE_CACHE_* bound the store's default cache by events
+    (50,000) and streams, and the comment says that makes "at most ~20 MB a store" (rows of ~150-400
+    bytes). Nothing bounds bytes: events may be up to MAX_PAYLOAD_BYTES (16 MiB) each. 300 commands
+    writing 100 KB documents (an ordinary document-ish payload) leave ~30 MB in one store's cache,
+    silently, with the cache on by default; 50,000 of them would hold ~5 GB."""
+    store = ec.connect("memory://")
+    try:
+        for i in range(300):
+            ec.execute(store, RvAppendBlob(ec.StreamId(f"rv-blob-{i % 30}"), 100_000))
+        cache = store.command_cache
+        held = sum(len(row[5]) + len(row[6] or b"") for _, rows in cache._streams.values() if rows for row in rows)
+        assert held <= 20 * 1024 * 1024, f"{held / 1e6:.1f} MB of payloads held by the default cache"
+    finally:
+        store.close()
+
+
+def test_two_store_objects_and_threads_never_overdraw_through_their_caches(backend, request):
+    """Guarantee: two store objects on one database (each with its own default cache, neither seeing
+    the other's writes) and threads on both: every refusal and every withdrawal is decided on current
+    state, so the account ends at exactly 0 and never goes below."""
+    import threading
+
+    from conftest import BACKENDS
+    from domain import Deposited, Withdraw
+
+    if backend == "memory":
+        pytest.skip("one memory store cannot be opened twice")
+    first = BACKENDS[backend](request)
+    if backend == "sqlite":
+        second = ec.connect(f"sqlite:///{first.path}")
+    else:
+        import pgserver  # noqa: F401
+        second = ec.connect(request.getfixturevalue("pg_dsn"), schema=request.getfixturevalue("pg_schema"),
+                            pool_size=4)
+    acct = ec.StreamId("rv-overdraw")
+    try:
+        first.append([ec.emit(acct, Deposited(amount=30))])
+        for s in (first, second):
+            ec.execute(s, Withdraw(acct, 0))  # warm both caches
+        done, refused, errors = [], [], []
+
+        def worker(s):
+            for _ in range(12):
+                try:
+                    ec.execute(s, Withdraw(acct, 1), retry=ec.RetryPolicy(max_retries=50, base_delay=0.001))
+                    done.append(1)
+                except ec.BusinessRuleViolation:
+                    refused.append(1)
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(exc)
+        threads = [threading.Thread(target=worker, args=(s,)) for s in (first, second, first, second)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors, errors[:3]
+        assert len(done) == 30 and len(refused) == 48 - 30
+        events = first.read_stream(acct)
+        balance = 0
+        for e in events:
+            balance += e.data.amount if isinstance(e.data, Deposited) else -e.data.amount
+            assert balance >= 0
+        assert balance == 0
+    finally:
+        second.close()
+        first.close()

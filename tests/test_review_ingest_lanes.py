@@ -108,3 +108,32 @@ def test_cli_default_lanes_are_the_stores_and_a_resume_keeps_the_recorded_count(
         again = store.ingest([("one", Noted("0")), ("one", Noted("1"))], parallel=_lanes(store, None, "cli-old"),
                              resume_key="cli-old")
         assert (again.events, again.skipped) == (1, 1)
+
+
+def test_postgres_migration_8_copies_lane_less_holes_to_every_lane_of_three(pg_dsn, pg_schema):
+    """Guarantee: migration 8 on a schema of version 5 with two keys (three lanes, one lane) and
+    several holes: each hole in every lane of its key (max(lanes)), the primary key (key, lane, item)
+    in force afterwards, the lane column without a default (a writer that names no lane fails)."""
+    import pg_legacy
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        pg_legacy.make(admin, pg_schema, 5)
+        s = sql.Identifier(pg_schema)
+        with admin.transaction():
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_progress (key, lane, lanes, items) VALUES "
+                                  "('three', 0, 3, 9), ('three', 1, 3, 9), ('three', 2, 3, 4), "
+                                  "('one', 0, 1, 5)").format(s))
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_holes (key, item) VALUES "
+                                  "('three', 1), ('three', 7), ('one', 2)").format(s))
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        assert store._ingest_holes("three") == {(lane, item) for lane in range(3) for item in (1, 7)}
+        assert store._ingest_holes("one") == {(0, 2)}
+    with psycopg.connect(pg_dsn, autocommit=True) as admin:
+        with pytest.raises(psycopg.errors.NotNullViolation):
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_holes (key, item) VALUES ('one', 3)").format(
+                sql.Identifier(pg_schema)))
+        with pytest.raises(psycopg.errors.UniqueViolation):
+            admin.execute(sql.SQL("INSERT INTO {}.ingest_holes (key, lane, item) VALUES ('one', 0, 2)").format(
+                sql.Identifier(pg_schema)))
