@@ -242,16 +242,21 @@ class StateCache:
     what they get can reach a later command; the version checks above make every decision as
     final as after a read. It saves the read's round trip for streams of up to
     `max_stream_events` events, at the cost of decoding their events (~1.5 µs each) per command.
+    `max_bytes` bounds what an exact cache holds by the size of those rows (their JSON and ~100
+    bytes of the rest each); a stream whose rows alone exceed it keeps its version only.
     """
 
     def __init__(self, max_entries: int = 10_000, max_stream_events: int = 1_000, max_events: int = 200_000,
-                 *, reuse_state: bool = True) -> None:
+                 *, reuse_state: bool = True, max_bytes: int | None = None) -> None:
         for name, value in (("max_entries", max_entries), ("max_stream_events", max_stream_events),
                             ("max_events", max_events)):
             if type(value) is not int or value < (1 if name == "max_entries" else 0):
                 raise ValidationError(f"{name} must be an int >= {1 if name == 'max_entries' else 0}, got {value!r}")
         if type(reuse_state) is not bool:
             raise ValidationError(f"reuse_state must be a bool, got {reuse_state!r}")
+        if max_bytes is not None and (type(max_bytes) is not int or max_bytes < 0):
+            raise ValidationError(f"max_bytes must be an int >= 0 or None, got {max_bytes!r}")
+        self.max_bytes = max_bytes
         self.max_entries = max_entries
         self.max_stream_events = max_stream_events
         self.max_events = max_events
@@ -260,6 +265,8 @@ class StateCache:
         #: (store.instance, stream id) -> (version, tuple of events or None when not kept)
         self._streams: OrderedDict = OrderedDict()
         self._events = 0
+        self._sizes: dict = {}  # key -> bytes of its kept rows (exact caches)
+        self._bytes = 0
         self._lock = threading.Lock()
         #: Commands served without a read, commands that read, and cache hits that proved stale.
         self.hits = 0
@@ -275,6 +282,8 @@ class StateCache:
             self._folded.clear()
             self._streams.clear()
             self._events = 0
+            self._sizes.clear()
+            self._bytes = 0
 
     def _drop_store(self, instance: int) -> None:
         """Forget every entry of one store (called when it closes)."""
@@ -343,18 +352,21 @@ class StateCache:
 
     def _set(self, key, version: int, events) -> None:
         """Store one stream's entry (call with the lock held)."""
-        old = self._streams.pop(key, None)
-        if old is not None and old[1] is not None:
-            self._events -= len(old[1])
+        self._forget_key(key)
         if events is not None and len(events) > self.max_stream_events:
             events = None
+        size = 0 if events is None or self.reuse_state else _rows_size(events)
+        if self.max_bytes is not None and size > self.max_bytes:
+            events, size = None, 0
         self._streams[key] = (version, events)
         if events is not None:
             self._events += len(events)
-        while len(self._streams) > self.max_entries or self._events > self.max_events:
-            _, (_, dropped) = self._streams.popitem(last=False)
-            if dropped is not None:
-                self._events -= len(dropped)
+        if size:
+            self._sizes[key] = size
+            self._bytes += size
+        while len(self._streams) > self.max_entries or self._events > self.max_events or (
+                self.max_bytes is not None and self._bytes > self.max_bytes):
+            self._forget_key(next(iter(self._streams)))
 
     def _remember_read(self, store, by_stream: dict) -> None:
         sid_key = store.instance
@@ -389,6 +401,7 @@ class StateCache:
         entry = self._streams.pop(key, None)
         if entry is not None and entry[1] is not None:
             self._events -= len(entry[1])
+            self._bytes -= self._sizes.pop(key, 0)
 
     def _forget(self, store, stream_ids) -> None:
         sid_key = store.instance
@@ -401,6 +414,14 @@ _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _MICROSECOND = _dt.timedelta(microseconds=1)
 
 
+#: Bytes counted for a kept row besides its JSON: the tuple, its ints, ids and strings.
+_ROW_OVERHEAD = 100
+
+
+def _rows_size(rows) -> int:
+    return sum(len(r[5]) + len(r[6] or b"") for r in rows) + _ROW_OVERHEAD * len(rows)
+
+
 def _stored_row(e: RecordedEvent) -> tuple:
     """An event as a read's row (formats.ROW_COLUMNS), which decode_rows makes the same event of:
     its payload and metadata as their stored JSON, at the type version it was decoded to."""
@@ -409,15 +430,16 @@ def _stored_row(e: RecordedEvent) -> tuple:
 
 
 class _CachedReads:
-    """`read_streams` through a StateCache: cached streams from memory, the rest in one read."""
+    """`read_streams` through a StateCache: cached streams from memory, the rest in one read (`fresh`:
+    every stream read), and what is read remembered."""
 
-    __slots__ = ("cache", "store", "reads", "cached")
+    __slots__ = ("cache", "store", "reads", "cached", "fresh")
 
-    def __init__(self, cache: StateCache, store) -> None:
-        self.cache, self.store, self.reads, self.cached = cache, store, 0, 0
+    def __init__(self, cache: StateCache, store, fresh: bool = False) -> None:
+        self.cache, self.store, self.reads, self.cached, self.fresh = cache, store, 0, 0, fresh
 
     def read_streams(self, stream_ids) -> dict:
-        got = self.cache._events_of(self.store, stream_ids)
+        got = {} if self.fresh else self.cache._events_of(self.store, stream_ids)
         self.cached += len(got)
         missing = [s for s in stream_ids if s not in got]
         if missing:
@@ -451,6 +473,17 @@ def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, st
     return state, versions, reader.cached > 0
 
 
+def _fresh_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list) -> tuple:
+    """State and versions from a read of every stream (the cache only takes what is read)."""
+    entry.valid = False
+    reader = _CachedReads(cache, store, fresh=True)
+    state, versions = _read_and_fold(reader, command, streams, rounds)
+    cache.misses += 1
+    if cache.reuse_state:
+        entry.state, entry.versions, entry.valid = state, dict(versions), True
+    return state, versions
+
+
 def _confirm_current(store, versions: dict) -> None:
     """Check that the streams a decision was made on are still at `versions` (one small read of their
     versions); raise ConcurrencyError naming the first that moved, as a failed append would."""
@@ -476,10 +509,12 @@ def _remember(entry: _Folded, command: Command, state: Any, recorded: list, vers
 
 
 #: Bounds of a store's own exact cache (store.command_cache): the streams of the commands a process
-#: runs most, kept as rows of ~150-400 bytes: 50,000 events make it at most ~20 MB a store.
+#: runs most, kept as rows (~150-400 bytes for small events); 16 MiB of them at most a store,
+#: whatever the events' sizes.
 STORE_CACHE_STREAMS = 10_000
 STORE_CACHE_STREAM_EVENTS = 1_000
 STORE_CACHE_EVENTS = 50_000
+STORE_CACHE_BYTES = 16 * 1024 * 1024
 
 
 class _StoreCacheDefault:
@@ -493,7 +528,8 @@ STORE_CACHE: Any = _StoreCacheDefault()
 
 
 def _new_store_cache() -> StateCache:
-    return StateCache(STORE_CACHE_STREAMS, STORE_CACHE_STREAM_EVENTS, STORE_CACHE_EVENTS, reuse_state=False)
+    return StateCache(STORE_CACHE_STREAMS, STORE_CACHE_STREAM_EVENTS, STORE_CACHE_EVENTS, reuse_state=False,
+                      max_bytes=STORE_CACHE_BYTES)
 
 
 set_command_cache_factory(_new_store_cache)
@@ -629,8 +665,23 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         try:
             if entry is None:
                 state, versions = _read_and_fold(store, command, streams, rounds)
+            elif free_retry_used:
+                # After a stale cache hit the command's other attempts read every stream (and keep what
+                # they read): a stream found only on fresh state may be stale in the cache too, and
+                # would cost it a real retry.
+                state, versions = _fresh_state(cache, entry, store, command, streams, rounds)
             else:
-                state, versions, from_cache = _cached_state(cache, entry, store, command, streams, rounds)
+                try:
+                    state, versions, from_cache = _cached_state(cache, entry, store, command, streams, rounds)
+                except (StoreUnavailableError, CommandTimeoutError):
+                    raise
+                except Exception:  # noqa: BLE001 - user code failing on cached state
+                    # A fold that fails on cached events may have failed on stale ones: a stream's
+                    # cached past joined to another's fresh read is a mix no history had. Final only
+                    # on a fresh read, which raises it again if it holds.
+                    free_retry_used = True
+                    rounds = []
+                    state, versions = _fresh_state(cache, entry, store, command, streams, rounds)
             # Streams discovered later were read later: after a discovery round the state is no single
             # point in time, so a decision that writes nothing is confirmed as one made on cached state.
             unconfirmed = from_cache or bool(rounds)

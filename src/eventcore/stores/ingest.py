@@ -48,7 +48,8 @@ class IngestProgress(msgspec.Struct, frozen=True):
     before: int
     #: Holes of this lane to record (None items below `items`; one recorded already is left as it is).
     holes: list[int] = []
-    #: Recorded holes of this lane that this batch writes (deleted with it).
+    #: Recorded holes of this lane that this batch writes (deleted with it, as holes of every lane:
+    #: written once, an item is committed whichever lane it would go to in a later run).
     filled: list[int] = []
     #: The lane's first batch in this run: on PostgreSQL it first waits for any other first batch of
     #: the key to commit (an advisory lock), so that a run with another lane count is seen (see

@@ -83,7 +83,9 @@ class MemoryStore(EventStore):
                 self._keys[p.key] = (first, len(p))
             if progress is not None:
                 self._progress.setdefault(progress.key, {})[progress.lane] = (progress.lanes, progress.items)
-                holes.difference_update(filled)
+                if progress.filled:  # written: committed whichever lane it would go to later
+                    items = set(progress.filled)
+                    holes.difference_update([h for h in holes if h[1] in items])
                 holes.update((progress.lane, item) for item in progress.holes)
                 self._progress_order[progress.key] = len(rows)
         return p.recorded(versions, positions)

@@ -144,7 +144,10 @@ _SQL_RECORD_PROGRESS = (
 _SQL_INGEST_PROGRESS = "SELECT lane, lanes, items FROM ingest_progress WHERE key = ?"
 _SQL_OTHER_LANES = "SELECT 1 FROM ingest_progress WHERE key = ? AND lanes <> ? LIMIT 1"
 _SQL_INGEST_HOLES = "SELECT lane, item FROM ingest_holes WHERE key = ?"
-_SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND lane = ? AND item IN (SELECT value FROM json_each(?))"
+_SQL_OWN_HOLES = ("SELECT count(*) FROM ingest_holes WHERE key = ? AND lane = ? "
+                  "AND item IN (SELECT value FROM json_each(?))")
+# An item written is committed whichever lane it would go to later: its holes of every lane go.
+_SQL_FILL_HOLES = "DELETE FROM ingest_holes WHERE key = ? AND item IN (SELECT value FROM json_each(?))"
 _SQL_RECORD_HOLES = "INSERT OR IGNORE INTO ingest_holes (key, lane, item) SELECT ?, ?, value FROM json_each(?)"
 # Keys by prefix: substr, not LIKE, so '%' and '_' in a key are plain characters.
 _SQL_RESUME_KEYS = (
@@ -403,10 +406,12 @@ class SQLiteStore(EventStore):
                     if conn.execute(_SQL_RECORD_PROGRESS, (key, progress.lane, progress.lanes, progress.items, at,
                                                            progress.before)).rowcount != 1:
                         raise ingest_overlap(progress)
-                    if progress.filled and conn.execute(
-                            _SQL_FILL_HOLES, (key, progress.lane, _json_list(progress.filled))
-                    ).rowcount != len(progress.filled):
-                        raise ingest_overlap(progress)  # another run wrote one of these items meanwhile
+                    if progress.filled:
+                        filled = _json_list(progress.filled)
+                        if conn.execute(_SQL_OWN_HOLES, (key, progress.lane, filled)).fetchone()[0] != len(
+                                progress.filled):
+                            raise ingest_overlap(progress)  # another run wrote one of these items meanwhile
+                        conn.execute(_SQL_FILL_HOLES, (key, filled))
                     if progress.holes:
                         conn.execute(_SQL_RECORD_HOLES, (key, progress.lane, _json_list(progress.holes)))
         except sqlite3.Error as exc:

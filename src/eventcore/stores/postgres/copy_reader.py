@@ -49,8 +49,10 @@ def read_copy_decoded(conn: psycopg.Connection[Any], query: bytes | str, params:
     client's decoding and the server's sending then overlap instead of following each other.
 
     Each part is a whole COPY stream of its own: PostgreSQL sends every row of a COPY out as one
-    message (the header comes with the first), so the rows received so far end on a row's end; a
-    part is given the header if it is not the first, and the trailer if it is not the last. What
+    message (the header comes with the first, the trailer in the last), so the messages received
+    so far end on a row's end. The last one received is kept for the next part: it may be the one
+    that holds the trailer (CopyDone, which says so, can come later). A part is given the header if
+    it is not the first, and the trailer. What
     `decode` raises is raised once the COPY is over (the rest of it is read, not decoded), so the
     connection is left idle, as when read_copy returns, whatever its transaction."""
     return _copy(conn, query, params, decode)[1]
@@ -60,7 +62,8 @@ def _copy(conn, query, params, decode):
     out = bytearray()
     events: list = []
     failure: BaseException | None = None
-    rows = 0
+    rows = 0  # messages in `out`
+    last = 0  # the size of the last one
     if conn.info.encoding != "utf-8":  # the store's connections are made UTF8; a handler may have SET it
         conn.execute("SET client_encoding TO 'UTF8'")
     with conn.cursor().copy(query, params):
@@ -71,17 +74,22 @@ def _copy(conn, query, params, decode):
             if size > 0:
                 out += data
                 rows += 1
+                last = size
             elif size == 0:
-                if decode is not None and rows >= DECODE_AFTER_ROWS:
+                if decode is not None and rows > max(1, DECODE_AFTER_ROWS):
+                    kept = out[-last:]  # perhaps the trailer: decoded with what comes after it
+                    del out[-last:]
                     out += COPY_TRAILER
                     try:
                         events += decode(out)
                     except Exception as exc:
                         failure, decode = exc, None  # the rest is read, not kept
                     out = bytearray(COPY_HEADER)
-                    rows = 0
+                    out += kept
+                    rows = 1
                 elif decode is None and failure is not None:
                     out = bytearray()
+                    rows = 0
                 _wait_readable(pgconn)
                 pgconn.consume_input()
             else:  # -1: the COPY is over (-2, a failure, is raised by psycopg)

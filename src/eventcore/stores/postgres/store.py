@@ -594,8 +594,8 @@ class PostgresStore(EventStore):
                         key = progress.key
                         counted, filled, differ = conn.execute(self._sql["record_progress"], (
                             key, progress.lane, progress.lanes, progress.items, key, progress.lanes,
-                            progress.before, key, progress.lane, progress.filled, key, progress.lane,
-                            progress.holes, key, progress.lanes)).fetchone()
+                            progress.before, key, progress.filled, key, progress.lane, progress.holes,
+                            progress.lane, key, progress.lanes)).fetchone()
                         if differ:
                             raise ingest_lanes_differ(progress)  # leaves the transaction: nothing is written
                         if counted != 1 or filled != len(progress.filled):

@@ -168,12 +168,13 @@ SELECT pg_advisory_xact_lock(hashtextextended('eventcore ingest key:' || %s, 0))
 
 -- name: record_progress
 -- One statement (see ingest.IngestProgress): the lane's count as a compare-and-set, written only
--- while no row of the key has another lane count, the holes this batch writes deleted, the holes
--- its count passes recorded, both the lane's own (holes are per lane). Parameters: key, lane,
--- lanes, items, key, lanes, before, key, lane, filled, key, lane, holes, key, lanes. Returns (count
--- rows written: 0 -> another run moved this lane's count or records the key with another lane
--- count, holes deleted: fewer than `filled` -> another run wrote one of them, rows of the key with
--- another lane count).
+-- while no row of the key has another lane count; the items this batch writes deleted as holes of
+-- every lane (written once, an item is committed whichever lane it would go to later); the holes
+-- its count passes recorded as the lane's own. Parameters: key, lane, lanes, items, key, lanes,
+-- before, key, filled, key, lane, holes, lane, key, lanes. Returns (count rows written: 0 -> another
+-- run moved this lane's count or records the key with another lane count, this lane's holes
+-- deleted: fewer than `filled` -> another run wrote one of them, rows of the key with another lane
+-- count).
 WITH progress AS (
  INSERT INTO {s}.ingest_progress AS p (key, lane, lanes, items)
  SELECT %s, %s, %s, %s
@@ -181,10 +182,10 @@ WITH progress AS (
  ON CONFLICT (key, lane) DO UPDATE SET lanes = excluded.lanes, items = excluded.items, updated_at = now()
  WHERE p.items = %s AND p.lanes = excluded.lanes RETURNING 1
 ), filled AS (
- DELETE FROM {s}.ingest_holes WHERE key = %s AND lane = %s AND item = ANY(%s::bigint[]) RETURNING 1
+ DELETE FROM {s}.ingest_holes WHERE key = %s AND item = ANY(%s::bigint[]) RETURNING lane
 ), recorded AS (
  INSERT INTO {s}.ingest_holes (key, lane, item) SELECT %s, %s, unnest(%s::bigint[]) ON CONFLICT DO NOTHING
-) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled),
+) SELECT (SELECT count(*) FROM progress), (SELECT count(*) FROM filled WHERE lane = %s),
         (SELECT count(*) FROM {s}.ingest_progress q WHERE q.key = %s AND q.lanes <> %s)
 
 -- name: migration_lock

@@ -1,8 +1,6 @@
-"""Review of ce6e6de (every store's exact command cache, on by default): hostile tests.
-
-Claim under test: with default settings `ec.execute` answers exactly as it would with `cache=None`.
-Each test runs the same scenario and states what `cache=None` answers. A failing test here is a
-defect report (see the docstrings), kept failing on purpose.
+"""Every store's exact command cache, on by default, attacked: with default settings `ec.execute`
+answers exactly as it would with `cache=None`. Each test runs a scenario and states what `cache=None`
+answers.
 """
 from __future__ import annotations
 
@@ -120,10 +118,9 @@ def _other_writer(store):
 # -- tests -----------------------------------------------------------------------------------------
 
 
-def test_error_from_apply_on_a_mix_of_stale_cached_and_fresh_streams_is_not_rechecked(store):
-    """DEFECT (expected to fail). An exception raised while folding (apply/discover/initial_state) is
-    outside the `_handle` try in executor._attempts, so it is raised without `_confirm_current`. The
-    exact cache folds a *stale prefix* of a cached stream merged with a *fresh* read of an uncached
+def test_an_error_from_apply_on_a_mix_of_stale_cached_and_fresh_streams_is_final_only_on_a_fresh_read(store):
+    """An exception raised while folding (apply/discover/initial_state) on cached state is raised only
+    if a fold of a fresh read raises it too. The exact cache folds a *stale prefix* of a cached stream merged with a *fresh* read of an uncached
     one: that merge is not a prefix of any real history, so apply() can see an order of events that
     never existed. With cache=None this command succeeds."""
     a, b = ec.StreamId("rv-a"), ec.StreamId("rv-b")
@@ -149,11 +146,10 @@ def test_same_scenario_without_the_cache_succeeds(store):
     assert result.events[0].data == RvNamed(name="checked-2")
 
 
-def test_two_stale_cached_streams_met_in_turn_use_up_a_real_retry(store):
-    """DEFECT (expected to fail). Only the first stale-cache conflict is free (free_retry_used). A
-    stream discovered only on the fresh state, cached and stale too, makes the second attempt conflict
-    as well, which counts against the RetryPolicy: with NO_RETRY the command raises ConcurrencyError
-    where cache=None commits at once (and with the default policy `attempts` is 2, not 1)."""
+def test_two_stale_cached_streams_met_in_turn_cost_no_real_retry(store):
+    """After a stale cache hit the command's next attempt reads every stream: a stream discovered only
+    on the fresh state, cached and stale too, must not make it conflict again and use up the
+    RetryPolicy (with none, cache=None commits at once)."""
     p, c1, c2 = ec.StreamId("rv-p"), ec.StreamId("rv-c1"), ec.StreamId("rv-c2")
     store.append([ec.emit(p, RvPointer(target=str(c1)))])
     store.append([ec.emit(c1, RvNamed(name="c1"))])
@@ -251,11 +247,8 @@ class RvAppendBlob(ec.Command):
 
 
 def test_the_default_cache_is_bounded_in_bytes_as_the_docs_say():
-    """DEFECT (expected to fail). executor.STORE_CACHE_* bound the store's default cache by events
-    (50,000) and streams, and the comment says that makes "at most ~20 MB a store" (rows of ~150-400
-    bytes). Nothing bounds bytes: events may be up to MAX_PAYLOAD_BYTES (16 MiB) each. 300 commands
-    writing 100 KB documents (an ordinary document-ish payload) leave ~30 MB in one store's cache,
-    silently, with the cache on by default; 50,000 of them would hold ~5 GB."""
+    """Events may be up to MAX_PAYLOAD_BYTES (16 MiB) each: 300 commands writing 100 KB documents must
+    not leave ~30 MB in one store's default cache (bounded by executor.STORE_CACHE_BYTES)."""
     store = ec.connect("memory://")
     try:
         for i in range(300):
@@ -282,7 +275,6 @@ def test_two_store_objects_and_threads_never_overdraw_through_their_caches(backe
     if backend == "sqlite":
         second = ec.connect(f"sqlite:///{first.path}")
     else:
-        import pgserver  # noqa: F401
         second = ec.connect(request.getfixturevalue("pg_dsn"), schema=request.getfixturevalue("pg_schema"),
                             pool_size=4)
     acct = ec.StreamId("rv-overdraw")

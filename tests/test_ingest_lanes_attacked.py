@@ -1,4 +1,4 @@
-"""Review of 22477c3 (ingest holes recorded per lane; `eventcore ingest` on two lanes on PostgreSQL).
+"""Ingest holes recorded per lane and `eventcore ingest` on two lanes on PostgreSQL, attacked.
 
 Claim: any sequence of runs of one resumable ingest (interrupted or not; lines fixed, blanked,
 restored, appended) writes each input item exactly once, on any lane count.
@@ -24,13 +24,12 @@ def _written(store) -> collections.Counter:
 
 
 @pytest.mark.parametrize("parallel", [2, 3])
-def test_a_line_fixed_twice_into_another_lane_is_written_twice(store, parallel):
-    """DEFECT (expected to fail; a regression against the lane-less holes it replaces). Run 1 passes
+def test_a_line_fixed_twice_into_another_lane_is_written_once(store, parallel):
+    """Run 1 passes
     line 1 over (rejected); at the end every lane's count passes it, so *every* lane records hole 1.
     Run 2 has the line fixed, in lane 0: written, and only lane 0's hole is deleted. Run 3 has the
     same line fixed again (a corrected stream id), now in lane 1: lane 1 still holds its hole 1, so
-    the item is written a second time. With one hole for the whole key (before this change) run 2
-    deleted it, and run 3 skipped the line (below every lane's count, not a hole)."""
+    the item would be written a second time: an item written deletes its holes of every lane."""
     a, b = _stream_in_lane(0, parallel), _stream_in_lane(1, parallel)
     store.ingest([(a, Noted("0")), None, (b, Noted("2"))], batch_size=1, parallel=parallel, resume_key="refix")
     assert store._ingest_holes("refix") == {(lane, 1) for lane in range(parallel)}
@@ -43,8 +42,8 @@ def test_a_line_fixed_twice_into_another_lane_is_written_twice(store, parallel):
 
 
 @pytest.mark.parametrize("parallel", [2, 3])
-def test_a_fixed_line_blanked_and_restored_into_another_lane_is_written_twice(store, parallel):
-    """DEFECT (expected to fail), the same leftover hole reached by blanking: run 2 writes line 1 in
+def test_a_fixed_line_blanked_and_restored_into_another_lane_is_written_once(store, parallel):
+    """The same leftover hole reached by blanking: run 2 writes line 1 in
     lane 0 (its hole there deleted, lane 1's kept), run 3 blanks it, run 4 restores it in lane 1."""
     a, b = _stream_in_lane(0, parallel), _stream_in_lane(1, parallel)
     key = "reblank"

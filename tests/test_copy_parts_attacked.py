@@ -1,11 +1,11 @@
-"""Review of cfffa1b (COPY reads decoded in parts as they arrive, read_copy_decoded).
+"""COPY reads decoded in parts as they arrive (read_copy_decoded), attacked through a relay.
 
 The server's COPY trailer (int16 -1) comes as a CopyData message of its own, and the COPY's end
 (CopyDone, 'c') as the next message. Nothing makes them arrive together: PostgreSQL flushes its 8 KB
 send buffer whenever it is full, so when the trailer ends exactly at a buffer's end it is sent
 alone and CopyDone follows in the next write (and any TCP/TLS segmentation can cut there too). Then
-libpq holds no complete message after the trailer, read_copy_decoded decodes the rows so far as a
-part, and appends a trailer of its own after the server's: "2 bytes after the COPY trailer".
+libpq holds no complete message after the trailer; a part that took the trailer as a row would end
+with two ("2 bytes after the COPY trailer"). The last message received waits for the next part.
 
 These tests put a byte-for-byte relay (a Unix socket between libpq and a real server) that forwards
 a COPY's CopyData messages (rows, trailer) at once when it has them all, and its CopyDone a moment
@@ -137,8 +137,8 @@ def test_control_the_relay_itself_changes_nothing_for_a_whole_copy(relayed):
 
 
 @pytest.mark.parametrize("events,after_rows", [(260, None), (1200, 1), (3000, 1)])
-def test_a_trailer_received_before_copydone_breaks_the_read(relayed, monkeypatch, events, after_rows):
-    """DEFECT (expected to fail): read_all raises SerializationError "2 bytes after the COPY trailer"
+def test_a_trailer_received_before_copydone_is_read_exactly(relayed, monkeypatch, events, after_rows):
+    """read_all must not raise SerializationError "2 bytes after the COPY trailer"
     when the server's trailer is received alone, at least DECODE_AFTER_ROWS rows after the last
     part, and CopyDone comes a little later. Same events through a direct connection: fine.
     260 events: the default DECODE_AFTER_ROWS (256), one page (libpq takes them in two reads of
@@ -154,8 +154,8 @@ def test_a_trailer_received_before_copydone_breaks_the_read(relayed, monkeypatch
     assert got == [f"{i:05d}" for i in range(events)]
 
 
-def test_a_long_stream_read_by_copy_breaks_the_same_way(relayed, monkeypatch):
-    """DEFECT (expected to fail): a long stream's read (prepared first rows, then the rest by COPY)."""
+def test_a_long_stream_read_by_copy_is_read_exactly_the_same_way(relayed, monkeypatch):
+    """A long stream's read (prepared first rows, then the rest by COPY), through the same split."""
     from eventcore.stores.postgres import copy_reader
 
     monkeypatch.setattr(copy_reader, "DECODE_AFTER_ROWS", 1)
