@@ -469,3 +469,51 @@ def test_what_one_command_does_to_its_state_never_reaches_another_through_the_ex
     ec.execute(store, Tag(s, "b"))  # appends "b" to the list its state holds (the first event's, if shared)
     ec.execute(store, CountOf(s, "b"))  # one event holds "b" so far: allowed
     assert [e.data.tags for e in store.read_stream(s)] == [["a"], ["a", "b"], ["b"]]
+
+
+class Point(msgspec.Struct, frozen=True):
+    x: int
+    y: float
+
+
+class Scored(ec.Event):
+    __event_type__ = "cache.Scored"
+    points: int
+    who: str | None = None
+    at: tuple[Point, ...] = ()
+
+
+class Score(ec.Command):
+    """Its apply() changes the events it is given in place (legal on a Struct that is not frozen)."""
+
+    stream: ec.StreamId
+    points: int
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        total = state + event.data.points
+        event.data.points = -1000  # a later command must never see this
+        return total
+
+    def handle(self, state):
+        ec.require(state + self.points <= 10, f"over 10: {state} + {self.points}")
+        return [ec.emit(self.stream, Scored(self.points, "me", (Point(1, 2.5),)))]
+
+
+def test_events_of_immutable_values_are_handed_out_as_copies_nothing_can_reach(store, monkeypatch):
+    """Scored holds only immutable values: the exact cache keeps a copy of what a read returns and hands
+    each command a new one, so an apply() that changes its events changes nothing kept; what it hands
+    out equals a read."""
+    s = ec.StreamId("sc-1")
+    reads = _count_reads(store, monkeypatch)
+    for _ in range(3):
+        ec.execute(store, Score(s, 3))
+    with pytest.raises(ec.BusinessRuleViolation, match="over 10: 9 \\+ 3"):
+        ec.execute(store, Score(s, 3))
+    assert len(reads) <= 2  # the first command's read (and the refusal's confirmation is not a read)
+    cache = store.command_cache
+    kept = cache._streams[(store.instance, s)][1]
+    assert all(len(item) == 3 for item in kept)  # copies, not rows
+    assert cache._events_of(store, [s])[s] == store.read_stream(s)
