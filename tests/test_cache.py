@@ -515,5 +515,5 @@ def test_events_of_immutable_values_are_handed_out_as_copies_nothing_can_reach(s
     assert len(reads) <= 2  # the first command's read (and the refusal's confirmation is not a read)
     cache = store.command_cache
     kept = cache._streams[(store.instance, s)][1]
-    assert all(len(item) == 3 for item in kept)  # copies, not rows
+    assert all(len(item) == 4 for item in kept)  # copies, not rows
     assert cache._events_of(store, [s])[s] == store.read_stream(s)

@@ -309,3 +309,132 @@ def test_two_store_objects_and_threads_never_overdraw_through_their_caches(backe
     finally:
         second.close()
         first.close()
+
+
+# -- events kept as copies (data of immutable values only): attacks on the copy path --------------
+
+
+class RvScored(ec.Event):
+    __event_type__ = "rv.copy.Scored"
+    points: int
+
+
+class RvBump(ec.Command):
+    """Its apply() writes into the metadata's `custom` dict of the events it is given."""
+
+    stream: ec.StreamId
+
+    def initial_state(self):
+        return 0
+
+    def apply(self, state, event):
+        event.metadata.custom["seen"] = event.metadata.custom.get("seen", 0) + 1
+        return state + 1
+
+    def handle(self, state):
+        return [ec.emit(self.stream, RvScored(1))]
+
+
+def test_a_copy_shares_no_metadata_dict_with_the_cache_or_another_command():
+    store = ec.connect("memory://")
+    try:
+        s = ec.StreamId("rv-md")
+        for _ in range(4):
+            ec.execute(store, RvBump(s), metadata=ec.Metadata(correlation_id="corr"))
+        handed = store.command_cache._events_of(store, [s])[s]
+        assert [e.metadata.custom for e in handed] == [{}] * 4 and handed == store.read_stream(s)
+    finally:
+        store.close()
+
+
+class RvPriced(ec.Event):
+    __event_type__ = "rv.copy.Priced"
+    euros: float
+    cents: int = 0
+
+    def __post_init__(self):
+        self.cents += round(self.euros * 100)
+
+
+_BUY_STATES: list = []
+
+
+class RvBuy(ec.Command):
+    stream: ec.StreamId
+
+    def initial_state(self):
+        return []
+
+    def apply(self, state, event):
+        return state + [event.data.cents]
+
+    def handle(self, state):
+        _BUY_STATES.append(state)
+        return [ec.emit(self.stream, RvPriced(1.5))]
+
+
+def test_a_copy_runs_post_init_no_more_than_a_read_does():
+    """A read decodes an event once, running __post_init__ once (on the stored values); a copy handed
+    out must not run it again (msgspec.structs.replace would, once per command)."""
+    store = ec.connect("memory://")
+    try:
+        s = ec.StreamId("rv-post")
+        _BUY_STATES.clear()
+        for _ in range(4):
+            ec.execute(store, RvBuy(s))
+        read = [e.data.cents for e in store.read_stream(s)]
+        assert _BUY_STATES[-1] == read[:3]
+        assert [e.data.cents for e in store.command_cache._events_of(store, [s])[s]] == read
+    finally:
+        store.close()
+
+
+def test_copies_made_before_an_event_class_is_defined_again_are_decoded_into_the_new_class():
+    """A module reloaded, a notebook cell run again: a read decodes into the class registered now, so the
+    cache hands out that class too (an isinstance() dispatch in apply() depends on it)."""
+    def define():
+        class RvReloaded(ec.Event):
+            __event_type__ = "rv.copy.Reloaded"
+            points: int
+        return RvReloaded
+
+    current = {"cls": define()}
+    seen = []
+
+    class RvAdd(ec.Command):
+        stream: ec.StreamId
+
+        def initial_state(self):
+            return 0
+
+        def apply(self, state, event):
+            return state + event.data.points if isinstance(event.data, current["cls"]) else state
+
+        def handle(self, state):
+            seen.append(state)
+            return [ec.emit(self.stream, current["cls"](1))]
+
+    store = ec.connect("memory://")
+    try:
+        s = ec.StreamId("rv-reload")
+        ec.execute(store, RvAdd(s))
+        ec.execute(store, RvAdd(s))
+        current["cls"] = define()
+        ec.execute(store, RvAdd(s))
+        assert seen == [0, 1, 2]
+    finally:
+        store.close()
+
+
+def test_the_byte_bound_counts_the_metadata_of_copies_too():
+    store = ec.connect("memory://")
+    try:
+        md = ec.Metadata(correlation_id="c" * 200_000)
+        for i in range(200):
+            ec.execute(store, RvBump(ec.StreamId(f"rv-big-{i % 20}")), metadata=md)
+        cache = store.command_cache
+        held = sum(len(item[1].metadata.correlation_id) for _, kept in cache._streams.values() if kept
+                   for item in kept if len(item) == 4)
+        assert held <= cache.max_bytes and cache._bytes >= held
+    finally:
+        store.close()

@@ -42,6 +42,7 @@ from .errors import (
     ValidationError,
 )
 from .events import EventToWrite, Metadata, RawEvent, RecordedEvent
+from .events import _generation as _event_classes_generation
 from .metrics import MetricsCollector
 from .options import described as _described, seconds
 from .stores.base import EventStore, set_command_cache_factory
@@ -436,7 +437,7 @@ _ROW_OVERHEAD = 100
 
 
 def _rows_size(kept) -> int:
-    return sum(k[2] if len(k) == 3 else len(k[5]) + len(k[6] or b"") for k in kept) + _ROW_OVERHEAD * len(kept)
+    return sum(k[2] if len(k) == 4 else len(k[5]) + len(k[6] or b"") for k in kept) + _ROW_OVERHEAD * len(kept)
 
 
 #: Field types whose values cannot be changed in place: an event made only of them (and its
@@ -482,12 +483,13 @@ _replace = msgspec.structs.replace
 
 
 def _kept_read(e: RecordedEvent) -> tuple:
-    """What an exact cache keeps of an event a read returned: a copy of it, (COPY, event, payload
-    bytes), when it shares nothing that can change (its data's fields immutable, no custom
-    metadata); else its row."""
+    """What an exact cache keeps of an event a read returned: a copy of it, (COPY, event, bytes of
+    its payload and metadata, the event classes' generation), when it shares nothing that can
+    change (its data's fields immutable, no custom metadata); else its row."""
     data = e.data
     if not e.metadata.custom and _shareable(type(data)):
-        return (_COPY, _replace(e, data=_replace(data)), len(_impl.encode_event(data)[1]))
+        size = len(_impl.encode_event(data)[1]) + len(_impl.encode_metadata(e.metadata) or b"")
+        return (_COPY, _copied(e), size, _event_classes_generation[0])
     return _stored_row(e)
 
 
@@ -497,25 +499,33 @@ def _kept_written(e: RecordedEvent) -> tuple:
     row = _stored_row(e)
     if e.metadata.custom or not _shareable(type(e.data)):
         return row
-    return (_COPY, _impl.decode_rows([row])[0], len(row[5]))
+    return (_COPY, _impl.decode_rows([row])[0], len(row[5]) + len(row[6] or b""), _event_classes_generation[0])
+
+
+def _copied(e: RecordedEvent) -> RecordedEvent:
+    """A new event equal to `e`, sharing only immutable values with it: its data copied without
+    running `__post_init__` again (as a read does not), its metadata new (its `custom` empty)."""
+    return _replace(e, data=e.data.__copy__(), metadata=_replace(e.metadata, custom={}))
 
 
 _COPY = "copy"
 
 
 def _handed_out(kept) -> list:
-    """A command's own events from what an exact cache keeps: copies, and rows decoded afresh."""
+    """A command's own events from what an exact cache keeps: copies, and rows decoded afresh (a copy
+    made before an event class was defined or registered again is decoded from its row, as a
+    read would, into the class registered now)."""
     out: list = []
     rows: list = []
+    generation = _event_classes_generation[0]
     for item in kept:
-        if len(item) == 3:
+        if len(item) == 4 and item[3] == generation:
             if rows:
                 out += _impl.decode_rows(rows)
                 rows = []
-            e = item[1]
-            out.append(_replace(e, data=_replace(e.data)))
+            out.append(_copied(item[1]))
         else:
-            rows.append(item)
+            rows.append(item if len(item) != 4 else _stored_row(item[1]))
     if rows:
         out += _impl.decode_rows(rows)
     return out
