@@ -55,7 +55,7 @@ class MemoryStore(EventStore):
             current = {sid: len(streams.get(sid, ())) for sid in p.expected}
             _impl.check_expected_versions(p.expected, current)
             progress = p.progress
-            filled: set = set()
+            holes: set = set()
             if progress is not None:
                 if any(n != progress.lanes for n, _ in self._progress.get(progress.key, {}).values()):
                     raise ingest_lanes_differ(progress)
