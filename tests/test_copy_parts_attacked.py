@@ -27,6 +27,14 @@ import eventcore as ec
 from domain import Noted
 
 
+def _shut(*sockets) -> None:
+    for s in sockets:
+        try:
+            s.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+
 class _Relay:
     """Unix-socket relay to the test cluster; server-to-client messages parsed, CopyDone delayed."""
 
@@ -67,11 +75,7 @@ class _Relay:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def _messages(self, src, dst):
         buf = bytearray()
@@ -100,11 +104,7 @@ class _Relay:
         except OSError:
             pass
         finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            _shut(src, dst)
 
     def close(self):
         self.closed = True
