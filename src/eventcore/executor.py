@@ -701,12 +701,31 @@ def execute(
     `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
     such errors within `retry` and `timeout`.
     """
+    policy, timeout, cache, metrics, key = check_arguments(
+        EventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key)
+    if metrics is None:
+        # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
+        return _execute(store, command, policy, metadata, timeout, cache, None, key)
+    run = metrics._command_start(command, declared_streams(command))
+    try:
+        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
+    except BaseException as exc:
+        metrics._command_end(run, None, exc)
+        raise
+    metrics._command_end(run, result, None)
+    return result
+
+
+def check_arguments(store_class: type, store: Any, command: Any, retry: Any, metadata: Any, timeout: Any, cache: Any,
+                    metrics: Any, idempotency_key: Any, opened_by: str = "ec.connect(...)") -> tuple:
+    """`execute`'s arguments checked (the sync one's and eventcore.aio's): (retry policy, timeout, cache,
+    metrics collector or None, idempotency key or None)."""
     # Every argument is checked before anything is read or written, so a mistake fails at once,
     # naming the argument, instead of at the first conflict or deadline that happens to use it.
-    if not isinstance(store, EventStore) or not isinstance(getattr(store, "instance", None), int):
+    if not isinstance(store, store_class) or not isinstance(getattr(store, "instance", None), int):
         # (`instance`: what the stream locks and caches key a store by; a proxy registered as an
         # EventStore must forward it.)
-        raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
+        raise ValidationError(f"store must be an eventcore store ({opened_by}), got {_described(store)}")
     if not isinstance(command, Command):
         raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
     if retry is not None and not isinstance(retry, RetryPolicy):
@@ -727,17 +746,9 @@ def execute(
     key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
         metrics = getattr(store, "_observer", None)
-        if metrics is None or not isinstance(metrics, MetricsCollector):
-            # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
-            return _execute(store, command, policy, metadata, timeout, cache, None, key)
-    run = metrics._command_start(command, declared_streams(command))
-    try:
-        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
-    except BaseException as exc:
-        metrics._command_end(run, None, exc)
-        raise
-    metrics._command_end(run, result, None)
-    return result
+        if not isinstance(metrics, MetricsCollector):
+            metrics = None
+    return policy, timeout, cache, metrics, key
 
 
 def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
