@@ -736,7 +736,7 @@ def check_arguments(store_class: type, store: Any, command: Any, retry: Any, met
     if timeout is not None:  # longer than a lock can wait: waits as long as it can (see _execute)
         timeout = seconds("timeout", timeout, maximum=math.inf)
     if cache is STORE_CACHE:
-        cache = store.command_cache
+        cache = getattr(store, "command_cache")  # noqa: B009 - any store class (sync or asyncio)
         if cache is not None and not isinstance(cache, StateCache):
             raise ValidationError(f"store.command_cache must be an ec.StateCache or None, got {_described(cache)}")
     elif cache is not None and not isinstance(cache, StateCache):
