@@ -39,12 +39,14 @@ def selected_backends() -> tuple[str, ...]:
 
 
 def backend_of(value: object) -> str | None:
-    """The backend a test parameter names ("postgres-single" is PostgreSQL too), or None.
+    """The backend a test parameter names ("postgres-single" is PostgreSQL too, and so is "aio-postgres",
+    the asyncio store), or None.
 
     Only exact names count: a DSN such as "postgresql://..." or "sqlite:///x.db" is a test's input,
     not a choice of backend."""
     if not isinstance(value, str):
         return None
+    value = value.removeprefix("aio-")
     for backend in ALL_BACKENDS:
         if value == backend or value.startswith(backend + "-"):
             return backend

@@ -56,6 +56,7 @@ def test_an_unknown_name_is_a_usage_error_naming_it(monkeypatch):
 
 @pytest.mark.parametrize("value,backend", [
     ("postgres", "postgres"), ("postgres-single", "postgres"), ("sqlite", "sqlite"), ("memory", "memory"),
+    ("aio-postgres", "postgres"), ("aio-sqlite", "sqlite"), ("aio-memory", "memory"), ("aio-", None),
     ("postgresql://localhost/db", None), ("sqlite:///events.db", None), ("memory://", None),
     (["postgres"], None), (1, None),
 ])
