@@ -70,6 +70,12 @@ def target(request) -> Target:
     return _target(request.param, request)
 
 
+@pytest.fixture
+def memory_target(request) -> Target:
+    """For what does not depend on the backend (the loop's threads): the memory store only."""
+    return _target("aio-memory", request)
+
+
 @pytest.fixture(params=["aio-sqlite", "aio-postgres"])
 def shared(request) -> Target:
     """A database that several store objects (and processes) can open."""
@@ -853,5 +859,142 @@ def test_an_execute_id_is_the_same_idempotency_key_whatever_its_type(target):
             first = await eca.execute(store, Deposit(SID("u"), 1), idempotency_key=key)
             again = await eca.execute(store, Deposit(SID("u"), 1), idempotency_key=str(key))
             assert again.replayed and _ids(again.events) == _ids(first.events)
+
+    run(main())
+
+
+# -- an earlier attempt that may have committed, then a timeout or a cancellation ---------------------------------
+
+
+class _CommitsThenStalls(_Proxy):
+    """Its first append commits and reports a lost connection; then every read stalls (a store that went
+    away): the command's next attempt waits until it is timed out or cancelled."""
+
+    committed = None
+
+    async def append(self, *args, **kwargs):
+        recorded = await self.inner.append(*args, **kwargs)
+        if self.committed is None:
+            self.committed = recorded
+            raise ec.StoreUnavailableError("connection lost after COMMIT was sent", maybe_committed=True)
+        return recorded
+
+    async def read_streams(self, *args, **kwargs):
+        if self.committed is not None:
+            await asyncio.sleep(3600)
+        return await self.inner.read_streams(*args, **kwargs)
+
+
+_FORGETS_AMBIGUOUS = (
+    "eventcore/aio/executor.py:118-131: a CancelledError (the deadline's or the caller's) is judged by in_flight.append "
+    "alone, the append of the current step; an earlier attempt's append that may have committed (executor._steps' "
+    "`ambiguous` list, which turns a later StoreUnavailableError/CommandTimeoutError/ConcurrencyError into "
+    "maybe_committed=True) is never consulted, because the CancelledError thrown into the steps is not one of the "
+    "errors _steps catches. So the error says 'nothing was written' (no maybe_committed) after a write that committed")
+
+
+@pytest.mark.xfail(strict=True, reason=_FORGETS_AMBIGUOUS)
+def test_a_timeout_after_an_attempt_that_may_have_committed_says_so(target):
+    """The sync executor's rule (executor._steps): once an attempt's write may have committed, a later
+    failure of the command, a timeout included, says that it may have committed. Here the timeout ends
+    the retry while it reads."""
+    async def main():
+        async with await target.open() as store:
+            stalled = _CommitsThenStalls(store)
+            with pytest.raises(ec.CommandTimeoutError) as info:
+                await eca.execute(stalled, Deposit(SID("amb-t"), 4), idempotency_key="amb-t",
+                                  retry=ec.RetryPolicy(base_delay=0), timeout=0.3)
+            assert [e.data.amount for e in await store.read_stream("amb-t")] == [4]  # it did commit
+            assert info.value.maybe_committed, f"the error says nothing may have been written: {info.value}"
+
+    run(main())
+
+
+@pytest.mark.xfail(strict=True, reason=_FORGETS_AMBIGUOUS)
+def test_a_cancellation_after_an_attempt_that_may_have_committed_says_so(target):
+    async def main():
+        async with await target.open() as store:
+            stalled = _CommitsThenStalls(store)
+            task = asyncio.create_task(eca.execute(stalled, Deposit(SID("amb-c"), 4), idempotency_key="amb-c",
+                                                   retry=ec.RetryPolicy(base_delay=0)))
+            await until(lambda: stalled.committed is not None, "the first attempt")
+            await asyncio.sleep(0.05)
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError) as info:
+                await task
+            assert [e.data.amount for e in await store.read_stream("amb-c")] == [4]  # it did commit
+            assert getattr(info.value, "maybe_committed", False), "the CancelledError does not say it may have committed"
+
+    run(main())
+
+
+# -- cancelling what waits on a thread ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "eventcore/aio/ingest.py:69 and :111-114: the ingest thread waits in run_coroutine_threadsafe(_next(iterator)).result() "
+    "for the async source's next item; on cancellation ingest() sets `stopped` and awaits the thread, but nothing "
+    "cancels that pending _next(): a source with no next item (a queue, a socket) keeps the cancelled ingest waiting "
+    "forever"))
+def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(target):
+    """An async source that has nothing more for now (a queue, a socket): cancelling the ingest must not
+    wait for the source's next item, which may never come."""
+    async def main():
+        items = _items(120)
+        release = asyncio.Event()
+        async with await target.open() as store:
+            async def source():
+                for item in items:
+                    yield item
+                await release.wait()  # nothing more until released
+
+            batches = []
+            task = asyncio.create_task(store.ingest(source(), batch_size=50, resume_key="q-1",
+                                                    on_batch=batches.append))
+            await until(lambda: len(batches) == 2, "two batches")
+            await asyncio.sleep(0.05)
+            task.cancel()
+            done, _ = await asyncio.wait({task}, timeout=2)
+            if not done:
+                release.set()  # the source goes on, so the ingest can end and this test with it
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert done, "the cancelled ingest was still waiting for its source's next item after 2 s"
+            assert sum(map(len, (await _stored(store)).values())) == 100
+
+    run(main())
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "eventcore/aio/projections.py:45: a live projection's runner runs for the application's lifetime on the loop's "
+    "default executor (run_in_executor(None, ...)), as does every ingest (aio/ingest.py:108): min(32, cpu+4) live "
+    "projections (6 on 2 cores) hold all of its threads, and asyncio.to_thread, run_in_executor(None) and "
+    "store.ingest then wait until a projection stops"))
+def test_live_projections_leave_the_loops_default_executor_to_others(memory_target):
+    """A live projection runs for as long as the application does: however many run, the loop's other
+    work on threads (asyncio.to_thread, run_in_executor(None, ...), an ingest) still runs."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    workers = ThreadPoolExecutor()._max_workers  # what asyncio's default executor gets on this machine
+
+    async def main():
+        async with await memory_target.open() as store:
+            await store.append([emit("p-1", Counted(1))])
+            stop = asyncio.Event()
+            projectors = [Collector(name=f"live-{k}") for k in range(workers)]
+            tasks = [asyncio.create_task(eca.run_projection(store, p, stop=stop, poll_interval=0.05))
+                     for p in projectors]
+            try:
+                await until(lambda: all(p.seen for p in projectors), "every projection caught up")
+                ran = asyncio.ensure_future(asyncio.to_thread(lambda: "ran"))
+                done, _ = await asyncio.wait({ran}, timeout=2)
+                ingest = asyncio.ensure_future(store.ingest([("p-2", Counted(2))]))
+                done_ingest, _ = await asyncio.wait({ingest}, timeout=2)
+            finally:
+                stop.set()
+                await asyncio.gather(*tasks, return_exceptions=True)
+            assert await ran == "ran" and (await ingest).events == 1
+            assert done and done_ingest, (f"{workers} live projections held every thread of the loop's default "
+                                          "executor: asyncio.to_thread and store.ingest waited for them to stop")
 
     run(main())
