@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from typing import Any
 
 from ..commands import Command, declared_streams
@@ -33,10 +34,12 @@ from .store import AsyncEventStore
 class _InFlight:
     """Whether the append of a command is in flight (sent, its outcome not yet known)."""
 
-    __slots__ = ("append",)
+    __slots__ = ("append", "ambiguous")
 
     def __init__(self) -> None:
         self.append = False
+        #: The errors of earlier attempts whose write may have committed (under an idempotency key).
+        self.ambiguous: list = []
 
 
 async def execute(
@@ -68,11 +71,17 @@ async def execute(
 
 
 def _stream_locks(store: AsyncEventStore, streams: list) -> list:
-    """The asyncio locks of these streams of this store, in one global order (no two commands wait
-    for each other in a cycle); made on first use, so a store costs nothing for streams never used."""
-    locks = store._task_locks
+    """The asyncio locks of these streams of this store on the running loop, in one global order (no
+    two commands wait for each other in a cycle); made on first use, so a store costs nothing for
+    streams never used. Per loop: an asyncio.Lock belongs to the loop that first waits on it, and a
+    memory or SQLite store may be used from one loop after another."""
+    per_loop = store._task_locks
+    if per_loop is None:
+        per_loop = store._task_locks = weakref.WeakKeyDictionary()
+    loop = asyncio.get_running_loop()
+    locks = per_loop.get(loop)
     if locks is None:
-        locks = store._task_locks = {}
+        locks = per_loop[loop] = {}
     out = []
     for k in sorted({hash(sid) % STREAM_LOCK_STRIPES for sid in streams}):
         lock = locks.get(k)
@@ -114,18 +123,19 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -
             held.append(lock)
         entry = None if cache is None else cache._folded_entry_for(store, (store.instance, type(command), tuple(streams)))
         return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
-                                          obs, key, loop.time), in_flight)
+                                          obs, key, loop.time, in_flight.ambiguous), in_flight)
     except asyncio.CancelledError as exc:
+        unsure = in_flight.append or bool(in_flight.ambiguous)
         cancelled_by_caller = not bound.expired or _cancelling(bound._task) > 1
         if cancelled_by_caller:
-            if in_flight.append:
+            if unsure:
                 _maybe_committed(exc, command)
             raise
         _uncancel(bound._task)
         name = type(command).__name__
-        if in_flight.append:
+        if unsure:
             raise CommandTimeoutError(
-                f"{name} timed out after {timeout}s while its append was in flight: it may have committed (all of "
+                f"{name} timed out after {timeout}s while a write of it was unsettled: it may have committed (all of "
                 "its events or none); run the command again with the same idempotency key to settle it",
                 maybe_committed=True) from None
         raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from None
@@ -154,7 +164,7 @@ def _maybe_committed(exc: BaseException, command: Command) -> None:
     exc.maybe_committed = True  # type: ignore[attr-defined]
     add_note = getattr(exc, "add_note", None)
     if add_note is not None:
-        add_note(f"eventcore: {type(command).__name__} was cancelled while its append was in flight: it may have "
+        add_note(f"eventcore: {type(command).__name__} was cancelled while a write of it was unsettled: it may have "
                  "committed (all of its events or none); run the command again with the same idempotency key to "
                  "settle it")
 
