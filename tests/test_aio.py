@@ -179,6 +179,27 @@ def test_many_tasks_on_one_loop_lose_no_update(target):
     run(main())
 
 
+@pytest.mark.parametrize("backend", ["aio-memory", "aio-sqlite"])
+def test_a_memory_or_sqlite_store_serves_one_event_loop_after_another(backend, request):
+    """Opened on one loop, used by tasks racing on one stream on a second loop and then a third (as a
+    test suite or a sync program calling asyncio.run now and then does)."""
+    target = _target(backend, request)
+    store = asyncio.run(target.open())
+    try:
+        for round_ in range(3):
+            async def burst():
+                acct = SID("loops")
+                results = await asyncio.gather(*(eca.execute(store, Credit(acct, 1), retry=ec.RetryPolicy(max_retries=0))
+                                                  for _ in range(20)))
+                assert sorted(r.stream_versions[acct] for r in results) == list(range(20 * round_ + 1, 20 * round_ + 21))
+
+            run(burst())
+        events = asyncio.run(store.read_stream("loops"))
+        assert [e.data.balance for e in events] == list(range(1, 61))
+    finally:
+        asyncio.run(store.aclose())
+
+
 # -- a sync and an asyncio store on one database ----------------------------------------------------------
 
 
@@ -885,15 +906,6 @@ class _CommitsThenStalls(_Proxy):
         return await self.inner.read_streams(*args, **kwargs)
 
 
-_FORGETS_AMBIGUOUS = (
-    "eventcore/aio/executor.py:118-131: a CancelledError (the deadline's or the caller's) is judged by in_flight.append "
-    "alone, the append of the current step; an earlier attempt's append that may have committed (executor._steps' "
-    "`ambiguous` list, which turns a later StoreUnavailableError/CommandTimeoutError/ConcurrencyError into "
-    "maybe_committed=True) is never consulted, because the CancelledError thrown into the steps is not one of the "
-    "errors _steps catches. So the error says 'nothing was written' (no maybe_committed) after a write that committed")
-
-
-@pytest.mark.xfail(strict=True, reason=_FORGETS_AMBIGUOUS)
 def test_a_timeout_after_an_attempt_that_may_have_committed_says_so(target):
     """The sync executor's rule (executor._steps): once an attempt's write may have committed, a later
     failure of the command, a timeout included, says that it may have committed. Here the timeout ends
@@ -910,7 +922,6 @@ def test_a_timeout_after_an_attempt_that_may_have_committed_says_so(target):
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=_FORGETS_AMBIGUOUS)
 def test_a_cancellation_after_an_attempt_that_may_have_committed_says_so(target):
     async def main():
         async with await target.open() as store:
