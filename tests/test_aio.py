@@ -336,6 +336,74 @@ def test_one_cache_over_several_asyncio_stores_keeps_them_apart_and_drops_a_clos
     run(main())
 
 
+def test_a_metrics_collector_counts_what_it_counts_on_the_sync_api(target):
+    """The same script on a sync memory store and on an asyncio store, each with a MetricsCollector
+    attached: the same commands by outcome, retries by reason, operations by outcome, events."""
+    def script(step):
+        a, b = SID("m-a"), SID("m-b")
+        step("execute", Deposit(a, 10), {})
+        with pytest.raises(ec.BusinessRuleViolation):
+            step("execute", Deposit(a, -1), {})
+        step("execute", Transfer(a, b, 4), {"cache": None})
+        with pytest.raises(ec.BusinessRuleViolation):
+            step("execute", Transfer(a, b, 400), {})
+        step("execute", Withdraw(a, 1), {})  # warm
+        step("append", [emit(a, Withdrawn(amount=1, balance=4))], {"a": None})  # behind the cache
+        step("execute", Withdraw(a, 1), {})  # a stale cache hit: a free retry
+        step("execute", Deposit(b, 1), {"idempotency_key": "m-k"})
+        step("execute", Deposit(b, 1), {"idempotency_key": "m-k"})  # replayed
+        step("read_stream", a)
+        step("read_all")
+
+    def counters(collector):
+        return (dict(collector.commands), dict(collector.retries), dict(collector.operations),
+                collector.events_written, collector.events_read)
+
+    sync, sync_collector = ec.connect("memory://"), ec.MetricsCollector()
+    sync.attach(sync_collector)
+
+    def sync_step(kind, *args):
+        if kind == "execute":
+            return ec.execute(sync, args[0], **args[1])
+        if kind == "append":
+            return sync.append(args[0])
+        if kind == "read_stream":
+            return sync.read_stream(args[0])
+        return list(sync.read_all())
+
+    script(sync_step)
+    expected = counters(sync_collector)
+    assert expected[1][("Withdraw", "stale_cache")] == 1  # the script reaches a stale cache hit
+
+    async def main():
+        collector = ec.MetricsCollector()
+        async with await target.open(metrics=collector) as store:
+            assert store.metrics is collector
+            loop = asyncio.get_running_loop()
+
+            def step(kind, *args):
+                if kind == "execute":
+                    call = eca.execute(store, args[0], **args[1])
+                elif kind == "append":
+                    call = store.append(args[0])
+                elif kind == "read_stream":
+                    call = store.read_stream(args[0])
+                else:
+                    call = feed(store)
+                return asyncio.run_coroutine_threadsafe(call, loop).result()
+
+            await asyncio.to_thread(script, step)
+            got = counters(collector)
+        return got
+
+    try:
+        got = run(main())
+    finally:
+        sync.close()
+    # read_all pages: feed() reads pages of 97, the sync read_all pages of 1,000: one page each here.
+    assert got == expected
+
+
 # -- proxies of a real store: failures and waits injected around it --------------------------------------------
 
 
