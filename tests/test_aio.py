@@ -1015,9 +1015,11 @@ def test_a_cancellation_after_an_attempt_that_may_have_committed_says_so(target)
     "for the async source's next item; on cancellation ingest() sets `stopped` and awaits the thread, but nothing "
     "cancels that pending _next(): a source with no next item (a queue, a socket) keeps the cancelled ingest waiting "
     "forever"))
-def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(target):
+@pytest.mark.parametrize("backend", ["aio-memory", "aio-sqlite"])
+def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(backend, request):
     """An async source that has nothing more for now (a queue, a socket): cancelling the ingest must not
-    wait for the source's next item, which may never come."""
+    wait for the source's next item, which may never come. (aio/ingest.py, the same for every backend.)"""
+    target = _target(backend, request)
     async def main():
         items = _items(120)
         release = asyncio.Event()
@@ -1033,12 +1035,12 @@ def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(target):
             await until(lambda: len(batches) == 2, "two batches")
             await asyncio.sleep(0.05)
             task.cancel()
-            done, _ = await asyncio.wait({task}, timeout=2)
+            done, _ = await asyncio.wait({task}, timeout=1)
             if not done:
                 release.set()  # the source goes on, so the ingest can end and this test with it
             with pytest.raises(asyncio.CancelledError):
                 await task
-            assert done, "the cancelled ingest was still waiting for its source's next item after 2 s"
+            assert done, "the cancelled ingest was still waiting for its source's next item after 1 s"
             assert sum(map(len, (await _stored(store)).values())) == 100
 
     run(main())
@@ -1066,9 +1068,9 @@ def test_live_projections_leave_the_loops_default_executor_to_others(memory_targ
             try:
                 await until(lambda: all(p.seen for p in projectors), "every projection caught up")
                 ran = asyncio.ensure_future(asyncio.to_thread(lambda: "ran"))
-                done, _ = await asyncio.wait({ran}, timeout=2)
+                done, _ = await asyncio.wait({ran}, timeout=1)
                 ingest = asyncio.ensure_future(store.ingest([("p-2", Counted(2))]))
-                done_ingest, _ = await asyncio.wait({ingest}, timeout=2)
+                done_ingest, _ = await asyncio.wait({ingest}, timeout=1)
             finally:
                 stop.set()
                 await asyncio.gather(*tasks, return_exceptions=True)

@@ -95,7 +95,7 @@ REQUIRED = {"conflict: exact", "conflict: no stream", "conflict: stream exists",
 #: race wins varies with timing, and so do the model and the steps hypothesis draws next; a run of
 #: 20 examples may then pick a rule too rarely to reach one outcome (a keyed append recorded). Further
 #: runs, on other seeds, go on until every outcome is reached: each run checks every step all the same.
-AIO_EXAMPLES = 20
+AIO_EXAMPLES = {"aio-memory": 20, "aio-sqlite": 20, "aio-postgres": 10}  # PostgreSQL's take ~4x as long
 RUNS = 4
 
 
@@ -112,7 +112,7 @@ def test_asyncio_store_agrees_with_model(backend, request):
     SEEN.clear()
     extra = os.environ.get("EVENTCORE_STATEFUL_EXAMPLES")
     for run in range(1 if extra else RUNS):
-        settings_ = test_stateful.SETTINGS if extra else settings(test_stateful.SETTINGS, max_examples=AIO_EXAMPLES,
+        settings_ = test_stateful.SETTINGS if extra else settings(test_stateful.SETTINGS, max_examples=AIO_EXAMPLES[backend],
                                                                    derandomize=run == 0)
         run_state_machine_as_test(seed(run)(machine) if run else machine, settings=settings_)
         missing = REQUIRED - {k for k, v in SEEN.items() if v}
