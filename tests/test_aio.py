@@ -576,6 +576,57 @@ def test_a_transfer_cancelled_at_any_point_is_all_or_nothing_and_settled_by_its_
     run(main())
 
 
+def test_concurrent_transfers_cancelled_at_random_are_each_whole_and_settled_once(target):
+    """16 tasks at a time run keyed transfers among 12 accounts (on PostgreSQL, appends of concurrent
+    tasks share group commits); a random half are cancelled after 0-3 ms. Each transfer is then run
+    again under its key: every one is stored once, whole; one that came back cancelled without
+    maybe_committed had written nothing; one that returned is replayed with the events it returned."""
+    rounds = 5 if target.backend == "aio-postgres" else 8
+
+    async def main():
+        rng = random.Random(71)
+        async with await target.open() as store:
+            accounts = [SID(f"g-{i}") for i in range(12)]
+            await store.append([emit(a, Deposited(amount=10_000, balance=10_000)) for a in accounts])
+            seen = Counter()
+            keys = []
+            for r in range(rounds):
+                commands = {}
+                for k in range(16):
+                    key = f"g{r}-{k}"
+                    src, dst = rng.sample(accounts, 2)
+                    commands[key] = Transfer(src, dst, 1)
+                tasks = {key: asyncio.create_task(eca.execute(store, cmd, idempotency_key=key, retry=PATIENT))
+                         for key, cmd in commands.items()}
+                when = rng.choice(["before they start", "after a step", "after a while"])
+                if when != "before they start":  # on memory, the tasks then run until a stream's lock stops them
+                    await asyncio.sleep(0 if when == "after a step" else rng.uniform(0, 0.003))
+                cancelled = {key for key in rng.sample(sorted(tasks), 8) if tasks[key].cancel()}
+                outcomes = {key: await _outcome(task) for key, task in tasks.items()}
+                for key, cmd in commands.items():
+                    outcome, maybe, value = outcomes[key]
+                    if outcome == "cancelled":
+                        assert key in cancelled, f"{key}: a CancelledError nobody asked for"
+                    again = await asyncio.wait_for(eca.execute(store, cmd, idempotency_key=key, timeout=10), 10)
+                    recorded = await store.recorded_command(key)
+                    assert [e.stream_id for e in recorded] == [cmd.source, cmd.target], key
+                    assert recorded[1].position == recorded[0].position + 1
+                    assert _ids(again.events) == _ids(recorded)
+                    if outcome == "done":
+                        assert again.replayed and _ids(value.events) == _ids(recorded), key
+                    elif again.replayed:
+                        assert maybe, f"{key}: {outcome} said nothing was written, but the transfer had committed"
+                    seen[outcome, maybe, again.replayed] += 1
+                keys += commands
+            balances = await assert_ledger(store, accounts)
+            assert sum(balances.values()) == 120_000
+            assert len([e async for e in store.read_all(types=[Withdrawn])]) == len(keys)
+            assert sum(v for (o, _, _), v in seen.items() if o == "cancelled"), seen
+            print(f"\n{target.backend}: " + ", ".join(f"{k}: {v}" for k, v in sorted(seen.items())))
+
+    run(main())
+
+
 def test_a_command_cancelled_while_waiting_for_a_stream_writes_nothing_and_frees_its_place(target):
     async def main():
         async with await target.open() as store:
