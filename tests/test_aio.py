@@ -977,6 +977,53 @@ def test_a_closed_store_refuses_every_operation(target):
     run(main())
 
 
+def test_closing_a_store_while_tasks_use_it(target):
+    """test_close's guarantee for tasks: a store closed while 12 tasks run transfers on it ends each of
+    them with its result or StoreUnavailableError (nothing else, and no hang); what was acknowledged is
+    stored, every transfer whole or absent; no command cache keeps entries for the closed store."""
+    async def main():
+        cache = ec.StateCache()
+        store = await target.open()
+        accounts = [SID(f"z-{i}") for i in range(6)]
+        await store.append([emit(a, Deposited(amount=10_000, balance=10_000)) for a in accounts])
+        acked: list = []
+
+        async def work(k):
+            rng = random.Random(k)
+            while True:
+                src, dst = rng.sample(accounts, 2)
+                try:
+                    # (The default retry policy: a closed store's error is retried like any store error that
+                    # wrote nothing, a few times.)
+                    acked.append(await eca.execute(store, Transfer(src, dst, 1),
+                                                   cache=cache if k % 2 else ec.executor.STORE_CACHE))
+                except ec.StoreUnavailableError as exc:
+                    return exc
+                await asyncio.sleep(0)
+
+        tasks = [asyncio.create_task(work(k)) for k in range(12)]
+        await until(lambda: len(acked) >= 30, "30 transfers")
+        await asyncio.wait_for(store.aclose(), 10)
+        done, _ = await asyncio.wait(tasks, timeout=10)
+        assert len(done) == len(tasks), "a task still running 10 s after the store was closed"
+        for t in tasks:
+            assert isinstance(t.result(), ec.StoreUnavailableError), t.result()
+        assert len(cache) == 0 and not cache._folded
+        if target.backend == "aio-memory":
+            return
+        async with await target.open() as again:
+            ids = {e.event_id for e in await feed(again)}
+            assert all(e.event_id in ids for r in acked for e in r.events)
+            balances = await assert_ledger(again, accounts)
+            assert sum(balances.values()) == 60_000
+            withdrawn = [e async for e in again.read_all(types=[Withdrawn])]
+            deposited = [e async for e in again.read_all(types=[Deposited])][len(accounts):]
+            assert len(withdrawn) == len(deposited) >= len(acked)
+            assert all(d.position == w.position + 1 for w, d in zip(withdrawn, deposited))
+
+    run(main())
+
+
 def test_a_store_opened_as_a_context_is_closed_after_it(target):
     async def main():
         async with await target.open() as store:
