@@ -263,8 +263,8 @@ def test_connections_terminated_mid_append_leave_every_command_whole_or_absent(a
         rng = random.Random(SEED)
         with psycopg.connect(pg_dsn, autocommit=True) as conn:
             while not stop.wait(rng.uniform(0.005, 0.03)):
-                rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = %s",
-                                    (app,)).fetchall()
+                rows = conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                                    "WHERE application_name = %s", (app,)).fetchall()
                 terminated.append(len(rows))
 
     async def main():

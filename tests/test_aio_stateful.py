@@ -112,8 +112,8 @@ def test_asyncio_store_agrees_with_model(backend, request):
     SEEN.clear()
     extra = os.environ.get("EVENTCORE_STATEFUL_EXAMPLES")
     for run in range(1 if extra else RUNS):
-        settings_ = test_stateful.SETTINGS if extra else settings(test_stateful.SETTINGS, max_examples=AIO_EXAMPLES[backend],
-                                                                   derandomize=run == 0)
+        settings_ = test_stateful.SETTINGS if extra else settings(
+            test_stateful.SETTINGS, max_examples=AIO_EXAMPLES[backend], derandomize=run == 0)
         run_state_machine_as_test(seed(run)(machine) if run else machine, settings=settings_)
         missing = REQUIRED - {k for k, v in SEEN.items() if v}
         if not missing:
