@@ -786,6 +786,52 @@ def test_a_cancelled_ingest_stops_with_whole_batches_and_resumes_exactly_once(ta
     run(main())
 
 
+def test_a_failed_ingest_reports_what_the_sync_one_reports(target):
+    """An ingest stopped by a bad item, by a version conflict and by a resume key reused with another
+    parallel: the same IngestError (message, committed, item) or ValidationError as the sync API's, and
+    the same events committed before it."""
+    def runs(ingest):
+        items = _items(500)
+        broken = list(items)
+        broken[321] = ("", Noted(text="bad stream id"))
+        out = [ingest(broken, {"batch_size": 50, "resume_key": "fixme"})]
+        out.append(ingest([("taken", Noted(text="x"))] * 3, {"expected": {"taken": ec.NO_STREAM}}))
+        out.append(ingest([("taken", Noted(text="y"))] * 120, {"batch_size": 50, "expected": {"taken": 3}}))
+        out.append(ingest([("taken", Noted(text="z"))] * 120, {"batch_size": 50, "expected": {"taken": 3}}))
+        out.append(ingest(items, {"batch_size": 50, "resume_key": "fixme", "parallel": 2}))
+        out.append(ingest(items, {"batch_size": 50, "resume_key": "fixme"}))
+        return out
+
+    def outcome(call):
+        try:
+            result = call()
+        except Exception as exc:  # noqa: BLE001 - compared
+            return (type(exc), str(exc), getattr(exc, "committed", None), getattr(exc, "item", None),
+                    type(exc.__cause__).__name__)
+        return (result.events, result.batches, result.skipped)
+
+    sync = ec.connect("memory://")
+    try:
+        expected = runs(lambda items, kw: outcome(lambda: sync.ingest(items, **kw)))
+        expected_feed = [(e.stream_id, e.version, e.data) for e in sync.read_all()]
+    finally:
+        sync.close()
+    assert expected[0][0] is ec.IngestError and expected[0][2] == 300
+
+    async def main():
+        async with await target.open() as store:
+            loop = asyncio.get_running_loop()
+
+            def ingest(items, kw):
+                return outcome(lambda: asyncio.run_coroutine_threadsafe(store.ingest(items, **kw), loop).result())
+
+            got = await asyncio.to_thread(runs, ingest)
+            assert got == expected
+            assert [(e.stream_id, e.version, e.data) for e in await feed(store)] == expected_feed
+
+    run(main())
+
+
 # -- projections ---------------------------------------------------------------------------------------------
 
 
