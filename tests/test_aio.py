@@ -654,6 +654,34 @@ def test_a_command_cancelled_while_waiting_for_a_stream_writes_nothing_and_frees
     run(main())
 
 
+def test_many_tasks_on_a_small_pool_wait_for_connections_and_cancelled_waiters_leak_none(target):
+    """60 tasks at once on a store of 2 connections (PostgreSQL; the others have no pool): each command
+    waits its turn and completes; a third of them, cancelled while waiting, leave no connection behind."""
+    async def main():
+        options = {"pool_size": 2} if target.backend == "aio-postgres" else {}
+        async with await target.open(**options) as store:
+            tasks = [asyncio.create_task(eca.execute(store, Credit(SID(f"p-{k % 20}"), 1), idempotency_key=f"p-{k}"))
+                     for k in range(60)]
+            await asyncio.sleep(0.002)
+            cancelled = {k for k in range(0, 60, 3) if tasks[k].cancel()}
+            outcomes = [await _outcome(t) for t in tasks]
+            for k, (outcome, maybe, value) in enumerate(outcomes):
+                assert outcome == ("cancelled" if k in cancelled else "done"), (k, value)
+                again = await eca.execute(store, Credit(SID(f"p-{k % 20}"), 1), idempotency_key=f"p-{k}",
+                                          timeout=10)
+                if outcome == "done":
+                    assert again.replayed and _ids(again.events) == _ids(value.events), k
+                elif not maybe:
+                    assert not again.replayed, f"#{k}: cancelled saying nothing was written, but it had committed"
+            versions = await store.stream_versions([f"p-{i}" for i in range(20)])
+            assert sum(versions.values()) == 60  # every command once, the cancelled ones settled by their key
+            await assert_ledger(store, [f"p-{i}" for i in range(20)])
+            if store.pool_stats() is not None:
+                await until(lambda: store.pool_stats()["in_use"] == 0, "every connection back in the pool")
+
+    run(main())
+
+
 def test_a_cancelled_read_all_leaves_the_store_usable(target):
     async def main():
         async with await target.open() as store:
