@@ -578,6 +578,42 @@ def test_a_transfer_cancelled_at_any_point_is_all_or_nothing_and_settled_by_its_
     run(main())
 
 
+class _SlowAnswer(_Proxy):
+    """Its appends commit, and then their answer takes a second to come back (a slow network)."""
+
+    async def append(self, *args, **kwargs):
+        recorded = await self.inner.append(*args, **kwargs)
+        await asyncio.sleep(1)
+        return recorded
+
+
+@pytest.mark.parametrize("how", ["cancel", "timeout"])
+def test_a_command_stopped_while_its_append_is_in_flight_says_it_may_have_committed(target, how):
+    async def main():
+        async with await target.open() as store:
+            slow = _SlowAnswer(store)
+            cmd = Transfer(SID("f-a"), SID("f-b"), 1)
+            await store.append([emit("f-a", Deposited(amount=5, balance=5))])
+            if how == "cancel":
+                task = asyncio.create_task(eca.execute(slow, cmd, idempotency_key="f-1"))
+                await asyncio.sleep(0.3)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError) as info:
+                    await task
+                assert getattr(info.value, "maybe_committed", False)
+                notes = getattr(info.value, "__notes__", [])
+                assert any("may have committed" in n for n in notes), notes
+            else:
+                with pytest.raises(ec.CommandTimeoutError) as info:
+                    await eca.execute(slow, cmd, idempotency_key="f-1", timeout=0.3)
+                assert info.value.maybe_committed and "may have committed" in str(info.value)
+            assert await store.stream_versions(["f-a", "f-b"]) == {"f-a": 2, "f-b": 1}  # it had committed
+            again = await eca.execute(store, cmd, idempotency_key="f-1")
+            assert again.replayed and await store.stream_versions(["f-a", "f-b"]) == {"f-a": 2, "f-b": 1}
+
+    run(main())
+
+
 def test_concurrent_transfers_cancelled_at_random_are_each_whole_and_settled_once(target):
     """16 tasks at a time run keyed transfers among 12 accounts (on PostgreSQL, appends of concurrent
     tasks share group commits); a random half are cancelled after 0-3 ms. Each transfer is then run
