@@ -154,10 +154,11 @@ def same_request(result: ec.ExecutionResult, expected: list[tuple[str, ec.Event]
 
 
 class BankApp:
-    """The ASGI application. `url` names the store (None: $BANK_STORE_URL, else sqlite:///bank.db)."""
+    """The ASGI application. `url` names the store (None: $BANK_STORE_URL, else sqlite:///bank.db);
+    `options` are `eca.connect`'s (a PostgreSQL schema=, pool_size=, ...)."""
 
-    def __init__(self, url: str | None = None) -> None:
-        self.url = url
+    def __init__(self, url: str | None = None, **options: Any) -> None:
+        self.url, self.options = url, options
         self.store: eca.AsyncEventStore | None = None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -171,7 +172,8 @@ class BankApp:
             message = await receive()
             if message["type"] == "lifespan.startup":
                 try:
-                    self.store = await eca.connect(self.url or os.environ.get(STORE_URL_ENV, DEFAULT_STORE_URL))
+                    self.store = await eca.connect(self.url or os.environ.get(STORE_URL_ENV, DEFAULT_STORE_URL),
+                                                   **self.options)
                 except Exception as exc:
                     await send({"type": "lifespan.startup.failed", "message": f"{type(exc).__name__}: {exc}"})
                     return
