@@ -81,9 +81,7 @@ class Client:
         return sent[0]["status"], json.loads(sent[1]["body"])
 
 
-@pytest.fixture(params=["memory", "sqlite", "postgres"])
-def make_app(request, tmp_path):
-    """() -> a new BankApp on this test's store (one store: each app opens it again)."""
+def _app_factory(request, tmp_path):
     if request.param == "memory":
         return lambda: bank_asgi.BankApp("memory://")
     if request.param == "sqlite":
@@ -92,6 +90,18 @@ def make_app(request, tmp_path):
         pytest.skip("eventcore.aio.postgres is not in this tree yet")
     dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
     return lambda: bank_asgi.BankApp(dsn, schema=schema, pool_size=8)
+
+
+@pytest.fixture(params=["memory", "sqlite", "postgres"])
+def make_app(request, tmp_path):
+    """() -> a new BankApp on this test's store (one store: each app opens it again)."""
+    return _app_factory(request, tmp_path)
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def make_shared_app(request, tmp_path):
+    """make_app on the backends that several processes share."""
+    return _app_factory(request, tmp_path)
 
 
 def run(app, scenario):
@@ -365,3 +375,26 @@ def test_a_store_that_cannot_open_fails_the_startup():
     reply = asyncio.run(main())
     assert reply["type"] == "lifespan.startup.failed"
     assert "ValidationError" in reply["message"] and "nosuch" in reply["message"]
+
+
+def test_two_workers_on_one_store_keep_the_money_whole(make_shared_app):
+    """Two apps on one database, as two worker processes of a server: their commands meet only in
+    the store, whose version check makes the loser of each race retry on fresh state."""
+    first, second = make_shared_app(), make_shared_app()
+    accounts = [f"a{k}" for k in range(4)]
+    rng = random.Random(5)
+    plan = [(*rng.sample(accounts, 2), rng.randint(1, 30)) for _ in range(40)]
+
+    async def main():
+        async with Client(first) as one, Client(second) as two:
+            await _open(one, *accounts, deposit=50)
+            answers = await asyncio.gather(*(
+                (one, two)[i % 2].request("POST", "/transfers", {"from": a, "to": b, "amount": n})
+                for i, (a, b, n) in enumerate(plan)))
+            balances = [(await two.request("GET", f"/accounts/{a}"))[1]["balance"] for a in accounts]
+            return answers, balances
+
+    answers, balances = asyncio.run(asyncio.wait_for(main(), 15))
+    for status, body in answers:
+        assert status == 200 or body["message"].startswith("insufficient funds"), body
+    assert sum(balances) == 50 * len(accounts) and min(balances) >= 0
