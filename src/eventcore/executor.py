@@ -809,10 +809,13 @@ def _drive(store, steps) -> Any:
             error = exc
 
 
-def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock):
+def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock,
+           ambiguous: list | None = None):
     """Every attempt of one command, as a generator of steps (see READ); returns its ExecutionResult.
-    `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time)."""
-    ambiguous: list = []  # under a key: the errors of attempts whose write may have committed
+    `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time). `ambiguous`
+    collects, under a key, the errors of attempts whose write may have committed."""
+    if ambiguous is None:
+        ambiguous = []
     try:
         return (yield from _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
                                      obs, key, ambiguous, clock))

@@ -33,10 +33,12 @@ from .store import AsyncEventStore
 class _InFlight:
     """Whether the append of a command is in flight (sent, its outcome not yet known)."""
 
-    __slots__ = ("append",)
+    __slots__ = ("append", "ambiguous")
 
     def __init__(self) -> None:
         self.append = False
+        #: The errors of earlier attempts whose write may have committed (under an idempotency key).
+        self.ambiguous: list = []
 
 
 async def execute(
@@ -114,18 +116,19 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -
             held.append(lock)
         entry = None if cache is None else cache._folded_entry_for(store, (store.instance, type(command), tuple(streams)))
         return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
-                                          obs, key, loop.time), in_flight)
+                                          obs, key, loop.time, in_flight.ambiguous), in_flight)
     except asyncio.CancelledError as exc:
+        unsure = in_flight.append or bool(in_flight.ambiguous)
         cancelled_by_caller = not bound.expired or _cancelling(bound._task) > 1
         if cancelled_by_caller:
-            if in_flight.append:
+            if unsure:
                 _maybe_committed(exc, command)
             raise
         _uncancel(bound._task)
         name = type(command).__name__
-        if in_flight.append:
+        if unsure:
             raise CommandTimeoutError(
-                f"{name} timed out after {timeout}s while its append was in flight: it may have committed (all of "
+                f"{name} timed out after {timeout}s while a write of it was unsettled: it may have committed (all of "
                 "its events or none); run the command again with the same idempotency key to settle it",
                 maybe_committed=True) from None
         raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from None
@@ -154,7 +157,7 @@ def _maybe_committed(exc: BaseException, command: Command) -> None:
     exc.maybe_committed = True  # type: ignore[attr-defined]
     add_note = getattr(exc, "add_note", None)
     if add_note is not None:
-        add_note(f"eventcore: {type(command).__name__} was cancelled while its append was in flight: it may have "
+        add_note(f"eventcore: {type(command).__name__} was cancelled while a write of it was unsettled: it may have "
                  "committed (all of its events or none); run the command again with the same idempotency key to "
                  "settle it")
 
