@@ -94,7 +94,8 @@ def _app_factory(request, tmp_path):
 
 @pytest.fixture(params=["memory", "sqlite", "postgres"])
 def make_app(request, tmp_path):
-    """() -> a new BankApp on this test's store (one store: each app opens it again)."""
+    """() -> a new BankApp on this test's database (one SQLite file or PostgreSQL schema, opened by each
+    app; memory: a store of each app's own)."""
     return _app_factory(request, tmp_path)
 
 
@@ -295,6 +296,29 @@ def test_a_deposit_retried_with_its_idempotency_key_writes_once(make_app):
         assert len((await client.request("GET", "/events"))[1]["events"]) == len(feed["events"])
 
     run(make_app(), scenario)
+
+
+def test_requests_cancelled_in_flight_and_retried_with_their_keys_write_once(make_app):
+    """A server cancels the request of a client that went away; the client's retry with the same key
+    settles whether the first attempt wrote: each deposit lands once, whenever the cancellation hit."""
+    rng = random.Random(2)
+
+    async def scenario(client, app):
+        await _open(client, "alice")
+        for n in range(20):
+            key = {"Idempotency-Key": f"cancelled-{n}"}
+            first = asyncio.ensure_future(client.request("POST", "/accounts/alice/deposits", {"amount": 1}, key))
+            await asyncio.sleep(rng.random() * 0.003)
+            first.cancel()
+            try:
+                await first
+            except asyncio.CancelledError:
+                pass
+            status, body = await client.request("POST", "/accounts/alice/deposits", {"amount": 1}, key)
+            assert status == 200, body
+        return await client.request("GET", "/accounts/alice")
+
+    assert run(make_app(), scenario) == (200, {"account": "alice", "balance": 20, "version": 21})
 
 
 def test_fifty_concurrent_transfers_keep_the_money_whole(make_app):
