@@ -166,6 +166,8 @@ class BankApp:
             await self.lifespan(receive, send)
         elif scope["type"] == "http":
             await self.http(scope, receive, send)
+        else:  # as the ASGI specification asks of a scope the application does not know
+            raise NotImplementedError(f"this application serves HTTP only, not {scope['type']!r}")
 
     async def lifespan(self, receive: Any, send: Any) -> None:
         while True:
