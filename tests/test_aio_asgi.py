@@ -7,7 +7,9 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import os
 import random
+import subprocess
 import sys
 from pathlib import Path
 
@@ -422,3 +424,30 @@ def test_two_workers_on_one_store_keep_the_money_whole(make_shared_app):
     for status, body in answers:
         assert status == 200 or body["message"].startswith("insufficient funds"), body
     assert sum(balances) == 50 * len(accounts) and min(balances) >= 0
+
+
+def test_a_scope_other_than_http_or_lifespan_is_refused():
+    async def nothing():
+        return {}
+
+    async def ignore(message):
+        pass
+
+    with pytest.raises(NotImplementedError, match="websocket"):
+        asyncio.run(bank_asgi.BankApp("memory://")({"type": "websocket"}, nothing, ignore))
+
+
+def test_the_example_runs_its_demo(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != bank_asgi.STORE_URL_ENV}
+    done = subprocess.run([sys.executable, str(ROOT / "examples" / "bank_asgi.py")], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[2:] for line in lines if "/deposits" in line] == [
+        ["200", "wrote", "positions", "[3]"], ["200", "replayed", "positions", "[3]"]]
+    transfers = sorted(" ".join(line.split()[2:]) for line in lines if line.startswith("POST /transfers"))
+    assert transfers == ["200 wrote positions [4, 5]", "200 wrote positions [6, 7]", "200 wrote positions [8, 9]",
+                         "409 BusinessRuleViolation: insufficient funds in account-alice"]
+    assert "GET /accounts/alice 200 {'account': 'alice', 'balance': 10, 'version': 5}" in [" ".join(line.split())
+                                                                                          for line in lines]
+    assert list(tmp_path.iterdir()) == []  # the demo's store is in memory unless $BANK_STORE_URL names one
