@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 import eventcore as ec
+import eventcore.aio as eca
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -451,3 +452,32 @@ def test_the_example_runs_its_demo(tmp_path):
     assert "GET /accounts/alice 200 {'account': 'alice', 'balance': 10, 'version': 5}" in [" ".join(line.split())
                                                                                           for line in lines]
     assert list(tmp_path.iterdir()) == []  # the demo's store is in memory unless $BANK_STORE_URL names one
+
+
+@pytest.mark.xfail(strict=True, raises=RuntimeError,
+                   reason="eventcore.aio keeps a store's stream locks (asyncio.Lock) across event loops: once "
+                          "contended on one loop, a lock is bound to it, and commands contending for that stream "
+                          "on a later loop fail with asyncio's RuntimeError ('... is bound to a different event "
+                          "loop'), not an eventcore error")
+def test_a_sqlite_store_serves_commands_on_a_second_event_loop(tmp_path):
+    deposit = bank_asgi.Deposit(account=ec.StreamId("account-alice"), amount=1)
+
+    async def contended(store):
+        await asyncio.gather(*(eca.execute(store, deposit) for _ in range(4)))
+
+    async def open_store():
+        store = await eca.connect(f"sqlite:///{tmp_path / 'bank.db'}")
+        await eca.execute(store, bank_asgi.OpenAccount(account=ec.StreamId("account-alice"), owner="Alice"))
+        await contended(store)  # the commands wait for each other on the stream's lock: it is now this loop's
+        return store
+
+    store = asyncio.run(open_store())  # e.g. a script that opens its store in one asyncio.run, uses it in the next
+
+    async def use_and_close():
+        try:
+            await contended(store)
+            return len(await store.read_stream("account-alice"))
+        finally:
+            await store.aclose()
+
+    assert asyncio.run(use_and_close()) == 9
