@@ -194,11 +194,12 @@ class BankApp:
             status, body = error_response(exc)
             if status == 500:
                 logging.getLogger(__name__).exception("%s %s failed", scope["method"], scope["path"])
-        headers = [(b"content-type", b"application/json")]
+        payload = msgspec.json.encode(body)
+        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(payload)).encode())]
         if status == 503:
             headers.append((b"retry-after", b"1"))
         await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": msgspec.json.encode(body)})
+        await send({"type": "http.response.body", "body": payload})
 
     async def route(self, scope: dict, receive: Any) -> tuple[int, dict]:
         store = self.store
