@@ -80,7 +80,9 @@ class Client:
 
         await self.app(scope, receive, send)
         assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
-        assert (b"content-type", b"application/json") in sent[0]["headers"]
+        headers = dict(sent[0]["headers"])
+        assert headers[b"content-type"] == b"application/json"
+        assert int(headers[b"content-length"]) == len(sent[1]["body"])
         return sent[0]["status"], json.loads(sent[1]["body"])
 
 
