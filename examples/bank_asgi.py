@@ -15,8 +15,8 @@ or `python examples/bank_asgi.py` for a short demo through an in-process client 
 The POSTs take an `Idempotency-Key` header: a request retried with the same key writes once and answers
 as the first did ("replayed": true). Errors are JSON, {"error": ..., "message": ...}: 400 bad input,
 404 unknown account or route, 409 a refused command (insufficient funds, already open) or a conflict
-that outlasted the retries, 422 an idempotency key used before for another request, 503 the store
-unavailable or too slow ("maybe_committed": retry with the same key to find out).
+that outlasted the retries, 413 a body over 64 KiB, 422 an idempotency key used before for another
+request, 503 the store unavailable or too slow ("maybe_committed": retry with the same key to find out).
 """
 from __future__ import annotations
 
@@ -106,9 +106,11 @@ class Transfer(ec.Command):
 
 
 class HTTPError(Exception):
-    def __init__(self, status: int, error: str, message: str, **extra: Any) -> None:
+    """A failed request's status, error name and message."""
+
+    def __init__(self, status: int, error: str, message: str) -> None:
         super().__init__(message)
-        self.status, self.body = status, {"error": error, "message": message, **extra}
+        self.status, self.body = status, {"error": error, "message": message}
 
 
 def error_response(exc: Exception) -> tuple[int, dict]:
