@@ -456,12 +456,9 @@ def test_the_example_runs_its_demo(tmp_path):
     assert list(tmp_path.iterdir()) == []  # the demo's store is in memory unless $BANK_STORE_URL names one
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeError,
-                   reason="eventcore.aio keeps a store's stream locks (asyncio.Lock) across event loops: once "
-                          "contended on one loop, a lock is bound to it, and commands contending for that stream "
-                          "on a later loop fail with asyncio's RuntimeError ('... is bound to a different event "
-                          "loop'), not an eventcore error")
 def test_a_sqlite_store_serves_commands_on_a_second_event_loop(tmp_path):
+    """The stream locks commands wait on belong to the loop they wait on: a store whose commands
+    contended on one loop serves contending commands on the next."""
     deposit = bank_asgi.Deposit(account=ec.StreamId("account-alice"), amount=1)
 
     async def contended(store):
