@@ -83,6 +83,18 @@ class StoreHealth(msgspec.Struct, frozen=True):
         return msgspec.structs.asdict(self)
 
 
+class SnapshotInfo(msgspec.Struct, frozen=True):
+    """One stored snapshot (see eventcore.snapshots): its key, the command class it is of, the state
+    version it was made under, its state's size in bytes, the events it covers and when it was written."""
+
+    key: str
+    command: str
+    state_version: int
+    size: int
+    events: int
+    written_at: float
+
+
 class BatchResult(msgspec.Struct, frozen=True):
     """What `append_batch` wrote: how many events, their position range, each written stream's version after."""
 
@@ -466,6 +478,47 @@ class EventStore(ABC):
             after = page[-1].position
             if remaining is not None:
                 remaining -= len(page)
+
+    # -- snapshots (eventcore.snapshots) ------------------------------------------------
+
+    #: Whether this backend stores snapshots (the primitives below); commands on a store without
+    #: them fold every event.
+    supports_snapshots: bool = False
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Every stored snapshot of a command's state (see `ec.SnapshotPolicy`), by key."""
+        return [SnapshotInfo(*row) for row in self._snapshot_rows()]
+
+    def drop_snapshots(self, command: str | None = None) -> int:
+        """Remove the snapshots of one command class (by the name `snapshots()` shows) or of all: safe
+        at any time (commands fold from their streams' first events until they write new ones).
+        Returns how many were removed."""
+        if command is not None and not isinstance(command, str):
+            raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
+        return self._drop_snapshots(command)
+
+    def _no_snapshots(self) -> ValidationError:
+        return ValidationError(f"the {self.scheme or type(self).__name__} store does not store snapshots")
+
+    def _load_snapshot(self, key: str) -> tuple[int, str, bytes] | None:
+        """(state version, covers as JSON, state) of the snapshot stored under `key`, or None."""
+        raise self._no_snapshots()
+
+    def _save_snapshot(self, key: str, command: str, state_version: int, covers: str, state: bytes,
+                       events: int) -> None:
+        """Store (or replace) the snapshot under `key`."""
+        raise self._no_snapshots()
+
+    def _snapshot_rows(self) -> list:
+        """(key, command, state version, size, events, written at as a Unix time) of every snapshot."""
+        raise self._no_snapshots()
+
+    def _drop_snapshots(self, command: str | None) -> int:
+        raise self._no_snapshots()
+
+    def _read_streams_from(self, from_versions: dict[str, int], raw: bool = False) -> dict[str, list[RecordedEvent]]:
+        """Each stream's events from a version on (stream -> version), read at one point in time."""
+        raise self._no_snapshots()
 
     @property
     def command_cache(self) -> Any:

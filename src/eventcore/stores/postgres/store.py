@@ -70,7 +70,8 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: statement's bytes on every call).
 _STATEMENTS = ("append_group", "append_one", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
                "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
-               "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock")
+               "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock",
+               "read_streams_from", "load_snapshot", "save_snapshot", "snapshot_rows", "drop_snapshots")
 
 
 def _schema_name(schema) -> str:
@@ -677,6 +678,27 @@ class PostgresStore(EventStore):
                 left -= len(out[s])
             _remember_long(long, longest)
         return out
+
+    supports_snapshots = True
+
+    def _read_streams_from(self, from_versions, raw=False):
+        ids = list(from_versions)
+        rows = self._fetch("read_streams_from", (ids, [max(v, 1) for v in from_versions.values()]))
+        return group_by_stream(ids, _impl.decode_rows(rows, raw))
+
+    def _load_snapshot(self, key):
+        rows = self._fetch("load_snapshot", (key,))
+        return (rows[0][0], rows[0][1], bytes(rows[0][2])) if rows else None
+
+    def _save_snapshot(self, key, command, state_version, covers, state, events):
+        self._read(lambda conn, query, params: conn.execute(query, params), "save_snapshot",
+                   (key, command, state_version, covers, state, events))
+
+    def _snapshot_rows(self):
+        return self._fetch("snapshot_rows", ())
+
+    def _drop_snapshots(self, command):
+        return self._fetch("drop_snapshots", (command, command))[0][0]
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

@@ -151,6 +151,30 @@ SELECT {columns} FROM {s}.events,
 (SELECT first_position AS f, event_count AS c FROM {s}.command_keys WHERE key = %s) AS k
 WHERE position >= k.f AND position < k.f + k.c ORDER BY position
 
+-- name: read_streams_from
+-- Each stream's events from a version on (a command folding from its snapshot), one statement.
+-- Parameters: stream ids, from versions (arrays of one length).
+SELECT {columns} FROM unnest(%s::text[], %s::bigint[]) AS f(from_stream, from_version)
+JOIN {s}.events ON stream_id = f.from_stream AND version >= f.from_version ORDER BY position
+
+-- name: load_snapshot
+SELECT state_version, covers, state FROM {s}.command_snapshots WHERE key = %s
+
+-- name: save_snapshot
+INSERT INTO {s}.command_snapshots (key, command, state_version, covers, state, events, written_at)
+VALUES (%s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (key) DO UPDATE SET command = excluded.command, state_version = excluded.state_version,
+covers = excluded.covers, state = excluded.state, events = excluded.events, written_at = excluded.written_at
+
+-- name: snapshot_rows
+SELECT key, command, state_version, octet_length(state), events, extract(epoch FROM written_at)::float8
+FROM {s}.command_snapshots ORDER BY key
+
+-- name: drop_snapshots
+-- Parameter: a command name, or NULL for every snapshot.
+WITH gone AS (DELETE FROM {s}.command_snapshots WHERE %s::text IS NULL OR command = %s::text RETURNING 1)
+SELECT count(*) FROM gone
+
 -- name: ingest_progress
 SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s
 
@@ -250,4 +274,5 @@ GRANT SELECT, INSERT, UPDATE ON {s}.projection_checkpoints TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.projection_dead_letters TO {role};
 GRANT SELECT ON {s}.command_keys TO {role};
 GRANT SELECT, INSERT, UPDATE ON {s}.ingest_progress TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.command_snapshots TO {role};
 GRANT SELECT, INSERT, DELETE ON {s}.ingest_holes TO {role};

@@ -1,0 +1,252 @@
+"""Persistent snapshots (eventcore.snapshots): a command folded from its snapshot and the events after it
+decides as one folded from the first event, on every backend, and a snapshot that cannot be trusted is
+passed over, never an error."""
+from __future__ import annotations
+
+import asyncio
+
+import msgspec
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+import eventcore as ec
+import eventcore.aio as eca
+from eventcore.snapshots import SNAPSHOT_STATS
+from domain import Deposited, Withdrawn
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=True, database=None,
+                    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+class Ledger(ec.Command):
+    """Keeps the whole history as a tuple (order matters), and the balance: a fold that any lost,
+    repeated or reordered event changes."""
+
+    __snapshots__ = ec.SnapshotPolicy(every=3)
+    __snapshot_name__ = "test.Ledger"
+    __state_type__ = tuple[int, tuple[tuple[str, int], ...]]
+
+    account: ec.StreamId
+    other: str | None = None
+    amount: int = 1
+
+    def streams(self):
+        return [self.other] if self.other else []
+
+    def initial_state(self):
+        return (0, ())
+
+    def apply(self, state, event):
+        balance, seen = state
+        sign = 1 if isinstance(event.data, Deposited) else -1
+        return (balance + sign * event.data.amount, seen + ((event.stream_id, event.version),))
+
+    def handle(self, state):
+        balance, _ = state
+        ec.require(balance >= self.amount, f"insufficient funds: {balance} < {self.amount}")
+        return [ec.emit(self.account, Withdrawn(amount=self.amount))]
+
+
+class LedgerWithoutSnapshots(Ledger):
+    __snapshots__ = None
+
+
+class Seen(Ledger):
+    """Emits nothing: what it saw is its result (state captured by handle)."""
+
+    __snapshot_name__ = "test.Seen"
+
+    def handle(self, state):
+        SEEN.append(state)
+        return []
+
+
+SEEN: list = []
+
+
+def _state_seen(store, account, other=None, cls=Seen):
+    SEEN.clear()
+    ec.execute(store, cls(account=account, other=other), cache=None)
+    return SEEN[-1]
+
+
+def _full_fold(store, streams):
+    events = sorted((e for sid in streams for e in store.read_stream(sid)), key=lambda e: e.position)
+    state = Ledger(account=streams[0]).initial_state()
+    for e in events:
+        state = Ledger(account=streams[0]).apply(state, e)
+    return state
+
+
+@SETTINGS
+@given(history=st.lists(st.tuples(st.sampled_from(["a", "b"]), st.integers(1, 5)), min_size=1, max_size=40),
+       points=st.lists(st.integers(0, 40), max_size=5))
+def test_snapshot_and_tail_fold_to_the_full_fold(store, history, points):
+    """For random histories of two streams and snapshots taken at random points, the state a command
+    folds from its snapshot equals the fold of every event."""
+    if not store.supports_snapshots:
+        pytest.skip(f"{store.scheme} stores no snapshots")
+    store.drop_snapshots()
+    prefix = f"h{abs(hash((tuple(history), tuple(points))))}-"
+    a, b = prefix + "a", prefix + "b"
+    for i, (which, amount) in enumerate(history):
+        store.append([ec.emit(a if which == "a" else b, Deposited(amount=amount))])
+        if i in points:
+            assert _state_seen(store, a, b) == _full_fold(store, [a, b])
+    assert _state_seen(store, a, b) == _full_fold(store, [a, b])
+    assert _state_seen(store, a, b) == _full_fold(store, [a, b])
+
+
+def test_a_long_stream_is_folded_from_its_snapshot(store):
+    if not store.supports_snapshots:
+        pytest.skip(f"{store.scheme} stores no snapshots")
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(50)])
+    before = dict(SNAPSHOT_STATS)
+    ec.execute(store, Ledger(account="acct"), cache=None)  # full fold, writes a snapshot
+    assert SNAPSHOT_STATS["written"] == before["written"] + 1
+    [info] = store.snapshots()
+    assert (info.command, info.state_version, info.events) == ("test.Ledger", 1, 50)
+    result = ec.execute(store, Ledger(account="acct"), cache=None)
+    assert SNAPSHOT_STATS["used"] == before["used"] + 1
+    assert result.stream_versions == {"acct": 52}
+    assert _state_seen(store, "acct") == _full_fold(store, ["acct"])
+    assert store.drop_snapshots("test.Ledger") == 1
+    assert [s.command for s in store.snapshots()] == ["test.Seen"]
+    assert store.drop_snapshots() == 1
+    assert store.snapshots() == []
+
+
+def test_snapshots_survive_a_new_store_object(store, backend, request):
+    if backend == "memory":
+        pytest.skip("a memory store cannot be opened twice")
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(10)])
+    ec.execute(store, Ledger(account="acct"), cache=None)
+    again = _reopen(store, request)
+    try:
+        used = SNAPSHOT_STATS["used"]
+        ec.execute(again, Ledger(account="acct"), cache=None)
+        assert SNAPSHOT_STATS["used"] == used + 1
+    finally:
+        again.close()
+
+
+def _reopen(store, request):
+    if store.scheme == "sqlite":
+        return ec.connect(f"sqlite:///{store.path}")
+    return ec.connect(store._dsn, schema=store.schema)
+
+
+def _write_snapshot(store, account, state, covers, state_version=1):
+    from eventcore.executor import _Snap
+
+    snap = _Snap(Seen(account=account), [account], ec.SnapshotPolicy())
+    blob = state if isinstance(state, bytes) else msgspec.msgpack.encode(state)
+    store._save_snapshot(snap.key, snap.name, state_version, msgspec.json.encode(covers).decode(), blob, 1)
+
+
+@pytest.mark.parametrize("how", ["corrupt", "other_state_version", "other_history", "other_streams", "ahead"])
+def test_a_snapshot_that_cannot_be_trusted_is_passed_over(store, how):
+    """A lie in the snapshot never reaches the decision: the command folds every event instead."""
+    if not store.supports_snapshots:
+        pytest.skip(f"{store.scheme} stores no snapshots")
+    store.append([ec.emit("acct", Deposited(amount=2)) for _ in range(5)])
+    real = store.read_stream("acct")
+    lie = (999, (("acct", 1),))
+    covers = {"acct": [3, real[2].event_id.hex]}
+    if how == "corrupt":
+        _write_snapshot(store, "acct", b"\xc1not msgpack", covers)
+    elif how == "other_state_version":
+        _write_snapshot(store, "acct", lie, covers, state_version=7)
+    elif how == "other_history":
+        _write_snapshot(store, "acct", lie, {"acct": [3, real[1].event_id.hex]})
+    elif how == "other_streams":
+        _write_snapshot(store, "acct", lie, {"acct": [3, real[2].event_id.hex], "zzz": [0, ""]})
+    else:
+        _write_snapshot(store, "acct", lie, {"acct": [9, real[2].event_id.hex]})
+    used = SNAPSHOT_STATS["used"]
+    assert _state_seen(store, "acct") == _full_fold(store, ["acct"])
+    assert SNAPSHOT_STATS["used"] == used
+
+
+def test_two_processes_with_snapshots_never_overdraw(store, backend, request):
+    """Snapshots change what is read, not what is checked: two store objects withdrawing from one
+    account through snapshots never take more than was deposited."""
+    if backend == "memory":
+        pytest.skip("a memory store cannot be opened twice")
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(30)])
+    other = _reopen(store, request)
+    try:
+        done = 0
+        for i in range(40):
+            s = store if i % 2 else other
+            try:
+                ec.execute(s, Ledger(account="acct", amount=1), retry=ec.RetryPolicy(max_retries=10))
+                done += 1
+            except ec.BusinessRuleViolation:
+                pass
+        assert done == 30
+        assert _full_fold(store, ["acct"])[0] == 0
+    finally:
+        other.close()
+
+
+def test_a_state_that_does_not_survive_encoding_is_not_snapshotted(store):
+    if not store.supports_snapshots:
+        pytest.skip(f"{store.scheme} stores no snapshots")
+
+    class Box:
+        def __init__(self, n):
+            self.n = n
+
+    class SetState(Ledger):
+        __snapshot_name__ = "test.SetState"
+        __state_type__ = None
+
+        def initial_state(self):
+            return Box(0)
+
+        def apply(self, state, event):
+            return Box(state.n + 1)
+
+        def handle(self, state):
+            return []
+
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(5)])
+    skipped = SNAPSHOT_STATS["not_encodable"]
+    ec.execute(store, SetState(account="acct"), cache=None)
+    assert store.snapshots() == []
+    assert SNAPSHOT_STATS["not_encodable"] == skipped + 1
+
+
+def test_per_call_policy_and_bad_policies(store):
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(5)])
+    ec.execute(store, LedgerWithoutSnapshots(account="acct"), cache=None, snapshots=ec.SnapshotPolicy(every=1))
+    if store.supports_snapshots:
+        assert [s.command for s in store.snapshots()] == ["test.Ledger"]
+    with pytest.raises(ec.ValidationError, match="SnapshotPolicy"):
+        ec.execute(store, Ledger(account="acct"), snapshots=200)
+    with pytest.raises(ec.ValidationError, match="every"):
+        ec.SnapshotPolicy(every=0)
+
+
+def test_the_asyncio_api_uses_the_same_snapshots(store, backend, request):
+    if backend not in ("memory", "sqlite"):
+        pytest.skip("asyncio stores of this backend are tested with it")
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(10)])
+    ec.execute(store, Ledger(account="acct"), cache=None)
+
+    async def run():
+        if backend == "memory":
+            from eventcore.aio.memory import AsyncMemoryStore
+
+            astore = AsyncMemoryStore(store)
+        else:
+            astore = await eca.connect(f"sqlite:///{store.path}")
+        used = SNAPSHOT_STATS["used"]
+        result = await eca.execute(astore, Ledger(account="acct"), cache=None)
+        assert SNAPSHOT_STATS["used"] == used + 1
+        if backend != "memory":
+            await astore.aclose()
+        return result
+
+    assert asyncio.run(run()).stream_versions == {"acct": 12}
