@@ -274,5 +274,5 @@ GRANT SELECT, INSERT, UPDATE ON {s}.projection_checkpoints TO {role};
 GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.projection_dead_letters TO {role};
 GRANT SELECT ON {s}.command_keys TO {role};
 GRANT SELECT, INSERT, UPDATE ON {s}.ingest_progress TO {role};
-GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.command_snapshots TO {role};
 GRANT SELECT, INSERT, DELETE ON {s}.ingest_holes TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.command_snapshots TO {role};
