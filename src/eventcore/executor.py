@@ -169,10 +169,8 @@ RECORDED = "recorded_command"
 APPEND = "append"
 #: (SLEEP, seconds) -> time.sleep(seconds)
 SLEEP = "sleep"
-#: (LOAD_SNAPSHOT, key) -> store._load_snapshot(key)
-LOAD_SNAPSHOT = "load_snapshot"
-#: (READ_FROM, {stream: from version}) -> store._read_streams_from(...)
-READ_FROM = "read_streams_from"
+#: (READ_SNAPSHOT, key, state version, stream ids) -> store._read_after_snapshot(...)
+READ_SNAPSHOT = "read_after_snapshot"
 #: (SAVE_SNAPSHOT, key, command name, state version, covers, state, events) -> store._save_snapshot(...)
 SAVE_SNAPSHOT = "save_snapshot"
 
@@ -387,15 +385,27 @@ class StateCache:
             out = {sid: _handed_out(kept) for sid, kept in out.items()}
         return out
 
-    def _has_events(self, store, stream_ids) -> bool:
-        """Whether the events of every one of these streams are cached."""
+    def _serves(self, store, stream_ids) -> bool:
+        """Whether these streams are the cache's to serve (a command with snapshots reads the others
+        from its snapshot): every one of them is cached with its events, or known to be at most
+        `max_stream_events` long (its first read will keep them)."""
         sid_key = store.instance
         streams = self._streams
         for sid in stream_ids:
             entry = streams.get((sid_key, sid))
-            if entry is None or entry[1] is None:
+            if entry is None or (entry[1] is None and entry[0] > self.max_stream_events):
                 return False
         return True
+
+    def _remember_versions(self, store, versions: dict) -> None:
+        """Know these streams' versions (not their events) where nothing is cached for them yet."""
+        sid_key = store.instance
+        with self._lock:
+            if store.closed:
+                return
+            for sid, version in versions.items():
+                if (sid_key, sid) not in self._streams:
+                    self._set((sid_key, sid), version, None)
 
     def _kept(self, events, written: bool = False) -> tuple | None:
         """What the cache holds of a stream's events (`written`: by an append, else read): the
@@ -657,7 +667,7 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     """State and versions of the streams from the command's snapshot and the events after it (a full
     fold when there is no usable snapshot), and the snapshot to store once the command is done (or
     None): one made of this state, when at least `every` events were folded beyond the last one."""
-    stored = yield (LOAD_SNAPSHOT, snap.key)
+    stored, by_stream, froms = yield (READ_SNAPSHOT, snap.key, snap.state_version, streams)
     covers = state = None
     if stored is None:
         SNAPSHOT_STATS["none"] += 1
@@ -668,19 +678,20 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     else:
         try:
             covers = msgspec.json.decode(stored[1])
-            if set(covers) != set(streams):
-                raise ValueError(f"it covers other streams: {sorted(covers)}")
+            if not isinstance(covers, dict) or set(covers) != set(streams):
+                raise ValueError(f"it covers other streams: {covers!r:.200}")
+            for sid in streams:
+                version, event_id = covers[sid]
+                if type(version) is not int or version < 0 or froms[sid] != max(1, version) or type(event_id) is not str:
+                    raise ValueError(f"what it covers of {sid!r} is not what was read: {covers[sid]!r:.100}")
             state = decode_state(command, stored[2])
         except Exception as exc:  # noqa: BLE001 - a snapshot is never an error to the caller
             SNAPSHOT_STATS["undecodable"] += 1
             log.debug("%s: snapshot %s cannot be used (%s): full fold", type(command).__name__, snap.key, exc)
             covers = None
-    if covers is None:
-        by_stream = yield (READ, streams)
-    else:
-        # From the last event each stream's snapshot covers: that it is the one folded shows the
-        # stream's history is the one the snapshot was made of (a store restored or rebuilt differs).
-        by_stream = yield (READ_FROM, {sid: covers[sid][0] for sid in streams})
+    if covers is not None:
+        # The last event each stream's snapshot covers was read again: that it is the one folded shows
+        # the stream's history is the one the snapshot was made of (a store restored or rebuilt differs).
         for sid in streams:
             version, event_id = covers[sid]
             if version == 0:
@@ -692,8 +703,8 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
                           "fold", type(command).__name__, snap.key, sid, version)
                 covers = None
                 break
-        if covers is None:
-            by_stream = yield (READ, streams)
+    if covers is None and any(v > 1 for v in froms.values()):
+        by_stream = yield (READ, streams)  # read from a snapshot that cannot be used: every event
     if covers is None:
         state = command.initial_state()
         tails = by_stream
@@ -936,10 +947,8 @@ def _drive(store, steps) -> Any:
                 value = store.recorded_command(step[1])
             elif op is SLEEP:
                 time.sleep(step[1])
-            elif op is LOAD_SNAPSHOT:
-                value = store._load_snapshot(step[1])
-            elif op is READ_FROM:
-                value = store._read_streams_from(step[1])
+            elif op is READ_SNAPSHOT:
+                value = store._read_after_snapshot(step[1], step[2], step[3])
             else:
                 store._save_snapshot(*step[1:])
         except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
@@ -981,9 +990,12 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         versions: dict = {}  # until the read succeeds: a read that fails forgets the declared streams
         snapshot = None  # a snapshot to store once the command is done (see _snapshot_state)
         try:
-            if snap is not None and (entry is None or not cache._has_events(store, streams)):
-                # Streams the cache does not hold: from the command's snapshot and the events after it.
+            if snap is not None and (entry is None or not cache._serves(store, streams)):
+                # Streams longer than the cache keeps (or not known yet): from the command's snapshot and
+                # the events after it; the cache learns their versions, so short ones go to it next time.
                 state, versions, snapshot = yield from _snapshot_state(snap, command, streams, rounds)
+                if entry is not None:
+                    cache._remember_versions(store, versions)
             elif entry is None:
                 state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
             elif free_retry_used:

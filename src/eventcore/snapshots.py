@@ -96,6 +96,27 @@ def _as_plain(value: Any) -> Any:
 _encoder = msgspec.msgpack.Encoder(enc_hook=_as_plain)
 
 
+def from_versions(stored: Any, state_version: int, stream_ids: list) -> dict:
+    """Where a read after a snapshot starts in each stream: its covered version (the last event folded
+    into it, read again to check it is the one folded), 1 for a stream it does not cover or when there
+    is no snapshot of this state version. What `_read_after_snapshot` reads; PostgreSQL computes the
+    same on the server from the snapshot's arrays."""
+    out = dict.fromkeys(stream_ids, 1)
+    if stored is None or stored[0] != state_version:
+        return out
+    try:
+        covers = msgspec.json.decode(stored[1])
+    except msgspec.DecodeError:
+        return out
+    if not isinstance(covers, dict):
+        return out
+    for sid in stream_ids:
+        entry = covers.get(sid)
+        if isinstance(entry, list) and entry and type(entry[0]) is int:
+            out[sid] = max(1, entry[0])
+    return out
+
+
 def encode_state(command: Any, state: Any) -> bytes | None:
     """The state as stored (msgpack), or None when it would not decode back to an equal value."""
     try:

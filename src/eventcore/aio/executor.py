@@ -24,7 +24,7 @@ from ..commands import Command, declared_streams
 from ..errors import CommandTimeoutError
 from ..events import Metadata
 from ..executor import (
-    APPEND, DEFAULT_TIMEOUT, LOAD_SNAPSHOT, READ, READ_FROM, RECORDED, SLEEP, STORE_CACHE, STREAM_LOCK_STRIPES, VERSIONS,
+    APPEND, DEFAULT_TIMEOUT, READ, READ_SNAPSHOT, RECORDED, SLEEP, STORE_CACHE, STREAM_LOCK_STRIPES, VERSIONS,
     ExecutionResult, RetryPolicy, StateCache, _Snap, _steps, check_arguments,
 )
 from ..snapshots import COMMAND_SNAPSHOTS, SnapshotPolicy
@@ -197,10 +197,8 @@ async def _drive(store: AsyncEventStore, steps: Any, in_flight: _InFlight) -> An
                 value = await store.recorded_command(step[1])
             elif op is SLEEP:
                 await asyncio.sleep(step[1])
-            elif op is LOAD_SNAPSHOT:
-                value = await store._load_snapshot(step[1])
-            elif op is READ_FROM:
-                value = await store._read_streams_from(step[1])
+            elif op is READ_SNAPSHOT:
+                value = await store._read_after_snapshot(step[1], step[2], step[3])
             else:
                 await store._save_snapshot(*step[1:])
         except asyncio.CancelledError as exc:

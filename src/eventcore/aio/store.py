@@ -22,6 +22,7 @@ from ..stores.base import (
     _instances, _raw, _written_versions, decode_recorded_command, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
+from ..snapshots import from_versions
 from ..stores.ingest import DEFAULT_INGEST_BATCH, IngestResult
 from ..stores.observer import StoreObserver
 from ..stores.prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, validate_idempotency_key
@@ -327,6 +328,12 @@ class AsyncEventStore(ABC):
     async def _read_streams_from(self, from_versions: dict[str, int],
                                  raw: bool = False) -> dict[str, list[RecordedEvent]]:
         raise self._no_snapshots()
+
+    async def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        """See EventStore._read_after_snapshot."""
+        stored = await self._load_snapshot(key)
+        froms = from_versions(stored, state_version, stream_ids)
+        return stored, await self._read_streams_from(froms), froms
 
     @property
     def command_cache(self) -> Any:

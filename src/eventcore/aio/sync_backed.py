@@ -102,6 +102,9 @@ class SyncBackedStore(AsyncEventStore):
     async def _drop_snapshots(self, command: str | None) -> int:
         return await self._call(self.sync._drop_snapshots, command)
 
+    async def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        return await self._call(self.sync._read_after_snapshot, key, state_version, stream_ids)
+
     async def _read_streams_from(self, from_versions: dict[str, int],
                                  raw: bool = False) -> dict[str, list[RecordedEvent]]:
         return await self._call(self.sync._read_streams_from, from_versions, raw)

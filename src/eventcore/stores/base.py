@@ -23,6 +23,7 @@ from .. import _impl
 from ..errors import DuplicateCommandError, EventVersionError, UnknownEventTypeError, ValidationError
 from ..formats import INT64_MAX
 from ..events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent
+from ..snapshots import from_versions
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
 from .observer import StoreObserver, observed
@@ -519,6 +520,14 @@ class EventStore(ABC):
     def _read_streams_from(self, from_versions: dict[str, int], raw: bool = False) -> dict[str, list[RecordedEvent]]:
         """Each stream's events from a version on (stream -> version), read at one point in time."""
         raise self._no_snapshots()
+
+    def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        """A command's read through its snapshot: (the snapshot stored under `key` or None, stream ->
+        its events from `from_versions(...)` on, those from versions). A backend may do it in one
+        round trip (PostgreSQL); this one makes two calls."""
+        stored = self._load_snapshot(key)
+        froms = from_versions(stored, state_version, stream_ids)
+        return stored, self._read_streams_from(froms), froms
 
     @property
     def command_cache(self) -> Any:

@@ -26,6 +26,7 @@ from typing import Any
 from contextlib import contextmanager
 from urllib.parse import parse_qsl
 
+import msgspec
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -71,7 +72,7 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 _STATEMENTS = ("append_group", "append_one", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
                "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
                "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock",
-               "read_streams_from", "load_snapshot", "save_snapshot", "snapshot_rows", "drop_snapshots")
+               "read_streams_from", "load_snapshot", "read_after_snapshot", "save_snapshot", "snapshot_rows", "drop_snapshots")
 
 
 def _schema_name(schema) -> str:
@@ -690,9 +691,25 @@ class PostgresStore(EventStore):
         rows = self._fetch("load_snapshot", (key,))
         return (rows[0][0], rows[0][1], bytes(rows[0][2])) if rows else None
 
+    def _read_after_snapshot(self, key, state_version, stream_ids):
+        rows = self._fetch("read_after_snapshot", (key, state_version, list(stream_ids)))
+        stored = None
+        froms = dict.fromkeys(stream_ids, 1)
+        if rows and rows[-1][0] is None:
+            covers, state, streams, versions = rows.pop()[9:]
+            stored = (state_version, covers, bytes(state))
+            for sid in stream_ids:  # as the statement computed them (array_position: the first match)
+                if sid in streams:
+                    v = versions[streams.index(sid)]
+                    froms[sid] = max(1, 1 if v is None else v)
+        events = _impl.decode_rows([row[:9] for row in rows])
+        return stored, group_by_stream(list(stream_ids), events), froms
+
     def _save_snapshot(self, key, command, state_version, covers, state, events):
+        parsed = msgspec.json.decode(covers)
+        streams = list(parsed)
         self._read(lambda conn, query, params: conn.execute(query, params), "save_snapshot",
-                   (key, command, state_version, covers, state, events))
+                   (key, command, state_version, covers, streams, [parsed[s][0] for s in streams], state, events))
 
     def _snapshot_rows(self):
         return self._fetch("snapshot_rows", ())
