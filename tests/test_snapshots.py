@@ -250,3 +250,70 @@ def test_the_asyncio_api_uses_the_same_snapshots(store, backend, request):
         return result
 
     assert asyncio.run(run()).stream_versions == {"acct": 12}
+
+
+def _withdraw_in_child(url: str, schema, n: int) -> int:
+    import eventcore as ec2
+    from test_snapshots import Ledger as L
+
+    done = 0
+    with ec2.connect(url, **({} if schema is None else {"schema": schema})) as s:
+        for _ in range(n):
+            try:
+                ec2.execute(s, L(account="shared", amount=1), retry=ec2.RetryPolicy(max_retries=200, max_delay=0.01))
+                done += 1
+            except ec2.BusinessRuleViolation:
+                pass
+    return done
+
+
+def test_processes_withdrawing_through_snapshots_never_overdraw(store, backend):
+    """Four processes, each with its own snapshots and caches, withdraw from one account: exactly what was
+    deposited is taken, and the balance never goes below zero at any position."""
+    if backend == "memory":
+        pytest.skip("a memory store is not shared between processes")
+    import multiprocessing
+
+    store.append([ec.emit("shared", Deposited(amount=1)) for _ in range(60)])
+    ec.execute(store, Ledger(account="shared", amount=1), cache=None)  # a snapshot to start from
+    ctx = multiprocessing.get_context("spawn")
+    with ctx.Pool(4) as pool:
+        done = pool.starmap(_withdraw_in_child, [(store.url, getattr(store, "schema", None), 25)] * 4)
+    assert sum(done) == 59
+    balance = 0
+    for e in store.read_stream("shared"):
+        balance += e.data.amount if isinstance(e.data, Deposited) else -e.data.amount
+        assert balance >= 0
+    assert balance == 0
+
+
+def test_retention_and_the_cli(store, backend, tmp_path):
+    if not store.supports_snapshots:
+        pytest.skip(f"{store.scheme} stores no snapshots")
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(5)])
+    ec.execute(store, Ledger(account="acct"), cache=None)
+    assert store.drop_snapshots(older_than=3600) == 0
+    assert store.drop_snapshots("another.Command", older_than=0) == 0
+    assert store.drop_snapshots(older_than=0) == 1
+    with pytest.raises(ec.ValidationError, match="older_than"):
+        store.drop_snapshots(older_than=-1)
+    if backend != "sqlite":
+        return
+    import json
+    import subprocess
+    import sys
+
+    ec.execute(store, Ledger(account="acct"), cache=None)
+
+    def cli(*args):
+        done = subprocess.run([sys.executable, "-m", "eventcore", "snapshots", "--dsn", store.url, *args],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    [row] = json.loads(cli("--json"))
+    assert row["command"] == "test.Ledger" and row["events"] == 6 and row["bytes"] > 0
+    assert "test.Ledger" in cli()
+    assert json.loads(cli("--drop", "--older-than", "3600", "--json")) == {"dropped": 0}
+    assert json.loads(cli("--drop", "test.Ledger", "--json")) == {"dropped": 1}
+    assert cli() == "no snapshots stored\n"

@@ -19,7 +19,7 @@ from ..errors import DuplicateCommandError, ValidationError
 from ..events import EventToWrite, Metadata, RecordedEvent
 from ..stores.base import (
     _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, SnapshotInfo, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
-    _instances, _raw, _written_versions, decode_recorded_command, health_report, prepare_ingest_batch, read_all_args,
+    _instances, _raw, _written_versions, decode_recorded_command, drop_snapshot_args, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
 from ..snapshots import from_versions
@@ -303,11 +303,9 @@ class AsyncEventStore(ABC):
         """Every stored snapshot of a command's state, by key (see EventStore.snapshots)."""
         return [SnapshotInfo(*row) for row in await self._snapshot_rows()]
 
-    async def drop_snapshots(self, command: str | None = None) -> int:
+    async def drop_snapshots(self, command: str | None = None, *, older_than: float | None = None) -> int:
         """Remove the snapshots of one command class or of all (see EventStore.drop_snapshots)."""
-        if command is not None and not isinstance(command, str):
-            raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
-        return await self._drop_snapshots(command)
+        return await self._drop_snapshots(*drop_snapshot_args(command, older_than))
 
     def _no_snapshots(self) -> ValidationError:
         return ValidationError(f"the {self.scheme or type(self).__name__} store does not store snapshots")
@@ -322,7 +320,7 @@ class AsyncEventStore(ABC):
     async def _snapshot_rows(self) -> list:
         raise self._no_snapshots()
 
-    async def _drop_snapshots(self, command: str | None) -> int:
+    async def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
         raise self._no_snapshots()
 
     async def _read_streams_from(self, from_versions: dict[str, int],

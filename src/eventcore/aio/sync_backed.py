@@ -99,8 +99,8 @@ class SyncBackedStore(AsyncEventStore):
     async def _snapshot_rows(self) -> list:
         return await self._call(self.sync._snapshot_rows)
 
-    async def _drop_snapshots(self, command: str | None) -> int:
-        return await self._call(self.sync._drop_snapshots, command)
+    async def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
+        return await self._call(self.sync._drop_snapshots, command, before)
 
     async def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
         return await self._call(self.sync._read_after_snapshot, key, state_version, stream_ids)

@@ -184,6 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
     snapshots.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
     snapshots.add_argument("--drop", nargs="?", const="", default=None, metavar="COMMAND",
                            help="remove the snapshots of COMMAND (a name the list shows), or all without one")
+    snapshots.add_argument("--older-than", type=float, default=None, metavar="SECONDS",
+                           help="with --drop: only snapshots written more than SECONDS ago")
     snapshots.add_argument("--json", action="store_true", help="print one JSON array (or, with --drop, object)")
 
     status = sub.add_parser(

@@ -18,8 +18,10 @@ def _cmd_snapshots(args) -> int:
     from ..stores import connect
 
     with connect(_dsn(args), migrate=False) as store:
+        if args.older_than is not None and args.drop is None:
+            raise EventCoreError("--older-than applies to --drop only")
         if args.drop is not None:
-            dropped = store.drop_snapshots(args.drop or None)
+            dropped = store.drop_snapshots(args.drop or None, older_than=args.older_than)
             if args.json:
                 print(json.dumps({"dropped": dropped}))
             else:

@@ -490,13 +490,12 @@ class EventStore(ABC):
         """Every stored snapshot of a command's state (see `ec.SnapshotPolicy`), by key."""
         return [SnapshotInfo(*row) for row in self._snapshot_rows()]
 
-    def drop_snapshots(self, command: str | None = None) -> int:
-        """Remove the snapshots of one command class (by the name `snapshots()` shows) or of all: safe
-        at any time (commands fold from their streams' first events until they write new ones).
-        Returns how many were removed."""
-        if command is not None and not isinstance(command, str):
-            raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
-        return self._drop_snapshots(command)
+    def drop_snapshots(self, command: str | None = None, *, older_than: float | None = None) -> int:
+        """Remove the snapshots of one command class (by the name `snapshots()` shows) or of all, or only
+        those written more than `older_than` seconds ago (a retention sweep for snapshots of commands no
+        longer run): safe at any time (a command folds from its streams' first events until it writes
+        a new one). Returns how many were removed."""
+        return self._drop_snapshots(*drop_snapshot_args(command, older_than))
 
     def _no_snapshots(self) -> ValidationError:
         return ValidationError(f"the {self.scheme or type(self).__name__} store does not store snapshots")
@@ -514,7 +513,8 @@ class EventStore(ABC):
         """(key, command, state version, size, events, written at as a Unix time) of every snapshot."""
         raise self._no_snapshots()
 
-    def _drop_snapshots(self, command: str | None) -> int:
+    def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
+        """Remove snapshots (of `command`, or all; written before the Unix time `before`, if given)."""
         raise self._no_snapshots()
 
     def _read_streams_from(self, from_versions: dict[str, int], raw: bool = False) -> dict[str, list[RecordedEvent]]:
@@ -634,6 +634,17 @@ def group_by_stream(stream_ids: list[str], events: list[RecordedEvent]) -> dict[
 
 
 # -- argument checks and pure parts shared with the asyncio stores (eventcore.aio) ----------------------
+
+
+def drop_snapshot_args(command: Any, older_than: Any) -> tuple[str | None, float | None]:
+    """`drop_snapshots`' arguments checked: (command or None, Unix time before which to drop, or None)."""
+    if command is not None and not isinstance(command, str):
+        raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
+    if older_than is None:
+        return command, None
+    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not 0 <= older_than < float("inf"):
+        raise ValidationError(f"older_than must be a number of seconds >= 0 or None, got {older_than!r}")
+    return command, time.time() - older_than
 
 
 def stream_id_list(stream_ids: Iterable[str]) -> list[str]:

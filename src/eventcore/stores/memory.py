@@ -132,10 +132,11 @@ class MemoryStore(EventStore):
         with self._lock:
             return [(k, c, sv, len(st), ev, at) for k, (c, sv, _, st, ev, at) in sorted(self._snapshots.items())]
 
-    def _drop_snapshots(self, command):
+    def _drop_snapshots(self, command, before=None):
         self._open()
         with self._lock:
-            keys = [k for k, v in self._snapshots.items() if command is None or v[0] == command]
+            keys = [k for k, v in self._snapshots.items()
+                    if (command is None or v[0] == command) and (before is None or v[5] < before)]
             for k in keys:
                 del self._snapshots[k]
         return len(keys)

@@ -519,14 +519,14 @@ class SQLiteStore(EventStore):
     def _snapshot_rows(self):
         return [(k, c, sv, n, ev, at / 1_000_000) for k, c, sv, n, ev, at in self._query(_SQL_SNAPSHOT_ROWS, ())]
 
-    def _drop_snapshots(self, command):
+    def _drop_snapshots(self, command, before=None):
+        params = (command, command, None if before is None else int(before * 1_000_000))
         with self._write_lock:
             conn = self._acquire()
             try:
                 with immediate_transaction(conn):
-                    if command is None:
-                        return conn.execute("DELETE FROM command_snapshots").rowcount
-                    return conn.execute("DELETE FROM command_snapshots WHERE command = ?", (command,)).rowcount
+                    return conn.execute("DELETE FROM command_snapshots WHERE (? IS NULL OR command = ?) "
+                                        "AND (?3 IS NULL OR written_at < ?3)", params).rowcount
             except sqlite3.Error as exc:
                 raise _store_error(exc, f"SQLite snapshot drop failed on {self.path!r}") from exc
             finally:

@@ -714,8 +714,8 @@ class PostgresStore(EventStore):
     def _snapshot_rows(self):
         return self._fetch("snapshot_rows", ())
 
-    def _drop_snapshots(self, command):
-        return self._fetch("drop_snapshots", (command, command))[0][0]
+    def _drop_snapshots(self, command, before=None):
+        return self._fetch("drop_snapshots", (command, command, before, before))[0][0]
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

@@ -187,8 +187,9 @@ SELECT key, command, state_version, octet_length(state), events, extract(epoch F
 FROM {s}.command_snapshots ORDER BY key
 
 -- name: drop_snapshots
--- Parameter: a command name, or NULL for every snapshot.
-WITH gone AS (DELETE FROM {s}.command_snapshots WHERE %s::text IS NULL OR command = %s::text RETURNING 1)
+-- Parameters: a command name (NULL: every command), a Unix time to drop those written before (NULL: all).
+WITH gone AS (DELETE FROM {s}.command_snapshots WHERE (%s::text IS NULL OR command = %s::text)
+              AND (%s::float8 IS NULL OR written_at < to_timestamp(%s::float8)) RETURNING 1)
 SELECT count(*) FROM gone
 
 -- name: ingest_progress
