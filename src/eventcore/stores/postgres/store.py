@@ -121,6 +121,29 @@ def _text_array(items) -> bytes:
     return ("{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}").encode()
 
 
+def after_snapshot(rows: list, state_version: int, stream_ids: list) -> tuple:
+    """What `read_after_snapshot` returned, as `_read_after_snapshot` gives it: (the snapshot or None,
+    stream -> events, the versions each stream was read from, as the statement computed them)."""
+    stored = None
+    froms = dict.fromkeys(stream_ids, 1)
+    if rows and rows[-1][0] is None:
+        covers, state, streams, versions = rows.pop()[9:]
+        stored = (state_version, covers, bytes(state))
+        for sid in stream_ids:  # array_position: the first match
+            if sid in streams:
+                v = versions[streams.index(sid)]
+                froms[sid] = max(1, 1 if v is None else v)
+    events = _impl.decode_rows([row[:9] for row in rows])
+    return stored, group_by_stream(list(stream_ids), events), froms
+
+
+def save_snapshot_params(key: str, command: str, state_version: int, covers: str, state: bytes, events: int) -> tuple:
+    """The parameters of `save_snapshot`: the covers also as the arrays the reads compute from."""
+    parsed = msgspec.json.decode(covers)
+    streams = list(parsed)
+    return key, command, state_version, covers, streams, [parsed[s][0] for s in streams], state, events
+
+
 def _fetch_all(conn, query, params) -> list:
     return conn.execute(query, params).fetchall()
 
@@ -692,24 +715,12 @@ class PostgresStore(EventStore):
         return (rows[0][0], rows[0][1], bytes(rows[0][2])) if rows else None
 
     def _read_after_snapshot(self, key, state_version, stream_ids):
-        rows = self._fetch("read_after_snapshot", (key, state_version, list(stream_ids)))
-        stored = None
-        froms = dict.fromkeys(stream_ids, 1)
-        if rows and rows[-1][0] is None:
-            covers, state, streams, versions = rows.pop()[9:]
-            stored = (state_version, covers, bytes(state))
-            for sid in stream_ids:  # as the statement computed them (array_position: the first match)
-                if sid in streams:
-                    v = versions[streams.index(sid)]
-                    froms[sid] = max(1, 1 if v is None else v)
-        events = _impl.decode_rows([row[:9] for row in rows])
-        return stored, group_by_stream(list(stream_ids), events), froms
+        return after_snapshot(self._fetch("read_after_snapshot", (key, state_version, list(stream_ids))),
+                              state_version, stream_ids)
 
     def _save_snapshot(self, key, command, state_version, covers, state, events):
-        parsed = msgspec.json.decode(covers)
-        streams = list(parsed)
         self._read(lambda conn, query, params: conn.execute(query, params), "save_snapshot",
-                   (key, command, state_version, covers, streams, [parsed[s][0] for s in streams], state, events))
+                   save_snapshot_params(key, command, state_version, covers, state, events))
 
     def _snapshot_rows(self):
         return self._fetch("snapshot_rows", ())
