@@ -37,7 +37,7 @@ def _cmd_snapshots(args) -> int:
     if not rows:
         print("no snapshots stored")
         return 0
-    width = max(len(r["command"]) for r in rows)
+    width = max(len(s.command) for s in infos)
     for r in rows:
         print(f"{r['command']:<{width}}  v{r['state_version']}  {r['bytes']:>9,} B  {r['events']:>12,} events  "
               f"{r['age_s']:>10.1f} s old  {r['key']}")
