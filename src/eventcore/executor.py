@@ -152,12 +152,40 @@ def _fold(command: Command, by_stream: dict, streams: list) -> Any:
 _position = operator.attrgetter("position")
 
 
-def _read_and_fold(store, command: Command, streams: list, rounds: list | None = None) -> tuple[Any, dict]:
-    """Read the streams (one round trip, plus one per discovery round) and fold them.
+# The steps of a command that need the store, yielded by the executor's generators (see _steps) and
+# carried out by a driver: `_drive` here, eventcore.aio's for the asyncio stores. So the logic of an
+# attempt (fold, decide, validate, cache, retry) exists once, whatever runs its I/O.
+#: (READ, stream ids) -> store.read_streams(ids)
+READ = "read_streams"
+#: (VERSIONS, stream ids) -> store.stream_versions(ids)
+VERSIONS = "stream_versions"
+#: (RECORDED, key) -> store.recorded_command(key)
+RECORDED = "recorded_command"
+#: (APPEND, events, expected, metadata, key) -> store.append(events, expected, metadata=..., idempotency_key=...)
+APPEND = "append"
+#: (SLEEP, seconds) -> time.sleep(seconds)
+SLEEP = "sleep"
+
+
+class _DirectReads:
+    """Reads of a command without a cache: every stream from the store."""
+
+    __slots__ = ()
+
+    def read_streams(self, stream_ids):
+        return (yield (READ, stream_ids))
+
+
+_DIRECT = _DirectReads()
+
+
+def _read_and_fold(reader, command: Command, streams: list, rounds: list | None = None):
+    """Read the streams (one round trip, plus one per discovery round) and fold them (a generator of
+    steps, see READ).
 
     Returns (state, versions of every stream read). Appends one to `rounds` per discovery round:
     after one, the state mixes reads made at different times (see _attempts)."""
-    by_stream = store.read_streams(streams)
+    by_stream = yield from reader.read_streams(streams)
     state = _fold(command, by_stream, streams)
     for _ in range(MAX_DISCOVERY_ROUNDS):
         found = command.discover(state)
@@ -166,7 +194,7 @@ def _read_and_fold(store, command: Command, streams: list, rounds: list | None =
         new = [s for s in dict.fromkeys(_stream_id(x) for x in found) if s not in by_stream] if found else []
         if not new:
             break
-        by_stream.update(store.read_streams(new))
+        by_stream.update((yield from reader.read_streams(new)))
         if rounds is not None:
             rounds.append(1)
         streams = streams + new
@@ -547,19 +575,19 @@ class _CachedReads:
     def __init__(self, cache: StateCache, store, fresh: bool = False) -> None:
         self.cache, self.store, self.reads, self.cached, self.fresh = cache, store, 0, 0, fresh
 
-    def read_streams(self, stream_ids) -> dict:
+    def read_streams(self, stream_ids):
         got = {} if self.fresh else self.cache._events_of(self.store, stream_ids)
         self.cached += len(got)
         missing = [s for s in stream_ids if s not in got]
         if missing:
-            fresh = self.store.read_streams(missing)
+            fresh = yield (READ, missing)
             self.reads += 1
             self.cache._remember_read(self.store, fresh)
             got.update(fresh)
         return {s: got[s] for s in stream_ids}
 
 
-def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list) -> tuple:
+def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list):
     """State and versions for one attempt through the cache, and whether any of it came from the
     cache (and so may be stale): the folded state if its streams have not moved as far as this
     process knows, else a fold of cached events and of reads of the streams not cached (one entry
@@ -572,7 +600,7 @@ def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, st
             cache.hits += 1
             return entry.state, dict(entry.versions), True
     reader = _CachedReads(cache, store)
-    state, versions = _read_and_fold(reader, command, streams, rounds)
+    state, versions = yield from _read_and_fold(reader, command, streams, rounds)
     if cache.reuse_state:  # fresh state is worth keeping even if handle() refuses
         entry.state, entry.versions, entry.valid = state, dict(versions), True
     if reader.reads:
@@ -582,21 +610,21 @@ def _cached_state(cache: StateCache, entry: _Folded, store, command: Command, st
     return state, versions, reader.cached > 0
 
 
-def _fresh_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list) -> tuple:
+def _fresh_state(cache: StateCache, entry: _Folded, store, command: Command, streams: list, rounds: list):
     """State and versions from a read of every stream (the cache only takes what is read)."""
     entry.valid = False
     reader = _CachedReads(cache, store, fresh=True)
-    state, versions = _read_and_fold(reader, command, streams, rounds)
+    state, versions = yield from _read_and_fold(reader, command, streams, rounds)
     cache.misses += 1
     if cache.reuse_state:
         entry.state, entry.versions, entry.valid = state, dict(versions), True
     return state, versions
 
 
-def _confirm_current(store, versions: dict) -> None:
+def _confirm_current(versions: dict):
     """Check that the streams a decision was made on are still at `versions` (one small read of their
     versions); raise ConcurrencyError naming the first that moved, as a failed append would."""
-    current = store.stream_versions(list(versions))
+    current = yield (VERSIONS, list(versions))
     for sid in sorted(versions):
         if current[sid] != versions[sid]:
             raise ConcurrencyError(
@@ -673,12 +701,31 @@ def execute(
     `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
     such errors within `retry` and `timeout`.
     """
+    policy, timeout, cache, metrics, key = check_arguments(
+        EventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key)
+    if metrics is None:
+        # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
+        return _execute(store, command, policy, metadata, timeout, cache, None, key)
+    run = metrics._command_start(command, declared_streams(command))
+    try:
+        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
+    except BaseException as exc:
+        metrics._command_end(run, None, exc)
+        raise
+    metrics._command_end(run, result, None)
+    return result
+
+
+def check_arguments(store_class: type, store: Any, command: Any, retry: Any, metadata: Any, timeout: Any, cache: Any,
+                    metrics: Any, idempotency_key: Any, opened_by: str = "ec.connect(...)") -> tuple:
+    """`execute`'s arguments checked (the sync one's and eventcore.aio's): (retry policy, timeout, cache,
+    metrics collector or None, idempotency key or None)."""
     # Every argument is checked before anything is read or written, so a mistake fails at once,
     # naming the argument, instead of at the first conflict or deadline that happens to use it.
-    if not isinstance(store, EventStore) or not isinstance(getattr(store, "instance", None), int):
+    if not isinstance(store, store_class) or not isinstance(getattr(store, "instance", None), int):
         # (`instance`: what the stream locks and caches key a store by; a proxy registered as an
         # EventStore must forward it.)
-        raise ValidationError(f"store must be an eventcore store (ec.connect(...)), got {_described(store)}")
+        raise ValidationError(f"store must be an eventcore store ({opened_by}), got {_described(store)}")
     if not isinstance(command, Command):
         raise ValidationError(f"command must be an ec.Command instance, got {_described(command)}")
     if retry is not None and not isinstance(retry, RetryPolicy):
@@ -699,17 +746,9 @@ def execute(
     key = None if idempotency_key is None else validate_idempotency_key(idempotency_key)
     if metrics is None:
         metrics = getattr(store, "_observer", None)
-        if metrics is None or not isinstance(metrics, MetricsCollector):
-            # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
-            return _execute(store, command, policy, metadata, timeout, cache, None, key)
-    run = metrics._command_start(command, declared_streams(command))
-    try:
-        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
-    except BaseException as exc:
-        metrics._command_end(run, None, exc)
-        raise
-    metrics._command_end(run, result, None)
-    return result
+        if not isinstance(metrics, MetricsCollector):
+            metrics = None
+    return policy, timeout, cache, metrics, key
 
 
 def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
@@ -729,10 +768,9 @@ def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> Exec
                     "process on the same streams; nothing was written"
                 )
             held.append(lock)
-        if cache is None:
-            return _run(store, command, streams, policy, metadata, timeout, deadline, None, None, obs, key)
-        entry = cache._folded_entry_for(store, (store_key, type(command), tuple(streams)))
-        return _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key)
+        entry = None if cache is None else cache._folded_entry_for(store, (store_key, type(command), tuple(streams)))
+        return _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs,
+                                    key, time.monotonic))
     finally:
         for lock in reversed(held):
             lock.release()
@@ -743,11 +781,41 @@ def _replayed(events: list, attempt: int) -> ExecutionResult:
     return ExecutionResult(events, attempt, {e.stream_id: e.version for e in events}, True)
 
 
-def _run(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key) -> ExecutionResult:
+def _drive(store, steps) -> Any:
+    """Run a generator of steps (see READ) against a sync store: each step's result sent back into it,
+    each step's exception thrown into it. Returns what the generator returns."""
+    send, throw = steps.send, steps.throw
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = send(value) if error is None else throw(error)
+        except StopIteration as done:
+            return done.value
+        error = value = None
+        op = step[0]
+        try:
+            if op is READ:
+                value = store.read_streams(step[1])
+            elif op is APPEND:
+                value = store.append(step[1], step[2], metadata=step[3], idempotency_key=step[4])
+            elif op is VERSIONS:
+                value = store.stream_versions(step[1])
+            elif op is RECORDED:
+                value = store.recorded_command(step[1])
+            else:
+                time.sleep(step[1])
+        except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
+            error = exc
+
+
+def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock):
+    """Every attempt of one command, as a generator of steps (see READ); returns its ExecutionResult.
+    `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time)."""
     ambiguous: list = []  # under a key: the errors of attempts whose write may have committed
     try:
-        return _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
-                         ambiguous)
+        return (yield from _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
+                                     obs, key, ambiguous, clock))
     except (StoreUnavailableError, CommandTimeoutError, ConcurrencyError) as exc:
         # (Not BusinessRuleViolation: the key is looked up before one is raised, so an ambiguous
         # attempt before it did not commit.)
@@ -763,7 +831,7 @@ def _run(store, command, streams, policy, metadata, timeout, deadline, entry, ca
 
 
 def _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
-              ambiguous: list) -> ExecutionResult:
+              ambiguous: list, clock):
     attempt = 0
     free_retry_used = False
     while True:
@@ -773,15 +841,16 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         versions: dict = {}  # until the read succeeds: a read that fails forgets the declared streams
         try:
             if entry is None:
-                state, versions = _read_and_fold(store, command, streams, rounds)
+                state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
             elif free_retry_used:
                 # After a stale cache hit the command's other attempts read every stream (and keep what
                 # they read): a stream found only on fresh state may be stale in the cache too, and
                 # would cost it a real retry.
-                state, versions = _fresh_state(cache, entry, store, command, streams, rounds)
+                state, versions = yield from _fresh_state(cache, entry, store, command, streams, rounds)
             else:
                 try:
-                    state, versions, from_cache = _cached_state(cache, entry, store, command, streams, rounds)
+                    state, versions, from_cache = yield from _cached_state(cache, entry, store, command, streams,
+                                                                            rounds)
                 except (StoreUnavailableError, CommandTimeoutError):
                     raise
                 except Exception:  # noqa: BLE001 - user code failing on cached state
@@ -790,7 +859,7 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                     # on a fresh read, which raises it again if it holds.
                     free_retry_used = True
                     rounds = []
-                    state, versions = _fresh_state(cache, entry, store, command, streams, rounds)
+                    state, versions = yield from _fresh_state(cache, entry, store, command, streams, rounds)
             # Streams discovered later were read later: after a discovery round the state is no single
             # point in time, so a decision that writes nothing is confirmed as one made on cached state.
             unconfirmed = from_cache or bool(rounds)
@@ -798,26 +867,26 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 events = _handle(command, state, versions)
             except Exception:
                 if unconfirmed:  # a refusal (or an error) decided on cached state: final only if it is current
-                    _confirm_current(store, versions)
+                    yield from _confirm_current(versions)
                 raise
             if not events:
                 if unconfirmed:  # "nothing to do" decided on cached state: likewise
-                    _confirm_current(store, versions)
+                    yield from _confirm_current(versions)
                 if key is not None:  # perhaps nothing is left to do because this command already ran
-                    prior = store.recorded_command(key)
+                    prior = yield (RECORDED, key)
                     if prior:
                         return _replayed(prior, attempt)
                 return ExecutionResult([], attempt, versions)
-            if deadline is not None and time.monotonic() > deadline:
+            if deadline is not None and clock() > deadline:
                 raise CommandTimeoutError(
                     f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s))"
                     + ("" if ambiguous else "; nothing was written")
                 )
             try:
-                recorded = store.append(events, versions, metadata=metadata, idempotency_key=key)
+                recorded = yield (APPEND, events, versions, metadata, key)
             except (ValidationError, SerializationError, UndeclaredStreamError):
                 if unconfirmed:  # events decided on cached state that cannot be written: as a refusal
-                    _confirm_current(store, versions)
+                    yield from _confirm_current(versions)
                 raise
             # A RawEvent is written in its stored form, and a read gives it back as the class it decodes
             # to (through the upcasters): the cache would hold what no read returns. Its streams are
@@ -868,13 +937,13 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
             if entry is not None:
                 entry.valid = False
             if key is not None:
-                prior = store.recorded_command(key)
+                prior = yield (RECORDED, key)
                 if prior:
                     return _replayed(prior, attempt)
             raise
         except BusinessRuleViolation:
             if key is not None:  # refused now perhaps because this very command already ran
-                prior = store.recorded_command(key)
+                prior = yield (RECORDED, key)
                 if prior:
                     return _replayed(prior, attempt)
             raise  # handle() is pure and the state was current: the cached state is still good
@@ -885,7 +954,7 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         if attempt > policy.max_retries:
             raise failure
         pause = policy.delay(attempt)
-        if deadline is not None and time.monotonic() + pause > deadline:
+        if deadline is not None and clock() + pause > deadline:
             raise CommandTimeoutError(
                 f"{type(command).__name__} timed out after {timeout}s ({attempt} attempt(s)); "
                 f"last failure: {failure}"
@@ -894,4 +963,4 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
             obs.collector._retry(
                 obs, attempt, "conflict" if isinstance(failure, ConcurrencyError) else "store_error", pause, failure)
         log.debug("%s attempt %d failed, retrying in %.4f s: %s", type(command).__name__, attempt, pause, failure)
-        time.sleep(pause)
+        yield (SLEEP, pause)

@@ -75,10 +75,8 @@ def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack
     libpq's key=value form opens a PostgreSQL store, as psycopg.connect takes it; eventcore's own
     options are keyword arguments then (libpq refuses keys it does not know).
     """
-    if isinstance(url, str) and "://" not in url and _KEY_VALUE.match(url):
-        store = _open(url, "postgresql", *_BACKENDS["postgresql"], options)
-    else:
-        store = _open_url(url, options)
+    scheme = backend_of_url(url)
+    store = _open(url, scheme, *_BACKENDS[scheme], options)  # type: ignore[arg-type]
     if metrics is not None:
         try:
             store.attach(metrics)
@@ -88,7 +86,11 @@ def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack
     return store
 
 
-def _open_url(url: object, options: ConnectOptions) -> EventStore:
+def backend_of_url(url: object) -> str:
+    """The scheme of the backend a store URL names ("memory", "sqlite" or "postgresql"; libpq's
+    key=value form is PostgreSQL), the URL checked: what is wrong with it is a ValidationError."""
+    if isinstance(url, str) and "://" not in url and _KEY_VALUE.match(url):
+        return "postgresql"
     if not isinstance(url, str) or "://" not in url:
         # Not quoted when it may hold a password (libpq's key=value form: host=... password=...).
         shown = "a key=value string" if isinstance(url, str) and "password" in url.lower() else repr(url)
@@ -100,8 +102,7 @@ def _open_url(url: object, options: ConnectOptions) -> EventStore:
     backend = _BACKENDS.get(scheme)
     if backend is None:
         raise ValidationError(f"unknown store scheme {scheme!r}; supported: memory, sqlite, postgresql")
-    module_name, class_name = backend
-    if module_name == "eventcore.stores.postgres":
+    if backend[0] == "eventcore.stores.postgres":
         check_url(url)
     try:
         parts = urlsplit(url)
@@ -110,7 +111,7 @@ def _open_url(url: object, options: ConnectOptions) -> EventStore:
     except ValueError as exc:
         # urllib's message may quote the netloc, or the part of it it took for a host or a port.
         raise ValidationError(f"malformed {scheme}:// URL: {without_secrets(str(exc), url)}") from None
-    return _open(url, scheme, module_name, class_name, options)
+    return "postgresql" if scheme == "postgres" else scheme
 
 
 #: How to install the PostgreSQL driver, as the errors of a missing one say it.

@@ -188,21 +188,10 @@ class EventStore(ABC):
         projections: list[dict[str, Any]] = []
         if error is None:
             try:
-                projections = [{"name": p.name, "state": p.state, "position": p.position,
-                                "lag": max(0, p.head - p.position), "pending": p.pending,
-                                "dead_letters": p.dead_letters}
-                               for p in self._projection_storage().checkpoints(None, PENDING_CAP)]
+                projections = projection_health(self._projection_storage().checkpoints(None, PENDING_CAP))
             except Exception:  # noqa: BLE001 - no projection tables yet, or a backend without projections
                 projections = []
-        ok = error is None and (schema is None or schema == expected)
-        problem = None if ok else "unreachable" if error is not None else "schema_version"
-        if error is None and not ok:
-            error = (f"schema is at version {schema}, this eventcore needs {expected}: "
-                     + ("upgrade eventcore" if schema > expected else "run `eventcore migrate`"))
-        return StoreHealth(ok=ok, backend=self.scheme, url=self.url, connected=head is not None,
-                           latency_ms=latency_ms, head_position=head, schema_version=schema,
-                           schema_expected=expected, pool=pool, projections=projections, error=error,
-                           schema=getattr(self, "schema", None), problem=problem)
+        return health_report(self, head, latency_ms, schema, expected, pool, projections, error)
 
     # -- writing ----------------------------------------------------------------
 
@@ -253,19 +242,7 @@ class EventStore(ABC):
         rows = self._recorded_command_rows(validate_idempotency_key(key))
         if not rows:
             return None
-        try:
-            return _impl.decode_rows(rows)
-        except (UnknownEventTypeError, EventVersionError):
-            # The command's events as stored for a type this process does not know (a RawEvent it wrote),
-            # or at a version newer than its class (a later release wrote it): a replay or a duplicate
-            # still hands back what was recorded, those events raw (`decode=False`'s shape), the rest decoded.
-            out = []
-            for row in rows:
-                try:
-                    out.extend(_impl.decode_rows([row]))
-                except (UnknownEventTypeError, EventVersionError):
-                    out.extend(_impl.decode_rows([row], True))
-            return out
+        return decode_recorded_command(rows)
 
     @abstractmethod
     def _recorded_command_rows(self, key: str) -> list:
@@ -374,24 +351,7 @@ class EventStore(ABC):
                       progress=None) -> tuple[int, int, dict]:
         """Write one validated ingest batch atomically, with `progress` (see PreparedAppend.progress):
         (first position, last position, stream -> version after)."""
-        encode_event = _impl.encode_event
-        encode_metadata = _impl.encode_metadata
-        types, type_versions, payloads, md_bytes = [], [], [], []
-        for ev, md in zip(events, metadatas):
-            if type(ev) is RawEvent:  # validated, its version resolved (ingest._ingest_item, jsonl)
-                t, data, tv = ev.type, ev.data, ev.version
-            else:
-                (t, data), tv = encode_event(ev), type(ev).__event_version__
-            types.append(t)
-            type_versions.append(tv)
-            payloads.append(data)
-            md_bytes.append(encode_metadata(md))
-        prepared = PreparedAppend(
-            list(stream_ids), types, type_versions, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
-            list(events), list(metadatas), expected,
-        )
-        prepared.progress = progress
-        return self._append_batch(prepared)
+        return self._append_batch(prepare_ingest_batch(stream_ids, events, metadatas, expected, progress))
 
     # -- reading ----------------------------------------------------------------
 
@@ -410,12 +370,7 @@ class EventStore(ABC):
         """A stream's events in version order, from `from_version` (1-based).
 
         `decode=False`: every event as stored, whatever its type (see `read_all`)."""
-        sid = _stream_id(stream_id)
-        if type(from_version) is not int or not 1 <= from_version <= INT64_MAX:
-            raise ValidationError(f"from_version must be an int in 1..2**63-1, got {from_version!r}")
-        if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
-            raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
-        raw = _raw(decode)
+        sid, raw = read_stream_args(stream_id, from_version, limit, decode)
         observer = self._observer
         if observer is None:
             return self._read_stream(sid, from_version, limit, raw) if raw else self._read_stream(sid, from_version, limit)
@@ -437,7 +392,7 @@ class EventStore(ABC):
         Returns stream id -> events in version order; streams without events map to [].
         `decode=False`: every event as stored, whatever its type (see `read_all`).
         """
-        ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+        ids = stream_id_list(stream_ids)
         raw = _raw(decode)
         if not ids:
             return {}
@@ -453,7 +408,7 @@ class EventStore(ABC):
 
     def stream_versions(self, stream_ids: Iterable[str]) -> dict[str, int]:
         """Current version of each stream (0 for streams without events)."""
-        ids = list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+        ids = stream_id_list(stream_ids)
         if not ids:
             return {}
         return self._stream_versions(ids)
@@ -493,19 +448,7 @@ class EventStore(ABC):
         class and never raises for an unknown type: `data` is the stored JSON object as a dict,
         `type` and `type_version` the stored name and version (see RecordedEvent).
         """
-        # Bounded to int64: the databases' integers (a larger one would be an OverflowError or a server error).
-        if type(after_position) is not int or not 0 <= after_position <= INT64_MAX:
-            raise ValidationError(f"after_position must be an int in 0..2**63-1, got {after_position!r}")
-        if type(page_size) is not int or not 1 <= page_size <= INT64_MAX:
-            raise ValidationError(f"page_size must be an int in 1..2**63-1, got {page_size!r}")
-        if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
-            raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
-        if stream_prefix is not None and (not isinstance(stream_prefix, str) or forbidden_character(stream_prefix)):
-            raise ValidationError(
-                f"stream_prefix must be a str without control characters, NUL or lone surrogates, got {stream_prefix!r}"
-            )
-        names = _type_names(types)
-        return self._iter_all(after_position, names, stream_prefix or None, limit, page_size, _raw(decode))
+        return self._iter_all(*read_all_args(after_position, types, stream_prefix, limit, page_size, decode))
 
     def _iter_all(self, after, names, prefix, limit, page_size, raw=False) -> Iterator[RecordedEvent]:
         remaining = limit
@@ -626,3 +569,98 @@ def group_by_stream(stream_ids: list[str], events: list[RecordedEvent]) -> dict[
     for e in events:
         out[e.stream_id].append(e)
     return out
+
+
+# -- argument checks and pure parts shared with the asyncio stores (eventcore.aio) ----------------------
+
+
+def stream_id_list(stream_ids: Iterable[str]) -> list[str]:
+    """Stream ids, checked, without repeats, in the order given."""
+    return list(dict.fromkeys(_stream_id(s) for s in stream_ids))
+
+
+def read_stream_args(stream_id: str, from_version: int, limit: int | None, decode: bool) -> tuple[str, bool]:
+    """`read_stream`'s arguments checked: (stream id, raw)."""
+    sid = _stream_id(stream_id)
+    if type(from_version) is not int or not 1 <= from_version <= INT64_MAX:
+        raise ValidationError(f"from_version must be an int in 1..2**63-1, got {from_version!r}")
+    if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
+        raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
+    return sid, _raw(decode)
+
+
+def read_all_args(after_position: int, types: Iterable[str | type] | None, stream_prefix: str | None,
+                  limit: int | None, page_size: int, decode: bool) -> tuple:
+    """`read_all`'s arguments checked: (after, type names or None, prefix or None, limit, page size, raw)."""
+    # Bounded to int64: the databases' integers (a larger one would be an OverflowError or a server error).
+    if type(after_position) is not int or not 0 <= after_position <= INT64_MAX:
+        raise ValidationError(f"after_position must be an int in 0..2**63-1, got {after_position!r}")
+    if type(page_size) is not int or not 1 <= page_size <= INT64_MAX:
+        raise ValidationError(f"page_size must be an int in 1..2**63-1, got {page_size!r}")
+    if limit is not None and (type(limit) is not int or not 0 <= limit <= INT64_MAX):
+        raise ValidationError(f"limit must be an int in 0..2**63-1 or None, got {limit!r}")
+    if stream_prefix is not None and (not isinstance(stream_prefix, str) or forbidden_character(stream_prefix)):
+        raise ValidationError(
+            f"stream_prefix must be a str without control characters, NUL or lone surrogates, got {stream_prefix!r}"
+        )
+    return after_position, _type_names(types), stream_prefix or None, limit, page_size, _raw(decode)
+
+
+def decode_recorded_command(rows: list) -> list[RecordedEvent]:
+    """The events of an idempotency key's rows (see `recorded_command`)."""
+    try:
+        return _impl.decode_rows(rows)
+    except (UnknownEventTypeError, EventVersionError):
+        # The command's events as stored for a type this process does not know (a RawEvent it wrote),
+        # or at a version newer than its class (a later release wrote it): a replay or a duplicate
+        # still hands back what was recorded, those events raw (`decode=False`'s shape), the rest decoded.
+        out = []
+        for row in rows:
+            try:
+                out.extend(_impl.decode_rows([row]))
+            except (UnknownEventTypeError, EventVersionError):
+                out.extend(_impl.decode_rows([row], True))
+        return out
+
+
+def prepare_ingest_batch(stream_ids: list, events: list, metadatas: list, expected: dict,
+                         progress: Any = None) -> PreparedAppend:
+    """One validated ingest batch, encoded for `_append_batch` (see `_ingest_batch`)."""
+    encode_event = _impl.encode_event
+    encode_metadata = _impl.encode_metadata
+    types, type_versions, payloads, md_bytes = [], [], [], []
+    for ev, md in zip(events, metadatas):
+        if type(ev) is RawEvent:  # validated, its version resolved (ingest._ingest_item, jsonl)
+            t, data, tv = ev.type, ev.data, ev.version
+        else:
+            (t, data), tv = encode_event(ev), type(ev).__event_version__
+        types.append(t)
+        type_versions.append(tv)
+        payloads.append(data)
+        md_bytes.append(encode_metadata(md))
+    prepared = PreparedAppend(
+        list(stream_ids), types, type_versions, payloads, md_bytes, _impl.new_event_ids(len(stream_ids)),
+        list(events), list(metadatas), expected,
+    )
+    prepared.progress = progress
+    return prepared
+
+
+def projection_health(checkpoints: Iterable[Any]) -> list[dict[str, Any]]:
+    """The `projections` of a StoreHealth from projection storage's checkpoints."""
+    return [{"name": p.name, "state": p.state, "position": p.position, "lag": max(0, p.head - p.position),
+             "pending": p.pending, "dead_letters": p.dead_letters} for p in checkpoints]
+
+
+def health_report(store: Any, head: int | None, latency_ms: float, schema: int | None, expected: int | None,
+                  pool: dict[str, Any] | None, projections: list[dict[str, Any]], error: str | None) -> StoreHealth:
+    """A StoreHealth from what a health check read (`error`: why it could not read, else None)."""
+    ok = error is None and (schema is None or schema == expected)
+    problem = None if ok else "unreachable" if error is not None else "schema_version"
+    if error is None and not ok:
+        error = (f"schema is at version {schema}, this eventcore needs {expected}: "
+                 + ("upgrade eventcore" if schema > expected else "run `eventcore migrate`"))
+    return StoreHealth(ok=ok, backend=store.scheme, url=store.url, connected=head is not None,
+                       latency_ms=latency_ms, head_position=head, schema_version=schema,
+                       schema_expected=expected, pool=pool, projections=projections, error=error,
+                       schema=getattr(store, "schema", None), problem=problem)

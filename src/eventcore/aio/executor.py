@@ -1,0 +1,151 @@
+"""`await eventcore.aio.execute(store, command)`: the command executor on an event loop.
+
+The logic of an attempt (read, fold, decide, check, append, retry, the command cache and idempotency
+keys) is the sync executor's own: its generator of steps (`eventcore.executor._steps`), driven here by
+awaiting each step on an AsyncEventStore instead of calling a sync one. Only what differs between a
+thread and a task lives here: commands of one process on a common stream wait for each other on
+asyncio locks (as threads do on the executor's stripe locks), back-off sleeps are `asyncio.sleep`,
+and the timeout runs on the loop's clock and bounds the whole call, lock and pool waits included.
+
+Cancellation: a task cancelled (or timed out) while its append is in flight may or may not have
+committed it; the store holds all of that append's events or none. The CancelledError carries a note
+saying so and a timeout is CommandTimeoutError(maybe_committed=True); running the command again with
+the same idempotency key settles it (`ExecutionResult.replayed`). Cancelled anywhere else, nothing was
+written.
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from typing import Any
+
+from ..commands import Command, declared_streams
+from ..errors import CommandTimeoutError
+from ..events import Metadata
+from ..executor import (
+    APPEND, DEFAULT_TIMEOUT, READ, RECORDED, STORE_CACHE, STREAM_LOCK_STRIPES, VERSIONS, ExecutionResult, RetryPolicy,
+    StateCache, _steps, check_arguments,
+)
+from ..metrics import MetricsCollector
+from .store import AsyncEventStore
+
+
+class _InFlight:
+    """Whether the append of a command is in flight (sent, its outcome not yet known)."""
+
+    __slots__ = ("append",)
+
+    def __init__(self) -> None:
+        self.append = False
+
+
+async def execute(
+    store: AsyncEventStore,
+    command: Command,
+    *,
+    retry: RetryPolicy | None = None,
+    metadata: Metadata | None = None,
+    timeout: float | None = DEFAULT_TIMEOUT,
+    cache: StateCache | None = STORE_CACHE,
+    metrics: MetricsCollector | None = None,
+    idempotency_key: str | uuid.UUID | None = None,
+) -> ExecutionResult:
+    """Run a command against an asyncio store and return what it wrote: `ec.execute`'s arguments,
+    results and errors (see there), awaited. `timeout` bounds the whole call on the loop's clock."""
+    policy, timeout, cache, metrics, key = check_arguments(
+        AsyncEventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key,
+        "await eventcore.aio.connect(...)")
+    if metrics is None:
+        return await _execute(store, command, policy, metadata, timeout, cache, None, key)
+    run = metrics._command_start(command, declared_streams(command))
+    try:
+        result = await _execute(store, command, policy, metadata, timeout, cache, run, key)
+    except BaseException as exc:
+        metrics._command_end(run, None, exc)
+        raise
+    metrics._command_end(run, result, None)
+    return result
+
+
+def _stream_locks(store: AsyncEventStore, streams: list) -> list:
+    """The asyncio locks of these streams of this store, in one global order (no two commands wait
+    for each other in a cycle); made on first use, so a store costs nothing for streams never used."""
+    locks = store.__dict__.get("_task_locks")
+    if locks is None:
+        locks = store.__dict__["_task_locks"] = {}
+    out = []
+    for k in sorted({hash(sid) % STREAM_LOCK_STRIPES for sid in streams}):
+        lock = locks.get(k)
+        if lock is None:
+            lock = locks[k] = asyncio.Lock()
+        out.append(lock)
+    return out
+
+
+async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
+    streams = declared_streams(command) if obs is None else obs.streams
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout is None else loop.time() + timeout
+    in_flight = _InFlight()
+    try:
+        async with asyncio.timeout_at(deadline) as bound:
+            held = []
+            try:
+                for lock in _stream_locks(store, streams):
+                    await lock.acquire()
+                    held.append(lock)
+                entry = None if cache is None else cache._folded_entry_for(
+                    store, (store.instance, type(command), tuple(streams)))
+                return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline,
+                                                  entry, cache, obs, key, loop.time), in_flight)
+            finally:
+                for lock in reversed(held):
+                    lock.release()
+    except TimeoutError as exc:
+        if not bound.expired():
+            raise
+        name = type(command).__name__
+        if in_flight.append:
+            raise CommandTimeoutError(
+                f"{name} timed out after {timeout}s while its append was in flight: it may have committed (all of "
+                "its events or none); run the command again with the same idempotency key to settle it",
+                maybe_committed=True) from exc
+        raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from exc
+    except asyncio.CancelledError as exc:
+        if in_flight.append:
+            exc.add_note(f"eventcore: {type(command).__name__} was cancelled while its append was in flight: it may "
+                         "have committed (all of its events or none); run the command again with the same "
+                         "idempotency key to settle it")
+        raise
+
+
+async def _drive(store: AsyncEventStore, steps: Any, in_flight: _InFlight) -> Any:
+    """Run a generator of steps (see eventcore.executor.READ) against an asyncio store."""
+    send, throw = steps.send, steps.throw
+    value: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            step = send(value) if error is None else throw(error)
+        except StopIteration as done:
+            return done.value
+        error = value = None
+        op = step[0]
+        try:
+            if op is READ:
+                value = await store.read_streams(step[1])
+            elif op is APPEND:
+                in_flight.append = True
+                value = await store.append(step[1], step[2], metadata=step[3], idempotency_key=step[4])
+                in_flight.append = False
+            elif op is VERSIONS:
+                value = await store.stream_versions(step[1])
+            elif op is RECORDED:
+                value = await store.recorded_command(step[1])
+            else:
+                await asyncio.sleep(step[1])
+        except asyncio.CancelledError as exc:
+            error = exc  # in_flight.append stays as it was: the append may have been sent
+        except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
+            in_flight.append = False
+            error = exc

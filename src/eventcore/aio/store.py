@@ -1,0 +1,366 @@
+"""The asyncio store contract: `EventStore`'s public methods as coroutines, over coroutine primitives.
+
+`AsyncEventStore` is the peer of `eventcore.stores.base.EventStore`: the same public methods with the
+same arguments, checks, errors and observer reports (the checks are the sync module's own functions),
+awaited. A backend implements the same underscored primitives as a sync one, as coroutines:
+PostgreSQL natively (psycopg's async connections, pool and COPY), SQLite and memory by running their
+sync store's primitives (on one thread of its own, or directly). Stores of both kinds on one database
+share it: same tables, same format, same guarantees.
+"""
+from __future__ import annotations
+
+import time
+import uuid
+import weakref
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping
+
+from ..errors import DuplicateCommandError, ValidationError
+from ..events import EventToWrite, Metadata, RecordedEvent
+from ..stores.base import (
+    _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
+    _instances, _raw, _written_versions, decode_recorded_command, health_report, prepare_ingest_batch, read_all_args,
+    read_stream_args, stream_id_list,
+)
+from ..stores.ingest import DEFAULT_INGEST_BATCH, IngestResult
+from ..stores.observer import StoreObserver
+from ..stores.prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, validate_idempotency_key
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+
+async def observed(observer: StoreObserver, store: Any, operation: str, streams: Iterable[str] | None,
+                   expected: dict[str, int] | None, call: Callable[..., Any], args: tuple[Any, ...],
+                   count: Callable[[Any], int] = len,
+                   versions: Callable[[Any], dict[str, int] | None] | None = None) -> Any:
+    """`await call(*args)` bracketed by `observer` (the coroutine twin of stores.observer.observed)."""
+    token = observer.operation_started(store, operation, streams, expected)
+    try:
+        result = await call(*args)
+    except BaseException as exc:
+        observer.operation_ended(token, 0, exc)
+        raise
+    observer.operation_ended(token, count(result), None, None if versions is None else lambda: versions(result))
+    return result
+
+
+class AsyncEventStore(ABC):
+    """The asyncio store contract (`await eventcore.aio.connect(url)`). Backends implement the
+    underscored coroutine primitives; the public methods check their arguments as the sync store's do."""
+
+    scheme: str = ""
+    _command_cache: Any = _NOT_MADE
+    default_ingest_lanes: int = 1
+    _observer: StoreObserver | None = None
+    instance: int
+    closed: bool
+    _dependants: weakref.WeakSet[Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        self = super().__new__(cls)
+        # Numbered in the same sequence as the sync stores: caches and stream locks key a store by it.
+        self.instance = next(_instances)
+        self._dependants = weakref.WeakSet()
+        self.closed = False
+        return self
+
+    # -- observability ------------------------------------------------------------
+
+    def attach(self, collector: StoreObserver) -> None:
+        """Measure this store with `collector` (see EventStore.attach)."""
+        if not isinstance(collector, StoreObserver):
+            raise ValidationError(f"attach() takes an ec.MetricsCollector, got {type(collector).__name__}")
+        self.detach()
+        self._observer = collector
+        collector.store_attached(self)
+
+    def detach(self) -> None:
+        """Stop measuring this store."""
+        observer = self._observer
+        if observer is not None:
+            self._observer = None
+            observer.store_detached(self)
+
+    @property
+    def metrics(self) -> StoreObserver | None:
+        return self._observer
+
+    def pool_stats(self) -> dict[str, Any] | None:
+        """The connection pool's counters (PostgreSQL), else None."""
+        return None
+
+    @property
+    def url(self) -> str:
+        raise NotImplementedError
+
+    async def _schema_versions(self) -> tuple[int | None, int | None]:
+        return None, None
+
+    async def _projection_checkpoints(self) -> list[dict[str, Any]]:
+        """StoreHealth.projections (a backend with projection storage reports its checkpoints)."""
+        return []
+
+    async def health(self) -> StoreHealth:
+        """Connectivity, schema version, pool state and the projectors' checkpoints, read now (see
+        EventStore.health). Never raises for an unreachable store: `ok` is False and `error` says why."""
+        error = None
+        head = schema = expected = None
+        latency_ms = 0.0
+        try:
+            started = time.perf_counter()
+            head = await self.head_position()
+            latency_ms = round((time.perf_counter() - started) * 1000, 3)
+            schema, expected = await self._schema_versions()
+        except Exception as exc:  # noqa: BLE001 - reported, not raised
+            error = str(exc) or type(exc).__name__
+        try:
+            pool = self.pool_stats()
+        except Exception:  # noqa: BLE001 - a closed pool reports nothing
+            pool = None
+        projections: list[dict[str, Any]] = []
+        if error is None:
+            try:
+                projections = await self._projection_checkpoints()
+            except Exception:  # noqa: BLE001 - no projection tables yet
+                projections = []
+        return health_report(self, head, latency_ms, schema, expected, pool, projections, error)
+
+    # -- writing ----------------------------------------------------------------
+
+    async def append(
+        self,
+        events: Iterable[EventToWrite],
+        expected: Mapping[str, int] | None = None,
+        *,
+        metadata: Metadata | None = None,
+        idempotency_key: str | uuid.UUID | None = None,
+    ) -> list[RecordedEvent]:
+        """Append events to one or more streams atomically (see EventStore.append).
+
+        A task cancelled while its append is in flight may or may not have committed it (all of its
+        events or none): the CancelledError carries a note saying so; running the append again with
+        the same idempotency key settles it (DuplicateCommandError with the events if it had)."""
+        prepared = prepare_append(events, expected, metadata)
+        if idempotency_key is not None:
+            prepared.key = validate_idempotency_key(idempotency_key)
+        if not prepared.expected:
+            return []
+        observer = self._observer
+        try:
+            if observer is None:
+                return await self._append(prepared)
+            exp = prepared.expected
+            return await observed(observer, self, "append", exp, exp, self._append, (prepared,), len,
+                                  _written_versions)
+        except DuplicateCommandError as exc:
+            raise (await self._with_original(exc)) from None
+
+    async def _with_original(self, exc: DuplicateCommandError) -> DuplicateCommandError:
+        if exc.events is not None:
+            return exc
+        return DuplicateCommandError(exc.key, await self.recorded_command(exc.key))
+
+    async def recorded_command(self, key: str | uuid.UUID) -> list[RecordedEvent] | None:
+        """The events an append with idempotency key `key` recorded, or None if none committed with it."""
+        rows = await self._recorded_command_rows(validate_idempotency_key(key))
+        return decode_recorded_command(rows) if rows else None
+
+    async def append_batch(
+        self,
+        events: Iterable[EventToWrite],
+        expected: Mapping[str, int] | None = None,
+        *,
+        metadata: Metadata | None = None,
+    ) -> BatchResult:
+        """Many events in one transaction, with `append`'s guarantees, at bulk speed (see EventStore.append_batch)."""
+        started = time.perf_counter()
+        prepared = prepare_append(events, expected, metadata, limit=MAX_EVENTS_PER_BATCH)
+        if not prepared.expected:
+            return BatchResult(0, 0, 0, {}, 0.0)
+        observer = self._observer
+        if observer is None:
+            first, last, versions = await self._append_batch(prepared)
+        else:
+            exp = prepared.expected
+            first, last, versions = await observed(
+                observer, self, "append_batch", exp, exp, self._append_batch, (prepared,),
+                lambda _: len(prepared), lambda r: r[2])
+        return BatchResult(len(prepared), first, last, versions, time.perf_counter() - started)
+
+    async def _append_batch(self, prepared: PreparedAppend, /) -> tuple[int, int, dict[str, int]]:
+        recorded = await self._append(prepared)
+        versions = {e.stream_id: e.version for e in recorded}
+        if not recorded:
+            return 0, 0, versions
+        return recorded[0].position, recorded[-1].position, versions
+
+    async def ingest(
+        self,
+        items: Any,
+        *,
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        expected: Mapping[str, int] | None = None,
+        metadata: Metadata | None = None,
+        on_batch: Callable[[int], object] | None = None,
+        parallel: int = 1,
+        resume_key: str | None = None,
+    ) -> IngestResult:
+        """Stream any number of events into the store, one transaction per `batch_size` events (see
+        EventStore.ingest: the same arguments, guarantees and errors). `items` may be an iterable or an
+        async iterable; `on_batch` may be a function or a coroutine function."""
+        from .ingest import ingest
+
+        return await ingest(self, items, batch_size=batch_size, expected=expected, metadata=metadata,
+                            on_batch=on_batch, parallel=parallel, resume_key=resume_key)
+
+    # -- reading ----------------------------------------------------------------
+
+    async def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,
+                          decode: bool = True) -> list[RecordedEvent]:
+        """A stream's events in version order, from `from_version` (1-based); see EventStore.read_stream."""
+        sid, raw = read_stream_args(stream_id, from_version, limit, decode)
+        args = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
+        observer = self._observer
+        if observer is None:
+            return await self._read_stream(*args)
+        return await observed(observer, self, "read", [sid], None, self._read_stream, args, len, _written_versions)
+
+    async def read_streams(self, stream_ids: Iterable[str], *, decode: bool = True) -> dict[str, list[RecordedEvent]]:
+        """Every event of several streams, read at one point in time (see EventStore.read_streams)."""
+        ids = stream_id_list(stream_ids)
+        raw = _raw(decode)
+        if not ids:
+            return {}
+        args = (ids, raw) if raw else (ids,)
+        observer = self._observer
+        if observer is None:
+            return await self._read_streams(*args)
+        return await observed(observer, self, "read", ids, None, self._read_streams, args, _events_in,
+                              _stream_heads)
+
+    async def stream_version(self, stream_id: str) -> int:
+        ids = stream_id_list([stream_id])
+        return (await self._stream_versions(ids))[ids[0]]
+
+    async def stream_versions(self, stream_ids: Iterable[str]) -> dict[str, int]:
+        ids = stream_id_list(stream_ids)
+        if not ids:
+            return {}
+        return await self._stream_versions(ids)
+
+    def read_all(
+        self,
+        *,
+        after_position: int = 0,
+        types: Iterable[str | type] | None = None,
+        stream_prefix: str | None = None,
+        limit: int | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        decode: bool = True,
+    ) -> AsyncIterator[RecordedEvent]:
+        """Every event after `after_position`, in ascending global position, fetched page by page:
+        `async for event in store.read_all(...)` (see EventStore.read_all; arguments are checked here,
+        at the call). Each page is read on a connection of its own, released before the page's events
+        are handed out, so a loop that stops (break, cancellation) holds no connection."""
+        return self._iter_all(*read_all_args(after_position, types, stream_prefix, limit, page_size, decode))
+
+    async def _iter_all(self, after, names, prefix, limit, page_size, raw=False) -> AsyncIterator[RecordedEvent]:
+        remaining = limit
+        while remaining is None or remaining > 0:
+            n = page_size if remaining is None else min(page_size, remaining)
+            args = (after, names, prefix, n, raw) if raw else (after, names, prefix, n)
+            observer = self._observer
+            if observer is None:
+                page = await self._read_all_page(*args)
+            else:
+                page = await observed(observer, self, "read_all", None, None, self._read_all_page, args)
+            for event in page:
+                yield event
+            if len(page) < n:
+                return
+            after = page[-1].position
+            if remaining is not None:
+                remaining -= len(page)
+
+    async def head_position(self) -> int:
+        """The highest global position visible to readers (0 for an empty store)."""
+        return await self._head_position()
+
+    async def type_counts(self) -> list[tuple[str, int, int]]:
+        """(stored type name, type version, events) for every type stored (see EventStore.type_counts)."""
+        return [tuple(row) for row in await self._type_counts()]
+
+    @property
+    def command_cache(self) -> Any:
+        """The `ec.StateCache` that `eventcore.aio.execute` uses for this store unless told otherwise
+        (see EventStore.command_cache)."""
+        cache = self._command_cache
+        if cache is _NOT_MADE:
+            make = _command_cache_factory[0]
+            cache = self._command_cache = None if make is None else make()
+        return cache
+
+    @command_cache.setter
+    def command_cache(self, cache: Any) -> None:
+        self._command_cache = cache
+
+    # -- primitives -----------------------------------------------------------------
+
+    @abstractmethod
+    async def _append(self, prepared: PreparedAppend, /) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    async def _recorded_command_rows(self, key: str) -> list: ...
+
+    @abstractmethod
+    async def _read_stream(self, stream_id: str, from_version: int, limit: int | None,
+                           raw: bool = False) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    async def _read_streams(self, stream_ids: list[str], raw: bool = False) -> dict[str, list[RecordedEvent]]: ...
+
+    @abstractmethod
+    async def _stream_versions(self, stream_ids: list[str]) -> dict[str, int]: ...
+
+    @abstractmethod
+    async def _read_all_page(self, after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int,
+                             raw: bool = False) -> list[RecordedEvent]: ...
+
+    @abstractmethod
+    async def _head_position(self) -> int: ...
+
+    async def _type_counts(self) -> list:
+        raise NotImplementedError(f"{type(self).__name__} cannot count its types")
+
+    async def _read_all_rows(self, after: int, types: tuple[str, ...] | None, prefix: str | None,
+                             limit: int) -> list[tuple]:
+        raise NotImplementedError(f"{type(self).__name__} cannot read raw rows")
+
+    async def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
+                            progress: Any = None) -> tuple[int, int, dict]:
+        return await self._append_batch(prepare_ingest_batch(stream_ids, events, metadatas, expected, progress))
+
+    async def _ingest_progress(self, key: str) -> dict:
+        raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
+
+    async def _ingest_holes(self, key: str) -> set:
+        return await self._ingest_progress(key)  # raises the same refusal
+
+    async def _resume_keys(self, prefix: str) -> list:
+        return await self._ingest_progress(prefix)  # raises the same refusal
+
+    # -- life cycle ---------------------------------------------------------------
+
+    async def aclose(self) -> None:
+        """Release connections (and threads). The store cannot be used afterwards. Backends release
+        their own resources and then call this."""
+        self.closed = True
+        for dependant in list(self._dependants):
+            dependant._drop_store(self.instance)
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
