@@ -37,7 +37,7 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .. import _impl
 from ..errors import EventCoreError, StoreUnavailableError
 from ..events import RawEvent, RecordedEvent
-from ..stores.base import group_by_stream
+from ..stores.base import group_by_stream, prepare_ingest_batch
 from ..stores.dsn import DEFAULT_SCHEMA, redact
 from ..stores.prepare import PreparedAppend
 from ..stores.postgres import copy_writer, migrations
@@ -48,17 +48,12 @@ from ..stores.postgres.group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE
     _GroupCommitter
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
-    BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, check_progress, committed_rows, configure, group_outcomes,
+    BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, PostgresStore, check_progress, committed_rows, configure, group_outcomes,
     lost_check_only, no_connection_reason, outcome_unknown, pool_stats_of, progress_params, raise_write_error,
     read_error, reserve_params, split_url, write_each_alone,
 )
 from ..stores.postgres.watchdog import CLIENT_DEADLINE_MARGIN
 from .store import AsyncEventStore
-
-try:
-    from ..stores.base import prepare_ingest_batch
-except ImportError:  # pragma: no cover - until the base exposes it
-    prepare_ingest_batch = None  # type: ignore[assignment]
 
 log: logging.Logger = logging.getLogger("eventcore.store.postgres")
 
@@ -371,6 +366,14 @@ class AsyncPostgresStore(AsyncEventStore):
         await self._pool.close()
         await super().aclose()
 
+    def _open_sync_twin(self, pool_size: int) -> PostgresStore:
+        """A sync PostgresStore on this store's database and schema, with its options (what
+        eventcore.aio.run_projection runs a projector on)."""
+        return PostgresStore(self._dsn, schema=self.schema, pool_size=pool_size,
+                             pool_min_size=min(self.pool_min_size, pool_size), connect_timeout=self.connect_timeout,
+                             statement_timeout=self.statement_timeout, pool_timeout=self.pool_timeout, migrate=False,
+                             group_commit=False)
+
     # -- schema ----------------------------------------------------------------------
 
     async def migrate(self, *, reapply_functions: bool = False) -> int:
@@ -397,7 +400,8 @@ class AsyncPostgresStore(AsyncEventStore):
         try:
             yield conn
         except BaseException as exc:
-            if not isinstance(exc, psycopg.Error) or conn.pgconn.transaction_status != _IDLE:
+            if (not isinstance(exc, Exception) or isinstance(exc, TimeoutError)
+                    or conn.pgconn.transaction_status != _IDLE):
                 await conn.close()
             raise
         finally:
