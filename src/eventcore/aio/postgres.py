@@ -408,15 +408,21 @@ class AsyncPostgresStore(AsyncEventStore):
             await self._pool.putconn(conn)
 
     def _deadline(self, statements: int = 1):
-        """The client-side deadline of `statements` statements (TimeoutError once passed)."""
+        """The client-side deadline of a call of `statements` statements, its wait for a pooled connection
+        included (TimeoutError once passed): the sync store's watchdog's, on the loop's clock."""
         d = self._client_deadline
         return asyncio.timeout(None if d is None else statements * d)
 
-    def _no_answer(self, statements: int = 1) -> psycopg.OperationalError:
-        """What a call whose deadline passed failed with: a connection lost, as the sync store's watchdog makes it."""
+    def _no_answer(self, statements: int = 1, connected: bool = True) -> psycopg.OperationalError:
+        """What a call whose deadline passed failed with. Connected: its connection lost (closed by the
+        client, as the sync store's watchdog makes it), so a write's outcome is looked up; else no
+        connection came from the pool in time, and nothing was sent."""
+        seconds = statements * (self._client_deadline or 0)
+        if not connected:
+            return psycopg.OperationalError(f"no connection from the pool within the call's deadline ({seconds:.1f}s)")
         return psycopg.OperationalError(
-            f"no answer from PostgreSQL within {statements * (self._client_deadline or 0):.1f}s "
-            "(statement_timeout + margin): the client closed the connection")
+            f"no answer from PostgreSQL within {seconds:.1f}s (statement_timeout + margin): the client closed "
+            "the connection")
 
     # -- reading -------------------------------------------------------------------------
 
@@ -424,12 +430,13 @@ class AsyncPostgresStore(AsyncEventStore):
         """`run(conn, query, params)` on a pooled connection under the client-side deadline, its failures
         as eventcore's errors (those of the sync store's reads)."""
         query = self._sql.get(name_or_sql, name_or_sql)
+        conn = None
         try:
             try:
-                async with self._connection() as conn, self._deadline():
+                async with self._deadline(), self._connection() as conn:
                     return await run(conn, query, params)
             except TimeoutError as exc:
-                raise self._no_answer() from exc
+                raise self._no_answer(connected=conn is not None) from exc
         except (PoolTimeout, psycopg.Error) as exc:
             raise read_error(self, exc) from exc
 
@@ -489,11 +496,7 @@ class AsyncPostgresStore(AsyncEventStore):
     async def _append(self, p: PreparedAppend) -> list[RecordedEvent]:
         if self._group is not None:
             return await self._group.submit(p)
-        try:
-            result = (await self._append_group([p]))[0]
-        except asyncio.CancelledError as exc:
-            exc.add_note(cancelled_note(p, sent=True))
-            raise
+        result = (await self._append_group([p]))[0]
         if isinstance(result, BaseException):
             raise result
         return result
@@ -506,12 +509,15 @@ class AsyncPostgresStore(AsyncEventStore):
         statement = self._sql["append_one" if len(group) == 1 else "append_group"]
         try:
             try:
-                async with self._connection() as conn:
+                async with self._deadline(), self._connection() as conn:
                     backend = conn.info.backend_pid
-                    async with self._deadline():
-                        rows = await (await conn.execute(statement, (doc,))).fetchall()
+                    rows = await (await conn.execute(statement, (doc,))).fetchall()
             except TimeoutError as exc:
-                raise self._no_answer() from exc
+                raise self._no_answer(connected=backend is not None) from exc
+        except asyncio.CancelledError as exc:  # the caller's task (without group commit)
+            if len(group) == 1:
+                exc.add_note(cancelled_note(group[0], sent=backend is not None))
+            raise
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
                 out = []
@@ -548,7 +554,7 @@ class AsyncPostgresStore(AsyncEventStore):
         log.warning("connection lost during a write (backend %s); finding out whether it committed: %s",
                     backend_pid, cause)
         try:
-            async with self._connection() as conn, self._deadline(3):
+            async with self._deadline(3), self._connection() as conn:
                 if backend_pid is not None:
                     await conn.execute(QUERIES["terminate_backend"], (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
                     cur = await conn.execute(QUERIES["backend_alive"], (backend_pid,), prepare=False)
@@ -577,7 +583,7 @@ class AsyncPostgresStore(AsyncEventStore):
         backend = None
         try:
             try:
-                async with self._connection() as conn, self._deadline(3):
+                async with self._deadline(3), self._connection() as conn:
                     backend = conn.info.backend_pid
                     async with conn.transaction():
                         if progress is not None and progress.first:
@@ -593,7 +599,7 @@ class AsyncPostgresStore(AsyncEventStore):
                         event_ids = rows.event_ids
                         sent = True  # from here on, a lost connection may have committed
             except TimeoutError as exc:
-                raise self._no_answer(3) from exc
+                raise self._no_answer(3, connected=backend is not None) from exc
         except (pg_errors.Error, PoolTimeout) as exc:
             if sent and _connection_lost(exc):
                 found = await self._find_committed(event_ids, exc, backend)
