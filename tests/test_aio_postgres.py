@@ -82,7 +82,7 @@ def test_open_close_and_the_pool(pg_dsn, pg_schema):
             health = await store.health()
             assert health.ok, health.error
         assert store.closed
-        with pytest.raises(Exception):
+        with pytest.raises(ec.StoreUnavailableError):
             await store.head_position()
     run(main())
 
@@ -160,6 +160,29 @@ def test_sync_and_async_stores_share_one_schema(pg_dsn, pg_schema):
             assert _envelopes(await store.read_stream("a", from_version=2)) == _envelopes(written[2:])
             assert await store.read_stream("a", limit=0) == []
             assert await store.type_counts() == await asyncio.to_thread(sync.type_counts)
+    try:
+        run(main())
+    finally:
+        sync.close()
+
+
+def test_long_and_short_streams_read_as_the_sync_store_reads_them(pg_dsn, pg_schema):
+    sync = ec.connect(pg_dsn, schema=pg_schema)
+    sync.append_batch([ec.emit("long", Counted(i)) for i in range(700)] + [ec.emit("short", Counted(0))]
+                      + [ec.emit(f"mid-{i % 3}", Counted(i)) for i in range(300)])
+    reads = [{}, {"from_version": 300}, {"limit": 256}, {"limit": 257}, {"from_version": 2, "limit": 500},
+             {"from_version": 701}, {"decode": False}]
+
+    async def main():
+        async with await AsyncPostgresStore.open(pg_dsn, schema=pg_schema) as store:
+            for _ in range(2):  # the second time, "long" is known to be long: read by COPY at once
+                for kwargs in reads:
+                    assert _envelopes(await store.read_stream("long", **kwargs)) == _envelopes(
+                        sync.read_stream("long", **kwargs)), kwargs
+                for ids in (["short", "mid-0"], ["mid-0", "mid-1", "mid-2", "short"], ["long", "short"]):
+                    mine, theirs = await store.read_streams(ids), sync.read_streams(ids)
+                    assert {k: _envelopes(v) for k, v in mine.items()} == {k: _envelopes(v) for k, v in theirs.items()}
+            assert "long" in store._long_streams
     try:
         run(main())
     finally:

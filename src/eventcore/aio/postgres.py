@@ -24,6 +24,7 @@ import asyncio
 import logging
 import time
 import uuid
+from collections import deque
 from contextlib import asynccontextmanager
 from typing import Any, AsyncIterator
 
@@ -43,12 +44,14 @@ from ..stores.prepare import PreparedAppend
 from ..stores.postgres import copy_writer, migrations
 from ..stores.postgres.connections import RECONNECT_TIMEOUT, _Connections, _connection_lost, _one_line, \
     _session_options
-from ..stores.postgres.copy_reader import DECODE_AFTER_ROWS, split_part
+from ..stores.postgres.copy_reader import _BINARY, _DUPLICATE_STATEMENT, _TUPLES_OK, _UNDEFINED_STATEMENT, \
+    DECODE_AFTER_ROWS, split_part
 from ..stores.postgres.group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE_EMPTY_MEMBER, _encode_group, \
     _GroupCommitter
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
-    BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, PostgresStore, check_progress, committed_rows, configure, group_outcomes,
+    _PREPARED_READS, BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
+    _remember_long, _text_array, remember_longest, check_progress, committed_rows, configure, group_outcomes,
     lost_check_only, no_connection_reason, outcome_unknown, pool_stats_of, progress_params, raise_write_error,
     read_error, reserve_params, split_url, write_each_alone,
 )
@@ -118,14 +121,18 @@ class _AsyncGroupCommitter(_GroupCommitter):
         try:
             return await req.done
         except asyncio.CancelledError as exc:
-            queued = req in self._queue
-            if queued:
+            if not req.lead and req in self._queue:
                 self._queue.remove(req)
-            exc.add_note(cancelled_note(prepared, sent=not queued))
+            exc.add_note(cancelled_note(prepared, sent=req.lead))
             raise
 
     def _start(self, own) -> None:
+        """Write `own` and the appends queued (those still waiting) as one group, on a task of its own."""
+        if self._queue:
+            self._queue = deque(r for r in self._queue if not r.done.done())
         group = self._take(own)
+        for r in group:
+            r.lead = True  # here: taken into a group, sent with it
         task = asyncio.get_running_loop().create_task(self._write(group), name="eventcore-pg-group-commit")
         self._writing.add(task)
         task.add_done_callback(self._writing.discard)
@@ -148,8 +155,13 @@ class _AsyncGroupCommitter(_GroupCommitter):
                     r.done.set_exception(res)
                 else:
                     r.done.set_result(res)
-        if self._queue and cancelled is None:
-            self._start(self._queue.popleft())  # the token goes on to the next group
+        heir = None
+        while self._queue and cancelled is None and heir is None:
+            heir = self._queue.popleft()
+            if heir.done.done():  # cancelled while queued: nothing of it is sent
+                heir = None
+        if heir is not None:
+            self._start(heir)  # the token goes on to the next group
         else:
             self._free += 1
         if cancelled is not None:
@@ -161,14 +173,63 @@ class _AsyncGroupCommitter(_GroupCommitter):
             await asyncio.gather(*list(self._writing), return_exceptions=True)
 
 
-async def _readable(fd: int) -> None:
+async def _readable(fd: int, or_writable: bool = False) -> None:
+    """Until `fd` can be read (or written, with `or_writable`: libpq's rule while a send is unflushed)."""
     loop = asyncio.get_running_loop()
     fut = loop.create_future()
-    loop.add_reader(fd, lambda: fut.done() or fut.set_result(None))
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    loop.add_reader(fd, ready)
+    if or_writable:
+        loop.add_writer(fd, ready)
     try:
         await fut
     finally:
         loop.remove_reader(fd)
+        if or_writable:
+            loop.remove_writer(fd)
+
+
+async def _result(conn, pgconn, send, args):
+    """copy_reader._result, awaiting the socket: send one statement, wait for its one result."""
+    send(*args)
+    while pgconn.flush():
+        await _readable(pgconn.socket, or_writable=True)
+        pgconn.consume_input()
+    return await _results(conn, pgconn, (_TUPLES_OK, _COMMAND_OK))
+
+
+async def read_prepared(conn: psycopg.AsyncConnection, name: bytes, query: str, params: list) -> pq.abc.PGresult:
+    """copy_reader.read_prepared on an AsyncConnection: the result (values in binary) of `query` run as the
+    connection's prepared statement `name`, prepared on first use (again, once, if the server lost it)."""
+    if conn.info.encoding != "utf-8":
+        await conn.execute("SET client_encoding TO 'UTF8'")
+    prepared = conn.__dict__.setdefault("eventcore_prepared", set())
+    pgconn = conn.pgconn
+    for attempt in (1, 2):
+        if name not in prepared:
+            await prepare(conn, name, query)
+        try:
+            return await _result(conn, pgconn, pgconn.send_query_prepared, (name, params, None, _BINARY))
+        except Exception as exc:
+            if getattr(exc, "sqlstate", None) != _UNDEFINED_STATEMENT or attempt == 2:
+                raise
+            prepared.discard(name)
+    raise AssertionError("unreachable")
+
+
+async def prepare(conn: psycopg.AsyncConnection, name: bytes, query: str) -> None:
+    """copy_reader.prepare on an AsyncConnection."""
+    pgconn = conn.pgconn
+    try:
+        await _result(conn, pgconn, pgconn.send_prepare, (name, query.encode()))
+    except Exception as exc:
+        if getattr(exc, "sqlstate", None) != _DUPLICATE_STATEMENT:
+            raise
+    conn.__dict__.setdefault("eventcore_prepared", set()).add(name)
 
 
 async def _results(conn, pgconn, ok: tuple):
@@ -341,6 +402,8 @@ class AsyncPostgresStore(AsyncEventStore):
             await conn.execute(self._sql["append_group"], (_EMPTY_GROUP,))
             await conn.execute(self._sql["append_one"], (_LONE_EMPTY_MEMBER,))
             await conn.execute(self._sql["reserve"], ([], [], [], 0))
+            for name in _PREPARED_READS:
+                await prepare(conn, _prepared_name(name), self._sql[name])
         except psycopg.Error:
             pass
 
@@ -465,12 +528,39 @@ class AsyncPostgresStore(AsyncEventStore):
     async def _resume_keys(self, prefix):
         return [key for (key,) in await self._fetch("resume_keys", (prefix,))]
 
+    async def _prepared_read(self, name: str, params: list, raw: bool) -> list[RecordedEvent]:
+        """The events of one of the sync store's _PREPARED_READS: prepared, fetched in binary."""
+        statement = _prepared_name(name)
+
+        async def run(conn, query, values):
+            return await read_prepared(conn, statement, query, values)
+        return _impl.decode_copy(_impl.copy_from_result(await self._read(run, name, params)), raw)
+
     async def _read_stream(self, stream_id, from_version, limit, raw=False):
-        return await self._copy_events("read_stream", (stream_id, from_version, limit), raw)
+        # As PostgresStore._read_stream: FIRST_ROWS events by prepared statement, the rest by COPY from
+        # the next version; a stream known to be long by COPY at once.
+        long = self._long_streams
+        if stream_id in long and (limit is None or limit > FIRST_ROWS):
+            return await self._copy_events("read_stream", (stream_id, from_version, limit), raw)
+        first = FIRST_ROWS if limit is None else min(limit, FIRST_ROWS)
+        events = await self._prepared_read(
+            "read_stream_first", [stream_id.encode(), b"%d" % from_version, b"%d" % first], raw)
+        if len(events) == FIRST_ROWS and limit != FIRST_ROWS:
+            events += await self._copy_events(
+                "read_stream", (stream_id, events[-1].version + 1, None if limit is None else limit - FIRST_ROWS), raw)
+            _remember_long(long, (stream_id,))
+        return events
 
     async def _read_streams(self, stream_ids, raw=False):
+        if len(stream_ids) == 1:
+            return {stream_ids[0]: await self._read_stream(stream_ids[0], 1, None, raw)}
         # One statement: the streams are read at one point in time (the executor counts on it).
-        return group_by_stream(stream_ids, await self._copy_events("read_streams", (stream_ids,), raw))
+        if any(s in self._long_streams for s in stream_ids):
+            return group_by_stream(stream_ids, await self._copy_events("read_streams", (stream_ids,), raw))
+        out = group_by_stream(stream_ids, await self._prepared_read("read_streams_prepared",
+                                                                    [_text_array(stream_ids)], raw))
+        remember_longest(self._long_streams, out)
+        return out
 
     async def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

@@ -114,6 +114,20 @@ def _remember_long(long: set, stream_ids) -> None:
     long.update(stream_ids)
 
 
+def remember_longest(long: set, out: dict) -> None:
+    """After a read of several streams by prepared statement (`out`: stream -> events): if it was long,
+    its longest streams, until the others fit, are read by COPY next time."""
+    left = sum(map(len, out.values()))
+    if left > FIRST_ROWS:
+        longest = []
+        for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
+            if left <= FIRST_ROWS:
+                break
+            longest.append(s)
+            left -= len(out[s])
+        _remember_long(long, longest)
+
+
 def _text_array(items) -> bytes:
     """A text[] literal of `items` (stream ids: no NUL, checked by StreamId), for a text-format parameter."""
     return ("{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}").encode()
@@ -750,15 +764,7 @@ class PostgresStore(EventStore):
         if any(s in long for s in stream_ids):
             return group_by_stream(stream_ids, self._copy_events("read_streams", (stream_ids,), raw))
         out = group_by_stream(stream_ids, self._prepared_read("read_streams_prepared", [_text_array(stream_ids)], raw))
-        left = sum(map(len, out.values()))
-        if left > FIRST_ROWS:  # long: its longest streams, until the others fit, are read by COPY next time
-            longest = []
-            for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
-                if left <= FIRST_ROWS:
-                    break
-                longest.append(s)
-                left -= len(out[s])
-            _remember_long(long, longest)
+        remember_longest(long, out)
         return out
 
     def _stream_versions(self, stream_ids):
