@@ -518,6 +518,9 @@ def test_wait_for_events_wakes_on_another_stores_append(pg_dsn, pg_schema):
 
     async def main():
         async with await AsyncPostgresStore.open(pg_dsn, schema=pg_schema) as store:
+            health = await store.health()
+            assert health.ok and [p["name"] for p in health.projections] == ["aio-test"]
+            assert health.projections == (await asyncio.to_thread(sync.health)).projections
             store.poll_interval = 60  # only a notification can end the wait early
             assert await store.wait_for_events(0, 0.2) is False
             head = await store.head_position()

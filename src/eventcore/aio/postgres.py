@@ -38,9 +38,10 @@ from psycopg_pool import AsyncConnectionPool, PoolTimeout
 from .. import _impl
 from ..errors import EventCoreError, StoreUnavailableError
 from ..events import RawEvent, RecordedEvent
-from ..stores.base import group_by_stream, prepare_ingest_batch
+from ..stores.base import group_by_stream, prepare_ingest_batch, projection_health
 from ..stores.dsn import DEFAULT_SCHEMA, redact
 from ..stores.prepare import PreparedAppend
+from ..stores.projection_storage import PENDING_CAP
 from ..stores.postgres import copy_writer, migrations
 from ..stores.postgres.connections import RECONNECT_TIMEOUT, _Connections, _connection_lost, _one_line, \
     _session_options
@@ -48,6 +49,7 @@ from ..stores.postgres.copy_reader import _BINARY, _DUPLICATE_STATEMENT, _TUPLES
     DECODE_AFTER_ROWS, split_part
 from ..stores.postgres.group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE_EMPTY_MEMBER, _encode_group, \
     _GroupCommitter
+from ..stores.postgres.projections import checkpoint_records, status_params
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
     _PREPARED_READS, BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
@@ -437,6 +439,17 @@ class AsyncPostgresStore(AsyncEventStore):
                              statement_timeout=self.statement_timeout, pool_timeout=self.pool_timeout, migrate=False,
                              group_commit=False)
 
+    async def _projection_checkpoints(self) -> list[dict[str, Any]]:
+        """StoreHealth.projections: the projectors' checkpoints, read as the sync store's status does
+        (in a transaction with JIT off, see stores.postgres.projections._fetch)."""
+        async def run(conn, query, params):
+            async with conn.transaction():
+                await conn.execute("SET LOCAL jit = off")
+                return await (await conn.execute(query, params)).fetchall()
+        query = q(PROJECTION_QUERIES["status"], self.schema).as_string(None)
+        rows = await self._read(run, query, status_params(self.schema, None, PENDING_CAP))
+        return projection_health(checkpoint_records(rows))
+
     # -- schema ----------------------------------------------------------------------
 
     async def migrate(self, *, reapply_functions: bool = False) -> int:
@@ -593,7 +606,17 @@ class AsyncPostgresStore(AsyncEventStore):
 
     async def _append_group(self, group: list) -> list:
         """PostgresStore._append_group: one transaction, one round trip, for one or several appends on
-        distinct streams; each member's recorded events or exception, in order."""
+        distinct streams; each member's recorded events or exception, in order. Cancelled (the caller's
+        task, without group commit), its CancelledError says whether the append was sent."""
+        sent: list = []
+        try:
+            return await self._write_group(group, sent)
+        except asyncio.CancelledError as exc:
+            if len(group) == 1:
+                exc.add_note(cancelled_note(group[0], sent=bool(sent)))
+            raise
+
+    async def _write_group(self, group: list, sent: list) -> list:
         doc = _encode_group(group)
         backend = None  # set once the append may have reached the server
         statement = self._sql["append_one" if len(group) == 1 else "append_group"]
@@ -601,13 +624,10 @@ class AsyncPostgresStore(AsyncEventStore):
             try:
                 async with self._deadline(), self._connection() as conn:
                     backend = conn.info.backend_pid
+                    sent.append(backend)
                     rows = await (await conn.execute(statement, (doc,))).fetchall()
             except TimeoutError as exc:
                 raise self._no_answer(connected=backend is not None) from exc
-        except asyncio.CancelledError as exc:  # the caller's task (without group commit)
-            if len(group) == 1:
-                exc.add_note(cancelled_note(group[0], sent=backend is not None))
-            raise
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
                 out = []
