@@ -26,7 +26,7 @@ import time
 import uuid
 from collections import deque
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 import psycopg
 from psycopg import errors as pg_errors
@@ -67,6 +67,53 @@ _IDLE = pq.TransactionStatus.IDLE
 #: How often `wait_for_events` looks at the head when no notification comes (appends notify only while a
 #: listening projector's lease lasts, and a pooler may drop LISTEN): the sync projections' poll_interval.
 POLL_INTERVAL = 1.0
+# Statements without the schema (Any: psycopg's types ask for literal strings).
+_TERMINATE_BACKEND: Any = QUERIES["terminate_backend"]
+_BACKEND_ALIVE: Any = QUERIES["backend_alive"]
+_CHANNEL: Any = PROJECTION_QUERIES["channel"]
+
+
+_asyncio_timeout = getattr(asyncio, "timeout", None)
+
+
+def _timeout(delay: float | None) -> Any:
+    """asyncio.timeout(delay) (Python 3.11+), or the same for this module's use (one deadline per call)."""
+    if _asyncio_timeout is not None:
+        return _asyncio_timeout(delay)
+    return _timeout_before_311(delay)
+
+
+@asynccontextmanager
+async def _timeout_before_311(delay: float | None) -> AsyncIterator[None]:
+    if delay is None:
+        yield
+        return
+    task = asyncio.current_task()
+    fired: list = []
+
+    def fire() -> None:
+        fired.append(True)
+        if task is not None:
+            task.cancel()
+
+    handle = asyncio.get_running_loop().call_later(delay, fire)
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        if fired:
+            raise TimeoutError from exc
+        raise
+    finally:
+        handle.cancel()
+
+
+def _add_note(exc: BaseException, note: str) -> None:
+    """exc.add_note(note) (Python 3.11+), or its attribute where there is no add_note."""
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(note)
+    else:
+        exc.__notes__ = [*getattr(exc, "__notes__", ()), note]  # type: ignore[attr-defined]
 
 
 def cancelled_note(p: PreparedAppend, sent: bool) -> str:
@@ -98,7 +145,7 @@ class _AsyncConnections(_Connections):
                 records._error = None
                 return conn
 
-        self.connection_class = Connection  # type: ignore[assignment]
+        self.async_connection_class: type[psycopg.AsyncConnection[Any]] = Connection
 
 
 class _AsyncGroupCommitter(_GroupCommitter):
@@ -113,7 +160,7 @@ class _AsyncGroupCommitter(_GroupCommitter):
         self._writing: set[asyncio.Task] = set()
 
     async def submit(self, prepared: PreparedAppend) -> list[RecordedEvent]:  # type: ignore[override]
-        req = self._Request(prepared)
+        req: Any = self._Request(prepared)
         req.done = asyncio.get_running_loop().create_future()
         if self._free > 0:
             self._free -= 1
@@ -125,7 +172,7 @@ class _AsyncGroupCommitter(_GroupCommitter):
         except asyncio.CancelledError as exc:
             if not req.lead and req in self._queue:
                 self._queue.remove(req)
-            exc.add_note(cancelled_note(prepared, sent=req.lead))
+            _add_note(exc, cancelled_note(prepared, sent=req.lead))
             raise
 
     def _start(self, own) -> None:
@@ -175,6 +222,11 @@ class _AsyncGroupCommitter(_GroupCommitter):
             await asyncio.gather(*list(self._writing), return_exceptions=True)
 
 
+async def _one_row(cur: Any) -> tuple:
+    """The row of a statement that returns exactly one."""
+    return cast(tuple, await cur.fetchone())
+
+
 async def _readable(fd: int, or_writable: bool = False) -> None:
     """Until `fd` can be read (or written, with `or_writable`: libpq's rule while a send is unflushed)."""
     loop = asyncio.get_running_loop()
@@ -215,7 +267,8 @@ async def read_prepared(conn: psycopg.AsyncConnection, name: bytes, query: str, 
         if name not in prepared:
             await prepare(conn, name, query)
         try:
-            return await _result(conn, pgconn, pgconn.send_query_prepared, (name, params, None, _BINARY))
+            return cast(pq.abc.PGresult,
+                        await _result(conn, pgconn, pgconn.send_query_prepared, (name, params, None, _BINARY)))
         except Exception as exc:
             if getattr(exc, "sqlstate", None) != _UNDEFINED_STATEMENT or attempt == 2:
                 raise
@@ -254,7 +307,7 @@ async def _results(conn, pgconn, ok: tuple):
     return out
 
 
-async def read_copy_decoded(conn: psycopg.AsyncConnection, query: str, params, decode) -> list:
+async def read_copy_decoded(conn: psycopg.AsyncConnection, query: Any, params, decode) -> list:
     """copy_reader.read_copy_decoded on an AsyncConnection: the events of a COPY ... TO STDOUT (FORMAT
     BINARY), each part decoded as soon as it has arrived (see split_part), while the server sends the next.
     Interrupted (cancelled, or past its deadline) mid-COPY, the connection is closed: it cannot be reused."""
@@ -314,6 +367,16 @@ class AsyncPostgresStore(AsyncEventStore):
     connect_timeout: float
     statement_timeout: float
     pool_timeout: float
+    # Set by configure(), as PostgresStore's (see there).
+    _dsn: str
+    _dsn_options: str
+    _keepalives: dict[str, Any]
+    _application_name: dict[str, str]
+    _long_streams: set[str]
+    #: Statements rendered for the schema (Any: psycopg's types ask for literal strings).
+    _sql: dict[str, Any]
+    _read_all_sql: dict[tuple[bool, bool], Any]
+    _connect_kwargs: dict[str, Any]
     #: Seconds between looks at the head while `wait_for_events` hears nothing.
     poll_interval: float = POLL_INTERVAL
 
@@ -348,13 +411,13 @@ class AsyncPostgresStore(AsyncEventStore):
         self._client_deadline: float | None = None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4)
         self._group = _AsyncGroupCommitter(self, GROUPS_IN_FLIGHT) if group_commit else None
         self._connections = _AsyncConnections(dsn)
-        self._pool = AsyncConnectionPool(
+        self._pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
             dsn,
             min_size=self.pool_min_size,
             max_size=self.pool_size,
             timeout=self.pool_timeout,
             kwargs=self._connect_kwargs,
-            connection_class=self._connections.connection_class,
+            connection_class=self._connections.async_connection_class,
             open=False,
             name=f"eventcore:{self.schema}",
             configure=self._warm_up,
@@ -487,7 +550,7 @@ class AsyncPostgresStore(AsyncEventStore):
         """The client-side deadline of a call of `statements` statements, its wait for a pooled connection
         included (TimeoutError once passed): the sync store's watchdog's, on the loop's clock."""
         d = self._client_deadline
-        return asyncio.timeout(None if d is None else statements * d)
+        return _timeout(None if d is None else statements * d)
 
     def _no_answer(self, statements: int = 1, connected: bool = True) -> psycopg.OperationalError:
         """What a call whose deadline passed failed with. Connected: its connection lost (closed by the
@@ -502,7 +565,7 @@ class AsyncPostgresStore(AsyncEventStore):
 
     # -- reading -------------------------------------------------------------------------
 
-    async def _read(self, run, name_or_sql, params: tuple):
+    async def _read(self, run, name_or_sql, params: Any):
         """`run(conn, query, params)` on a pooled connection under the client-side deadline, its failures
         as eventcore's errors (those of the sync store's reads)."""
         query = self._sql.get(name_or_sql, name_or_sql)
@@ -613,7 +676,7 @@ class AsyncPostgresStore(AsyncEventStore):
             return await self._write_group(group, sent)
         except asyncio.CancelledError as exc:
             if len(group) == 1:
-                exc.add_note(cancelled_note(group[0], sent=bool(sent)))
+                _add_note(exc, cancelled_note(group[0], sent=bool(sent)))
             raise
 
     async def _write_group(self, group: list, sent: list) -> list:
@@ -630,7 +693,7 @@ class AsyncPostgresStore(AsyncEventStore):
                 raise self._no_answer(connected=backend is not None) from exc
         except (pg_errors.Error, PoolTimeout) as exc:
             if backend is not None and _connection_lost(exc):
-                out = []
+                out: list = []
                 for p in group:  # the backend is ended once, by the first lookup
                     try:
                         out.append(await self._resolve_ambiguous(p, exc, backend))
@@ -666,9 +729,9 @@ class AsyncPostgresStore(AsyncEventStore):
         try:
             async with self._deadline(3), self._connection() as conn:
                 if backend_pid is not None:
-                    await conn.execute(QUERIES["terminate_backend"], (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
-                    cur = await conn.execute(QUERIES["backend_alive"], (backend_pid,), prepare=False)
-                    if (await cur.fetchone())[0]:
+                    await conn.execute(_TERMINATE_BACKEND, (backend_pid, BACKEND_GONE_TIMEOUT_MS), prepare=False)
+                    cur = await conn.execute(_BACKEND_ALIVE, (backend_pid,), prepare=False)
+                    if (await _one_row(cur))[0]:
                         raise unknown from cause
                 cur = await conn.execute(self._sql["event_by_id"], (uuid.UUID(bytes=event_ids[0]),))
                 found = await cur.fetchall()
@@ -698,11 +761,11 @@ class AsyncPostgresStore(AsyncEventStore):
                     async with conn.transaction():
                         if progress is not None and progress.first:
                             await conn.execute(self._sql["ingest_key_lock"], (progress.key,))
-                        before, first, at_us = await (await conn.execute(self._sql["reserve"], reserve)).fetchone()
-                        heads = dict(zip(streams, before or ()))  # no events: reserve returns no heads
+                        before, first, at_us = await _one_row(await conn.execute(self._sql["reserve"], reserve))
+                        heads: dict[str, int] = dict(zip(streams, before or ()))  # no events: no heads
                         if progress is not None:
                             cur = await conn.execute(self._sql["record_progress"], progress_params(progress))
-                            check_progress(progress, await cur.fetchone())
+                            check_progress(progress, await _one_row(cur))
                         async with conn.cursor().copy(self._sql["copy_events"]) as copy:
                             for buf in copy_writer.buffers(rows, first, heads, at_us):
                                 await copy.write(buf)
@@ -750,21 +813,22 @@ class AsyncPostgresStore(AsyncEventStore):
                 continue
             try:
                 await asyncio.wait_for(wake.wait(), min(left, self.poll_interval))
-            except TimeoutError:
+            except asyncio.TimeoutError:
                 pass
 
     async def _listen(self) -> None:
         """The listener task running and LISTENing (or, if it cannot connect, none: callers poll)."""
-        if self._listener is not None and not self._listener.done():
-            await asyncio.shield(self._listening)
+        listening = self._listening
+        if self._listener is not None and not self._listener.done() and listening is not None:
+            await asyncio.shield(listening)
             return
         if self.closed:
             raise StoreUnavailableError("the store is closed")
         loop = asyncio.get_running_loop()
-        self._listening = loop.create_future()
+        self._listening = listening = loop.create_future()
         self._wake = asyncio.Event()
-        self._listener = loop.create_task(self._listen_loop(self._listening), name="eventcore-pg-listen")
-        await asyncio.shield(self._listening)
+        self._listener = loop.create_task(self._listen_loop(listening), name="eventcore-pg-listen")
+        await asyncio.shield(listening)
 
     async def _listen_loop(self, listening: asyncio.Future) -> None:
         conn = None
@@ -776,7 +840,7 @@ class AsyncPostgresStore(AsyncEventStore):
                 application_name=f"eventcore-listen:{self.schema}"[:63], client_encoding="UTF8",
                 **self._keepalives)
             events = pgsql.SQL("{}.events").format(pgsql.Identifier(self.schema)).as_string(conn)
-            channel = (await (await conn.execute(PROJECTION_QUERIES["channel"], (events,))).fetchone())[0]
+            channel = (await _one_row(await conn.execute(_CHANNEL, (events,))))[0]
             if channel is None:
                 raise EventCoreError(f"schema {self.schema!r} has no events table: run `eventcore migrate`")
             await conn.execute(pgsql.SQL("LISTEN {}").format(pgsql.Identifier(channel)))

@@ -22,7 +22,7 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 from contextlib import contextmanager
 from urllib.parse import parse_qsl
 
@@ -177,7 +177,7 @@ def no_connection_reason(connections: _Connections, waited: float) -> str:
     return f"no connection within {waited}s"
 
 
-def raise_write_error(store, exc: Exception):
+def raise_write_error(store, exc: Exception) -> NoReturn:
     """Translate a failed write of `store` whose outcome is known (nothing was written) into eventcore's errors."""
     if isinstance(exc, PoolTimeout):
         raise StoreUnavailableError(
@@ -241,7 +241,7 @@ def progress_params(progress) -> tuple:
             progress.lane, key, progress.lanes)
 
 
-def check_progress(progress, row: tuple) -> None:
+def check_progress(progress, row: Any) -> None:
     """`record_progress`'s answer: raises if another run recorded the key with another lane count, or
     moved this lane's count or filled one of its holes."""
     counted, filled, differ = row
@@ -315,13 +315,13 @@ def configure(store, dsn: str, schema, pool_size, pool_min_size, connect_timeout
     """The store's options checked and set on `store` (a PostgresStore, or eventcore.aio's), with what
     follows from them: statements rendered for its schema, the keyword arguments of its connections.
     Returns (group_commit, migrate)."""
-    store.schema: str = _schema_name(schema)
-    store.pool_size: int = count("pool_size", pool_size, 1, text=True)
-    store.pool_min_size: int = min(count("pool_min_size", pool_min_size, 0, text=True), store.pool_size)
-    store.connect_timeout: float = seconds("connect_timeout", connect_timeout, text=True)
-    store.statement_timeout: float = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
+    store.schema = _schema_name(schema)
+    store.pool_size = count("pool_size", pool_size, 1, text=True)
+    store.pool_min_size = min(count("pool_min_size", pool_min_size, 0, text=True), store.pool_size)
+    store.connect_timeout = seconds("connect_timeout", connect_timeout, text=True)
+    store.statement_timeout = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
                                       maximum=MAX_STATEMENT_TIMEOUT)
-    store.pool_timeout: float = seconds("pool_timeout", pool_timeout, text=True)
+    store.pool_timeout = seconds("pool_timeout", pool_timeout, text=True)
     store._dsn = dsn
     given = _conninfo(dsn)
     #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
@@ -331,7 +331,7 @@ def configure(store, dsn: str, schema, pool_size, pool_min_size, connect_timeout
     # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
     store._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
     #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
-    store._long_streams: set[str] = set()
+    store._long_streams = set()
     group_commit = boolean("group_commit", group_commit)
     migrate = boolean("migrate", migrate)
     # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
@@ -377,12 +377,25 @@ class PostgresStore(EventStore):
     #: one on a 2-core server (1,000,000 lines: 130k against 98k events/s, 2026-12-07), as two raw COPY
     #: streams do (1.44-1.54x). More only pays with more server cores: --parallel N.
     default_ingest_lanes = 2
+    # Set by configure():
     schema: str
     pool_size: int
     pool_min_size: int
     connect_timeout: float
     statement_timeout: float
     pool_timeout: float
+    _dsn: str
+    #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
+    #: every connection the store makes passes them after its own (see _session_options).
+    _dsn_options: str
+    _keepalives: dict[str, Any]
+    _application_name: dict[str, str]
+    #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
+    _long_streams: set[str]
+    _sql: dict[str, str]
+    _read_all_sql: dict[tuple[bool, bool], str]
+    #: What every connection of the store is made with, the first one's included.
+    _connect_kwargs: dict[str, Any]
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
@@ -631,7 +644,7 @@ class PostgresStore(EventStore):
             out.append(result)
         return out
 
-    def _raise_write_error(self, exc: Exception):
+    def _raise_write_error(self, exc: Exception) -> NoReturn:
         raise_write_error(self, exc)
 
     def _find_committed(self, event_ids: list, cause: Exception, backend_pid: int | None) -> list[tuple]:
