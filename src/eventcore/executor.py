@@ -736,7 +736,7 @@ def check_arguments(store_class: type, store: Any, command: Any, retry: Any, met
     if timeout is not None:  # longer than a lock can wait: waits as long as it can (see _execute)
         timeout = seconds("timeout", timeout, maximum=math.inf)
     if cache is STORE_CACHE:
-        cache = store.command_cache
+        cache = getattr(store, "command_cache")  # noqa: B009 - any store class (sync or asyncio)
         if cache is not None and not isinstance(cache, StateCache):
             raise ValidationError(f"store.command_cache must be an ec.StateCache or None, got {_described(cache)}")
     elif cache is not None and not isinstance(cache, StateCache):
@@ -809,10 +809,13 @@ def _drive(store, steps) -> Any:
             error = exc
 
 
-def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock):
+def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock,
+           ambiguous: list | None = None):
     """Every attempt of one command, as a generator of steps (see READ); returns its ExecutionResult.
-    `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time)."""
-    ambiguous: list = []  # under a key: the errors of attempts whose write may have committed
+    `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time). `ambiguous`
+    collects, under a key, the errors of attempts whose write may have committed."""
+    if ambiguous is None:
+        ambiguous = []
     try:
         return (yield from _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
                                      obs, key, ambiguous, clock))

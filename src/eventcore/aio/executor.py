@@ -8,8 +8,8 @@ asyncio locks (as threads do on the executor's stripe locks), back-off sleeps ar
 and the timeout runs on the loop's clock and bounds the whole call, lock and pool waits included.
 
 Cancellation: a task cancelled (or timed out) while its append is in flight may or may not have
-committed it; the store holds all of that append's events or none. The CancelledError carries a note
-saying so and a timeout is CommandTimeoutError(maybe_committed=True); running the command again with
+committed it; the store holds all of that append's events or none. The CancelledError then has
+`maybe_committed = True` (and a note saying so), a timeout is CommandTimeoutError(maybe_committed=True); running the command again with
 the same idempotency key settles it (`ExecutionResult.replayed`). Cancelled anywhere else, nothing was
 written.
 """
@@ -33,10 +33,12 @@ from .store import AsyncEventStore
 class _InFlight:
     """Whether the append of a command is in flight (sent, its outcome not yet known)."""
 
-    __slots__ = ("append",)
+    __slots__ = ("append", "ambiguous")
 
     def __init__(self) -> None:
         self.append = False
+        #: The errors of earlier attempts whose write may have committed (under an idempotency key).
+        self.ambiguous: list = []
 
 
 async def execute(
@@ -70,9 +72,9 @@ async def execute(
 def _stream_locks(store: AsyncEventStore, streams: list) -> list:
     """The asyncio locks of these streams of this store, in one global order (no two commands wait
     for each other in a cycle); made on first use, so a store costs nothing for streams never used."""
-    locks = store.__dict__.get("_task_locks")
+    locks = store._task_locks
     if locks is None:
-        locks = store.__dict__["_task_locks"] = {}
+        locks = store._task_locks = {}
     out = []
     for k in sorted({hash(sid) % STREAM_LOCK_STRIPES for sid in streams}):
         lock = locks.get(k)
@@ -82,41 +84,82 @@ def _stream_locks(store: AsyncEventStore, streams: list) -> list:
     return out
 
 
+class _Deadline:
+    """Cancels the task running a command at `when` (the loop's clock; None: never), and says whether
+    it did: asyncio.timeout_at's work, which Python 3.10 lacks."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, when: float | None) -> None:
+        self.expired = False
+        self._task = asyncio.current_task()
+        self._handle = None if when is None else loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self.expired = True
+        if self._task is not None:
+            self._task.cancel()
+
+    def cancel(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+
+
 async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
     streams = declared_streams(command) if obs is None else obs.streams
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
     in_flight = _InFlight()
+    bound = _Deadline(loop, deadline)
+    held = []
     try:
-        async with asyncio.timeout_at(deadline) as bound:
-            held = []
-            try:
-                for lock in _stream_locks(store, streams):
-                    await lock.acquire()
-                    held.append(lock)
-                entry = None if cache is None else cache._folded_entry_for(
-                    store, (store.instance, type(command), tuple(streams)))
-                return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline,
-                                                  entry, cache, obs, key, loop.time), in_flight)
-            finally:
-                for lock in reversed(held):
-                    lock.release()
-    except TimeoutError as exc:
-        if not bound.expired():
-            raise
-        name = type(command).__name__
-        if in_flight.append:
-            raise CommandTimeoutError(
-                f"{name} timed out after {timeout}s while its append was in flight: it may have committed (all of "
-                "its events or none); run the command again with the same idempotency key to settle it",
-                maybe_committed=True) from exc
-        raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from exc
+        for lock in _stream_locks(store, streams):
+            await lock.acquire()
+            held.append(lock)
+        entry = None if cache is None else cache._folded_entry_for(store, (store.instance, type(command), tuple(streams)))
+        return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
+                                          obs, key, loop.time, in_flight.ambiguous), in_flight)
     except asyncio.CancelledError as exc:
-        if in_flight.append:
-            exc.add_note(f"eventcore: {type(command).__name__} was cancelled while its append was in flight: it may "
-                         "have committed (all of its events or none); run the command again with the same "
-                         "idempotency key to settle it")
-        raise
+        unsure = in_flight.append or bool(in_flight.ambiguous)
+        cancelled_by_caller = not bound.expired or _cancelling(bound._task) > 1
+        if cancelled_by_caller:
+            if unsure:
+                _maybe_committed(exc, command)
+            raise
+        _uncancel(bound._task)
+        name = type(command).__name__
+        if unsure:
+            raise CommandTimeoutError(
+                f"{name} timed out after {timeout}s while a write of it was unsettled: it may have committed (all of "
+                "its events or none); run the command again with the same idempotency key to settle it",
+                maybe_committed=True) from None
+        raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from None
+    finally:
+        bound.cancel()
+        for lock in reversed(held):
+            lock.release()
+
+
+def _cancelling(task: Any) -> int:
+    """Cancellation requests pending on `task` (Python 3.11+; 1 before: the deadline's own)."""
+    cancelling = getattr(task, "cancelling", None)
+    return 1 if cancelling is None else cancelling()
+
+
+def _uncancel(task: Any) -> None:
+    """Withdraw the deadline's own cancellation request (3.11+ counts them; a later one still cancels)."""
+    uncancel = getattr(task, "uncancel", None)
+    if uncancel is not None:
+        uncancel()
+
+
+def _maybe_committed(exc: BaseException, command: Command) -> None:
+    """Mark a CancelledError raised while the command's append was in flight (`maybe_committed`, and
+    a note where exceptions take notes)."""
+    exc.maybe_committed = True  # type: ignore[attr-defined]
+    add_note = getattr(exc, "add_note", None)
+    if add_note is not None:
+        add_note(f"eventcore: {type(command).__name__} was cancelled while a write of it was unsettled: it may have "
+                 "committed (all of its events or none); run the command again with the same idempotency key to "
+                 "settle it")
 
 
 async def _drive(store: AsyncEventStore, steps: Any, in_flight: _InFlight) -> Any:

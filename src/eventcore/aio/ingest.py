@@ -19,7 +19,6 @@ import threading
 from typing import Any, Callable, Iterator
 
 from ..stores.ingest import IngestResult, ingest as ingest_sync
-from .store import AsyncEventStore
 
 
 class _Stopped(BaseException):
@@ -30,7 +29,7 @@ class _Stopped(BaseException):
 class _StoreOnLoop:
     """What the sync ingest uses of a store, each operation run on `loop` by the asyncio store."""
 
-    def __init__(self, store: AsyncEventStore, loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None:
+    def __init__(self, store: Any, loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> None:
         self._store, self._loop, self._stopped = store, loop, stopped
 
     def __getattr__(self, name: str) -> Any:  # scheme, url, instance...: what an observer may ask
@@ -98,7 +97,7 @@ def _on_loop(on_batch: Callable[[int], object], loop: asyncio.AbstractEventLoop,
     return callback
 
 
-async def ingest(store: AsyncEventStore, items: Any, *, on_batch: Callable[[int], object] | None = None,
+async def ingest(store: Any, items: Any, *, on_batch: Callable[[int], object] | None = None,
                  **options: Any) -> IngestResult:
     """AsyncEventStore.ingest (see there)."""
     loop = asyncio.get_running_loop()

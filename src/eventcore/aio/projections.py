@@ -43,12 +43,12 @@ async def run_projection(store: AsyncEventStore, projector: Projector, *, stop: 
     try:
         runner = ProjectionRunner(sync_store, projector, stop_event=stopped, **options)
         done = loop.run_in_executor(None, runner.run)
-        waiter = None if stop is None else asyncio.ensure_future(stop.wait())
+        waiter: asyncio.Future[Any] | None = None if stop is None else asyncio.ensure_future(stop.wait())
         try:
             if waiter is None:
                 await asyncio.shield(done)
             else:
-                await asyncio.wait({done, waiter}, return_when=asyncio.FIRST_COMPLETED)
+                await asyncio.wait([done, waiter], return_when=asyncio.FIRST_COMPLETED)
                 if not done.done():
                     stopped.set()
                 await asyncio.shield(done)

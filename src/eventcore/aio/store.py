@@ -56,6 +56,9 @@ class AsyncEventStore(ABC):
     instance: int
     closed: bool
     _dependants: weakref.WeakSet[Any]
+    #: Stripe -> asyncio.Lock: commands of this process on a common stream run one after the other
+    #: (see eventcore.aio.executor), as threads' do on the sync executor's stream locks.
+    _task_locks: dict[int, Any] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         self = super().__new__(cls)
@@ -220,7 +223,7 @@ class AsyncEventStore(ABC):
                           decode: bool = True) -> list[RecordedEvent]:
         """A stream's events in version order, from `from_version` (1-based); see EventStore.read_stream."""
         sid, raw = read_stream_args(stream_id, from_version, limit, decode)
-        args = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
+        args: tuple[Any, ...] = (sid, from_version, limit, raw) if raw else (sid, from_version, limit)
         observer = self._observer
         if observer is None:
             return await self._read_stream(*args)
@@ -232,7 +235,7 @@ class AsyncEventStore(ABC):
         raw = _raw(decode)
         if not ids:
             return {}
-        args = (ids, raw) if raw else (ids,)
+        args: tuple[Any, ...] = (ids, raw) if raw else (ids,)
         observer = self._observer
         if observer is None:
             return await self._read_streams(*args)
@@ -269,7 +272,7 @@ class AsyncEventStore(ABC):
         remaining = limit
         while remaining is None or remaining > 0:
             n = page_size if remaining is None else min(page_size, remaining)
-            args = (after, names, prefix, n, raw) if raw else (after, names, prefix, n)
+            args: tuple[Any, ...] = (after, names, prefix, n, raw) if raw else (after, names, prefix, n)
             observer = self._observer
             if observer is None:
                 page = await self._read_all_page(*args)
@@ -342,13 +345,16 @@ class AsyncEventStore(ABC):
         return await self._append_batch(prepare_ingest_batch(stream_ids, events, metadatas, expected, progress))
 
     async def _ingest_progress(self, key: str) -> dict:
-        raise ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
+        raise self._cannot_resume()
 
     async def _ingest_holes(self, key: str) -> set:
-        return await self._ingest_progress(key)  # raises the same refusal
+        raise self._cannot_resume()
 
     async def _resume_keys(self, prefix: str) -> list:
-        return await self._ingest_progress(prefix)  # raises the same refusal
+        raise self._cannot_resume()
+
+    def _cannot_resume(self) -> ValidationError:
+        return ValidationError(f"the {self.scheme or type(self).__name__} store cannot resume an ingest (resume_key)")
 
     # -- life cycle ---------------------------------------------------------------
 

@@ -76,7 +76,7 @@ def connect(url: str, *, metrics: StoreObserver | None = None, **options: Unpack
     options are keyword arguments then (libpq refuses keys it does not know).
     """
     scheme = backend_of_url(url)
-    store = _open(url, scheme, *_BACKENDS[scheme], options)  # type: ignore[arg-type]
+    store = _open(url, scheme, *_BACKENDS[scheme], options)
     if metrics is not None:
         try:
             store.attach(metrics)
