@@ -351,6 +351,7 @@ def test_appends_cancelled_at_random_points_write_all_or_nothing(pg_dsn, pg_sche
                 if isinstance(outcome, asyncio.CancelledError):
                     notes = " ".join(getattr(outcome, "__notes__", []))
                     assert "cancelled" in notes and ("nothing of it was written" in notes or "cancel-" in notes)
+                    assert outcome.maybe_committed is ("nothing of it was written" not in notes)
                     if "nothing of it was written" in notes:
                         assert versions[f"c{i}"] == 0
                     # Running it again settles it: written once, whatever happened.

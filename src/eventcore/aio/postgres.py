@@ -107,6 +107,13 @@ async def _timeout_before_311(delay: float | None) -> AsyncIterator[None]:
         handle.cancel()
 
 
+def _cancelled_append(exc: BaseException, p: PreparedAppend, sent: bool) -> None:
+    """Mark the CancelledError of an append: `maybe_committed` (as eventcore.aio.execute marks its own) and
+    a note saying what happened to it and how to tell (see cancelled_note)."""
+    exc.maybe_committed = sent  # type: ignore[attr-defined]
+    _add_note(exc, cancelled_note(p, sent))
+
+
 def _add_note(exc: BaseException, note: str) -> None:
     """exc.add_note(note) (Python 3.11+), or its attribute where there is no add_note."""
     add_note = getattr(exc, "add_note", None)
@@ -172,7 +179,7 @@ class _AsyncGroupCommitter(_GroupCommitter):
         except asyncio.CancelledError as exc:
             if not req.lead and req in self._queue:
                 self._queue.remove(req)
-            _add_note(exc, cancelled_note(prepared, sent=req.lead))
+            _cancelled_append(exc, prepared, sent=req.lead)
             raise
 
     def _start(self, own) -> None:
@@ -676,7 +683,7 @@ class AsyncPostgresStore(AsyncEventStore):
             return await self._write_group(group, sent)
         except asyncio.CancelledError as exc:
             if len(group) == 1:
-                _add_note(exc, cancelled_note(group[0], sent=bool(sent)))
+                _cancelled_append(exc, group[0], sent=bool(sent))
             raise
 
     async def _write_group(self, group: list, sent: list) -> list:
