@@ -384,6 +384,38 @@ def test_appends_cancelled_at_random_points_write_all_or_nothing(pg_dsn, pg_sche
     run(main())
 
 
+def test_batches_cancelled_at_random_points_write_all_or_nothing(pg_dsn, pg_schema):
+    rng = random.Random(11)
+
+    async def main():
+        async with await AsyncPostgresStore.open(pg_dsn, schema=pg_schema, pool_size=2) as store:
+            notes = []
+            for i in range(12):
+                caught: list = []
+                streams = [f"b{i}-{k}" for k in range(4)]
+                task = asyncio.create_task(_keeping_cancellation(store.append_batch(
+                    [ec.emit(streams[k % 4], Counted(k)) for k in range(20_000)]), caught))
+                await asyncio.sleep(rng.random() * 0.2)
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    pass
+                versions = set((await store.stream_versions(streams)).values())
+                assert versions in ({0}, {5000}), (i, versions)
+                if caught:
+                    note = " ".join(caught[0].__notes__)
+                    notes.append(note)
+                    assert caught[0].maybe_committed is ("may have committed" in note)
+                    if not caught[0].maybe_committed:
+                        assert versions == {0} and "nothing of it was written" in note
+            assert notes, "no batch was cancelled: the test proves nothing"
+            await _until(lambda: store.pool_stats()["in_use"] == 0, "every connection is back, idle")
+            result = await store.append_batch([ec.emit("after", Counted(k)) for k in range(1000)])
+            assert result.stream_versions == {"after": 1000}
+    run(main())
+
+
 def test_a_cancelled_append_closes_its_connection(pg_dsn, pg_schema):
     async def main():
         async with await AsyncPostgresStore.open(pg_dsn, schema=pg_schema, pool_size=2,

@@ -134,6 +134,16 @@ def cancelled_note(p: PreparedAppend, sent: bool) -> str:
             f"its events) or not (none); {how}")
 
 
+def batch_cancelled_note(sent: bool, progress: Any) -> str:
+    """What a cancelled batch's (append_batch, an ingest's) CancelledError says about its outcome."""
+    if not sent:
+        return "eventcore: the batch was cancelled before its commit was sent: nothing of it was written"
+    how = ("running the ingest again with the same resume_key writes what is missing, once" if progress is not None
+           else "read its streams' versions to tell")
+    return ("eventcore: the batch was cancelled while its commit was in flight: it may have committed (all of its "
+            f"events) or not (none); {how}")
+
+
 class _AsyncConnections(_Connections):
     """The pool's connection class (an AsyncConnection) recording why the latest attempt failed (see _Connections)."""
 
@@ -443,7 +453,8 @@ class AsyncPostgresStore(AsyncEventStore):
             await self._pool.open(wait=True, timeout=self.connect_timeout)
         except PoolTimeout as exc:
             await self._pool.close()
-            message = f"cannot connect to PostgreSQL at {redact(self._dsn)}: {self._no_connection_reason(self.connect_timeout)}"
+            message = (f"cannot connect to PostgreSQL at {redact(self._dsn)}: "
+                       f"{self._no_connection_reason(self.connect_timeout)}")
             log.info("%s", message)
             raise StoreUnavailableError(message) from exc
         except BaseException:
@@ -763,28 +774,33 @@ class AsyncPostgresStore(AsyncEventStore):
         backend = None
         try:
             try:
-                async with self._deadline(3), self._connection() as conn:
-                    backend = conn.info.backend_pid
-                    async with conn.transaction():
-                        if progress is not None and progress.first:
-                            await conn.execute(self._sql["ingest_key_lock"], (progress.key,))
-                        before, first, at_us = await _one_row(await conn.execute(self._sql["reserve"], reserve))
-                        heads: dict[str, int] = dict(zip(streams, before or ()))  # no events: no heads
-                        if progress is not None:
-                            cur = await conn.execute(self._sql["record_progress"], progress_params(progress))
-                            check_progress(progress, await _one_row(cur))
-                        async with conn.cursor().copy(self._sql["copy_events"]) as copy:
-                            for buf in copy_writer.buffers(rows, first, heads, at_us):
-                                await copy.write(buf)
-                        event_ids = rows.event_ids
-                        sent = True  # from here on, a lost connection may have committed
-            except TimeoutError as exc:
-                raise self._no_answer(3, connected=backend is not None) from exc
-        except (pg_errors.Error, PoolTimeout) as exc:
-            if sent and _connection_lost(exc):
-                found = await self._find_committed(event_ids, exc, backend)
-                return found[0][0], found[-1][0], {r[1]: r[2] for r in found}
-            raise_write_error(self, exc)
+                try:
+                    async with self._deadline(3), self._connection() as conn:
+                        backend = conn.info.backend_pid
+                        async with conn.transaction():
+                            if progress is not None and progress.first:
+                                await conn.execute(self._sql["ingest_key_lock"], (progress.key,))
+                            before, first, at_us = await _one_row(await conn.execute(self._sql["reserve"], reserve))
+                            heads: dict[str, int] = dict(zip(streams, before or ()))  # no events: no heads
+                            if progress is not None:
+                                cur = await conn.execute(self._sql["record_progress"], progress_params(progress))
+                                check_progress(progress, await _one_row(cur))
+                            async with conn.cursor().copy(self._sql["copy_events"]) as copy:
+                                for buf in copy_writer.buffers(rows, first, heads, at_us):
+                                    await copy.write(buf)
+                            event_ids = rows.event_ids
+                            sent = True  # from here on, a lost connection may have committed
+                except TimeoutError as exc:
+                    raise self._no_answer(3, connected=backend is not None) from exc
+            except (pg_errors.Error, PoolTimeout) as exc:
+                if sent and _connection_lost(exc):
+                    found = await self._find_committed(event_ids, exc, backend)
+                    return found[0][0], found[-1][0], {r[1]: r[2] for r in found}
+                raise_write_error(self, exc)
+        except asyncio.CancelledError as exc:
+            exc.maybe_committed = sent  # type: ignore[attr-defined]
+            _add_note(exc, batch_cancelled_note(sent, progress))
+            raise
         if not n:
             return 0, 0, {}
         return first, first + n - 1, {s: heads[s] for s in counts}
