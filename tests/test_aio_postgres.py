@@ -92,8 +92,9 @@ def test_open_close_and_the_pool(pg_dsn, pg_schema):
             health = await store.health()
             assert health.ok, health.error
         assert store.closed
-        with pytest.raises(ec.StoreUnavailableError):
-            await store.head_position()
+        for closed in (store.head_position(), store.schema_version(), store.wait_for_events(0, 1)):
+            with pytest.raises(ec.StoreUnavailableError):
+                await closed
     run(main())
 
 
@@ -572,6 +573,9 @@ def test_wait_for_events_wakes_on_another_stores_append(pg_dsn, pg_schema):
             assert health.projections == (await asyncio.to_thread(sync.health)).projections
             store.poll_interval = 60  # only a notification can end the wait early
             assert await store.wait_for_events(0, 0.2) is False
+            for bad in ((-1, 1), ("0", 1), (0, -1), (0, float("nan")), (0, None)):
+                with pytest.raises(ec.ValidationError):
+                    await store.wait_for_events(*bad)
             head = await store.head_position()
             timer = threading.Timer(0.3, lambda: sync.append([ec.emit("n", Noted("wake"))]))
             started = time.monotonic()

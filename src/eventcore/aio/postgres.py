@@ -17,6 +17,10 @@ are neither cancelled nor delayed, and the next group starts as soon as this one
 A member cancelled while still queued is dropped from the queue: nothing of it was sent.
 
 Live projections: `wait_for_events` LISTENs on the schema's channel through one async connection.
+
+The schema is migrated (or checked) by the sync store's own code, migrations.py, on a connection of
+its own in a worker thread: at open, and by `migrate()` and `schema_version()`. A store belongs to
+the event loop that opened it.
 """
 from __future__ import annotations
 
@@ -36,8 +40,9 @@ from psycopg.errors import error_from_result
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from .. import _impl
-from ..errors import EventCoreError, StoreUnavailableError
+from ..errors import EventCoreError, StoreUnavailableError, ValidationError
 from ..events import RawEvent, RecordedEvent
+from ..formats import INT64_MAX
 from ..stores.base import group_by_stream, prepare_ingest_batch, projection_health
 from ..stores.dsn import DEFAULT_SCHEMA, redact
 from ..stores.prepare import PreparedAppend
@@ -204,7 +209,7 @@ class _AsyncGroupCommitter(_GroupCommitter):
         task.add_done_callback(self._writing.discard)
 
     async def _write(self, group: list) -> None:
-        cancelled = None
+        cancelled: BaseException | None = None  # what ends this task once every member is settled
         try:
             results = await self._store._append_group([r.prepared for r in group])
         except asyncio.CancelledError as exc:  # the loop is shutting down
@@ -213,6 +218,8 @@ class _AsyncGroupCommitter(_GroupCommitter):
                                              "committed is unknown", maybe_committed=True)] * len(group)
         except BaseException as exc:  # noqa: BLE001 - every member must be settled
             results = [exc] * len(group)
+            if not isinstance(exc, Exception):  # KeyboardInterrupt, SystemExit: the members get it, and the loop
+                cancelled = exc
         self.groups += 1
         self.appends += len(group)
         for r, res in zip(group, results):
@@ -533,12 +540,19 @@ class AsyncPostgresStore(AsyncEventStore):
 
     # -- schema ----------------------------------------------------------------------
 
+    def _check_open(self, doing: str) -> None:
+        if self.closed:
+            raise StoreUnavailableError(f"cannot {doing}: the store is closed")
+
     async def migrate(self, *, reapply_functions: bool = False) -> int:
         """See PostgresStore.migrate (run by the same code, on a connection of its own, in a thread)."""
+        self._check_open("migrate")
         return await asyncio.to_thread(self._prepare_schema, True, reapply_functions)
 
     async def schema_version(self) -> int:
         """The migration version of this store's schema (0: not created)."""
+        self._check_open("read the schema version")
+
         def read() -> int:
             with self._sync_connection() as conn:
                 return migrations.schema_version(conn, self.schema)
@@ -820,9 +834,16 @@ class AsyncPostgresStore(AsyncEventStore):
         """Whether the head passed `after_position` within `timeout` seconds: woken by the NOTIFY of an
         append to this schema (from any process; sent while a listening projector's lease lasts, see
         functions/notify_events.sql), else by looking at the head every `poll_interval` seconds."""
+        if type(after_position) is not int or not 0 <= after_position <= INT64_MAX:
+            raise ValidationError(f"after_position must be an int in 0..2**63-1, got {after_position!r}")
+        if type(timeout) not in (int, float) or not 0 <= timeout < float("inf"):
+            raise ValidationError(f"timeout must be a finite number of seconds >= 0, got {timeout!r}")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        await self._listen()
+        try:
+            await asyncio.wait_for(self._listen(), timeout)  # connecting counts in the timeout
+        except asyncio.TimeoutError:
+            pass
         while True:
             wake = self._wake  # taken before the head is read: a NOTIFY from now on sets it
             if await self._head_position() > after_position:
@@ -830,9 +851,12 @@ class AsyncPostgresStore(AsyncEventStore):
             left = deadline - loop.time()
             if left <= 0:
                 return False
-            if wake is None or self._listener is None or self._listener.done():
+            if wake is None or self._listener is None or self._listener.done():  # not listening: poll
                 await asyncio.sleep(min(left, self.poll_interval))
-                await self._listen()
+                try:
+                    await asyncio.wait_for(self._listen(), max(0.0, deadline - loop.time()))
+                except asyncio.TimeoutError:
+                    pass
                 continue
             try:
                 await asyncio.wait_for(wake.wait(), min(left, self.poll_interval))
@@ -845,8 +869,7 @@ class AsyncPostgresStore(AsyncEventStore):
         if self._listener is not None and not self._listener.done() and listening is not None:
             await asyncio.shield(listening)
             return
-        if self.closed:
-            raise StoreUnavailableError("the store is closed")
+        self._check_open("wait for events")
         loop = asyncio.get_running_loop()
         self._listening = listening = loop.create_future()
         self._wake = asyncio.Event()
