@@ -625,3 +625,25 @@ def test_the_client_deadline_bounds_pool_waits_and_statements_on_the_loops_clock
             assert await store.stream_versions(["frozen", "other"]) == {"frozen": 0, "other": 0}
             await store.append([ec.emit("frozen", Noted("2"))], {"frozen": 0})
     run(main())
+
+
+def test_run_projection_follows_the_native_store(pg_dsn, pg_schema):
+    import eventcore.aio as eca
+
+    class Seen(ec.Projector):
+        def __init__(self):
+            super().__init__("aio-seen")
+            self.positions = []
+
+        def handle(self, event, ctx):
+            self.positions.append(event.position)
+
+    async def main():
+        async with await AsyncPostgresStore.open(pg_dsn, schema=pg_schema) as store:
+            written = await store.append([ec.emit(f"p{i % 3}", Counted(i)) for i in range(10)])
+            projector = Seen()
+            await eca.run_projection(store, projector, until_caught_up=True)
+            assert projector.positions == [e.position for e in written]
+            # The sync store the runner used is closed; ours goes on.
+            assert await store.stream_version("p0") == 4
+    run(main())
