@@ -298,6 +298,14 @@ def test_batches_ingest_and_idempotency_keys(pg_dsn, pg_schema):
             raw = await store.ingest([("r", ec.RawEvent("aiopg.Unknown", b"{\"y\": 2}"))])
             assert raw.events == 1 and (await store.read_stream("r", decode=False))[0].data == {"y": 2}
             assert await store._resume_keys("aio-") == ["aio-ingest"]
+            lanes = await store.ingest(((f"l{i % 7}", Counted(i)) for i in range(5000)), batch_size=500,
+                                       parallel=store.default_ingest_lanes, resume_key="aio-lanes")
+            assert lanes.events == 5000
+            assert {lane: lanes for lane, (lanes, _) in (await store._ingest_progress("aio-lanes")).items()} == {
+                0: 2, 1: 2}
+            by_stream = await store.read_streams([f"l{i}" for i in range(7)])
+            assert all([e.version for e in evs] == list(range(1, len(evs) + 1)) for evs in by_stream.values())
+            assert sorted(e.data.n for evs in by_stream.values() for e in evs) == list(range(5000))
 
             written = await store.append([ec.emit("k", Noted("once"))], idempotency_key="key-1")
             with pytest.raises(ec.DuplicateCommandError) as info:
