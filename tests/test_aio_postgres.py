@@ -110,6 +110,23 @@ def test_connect_opens_the_native_store_and_hides_the_password(pg_dsn, pg_schema
     run(main())
 
 
+def test_no_password_in_what_the_store_shows_or_raises(pg_dsn, pg_schema):
+    from pgserver import url_as
+
+    url = url_as(pg_dsn, "postgres", "s3cret-pw")  # the throwaway cluster trusts its socket; CI's checks it
+
+    async def main():
+        async with await AsyncPostgresStore.open(url, schema=pg_schema, pool_size=1, pool_timeout=0.2) as store:
+            shown = [repr(store), store.url, str(await store.health())]
+            async with store._connection():  # the only connection taken: the next call cannot have one
+                with pytest.raises(ec.StoreUnavailableError) as info:
+                    await store.append([ec.emit("x", Noted("1"))])
+                shown.append(str(info.value))
+            assert "no connection within 0.2s" in shown[-1]
+            assert not [text for text in shown if "s3cret" in text]
+    run(main())
+
+
 BAD_OPTIONS = [
     {"pool_size": 0}, {"pool_size": "x"}, {"schema": "pg_nope"}, {"schema": "a$b"}, {"statement_timeout": -1},
     {"connect_timeout": 0}, {"pool_timeout": "soon"}, {"migrate": "maybe"}, {"group_commit": 2},
