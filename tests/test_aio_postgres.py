@@ -92,7 +92,13 @@ def test_open_close_and_the_pool(pg_dsn, pg_schema):
             health = await store.health()
             assert health.ok, health.error
         assert store.closed
-        for closed in (store.head_position(), store.schema_version(), store.wait_for_events(0, 1)):
+        async def feed():
+            return [e async for e in store.read_all()]
+
+        for closed in (store.head_position(), store.schema_version(), store.wait_for_events(0, 1),
+                       store.read_stream("s"), store.read_streams(["s", "t"]), feed(), store.stream_version("s"),
+                       store.append([ec.emit("s", Noted("y"))]), store.append_batch([ec.emit("s", Noted("y"))]),
+                       store.ingest([("s", Noted("z"))], resume_key="k")):
             with pytest.raises(ec.StoreUnavailableError):
                 await closed
     run(main())
