@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+import weakref
 from typing import Any
 
 from ..commands import Command, declared_streams
@@ -70,11 +71,17 @@ async def execute(
 
 
 def _stream_locks(store: AsyncEventStore, streams: list) -> list:
-    """The asyncio locks of these streams of this store, in one global order (no two commands wait
-    for each other in a cycle); made on first use, so a store costs nothing for streams never used."""
-    locks = store._task_locks
+    """The asyncio locks of these streams of this store on the running loop, in one global order (no
+    two commands wait for each other in a cycle); made on first use, so a store costs nothing for
+    streams never used. Per loop: an asyncio.Lock belongs to the loop that first waits on it, and a
+    memory or SQLite store may be used from one loop after another."""
+    per_loop = store._task_locks
+    if per_loop is None:
+        per_loop = store._task_locks = weakref.WeakKeyDictionary()
+    loop = asyncio.get_running_loop()
+    locks = per_loop.get(loop)
     if locks is None:
-        locks = store._task_locks = {}
+        locks = per_loop[loop] = {}
     out = []
     for k in sorted({hash(sid) % STREAM_LOCK_STRIPES for sid in streams}):
         lock = locks.get(k)

@@ -56,9 +56,9 @@ class AsyncEventStore(ABC):
     instance: int
     closed: bool
     _dependants: weakref.WeakSet[Any]
-    #: Stripe -> asyncio.Lock: commands of this process on a common stream run one after the other
-    #: (see eventcore.aio.executor), as threads' do on the sync executor's stream locks.
-    _task_locks: dict[int, Any] | None = None
+    #: Event loop -> stripe -> asyncio.Lock: commands of this process on a common stream run one after
+    #: the other (see eventcore.aio.executor), as threads' do on the sync executor's stream locks.
+    _task_locks: weakref.WeakKeyDictionary[Any, dict[int, Any]] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         self = super().__new__(cls)
