@@ -39,8 +39,6 @@ BACKENDS = {
     "sqlite": _sqlite_store,
     "postgres": lambda request: __import__("pgserver").postgres_store(request),
     "postgres-single": lambda request: __import__("pgserver").postgres_single_commit_store(request),
-    "postgres-aio": lambda request: __import__("aio_adapter").SyncOverAsync(
-        request.getfixturevalue("pg_dsn"), schema=request.getfixturevalue("pg_schema"), pool_size=20),
 }
 
 
