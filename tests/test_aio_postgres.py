@@ -561,6 +561,7 @@ def test_a_cancelled_read_releases_its_connection(pg_dsn, pg_schema):
                 await _until(lambda: store.pool_stats()["in_use"] == 0, "the connection is released")
                 assert [e.version for e in await store.read_stream("r7", limit=3)] == [1, 2, 3]
                 assert len([e async for e in store.read_all(limit=2500, page_size=1000)]) == 2500
+            assert store.pool_stats().get("returns_bad", 0) >= 1  # interrupted mid-COPY: closed, not reused
     run(main())
 
 
