@@ -128,7 +128,9 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key, s
         return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
                                           obs, key, loop.time, in_flight.ambiguous, snap), in_flight)
     except asyncio.CancelledError as exc:
-        unsure = in_flight.append or bool(in_flight.ambiguous)
+        # The store says False when the append was cancelled before anything of it was sent.
+        sent = in_flight.append and getattr(exc, "maybe_committed", None) is not False
+        unsure = sent or bool(in_flight.ambiguous)
         cancelled_by_caller = not bound.expired or _cancelling(bound._task) > 1
         if cancelled_by_caller:
             if unsure:
