@@ -317,3 +317,27 @@ def test_retention_and_the_cli(store, backend, tmp_path):
     assert json.loads(cli("--drop", "--older-than", "3600", "--json")) == {"dropped": 0}
     assert json.loads(cli("--drop", "test.Ledger", "--json")) == {"dropped": 1}
     assert cli() == "no snapshots stored\n"
+
+
+def test_the_asyncio_postgres_store_uses_the_same_snapshots(pg_dsn, pg_schema):
+    """A snapshot written through the sync store serves the asyncio one, and the reverse."""
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(10)])
+        ec.execute(store, Ledger(account="acct"), cache=None)
+
+    async def run():
+        async with await eca.connect(pg_dsn, schema=pg_schema) as astore:
+            used = SNAPSHOT_STATS["used"]
+            result = await eca.execute(astore, Ledger(account="acct"), cache=None)
+            assert SNAPSHOT_STATS["used"] == used + 1
+            await astore.append([ec.emit("acct", Deposited(amount=1)) for _ in range(5)])
+            await eca.execute(astore, Ledger(account="acct"), cache=None)  # folds 6 + 1 >= 3: writes one
+            assert [s.events for s in await astore.snapshots()] == [17]
+            assert await astore.drop_snapshots(older_than=3600) == 0
+            return result
+
+    assert asyncio.run(run()).stream_versions == {"acct": 12}
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        SEEN.clear()
+        ec.execute(store, Seen(account="acct"), cache=None)
+        assert SEEN[-1] == _full_fold(store, ["acct"])

@@ -58,7 +58,8 @@ from ..stores.postgres.projections import checkpoint_records, status_params
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
     _PREPARED_READS, BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
-    _remember_long, _text_array, remember_longest, check_progress, committed_rows, configure, group_outcomes,
+    _remember_long, _text_array, after_snapshot, remember_longest, check_progress, committed_rows, configure,
+    group_outcomes, save_snapshot_params,
     lost_check_only, no_connection_reason, outcome_unknown, pool_stats_of, progress_params, raise_write_error,
     read_error, reserve_params, split_url, write_each_alone,
 )
@@ -674,6 +675,34 @@ class AsyncPostgresStore(AsyncEventStore):
         out = dict.fromkeys(stream_ids, 0)
         out.update(await self._fetch("stream_versions", (stream_ids,)))
         return out
+
+    # -- snapshots (as PostgresStore's: the same statements) ------------------------------
+
+    supports_snapshots = True
+
+    async def _read_after_snapshot(self, key, state_version, stream_ids):
+        return after_snapshot(await self._fetch("read_after_snapshot", (key, state_version, list(stream_ids))),
+                              state_version, stream_ids)
+
+    async def _save_snapshot(self, key, command, state_version, covers, state, events):
+        async def run(conn, query, values):
+            await conn.execute(query, values)
+        await self._read(run, "save_snapshot", save_snapshot_params(key, command, state_version, covers, state, events))
+
+    async def _load_snapshot(self, key):
+        rows = await self._fetch("load_snapshot", (key,))
+        return (rows[0][0], rows[0][1], bytes(rows[0][2])) if rows else None
+
+    async def _read_streams_from(self, from_versions, raw=False):
+        ids = list(from_versions)
+        rows = await self._fetch("read_streams_from", (ids, [max(v, 1) for v in from_versions.values()]))
+        return group_by_stream(ids, _impl.decode_rows(rows, raw))
+
+    async def _snapshot_rows(self):
+        return await self._fetch("snapshot_rows", ())
+
+    async def _drop_snapshots(self, command, before=None):
+        return (await self._fetch("drop_snapshots", (command, command, before, before)))[0][0]
 
     async def _read_all_page(self, after, types, prefix, limit, raw=False):
         return await self._copy_events(self._read_all_sql[types is not None, prefix is not None],
