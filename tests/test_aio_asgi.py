@@ -91,8 +91,6 @@ def _app_factory(request, tmp_path):
         return lambda: bank_asgi.BankApp("memory://")
     if request.param == "sqlite":
         return lambda: bank_asgi.BankApp(f"sqlite:///{tmp_path / 'bank.db'}")
-    if importlib.util.find_spec("eventcore.aio.postgres") is None:
-        pytest.skip("eventcore.aio.postgres is not in this tree yet")
     dsn, schema = request.getfixturevalue("pg_dsn"), request.getfixturevalue("pg_schema")
     return lambda: bank_asgi.BankApp(dsn, schema=schema, pool_size=8)
 
