@@ -45,6 +45,10 @@ THREADS = (1, 8, 16)
 POOL_SIZE = 16
 
 
+def _plural(n: int, what: str) -> str:
+    return f"{n} {what}" if n == 1 else f"{n} {what}s"
+
+
 def _accounts() -> list[ec.StreamId]:
     return [ec.StreamId(f"acct-{k}") for k in range(ACCOUNTS)]
 
@@ -164,8 +168,8 @@ def test_commands_aio(benchmark, pg_dsn, fresh_schema, workload, tasks):
         for store, _ in pending:
             loop.run_until_complete(store.aclose())
         loop.close()
-    measure.report(f"cmd_aio_{workload}_t{tasks}", f"{workload}, eventcore.aio, {tasks} task(s) on one loop",
-                   benchmark)
+    measure.report(f"cmd_aio_{workload}_t{tasks}",
+                   f"{workload}, eventcore.aio, {_plural(tasks, 'task')} on one loop", benchmark)
 
 
 @pytest.mark.benchmark(group="aio-commands")
@@ -216,13 +220,13 @@ def test_commands_threads(benchmark, pg_dsn, fresh_schema, workload, threads):
     finally:
         for store, _ in pending:
             store.close()
-    measure.report(f"cmd_threads_{workload}_c{threads}", f"{workload}, ec.execute, {threads} thread(s)", benchmark)
+    measure.report(f"cmd_threads_{workload}_c{threads}", f"{workload}, ec.execute, {_plural(threads, 'thread')}",
+                   benchmark)
 
 
 for _workload in ("deposit", "transfer"):
     for _tasks, _threads in zip(TASKS, THREADS):
         _aio, _sync = f"cmd_aio_{_workload}_t{_tasks}", f"cmd_threads_{_workload}_c{_threads}"
-        RATIOS.append((f"{_workload}: aio {_tasks} task(s) vs {_threads} thread(s), throughput", _aio, _sync,
-                       "none: measured"))
-        RATIOS.append((f"{_workload}: aio {_tasks} task(s) vs {_threads} thread(s), CPU per command (threads/aio)",
-                       f"cpu_{_aio}", f"cpu_{_sync}", "none: measured"))
+        _pair = f"{_workload}, {_plural(_tasks, 'task')} vs {_plural(_threads, 'thread')}"
+        RATIOS.append((f"{_pair}: ops/s, aio over threads", _aio, _sync, "none set"))
+        RATIOS.append((f"{_pair}: CPU per command, threads over aio", f"cpu_{_aio}", f"cpu_{_sync}", "none set"))
