@@ -141,7 +141,8 @@ def test_open_deposit_transfer_read_and_feed(make_app):
             ("account-alice", 3, "bank.Withdrawn"), ("account-bob", 2, "bank.Deposited")]
         assert body["events"][1]["position"] > body["events"][0]["position"]
 
-        assert await client.request("GET", "/accounts/alice") == (200, {"account": "alice", "balance": 70, "version": 3})
+        assert await client.request("GET", "/accounts/alice") == (
+            200, {"account": "alice", "balance": 70, "version": 3})
         assert await client.request("GET", "/accounts/bob") == (200, {"account": "bob", "balance": 30, "version": 2})
 
         status, feed = await client.request("GET", "/events?after=0")
@@ -209,7 +210,8 @@ def test_errors_are_json_with_their_status(make_app):
         # Nothing above wrote: the two accounts' open and deposit only.
         status, feed = await client.request("GET", "/events")
         assert len(feed["events"]) == 4
-        assert await client.request("GET", "/accounts/alice") == (200, {"account": "alice", "balance": 50, "version": 2})
+        assert await client.request("GET", "/accounts/alice") == (
+            200, {"account": "alice", "balance": 50, "version": 2})
 
     run(make_app(), scenario)
 
