@@ -884,7 +884,8 @@ def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, p
         for statement in least_privilege_grants(pg_schema, role):
             # What version 3 did not have: the tables of migrations 4 and 5, the function of migration 7.
             if not any(name in statement.as_string(admin) for name in ("command_keys", "ingest_progress",
-                                                                          "ingest_holes", "append_one")):
+                                                                          "ingest_holes", "append_one",
+                                                                          "command_snapshots")):
                 admin.execute(statement)
     try:
         ec.connect(pg_dsn, schema=pg_schema).close()  # the owner upgrades
@@ -896,6 +897,8 @@ def test_an_upgraded_schema_grants_its_application_role_the_new_tables(pg_dsn, p
             items = [("up-ingest", Deposited(amount=i)) for i in range(10)]
             assert app.ingest(items, resume_key="r").events == 10
             assert app.ingest(items, resume_key="r").skipped == 10
+            app._save_snapshot("k", "c", 1, '{"up": [1, ""]}', b"\x01", 1)  # migration 9's table
+            assert [s.key for s in app.snapshots()] == ["k"] and app.drop_snapshots() == 1
     finally:
         with psycopg.connect(pg_dsn, autocommit=True) as admin:
             admin.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE usename = %s", (role,))

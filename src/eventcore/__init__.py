@@ -48,7 +48,8 @@ from .projections import (
     run_projection,
 )
 from .stores import connect
-from .stores.base import BatchResult, EventStore, StoreHealth
+from .snapshots import SnapshotPolicy
+from .stores.base import BatchResult, EventStore, SnapshotInfo, StoreHealth
 from .stores.ingest import IngestError, IngestResult
 from .streams import StreamId
 
@@ -93,6 +94,8 @@ __all__ = [
     "RetryPolicy",
     "STREAM_EXISTS",
     "SchemaVersionError",
+    "SnapshotInfo",
+    "SnapshotPolicy",
     "SerializationError",
     "StateCache",
     "StoreHealth",

@@ -47,6 +47,10 @@ from .metrics import MetricsCollector
 from .options import described as _described, seconds
 from .stores.base import EventStore, set_command_cache_factory
 from .stores.prepare import validate_idempotency_key
+from .snapshots import (
+    COMMAND_SNAPSHOTS, SNAPSHOT_STATS, SnapshotPolicy, command_name, decode_state, encode_state, policy_of,
+    snapshot_key, state_version_of,
+)
 from .streams import stream_id as _stream_id
 
 log: logging.Logger = logging.getLogger("eventcore.executor")
@@ -165,6 +169,10 @@ RECORDED = "recorded_command"
 APPEND = "append"
 #: (SLEEP, seconds) -> time.sleep(seconds)
 SLEEP = "sleep"
+#: (READ_SNAPSHOT, key, state version, stream ids) -> store._read_after_snapshot(...)
+READ_SNAPSHOT = "read_after_snapshot"
+#: (SAVE_SNAPSHOT, key, command name, state version, covers, state, events) -> store._save_snapshot(...)
+SAVE_SNAPSHOT = "save_snapshot"
 
 
 class _DirectReads:
@@ -376,6 +384,28 @@ class StateCache:
         if not self.reuse_state:
             out = {sid: _handed_out(kept) for sid, kept in out.items()}
         return out
+
+    def _serves(self, store, stream_ids) -> bool:
+        """Whether these streams are the cache's to serve (a command with snapshots reads the others
+        from its snapshot): every one of them is cached with its events, or known to be at most
+        `max_stream_events` long (its first read will keep them)."""
+        sid_key = store.instance
+        streams = self._streams
+        for sid in stream_ids:
+            entry = streams.get((sid_key, sid))
+            if entry is None or (entry[1] is None and entry[0] > self.max_stream_events):
+                return False
+        return True
+
+    def _remember_versions(self, store, versions: dict) -> None:
+        """Know these streams' versions (not their events) where nothing is cached for them yet."""
+        sid_key = store.instance
+        with self._lock:
+            if store.closed:
+                return
+            for sid, version in versions.items():
+                if (sid_key, sid) not in self._streams:
+                    self._set((sid_key, sid), version, None)
 
     def _kept(self, events, written: bool = False) -> tuple | None:
         """What the cache holds of a stream's events (`written`: by an append, else read): the
@@ -621,6 +651,109 @@ def _fresh_state(cache: StateCache, entry: _Folded, store, command: Command, str
     return state, versions
 
 
+class _Snap:
+    """One execution's snapshot settings: where its command's snapshot is stored, and when to write one."""
+
+    __slots__ = ("key", "name", "state_version", "every")
+
+    def __init__(self, command: Command, streams: list, policy: SnapshotPolicy) -> None:
+        self.name = command_name(command)
+        self.key = snapshot_key(self.name, streams)
+        self.state_version = state_version_of(command)
+        self.every = policy.every
+
+
+def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
+    """State and versions of the streams from the command's snapshot and the events after it (a full
+    fold when there is no usable snapshot), and the snapshot to store once the command is done (or
+    None): one made of this state, when at least `every` events were folded beyond the last one."""
+    stored, by_stream, froms = yield (READ_SNAPSHOT, snap.key, snap.state_version, streams)
+    covers = state = None
+    if stored is None:
+        SNAPSHOT_STATS["none"] += 1
+    elif stored[0] != snap.state_version:
+        SNAPSHOT_STATS["stale_state_version"] += 1
+        log.debug("%s: snapshot %s made under state version %s, not %s: full fold", type(command).__name__,
+                  snap.key, stored[0], snap.state_version)
+    else:
+        try:
+            covers = msgspec.json.decode(stored[1])
+            if not isinstance(covers, dict) or set(covers) != set(streams):
+                raise ValueError(f"it covers other streams: {covers!r:.200}")
+            for sid in streams:
+                version, event_id = covers[sid]
+                if type(version) is not int or version < 0 or froms[sid] != max(1, version) or type(event_id) is not str:
+                    raise ValueError(f"what it covers of {sid!r} is not what was read: {covers[sid]!r:.100}")
+            state = decode_state(command, stored[2])
+        except Exception as exc:  # noqa: BLE001 - a snapshot is never an error to the caller
+            SNAPSHOT_STATS["undecodable"] += 1
+            log.debug("%s: snapshot %s cannot be used (%s): full fold", type(command).__name__, snap.key, exc)
+            covers = None
+    if covers is not None:
+        # The last event each stream's snapshot covers was read again: that it is the one folded shows
+        # the stream's history is the one the snapshot was made of (a store restored or rebuilt differs).
+        for sid in streams:
+            version, event_id = covers[sid]
+            if version == 0:
+                continue
+            events = by_stream[sid]
+            if not events or events[0].version != version or events[0].event_id.hex != event_id:
+                SNAPSHOT_STATS["history_mismatch"] += 1
+                log.debug("%s: snapshot %s covers %r up to version %s, which is not the stream's history: full "
+                          "fold", type(command).__name__, snap.key, sid, version)
+                covers = None
+                break
+    if covers is None and any(v > 1 for v in froms.values()):
+        by_stream = yield (READ, streams)  # read from a snapshot that cannot be used: every event
+    if covers is None:
+        state = command.initial_state()
+        tails = by_stream
+    else:
+        SNAPSHOT_STATS["used"] += 1
+        tails = {sid: (by_stream[sid][1:] if covers[sid][0] else by_stream[sid]) for sid in streams}
+    if len(streams) == 1:
+        events = tails[streams[0]]
+    else:
+        events = [e for sid in streams for e in tails[sid]]
+        events.sort(key=_position)
+    apply = command.apply
+    for e in events:
+        state = apply(state, e)
+    found = command.discover(state)
+    if found:
+        # Streams found from the state: a command that discovers reads them all, from the start.
+        state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
+        return state, versions, None
+    versions = {}
+    last = {}
+    for sid in streams:
+        events_of = by_stream[sid]
+        if events_of:
+            versions[sid] = events_of[-1].version
+            last[str(sid)] = [events_of[-1].version, events_of[-1].event_id.hex]
+        else:
+            versions[sid] = 0
+            last[str(sid)] = [0, ""]
+    if len(events) < snap.every:
+        return state, versions, None
+    blob = encode_state(command, state)  # now: handle() may change the state it is given
+    if blob is None:
+        return state, versions, None
+    return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(last).decode(), blob,
+                             sum(versions.values()))
+
+
+def _save_snapshot(snapshot: tuple):
+    """Store a snapshot; a failure costs only the snapshot (the command's outcome is settled)."""
+    try:
+        yield (SAVE_SNAPSHOT, *snapshot)
+    except Exception as exc:  # noqa: BLE001
+        SNAPSHOT_STATS["write_failed"] += 1
+        log.debug("snapshot %s not written: %s", snapshot[0], exc)
+        return
+    SNAPSHOT_STATS["written"] += 1
+
+
 def _confirm_current(versions: dict):
     """Check that the streams a decision was made on are still at `versions` (one small read of their
     versions); raise ConcurrencyError naming the first that moved, as a failed append would."""
@@ -682,6 +815,7 @@ def execute(
     cache: StateCache | None = STORE_CACHE,
     metrics: MetricsCollector | None = None,
     idempotency_key: str | uuid.UUID | None = None,
+    snapshots: SnapshotPolicy | None = COMMAND_SNAPSHOTS,
 ) -> ExecutionResult:
     """Run a command against a store and return what it wrote.
 
@@ -700,15 +834,18 @@ def execute(
     know whether a command committed (its process died, or StoreUnavailableError with
     `maybe_committed`) runs it again with the same key; with a key, `execute` itself retries
     such errors within `retry` and `timeout`.
+
+    `snapshots`: an `ec.SnapshotPolicy` to fold the command's streams from a stored snapshot of its
+    state (see eventcore.snapshots), None for none; default: the command class's `__snapshots__`.
     """
-    policy, timeout, cache, metrics, key = check_arguments(
-        EventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key)
+    policy, timeout, cache, metrics, key, snap = check_arguments(
+        EventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key, snapshots=snapshots)
     if metrics is None:
         # The unobserved path (or a store observer that does not count commands): no clock read, no allocation.
-        return _execute(store, command, policy, metadata, timeout, cache, None, key)
+        return _execute(store, command, policy, metadata, timeout, cache, None, key, snap)
     run = metrics._command_start(command, declared_streams(command))
     try:
-        result = _execute(store, command, policy, metadata, timeout, cache, run, key)
+        result = _execute(store, command, policy, metadata, timeout, cache, run, key, snap)
     except BaseException as exc:
         metrics._command_end(run, None, exc)
         raise
@@ -717,9 +854,10 @@ def execute(
 
 
 def check_arguments(store_class: type, store: Any, command: Any, retry: Any, metadata: Any, timeout: Any, cache: Any,
-                    metrics: Any, idempotency_key: Any, opened_by: str = "ec.connect(...)") -> tuple:
+                    metrics: Any, idempotency_key: Any, opened_by: str = "ec.connect(...)",
+                    snapshots: Any = COMMAND_SNAPSHOTS) -> tuple:
     """`execute`'s arguments checked (the sync one's and eventcore.aio's): (retry policy, timeout, cache,
-    metrics collector or None, idempotency key or None)."""
+    metrics collector or None, idempotency key or None, snapshot policy or None)."""
     # Every argument is checked before anything is read or written, so a mistake fails at once,
     # naming the argument, instead of at the first conflict or deadline that happens to use it.
     if not isinstance(store, store_class) or not isinstance(getattr(store, "instance", None), int):
@@ -748,10 +886,13 @@ def check_arguments(store_class: type, store: Any, command: Any, retry: Any, met
         metrics = getattr(store, "_observer", None)
         if not isinstance(metrics, MetricsCollector):
             metrics = None
-    return policy, timeout, cache, metrics, key
+    snapshot_policy = policy_of(command, snapshots)
+    if snapshot_policy is not None and not getattr(store, "supports_snapshots", False):
+        snapshot_policy = None  # a backend without snapshots folds every event, as without a policy
+    return policy, timeout, cache, metrics, key, snapshot_policy
 
 
-def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
+def _execute(store, command, policy, metadata, timeout, cache, obs, key, snapshots=None) -> ExecutionResult:
     streams = declared_streams(command) if obs is None else obs.streams
     store_key = store.instance
     locks = sorted({hash((store_key, sid)) % STREAM_LOCK_STRIPES for sid in streams})
@@ -769,8 +910,9 @@ def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> Exec
                 )
             held.append(lock)
         entry = None if cache is None else cache._folded_entry_for(store, (store_key, type(command), tuple(streams)))
+        snap = None if snapshots is None else _Snap(command, streams, snapshots)
         return _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs,
-                                    key, time.monotonic))
+                                    key, time.monotonic, None, snap))
     finally:
         for lock in reversed(held):
             lock.release()
@@ -803,14 +945,18 @@ def _drive(store, steps) -> Any:
                 value = store.stream_versions(step[1])
             elif op is RECORDED:
                 value = store.recorded_command(step[1])
-            else:
+            elif op is SLEEP:
                 time.sleep(step[1])
+            elif op is READ_SNAPSHOT:
+                value = store._read_after_snapshot(step[1], step[2], step[3])
+            else:
+                store._save_snapshot(*step[1:])
         except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
             error = exc
 
 
 def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key, clock,
-           ambiguous: list | None = None):
+           ambiguous: list | None = None, snap: "_Snap | None" = None):
     """Every attempt of one command, as a generator of steps (see READ); returns its ExecutionResult.
     `clock`: what `deadline` is measured on (time.monotonic, or an event loop's time). `ambiguous`
     collects, under a key, the errors of attempts whose write may have committed."""
@@ -818,7 +964,7 @@ def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, 
         ambiguous = []
     try:
         return (yield from _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
-                                     obs, key, ambiguous, clock))
+                                     obs, key, ambiguous, clock, snap))
     except (StoreUnavailableError, CommandTimeoutError, ConcurrencyError) as exc:
         # (Not BusinessRuleViolation: the key is looked up before one is raised, so an ambiguous
         # attempt before it did not commit.)
@@ -834,7 +980,7 @@ def _steps(store, command, streams, policy, metadata, timeout, deadline, entry, 
 
 
 def _attempts(store, command, streams, policy, metadata, timeout, deadline, entry, cache, obs, key,
-              ambiguous: list, clock):
+              ambiguous: list, clock, snap):
     attempt = 0
     free_retry_used = False
     while True:
@@ -842,8 +988,15 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         from_cache = False
         rounds: list = []
         versions: dict = {}  # until the read succeeds: a read that fails forgets the declared streams
+        snapshot = None  # a snapshot to store once the command is done (see _snapshot_state)
         try:
-            if entry is None:
+            if snap is not None and (entry is None or not cache._serves(store, streams)):
+                # Streams longer than the cache keeps (or not known yet): from the command's snapshot and
+                # the events after it; the cache learns their versions, so short ones go to it next time.
+                state, versions, snapshot = yield from _snapshot_state(snap, command, streams, rounds)
+                if entry is not None:
+                    cache._remember_versions(store, versions)
+            elif entry is None:
                 state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
             elif free_retry_used:
                 # After a stale cache hit the command's other attempts read every stream (and keep what
@@ -879,6 +1032,8 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                     prior = yield (RECORDED, key)
                     if prior:
                         return _replayed(prior, attempt)
+                if snapshot is not None:
+                    yield from _save_snapshot(snapshot)
                 return ExecutionResult([], attempt, versions)
             if deadline is not None and clock() > deadline:
                 raise CommandTimeoutError(
@@ -904,6 +1059,8 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 versions[e.stream_id] = e.version
             if entry is not None and not raw and cache.reuse_state:
                 _remember(entry, command, state, recorded, versions)
+            if snapshot is not None:
+                yield from _save_snapshot(snapshot)
             return ExecutionResult(recorded, attempt, versions)
         except ConcurrencyError as exc:
             failure: Exception = exc

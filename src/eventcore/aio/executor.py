@@ -24,9 +24,10 @@ from ..commands import Command, declared_streams
 from ..errors import CommandTimeoutError
 from ..events import Metadata
 from ..executor import (
-    APPEND, DEFAULT_TIMEOUT, READ, RECORDED, STORE_CACHE, STREAM_LOCK_STRIPES, VERSIONS, ExecutionResult, RetryPolicy,
-    StateCache, _steps, check_arguments,
+    APPEND, DEFAULT_TIMEOUT, READ, READ_SNAPSHOT, RECORDED, SLEEP, STORE_CACHE, STREAM_LOCK_STRIPES, VERSIONS,
+    ExecutionResult, RetryPolicy, StateCache, _Snap, _steps, check_arguments,
 )
+from ..snapshots import COMMAND_SNAPSHOTS, SnapshotPolicy
 from ..metrics import MetricsCollector
 from .store import AsyncEventStore
 
@@ -52,17 +53,18 @@ async def execute(
     cache: StateCache | None = STORE_CACHE,
     metrics: MetricsCollector | None = None,
     idempotency_key: str | uuid.UUID | None = None,
+    snapshots: SnapshotPolicy | None = COMMAND_SNAPSHOTS,
 ) -> ExecutionResult:
     """Run a command against an asyncio store and return what it wrote: `ec.execute`'s arguments,
     results and errors (see there), awaited. `timeout` bounds the whole call on the loop's clock."""
-    policy, timeout, cache, metrics, key = check_arguments(
+    policy, timeout, cache, metrics, key, snap = check_arguments(
         AsyncEventStore, store, command, retry, metadata, timeout, cache, metrics, idempotency_key,
-        "await eventcore.aio.connect(...)")
+        "await eventcore.aio.connect(...)", snapshots)
     if metrics is None:
-        return await _execute(store, command, policy, metadata, timeout, cache, None, key)
+        return await _execute(store, command, policy, metadata, timeout, cache, None, key, snap)
     run = metrics._command_start(command, declared_streams(command))
     try:
-        result = await _execute(store, command, policy, metadata, timeout, cache, run, key)
+        result = await _execute(store, command, policy, metadata, timeout, cache, run, key, snap)
     except BaseException as exc:
         metrics._command_end(run, None, exc)
         raise
@@ -110,7 +112,7 @@ class _Deadline:
             self._handle.cancel()
 
 
-async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -> ExecutionResult:
+async def _execute(store, command, policy, metadata, timeout, cache, obs, key, snapshots=None) -> ExecutionResult:
     streams = declared_streams(command) if obs is None else obs.streams
     loop = asyncio.get_running_loop()
     deadline = None if timeout is None else loop.time() + timeout
@@ -122,10 +124,13 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key) -
             await lock.acquire()
             held.append(lock)
         entry = None if cache is None else cache._folded_entry_for(store, (store.instance, type(command), tuple(streams)))
+        snap = None if snapshots is None else _Snap(command, streams, snapshots)
         return await _drive(store, _steps(store, command, streams, policy, metadata, timeout, deadline, entry, cache,
-                                          obs, key, loop.time, in_flight.ambiguous), in_flight)
+                                          obs, key, loop.time, in_flight.ambiguous, snap), in_flight)
     except asyncio.CancelledError as exc:
-        unsure = in_flight.append or bool(in_flight.ambiguous)
+        # The store says False when the append was cancelled before anything of it was sent.
+        sent = in_flight.append and getattr(exc, "maybe_committed", None) is not False
+        unsure = sent or bool(in_flight.ambiguous)
         cancelled_by_caller = not bound.expired or _cancelling(bound._task) > 1
         if cancelled_by_caller:
             if unsure:
@@ -192,8 +197,12 @@ async def _drive(store: AsyncEventStore, steps: Any, in_flight: _InFlight) -> An
                 value = await store.stream_versions(step[1])
             elif op is RECORDED:
                 value = await store.recorded_command(step[1])
-            else:
+            elif op is SLEEP:
                 await asyncio.sleep(step[1])
+            elif op is READ_SNAPSHOT:
+                value = await store._read_after_snapshot(step[1], step[2], step[3])
+            else:
+                await store._save_snapshot(*step[1:])
         except asyncio.CancelledError as exc:
             error = exc  # in_flight.append stays as it was: the append may have been sent
         except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide

@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mappin
 from ..errors import DuplicateCommandError, ValidationError
 from ..events import EventToWrite, Metadata, RecordedEvent
 from ..stores.base import (
-    _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
-    _instances, _raw, _written_versions, decode_recorded_command, health_report, prepare_ingest_batch, read_all_args,
+    _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, SnapshotInfo, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
+    _instances, _raw, _written_versions, decode_recorded_command, drop_snapshot_args, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
+from ..snapshots import from_versions
 from ..stores.ingest import DEFAULT_INGEST_BATCH, IngestResult
 from ..stores.observer import StoreObserver
 from ..stores.prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, validate_idempotency_key
@@ -293,6 +294,44 @@ class AsyncEventStore(ABC):
     async def type_counts(self) -> list[tuple[str, int, int]]:
         """(stored type name, type version, events) for every type stored (see EventStore.type_counts)."""
         return [tuple(row) for row in await self._type_counts()]
+
+    # -- snapshots (eventcore.snapshots; see EventStore.snapshots) ----------------------
+
+    supports_snapshots: bool = False
+
+    async def snapshots(self) -> list[SnapshotInfo]:
+        """Every stored snapshot of a command's state, by key (see EventStore.snapshots)."""
+        return [SnapshotInfo(*row) for row in await self._snapshot_rows()]
+
+    async def drop_snapshots(self, command: str | None = None, *, older_than: float | None = None) -> int:
+        """Remove the snapshots of one command class or of all (see EventStore.drop_snapshots)."""
+        return await self._drop_snapshots(*drop_snapshot_args(command, older_than))
+
+    def _no_snapshots(self) -> ValidationError:
+        return ValidationError(f"the {self.scheme or type(self).__name__} store does not store snapshots")
+
+    async def _load_snapshot(self, key: str) -> tuple[int, str, bytes] | None:
+        raise self._no_snapshots()
+
+    async def _save_snapshot(self, key: str, command: str, state_version: int, covers: str, state: bytes,
+                             events: int) -> None:
+        raise self._no_snapshots()
+
+    async def _snapshot_rows(self) -> list:
+        raise self._no_snapshots()
+
+    async def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
+        raise self._no_snapshots()
+
+    async def _read_streams_from(self, from_versions: dict[str, int],
+                                 raw: bool = False) -> dict[str, list[RecordedEvent]]:
+        raise self._no_snapshots()
+
+    async def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        """See EventStore._read_after_snapshot."""
+        stored = await self._load_snapshot(key)
+        froms = from_versions(stored, state_version, stream_ids)
+        return stored, await self._read_streams_from(froms), froms
 
     @property
     def command_cache(self) -> Any:

@@ -84,3 +84,27 @@ class SyncBackedStore(AsyncEventStore):
 
     async def _resume_keys(self, prefix: str) -> list:
         return await self._call(self.sync._resume_keys, prefix)
+
+    @property
+    def supports_snapshots(self) -> bool:  # type: ignore[override]
+        return self.sync.supports_snapshots
+
+    async def _load_snapshot(self, key: str) -> tuple[int, str, bytes] | None:
+        return await self._call(self.sync._load_snapshot, key)
+
+    async def _save_snapshot(self, key: str, command: str, state_version: int, covers: str, state: bytes,
+                             events: int) -> None:
+        await self._call(self.sync._save_snapshot, key, command, state_version, covers, state, events)
+
+    async def _snapshot_rows(self) -> list:
+        return await self._call(self.sync._snapshot_rows)
+
+    async def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
+        return await self._call(self.sync._drop_snapshots, command, before)
+
+    async def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        return await self._call(self.sync._read_after_snapshot, key, state_version, stream_ids)
+
+    async def _read_streams_from(self, from_versions: dict[str, int],
+                                 raw: bool = False) -> dict[str, list[RecordedEvent]]:
+        return await self._call(self.sync._read_streams_from, from_versions, raw)

@@ -23,7 +23,7 @@ from .. import __version__, _impl
 from ..errors import EventCoreError
 from .common import dsn_of as _dsn, scheme_of as _scheme, stdout_to_devnull as _stdout_to_devnull
 from .ingest import _cmd_ingest, default_resume_key
-from .monitor import _cmd_projections, _cmd_status, _cmd_tail, _cmd_types
+from .monitor import _cmd_projections, _cmd_snapshots, _cmd_status, _cmd_tail, _cmd_types
 
 __all__ = ["build_parser", "default_resume_key", "main"]
 
@@ -174,6 +174,20 @@ def build_parser() -> argparse.ArgumentParser:
     projections.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
     projections.add_argument("--json", action="store_true", help="one JSON object per projector")
 
+    snapshots = sub.add_parser(
+        "snapshots",
+        help="list commands' stored snapshots (keys, sizes, ages), or drop them",
+        description=("List the snapshots of commands' state a store holds (see ec.SnapshotPolicy): key, command "
+                     "class, state version, size, events covered and age. --drop removes them, which is safe at "
+                     "any time: commands fold their streams from the first event until they write new ones."),
+    )
+    snapshots.add_argument("--dsn", help="store URL (default: $EVENTCORE_DSN)")
+    snapshots.add_argument("--drop", nargs="?", const="", default=None, metavar="COMMAND",
+                           help="remove the snapshots of COMMAND (a name the list shows), or all without one")
+    snapshots.add_argument("--older-than", type=float, default=None, metavar="SECONDS",
+                           help="with --drop: only snapshots written more than SECONDS ago")
+    snapshots.add_argument("--json", action="store_true", help="print one JSON array (or, with --drop, object)")
+
     status = sub.add_parser(
         "status",
         help="check a store: connectivity, schema version, pool, projection lag",
@@ -268,7 +282,8 @@ def main(argv: list[str] | None = None) -> int:
         # psycopg's pool logs every failed connection attempt; the command reports the outcome in one line.
         logging.getLogger("psycopg").addHandler(logging.NullHandler())
     commands = {"bench": _cmd_bench, "migrate": _cmd_migrate, "ingest": _cmd_ingest, "tail": _cmd_tail,
-                "types": _cmd_types, "projections": _cmd_projections, "status": _cmd_status}
+                "types": _cmd_types, "projections": _cmd_projections, "status": _cmd_status,
+                "snapshots": _cmd_snapshots}
     command = commands.get(args.command)
     if command is None:
         parser.error(f"unknown command {args.command!r}")

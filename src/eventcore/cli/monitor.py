@@ -11,6 +11,39 @@ from ..streams import forbidden_character
 from .common import dsn_of as _dsn, import_event_modules, scheme_of as _scheme
 
 
+def _cmd_snapshots(args) -> int:
+    """The snapshots a store holds, or --drop them (the only change: snapshots are an optimisation)."""
+    import time
+
+    from ..stores import connect
+
+    with connect(_dsn(args), migrate=False) as store:
+        if args.older_than is not None and args.drop is None:
+            raise EventCoreError("--older-than applies to --drop only")
+        if args.drop is not None:
+            dropped = store.drop_snapshots(args.drop or None, older_than=args.older_than)
+            if args.json:
+                print(json.dumps({"dropped": dropped}))
+            else:
+                print(f"dropped {dropped} snapshot(s)" + (f" of {args.drop}" if args.drop else ""))
+            return 0
+        infos = store.snapshots()
+    now = time.time()
+    rows = [{"key": s.key, "command": s.command, "state_version": s.state_version, "bytes": s.size,
+             "events": s.events, "age_s": round(max(0.0, now - s.written_at), 3)} for s in infos]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    if not rows:
+        print("no snapshots stored")
+        return 0
+    width = max(len(s.command) for s in infos)
+    for r in rows:
+        print(f"{r['command']:<{width}}  v{r['state_version']}  {r['bytes']:>9,} B  {r['events']:>12,} events  "
+              f"{r['age_s']:>10.1f} s old  {r['key']}")
+    return 0
+
+
 def _cmd_types(args) -> int:
     """Each stored type name with its versions and counts, and whether this process can read it: the
     class registered for the name (its own or an alias), its version, and for each older stored

@@ -23,6 +23,7 @@ from .. import _impl
 from ..errors import DuplicateCommandError, EventVersionError, UnknownEventTypeError, ValidationError
 from ..formats import INT64_MAX
 from ..events import Event, EventToWrite, Metadata, RawEvent, RecordedEvent
+from ..snapshots import from_versions
 from ..streams import forbidden_character, stream_id as _stream_id
 from .ingest import DEFAULT_INGEST_BATCH, IngestResult, ingest
 from .observer import StoreObserver, observed
@@ -81,6 +82,18 @@ class StoreHealth(msgspec.Struct, frozen=True):
     def as_dict(self) -> dict[str, Any]:
         """The fields as a dict (what `eventcore health --json` prints)."""
         return msgspec.structs.asdict(self)
+
+
+class SnapshotInfo(msgspec.Struct, frozen=True):
+    """One stored snapshot (see eventcore.snapshots): its key, the command class it is of, the state
+    version it was made under, its state's size in bytes, the events it covers and when it was written."""
+
+    key: str
+    command: str
+    state_version: int
+    size: int
+    events: int
+    written_at: float
 
 
 class BatchResult(msgspec.Struct, frozen=True):
@@ -467,6 +480,55 @@ class EventStore(ABC):
             if remaining is not None:
                 remaining -= len(page)
 
+    # -- snapshots (eventcore.snapshots) ------------------------------------------------
+
+    #: Whether this backend stores snapshots (the primitives below); commands on a store without
+    #: them fold every event.
+    supports_snapshots: bool = False
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        """Every stored snapshot of a command's state (see `ec.SnapshotPolicy`), by key."""
+        return [SnapshotInfo(*row) for row in self._snapshot_rows()]
+
+    def drop_snapshots(self, command: str | None = None, *, older_than: float | None = None) -> int:
+        """Remove the snapshots of one command class (by the name `snapshots()` shows) or of all, or only
+        those written more than `older_than` seconds ago (a retention sweep for snapshots of commands no
+        longer run): safe at any time (a command folds from its streams' first events until it writes
+        a new one). Returns how many were removed."""
+        return self._drop_snapshots(*drop_snapshot_args(command, older_than))
+
+    def _no_snapshots(self) -> ValidationError:
+        return ValidationError(f"the {self.scheme or type(self).__name__} store does not store snapshots")
+
+    def _load_snapshot(self, key: str) -> tuple[int, str, bytes] | None:
+        """(state version, covers as JSON, state) of the snapshot stored under `key`, or None."""
+        raise self._no_snapshots()
+
+    def _save_snapshot(self, key: str, command: str, state_version: int, covers: str, state: bytes,
+                       events: int) -> None:
+        """Store (or replace) the snapshot under `key`."""
+        raise self._no_snapshots()
+
+    def _snapshot_rows(self) -> list:
+        """(key, command, state version, size, events, written at as a Unix time) of every snapshot."""
+        raise self._no_snapshots()
+
+    def _drop_snapshots(self, command: str | None, before: float | None = None) -> int:
+        """Remove snapshots (of `command`, or all; written before the Unix time `before`, if given)."""
+        raise self._no_snapshots()
+
+    def _read_streams_from(self, from_versions: dict[str, int], raw: bool = False) -> dict[str, list[RecordedEvent]]:
+        """Each stream's events from a version on (stream -> version), read at one point in time."""
+        raise self._no_snapshots()
+
+    def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
+        """A command's read through its snapshot: (the snapshot stored under `key` or None, stream ->
+        its events from `from_versions(...)` on, those from versions). A backend may do it in one
+        round trip (PostgreSQL); this one makes two calls."""
+        stored = self._load_snapshot(key)
+        froms = from_versions(stored, state_version, stream_ids)
+        return stored, self._read_streams_from(froms), froms
+
     @property
     def command_cache(self) -> Any:
         """The `ec.StateCache` that `ec.execute` uses for this store unless told otherwise: an exact one
@@ -572,6 +634,17 @@ def group_by_stream(stream_ids: list[str], events: list[RecordedEvent]) -> dict[
 
 
 # -- argument checks and pure parts shared with the asyncio stores (eventcore.aio) ----------------------
+
+
+def drop_snapshot_args(command: Any, older_than: Any) -> tuple[str | None, float | None]:
+    """`drop_snapshots`' arguments checked: (command or None, Unix time before which to drop, or None)."""
+    if command is not None and not isinstance(command, str):
+        raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
+    if older_than is None:
+        return command, None
+    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not 0 <= older_than < float("inf"):
+        raise ValidationError(f"older_than must be a number of seconds >= 0 or None, got {older_than!r}")
+    return command, time.time() - older_than
 
 
 def stream_id_list(stream_ids: Iterable[str]) -> list[str]:

@@ -8,6 +8,7 @@ decoding.
 from __future__ import annotations
 
 import threading
+import time
 
 from .. import _impl
 from ..errors import DuplicateCommandError, StoreUnavailableError
@@ -30,6 +31,7 @@ class MemoryStore(EventStore):
         self._holes: dict[str, set] = {}  # ingest resume key -> (lane, input item) passed over (see IngestProgress)
         self._progress_order: dict[str, int] = {}  # ingest resume key -> appends so far when last written
         self._projections = MemoryProjectionStorage(self)  # checkpoints live as long as the events
+        self._snapshots: dict[str, tuple] = {}  # key -> (command, state_version, covers, state, events, at)
 
     def __repr__(self) -> str:
         return "MemoryStore()"
@@ -111,6 +113,40 @@ class MemoryStore(EventStore):
         with self._lock:
             keys = [k for k in self._progress if k.startswith(prefix)]
             return sorted(keys, key=self._progress_order.__getitem__, reverse=True)
+
+    supports_snapshots = True
+
+    def _load_snapshot(self, key):
+        self._open()
+        with self._lock:
+            found = self._snapshots.get(key)
+        return None if found is None else found[1:4]
+
+    def _save_snapshot(self, key, command, state_version, covers, state, events):
+        self._open()
+        with self._lock:
+            self._snapshots[key] = (command, state_version, covers, state, events, time.time())
+
+    def _snapshot_rows(self):
+        self._open()
+        with self._lock:
+            return [(k, c, sv, len(st), ev, at) for k, (c, sv, _, st, ev, at) in sorted(self._snapshots.items())]
+
+    def _drop_snapshots(self, command, before=None):
+        self._open()
+        with self._lock:
+            keys = [k for k, v in self._snapshots.items()
+                    if (command is None or v[0] == command) and (before is None or v[5] < before)]
+            for k in keys:
+                del self._snapshots[k]
+        return len(keys)
+
+    def _read_streams_from(self, from_versions, raw=False):
+        self._open()
+        with self._lock:
+            idx = [i for sid, v in from_versions.items() for i in self._streams.get(sid, ())[max(v, 1) - 1:]]
+            rows = [self._rows[i] for i in sorted(idx)]
+        return group_by_stream(list(from_versions), _impl.decode_rows(rows, raw))
 
     def _read_stream(self, stream_id, from_version, limit, raw=False):
         self._open()

@@ -40,8 +40,8 @@ log: logging.Logger = logging.getLogger("eventcore.store.sqlite")
 #: 1: events and immutability triggers; 2: command_keys (idempotency keys) and ingest_progress;
 #: 3: the header's application_id, ingest_holes, and the projection tables (made with the store, not
 #: by the first projection); 4: each event's type version (events.type_version, also in dead letters);
-#: 5: ingest holes recorded per lane (ingest_holes.lane, see _holes_per_lane).
-SCHEMA_VERSION = 5
+#: 5: ingest holes recorded per lane (ingest_holes.lane, see _holes_per_lane); 6: snapshots.
+SCHEMA_VERSION = 6
 
 #: Columns added to a table after it was first made: (table, column, declaration). CREATE TABLE IF NOT
 #: EXISTS leaves an older store's table as it is, so an upgrade adds these where they are missing
@@ -129,6 +129,18 @@ _SQL_READ_STREAMS = (
     f"SELECT {_COLUMNS} FROM events WHERE stream_id IN (SELECT value FROM json_each(?)) ORDER BY position"
 )
 _SQL_HEAD = "SELECT COALESCE(MAX(position), 0) FROM events"
+_SQL_READ_STREAMS_FROM = (
+    f"SELECT {_COLUMNS} FROM events, (SELECT json_extract(value, '$[0]') AS f_sid, json_extract(value, '$[1]') AS f_v "
+    "FROM json_each(?)) WHERE stream_id = f_sid AND version >= f_v ORDER BY position"
+)
+_SQL_LOAD_SNAPSHOT = "SELECT state_version, covers, state FROM command_snapshots WHERE key = ?"
+_SQL_SAVE_SNAPSHOT = (
+    "INSERT INTO command_snapshots (key, command, state_version, covers, state, events, written_at) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET command = excluded.command, "
+    "state_version = excluded.state_version, covers = excluded.covers, state = excluded.state, "
+    "events = excluded.events, written_at = excluded.written_at"
+)
+_SQL_SNAPSHOT_ROWS = "SELECT key, command, state_version, length(state), events, written_at FROM command_snapshots ORDER BY key"
 _SQL_KEY_USED = "SELECT 1 FROM command_keys WHERE key = ?"
 _SQL_RECORD_KEY = "INSERT INTO command_keys (key, first_position, event_count, recorded_at) VALUES (?, ?, ?, ?)"
 _SQL_RECORDED_COMMAND = (
@@ -479,6 +491,46 @@ class SQLiteStore(EventStore):
     def _read_streams(self, stream_ids, raw=False):
         rows = self._query(_SQL_READ_STREAMS, (_json_list(stream_ids),))
         return group_by_stream(stream_ids, _impl.decode_rows(rows, raw))
+
+    supports_snapshots = True
+
+    def _read_streams_from(self, from_versions, raw=False):
+        pairs = msgspec.json.encode([[str(sid), max(v, 1)] for sid, v in from_versions.items()]).decode()
+        rows = self._query(_SQL_READ_STREAMS_FROM, (pairs,))
+        return group_by_stream(list(from_versions), _impl.decode_rows(rows, raw))
+
+    def _load_snapshot(self, key):
+        rows = self._query(_SQL_LOAD_SNAPSHOT, (key,))
+        return tuple(rows[0]) if rows else None
+
+    def _save_snapshot(self, key, command, state_version, covers, state, events):
+        # Under the store's write lock, as every write of this process (see _append).
+        params = (key, command, state_version, covers, state, events, int(time.time() * 1_000_000))
+        with self._write_lock:
+            conn = self._acquire()
+            try:
+                with immediate_transaction(conn):
+                    conn.execute(_SQL_SAVE_SNAPSHOT, params)
+            except sqlite3.Error as exc:
+                raise _store_error(exc, f"SQLite snapshot write failed on {self.path!r}") from exc
+            finally:
+                self._release(conn)
+
+    def _snapshot_rows(self):
+        return [(k, c, sv, n, ev, at / 1_000_000) for k, c, sv, n, ev, at in self._query(_SQL_SNAPSHOT_ROWS, ())]
+
+    def _drop_snapshots(self, command, before=None):
+        params = (command, command, None if before is None else int(before * 1_000_000))
+        with self._write_lock:
+            conn = self._acquire()
+            try:
+                with immediate_transaction(conn):
+                    return conn.execute("DELETE FROM command_snapshots WHERE (? IS NULL OR command = ?) "
+                                        "AND (?3 IS NULL OR written_at < ?3)", params).rowcount
+            except sqlite3.Error as exc:
+                raise _store_error(exc, f"SQLite snapshot drop failed on {self.path!r}") from exc
+            finally:
+                self._release(conn)
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

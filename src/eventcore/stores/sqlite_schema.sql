@@ -54,6 +54,18 @@ CREATE TABLE IF NOT EXISTS ingest_holes (
     PRIMARY KEY (key, lane, item)
 ) WITHOUT ROWID;
 
+-- Commands' folded state (schema 6; see eventcore.snapshots): the latest per command and streams,
+-- with what it covers (stream -> [version, event id] of the last event folded, as JSON).
+CREATE TABLE IF NOT EXISTS command_snapshots (
+    key           TEXT    PRIMARY KEY,
+    command       TEXT    NOT NULL,
+    state_version INTEGER NOT NULL,
+    covers        TEXT    NOT NULL,
+    state         BLOB    NOT NULL,
+    events        INTEGER NOT NULL,
+    written_at    INTEGER NOT NULL
+) WITHOUT ROWID;
+
 -- Projection checkpoints and dead letters (see sqlite_projections).
 CREATE TABLE IF NOT EXISTS projection_checkpoints (
     name       TEXT PRIMARY KEY,

@@ -77,15 +77,11 @@ def _copy(conn, query, params, decode):
                 last = size
             elif size == 0:
                 if decode is not None and rows > max(1, DECODE_AFTER_ROWS):
-                    kept = out[-last:]  # perhaps the trailer: decoded with what comes after it
-                    del out[-last:]
-                    out += COPY_TRAILER
+                    part, out = split_part(out, last)
                     try:
-                        events += decode(out)
+                        events += decode(part)
                     except Exception as exc:
                         failure, decode = exc, None  # the rest is read, not kept
-                    out = bytearray(COPY_HEADER)
-                    out += kept
                     rows = 1
                 elif decode is None and failure is not None:
                     out = bytearray()
@@ -102,6 +98,17 @@ def _copy(conn, query, params, decode):
     if decode is not None:
         events += decode(out)
     return out, events
+
+
+def split_part(out: bytearray, last: int) -> tuple[bytearray, bytearray]:
+    """(the rows received so far but the last message, as a whole COPY stream; a new buffer holding the
+    header and that last message, perhaps the trailer: decoded with what comes after it). `out` is reused."""
+    kept = out[-last:]
+    del out[-last:]
+    out += COPY_TRAILER
+    rest = bytearray(COPY_HEADER)
+    rest += kept
+    return out, rest
 
 
 def _wait_readable(pgconn) -> None:

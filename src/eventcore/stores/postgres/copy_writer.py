@@ -13,7 +13,7 @@ chunk's rows come from:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Iterator
 
 from ... import _impl
 from ...events import Event, Metadata
@@ -72,13 +72,20 @@ def write(copy: Any, rows: EncodedRows | Events, first: int, heads: dict[str, in
     """Write `rows` (EncodedRows or Events) into `copy`, an open binary COPY of the events table:
     positions from `first`, each stream's versions after its head in `heads` (advanced in place),
     recorded at `at_us`. Returns the event ids written, in order."""
+    for buf in buffers(rows, first, heads, at_us):
+        copy.write(buf)
+    return rows.event_ids
+
+
+def buffers(rows: EncodedRows | Events, first: int, heads: dict[str, int], at_us: int) -> Iterator[bytearray]:
+    """What `write` hands to the COPY, buffer by buffer (an asyncio writer awaits each write); once
+    exhausted, `rows.event_ids` holds the ids written."""
     rows.start(heads)
     buf = bytearray(COPY_HEADER)
     for start in range(0, len(rows.stream_ids), COPY_CHUNK_ROWS):
         rows.encode(buf, first + start, start, start + COPY_CHUNK_ROWS, heads, at_us)
         if len(buf) >= COPY_FLUSH_BYTES:
-            copy.write(buf)
+            yield buf
             buf = bytearray()
     buf += COPY_TRAILER
-    copy.write(buf)
-    return rows.event_ids
+    yield buf

@@ -59,6 +59,17 @@ def _q(template: str, schema: str) -> str:
     return pg_sql.q(template, schema).as_string(None)
 
 
+def status_params(schema: str, name: str | None, cap: int) -> dict[str, Any]:
+    """The parameters of the `status` statement (projections.sql): every projector of `schema`, or `name`'s."""
+    return {"seed": LOCK_SEED, "prefix": _key_prefix(schema), "name": name, "cap": cap}
+
+
+def checkpoint_records(rows: list) -> list[CheckpointRecord]:
+    """The `status` statement's rows as CheckpointRecords."""
+    return [CheckpointRecord(n, position, head, pending, effective_state(state, held), error, owner, updated, dead)
+            for n, position, head, pending, state, error, owner, updated, dead, held in rows]
+
+
 class PostgresProjectionStorage(ProjectionStorage):
     #: Appends wake a live projector (LISTEN/NOTIFY): polling is only the fallback, for poolers that drop LISTEN.
     poll_interval: float = 1.0
@@ -68,10 +79,8 @@ class PostgresProjectionStorage(ProjectionStorage):
 
     def checkpoints(self, name: str | None, cap: int) -> list[CheckpointRecord]:
         store = self.store
-        params = {"seed": LOCK_SEED, "prefix": _key_prefix(store.schema), "name": name, "cap": cap}
-        rows = _fetch(store, _q(_P["status"], store.schema), params, jit=False)
-        return [CheckpointRecord(n, position, head, pending, effective_state(state, held), error, owner, updated, dead)
-                for n, position, head, pending, state, error, owner, updated, dead, held in rows]
+        rows = _fetch(store, _q(_P["status"], store.schema), status_params(store.schema, name, cap), jit=False)
+        return checkpoint_records(rows)
 
     def count_after(self, position: int, cap: int) -> int:
         return _fetch(self.store, _q(_P["count_after"], self.store.schema), (position, cap))[0][0]

@@ -22,10 +22,11 @@ import json
 import logging
 import os
 import uuid
-from typing import Any
+from typing import Any, NoReturn
 from contextlib import contextmanager
 from urllib.parse import parse_qsl
 
+import msgspec
 import psycopg
 from psycopg import errors as pg_errors
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -70,7 +71,8 @@ MAX_STATEMENT_TIMEOUT = 2_147_483.647
 #: statement's bytes on every call).
 _STATEMENTS = ("append_group", "append_one", "reserve", "copy_events", "read_stream_first", "read_streams_prepared", "read_stream",
                "read_streams", "stream_versions", "head", "event_by_id", "committed_rows", "recorded_command",
-               "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock")
+               "type_counts", "ingest_progress", "ingest_holes", "resume_keys", "record_progress", "ingest_key_lock",
+               "read_streams_from", "load_snapshot", "read_after_snapshot", "save_snapshot", "snapshot_rows", "drop_snapshots")
 
 
 def _schema_name(schema) -> str:
@@ -114,13 +116,282 @@ def _remember_long(long: set, stream_ids) -> None:
     long.update(stream_ids)
 
 
+def remember_longest(long: set, out: dict) -> None:
+    """After a read of several streams by prepared statement (`out`: stream -> events): if it was long,
+    its longest streams, until the others fit, are read by COPY next time."""
+    left = sum(map(len, out.values()))
+    if left > FIRST_ROWS:
+        longest = []
+        for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
+            if left <= FIRST_ROWS:
+                break
+            longest.append(s)
+            left -= len(out[s])
+        _remember_long(long, longest)
+
+
 def _text_array(items) -> bytes:
     """A text[] literal of `items` (stream ids: no NUL, checked by StreamId), for a text-format parameter."""
     return ("{" + ",".join('"' + i.replace("\\", "\\\\").replace('"', '\\"') + '"' for i in items) + "}").encode()
 
 
+def after_snapshot(rows: list, state_version: int, stream_ids: list) -> tuple:
+    """What `read_after_snapshot` returned, as `_read_after_snapshot` gives it: (the snapshot or None,
+    stream -> events, the versions each stream was read from, as the statement computed them)."""
+    stored = None
+    froms = dict.fromkeys(stream_ids, 1)
+    if rows and rows[-1][0] is None:
+        covers, state, streams, versions = rows.pop()[9:]
+        stored = (state_version, covers, bytes(state))
+        for sid in stream_ids:  # array_position: the first match
+            if sid in streams:
+                v = versions[streams.index(sid)]
+                froms[sid] = max(1, 1 if v is None else v)
+    events = _impl.decode_rows([row[:9] for row in rows])
+    return stored, group_by_stream(list(stream_ids), events), froms
+
+
+def save_snapshot_params(key: str, command: str, state_version: int, covers: str, state: bytes, events: int) -> tuple:
+    """The parameters of `save_snapshot`: the covers also as the arrays the reads compute from."""
+    parsed = msgspec.json.decode(covers)
+    streams = list(parsed)
+    return key, command, state_version, covers, streams, [parsed[s][0] for s in streams], state, events
+
+
 def _fetch_all(conn, query, params) -> list:
     return conn.execute(query, params).fetchall()
+
+
+def split_url(url: str, options: dict) -> tuple[str, dict]:
+    """(the DSN libpq is given, eventcore's options) of a postgresql:// URL or a libpq key=value string
+    and keyword `options` (see PostgresStore.from_url), checked."""
+    if "://" not in url:
+        unknown = set(options) - _OPTIONS
+        if unknown:
+            raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+        return url, options  # the store checks the string with libpq's parser, as below
+    # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
+    # values (a %20 is not a +) and the URL the store shows.
+    check_url(url)
+    base, query = split_query(url)
+    merged, libpq_query = {}, []
+    for pair in query.split("&") if query else ():
+        parsed = parse_qsl(pair, keep_blank_values=True)
+        if parsed and parsed[0][0] in _OPTIONS:
+            merged[parsed[0][0]] = parsed[0][1]
+        elif pair:
+            libpq_query.append(pair)
+    merged.update(options)
+    unknown = set(options) - _OPTIONS
+    if unknown:
+        raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
+    # libpq knows the scheme in lower case only.
+    dsn = "postgresql" + base[base.index("://"):] + ("?" + "&".join(libpq_query) if libpq_query else "")
+    try:
+        psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
+    except psycopg.ProgrammingError as exc:
+        raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_one_line(exc, dsn)}") from None
+    return dsn, merged
+
+
+def no_connection_reason(connections: _Connections, waited: float) -> str:
+    """Why the pool had no connection to give: the failure of its latest attempt, if it failed."""
+    failure = connections.failure()
+    if failure is not None:
+        return f"no connection within {waited}s; the last attempt failed {failure}"
+    return f"no connection within {waited}s"
+
+
+def raise_write_error(store, exc: Exception) -> NoReturn:
+    """Translate a failed write of `store` whose outcome is known (nothing was written) into eventcore's errors."""
+    if isinstance(exc, PoolTimeout):
+        raise StoreUnavailableError(
+            f"PostgreSQL write failed, nothing was written: {store._no_connection_reason(store.pool_timeout)}"
+        ) from exc
+    if exc.sqlstate == CONFLICT_SQLSTATE:
+        d = json.loads(exc.diag.message_detail)
+        raise ConcurrencyError(d["stream_id"], d["expected"], d["actual"]) from None
+    if exc.sqlstate == TOO_MANY_SQLSTATE or exc.sqlstate in BAD_CALL_SQLSTATES:
+        raise ValidationError(f"PostgreSQL refused the append: {exc}") from None
+    if isinstance(exc, psycopg.DataError):  # e.g. a \u0000 in a payload, which jsonb cannot hold
+        raise SerializationError(f"PostgreSQL rejected the events' data; nothing was written: {exc}") from None
+    if isinstance(exc, psycopg.IntegrityError):
+        raise ValidationError(f"PostgreSQL rejected the append; nothing was written: {exc}") from None
+    if isinstance(exc, pg_errors.QueryCanceled):
+        raise StoreTimeoutError(f"PostgreSQL write cancelled after statement_timeout={store.statement_timeout}s; "
+                                f"nothing was written: {exc}") from exc
+    # Anything else ended the statement, and with it the transaction: nothing was written.
+    raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
+
+
+def lost_check_only(cause: Exception) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"PostgreSQL connection lost during a check-only append; nothing was written: {cause}")
+
+
+def outcome_unknown(cause: Exception) -> StoreUnavailableError:
+    return StoreUnavailableError(
+        f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
+        maybe_committed=True,
+    )
+
+
+def committed_rows(event_ids: list, found: list, rows: list, cause: Exception) -> list:
+    """What a lost write's lookup found (see _find_committed): its rows, or the error saying it did not commit
+    (or cannot be told)."""
+    if not found:
+        raise StoreUnavailableError(f"PostgreSQL connection lost during a write, which did not commit: {cause}") from cause
+    if [bytes(r[3]) for r in rows] != list(event_ids):
+        raise StoreUnavailableError(
+            "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
+            "match what was sent", maybe_committed=True) from cause
+    return rows
+
+
+def reserve_params(expected: dict, stream_ids: list) -> tuple[list, tuple, dict]:
+    """(participants sorted, the `reserve` statement's parameters, events per written stream) of a batch."""
+    streams = sorted(expected)
+    counts: dict = {}
+    for sid in stream_ids:
+        counts[sid] = counts.get(sid, 0) + 1
+    return streams, (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams],
+                     len(stream_ids)), counts
+
+
+def progress_params(progress) -> tuple:
+    """The `record_progress` statement's parameters for an ingest batch's IngestProgress."""
+    key = progress.key
+    return (key, progress.lane, progress.lanes, progress.items, key, progress.lanes,
+            progress.before, key, progress.filled, key, progress.lane, progress.holes,
+            progress.lane, key, progress.lanes)
+
+
+def check_progress(progress, row: Any) -> None:
+    """`record_progress`'s answer: raises if another run recorded the key with another lane count, or
+    moved this lane's count or filled one of its holes."""
+    counted, filled, differ = row
+    if differ:
+        raise ingest_lanes_differ(progress)
+    if counted != 1 or filled != len(progress.filled):
+        raise ingest_overlap(progress)
+
+
+def read_error(store, exc: Exception) -> StoreUnavailableError:
+    """A failed read of `store` (a PoolTimeout or a psycopg error) as eventcore's error."""
+    if isinstance(exc, PoolTimeout):
+        return StoreUnavailableError(
+            f"PostgreSQL read failed: {store._no_connection_reason(store.pool_timeout)}")
+    if isinstance(exc, pg_errors.QueryCanceled):  # before OperationalError: it is one
+        return StoreTimeoutError(
+            f"PostgreSQL read cancelled after statement_timeout={store.statement_timeout}s: {exc}")
+    if isinstance(exc, pg_errors.InsufficientPrivilege):
+        return StoreUnavailableError(
+            f"PostgreSQL refused the read: {exc} (grant the role eventcore.stores.postgres.least_privilege_grants "
+            "for this schema)")
+    return StoreUnavailableError(f"PostgreSQL read failed: {exc}")
+
+
+def pool_stats_of(store) -> dict[str, Any]:
+    """`store.pool_stats()` from its pool's (psycopg_pool's) statistics."""
+    stats = store._pool.get_stats()
+    size = stats.get("pool_size", 0)
+    idle = stats.get("pool_available", 0)
+    out = {k: v for k, v in stats.items() if k not in ("pool_size", "pool_available", "pool_min", "pool_max",
+                                                          "requests_waiting")}
+    out.update(size=size, in_use=size - idle, idle=idle, waiting=stats.get("requests_waiting", 0),
+               min=stats.get("pool_min", store.pool_min_size), max=stats.get("pool_max", store.pool_size))
+    return out
+
+
+def group_outcomes(group: list, rows: list) -> list:
+    """Each member's recorded events or exception, from the rows of append_one / append_group."""
+    firsts = []  # ordinal of each member's first event in the group (see _encode_group)
+    ordinal = 1
+    for p in group:
+        firsts.append(ordinal)
+        ordinal += len(p)
+    out: list = [None] * len(group)
+    for m, versions_before, base, conflict, at_us in rows:
+        p = group[m - 1]
+        if conflict is not None:
+            d = json.loads(conflict)
+            if "duplicate" in d:
+                out[m - 1] = DuplicateCommandError(d["duplicate"])
+            else:
+                out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
+            continue
+        versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
+        p.recorded_at_us = at_us
+        first = base + firsts[m - 1]
+        out[m - 1] = p.recorded(versions, range(first, first + len(p)))
+    return out
+
+
+def write_each_alone(group: list, exc: Exception) -> bool:
+    """Whether a group's failed statement is written again member by member: one member's bad data, or
+    one member waiting on a lock past statement_timeout, failed it for all."""
+    return len(group) > 1 and (
+        isinstance(exc, (psycopg.DataError, pg_errors.QueryCanceled))
+        or getattr(exc, "sqlstate", None) in BAD_CALL_SQLSTATES)
+
+
+def configure(store, dsn: str, schema, pool_size, pool_min_size, connect_timeout, statement_timeout, pool_timeout,
+              migrate, group_commit) -> tuple[bool, bool]:
+    """The store's options checked and set on `store` (a PostgresStore, or eventcore.aio's), with what
+    follows from them: statements rendered for its schema, the keyword arguments of its connections.
+    Returns (group_commit, migrate)."""
+    store.schema = _schema_name(schema)
+    store.pool_size = count("pool_size", pool_size, 1, text=True)
+    store.pool_min_size = min(count("pool_min_size", pool_min_size, 0, text=True), store.pool_size)
+    store.connect_timeout = seconds("connect_timeout", connect_timeout, text=True)
+    store.statement_timeout = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
+                                      maximum=MAX_STATEMENT_TIMEOUT)
+    store.pool_timeout = seconds("pool_timeout", pool_timeout, text=True)
+    store._dsn = dsn
+    given = _conninfo(dsn)
+    #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
+    #: every connection the store makes passes them after its own (see _session_options).
+    store._dsn_options = given["options"] if "options" in given else os.environ.get("PGOPTIONS", "")
+    store._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
+    # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
+    store._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
+    #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
+    store._long_streams = set()
+    group_commit = boolean("group_commit", group_commit)
+    migrate = boolean("migrate", migrate)
+    # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
+    store._sql = {name: q(QUERIES[name], schema).as_string(None) for name in _STATEMENTS}
+    store._read_all_sql = {
+        (t, p): q(copy_read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
+    }
+    # plan_cache_mode: the prepared statements of these connections are planned for each call's
+    # values. A plan cached while the tables were small (a new store, before autovacuum's
+    # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
+    # 7 ms after 40,000 more streams, until ANALYZE. Planning anew costs ~0.03-0.06 ms; parsing is
+    # still saved. The append functions keep their cached plans (they set it back; see sql/functions/).
+    # default_transaction_isolation, pinned after the DSN's options (which also override ALTER ROLE or
+    # DATABASE ... SET): the append functions read the stream heads in a statement after their locks,
+    # which sees what committed meanwhile only in READ COMMITTED; in REPEATABLE READ a read-only stream
+    # moved while the append waited would pass its check. The functions refuse any other level.
+    options = _session_options(f"-c statement_timeout={int(store.statement_timeout * 1000)} "
+                              "-c plan_cache_mode=force_custom_plan", store._dsn_options,
+                              pinned="-c default_transaction_isolation=read\\ committed")
+    #: What every connection of the store is made with, the first one's included.
+    store._connect_kwargs = {
+        "autocommit": True,
+        # Prepare every statement on first use: the hot path runs the same few texts.
+        "prepare_threshold": 0,
+        "connect_timeout": max(1, int(store.connect_timeout)),
+        "options": options,
+        # Binary COPY carries text in the client's encoding, and the COPY reader and writer speak
+        # UTF-8: a LATIN1 database, PGCLIENTENCODING or the URL's own client_encoding would
+        # otherwise turn 'é' into two wrong characters or a refused row. (A keyword wins over both.)
+        "client_encoding": "UTF8",
+        **store._keepalives,
+        **store._application_name,
+    }
+    return group_commit, migrate
+
 
 class PostgresStore(EventStore):
     """The PostgreSQL store (`ec.connect("postgresql://...")`): psycopg 3 with a connection pool, one
@@ -131,39 +402,33 @@ class PostgresStore(EventStore):
     #: one on a 2-core server (1,000,000 lines: 130k against 98k events/s, 2026-12-07), as two raw COPY
     #: streams do (1.44-1.54x). More only pays with more server cores: --parallel N.
     default_ingest_lanes = 2
+    # Set by configure():
+    schema: str
+    pool_size: int
+    pool_min_size: int
+    connect_timeout: float
+    statement_timeout: float
+    pool_timeout: float
+    _dsn: str
+    #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
+    #: every connection the store makes passes them after its own (see _session_options).
+    _dsn_options: str
+    _keepalives: dict[str, Any]
+    _application_name: dict[str, str]
+    #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
+    _long_streams: set[str]
+    _sql: dict[str, str]
+    _read_all_sql: dict[tuple[bool, bool], str]
+    #: What every connection of the store is made with, the first one's included.
+    _connect_kwargs: dict[str, Any]
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStore:
         """The store a postgresql:// URL names: eventcore's own options taken from its query (and `options`,
         which win), the rest of the URL passed to libpq as written. libpq's key=value form takes eventcore's
         options as keyword arguments only (libpq refuses keys it does not know)."""
-        if "://" not in url:
-            unknown = set(options) - _OPTIONS
-            if unknown:
-                raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-            return cls(url, **options)  # which checks the string with libpq's parser, as below
-        # The URL goes to libpq as written, minus eventcore's own parameters: re-encoding it would change
-        # values (a %20 is not a +) and the URL the store shows.
-        check_url(url)
-        base, query = split_query(url)
-        merged, libpq_query = {}, []
-        for pair in query.split("&") if query else ():
-            parsed = parse_qsl(pair, keep_blank_values=True)
-            if parsed and parsed[0][0] in _OPTIONS:
-                merged[parsed[0][0]] = parsed[0][1]
-            elif pair:
-                libpq_query.append(pair)
-        merged.update(options)
-        unknown = set(options) - _OPTIONS
-        if unknown:
-            raise ValidationError(f"unknown postgresql option(s) {sorted(unknown)}; known: {sorted(_OPTIONS)}")
-        # libpq knows the scheme in lower case only.
-        dsn = "postgresql" + base[base.index("://"):] + ("?" + "&".join(libpq_query) if libpq_query else "")
-        try:
-            psycopg.conninfo.conninfo_to_dict(dsn)  # libpq's own parser: rejects unknown parameters at once
-        except psycopg.ProgrammingError as exc:
-            raise ValidationError(f"invalid PostgreSQL URL {redact(dsn)}: {_one_line(exc, dsn)}") from None
-        return cls(dsn, **merged)
+        dsn, options = split_url(url, options)
+        return cls(dsn, **options)
 
     def __init__(
         self,
@@ -178,58 +443,11 @@ class PostgresStore(EventStore):
         migrate: bool = True,
         group_commit: bool = True,
     ) -> None:
-        self.schema: str = _schema_name(schema)
-        self.pool_size: int = count("pool_size", pool_size, 1, text=True)
-        self.pool_min_size: int = min(count("pool_min_size", pool_min_size, 0, text=True), self.pool_size)
-        self.connect_timeout: float = seconds("connect_timeout", connect_timeout, text=True)
-        self.statement_timeout: float = seconds("statement_timeout", statement_timeout, allow_zero=True, text=True,
-                                          maximum=MAX_STATEMENT_TIMEOUT)
-        self.pool_timeout: float = seconds("pool_timeout", pool_timeout, text=True)
-        self._dsn = dsn
+        group_commit, migrate = configure(self, dsn, schema, pool_size, pool_min_size, connect_timeout,
+                                          statement_timeout, pool_timeout, migrate, group_commit)
         st = self.statement_timeout
         self._watchdog = _Watchdog(None if st == 0 else st + max(CLIENT_DEADLINE_MARGIN, st / 4))
-        given = _conninfo(dsn)
-        #: The DSN's `options` (server settings for the session), else PGOPTIONS, as libpq would take them;
-        #: every connection the store makes passes them after its own (see _session_options).
-        self._dsn_options = given["options"] if "options" in given else os.environ.get("PGOPTIONS", "")
-        self._keepalives = {k: v for k, v in KEEPALIVES.items() if k not in given}
-        # Names the store's sessions in pg_stat_activity (an operator can tell them apart; unless the URL names them).
-        self._application_name = {} if "application_name" in given else {"application_name": f"eventcore:{schema}"[:63]}
-        #: Streams known, from an earlier read, to hold more than FIRST_ROWS events: read by COPY at once.
-        self._long_streams: set[str] = set()
-        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if boolean("group_commit", group_commit) else None
-        migrate = boolean("migrate", migrate)
-        # Rendered once: psycopg would otherwise compose each statement's bytes on every call.
-        self._sql = {name: q(QUERIES[name], schema).as_string(None) for name in _STATEMENTS}
-        self._read_all_sql = {
-            (t, p): q(copy_read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
-        }
-        # plan_cache_mode: the prepared statements of these connections are planned for each call's
-        # values. A plan cached while the tables were small (a new store, before autovacuum's
-        # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
-        # 7 ms after 40,000 more streams, until ANALYZE. Planning anew costs ~0.03-0.06 ms; parsing is
-        # still saved. The append functions keep their cached plans (they set it back; see sql/functions/).
-        # default_transaction_isolation, pinned after the DSN's options (which also override ALTER ROLE or
-        # DATABASE ... SET): the append functions read the stream heads in a statement after their locks,
-        # which sees what committed meanwhile only in READ COMMITTED; in REPEATABLE READ a read-only stream
-        # moved while the append waited would pass its check. The functions refuse any other level.
-        options = _session_options(f"-c statement_timeout={int(self.statement_timeout * 1000)} "
-                                  "-c plan_cache_mode=force_custom_plan", self._dsn_options,
-                                  pinned="-c default_transaction_isolation=read\\ committed")
-        #: What every connection of the store is made with, the first one's included.
-        self._connect_kwargs = {
-            "autocommit": True,
-            # Prepare every statement on first use: the hot path runs the same few texts.
-            "prepare_threshold": 0,
-            "connect_timeout": max(1, int(self.connect_timeout)),
-            "options": options,
-            # Binary COPY carries text in the client's encoding, and the COPY reader and writer speak
-            # UTF-8: a LATIN1 database, PGCLIENTENCODING or the URL's own client_encoding would
-            # otherwise turn 'é' into two wrong characters or a refused row. (A keyword wins over both.)
-            "client_encoding": "UTF8",
-            **self._keepalives,
-            **self._application_name,
-        }
+        self._group = _GroupCommitter(self, GROUPS_IN_FLIGHT) if group_commit else None
         self._connections = _Connections(dsn)
         self._pool = ConnectionPool(
             dsn,
@@ -287,11 +505,7 @@ class PostgresStore(EventStore):
         raise StoreUnavailableError(message) from None
 
     def _no_connection_reason(self, waited: float) -> str:
-        """Why the pool had no connection to give: the failure of its latest attempt, if it failed."""
-        failure = self._connections.failure()
-        if failure is not None:
-            return f"no connection within {waited}s; the last attempt failed {failure}"
-        return f"no connection within {waited}s"
+        return no_connection_reason(self._connections, waited)
 
     def _warm_up(self, conn) -> None:
         """Run on every new pool connection before it is handed out: prepare the hot statements and
@@ -358,14 +572,7 @@ class PostgresStore(EventStore):
         """The pool now: connections open (`size`), `in_use`, `idle`, requests `waiting`, its bounds, and
         psycopg_pool's cumulative counters (`requests_num`, `requests_wait_ms`, `connections_num`,
         `connections_ms`, ...) since the store opened."""
-        stats = self._pool.get_stats()
-        size = stats.get("pool_size", 0)
-        idle = stats.get("pool_available", 0)
-        out = {k: v for k, v in stats.items() if k not in ("pool_size", "pool_available", "pool_min", "pool_max",
-                                                              "requests_waiting")}
-        out.update(size=size, in_use=size - idle, idle=idle, waiting=stats.get("requests_waiting", 0),
-                   min=stats.get("pool_min", self.pool_min_size), max=stats.get("pool_max", self.pool_size))
-        return out
+        return pool_stats_of(self)
 
     # -- helpers ---------------------------------------------------------------------
 
@@ -398,18 +605,8 @@ class PostgresStore(EventStore):
         """A read's failures as eventcore's errors."""
         try:
             yield
-        except PoolTimeout as exc:
-            raise StoreUnavailableError(
-                f"PostgreSQL read failed: {self._no_connection_reason(self.pool_timeout)}") from exc
-        except pg_errors.QueryCanceled as exc:  # before OperationalError: it is one
-            raise StoreTimeoutError(
-                f"PostgreSQL read cancelled after statement_timeout={self.statement_timeout}s: {exc}") from exc
-        except pg_errors.InsufficientPrivilege as exc:
-            raise StoreUnavailableError(
-                f"PostgreSQL refused the read: {exc} (grant the role eventcore.stores.postgres.least_privilege_grants "
-                "for this schema)") from exc
-        except psycopg.Error as exc:
-            raise StoreUnavailableError(f"PostgreSQL read failed: {exc}") from exc
+        except (PoolTimeout, psycopg.Error) as exc:
+            raise read_error(self, exc) from exc
 
     # -- writing -----------------------------------------------------------------------
 
@@ -452,9 +649,7 @@ class PostgresStore(EventStore):
                         out.append(err)
                     backend = None
                 return out
-            if len(group) > 1 and (
-                    isinstance(exc, (psycopg.DataError, pg_errors.QueryCanceled))
-                    or getattr(exc, "sqlstate", None) in BAD_CALL_SQLSTATES):
+            if write_each_alone(group, exc):
                 # One member's bad data, or one member waiting on a lock past statement_timeout, failed
                 # the statement for all: write each alone, so only that member fails.
                 return self._append_each(group)
@@ -462,26 +657,7 @@ class PostgresStore(EventStore):
                 self._raise_write_error(exc)
             except Exception as err:  # noqa: BLE001
                 return [err] * len(group)
-        firsts = []  # ordinal of each member's first event in the group (see _encode_group)
-        ordinal = 1
-        for p in group:
-            firsts.append(ordinal)
-            ordinal += len(p)
-        out: list = [None] * len(group)
-        for m, versions_before, base, conflict, at_us in rows:
-            p = group[m - 1]
-            if conflict is not None:
-                d = json.loads(conflict)
-                if "duplicate" in d:
-                    out[m - 1] = DuplicateCommandError(d["duplicate"])
-                else:
-                    out[m - 1] = ConcurrencyError(d["stream_id"], d["expected"], d["actual"])
-                continue
-            versions = _impl.assign_versions(p.stream_ids, dict(zip(sorted(p.expected), versions_before)))
-            p.recorded_at_us = at_us
-            first = base + firsts[m - 1]
-            out[m - 1] = p.recorded(versions, range(first, first + len(p)))
-        return out
+        return group_outcomes(group, rows)
 
     def _append_each(self, group: list) -> list:
         out = []
@@ -493,26 +669,8 @@ class PostgresStore(EventStore):
             out.append(result)
         return out
 
-    def _raise_write_error(self, exc: Exception):
-        """Translate a failed write whose outcome is known (nothing was written) into eventcore's errors."""
-        if isinstance(exc, PoolTimeout):
-            raise StoreUnavailableError(
-                f"PostgreSQL write failed, nothing was written: {self._no_connection_reason(self.pool_timeout)}"
-            ) from exc
-        if exc.sqlstate == CONFLICT_SQLSTATE:
-            d = json.loads(exc.diag.message_detail)
-            raise ConcurrencyError(d["stream_id"], d["expected"], d["actual"]) from None
-        if exc.sqlstate == TOO_MANY_SQLSTATE or exc.sqlstate in BAD_CALL_SQLSTATES:
-            raise ValidationError(f"PostgreSQL refused the append: {exc}") from None
-        if isinstance(exc, psycopg.DataError):  # e.g. a \u0000 in a payload, which jsonb cannot hold
-            raise SerializationError(f"PostgreSQL rejected the events' data; nothing was written: {exc}") from None
-        if isinstance(exc, psycopg.IntegrityError):
-            raise ValidationError(f"PostgreSQL rejected the append; nothing was written: {exc}") from None
-        if isinstance(exc, pg_errors.QueryCanceled):
-            raise StoreTimeoutError(f"PostgreSQL write cancelled after statement_timeout={self.statement_timeout}s; "
-                                    f"nothing was written: {exc}") from exc
-        # Anything else ended the statement, and with it the transaction: nothing was written.
-        raise StoreUnavailableError(f"PostgreSQL write failed; nothing was written: {exc}") from exc
+    def _raise_write_error(self, exc: Exception) -> NoReturn:
+        raise_write_error(self, exc)
 
     def _find_committed(self, event_ids: list, cause: Exception, backend_pid: int | None) -> list[tuple]:
         """The connection failed after a write was sent: did it commit?
@@ -527,12 +685,8 @@ class PostgresStore(EventStore):
         confirmed gone) -> StoreUnavailableError(maybe_committed=True).
         """
         if not event_ids:  # a check-only call: whatever happened, it wrote nothing
-            raise StoreUnavailableError(
-                f"PostgreSQL connection lost during a check-only append; nothing was written: {cause}") from cause
-        unknown = StoreUnavailableError(
-            f"PostgreSQL connection lost during a write; whether it committed is unknown: {cause}",
-            maybe_committed=True,
-        )
+            raise lost_check_only(cause) from cause
+        unknown = outcome_unknown(cause)
         log.warning("connection lost during a write (backend %s); finding out whether it committed: %s",
                     backend_pid, cause)
         try:
@@ -545,13 +699,7 @@ class PostgresStore(EventStore):
                 rows = conn.execute(self._sql["committed_rows"], (found[0][0], len(event_ids))).fetchall() if found else []
         except (psycopg.Error, PoolTimeout):
             raise unknown from cause
-        if not found:
-            raise StoreUnavailableError(f"PostgreSQL connection lost during a write, which did not commit: {cause}") from cause
-        if [bytes(r[3]) for r in rows] != list(event_ids):
-            raise StoreUnavailableError(
-                "PostgreSQL connection lost during a write; its first event is stored but the rest does not "
-                "match what was sent", maybe_committed=True) from cause
-        return rows
+        return committed_rows(event_ids, found, rows, cause)
 
     @contextmanager
     def _watched(self, conn, statements: int = 1):
@@ -570,12 +718,8 @@ class PostgresStore(EventStore):
     def _reserve_and_copy(self, expected: dict, rows, progress=None) -> tuple[int, int, dict]:
         """One transaction: reserve (lock, check, advance heads), the ingest `progress` if any (see
         PreparedAppend.progress), then a binary COPY of `rows` (see copy_writer)."""
-        stream_ids = rows.stream_ids
-        streams = sorted(expected)
-        counts: dict = {}
-        for sid in stream_ids:
-            counts[sid] = counts.get(sid, 0) + 1
-        n = len(stream_ids)
+        streams, reserve, counts = reserve_params(expected, rows.stream_ids)
+        n = len(rows.stream_ids)
         event_ids: list = []
         sent = False
         backend = None
@@ -585,21 +729,12 @@ class PostgresStore(EventStore):
                 with conn.transaction():
                     if progress is not None and progress.first:
                         conn.execute(self._sql["ingest_key_lock"], (progress.key,))
-                    before, first, at_us = conn.execute(
-                        self._sql["reserve"],
-                        (streams, [expected[s] for s in streams], [counts.get(s, 0) for s in streams], n),
-                    ).fetchone()
+                    before, first, at_us = conn.execute(self._sql["reserve"], reserve).fetchone()
                     heads = dict(zip(streams, before or ()))  # no events: reserve returns no heads
                     if progress is not None:
-                        key = progress.key
-                        counted, filled, differ = conn.execute(self._sql["record_progress"], (
-                            key, progress.lane, progress.lanes, progress.items, key, progress.lanes,
-                            progress.before, key, progress.filled, key, progress.lane, progress.holes,
-                            progress.lane, key, progress.lanes)).fetchone()
-                        if differ:
-                            raise ingest_lanes_differ(progress)  # leaves the transaction: nothing is written
-                        if counted != 1 or filled != len(progress.filled):
-                            raise ingest_overlap(progress)
+                        # Raises (leaving the transaction: nothing is written) if another run moved the key.
+                        check_progress(progress, conn.execute(self._sql["record_progress"],
+                                                              progress_params(progress)).fetchone())
                     with conn.cursor().copy(self._sql["copy_events"]) as copy:
                         event_ids = copy_writer.write(copy, rows, first, heads, at_us)
                     sent = True  # from here on, a lost connection may have committed
@@ -667,16 +802,33 @@ class PostgresStore(EventStore):
         if any(s in long for s in stream_ids):
             return group_by_stream(stream_ids, self._copy_events("read_streams", (stream_ids,), raw))
         out = group_by_stream(stream_ids, self._prepared_read("read_streams_prepared", [_text_array(stream_ids)], raw))
-        left = sum(map(len, out.values()))
-        if left > FIRST_ROWS:  # long: its longest streams, until the others fit, are read by COPY next time
-            longest = []
-            for s in sorted(out, key=lambda s: len(out[s]), reverse=True):
-                if left <= FIRST_ROWS:
-                    break
-                longest.append(s)
-                left -= len(out[s])
-            _remember_long(long, longest)
+        remember_longest(long, out)
         return out
+
+    supports_snapshots = True
+
+    def _read_streams_from(self, from_versions, raw=False):
+        ids = list(from_versions)
+        rows = self._fetch("read_streams_from", (ids, [max(v, 1) for v in from_versions.values()]))
+        return group_by_stream(ids, _impl.decode_rows(rows, raw))
+
+    def _load_snapshot(self, key):
+        rows = self._fetch("load_snapshot", (key,))
+        return (rows[0][0], rows[0][1], bytes(rows[0][2])) if rows else None
+
+    def _read_after_snapshot(self, key, state_version, stream_ids):
+        return after_snapshot(self._fetch("read_after_snapshot", (key, state_version, list(stream_ids))),
+                              state_version, stream_ids)
+
+    def _save_snapshot(self, key, command, state_version, covers, state, events):
+        self._read(lambda conn, query, params: conn.execute(query, params), "save_snapshot",
+                   save_snapshot_params(key, command, state_version, covers, state, events))
+
+    def _snapshot_rows(self):
+        return self._fetch("snapshot_rows", ())
+
+    def _drop_snapshots(self, command, before=None):
+        return self._fetch("drop_snapshots", (command, command, before, before))[0][0]
 
     def _stream_versions(self, stream_ids):
         out = dict.fromkeys(stream_ids, 0)

@@ -151,6 +151,47 @@ SELECT {columns} FROM {s}.events,
 (SELECT first_position AS f, event_count AS c FROM {s}.command_keys WHERE key = %s) AS k
 WHERE position >= k.f AND position < k.f + k.c ORDER BY position
 
+-- name: read_streams_from
+-- Each stream's events from a version on (a command folding from its snapshot), one statement.
+-- Parameters: stream ids, from versions (arrays of one length).
+SELECT {columns} FROM unnest(%s::text[], %s::bigint[]) AS f(from_stream, from_version)
+JOIN {s}.events ON stream_id = f.from_stream AND version >= f.from_version ORDER BY position
+
+-- name: load_snapshot
+SELECT state_version, covers, state FROM {s}.command_snapshots WHERE key = %s
+
+-- name: read_after_snapshot
+-- A command's read through its snapshot, one statement (one point in time, one round trip): each
+-- stream's events from the version the snapshot covers (1 where it covers none, or there is no
+-- snapshot of this state version), then one row holding the snapshot (position NULL: last).
+-- Parameters: key, state version, stream ids.
+WITH c AS (SELECT covers, state, streams, versions FROM {s}.command_snapshots WHERE key = %s AND state_version = %s)
+SELECT {columns}, NULL::text, NULL::bytea, NULL::text[], NULL::bigint[]
+FROM unnest(%s::text[]) AS f(from_stream) LEFT JOIN c ON true
+JOIN {s}.events ON stream_id = f.from_stream
+AND version >= greatest(1, coalesce(c.versions[array_position(c.streams, f.from_stream)], 1))
+UNION ALL
+SELECT NULL::bigint, NULL::text, NULL::bigint, NULL::bytea, NULL::text, NULL::text, NULL::text, NULL::bigint,
+NULL::int, covers, state, streams, versions FROM c
+ORDER BY 1
+
+-- name: save_snapshot
+INSERT INTO {s}.command_snapshots (key, command, state_version, covers, streams, versions, state, events, written_at)
+VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
+ON CONFLICT (key) DO UPDATE SET command = excluded.command, state_version = excluded.state_version,
+covers = excluded.covers, streams = excluded.streams, versions = excluded.versions, state = excluded.state,
+events = excluded.events, written_at = excluded.written_at
+
+-- name: snapshot_rows
+SELECT key, command, state_version, octet_length(state), events, extract(epoch FROM written_at)::float8
+FROM {s}.command_snapshots ORDER BY key
+
+-- name: drop_snapshots
+-- Parameters: a command name (NULL: every command), a Unix time to drop those written before (NULL: all).
+WITH gone AS (DELETE FROM {s}.command_snapshots WHERE (%s::text IS NULL OR command = %s::text)
+              AND (%s::float8 IS NULL OR written_at < to_timestamp(%s::float8)) RETURNING 1)
+SELECT count(*) FROM gone
+
 -- name: ingest_progress
 SELECT lane, lanes, items FROM {s}.ingest_progress WHERE key = %s
 
@@ -251,3 +292,4 @@ GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.projection_dead_letters TO {role};
 GRANT SELECT ON {s}.command_keys TO {role};
 GRANT SELECT, INSERT, UPDATE ON {s}.ingest_progress TO {role};
 GRANT SELECT, INSERT, DELETE ON {s}.ingest_holes TO {role};
+GRANT SELECT, INSERT, UPDATE, DELETE ON {s}.command_snapshots TO {role};
