@@ -51,6 +51,7 @@ class AsyncSQLiteStore(SyncBackedStore):
 
     async def aclose(self) -> None:
         if not self.closed:
+            await self._snapshots_written()
             try:
                 await asyncio.get_running_loop().run_in_executor(self._thread, self.sync.close)
             finally:
