@@ -1,7 +1,7 @@
 """Hostile review of persistent command snapshots: a snapshot is an optimisation, never a source of truth.
 
 Every test compares what a command sees when folded through snapshots with what it sees when folded from the
-first event (a fresh fold: no cache, no snapshot). An xfail(strict=True) marks a real defect: the test shows
+first event (a fresh fold: no cache, no snapshot). Each test was written to break it: the test shows
 what should happen and fails until it is fixed.
 """
 from __future__ import annotations
@@ -130,10 +130,6 @@ class LastDeposit(ec.Command):
         return []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots.py round-trip check compares with ==: an aware datetime state in +02:00 comes back from "
-    "msgpack in UTC (equal, but another date()/hour/tzinfo), is snapshotted, and handle() then decides on "
-    "another local day than the full fold"))
 def test_an_aware_datetime_state_keeps_its_timezone(store):
     _needs_snapshots(store)
     store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(3)])
@@ -168,10 +164,6 @@ class Wallet(ec.Command):
         return []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots.py round-trip check only compares ==/top-level type: a dict state keyed by a str Enum decodes "
-    "with str keys (equal, same hash), is snapshotted, and handle() gets plain str where the full fold gave "
-    "Currency members (key.name / isinstance / format differ)"))
 def test_enum_keys_of_a_dict_state_stay_enum_members(store):
     _needs_snapshots(store)
     store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(3)])
@@ -203,9 +195,6 @@ class Average(ec.Command):
         return []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots.py round-trip check uses ==: a Struct field typed float holding an int (1 == 1.0) decodes as "
-    "a float, so handle() sees 3.0 where the full fold gives 3 (str(), range(), json differ)"))
 def test_a_struct_field_keeps_the_type_the_fold_gave_it(store):
     _needs_snapshots(store)
     store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(3)])
@@ -298,9 +287,6 @@ class Child(Parent):
         return state + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots key by getattr(type(cmd), '__snapshot_name__'): a subclass that overrides apply() inherits "
-    "its parent's explicit name and folds from the parent's snapshot (state 30+ instead of 3)"))
 def test_a_subclass_never_folds_from_its_parents_snapshot(store):
     _needs_snapshots(store)
     store.append([ec.emit("acct", Deposited(amount=10)) for _ in range(3)])
@@ -344,14 +330,16 @@ def _local_class(step: int):
     return Step
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots.py command_name(): the default key module.qualname is not unique for classes a function "
-    "makes ('_local_class.<locals>.Step' for both): one class folds from another's snapshot (3 instead of "
-    "300); a '<locals>' qualname should get no snapshot (or need __snapshot_name__)"))
 def test_classes_made_by_one_factory_never_share_a_snapshot(store):
+    """A class made inside a function shares its qualname with every class the function makes: it must
+    name its snapshots itself (refused before anything is read or written); named, they share nothing."""
     _needs_snapshots(store)
     one, hundred = _local_class(1), _local_class(100)
     store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(3)])
+    with pytest.raises(ec.ValidationError, match="__snapshot_name__"):
+        _seen(store, one(account="acct"), cache=None)
+    assert store.stream_version("acct") == 3 and store.snapshots() == []
+    one.__snapshot_name__, hundred.__snapshot_name__ = "attack.Step1", "attack.Step100"
     _seen(store, one(account="acct"), cache=None)
     assert _seen(store, hundred(account="acct"), cache=None) == _truth(store, hundred(account="acct")) == 300
 
@@ -466,11 +454,6 @@ def test_a_snapshot_name_no_store_can_hold_is_refused_cleanly(store, backend, re
     """A __snapshot_name__ the store cannot hold: a ValidationError before anything is read or written (or the
     snapshot is just not used), never a raw UnicodeEncodeError / StoreUnavailableError."""
     _needs_snapshots(store)
-    if backend != "memory" and (name == "\ud800" or backend.startswith("postgres")):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "__snapshot_name__ is not validated: a lone surrogate raises a raw UnicodeEncodeError from the "
-            "snapshot read (sqlite.py _load_snapshot / PG read_after_snapshot), and a NUL a "
-            "StoreUnavailableError 'PostgreSQL read failed' (an outage, to retry logic) on every execute")))
 
     class Named(Seer):
         pass
@@ -832,9 +815,6 @@ def test_sqlite_garbage_state_is_passed_over(sqlite_store, column, value):
     assert _seen(store, Seer(account="acct"), cache=None) == truth
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sqlite.py _snapshot_rows divides written_at by 1e6 unchecked: one hand-edited row (written_at TEXT) "
-    "makes store.snapshots() and `eventcore snapshots` raise TypeError (a traceback) instead of listing"))
 def test_sqlite_listing_survives_a_garbage_row(sqlite_store):
     store = sqlite_store
     _snapshot_then_edit_sqlite(store, "UPDATE command_snapshots SET written_at = 'yesterday'")
@@ -861,12 +841,6 @@ def _pg_edit(store, sql):
     "UPDATE {s}.command_snapshots SET covers = '{\"acct\": [3, \"00\"]}'",
     "UPDATE {s}.command_snapshots SET covers = 'not json'",
     "UPDATE {s}.command_snapshots SET state = '\\xc1'",
-    pytest.param("UPDATE {s}.command_snapshots SET versions = '{}'", marks=pytest.mark.xfail(strict=True, reason=(
-        "postgres/store.py after_snapshot: versions[streams.index(sid)] with a versions array shorter than "
-        "streams raises IndexError out of execute() (the SQL side reads NULL: no error there)"))),
-    pytest.param("UPDATE {s}.command_snapshots SET versions = '{{4,4}}'", marks=pytest.mark.xfail(strict=True, reason=(
-        "postgres/store.py after_snapshot: a 2-D versions array gives a list, max(1, [4, 4]) raises TypeError "
-        "out of execute()"))),
 ])
 def test_postgres_hand_edited_rows_are_passed_over(pg_store, edit):
     store = pg_store
@@ -878,14 +852,25 @@ def test_postgres_hand_edited_rows_are_passed_over(pg_store, edit):
     store.snapshots()
 
 
+@pytest.mark.parametrize("edit", [
+    "UPDATE {s}.command_snapshots SET versions = '{}'",
+    "UPDATE {s}.command_snapshots SET versions = '{{4,4}}'",
+    "UPDATE {s}.command_snapshots SET streams = '{acct,other}'",
+])
+def test_postgres_refuses_snapshot_rows_its_reads_could_not_use(pg_store, edit):
+    """Arrays of another shape than one version per stream are refused by the table itself."""
+    import psycopg
+
+    store = pg_store
+    store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(4)])
+    _seen(store, Seer(account="acct"), cache=None)
+    with pytest.raises(psycopg.errors.CheckViolation):
+        _pg_edit(store, edit)
+
+
 # -- PostgreSQL: positions are transaction ids, and commits do not come in their order -----------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "executor.py _snapshot_state / PG read_after_snapshot: a snapshot of a multi-stream command covers what "
-    "was committed when it was read, but positions are xids and a lower position can commit later; the tail "
-    "is then folded after the snapshot's events though a full fold (by position) folds it before them: an "
-    "order-sensitive state differs from the full fold, persistently"))
 def test_a_late_commit_of_a_lower_position_is_folded_in_position_order(pg_dsn, pg_schema):
     import psycopg
 
@@ -1041,14 +1026,6 @@ def test_drop_snapshots_with_extreme_but_valid_arguments(store3, request, kw):
     a ValidationError): never an OverflowError, a 'timestamp out of range' StoreUnavailableError, etc."""
     store = store3
     _needs_snapshots(store)
-    param = request.node.callspec.id.split("-", 1)[1]
-    broken = {"sqlite": {"older_than_1e300", "older_than_1e13", "surrogate_name"},
-              "postgres": {"older_than_1e300", "older_than_1e13", "nul_name", "surrogate_name"}}
-    if param in broken.get(store.scheme if store.scheme != "postgresql" else "postgres", ()):
-        request.applymarker(pytest.mark.xfail(strict=True, reason=(
-            "stores/base.py drop_snapshot_args() checks only 0 <= older_than < inf and isinstance(command, str): "
-            "SQLite raises a raw OverflowError (int(before * 1e6) past int64) and UnicodeEncodeError (surrogate); "
-            "PostgreSQL a StoreUnavailableError ('timestamp out of range', NUL in text) - an outage, for bad input")))
     store.append([ec.emit("acct", Deposited(amount=1))])
     _seen(store, Seer(account="acct"), cache=None)
     try:
@@ -1076,12 +1053,6 @@ class Deposit1(ec.Command):
         return [ec.emit(self.account, Deposited(amount=1))]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "aio/executor.py _drive/_execute: the snapshot write is one more await after the append committed; a "
-    "deadline (or cancel) landing there raises CommandTimeoutError('... nothing was written') / a CancelledError "
-    "without maybe_committed, though the events are committed: a caller that trusts it runs the command twice. "
-    "The write should be shielded or skipped once the outcome is settled (executor.py _save_snapshot catches "
-    "only Exception)"))
 def test_asyncio_timeout_during_the_snapshot_write_never_says_nothing_was_written(pg_dsn, pg_schema):
     import asyncio
     import psycopg
@@ -1133,9 +1104,6 @@ class Tally(ec.Command):
         return []
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "snapshots.py encode_state compares with ==: a defaultdict nested in the state decodes as a plain dict "
-    "(equal), is snapshotted, and handle() raises KeyError where the full fold gives 0"))
 def test_a_nested_defaultdict_stays_a_defaultdict(store3):
     store = store3
     _needs_snapshots(store)
@@ -1161,11 +1129,6 @@ def test_awkward_stream_ids_use_their_snapshots(store3, pair):
     assert SNAPSHOT_STATS["used"] == used + 1
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "sqlite.py _save_snapshot waits for the write lock with the store's busy timeout (10 s by default): while "
-    "another connection/process holds it (an append, an ingest batch), a command that only reads (refuses, or "
-    "emits nothing) - which needs no lock without snapshots - blocks the whole timeout before returning, past "
-    "its own execute(timeout=...); a snapshot write should give up at once when the lock is taken"))
 def test_a_busy_sqlite_write_lock_does_not_stall_a_read_only_command(tmp_path):
     import sqlite3
     import time
@@ -1189,11 +1152,6 @@ def test_a_busy_sqlite_write_lock_does_not_stall_a_read_only_command(tmp_path):
         assert with_snapshots < 0.5, f"{with_snapshots:.2f} s for a command that reads"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "save_snapshot (sqlite.py _SQL_SAVE_SNAPSHOT, PG queries.sql save_snapshot, memory.py) replaces the row "
-    "unconditionally: a slow command that read earlier overwrites a newer snapshot another process wrote "
-    "with an older one, so later commands fold more events (only a cost, but the README says the store keeps "
-    "the latest); ON CONFLICT ... WHERE excluded.events >= events would keep the newer"))
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_an_older_snapshot_never_replaces_a_newer_one(backend, request):
     import asyncio

@@ -9,6 +9,7 @@ fresh state after an exponential, jittered, bounded backoff.
 """
 from __future__ import annotations
 
+import bisect
 import datetime as _dt
 import decimal
 import enum
@@ -667,7 +668,7 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     """State and versions of the streams from the command's snapshot and the events after it (a full
     fold when there is no usable snapshot), and the snapshot to store once the command is done (or
     None): one made of this state, when at least `every` events were folded beyond the last one."""
-    stored, by_stream, froms = yield (READ_SNAPSHOT, snap.key, snap.state_version, streams)
+    stored, by_stream, froms, fence = yield (READ_SNAPSHOT, snap.key, snap.state_version, streams)
     covers = state = None
     if stored is None:
         SNAPSHOT_STATS["none"] += 1
@@ -708,45 +709,51 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     if covers is None:
         state = command.initial_state()
         tails = by_stream
+        covered = {str(sid): [0, ""] for sid in streams}
     else:
         SNAPSHOT_STATS["used"] += 1
         tails = {sid: (by_stream[sid][1:] if covers[sid][0] else by_stream[sid]) for sid in streams}
+        covered = {str(sid): covers[sid] for sid in streams}
     if len(streams) == 1:
         events = tails[streams[0]]
     else:
         events = [e for sid in streams for e in tails[sid]]
         events.sort(key=_position)
+    # A snapshot covers only events below the fence (PostgreSQL): one that commits later, at a lower
+    # position than some read here, then always comes after what a snapshot covers, as in a full fold.
+    cut = len(events) if fence is None else bisect.bisect_left(events, fence, key=_position)
     apply = command.apply
-    for e in events:
+    for e in events[:cut]:
+        state = apply(state, e)
+    blob = None
+    if cut >= snap.every:
+        blob = encode_state(command, state)  # now: handle() may change the state it is given, apply() too
+        for e in events[:cut]:
+            covered[str(e.stream_id)] = [e.version, e.event_id.hex]
+    for e in events[cut:]:
         state = apply(state, e)
     found = command.discover(state)
     if found:
         # Streams found from the state: a command that discovers reads them all, from the start.
         state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
         return state, versions, None
-    versions = {}
-    last = {}
-    for sid in streams:
-        events_of = by_stream[sid]
-        if events_of:
-            versions[sid] = events_of[-1].version
-            last[str(sid)] = [events_of[-1].version, events_of[-1].event_id.hex]
-        else:
-            versions[sid] = 0
-            last[str(sid)] = [0, ""]
-    if len(events) < snap.every:
-        return state, versions, None
-    blob = encode_state(command, state)  # now: handle() may change the state it is given
+    versions = {sid: (by_stream[sid][-1].version if by_stream[sid] else 0) for sid in streams}
     if blob is None:
         return state, versions, None
-    return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(last).decode(), blob,
-                             sum(versions.values()))
+    return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(covered).decode(), blob,
+                             sum(v for v, _ in covered.values()))
 
 
 def _save_snapshot(snapshot: tuple):
-    """Store a snapshot; a failure costs only the snapshot (the command's outcome is settled)."""
+    """Store a snapshot: the driver writes it (sync: now; asyncio: in a task of its own, so nothing can
+    interrupt a command whose outcome is settled) and a failure costs only the snapshot."""
+    yield (SAVE_SNAPSHOT, *snapshot)
+
+
+def save_snapshot_now(store, snapshot: tuple) -> None:
+    """Write a snapshot; a failure is counted and logged, never raised (the command's outcome is settled)."""
     try:
-        yield (SAVE_SNAPSHOT, *snapshot)
+        store._save_snapshot(*snapshot)
     except Exception as exc:  # noqa: BLE001
         SNAPSHOT_STATS["write_failed"] += 1
         log.debug("snapshot %s not written: %s", snapshot[0], exc)
@@ -950,7 +957,7 @@ def _drive(store, steps) -> Any:
             elif op is READ_SNAPSHOT:
                 value = store._read_after_snapshot(step[1], step[2], step[3])
             else:
-                store._save_snapshot(*step[1:])
+                save_snapshot_now(store, step[1:])
         except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide
             error = exc
 

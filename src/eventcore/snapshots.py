@@ -16,13 +16,16 @@ was folded.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import hashlib
 import logging
+from collections import defaultdict
 from typing import Any
 
 import msgspec
 
 from .errors import ValidationError
+from .streams import StreamId, forbidden_character
 
 log: logging.Logger = logging.getLogger("eventcore.snapshots")
 
@@ -73,11 +76,27 @@ def state_version_of(command: Any) -> int:
     return version
 
 
+#: Longest snapshot name: names are listed, and keyed with a 33-character suffix (PostgreSQL keys are
+#: at most 1,000 characters).
+MAX_NAME = 200
+
 def command_name(command: Any) -> str:
-    """The name snapshots of a command class are stored under: `__snapshot_name__`, else module.qualname."""
+    """The name snapshots of a command class are stored under: the class's own `__snapshot_name__`
+    (never a parent's: a subclass may fold otherwise), else module.qualname; a class made inside a
+    function (whose qualname every class the function makes shares) must name itself. Classes that
+    give one name share their snapshots: a class defined again (a reload) finds its own."""
     cls = type(command)
-    name = getattr(cls, "__snapshot_name__", None)
-    return name if isinstance(name, str) and name else f"{cls.__module__}.{cls.__qualname__}"
+    name = cls.__dict__.get("__snapshot_name__")
+    if name is None:
+        if "<locals>" in cls.__qualname__:
+            raise ValidationError(
+                f"{cls.__qualname__} is defined inside a function: every class it makes would share one "
+                "snapshot; give each its own __snapshot_name__ (or run it with snapshots=None)")
+        name = f"{cls.__module__}.{cls.__qualname__}"
+    elif not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME or forbidden_character(name):
+        raise ValidationError(f"{cls.__name__}.__snapshot_name__ must be a str of 1..{MAX_NAME} characters without "
+                              f"control characters, NUL or lone surrogates, got {name!r:.80}")
+    return name
 
 
 def snapshot_key(name: str, streams: list) -> str:
@@ -126,11 +145,38 @@ def encode_state(command: Any, state: Any) -> bytes | None:
         SNAPSHOT_STATS["not_encodable"] += 1
         log.debug("%s: state of type %s cannot be stored as a snapshot", type(command).__name__, type(state).__name__)
         return None
-    if again != state or type(again) is not type(state):
+    if not same(again, state):
         SNAPSHOT_STATS["not_encodable"] += 1
         log.debug("%s: state does not survive encoding (declare __state_type__): no snapshot", type(command).__name__)
         return None
     return blob
+
+
+def same(a: Any, b: Any) -> bool:
+    """Whether `a` (a decoded state) is `b` (the folded one) in every way a command can tell: equal, and
+    of the same type all the way down (an int is not a float, a str Enum member not a str, a
+    defaultdict not a dict, a datetime keeps its UTC offset), dicts in the same key order. A stream
+    id (ec.StreamId) and its str are the same."""
+    ta, tb = type(a), type(b)
+    if ta is not tb and not (isinstance(a, str) and isinstance(b, str) and ta in _STR_ALIKE and tb in _STR_ALIKE):
+        return False
+    if isinstance(b, dict):
+        if len(a) != len(b) or (isinstance(b, defaultdict) and a.default_factory is not b.default_factory):
+            return False
+        return all(same(ka, kb) and same(va, vb) for (ka, va), (kb, vb) in zip(a.items(), b.items()))
+    if isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    if isinstance(b, (set, frozenset)):
+        return {(type(x), x) for x in a} == {(type(x), x) for x in b}
+    if isinstance(b, msgspec.Struct):
+        return all(same(getattr(a, f), getattr(b, f)) for f in b.__struct_fields__)
+    if isinstance(b, (_dt.datetime, _dt.time)):
+        return a == b and a.utcoffset() == b.utcoffset() and (a.tzinfo is None) == (b.tzinfo is None)
+    return a == b
+
+
+#: Types a decoded str may have where the folded state had another of them.
+_STR_ALIKE = frozenset({str, StreamId})
 
 
 def decode_state(command: Any, blob: bytes) -> Any:

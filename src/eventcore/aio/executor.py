@@ -202,7 +202,7 @@ async def _drive(store: AsyncEventStore, steps: Any, in_flight: _InFlight) -> An
             elif op is READ_SNAPSHOT:
                 value = await store._read_after_snapshot(step[1], step[2], step[3])
             else:
-                await store._save_snapshot(*step[1:])
+                store._save_snapshot_soon(step[1:])
         except asyncio.CancelledError as exc:
             error = exc  # in_flight.append stays as it was: the append may have been sent
         except BaseException as exc:  # noqa: BLE001 - thrown into the steps, which decide

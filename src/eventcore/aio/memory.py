@@ -22,5 +22,6 @@ class AsyncMemoryStore(SyncBackedStore):
         return function(*args)
 
     async def aclose(self) -> None:
+        await self._snapshots_written()
         self.sync.close()
         await super().aclose()

@@ -514,6 +514,7 @@ class AsyncPostgresStore(AsyncEventStore):
 
     async def aclose(self) -> None:
         log.debug("closing PostgreSQL store %s schema %r", redact(self._dsn), self.schema)
+        await self._snapshots_written()
         await self._stop_listening()
         if self._group is not None:
             await self._group.drain()  # groups in flight end within their deadline

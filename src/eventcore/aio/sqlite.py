@@ -17,6 +17,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ..errors import StoreUnavailableError
+from ..events import RecordedEvent
+from ..stores.prepare import PreparedAppend
 from ..stores.sqlite import SQLiteStore
 from .sync_backed import SyncBackedStore
 
@@ -49,8 +51,39 @@ class AsyncSQLiteStore(SyncBackedStore):
             raise StoreUnavailableError(f"{self!r} is closed")
         return await asyncio.get_running_loop().run_in_executor(self._thread, function, *args)
 
+    async def _write(self, function: Any, *args: Any) -> Any:
+        """A write on the store's thread. Cancelled before the thread took it, it is never run
+        (`maybe_committed` False); after, it runs to its end, one transaction committed whole or not
+        at all, and the CancelledError says it may have committed."""
+        started = []
+
+        def run() -> Any:
+            started.append(True)
+            return function(*args)
+
+        try:
+            return await self._call(run)
+        except asyncio.CancelledError as exc:
+            sent = bool(started)
+            exc.maybe_committed = sent  # type: ignore[attr-defined]
+            if sent and hasattr(exc, "add_note"):
+                exc.add_note("eventcore: the SQLite write was under way on the store's thread when its task was "
+                             "cancelled: it may have committed (all of it or none); an idempotency key settles it")
+            raise
+
+    async def _append(self, prepared: PreparedAppend, /) -> list[RecordedEvent]:
+        return await self._write(self.sync._append, prepared)
+
+    async def _append_batch(self, prepared: PreparedAppend, /) -> tuple[int, int, dict[str, int]]:
+        return await self._write(self.sync._append_batch, prepared)
+
+    async def _ingest_batch(self, stream_ids: list, events: list, metadatas: list, expected: dict,
+                            progress: Any = None) -> tuple[int, int, dict]:
+        return await self._write(self.sync._ingest_batch, stream_ids, events, metadatas, expected, progress)
+
     async def aclose(self) -> None:
         if not self.closed:
+            await self._snapshots_written()
             try:
                 await asyncio.get_running_loop().run_in_executor(self._thread, self.sync.close)
             finally:

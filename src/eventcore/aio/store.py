@@ -9,6 +9,8 @@ share it: same tables, same format, same guarantees.
 """
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 import uuid
 import weakref
@@ -22,13 +24,15 @@ from ..stores.base import (
     _instances, _raw, _written_versions, decode_recorded_command, drop_snapshot_args, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
-from ..snapshots import from_versions
+from ..snapshots import SNAPSHOT_STATS, from_versions
 from ..stores.ingest import DEFAULT_INGEST_BATCH, IngestResult
 from ..stores.observer import StoreObserver
 from ..stores.prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, validate_idempotency_key
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+
+log: logging.Logger = logging.getLogger("eventcore.snapshots")
 
 
 async def observed(observer: StoreObserver, store: Any, operation: str, streams: Iterable[str] | None,
@@ -60,6 +64,8 @@ class AsyncEventStore(ABC):
     #: Event loop -> stripe -> asyncio.Lock: commands of this process on a common stream run one after
     #: the other (see eventcore.aio.executor), as threads' do on the sync executor's stream locks.
     _task_locks: weakref.WeakKeyDictionary[Any, dict[int, Any]] | None = None
+    #: Snapshot writes of this store's commands still running (see _save_snapshot_soon).
+    _snapshot_writes: set[Any] | None = None
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Self:
         self = super().__new__(cls)
@@ -300,8 +306,33 @@ class AsyncEventStore(ABC):
     supports_snapshots: bool = False
 
     async def snapshots(self) -> list[SnapshotInfo]:
-        """Every stored snapshot of a command's state, by key (see EventStore.snapshots)."""
+        """Every stored snapshot of a command's state, by key (see EventStore.snapshots); the snapshots
+        this store's commands are still writing included."""
+        await self._snapshots_written()
         return [SnapshotInfo(*row) for row in await self._snapshot_rows()]
+
+    def _save_snapshot_soon(self, snapshot: tuple) -> None:
+        """Write a command's snapshot in a task of its own: the command returns at once, and nothing
+        that interrupts it (a timeout, a cancellation) can fall after its outcome is settled."""
+        task = asyncio.get_running_loop().create_task(self._save_snapshot_logged(snapshot))
+        if self._snapshot_writes is None:
+            self._snapshot_writes = set()
+        self._snapshot_writes.add(task)
+        task.add_done_callback(self._snapshot_writes.discard)
+
+    async def _save_snapshot_logged(self, snapshot: tuple) -> None:
+        try:
+            await self._save_snapshot(*snapshot)
+        except Exception as exc:  # noqa: BLE001 - costs only the snapshot
+            SNAPSHOT_STATS["write_failed"] += 1
+            log.debug("snapshot %s not written: %s", snapshot[0], exc)
+            return
+        SNAPSHOT_STATS["written"] += 1
+
+    async def _snapshots_written(self) -> None:
+        """Wait for the snapshots this store's commands are writing."""
+        if self._snapshot_writes:
+            await asyncio.gather(*list(self._snapshot_writes), return_exceptions=True)
 
     async def drop_snapshots(self, command: str | None = None, *, older_than: float | None = None) -> int:
         """Remove the snapshots of one command class or of all (see EventStore.drop_snapshots)."""
@@ -331,7 +362,7 @@ class AsyncEventStore(ABC):
         """See EventStore._read_after_snapshot."""
         stored = await self._load_snapshot(key)
         froms = from_versions(stored, state_version, stream_ids)
-        return stored, await self._read_streams_from(froms), froms
+        return stored, await self._read_streams_from(froms), froms, None
 
     @property
     def command_cache(self) -> Any:
@@ -399,7 +430,7 @@ class AsyncEventStore(ABC):
 
     async def aclose(self) -> None:
         """Release connections (and threads). The store cannot be used afterwards. Backends release
-        their own resources and then call this."""
+        their own resources and then call this (after `_snapshots_written`)."""
         self.closed = True
         for dependant in list(self._dependants):
             dependant._drop_store(self.instance)

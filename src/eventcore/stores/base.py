@@ -523,11 +523,12 @@ class EventStore(ABC):
 
     def _read_after_snapshot(self, key: str, state_version: int, stream_ids: list) -> tuple:
         """A command's read through its snapshot: (the snapshot stored under `key` or None, stream ->
-        its events from `from_versions(...)` on, those from versions). A backend may do it in one
-        round trip (PostgreSQL); this one makes two calls."""
+        its events from `from_versions(...)` on, those from versions, and the position below which no
+        event can commit later, or None where events commit in position order). A backend may do it in
+        one round trip (PostgreSQL); this one makes two calls."""
         stored = self._load_snapshot(key)
         froms = from_versions(stored, state_version, stream_ids)
-        return stored, self._read_streams_from(froms), froms
+        return stored, self._read_streams_from(froms), froms, None
 
     @property
     def command_cache(self) -> Any:
@@ -638,13 +639,21 @@ def group_by_stream(stream_ids: list[str], events: list[RecordedEvent]) -> dict[
 
 def drop_snapshot_args(command: Any, older_than: Any) -> tuple[str | None, float | None]:
     """`drop_snapshots`' arguments checked: (command or None, Unix time before which to drop, or None)."""
-    if command is not None and not isinstance(command, str):
-        raise ValidationError(f"command must be a str (a name snapshots() shows) or None, got {command!r}")
+    if command is not None and (not isinstance(command, str) or not command or forbidden_character(command)):
+        raise ValidationError(f"command must be a name snapshots() shows (a str without control characters, NUL or "
+                              f"lone surrogates) or None, got {command!r:.80}")
     if older_than is None:
         return command, None
-    if isinstance(older_than, bool) or not isinstance(older_than, (int, float)) or not 0 <= older_than < float("inf"):
-        raise ValidationError(f"older_than must be a number of seconds >= 0 or None, got {older_than!r}")
+    if (isinstance(older_than, bool) or not isinstance(older_than, (int, float))
+            or not 0 <= older_than <= MAX_SNAPSHOT_AGE):
+        raise ValidationError(f"older_than must be a number of seconds in 0..{MAX_SNAPSHOT_AGE:.0e} or None, "
+                              f"got {older_than!r}")
     return command, time.time() - older_than
+
+
+#: The largest `older_than` of drop_snapshots, seconds: ~3,000 years, so that now minus it is a time every
+#: backend can hold (a float, SQLite's int64 microseconds, PostgreSQL's timestamptz).
+MAX_SNAPSHOT_AGE = 1e11
 
 
 def stream_id_list(stream_ids: Iterable[str]) -> list[str]:

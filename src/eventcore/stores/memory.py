@@ -125,7 +125,9 @@ class MemoryStore(EventStore):
     def _save_snapshot(self, key, command, state_version, covers, state, events):
         self._open()
         with self._lock:
-            self._snapshots[key] = (command, state_version, covers, state, events, time.time())
+            old = self._snapshots.get(key)
+            if old is None or events >= old[4] or state_version != old[1]:  # the latest stays
+                self._snapshots[key] = (command, state_version, covers, state, events, time.time())
 
     def _snapshot_rows(self):
         self._open()

@@ -129,6 +129,8 @@ _SQL_READ_STREAMS = (
     f"SELECT {_COLUMNS} FROM events WHERE stream_id IN (SELECT value FROM json_each(?)) ORDER BY position"
 )
 _SQL_HEAD = "SELECT COALESCE(MAX(position), 0) FROM events"
+#: Milliseconds a snapshot write waits for another process's write lock: about one commit's fsync.
+SNAPSHOT_BUSY_TIMEOUT_MS = 20
 _SQL_READ_STREAMS_FROM = (
     f"SELECT {_COLUMNS} FROM events, (SELECT json_extract(value, '$[0]') AS f_sid, json_extract(value, '$[1]') AS f_v "
     "FROM json_each(?)) WHERE stream_id = f_sid AND version >= f_v ORDER BY position"
@@ -138,9 +140,15 @@ _SQL_SAVE_SNAPSHOT = (
     "INSERT INTO command_snapshots (key, command, state_version, covers, state, events, written_at) "
     "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (key) DO UPDATE SET command = excluded.command, "
     "state_version = excluded.state_version, covers = excluded.covers, state = excluded.state, "
-    "events = excluded.events, written_at = excluded.written_at"
+    "events = excluded.events, written_at = excluded.written_at "
+    # The latest stays: a slower command's older snapshot (fewer events covered) does not replace it.
+    "WHERE excluded.events >= command_snapshots.events OR excluded.state_version IS NOT command_snapshots.state_version"
 )
-_SQL_SNAPSHOT_ROWS = "SELECT key, command, state_version, length(state), events, written_at FROM command_snapshots ORDER BY key"
+# Cast: a row someone wrote by hand is listed as well as it can be, never a traceback.
+_SQL_SNAPSHOT_ROWS = (
+    "SELECT CAST(key AS TEXT), CAST(command AS TEXT), CAST(state_version AS INTEGER), length(state), "
+    "CAST(events AS INTEGER), CAST(written_at AS REAL) / 1000000.0 FROM command_snapshots ORDER BY key"
+)
 _SQL_KEY_USED = "SELECT 1 FROM command_keys WHERE key = ?"
 _SQL_RECORD_KEY = "INSERT INTO command_keys (key, first_position, event_count, recorded_at) VALUES (?, ?, ?, ?)"
 _SQL_RECORDED_COMMAND = (
@@ -504,17 +512,26 @@ class SQLiteStore(EventStore):
         return tuple(rows[0]) if rows else None
 
     def _save_snapshot(self, key, command, state_version, covers, state, events):
-        # Under the store's write lock, as every write of this process (see _append).
+        # Only when the database is free at once: a snapshot is worth a write, never a wait (another
+        # thread's or process's write lock would hold the command up for the busy timeout).
         params = (key, command, state_version, covers, state, events, int(time.time() * 1_000_000))
-        with self._write_lock:
+        if not self._write_lock.acquire(blocking=False):
+            raise StoreTimeoutError(f"snapshot not written: another thread of this process is writing {self.path!r}")
+        try:
             conn = self._acquire()
             try:
-                with immediate_transaction(conn):
-                    conn.execute(_SQL_SAVE_SNAPSHOT, params)
+                conn.execute(f"PRAGMA busy_timeout = {SNAPSHOT_BUSY_TIMEOUT_MS}")
+                try:
+                    with immediate_transaction(conn):
+                        conn.execute(_SQL_SAVE_SNAPSHOT, params)
+                finally:
+                    conn.execute(f"PRAGMA busy_timeout = {int(self.timeout * 1000)}")
             except sqlite3.Error as exc:
                 raise _store_error(exc, f"SQLite snapshot write failed on {self.path!r}") from exc
             finally:
                 self._release(conn)
+        finally:
+            self._write_lock.release()
 
     def _snapshot_rows(self):
         return [(k, c, sv, n, ev, at / 1_000_000) for k, c, sv, n, ev, at in self._query(_SQL_SNAPSHOT_ROWS, ())]

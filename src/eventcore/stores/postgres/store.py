@@ -137,18 +137,21 @@ def _text_array(items) -> bytes:
 
 def after_snapshot(rows: list, state_version: int, stream_ids: list) -> tuple:
     """What `read_after_snapshot` returned, as `_read_after_snapshot` gives it: (the snapshot or None,
-    stream -> events, the versions each stream was read from, as the statement computed them)."""
+    stream -> events, the versions each stream was read from, as the statement computed them, the
+    feed's fence or None when nothing was read)."""
     stored = None
     froms = dict.fromkeys(stream_ids, 1)
+    fence = rows[0][13] if rows else None
     if rows and rows[-1][0] is None:
-        covers, state, streams, versions = rows.pop()[9:]
+        covers, state, streams, versions = rows.pop()[9:13]
         stored = (state_version, covers, bytes(state))
-        for sid in stream_ids:  # array_position: the first match
+        for sid in stream_ids:  # array_position: the first match; an index past the array is NULL
             if sid in streams:
-                v = versions[streams.index(sid)]
+                i = streams.index(sid)
+                v = versions[i] if i < len(versions) else None
                 froms[sid] = max(1, 1 if v is None else v)
     events = _impl.decode_rows([row[:9] for row in rows])
-    return stored, group_by_stream(list(stream_ids), events), froms
+    return stored, group_by_stream(list(stream_ids), events), froms, fence
 
 
 def save_snapshot_params(key: str, command: str, state_version: int, covers: str, state: bytes, events: int) -> tuple:

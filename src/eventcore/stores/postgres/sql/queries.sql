@@ -163,16 +163,18 @@ SELECT state_version, covers, state FROM {s}.command_snapshots WHERE key = %s
 -- name: read_after_snapshot
 -- A command's read through its snapshot, one statement (one point in time, one round trip): each
 -- stream's events from the version the snapshot covers (1 where it covers none, or there is no
--- snapshot of this state version), then one row holding the snapshot (position NULL: last).
+-- snapshot of this state version), then one row holding the snapshot (position NULL: last). Each
+-- row also carries the feed's fence: a snapshot covers only events below it, so an event that
+-- commits later (at a lower position than some read here) always comes after what it covers.
 -- Parameters: key, state version, stream ids.
 WITH c AS (SELECT covers, state, streams, versions FROM {s}.command_snapshots WHERE key = %s AND state_version = %s)
-SELECT {columns}, NULL::text, NULL::bytea, NULL::text[], NULL::bigint[]
+SELECT {columns}, NULL::text, NULL::bytea, NULL::text[], NULL::bigint[], {fence}
 FROM unnest(%s::text[]) AS f(from_stream) LEFT JOIN c ON true
 JOIN {s}.events ON stream_id = f.from_stream
 AND version >= greatest(1, coalesce(c.versions[array_position(c.streams, f.from_stream)], 1))
 UNION ALL
 SELECT NULL::bigint, NULL::text, NULL::bigint, NULL::bytea, NULL::text, NULL::text, NULL::text, NULL::bigint,
-NULL::int, covers, state, streams, versions FROM c
+NULL::int, covers, state, streams, versions, {fence} FROM c
 ORDER BY 1
 
 -- name: save_snapshot
@@ -181,6 +183,8 @@ VALUES (%s, %s, %s, %s, %s, %s, %s, %s, now())
 ON CONFLICT (key) DO UPDATE SET command = excluded.command, state_version = excluded.state_version,
 covers = excluded.covers, streams = excluded.streams, versions = excluded.versions, state = excluded.state,
 events = excluded.events, written_at = excluded.written_at
+-- The latest stays: a slower command's older snapshot (fewer events covered) does not replace it.
+WHERE excluded.events >= {s}.command_snapshots.events OR excluded.state_version <> {s}.command_snapshots.state_version
 
 -- name: snapshot_rows
 SELECT key, command, state_version, octet_length(state), events, extract(epoch FROM written_at)::float8

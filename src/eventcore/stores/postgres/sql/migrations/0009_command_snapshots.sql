@@ -14,5 +14,7 @@ CREATE TABLE {s}.command_snapshots (
     versions      bigint[]    NOT NULL,
     state         bytea       NOT NULL,
     events        bigint      NOT NULL,
-    written_at    timestamptz NOT NULL DEFAULT now()
+    written_at    timestamptz NOT NULL DEFAULT now(),
+    -- What read_after_snapshot computes with: one stream per covered version.
+    CHECK (array_ndims(streams) = 1 AND array_ndims(versions) = 1 AND cardinality(streams) = cardinality(versions))
 );
