@@ -666,16 +666,8 @@ def test_concurrent_transfers_cancelled_at_random_are_each_whole_and_settled_onc
     run(main())
 
 
-_SQLITE_UNMARKED = (
-    "eventcore/aio/sqlite.py:47-50 (AsyncSQLiteStore._call): a write handed to the store's thread runs on and "
-    "commits after its task is cancelled, but the CancelledError is passed on as it is: no maybe_committed and "
-    "no note, although AsyncEventStore.append (aio/store.py) promises one and AsyncPostgresStore gives both. A "
-    "caller told nothing may think nothing was written")
-
-
 @pytest.mark.parametrize("operation", ["append", "append_batch"])
-@pytest.mark.parametrize("backend", ["aio-memory", pytest.param("aio-sqlite", marks=pytest.mark.xfail(
-    strict=True, reason=_SQLITE_UNMARKED)), "aio-postgres"])
+@pytest.mark.parametrize("backend", ["aio-memory", "aio-sqlite", "aio-postgres"])
 def test_a_write_cancelled_once_handed_to_the_store_says_whether_it_may_have_committed(backend, operation, request):
     """store.append / append_batch cancelled once the task has handed the write to the store (on SQLite,
     once the store's thread has started it): if it committed, its CancelledError says it may have
