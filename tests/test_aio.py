@@ -949,11 +949,6 @@ def test_a_failed_ingest_reports_what_the_sync_one_reports(target):
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "eventcore/stores/ingest.py:232-238 checks batch_size, parallel, metadata and expected before anything is "
-    "written, but not on_batch: ingest(items, on_batch=5) commits its first batch, then raises TypeError "
-    "('int' object is not callable) from line 310. eventcore/aio/ingest.py:_on_loop wraps any on_batch in a "
-    "callable, so a check added to the sync ingest alone would not reach the asyncio one"))
 def test_an_ingest_with_an_on_batch_that_cannot_be_called_is_refused_before_anything_is_written(memory_target):
     sync = ec.connect("memory://")
     try:
@@ -1299,12 +1294,6 @@ def test_a_cancellation_after_an_attempt_that_may_have_committed_says_so(target)
 # -- cancelling what waits on a thread ------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "eventcore/aio/ingest.py:69 and :111-114: the ingest thread waits in "
-    "run_coroutine_threadsafe(_next(iterator)).result() "
-    "for the async source's next item; on cancellation ingest() sets `stopped` and awaits the thread, but nothing "
-    "cancels that pending _next(): a source with no next item (a queue, a socket) keeps the cancelled ingest waiting "
-    "forever"))
 @pytest.mark.parametrize("backend", ["aio-memory", "aio-sqlite"])
 def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(backend, request):
     """An async source that has nothing more for now (a queue, a socket): cancelling the ingest must not
@@ -1336,11 +1325,6 @@ def test_cancelling_an_ingest_whose_async_source_waits_returns_promptly(backend,
     run(main())
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "eventcore/aio/projections.py:45: a live projection's runner runs for the application's lifetime on the loop's "
-    "default executor (run_in_executor(None, ...)), as does every ingest (aio/ingest.py:108): min(32, cpu+4) live "
-    "projections (6 on 2 cores) hold all of its threads, and asyncio.to_thread, run_in_executor(None) and "
-    "store.ingest then wait until a projection stops"))
 def test_live_projections_leave_the_loops_default_executor_to_others(memory_target):
     """A live projection runs for as long as the application does: however many run, the loop's other
     work on threads (asyncio.to_thread, run_in_executor(None, ...), an ingest) still runs."""

@@ -1092,8 +1092,8 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
                 entry.valid = False
                 cache._forget(store, versions or streams)
             # A write that may have committed is retried only under an idempotency key: the
-            # retry then finds the key if it did.
-            if isinstance(exc, StoreTimeoutError) or (exc.maybe_committed and key is None):
+            # retry then finds the key if it did. A closed store stays closed: no retry.
+            if isinstance(exc, StoreTimeoutError) or (exc.maybe_committed and key is None) or store.closed:
                 raise
             if exc.maybe_committed:
                 ambiguous.append(exc)

@@ -119,8 +119,9 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key, s
     in_flight = _InFlight()
     bound = _Deadline(loop, deadline)
     held = []
+    locks = _stream_locks(store, streams)
     try:
-        for lock in _stream_locks(store, streams):
+        for lock in locks:
             await lock.acquire()
             held.append(lock)
         entry = None if cache is None else cache._folded_entry_for(store, (store.instance, type(command), tuple(streams)))
@@ -143,6 +144,10 @@ async def _execute(store, command, policy, metadata, timeout, cache, obs, key, s
                 f"{name} timed out after {timeout}s while a write of it was unsettled: it may have committed (all of "
                 "its events or none); run the command again with the same idempotency key to settle it",
                 maybe_committed=True) from None
+        if len(held) < len(locks):
+            raise CommandTimeoutError(
+                f"{name} timed out after {timeout}s waiting for other commands of this process on the same streams; "
+                "nothing was written") from None
         raise CommandTimeoutError(f"{name} timed out after {timeout}s; nothing was written") from None
     finally:
         bound.cancel()

@@ -14,16 +14,45 @@ or not at all) before the CancelledError propagates, so what is committed is set
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import inspect
 import threading
 from typing import Any, Callable, Iterator
 
+from ..errors import ValidationError
 from ..stores.ingest import IngestResult, ingest as ingest_sync
 
 
 class _Stopped(BaseException):
     """Raised in the ingest's thread once its caller was cancelled (a BaseException: the sync ingest
     settles its batches in flight and re-raises it, as it does for an input that raised)."""
+
+
+def in_own_thread(function: Callable[[], Any], name: str) -> "asyncio.Future[Any]":
+    """`function()` on a daemon thread of its own, as a future of the running loop. Not the loop's default
+    executor: an ingest or a live projection holds its thread for as long as it runs, and a few of them
+    would take every thread of that executor from the application's `asyncio.to_thread` calls."""
+    loop = asyncio.get_running_loop()
+    future = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is None:
+            future.set_result(result)
+        else:
+            future.set_exception(error)
+
+    def run() -> None:
+        try:
+            result = function()
+        except BaseException as exc:  # noqa: BLE001 - handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=run, name=name, daemon=True).start()
+    return future
 
 
 class _StoreOnLoop:
@@ -59,16 +88,26 @@ class _StoreOnLoop:
         return self._run(self._store.stream_versions(stream_ids))
 
 
-def _pulled(items: Any, loop: asyncio.AbstractEventLoop, stopped: threading.Event) -> Iterator[Any]:
+class _Pulling:
+    """The pull of the next item in flight (so that a cancellation can end it: a source waiting on a
+    queue or a socket may never give one)."""
+
+    future: Any = None
+
+
+def _pulled(items: Any, loop: asyncio.AbstractEventLoop, stopped: threading.Event, pulling: _Pulling) -> Iterator[Any]:
     """An async iterable's items, each pulled on the loop (from the ingest's thread)."""
     iterator = items.__aiter__()
     while True:
         if stopped.is_set():
             raise _Stopped
+        pulling.future = asyncio.run_coroutine_threadsafe(_next(iterator), loop)
         try:
-            yield asyncio.run_coroutine_threadsafe(_next(iterator), loop).result()
+            yield pulling.future.result()
         except StopAsyncIteration:
             return
+        except concurrent.futures.CancelledError:
+            raise _Stopped from None
 
 
 async def _next(iterator: Any) -> Any:
@@ -101,15 +140,20 @@ async def ingest(store: Any, items: Any, *, on_batch: Callable[[int], object] | 
                  **options: Any) -> IngestResult:
     """AsyncEventStore.ingest (see there)."""
     loop = asyncio.get_running_loop()
+    if on_batch is not None and not callable(on_batch):
+        raise ValidationError(f"on_batch must be a function (or a coroutine function) or None, got {on_batch!r:.80}")
     stopped = threading.Event()
-    source = _pulled(items, loop, stopped) if hasattr(items, "__aiter__") else _stopping(items, stopped)
+    pulling = _Pulling()
+    source = _pulled(items, loop, stopped, pulling) if hasattr(items, "__aiter__") else _stopping(items, stopped)
     callback = None if on_batch is None else _on_loop(on_batch, loop, stopped)
     view = _StoreOnLoop(store, loop, stopped)
-    done = loop.run_in_executor(None, lambda: ingest_sync(view, source, on_batch=callback, **options))
+    done = in_own_thread(lambda: ingest_sync(view, source, on_batch=callback, **options), "eventcore-aio-ingest")
     try:
         return await asyncio.shield(done)
     except asyncio.CancelledError:
         stopped.set()
+        if pulling.future is not None:
+            pulling.future.cancel()  # a source still waiting for its next item gives none now
         try:
             await done  # batches in flight settle: what is committed is known when this returns
         except (_Stopped, Exception):  # noqa: BLE001 - the cancellation is what the caller gets

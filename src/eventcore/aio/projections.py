@@ -15,6 +15,7 @@ from typing import Any
 from ..errors import ValidationError
 from ..projections import Projector
 from ..projections.runner import ProjectionRunner
+from .ingest import in_own_thread
 from .store import AsyncEventStore
 
 #: Connections of the sync store a PostgreSQL projection runs on: the runner's session holds one,
@@ -42,7 +43,7 @@ async def run_projection(store: AsyncEventStore, projector: Projector, *, stop: 
     stopped = threading.Event()
     try:
         runner = ProjectionRunner(sync_store, projector, stop_event=stopped, **options)
-        done = loop.run_in_executor(None, runner.run)
+        done = in_own_thread(runner.run, f"eventcore-aio-projection-{projector.name}")
         waiter: asyncio.Future[Any] | None = None if stop is None else asyncio.ensure_future(stop.wait())
         try:
             if waiter is None:

@@ -235,6 +235,8 @@ def ingest(
         raise ValidationError(f"parallel must be an int in 1..{MAX_INGEST_LANES}, got {parallel!r}")
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+    if on_batch is not None and not callable(on_batch):
+        raise ValidationError(f"on_batch must be a function or None, got {on_batch!r:.80}")
     checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
     done = [0] * parallel  # per lane: input items below this index are committed already (but holes)
     holes: set = set()  # (lane, item): items an earlier run passed over (None) below the lane's count
