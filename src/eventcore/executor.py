@@ -709,7 +709,7 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     if covers is None:
         state = command.initial_state()
         tails = by_stream
-        covered = {str(sid): [0, ""] for sid in streams}
+        covered: dict[str, Any] = {str(sid): [0, ""] for sid in streams}
     else:
         SNAPSHOT_STATS["used"] += 1
         tails = {sid: (by_stream[sid][1:] if covers[sid][0] else by_stream[sid]) for sid in streams}
@@ -741,7 +741,7 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     if blob is None:
         return state, versions, None
     return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(covered).decode(), blob,
-                             sum(v for v, _ in covered.values()))
+                             sum(entry[0] for entry in covered.values()))
 
 
 def _save_snapshot(snapshot: tuple):

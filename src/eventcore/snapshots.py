@@ -157,13 +157,14 @@ def same(a: Any, b: Any) -> bool:
     of the same type all the way down (an int is not a float, a str Enum member not a str, a
     defaultdict not a dict, a datetime keeps its UTC offset), dicts in the same key order. A stream
     id (ec.StreamId) and its str are the same."""
+    a_: Any = a  # of b's type once the first check passed
     ta, tb = type(a), type(b)
     if ta is not tb and not (isinstance(a, str) and isinstance(b, str) and ta in _STR_ALIKE and tb in _STR_ALIKE):
         return False
     if isinstance(b, dict):
-        if len(a) != len(b) or (isinstance(b, defaultdict) and a.default_factory is not b.default_factory):
+        if len(a) != len(b) or (isinstance(b, defaultdict) and a_.default_factory is not b.default_factory):
             return False
-        return all(same(ka, kb) and same(va, vb) for (ka, va), (kb, vb) in zip(a.items(), b.items()))
+        return all(same(ka, kb) and same(va, vb) for (ka, va), (kb, vb) in zip(a_.items(), b.items()))
     if isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
     if isinstance(b, (set, frozenset)):
@@ -171,7 +172,7 @@ def same(a: Any, b: Any) -> bool:
     if isinstance(b, msgspec.Struct):
         return all(same(getattr(a, f), getattr(b, f)) for f in b.__struct_fields__)
     if isinstance(b, (_dt.datetime, _dt.time)):
-        return a == b and a.utcoffset() == b.utcoffset() and (a.tzinfo is None) == (b.tzinfo is None)
+        return a == b and a_.utcoffset() == b.utcoffset() and (a_.tzinfo is None) == (b.tzinfo is None)
     return a == b
 
 

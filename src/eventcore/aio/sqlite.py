@@ -66,8 +66,9 @@ class AsyncSQLiteStore(SyncBackedStore):
         except asyncio.CancelledError as exc:
             sent = bool(started)
             exc.maybe_committed = sent  # type: ignore[attr-defined]
-            if sent and hasattr(exc, "add_note"):
-                exc.add_note("eventcore: the SQLite write was under way on the store's thread when its task was "
+            add_note = getattr(exc, "add_note", None)  # Python 3.11+
+            if sent and add_note is not None:
+                add_note("eventcore: the SQLite write was under way on the store's thread when its task was "
                              "cancelled: it may have committed (all of it or none); an idempotency key settles it")
             raise
 
