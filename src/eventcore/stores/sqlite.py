@@ -131,9 +131,12 @@ _SQL_READ_STREAMS = (
 _SQL_HEAD = "SELECT COALESCE(MAX(position), 0) FROM events"
 #: Milliseconds a snapshot write waits for another process's write lock: about one commit's fsync.
 SNAPSHOT_BUSY_TIMEOUT_MS = 20
+# CROSS JOIN: SQLite keeps the streams as the outer loop, so each is read by the (stream_id, version)
+# index from its version on (the planner otherwise scanned a 100,000-event stream whole: 12 ms, not 0.2).
 _SQL_READ_STREAMS_FROM = (
-    f"SELECT {_COLUMNS} FROM events, (SELECT json_extract(value, '$[0]') AS f_sid, json_extract(value, '$[1]') AS f_v "
-    "FROM json_each(?)) WHERE stream_id = f_sid AND version >= f_v ORDER BY position"
+    "SELECT " + ", ".join(f"events.{c.strip()}" for c in _COLUMNS.split(",")) + " FROM (SELECT json_extract(value, '$[0]') AS f_sid, "
+    "json_extract(value, '$[1]') AS f_v FROM json_each(?)) AS f CROSS JOIN events "
+    "WHERE events.stream_id = f.f_sid AND events.version >= f.f_v ORDER BY events.position"
 )
 _SQL_LOAD_SNAPSHOT = "SELECT state_version, covers, state FROM command_snapshots WHERE key = ?"
 _SQL_SAVE_SNAPSHOT = (
