@@ -34,7 +34,10 @@ def _uid() -> str:
 
 def _event(name: str, version: int = 1, aliases=(), **fields):
     """An Event class built at run time: `fields` maps field name -> type (or (type, default))."""
-    ann, ns = {}, {"__event_type__": name, "__event_version__": version, "__event_aliases__": tuple(aliases)}
+    # A str is passed as it is: the class must refuse it (a tuple of its characters would be refused only
+    # when two of them happen to repeat).
+    ann, ns = {}, {"__event_type__": name, "__event_version__": version,
+                   "__event_aliases__": aliases if isinstance(aliases, str) else tuple(aliases)}
     for k, v in fields.items():
         if isinstance(v, tuple):
             ann[k], ns[k] = v
