@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mappin
 from ..errors import DuplicateCommandError, ValidationError
 from ..events import EventToWrite, Metadata, RecordedEvent
 from ..stores.base import (
-    _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, SnapshotInfo, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
+    _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, ObservedStore, SnapshotInfo, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
     _instances, _raw, _written_versions, decode_recorded_command, drop_snapshot_args, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
@@ -50,14 +50,13 @@ async def observed(observer: StoreObserver, store: Any, operation: str, streams:
     return result
 
 
-class AsyncEventStore(ABC):
+class AsyncEventStore(ObservedStore, ABC):
     """The asyncio store contract (`await eventcore.aio.connect(url)`). Backends implement the
     underscored coroutine primitives; the public methods check their arguments as the sync store's do."""
 
     scheme: str = ""
     _command_cache: Any = _NOT_MADE
     default_ingest_lanes: int = 1
-    _observer: StoreObserver | None = None
     instance: int
     closed: bool
     _dependants: weakref.WeakSet[Any]
@@ -74,31 +73,6 @@ class AsyncEventStore(ABC):
         self._dependants = weakref.WeakSet()
         self.closed = False
         return self
-
-    # -- observability ------------------------------------------------------------
-
-    def attach(self, collector: StoreObserver) -> None:
-        """Measure this store with `collector` (see EventStore.attach)."""
-        if not isinstance(collector, StoreObserver):
-            raise ValidationError(f"attach() takes an ec.MetricsCollector, got {type(collector).__name__}")
-        self.detach()
-        self._observer = collector
-        collector.store_attached(self)
-
-    def detach(self) -> None:
-        """Stop measuring this store."""
-        observer = self._observer
-        if observer is not None:
-            self._observer = None
-            observer.store_detached(self)
-
-    @property
-    def metrics(self) -> StoreObserver | None:
-        return self._observer
-
-    def pool_stats(self) -> dict[str, Any] | None:
-        """The connection pool's counters (PostgreSQL), else None."""
-        return None
 
     @property
     def url(self) -> str:

@@ -111,34 +111,11 @@ class BatchResult(msgspec.Struct, frozen=True):
 _instances = itertools.count(1)
 
 
-class EventStore(ABC):
-    """The store contract. Backends implement the underscored primitives; the public methods validate."""
+class ObservedStore:
+    """What every store (sync or asyncio, see eventcore.aio) does with the observer it reports to."""
 
-    #: The URL scheme this backend answers to (e.g. "sqlite").
-    scheme: str = ""
-    #: See command_cache.
-    _command_cache: Any = _NOT_MADE
-    #: Lanes `eventcore ingest FILE` writes with when --parallel is not given (see cli.ingest): one
-    #: where commits are serialised anyway.
-    default_ingest_lanes: int = 1
     #: The attached StoreObserver (see `attach`); None: nothing is measured.
     _observer: StoreObserver | None = None
-    instance: int
-    closed: bool
-    _dependants: weakref.WeakSet[Any]
-
-    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
-        self = super().__new__(cls)
-        #: This store object's number, unique in the process for its lifetime (see `_instances`):
-        #: what in-process caches key their entries by.
-        self.instance = next(_instances)
-        #: Objects holding entries for this store (StateCaches), told by close() to drop them.
-        self._dependants = weakref.WeakSet()
-        #: True once close() was called: every later operation raises StoreUnavailableError.
-        self.closed = False
-        return self
-
-    # -- observability ------------------------------------------------------------
 
     def attach(self, collector: StoreObserver) -> None:
         """Measure this store with `collector` (an `ec.MetricsCollector`, or another StoreObserver):
@@ -165,6 +142,32 @@ class EventStore(ABC):
     def pool_stats(self) -> dict[str, Any] | None:
         """The connection pool's state (PostgreSQL), or None for backends without a pool."""
         return None
+
+
+class EventStore(ObservedStore, ABC):
+    """The store contract. Backends implement the underscored primitives; the public methods validate."""
+
+    #: The URL scheme this backend answers to (e.g. "sqlite").
+    scheme: str = ""
+    #: See command_cache.
+    _command_cache: Any = _NOT_MADE
+    #: Lanes `eventcore ingest FILE` writes with when --parallel is not given (see cli.ingest): one
+    #: where commits are serialised anyway.
+    default_ingest_lanes: int = 1
+    instance: int
+    closed: bool
+    _dependants: weakref.WeakSet[Any]
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Self:
+        self = super().__new__(cls)
+        #: This store object's number, unique in the process for its lifetime (see `_instances`):
+        #: what in-process caches key their entries by.
+        self.instance = next(_instances)
+        #: Objects holding entries for this store (StateCaches), told by close() to drop them.
+        self._dependants = weakref.WeakSet()
+        #: True once close() was called: every later operation raises StoreUnavailableError.
+        self.closed = False
+        return self
 
     def _schema_versions(self) -> tuple[int | None, int | None]:
         """(schema version in place, version this eventcore needs); (None, None) when not applicable."""
