@@ -50,7 +50,7 @@ from .stores.base import EventStore, set_command_cache_factory
 from .stores.prepare import validate_idempotency_key
 from .snapshots import (
     COMMAND_SNAPSHOTS, SNAPSHOT_STATS, SnapshotPolicy, command_name, decode_state, encode_state, policy_of,
-    snapshot_key, state_version_of,
+    snapshot_key, snapshot_written, state_version_of,
 )
 from .streams import stream_id as _stream_id
 
@@ -755,10 +755,9 @@ def save_snapshot_now(store, snapshot: tuple) -> None:
     try:
         store._save_snapshot(*snapshot)
     except Exception as exc:  # noqa: BLE001
-        SNAPSHOT_STATS["write_failed"] += 1
-        log.debug("snapshot %s not written: %s", snapshot[0], exc)
-        return
-    SNAPSHOT_STATS["written"] += 1
+        snapshot_written(snapshot[0], exc)
+    else:
+        snapshot_written(snapshot[0], None)
 
 
 def _confirm_current(versions: dict):

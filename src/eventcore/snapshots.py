@@ -60,6 +60,15 @@ SNAPSHOT_STATS: dict[str, int] = {"used": 0, "none": 0, "stale_state_version": 0
                                   "undecodable": 0, "written": 0, "not_encodable": 0, "write_failed": 0}
 
 
+def snapshot_written(key: str, error: Exception | None) -> None:
+    """Count (and log a failed) write of the snapshot under `key`: a failure costs only the snapshot."""
+    if error is None:
+        SNAPSHOT_STATS["written"] += 1
+    else:
+        SNAPSHOT_STATS["write_failed"] += 1
+        log.debug("snapshot %s not written: %s", key, error)
+
+
 def policy_of(command: Any, given: Any) -> SnapshotPolicy | None:
     """The snapshot policy of one execution: `given`, else the command class's `__snapshots__`."""
     policy = getattr(type(command), "__snapshots__", None) if given is COMMAND_SNAPSHOTS else given

@@ -10,7 +10,6 @@ share it: same tables, same format, same guarantees.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 import uuid
 import weakref
@@ -24,15 +23,13 @@ from ..stores.base import (
     _instances, _raw, _written_versions, decode_recorded_command, drop_snapshot_args, health_report, prepare_ingest_batch, read_all_args,
     read_stream_args, stream_id_list,
 )
-from ..snapshots import SNAPSHOT_STATS, from_versions
+from ..snapshots import from_versions, snapshot_written
 from ..stores.ingest import DEFAULT_INGEST_BATCH, IngestResult
 from ..stores.observer import StoreObserver
 from ..stores.prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, prepare_append, validate_idempotency_key
 
 if TYPE_CHECKING:
     from typing_extensions import Self
-
-log: logging.Logger = logging.getLogger("eventcore.snapshots")
 
 
 async def observed(observer: StoreObserver, store: Any, operation: str, streams: Iterable[str] | None,
@@ -298,10 +295,9 @@ class AsyncEventStore(ObservedStore, ABC):
         try:
             await self._save_snapshot(*snapshot)
         except Exception as exc:  # noqa: BLE001 - costs only the snapshot
-            SNAPSHOT_STATS["write_failed"] += 1
-            log.debug("snapshot %s not written: %s", snapshot[0], exc)
-            return
-        SNAPSHOT_STATS["written"] += 1
+            snapshot_written(snapshot[0], exc)
+        else:
+            snapshot_written(snapshot[0], None)
 
     async def _snapshots_written(self) -> None:
         """Wait for the snapshots this store's commands are writing."""
