@@ -242,6 +242,19 @@ class _Folded:
         self.valid = False
 
 
+class _WarmSnapshot:
+    """What a StateCache keeps of a snapshotted command: its state as stored (the snapshot's blob, decoded
+    afresh for every command), the events of each stream after it (as the cache keeps a stream's
+    events) and the versions they end at."""
+
+    __slots__ = ("state_version", "blob", "versions", "tails", "count", "size")
+
+    def __init__(self, state_version: int, blob: bytes, versions: dict, tails: dict) -> None:
+        self.state_version, self.blob, self.versions, self.tails = state_version, blob, versions, tails
+        self.count = sum(map(len, tails.values()))
+        self.size = 0
+
+
 class StateCache:
     """Bounded, in-process cache of what commands read: `execute(..., cache=cache)`.
 
@@ -313,6 +326,8 @@ class StateCache:
         self._events = 0
         self._sizes: dict = {}  # key -> bytes of its kept rows (exact caches)
         self._bytes = 0
+        #: (store.instance, snapshot key) -> _WarmSnapshot: a snapshotted command's state and the events after it
+        self._snapshots: OrderedDict = OrderedDict()
         self._lock = threading.Lock()
         #: Commands served without a read, commands that read, and cache hits that proved stale.
         self.hits = 0
@@ -327,6 +342,7 @@ class StateCache:
         with self._lock:
             self._folded.clear()
             self._streams.clear()
+            self._snapshots.clear()
             self._events = 0
             self._sizes.clear()
             self._bytes = 0
@@ -338,6 +354,8 @@ class StateCache:
                 del self._folded[key]
             for key in [k for k in self._streams if k[0] == instance]:
                 self._forget_key(key)
+            for key in [k for k in self._snapshots if k[0] == instance]:
+                self._forget_snapshot_key(key)
 
     def _folded_entry_for(self, store, key) -> "_Folded":
         """The folded-state entry `key` (whose first item is store.instance), registering this cache
@@ -436,9 +454,22 @@ class StateCache:
         if size:
             self._sizes[key] = size
             self._bytes += size
+        self._shrink()
+
+    def _shrink(self) -> None:
+        """Evict least recently used entries until the cache is within its bounds (lock held). Streams
+        go first: a snapshot entry is of use only while its streams' entries are kept (see
+        _warm_snapshot), and it goes with the first of them to be used again after eviction."""
         while len(self._streams) > self.max_entries or self._events > self.max_events or (
                 self.max_bytes is not None and self._bytes > self.max_bytes):
-            self._forget_key(next(iter(self._streams)))
+            if self._streams:
+                self._forget_key(next(iter(self._streams)))
+            elif self._snapshots:
+                self._forget_snapshot_key(next(iter(self._snapshots)))
+            else:
+                break
+        while len(self._snapshots) > self.max_entries:
+            self._forget_snapshot_key(next(iter(self._snapshots)))
 
     def _remember_read(self, store, by_stream: dict) -> None:
         sid_key = store.instance
@@ -473,6 +504,95 @@ class StateCache:
                             size = self._sizes.get(key, 0) + _rows_size(more)
                         kept = kept + more
                 self._set(key, events[-1].version, kept, size)
+
+    def _warm_snapshot(self, store, snap: "_Snap", stream_ids) -> tuple | None:
+        """A snapshotted command's state from this cache: (state blob, {stream: events after it}, versions),
+        if its entry is of the command's state version, its streams have not moved as far as this process
+        knows (their entries here are at the entry's versions) and fewer than `snap.every` events came
+        after the state (else a read makes a newer snapshot); None otherwise."""
+        key = (store.instance, snap.key)
+        with self._lock:
+            warm = self._snapshots.get(key)
+            if warm is None:
+                return None
+            if warm.state_version != snap.state_version or warm.count >= snap.every or \
+                    self._versions(store, stream_ids) != warm.versions:
+                self._forget_snapshot_key(key)
+                return None
+            self._snapshots.move_to_end(key)
+            for sid in stream_ids:
+                self._streams.move_to_end((store.instance, sid))
+            tails = {sid: list(kept) for sid, kept in warm.tails.items()}
+            blob, versions = warm.blob, dict(warm.versions)
+        if not self.reuse_state:
+            tails = {sid: _handed_out(kept) for sid, kept in tails.items()}
+        return blob, tails, versions
+
+    def _keep_snapshot(self, store, snap: "_Snap", blob: bytes, covered: dict, by_stream: dict,
+                       versions: dict) -> None:
+        """Keep a snapshotted command's state (`blob`, covering each stream up to its `covered` version)
+        and the events read after it, as of `versions` (just read): its next execution folds them
+        without a read (see _warm_snapshot)."""
+        tails = {}
+        for sid, events in by_stream.items():
+            after = [e for e in events if e.version > covered[sid]]
+            kept = self._kept(after)
+            if kept is None:
+                return
+            tails[sid] = kept
+        sid_key = store.instance
+        with self._lock:
+            if store.closed:
+                return
+            for sid, version in versions.items():
+                entry = self._streams.get((sid_key, sid))
+                if entry is None or entry[0] != version:
+                    self._set((sid_key, sid), version, None)
+            self._put_snapshot((sid_key, snap.key), _WarmSnapshot(snap.state_version, blob, dict(versions), tails))
+
+    def _snapshot_appended(self, store, snap: "_Snap", recorded: list, before: dict) -> None:
+        """Move a snapshot entry on by what its command's append wrote (at `before`, the versions checked)."""
+        key = (store.instance, snap.key)
+        with self._lock:
+            warm = self._snapshots.get(key)
+            if warm is None:
+                return
+            if warm.versions != before or store.closed:
+                self._forget_snapshot_key(key)
+                return
+            more = self._kept(recorded, written=True)
+            if more is None or warm.count + len(more) >= snap.every:
+                self._forget_snapshot_key(key)  # the next command reads, and makes a newer snapshot
+                return
+            tails, versions = dict(warm.tails), dict(warm.versions)
+            for e, kept in zip(recorded, more):
+                if e.stream_id not in tails:
+                    self._forget_snapshot_key(key)
+                    return
+                tails[e.stream_id] = tails[e.stream_id] + (kept,)
+                versions[e.stream_id] = e.version
+            self._put_snapshot(key, _WarmSnapshot(warm.state_version, warm.blob, versions, tails))
+
+    def _put_snapshot(self, key, warm: "_WarmSnapshot") -> None:
+        """Store one snapshot entry (lock held), counted in the cache's bounds like a stream's events."""
+        self._forget_snapshot_key(key)
+        warm.size = len(warm.blob) + (0 if self.reuse_state else sum(map(_rows_size, warm.tails.values())))
+        if self.max_bytes is not None and warm.size > self.max_bytes:
+            return
+        self._snapshots[key] = warm
+        self._events += warm.count
+        self._bytes += warm.size
+        self._shrink()
+
+    def _forget_snapshot_key(self, key) -> None:
+        warm = self._snapshots.pop(key, None)
+        if warm is not None:
+            self._events -= warm.count
+            self._bytes -= warm.size
+
+    def _forget_snapshot(self, store, snap: "_Snap") -> None:
+        with self._lock:
+            self._forget_snapshot_key((store.instance, snap.key))
 
     def _forget_key(self, key) -> None:
         entry = self._streams.pop(key, None)
@@ -664,10 +784,41 @@ class _Snap:
         self.every = policy.every
 
 
-def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
+def _folded_in_order(command: Command, state: Any, tails: dict, streams: list) -> Any:
+    if len(streams) == 1:
+        events = tails[streams[0]]
+    else:
+        events = [e for sid in streams for e in tails[sid]]
+        events.sort(key=_position)
+    apply = command.apply
+    for e in events:
+        state = apply(state, e)
+    return state
+
+
+def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list, cache: "StateCache | None" = None,
+                    store: Any = None, warm: bool = False):
     """State and versions of the streams from the command's snapshot and the events after it (a full
-    fold when there is no usable snapshot), and the snapshot to store once the command is done (or
-    None): one made of this state, when at least `every` events were folded beyond the last one."""
+    fold when there is no usable snapshot), the snapshot to store once the command is done (or None:
+    one is made of this state when at least `every` events were folded beyond the last one), and
+    whether the state came from `cache` (`warm`: it may; then it may be stale, see _attempts).
+
+    With a cache, what the read gave is kept there (the snapshot's state and the events after it), and
+    while fewer than `every` events follow it, the next execution folds it from the cache without a
+    read: one round trip, the version-checked append, as for a short stream."""
+    if warm and cache is not None:
+        got = cache._warm_snapshot(store, snap, streams)
+        if got is not None:
+            blob, tails, versions = got
+            try:
+                state = _folded_in_order(command, decode_state(command, blob), tails, streams)
+                found = command.discover(state)
+            except Exception:  # noqa: BLE001 - perhaps stale: the read below decides, and raises it if it holds
+                found = True
+            if not found:
+                SNAPSHOT_STATS["cached"] += 1
+                return state, versions, None, True
+            cache._forget_snapshot(store, snap)
     stored, by_stream, froms, fence = yield (READ_SNAPSHOT, snap.key, snap.state_version, streams)
     covers = state = None
     if stored is None:
@@ -736,12 +887,19 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list):
     if found:
         # Streams found from the state: a command that discovers reads them all, from the start.
         state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
-        return state, versions, None
+        return state, versions, None, False
     versions = {sid: (by_stream[sid][-1].version if by_stream[sid] else 0) for sid in streams}
+    if cache is not None:
+        if blob is not None:
+            cache._keep_snapshot(store, snap, blob, {sid: covered[str(sid)][0] for sid in streams}, by_stream,
+                                 versions)
+        elif covers is not None:
+            cache._keep_snapshot(store, snap, stored[2], {sid: covers[sid][0] for sid in streams}, by_stream,
+                                 versions)
     if blob is None:
-        return state, versions, None
+        return state, versions, None, False
     return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(covered).decode(), blob,
-                             sum(entry[0] for entry in covered.values()))
+                             sum(entry[0] for entry in covered.values())), False
 
 
 def _save_snapshot(snapshot: tuple):
@@ -998,8 +1156,10 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
         try:
             if snap is not None and (entry is None or not cache._serves(store, streams)):
                 # Streams longer than the cache keeps (or not known yet): from the command's snapshot and
-                # the events after it; the cache learns their versions, so short ones go to it next time.
-                state, versions, snapshot = yield from _snapshot_state(snap, command, streams, rounds)
+                # the events after it (kept in the cache, see _snapshot_state); the cache learns their
+                # versions, so short ones go to it next time.
+                state, versions, snapshot, from_cache = yield from _snapshot_state(
+                    snap, command, streams, rounds, cache, store, warm=entry is not None and not free_retry_used)
                 if entry is not None:
                     cache._remember_versions(store, versions)
             elif entry is None:
@@ -1059,8 +1219,12 @@ def _attempts(store, command, streams, policy, metadata, timeout, deadline, entr
             if raw:
                 entry.valid = False
                 cache._forget(store, {*versions, *(e.stream_id for e in recorded)})
+                if snap is not None:
+                    cache._forget_snapshot(store, snap)
             elif entry is not None:
                 cache._remember_append(store, recorded, versions)
+                if snap is not None:
+                    cache._snapshot_appended(store, snap, recorded, versions)
             for e in recorded:
                 versions[e.stream_id] = e.version
             if entry is not None and not raw and cache.reuse_state:

@@ -56,7 +56,7 @@ COMMAND_SNAPSHOTS: Any = _SnapshotsDefault()
 
 #: What became of snapshots in this process: loaded and used, passed over (and why), written, skipped
 #: (a state that does not survive encoding). For tests and the curious; not a metric per store.
-SNAPSHOT_STATS: dict[str, int] = {"used": 0, "none": 0, "stale_state_version": 0, "history_mismatch": 0,
+SNAPSHOT_STATS: dict[str, int] = {"used": 0, "cached": 0, "none": 0, "stale_state_version": 0, "history_mismatch": 0,
                                   "undecodable": 0, "written": 0, "not_encodable": 0, "write_failed": 0}
 
 
