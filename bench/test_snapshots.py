@@ -8,6 +8,8 @@ written untimed; then K deposit commands on it, each timed alone (median reporte
 * eventcore, snapshots       the same command class with `__snapshots__ = ec.SnapshotPolicy()` (every
                              200 events): the first command folds all N and stores the state, the
                              others load it and fold the events after it;
+* eventcore, snapshots,      the same with `cache=None`: every command reads the snapshot and the events
+  uncached                   after it (one statement), as the first command of a new process does;
 * eventsourcing, snapshots   (PostgreSQL only) eventsourcing 9.5.6 in its fastest configuration (DB
                              functions, psycopg) with `snapshotting_intervals = {Account: 200}`, a
                              snapshot taken after the N events are written; each command is
@@ -70,11 +72,14 @@ def _time(fn, n: int) -> float:
 
 def _eventcore(store, results: dict, backend: str) -> None:
     for size in SIZES:
-        for cls, label in ((Credit, "eventcore, no snapshots"), (SnapshottedCredit, "eventcore, snapshots")):
+        for cls, label, kw in ((Credit, "eventcore, no snapshots", {}),
+                               (SnapshottedCredit, "eventcore, snapshots", {}),
+                               (SnapshottedCredit, "eventcore, snapshots, uncached", {"cache": None})):
             account = ec.StreamId(f"acct-{uuid.uuid4().hex[:8]}")
             store.ingest(((account, Credited(amount=1)) for _ in range(size)), batch_size=20_000)
             n = COMMANDS if cls is SnapshottedCredit or size <= 10_000 else max(5, COMMANDS // 6)
-            results[(backend, label, size)] = _time(lambda: ec.execute(store, cls(account=account)), n)
+            results[(backend, label, size)] = _time(
+                lambda: ec.execute(store, cls(account=account), **kw), n)
 
 
 def _eventsourcing(pg_dsn: str, schema: str, results: dict) -> None:
@@ -112,8 +117,23 @@ def _eventsourcing(pg_dsn: str, schema: str, results: dict) -> None:
         app.close()
 
 
+def _commit_floor(pg_dsn: str, schema: str, results: dict) -> None:
+    """The floor of any durable command on this server: hand-written psycopg inserting one event row and
+    committing (one round trip, one WAL flush), on one connection, no read."""
+    import psycopg
+
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {schema}.floor (stream text, version bigint, data jsonb, "
+                     "PRIMARY KEY (stream, version))")
+        version = iter(range(1, 1_000_000))
+        results[("postgres", "psycopg: INSERT + COMMIT", SIZES[0])] = _time(
+            lambda: conn.execute(f"INSERT INTO {schema}.floor VALUES ('a', %s, '{{\"amount\": 1}}')",
+                                 (next(version),)), COMMANDS)
+
+
 def test_commands_on_long_streams(pg_dsn, fresh_schema, tmp_path):
     results: dict = {}
+    _commit_floor(pg_dsn, fresh_schema(), results)
     with ec.connect(pg_dsn, schema=fresh_schema()) as store:
         _eventcore(store, results, "postgres")
     with ec.connect(f"sqlite:///{tmp_path / 'snapshots.db'}") as store:
@@ -123,22 +143,27 @@ def test_commands_on_long_streams(pg_dsn, fresh_schema, tmp_path):
     if importlib.util.find_spec("eventsourcing") is not None:
         _eventsourcing(pg_dsn, fresh_schema(), results)
     print(f"\ncommands on one stream of N events, median ms per command (impl {ec.__impl__})")
-    print(f"{'backend':<9} {'contender':<27}" + "".join(f"{f'N={n:,}':>14}" for n in SIZES) + "   at max N / at min N")
+    print(f"{'backend':<9} {'contender':<31}" + "".join(f"{f'N={n:,}':>14}" for n in SIZES) + "   at max N / at min N")
     for backend in ("postgres", "sqlite"):
-        for label in ("eventcore, no snapshots", "eventcore, snapshots", "eventsourcing, snapshots"):
+        for label in ("eventcore, no snapshots", "eventcore, snapshots", "eventcore, snapshots, uncached",
+                      "eventsourcing, snapshots"):
             row = [results.get((backend, label, n)) for n in SIZES]
             if row[0] is None:
                 continue
             for n, value in zip(SIZES, row):
                 FIGURES[f"snapshots_{backend}_{label.replace(', ', '_').replace(' ', '_')}_{n}"] = (value * 1000, "ms")
-            print(f"{backend:<9} {label:<27}" + "".join(f"{v * 1000:>14.3f}" for v in row)
+            print(f"{backend:<9} {label:<31}" + "".join(f"{v * 1000:>14.3f}" for v in row)
                   + f"   {row[-1] / row[0]:>6.2f}x")
     top = SIZES[-1]
     ours = results.get(("postgres", "eventcore, snapshots", top))
     theirs = results.get(("postgres", "eventsourcing, snapshots", top))
+    floor = results[("postgres", "psycopg: INSERT + COMMIT", SIZES[0])]
+    FIGURES["snapshots_postgres_insert_commit_floor"] = (floor * 1000, "ms")
+    print(f"postgres  {'floor: psycopg INSERT + COMMIT':<31}{floor * 1000:>14.3f}")
     if ours and theirs:
         print(f"PostgreSQL, N={top:,}: eventcore with snapshots is {theirs / ours:.2f}x eventsourcing's snapshotted "
-              "command (goal >= 5x)")
+              f"command (goal >= 5x), {floor / ours:.2f}x the INSERT + COMMIT floor; eventsourcing is "
+              f"{theirs / floor:.2f}x that floor")
     for backend in ("postgres", "sqlite"):
         plain = results.get((backend, "eventcore, no snapshots", top))
         snap = results.get((backend, "eventcore, snapshots", top))

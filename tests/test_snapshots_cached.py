@@ -274,3 +274,32 @@ def test_the_stores_own_cache_serves_a_stream_over_a_thousand_events(store):
         ec.execute(store, Ledger(account="big"))
     assert SNAPSHOT_STATS["cached"] - before == 3  # every=4: read, 3 from the cache, read
     assert _truth(store, Ledger(account="big"))[0] == 1_495
+
+
+def test_the_asyncio_postgres_store_serves_snapshots_from_its_cache(pg_dsn, pg_schema):
+    """The asyncio store runs the same steps: a cached snapshot serves its commands, and a write by the
+    sync store behind its cache's back is caught by the append (a retry on fresh state)."""
+    import asyncio
+
+    import eventcore.aio as eca
+
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        store.append([ec.emit("acct", Deposited(amount=1)) for _ in range(20)])
+
+        async def run():
+            cache = _long_streams_cache()
+            async with await eca.connect(pg_dsn, schema=pg_schema) as astore:
+                before = SNAPSHOT_STATS["cached"]
+                for _ in range(3):
+                    await eca.execute(astore, Ledger(account="acct"), cache=cache)
+                assert SNAPSHOT_STATS["cached"] - before == 2
+                store.append([ec.emit("acct", Withdrawn(amount=15, balance=2))])
+                truth = _truth(store, Ledger(account="acct"))
+                SEEN.clear()
+                result = await eca.execute(astore, Ledger(account="acct"), cache=cache)
+                assert SEEN[-1] == truth and result.events[0].data.balance == 1
+                SEEN.clear()
+                with pytest.raises(ec.BusinessRuleViolation):
+                    await eca.execute(astore, Ledger(account="acct", amount=2), cache=cache)
+
+        asyncio.run(run())

@@ -303,6 +303,12 @@ class StateCache:
     command.
     `max_bytes` bounds what an exact cache holds by the size of those rows (their JSON and ~100
     bytes of the rest each); a stream whose rows alone exceed it keeps its version only.
+
+    For a command with snapshots (eventcore.snapshots) on streams longer than it keeps, it keeps
+    instead what the command's read gave: the snapshot's state as stored (decoded afresh for every
+    command) and the events after it, counted in the same bounds; the next executions fold those
+    without a read, under the same checks as above, until the command's `every` events followed
+    the snapshot (then a read makes a newer one).
     """
 
     def __init__(self, max_entries: int = 10_000, max_stream_events: int = 1_000, max_events: int = 200_000,
