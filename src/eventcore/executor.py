@@ -816,12 +816,13 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list, 
         got = cache._warm_snapshot(store, snap, streams)
         if got is not None:
             blob, tails, versions = got
+            state: Any = None
             try:
                 state = _folded_in_order(command, decode_state(command, blob), tails, streams)
-                found = command.discover(state)
+                usable = not command.discover(state)
             except Exception:  # noqa: BLE001 - perhaps stale: the read below decides, and raises it if it holds
-                found = True
-            if not found:
+                usable = False
+            if usable:
                 SNAPSHOT_STATS["cached"] += 1
                 return state, versions, None, True
             cache._forget_snapshot(store, snap)
@@ -899,7 +900,7 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list, 
         if blob is not None:
             cache._keep_snapshot(store, snap, blob, {sid: covered[str(sid)][0] for sid in streams}, by_stream,
                                  versions)
-        elif covers is not None:
+        elif covers is not None and stored is not None:
             cache._keep_snapshot(store, snap, stored[2], {sid: covers[sid][0] for sid in streams}, by_stream,
                                  versions)
     if blob is None:
