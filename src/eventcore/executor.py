@@ -334,6 +334,8 @@ class StateCache:
         self._bytes = 0
         #: (store.instance, snapshot key) -> _WarmSnapshot: a snapshotted command's state and the events after it
         self._snapshots: OrderedDict = OrderedDict()
+        self._snapshot_events = 0  # of self._events, what the snapshot entries hold
+        self._snapshot_bytes = 0
         self._lock = threading.Lock()
         #: Commands served without a read, commands that read, and cache hits that proved stale.
         self.hits = 0
@@ -349,6 +351,7 @@ class StateCache:
             self._folded.clear()
             self._streams.clear()
             self._snapshots.clear()
+            self._snapshot_events = self._snapshot_bytes = 0
             self._events = 0
             self._sizes.clear()
             self._bytes = 0
@@ -463,19 +466,33 @@ class StateCache:
         self._shrink()
 
     def _shrink(self) -> None:
-        """Evict least recently used entries until the cache is within its bounds (lock held). Streams
-        go first: a snapshot entry is of use only while its streams' entries are kept (see
-        _warm_snapshot), and it goes with the first of them to be used again after eviction."""
-        while len(self._streams) > self.max_entries or self._events > self.max_events or (
-                self.max_bytes is not None and self._bytes > self.max_bytes):
-            if self._streams:
-                self._forget_key(next(iter(self._streams)))
+        """Evict least recently used entries until the cache is within its bounds (lock held)."""
+        while len(self._streams) > self.max_entries:
+            self._forget_key(next(iter(self._streams)))
+        while len(self._snapshots) > self.max_entries:
+            self._forget_snapshot_key(next(iter(self._snapshots)))
+        while self._events > self.max_events or (self.max_bytes is not None and self._bytes > self.max_bytes):
+            # Only entries that hold something free room: snapshot entries while they hold at least half of
+            # what is over its bound, else streams' events. (An entry of a stream's version alone frees
+            # nothing, and a snapshot entry is of use only while its streams' versions are known here.)
+            if self._events > self.max_events:
+                snapshots_first = self._snapshot_events * 2 >= self._events
+            else:
+                snapshots_first = self._snapshot_bytes * 2 >= self._bytes
+            holding = None if snapshots_first and self._snapshots else self._oldest_holding_stream()
+            if holding is not None:
+                self._forget_key(holding)
             elif self._snapshots:
                 self._forget_snapshot_key(next(iter(self._snapshots)))
             else:
                 break
-        while len(self._snapshots) > self.max_entries:
-            self._forget_snapshot_key(next(iter(self._snapshots)))
+
+    def _oldest_holding_stream(self):
+        """The least recently used stream entry that keeps events, or None."""
+        for key, entry in self._streams.items():
+            if entry[1] is not None:
+                return key
+        return None
 
     def _remember_read(self, store, by_stream: dict) -> None:
         sid_key = store.instance
@@ -534,18 +551,23 @@ class StateCache:
             tails = {sid: _handed_out(kept) for sid, kept in tails.items()}
         return blob, tails, versions
 
-    def _keep_snapshot(self, store, snap: "_Snap", blob: bytes, covered: dict, by_stream: dict,
-                       versions: dict) -> None:
-        """Keep a snapshotted command's state (`blob`, covering each stream up to its `covered` version)
-        and the events read after it, as of `versions` (just read): its next execution folds them
-        without a read (see _warm_snapshot)."""
-        tails = {}
-        for sid, events in by_stream.items():
-            after = [e for e in events if e.version > covered[sid]]
-            kept = self._kept(after)
+    def _kept_tails(self, events: list, stream_ids) -> dict | None:
+        """What the cache keeps of the events after a snapshot's state ({stream: kept events}), taken before
+        a fold sees them (apply() may change an event's data in place); None if one cannot be kept."""
+        by_stream: dict = {sid: [] for sid in stream_ids}
+        for e in events:
+            by_stream[e.stream_id].append(e)
+        out = {}
+        for sid, evs in by_stream.items():
+            kept = self._kept(evs)
             if kept is None:
-                return
-            tails[sid] = kept
+                return None
+            out[sid] = kept
+        return out
+
+    def _keep_snapshot(self, store, snap: "_Snap", blob: bytes, tails: dict, versions: dict) -> None:
+        """Keep a snapshotted command's state (`blob`) and the events after it (`tails`, see _kept_tails),
+        as of `versions` (just read): its next execution folds them without a read (see _warm_snapshot)."""
         sid_key = store.instance
         with self._lock:
             if store.closed:
@@ -583,11 +605,13 @@ class StateCache:
         """Store one snapshot entry (lock held), counted in the cache's bounds like a stream's events."""
         self._forget_snapshot_key(key)
         warm.size = len(warm.blob) + (0 if self.reuse_state else sum(map(_rows_size, warm.tails.values())))
-        if self.max_bytes is not None and warm.size > self.max_bytes:
-            return
+        if (self.max_bytes is not None and warm.size > self.max_bytes) or warm.count > self.max_events:
+            return  # would push out everything else, then itself
         self._snapshots[key] = warm
         self._events += warm.count
         self._bytes += warm.size
+        self._snapshot_events += warm.count
+        self._snapshot_bytes += warm.size
         self._shrink()
 
     def _forget_snapshot_key(self, key) -> None:
@@ -595,6 +619,8 @@ class StateCache:
         if warm is not None:
             self._events -= warm.count
             self._bytes -= warm.size
+            self._snapshot_events -= warm.count
+            self._snapshot_bytes -= warm.size
 
     def _forget_snapshot(self, store, snap: "_Snap") -> None:
         with self._lock:
@@ -880,6 +906,10 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list, 
     # A snapshot covers only events below the fence (PostgreSQL): one that commits later, at a lower
     # position than some read here, then always comes after what a snapshot covers, as in a full fold.
     cut = len(events) if fence is None else bisect.bisect_left(events, fence, key=_position)
+    # What the cache will keep of the events after the state it keeps (see _keep_snapshot), taken before
+    # apply() sees them: the events after a newer snapshot, else those after the one read.
+    start = cut if cut >= snap.every else 0 if covers is not None else None
+    tails_kept = None if cache is None or start is None else cache._kept_tails(events[start:], streams)
     apply = command.apply
     for e in events[:cut]:
         state = apply(state, e)
@@ -896,13 +926,11 @@ def _snapshot_state(snap: _Snap, command: Command, streams: list, rounds: list, 
         state, versions = yield from _read_and_fold(_DIRECT, command, streams, rounds)
         return state, versions, None, False
     versions = {sid: (by_stream[sid][-1].version if by_stream[sid] else 0) for sid in streams}
-    if cache is not None:
-        if blob is not None:
-            cache._keep_snapshot(store, snap, blob, {sid: covered[str(sid)][0] for sid in streams}, by_stream,
-                                 versions)
-        elif covers is not None and stored is not None:
-            cache._keep_snapshot(store, snap, stored[2], {sid: covers[sid][0] for sid in streams}, by_stream,
-                                 versions)
+    if cache is not None and tails_kept is not None:
+        if blob is not None and start == cut:
+            cache._keep_snapshot(store, snap, blob, tails_kept, versions)
+        elif blob is None and start == 0 and covers is not None and stored is not None:
+            cache._keep_snapshot(store, snap, stored[2], tails_kept, versions)
     if blob is None:
         return state, versions, None, False
     return state, versions, (snap.key, snap.name, snap.state_version, msgspec.json.encode(covered).decode(), blob,
