@@ -599,12 +599,15 @@ class StateCache:
                     return
                 tails[e.stream_id] = tails[e.stream_id] + (kept,)
                 versions[e.stream_id] = e.version
-            self._put_snapshot(key, _WarmSnapshot(warm.state_version, warm.blob, versions, tails))
+            size = warm.size + (0 if self.reuse_state else _rows_size(more))
+            self._put_snapshot(key, _WarmSnapshot(warm.state_version, warm.blob, versions, tails), size)
 
-    def _put_snapshot(self, key, warm: "_WarmSnapshot") -> None:
-        """Store one snapshot entry (lock held), counted in the cache's bounds like a stream's events."""
+    def _put_snapshot(self, key, warm: "_WarmSnapshot", size: int | None = None) -> None:
+        """Store one snapshot entry (lock held), counted in the cache's bounds like a stream's events;
+        `size`: its bytes, if known."""
         self._forget_snapshot_key(key)
-        warm.size = len(warm.blob) + (0 if self.reuse_state else sum(map(_rows_size, warm.tails.values())))
+        warm.size = size if size is not None else len(warm.blob) + (
+            0 if self.reuse_state else sum(map(_rows_size, warm.tails.values())))
         if (self.max_bytes is not None and warm.size > self.max_bytes) or warm.count > self.max_events:
             return  # would push out everything else, then itself
         self._snapshots[key] = warm

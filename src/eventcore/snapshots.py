@@ -17,6 +17,7 @@ was folded.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import hashlib
 import logging
 from collections import defaultdict
@@ -110,7 +111,13 @@ def command_name(command: Any) -> str:
 
 def snapshot_key(name: str, streams: list) -> str:
     """The key of a command's snapshot over these streams (any order: the fold is by position)."""
-    joined = "\x1f".join(sorted(streams))
+    return _snapshot_key(name, tuple(streams))
+
+
+#: Keys of the commands a process runs most, remembered (a command computes its key at every execution).
+@functools.lru_cache(maxsize=4096)
+def _snapshot_key(name: str, streams: tuple) -> str:
+    joined = "\x1f".join(sorted(map(str, streams)))
     return f"{name}:{hashlib.sha256(joined.encode('utf-8', 'surrogatepass')).hexdigest()[:32]}"
 
 
