@@ -161,3 +161,20 @@ IMPL, implementation = _load(_requested)
 for _name in HOT_PATH_NAMES:
     globals()[_name] = getattr(implementation, _name)
 del _name  # pyright: ignore[reportPossiblyUnboundVariable]
+
+#: The column codec's functions (eventcore.columns: ingest_columns and read_columns). Outside HotPath while
+#: only the pure twin (eventcore._pure.columns) exists: bound from the active implementation when it has
+#: them, else from the pure twin under either implementation. When ext/ gains its twin (ext/columns.pxi),
+#: these names move into HotPath and this fallback goes.
+COLUMN_NAMES: tuple[str, ...] = ("encode_column_payloads", "fill_columns")
+if TYPE_CHECKING:
+    from ._pure import columns as _typed_columns
+
+    encode_column_payloads = _typed_columns.encode_column_payloads
+    fill_columns = _typed_columns.fill_columns
+else:
+    from ._pure import columns as _pure_columns
+
+    for _name in COLUMN_NAMES:
+        globals()[_name] = getattr(implementation, _name, None) or getattr(_pure_columns, _name)
+    del _name, _pure_columns

@@ -28,6 +28,11 @@ class ValidationError(EventCoreError, ValueError):
     """Bad input (a stream id, an option, an event): rejected before anything is written."""
 
 
+class MissingDependencyError(EventCoreError, ImportError):
+    """A feature needs an optional package that is not installed; the message says which extra to install
+    (e.g. `pip install 'pyeventcore[numpy]'` for columnar I/O)."""
+
+
 class BusinessRuleViolation(EventCoreError):
     """A command's `handle` refused the command through `require(...)`. Never retried."""
 

@@ -1,0 +1,140 @@
+"""Column codec: event payloads encoded from columns, and events decoded into columns.
+
+The executable spec of the column hot path (`store.ingest_columns`, `store.read_columns`, see
+eventcore.columns). Its arrays come already normalised by eventcore.columns, one per field, with a
+kind each (the KIND_* constants: how the field's values are held); this module never imports
+numpy, it only indexes the arrays it is given and calls their `tolist()`.
+
+`encode_column_payloads` defines a row's payload as exactly the bytes the row path writes for the
+same event: `encode_event(cls(**row))`. A compiled twin must produce the same bytes for the same
+columns (without making the object), and raise ColumnRowError for the same first bad row.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+from typing import Any
+
+from ..errors import EventCoreError, ValidationError
+
+#: How a field's values are held in its column (eventcore.columns maps annotations to these).
+KIND_INT = 0  # int64
+KIND_FLOAT = 1  # float64
+KIND_BOOL = 2  # bool
+KIND_STR = 3  # object array of str
+KIND_DATETIME = 4  # datetime64[us] (UTC), handed to the codec as its int64 view: microseconds since the epoch
+KIND_OBJECT = 5  # object array of any value the field's type takes
+
+_EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
+_EPOCH_NAIVE = _dt.datetime(1970, 1, 1)
+_US = _dt.timedelta(microseconds=1)
+
+
+class ColumnRowError(EventCoreError):
+    """Row `row` of the columns cannot be an event; `cause` says why (a ValidationError or a
+    SerializationError, as the row path would raise for the same event)."""
+
+    def __init__(self, row: int, cause: EventCoreError):
+        self.row = row
+        self.cause = cause
+        super().__init__(f"row {row}: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.row, self.cause))
+
+
+def encode_column_payloads(
+    cls: type,
+    encode_event: Any,
+    names: tuple[str, ...],
+    kinds: tuple[int, ...],
+    nullable: tuple[bool, ...],
+    aware: tuple[bool, ...],
+    columns: list,
+    masks: list,
+    rows: Any,
+) -> list[bytes]:
+    """The JSON payload of each row in `rows` (indexes into the columns, ascending), as an event of
+    `cls` whose field `names[j]` is taken from `columns[j]`.
+
+    A row whose `masks[j]` is true (or whose object value is None) has no value for field j: the
+    field gets None if `nullable[j]`, else its default (a required field without a value is a bad
+    row). Datetime columns are microseconds since the epoch, made aware (UTC) datetimes where
+    `aware[j]`, naive UTC ones where the class wants naive ones. ColumnRowError names the first bad
+    row, with what `encode_event` (the row path's encoder) or the class refused."""
+    width = len(names)
+    values = []
+    for j in range(width):
+        col = columns[j][rows].tolist()
+        if kinds[j] == KIND_DATETIME:
+            epoch = _EPOCH if aware[j] else _EPOCH_NAIVE
+            col = [epoch + v * _US for v in col]
+        mask = masks[j]
+        if mask is not None:
+            missing = mask[rows].tolist()
+            col = [None if m else v for v, m in zip(col, missing)]
+        values.append(col)
+    out = []
+    row_numbers = rows.tolist() if hasattr(rows, "tolist") else list(rows)
+    for i, row in enumerate(row_numbers):
+        kwargs = {}
+        for j in range(width):
+            v = values[j][i]
+            if v is None and not nullable[j]:
+                continue  # no value: the field's default
+            kwargs[names[j]] = v
+        try:
+            event = cls(**kwargs)
+        except TypeError as exc:  # a required field without a value
+            raise ColumnRowError(row, ValidationError(
+                f"{cls.__name__} ({cls.__event_type__!r}): {exc}; give the field a value in every row")) from None
+        try:
+            out.append(encode_event(event)[1])
+        except EventCoreError as exc:
+            raise ColumnRowError(row, exc) from exc
+    return out
+
+
+def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...],
+                 envelope: tuple, outs: list, masks: list) -> None:
+    """Write `events` (RecordedEvents) into preallocated columns from index `offset` on.
+
+    `envelope`: the arrays (position, stream id, version, recorded-at as int64 microseconds since the
+    epoch, type). `outs[j]` receives field `fields[j]` of each event's data, as its kind holds it
+    (datetimes as int64 microseconds since the epoch, naive ones taken as UTC); `masks[j]` is set where
+    the event's data has no such field or holds None there."""
+    positions, stream_ids, versions, recorded, types = envelope
+    stop = offset + len(events)
+    positions[offset:stop] = [e.position for e in events]
+    stream_ids[offset:stop] = [e.stream_id for e in events]
+    versions[offset:stop] = [e.version for e in events]
+    recorded[offset:stop] = [(e.recorded_at - _EPOCH) // _US for e in events]
+    types[offset:stop] = [e.type for e in events]
+    for j, name in enumerate(fields):
+        kind = kinds[j]
+        out, mask = outs[j], masks[j]
+        fill = _FILL[kind]
+        values = []
+        missing = []
+        for e in events:
+            v = getattr(e.data, name, None)
+            if v is None:
+                missing.append(True)
+                values.append(fill)
+                continue
+            missing.append(False)
+            if kind == KIND_DATETIME:
+                if v.tzinfo is None:
+                    v = v.replace(tzinfo=_dt.timezone.utc)
+                v = (v - _EPOCH) // _US
+            values.append(v)
+        if kind == KIND_OBJECT:  # a slice assignment would take a list value for a sequence of values
+            for i, v in enumerate(values, offset):
+                out[i] = v
+        else:
+            out[offset:stop] = values
+        mask[offset:stop] = missing
+
+
+#: What a column holds under the mask where an event has no value, per kind.
+_FILL = {KIND_INT: 0, KIND_FLOAT: float("nan"), KIND_BOOL: False, KIND_STR: None,
+         KIND_DATETIME: -(2 ** 63), KIND_OBJECT: None}
