@@ -282,6 +282,9 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
     if isinstance(types, (str, type)):
         plans = [_Plan(np, _event_class(types), columns)]
         codes = None
+    elif np.ndim(types) == 0:
+        raise ValidationError(f"types takes one type name or ec.Event class, or an array of type names (one per "
+                              f"row), got {types!r:.80}")
     else:
         names = _as_array(np, types, "types", n)
         if names.dtype.kind in "UT":
@@ -411,7 +414,7 @@ class _ReadPlan:
     def result(self, np: Any, chunks: list, n: int) -> dict[str, Any]:
         """The result's arrays: the chunks joined (the only chunk taken as it is)."""
         if len(chunks) == 1 and len(chunks[0][0][0]) == n:
-            envelope, outs, masks = chunks[0]
+            envelope, outs, masks = chunks[0][:3]
         else:
             envelope, outs, masks = self.allocate(np, n)
             at = 0

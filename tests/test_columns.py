@@ -1,0 +1,429 @@
+"""Columnar I/O: store.ingest_columns from numpy arrays and store.read_columns into them, on every backend,
+with every guarantee of store.ingest (the bad-input cases of the row path, applied to columns), and the
+pandas conveniences ingest_frame and read_frame."""
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import subprocess
+import sys
+from typing import Annotated, Any
+
+import msgspec
+
+import pytest
+
+from optional import require
+
+np = require("numpy")
+
+import eventcore as ec  # noqa: E402
+from domain import Deposited, Noted, Withdrawn, assert_gap_free, feed_positions  # noqa: E402
+from eventcore import _impl  # noqa: E402
+from eventcore._pure import codec as pure_codec  # noqa: E402
+from eventcore.payloads import MAX_PAYLOAD_BYTES  # noqa: E402
+
+UTC = dt.timezone.utc
+
+
+class Trade(ec.Event):
+    """One field of each column kind, nullable ones included."""
+
+    __event_type__ = "test.columns.Trade"
+    qty: int
+    price: float
+    side: str
+    buy: bool
+    at: dt.datetime
+    note: str | None = None
+    fee: float | None = None
+    tags: list[str] = []
+
+
+class Stamp(ec.Event):
+    """A naive datetime field: the column's UTC values are stored without a zone."""
+
+    __event_type__ = "test.columns.Stamp"
+    at: Annotated[dt.datetime, msgspec.Meta(tz=False)]
+
+
+def _trades(n: int) -> dict[str, Any]:
+    at = np.datetime64("2024-03-01T09:30:00", "us") + np.arange(n) * np.timedelta64(90, "s")
+    return {
+        "qty": np.arange(n, dtype=np.int64) * 3 - 7,
+        "price": np.linspace(0.5, 99.25, n),
+        "side": np.array(["buy", "sell", "hold"] * n, dtype=object)[:n],
+        "buy": np.arange(n) % 2 == 0,
+        "at": at,
+        "note": np.array([None if i % 3 else f"n{i}" for i in range(n)], dtype=object),
+        "fee": np.ma.MaskedArray(np.arange(n) / 8, mask=np.arange(n) % 4 == 1),
+    }
+
+
+def _ids(n: int, streams: int = 5) -> Any:
+    return np.array([f"acct-{i % streams}" for i in range(n)])
+
+
+def _state(store):
+    return store.head_position(), feed_positions(store)
+
+
+# -- round trips ------------------------------------------------------------------------------------------
+
+
+def test_columns_round_trip_on_every_backend(store):
+    n = 57
+    cols = _trades(n)
+    result = store.ingest_columns(_ids(n), Trade, cols, batch_size=20)
+    assert (result.events, result.batches) == (n, 3)
+    feed = list(store.read_all())
+    assert [e.data.qty for e in feed] == cols["qty"].tolist()
+    assert feed[0].data.at == dt.datetime(2024, 3, 1, 9, 30, tzinfo=UTC)
+    assert feed[1].data.note is None and feed[0].data.note == "n0"
+    assert feed[1].data.fee is None and feed[2].data.fee == 0.25
+    assert_gap_free(store)
+
+    out = store.read_columns(types=[Trade], fields=["qty", "price", "side", "buy", "at", "note", "fee", "tags"])
+    assert list(out) == ["position", "stream_id", "version", "recorded_at", "type",
+                         "qty", "price", "side", "buy", "at", "note", "fee", "tags"]
+    assert out["position"].dtype == np.int64 and out["position"].tolist() == [e.position for e in feed]
+    assert out["stream_id"].dtype == object and out["stream_id"].tolist() == [e.stream_id for e in feed]
+    assert out["version"].dtype == np.int64 and out["version"].tolist() == [e.version for e in feed]
+    assert out["recorded_at"].dtype == np.dtype("datetime64[us]")
+    assert out["recorded_at"].tolist() == [e.recorded_at.replace(tzinfo=None) for e in feed]
+    assert out["type"].tolist() == ["test.columns.Trade"] * n
+    for name, dtype in [("qty", "int64"), ("price", "float64"), ("side", "object"), ("buy", "bool"),
+                        ("at", "datetime64[us]"), ("note", "object"), ("fee", "float64"), ("tags", "object")]:
+        assert isinstance(out[name], np.ma.MaskedArray) and out[name].dtype == np.dtype(dtype), name
+        assert len(out[name]) == n
+    for name in ("qty", "price", "side", "buy", "at"):
+        assert not out[name].mask.any(), name
+        assert np.array_equal(np.ma.getdata(out[name]), np.asarray(cols[name])), name
+    assert out["note"].mask.tolist() == [bool(i % 3) for i in range(n)]
+    assert out["note"].compressed().tolist() == [f"n{i}" for i in range(0, n, 3)]
+    assert out["fee"].mask.tolist() == (np.arange(n) % 4 == 1).tolist()
+    assert np.array_equal(out["fee"].compressed(), cols["fee"].compressed())
+    assert out["tags"].tolist() == [[]] * n
+
+
+def test_read_columns_pages_limit_prefix_and_after_position(store):
+    n = 45
+    store.ingest_columns(np.array([f"{'a' if i % 3 else 'b'}-{i % 4}" for i in range(n)]), Deposited,
+                         {"amount": np.arange(n)})
+    every = store.read_columns(types=[Deposited], fields=["amount"], page_size=7)
+    assert every["amount"].tolist() == list(range(n))
+    after = int(every["position"][9])
+    some = store.read_columns(after_position=after, types=[Deposited], fields=["amount"], limit=11, page_size=4)
+    assert some["amount"].tolist() == list(range(10, 21))
+    b = store.read_columns(types=["test.Deposited"], fields=["amount"], stream_prefix="b-", page_size=5)
+    assert b["amount"].tolist() == list(range(0, n, 3))
+    assert set(b["stream_id"].tolist()) == {"b-0", "b-1", "b-2", "b-3"}
+    empty = store.read_columns(after_position=int(every["position"][-1]), types=[Deposited], fields=["amount"])
+    assert {k: len(v) for k, v in empty.items()} == dict.fromkeys(empty, 0)
+    assert empty["amount"].dtype == np.int64
+
+
+def test_envelope_only_reads_every_type_as_stored(store):
+    store.append([ec.emit("x", ec.RawEvent("test.columns.NoClass", b'{"a": 1}')), ec.emit("x", Noted("n"))])
+    out = store.read_columns()
+    assert out["type"].tolist() == ["test.columns.NoClass", "test.Noted"]
+    assert out["version"].tolist() == [1, 2]
+
+
+def test_several_types_and_fields_missing_from_some(store):
+    n = 12
+    kinds = np.array(["test.Deposited", "test.Withdrawn", "test.Noted"] * 4)
+    amount = np.ma.MaskedArray(np.arange(n), mask=kinds == "test.Noted")
+    text = np.array([f"t{i}" if k == "test.Noted" else None for i, k in enumerate(kinds)], dtype=object)
+    store.ingest_columns(_ids(n, 3), kinds, {"amount": amount, "text": text}, batch_size=5)
+    feed = list(store.read_all())
+    assert [type(e.data) for e in feed] == [Deposited, Withdrawn, Noted] * 4
+    assert [e.data.text for e in feed if type(e.data) is Noted] == ["t2", "t5", "t8", "t11"]
+    out = store.read_columns(types=[Deposited, Withdrawn, Noted], fields=["amount", "text"])
+    assert out["type"].tolist() == kinds.tolist()
+    assert out["amount"].mask.tolist() == (kinds == "test.Noted").tolist()
+    assert out["amount"].compressed().tolist() == [i for i in range(n) if i % 3 != 2]
+    assert out["text"].compressed().tolist() == ["t2", "t5", "t8", "t11"]
+
+
+def test_structured_arrays_str_dtypes_and_naive_datetimes(store):
+    rows = np.array([(1, 2.5), (2, 3.5)], dtype=[("qty", "i4"), ("price", "f4")])
+    base = {name: np.asarray(v)[:2] for name, v in _trades(2).items()}
+    data = {**base, "qty": rows["qty"], "price": rows["price"], "side": np.array(["buy", "sell"])}
+    store.ingest_columns(np.array(["s", "s"]), "test.columns.Trade", data)
+    assert [(e.data.qty, e.data.price, e.data.side) for e in store.read_stream("s")] == [(1, 2.5, "buy"), (2, 3.5, "sell")]
+    store.ingest_columns(["t"], Deposited, np.array([(7,)], dtype=[("amount", "u2")]))
+    assert store.read_stream("t")[0].data.amount == 7
+    store.ingest_columns(["u"], Stamp, {"at": np.array(["2024-01-02T03:04:05.000006"], dtype="datetime64[us]")})
+    assert store.read_stream("u")[0].data.at == dt.datetime(2024, 1, 2, 3, 4, 5, 6)
+    out = store.read_columns(types=[Stamp], fields=["at"])
+    assert out["at"].tolist() == [dt.datetime(2024, 1, 2, 3, 4, 5, 6)]
+
+
+def test_metadata_for_every_row_or_by_columns(store):
+    one = ec.Metadata(correlation_id="load-1")
+    store.ingest_columns(["a", "a"], Deposited, {"amount": [1, 2]}, metadata=one)
+    assert [e.metadata for e in store.read_stream("a")] == [one, one]
+    users = np.ma.MaskedArray(np.array(["ann", "bob", "cy"], dtype=object), mask=[False, True, False])
+    store.ingest_columns(["b"] * 3, Deposited, {"amount": [1, 2, 3]},
+                         metadata={"user_id": users, "correlation_id": ["c1", "c2", "c3"]})
+    got = [(e.metadata.user_id, e.metadata.correlation_id) for e in store.read_stream("b")]
+    assert got == [("ann", "c1"), (None, "c2"), ("cy", "c3")]
+
+
+def test_expected_versions_and_resume_keys_hold(store):
+    store.ingest_columns(["e-1"] * 3, Deposited, {"amount": [1, 2, 3]}, expected={"e-1": ec.NO_STREAM})
+    before = _state(store)
+    with pytest.raises(ec.IngestError) as info:
+        store.ingest_columns(["e-2", "e-1"], Deposited, {"amount": [1, 2]}, expected={"e-1": ec.NO_STREAM})
+    cause = info.value.__cause__
+    assert isinstance(cause, ec.ConcurrencyError) and (cause.stream_id, cause.expected, cause.actual) == ("e-1", 0, 3)
+    assert _state(store) == before
+
+    n = 30
+    amounts = np.arange(n, dtype=float)
+    amounts[25] = math.nan
+    with pytest.raises(ec.IngestError) as info:
+        store.ingest_columns(_ids(n), "test.columns.Trade", {**_trades(n), "price": amounts}, batch_size=10,
+                             resume_key="load-7")
+    assert (info.value.item, info.value.committed) == (25, 20)
+    amounts[25] = 25.0
+    result = store.ingest_columns(_ids(n), "test.columns.Trade", {**_trades(n), "price": amounts}, batch_size=10,
+                                  resume_key="load-7")
+    assert (result.events, result.skipped) == (10, 20)
+    out = store.read_columns(types=[Trade], fields=["price"])
+    assert out["price"].tolist() == list(map(float, range(n)))
+    again = store.ingest_columns(_ids(n), Trade, {**_trades(n), "price": amounts}, resume_key="load-7")
+    assert (again.events, again.skipped) == (0, n)
+
+
+# -- bad input: what the row path refuses, refused the same way from columns -------------------------------
+
+
+def _bad_row(store, n, bad, stream_ids=None, types=Trade, cols=None, error=ec.SerializationError, fragments=()):
+    """Columns of `n` rows whose row `bad` is bad: IngestError naming it, the batches before it committed,
+    nothing of its own batch (batches of 10 rows)."""
+    before = len(feed_positions(store))
+    with pytest.raises(ec.IngestError) as info:
+        store.ingest_columns(_ids(n) if stream_ids is None else stream_ids, types,
+                             _trades(n) if cols is None else cols, batch_size=10)
+    assert info.value.item == bad
+    assert info.value.committed == bad // 10 * 10
+    assert isinstance(info.value.__cause__, error), info.value.__cause__
+    for fragment in fragments:
+        assert fragment in str(info.value), (fragment, str(info.value))
+    assert len(feed_positions(store)) == before + bad // 10 * 10
+    assert_gap_free(store)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "-inf"])
+def test_nan_and_infinity_are_refused_naming_the_row(store, value):
+    cols = _trades(24)
+    cols["price"][23] = value
+    _bad_row(store, 24, 23, cols=cols, fragments=("item 23", "NaN or infinity", "price"))
+
+
+def test_masked_float_is_no_value_but_a_nan_under_no_mask_is_refused(store):
+    cols = _trades(14)
+    cols["fee"] = np.ma.MaskedArray(np.full(14, math.nan), mask=np.arange(14) != 13)
+    _bad_row(store, 14, 13, cols=cols, fragments=("NaN or infinity",))
+
+
+@pytest.mark.parametrize("text, fragment", [("a\x00b", "NUL"), ("\ud800", "surrogate")], ids=["nul", "surrogate"])
+def test_nul_and_lone_surrogates_in_str_columns_are_refused(store, text, fragment):
+    cols = _trades(12)
+    cols["side"][11] = text
+    _bad_row(store, 12, 11, cols=cols, fragments=(fragment,))
+
+
+def test_oversized_payload_is_refused(store):
+    cols = _trades(3)
+    cols["note"][2] = "x" * (MAX_PAYLOAD_BYTES + 1)
+    _bad_row(store, 3, 2, cols=cols, fragments=("16 MiB",))
+
+
+@pytest.mark.parametrize("sid", ["", "x" * 256, "a\x00b", "a\nb", "\x1b[0m", "c1\x9f", "\ud800", 7, None], ids=repr)
+def test_bad_stream_ids_are_refused_naming_the_row(store, sid):
+    ids = np.array(_ids(16).tolist(), dtype=object)
+    ids[15] = sid
+    _bad_row(store, 16, 15, stream_ids=ids, error=ec.ValidationError)
+
+
+def test_masked_stream_id_is_refused(store):
+    ids = np.ma.MaskedArray(_ids(4), mask=[False, False, True, False])
+    _bad_row(store, 4, 2, stream_ids=ids, error=ec.ValidationError)
+
+
+def test_a_required_field_without_a_value_is_refused_naming_the_row(store):
+    cols = _trades(18)
+    cols["qty"] = np.ma.MaskedArray(cols["qty"], mask=np.arange(18) == 17)
+    _bad_row(store, 18, 17, cols=cols, error=ec.ValidationError, fragments=("qty",))
+
+
+def test_a_value_for_a_field_the_rows_type_lacks_is_refused(store):
+    kinds = np.array(["test.Deposited"] * 5 + ["test.Noted"] * 7)
+    amount = np.ma.MaskedArray(np.arange(12), mask=np.arange(12) >= 5)
+    amount.mask[11] = False
+    _bad_row(store, 12, 11, types=kinds, cols={"amount": amount}, error=ec.ValidationError,
+             fragments=("no field 'amount'",))
+
+
+def test_the_first_bad_row_is_named_whatever_its_type(store):
+    kinds = np.array(["test.Deposited", "test.Noted"] * 8)
+    text = np.array([None, "ok"] * 8, dtype=object)
+    text[13] = "bad\x00"
+    amount = np.ma.MaskedArray(np.arange(16), mask=kinds == "test.Noted")
+    ids = np.array(_ids(16).tolist(), dtype=object)
+    ids[14] = ""
+    _bad_row(store, 16, 13, types=kinds, cols={"amount": amount, "text": text}, stream_ids=ids)
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda s: s.ingest_columns(["a", "b"], Deposited, {"amount": [1]}), "has 1 entries, stream_ids has 2"),
+    (lambda s: s.ingest_columns(["a"], Deposited, {"amount": [1.5]}), "needs an integer"),
+    (lambda s: s.ingest_columns(["a"], Trade, {"price": ["x"]}), "needs a float or integer"),
+    (lambda s: s.ingest_columns(["a"], Trade, {"buy": [1]}), "needs a bool"),
+    (lambda s: s.ingest_columns(["a"], Trade, {"side": [1]}), "needs a str"),
+    (lambda s: s.ingest_columns(["a"], Trade, {"at": [1]}), "needs a datetime64"),
+    (lambda s: s.ingest_columns(["a"], Deposited, {"amount": [[1, 2]]}), "1-D"),
+    (lambda s: s.ingest_columns(["a"], "test.columns.Unknown", {}), "no ec.Event class is registered"),
+    (lambda s: s.ingest_columns(["a"], ["x\x00"], {}), "type name"),
+    (lambda s: s.ingest_columns(["a"], 5, {}), "types takes"),
+    (lambda s: s.ingest_columns("a", Deposited, {"amount": [1]}), "single str"),
+    (lambda s: s.ingest_columns([1], Deposited, {"amount": [1]}), "must hold str"),
+    (lambda s: s.ingest_columns(["a"], Deposited, [1]), "mapping of field name"),
+    (lambda s: s.ingest_columns(["a"], Deposited, {"amount": [1]}, metadata={"who": ["x"]}), "not an ec.Metadata"),
+    (lambda s: s.ingest_columns(["a"], Deposited, {"amount": [1]}, batch_size=0), "batch_size"),
+    (lambda s: s.read_columns(fields=["amount"]), "needs `types`"),
+    (lambda s: s.read_columns(types=[Deposited], fields=["nope"]), "none of Deposited"),
+    (lambda s: s.read_columns(types=[Deposited], fields=["position"]), "other than"),
+    (lambda s: s.read_columns(types=[Deposited, Trade], fields=["amount", "amount"]), "twice"),
+    (lambda s: s.read_columns(types=[Deposited], after_position=-1), "after_position"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_columns_and_options_are_refused_at_the_call(store, call, message):
+    store.append([ec.emit("a", Noted("first"))])
+    before = _state(store)
+    with pytest.raises(ec.ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        call(store)
+    assert _state(store) == before
+
+
+def test_one_field_typed_two_ways_cannot_share_a_column(store):
+    class Other(ec.Event):
+        __event_type__ = "test.columns.OtherQty"
+        qty: str
+
+    with pytest.raises(ec.ValidationError, match="int and str"):
+        store.read_columns(types=[Trade, Other], fields=["qty"])
+
+
+# -- the column encoder is the row path's encoder -------------------------------------------------------
+
+
+def _payloads(encode_event, cls, columns, rows):
+    from eventcore.columns import _Plan
+
+    plan = _Plan(np, cls, columns)
+    return _impl.encode_column_payloads(cls, encode_event, *plan.args, np.asarray(rows, dtype=np.intp))
+
+
+@pytest.mark.parametrize("encoder", ["pure", "active"])
+def test_payloads_are_the_bytes_the_row_path_writes(encoder):
+    encode_event = pure_codec.encode_event if encoder == "pure" else _impl.encode_event
+    n = 20
+    cols = _trades(n)
+    got = _payloads(encode_event, Trade, cols, range(n))
+    feed_events = [Trade(qty=int(cols["qty"][i]), price=float(cols["price"][i]), side=cols["side"][i],
+                         buy=bool(cols["buy"][i]), at=cols["at"][i].item().replace(tzinfo=UTC),
+                         note=cols["note"][i], fee=None if cols["fee"].mask[i] else float(cols["fee"][i]))
+                   for i in range(n)]
+    assert got == [pure_codec.encode_event(e)[1] for e in feed_events]
+    assert got == [_impl.encode_event(e)[1] for e in feed_events]
+
+
+def test_without_numpy_importing_works_and_the_methods_say_what_to_install(tmp_path):
+    script = (
+        "import sys\n"
+        "sys.modules['numpy'] = None\n"
+        "import eventcore as ec\n"
+        "assert 'numpy' not in [m for m in sys.modules if sys.modules[m] is not None]\n"
+        "s = ec.connect('memory://')\n"
+        "for call in (lambda: s.ingest_columns(['a'], 'x', {}), lambda: s.read_columns()):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except ec.MissingDependencyError as exc:\n"
+        "        assert isinstance(exc, ImportError) and \"pip install 'pyeventcore[numpy]'\" in str(exc), exc\n"
+        "    else:\n"
+        "        raise SystemExit('no error')\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=tmp_path,
+                          env={**os.environ}, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr
+
+
+# -- pandas -----------------------------------------------------------------------------------------------
+
+
+def test_frames_round_trip(store):
+    pd = require("pandas")
+    df = pd.DataFrame({
+        "account": ["a-1", "a-2", "a-1", "a-3"],
+        "kind": ["test.Deposited", "test.Deposited", "test.Withdrawn", "test.Deposited"],
+        "amount": [10, 20, 5, 7],
+        "balance": pd.array([10, None, 5, None], dtype="Int64"),
+    })
+    result = store.ingest_frame(df, stream="account", type="kind", batch_size=3)
+    assert result.events == 4
+    assert [(e.stream_id, type(e.data).__name__, e.data.amount, e.data.balance) for e in store.read_all()] == [
+        ("a-1", "Deposited", 10, 10), ("a-2", "Deposited", 20, None), ("a-1", "Withdrawn", 5, 5),
+        ("a-3", "Deposited", 7, None)]
+    back = store.read_frame(types=[Deposited, Withdrawn], fields=["amount", "balance"])
+    assert back["stream_id"].tolist() == df["account"].tolist()
+    assert back["amount"].tolist() == [10, 20, 5, 7]
+    assert str(back["balance"].dtype) == "Int64" and back["balance"].isna().tolist() == [False, True, False, True]
+    assert str(back["recorded_at"].dtype).startswith("datetime64")
+    one = store.ingest_frame(pd.DataFrame({"s": ["n"], "text": ["hi"]}), stream="s", type=Noted)
+    assert one.events == 1 and store.read_stream("n")[0].data.text == "hi"
+    with pytest.raises(ec.ValidationError, match="no column 'acct'"):
+        store.ingest_frame(df, stream="acct", type="kind")
+
+
+# -- properties -------------------------------------------------------------------------------------------
+
+
+def test_round_trips_any_values():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+
+    rows = st.lists(st.tuples(
+        st.sampled_from(["a", "b", "ç-ü", "x" * 40]),
+        st.integers(-(2 ** 63), 2 ** 63 - 1),
+        st.floats(allow_nan=False, allow_infinity=False),
+        st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"), max_size=20),
+        st.booleans(),
+        st.datetimes(min_value=dt.datetime(1, 1, 2), max_value=dt.datetime(9999, 12, 30)),
+        st.none() | st.text(max_size=5, alphabet="abc"),
+    ), max_size=30)
+
+    @hypothesis.settings(max_examples=60, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(rows)
+    def check(rows):
+        store = ec.connect("memory://")
+        n = len(rows)
+        sid, qty, price, side, buy, at, note = (list(c) for c in zip(*rows)) if rows else ([],) * 7
+        cols = {"qty": np.array(qty, dtype=np.int64), "price": np.array(price, dtype=np.float64),
+                "side": np.array(side, dtype=object), "buy": np.array(buy, dtype=bool),
+                "at": np.array(at, dtype="datetime64[us]"), "note": np.array(note, dtype=object)}
+        store.ingest_columns(np.array(sid, dtype=object), Trade, cols, batch_size=7)
+        out = store.read_columns(types=[Trade], fields=list(cols))
+        assert out["stream_id"].tolist() == sid
+        for name in ("qty", "price", "side", "buy"):
+            assert np.ma.getdata(out[name]).tolist() == cols[name].tolist()
+        assert np.ma.getdata(out["at"]).tolist() == at
+        assert [None if m else v for v, m in zip(np.ma.getdata(out["note"]).tolist(), out["note"].mask)] == note
+        assert len(out["position"]) == n
+        store.close()
+
+    check()
