@@ -26,9 +26,8 @@ from typing import Any, Iterable, Iterator, Mapping
 import msgspec
 
 from . import _impl
-from ._pure.columns import (KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR,
-                            ColumnRowError)
-from .errors import EventCoreError, MissingDependencyError, ValidationError
+from .errors import ColumnRowError, EventCoreError, MissingDependencyError, ValidationError
+from .formats import KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
 from .events import Event, Metadata, RawEvent, RejectedItem, ValidatedItem, event_class, validate_type_name
 from .streams import stream_id as _stream_id
 

@@ -2,7 +2,7 @@
 
 The executable spec of the column hot path (`store.ingest_columns`, `store.read_columns`, see
 eventcore.columns). Its arrays come already normalised by eventcore.columns, one per field, with a
-kind each (the KIND_* constants: how the field's values are held); this module never imports
+kind each (formats.KIND_*: how the field's values are held); this module never imports
 numpy, it only indexes the arrays it is given and calls their `tolist()`.
 
 `encode_column_payloads` defines a row's payload as exactly the bytes the row path writes for the
@@ -14,32 +14,12 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
-from ..errors import EventCoreError, ValidationError
-
-#: How a field's values are held in its column (eventcore.columns maps annotations to these).
-KIND_INT = 0  # int64
-KIND_FLOAT = 1  # float64
-KIND_BOOL = 2  # bool
-KIND_STR = 3  # object array of str
-KIND_DATETIME = 4  # datetime64[us] (UTC), handed to the codec as its int64 view: microseconds since the epoch
-KIND_OBJECT = 5  # object array of any value the field's type takes
+from ..errors import ColumnRowError, EventCoreError, ValidationError
+from ..formats import COLUMN_NAT, KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _EPOCH_NAIVE = _dt.datetime(1970, 1, 1)
 _US = _dt.timedelta(microseconds=1)
-
-
-class ColumnRowError(EventCoreError):
-    """Row `row` of the columns cannot be an event; `cause` says why (a ValidationError or a
-    SerializationError, as the row path would raise for the same event)."""
-
-    def __init__(self, row: int, cause: EventCoreError):
-        self.row = row
-        self.cause = cause
-        super().__init__(f"row {row}: {cause}")
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (type(self), (self.row, self.cause))
 
 
 def encode_column_payloads(
@@ -137,4 +117,4 @@ def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tupl
 
 #: What a column holds under the mask where an event has no value, per kind.
 _FILL = {KIND_INT: 0, KIND_FLOAT: float("nan"), KIND_BOOL: False, KIND_STR: None,
-         KIND_DATETIME: -(2 ** 63), KIND_OBJECT: None}
+         KIND_DATETIME: COLUMN_NAT, KIND_OBJECT: None}
