@@ -427,3 +427,32 @@ def test_round_trips_any_values():
         store.close()
 
     check()
+
+
+# -- the asyncio stores ------------------------------------------------------------------------------------
+
+
+@pytest.fixture(params=["aio-memory", "aio-sqlite", "aio-postgres"])
+def aio_store(request):
+    """An empty asyncio store of each backend behind the sync facade (aio_adapter), shut down after."""
+    from conftest import AIO_BACKENDS
+
+    s = AIO_BACKENDS[request.param](request)
+    try:
+        yield s
+    finally:
+        s.shutdown()
+
+
+@pytest.mark.parametrize("check", [
+    test_columns_round_trip_on_every_backend,
+    test_read_columns_pages_limit_prefix_and_after_position,
+    test_several_types_and_fields_missing_from_some,
+    test_expected_versions_and_resume_keys_hold,
+    test_the_first_bad_row_is_named_whatever_its_type,
+    test_frames_round_trip,
+    lambda s: test_nan_and_infinity_are_refused_naming_the_row(s, math.inf),
+    lambda s: test_bad_stream_ids_are_refused_naming_the_row(s, "a\x00b"),
+], ids=["round_trip", "pages", "several_types", "expected_and_resume", "first_bad_row", "frames", "inf", "stream_id"])
+def test_the_asyncio_stores_do_the_same(aio_store, check):
+    check(aio_store)

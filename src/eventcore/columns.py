@@ -438,6 +438,11 @@ _DTYPES = {KIND_INT: "int64", KIND_FLOAT: "float64", KIND_BOOL: "bool", KIND_STR
            KIND_DATETIME: "int64", KIND_OBJECT: "object"}
 
 
+def read_plan(types: Any, fields: Iterable[str]) -> _ReadPlan:
+    """read_columns' `types` and `fields` checked: what to fill (ValidationError at the call)."""
+    return _ReadPlan(types, fields)
+
+
 class ColumnFiller:
     """Pages of events written into preallocated chunks of columns; `result()` joins them. Shared by the
     sync and the asyncio stores (each feeds it the pages of its own read_all)."""
@@ -471,7 +476,7 @@ def read_columns(store: Any, after_position: int = 0, types: Any = None, fields:
                  stream_prefix: str | None = None, limit: int | None = None,
                  page_size: int = READ_PAGE_EVENTS) -> dict[str, Any]:
     """`EventStore.read_columns` (see there) for `store`."""
-    plan = _ReadPlan(types, fields)
+    plan = read_plan(types, fields)
     filler = ColumnFiller(plan, limit, page_size)
     page: list = []
     # Fields need the classes (decoded events); the envelope alone reads events as stored, any type.
