@@ -21,6 +21,7 @@ column) means "no value": None for a nullable field, else the field's default.
 """
 from __future__ import annotations
 
+import importlib
 from typing import Any, Iterable, Iterator, Mapping
 
 import msgspec
@@ -59,7 +60,7 @@ def numpy() -> Any:
 def pandas() -> Any:
     """The pandas module, or MissingDependencyError saying how to install it."""
     try:
-        import pandas as pd
+        pd = importlib.import_module("pandas")  # by name: pandas ships no type stubs
     except ImportError as exc:
         raise MissingDependencyError(f"ingest_frame and read_frame need pandas: {INSTALL_PANDAS}") from exc
     return pd
@@ -67,7 +68,7 @@ def pandas() -> Any:
 
 # -- field kinds, from the Event classes ------------------------------------------------------------
 
-_SCALAR_KINDS = {
+_SCALAR_KINDS: dict[type, int] = {
     msgspec.inspect.IntType: KIND_INT,
     msgspec.inspect.FloatType: KIND_FLOAT,
     msgspec.inspect.BoolType: KIND_BOOL,
@@ -93,16 +94,17 @@ def _field_of(info: Any) -> _Field:
         nullable = len(others) < len(t.types)
         t = others[0] if len(others) == 1 else None
     kind = KIND_OBJECT if t is None else _SCALAR_KINDS.get(type(t), KIND_OBJECT)
-    aware = not (kind == KIND_DATETIME and t.tz is False)
+    aware = not (kind == KIND_DATETIME and getattr(t, "tz", None) is False)
     return _Field(info.name, kind, nullable, aware)
 
 
 def fields_of(cls: type) -> dict[str, _Field]:
     """Field name -> its column kind, for an Event class."""
-    return {f.name: _field_of(f) for f in msgspec.inspect.type_info(cls).fields}
+    info: Any = msgspec.inspect.type_info(cls)
+    return {f.name: _field_of(f) for f in info.fields}
 
 
-def _event_class(t: Any) -> type:
+def _event_class(t: Any) -> type[Event]:
     if isinstance(t, type) and issubclass(t, Event):
         return t
     if isinstance(t, str):
@@ -204,7 +206,7 @@ def _columns_of(np: Any, data: Any, n: int, what: str) -> dict[str, Any]:
 class _Plan:
     """One event class's share of an ingest: its fields' columns, normalised."""
 
-    def __init__(self, np: Any, cls: type, columns: dict[str, Any]) -> None:
+    def __init__(self, np: Any, cls: type[Event], columns: dict[str, Any]) -> None:
         known = fields_of(cls)
         unknown = sorted(set(columns) - set(known))
         self.cls = cls
@@ -370,14 +372,14 @@ def ingest_columns(store: Any, stream_ids: Any, types: Any, data: Any, metadata:
 # -- read -----------------------------------------------------------------------------------------
 
 
-class _ReadPlan:
+class ReadPlan:
     """What read_columns fills: the envelope and each requested field's column, by kind."""
 
     def __init__(self, types: Any, fields: Iterable[str]) -> None:
         if isinstance(fields, str):
             fields = (fields,)
         fields = tuple(fields)
-        classes = []
+        classes: list[type[Event]] = []
         if types is not None:
             for t in ((types,) if isinstance(types, (str, type)) else types):
                 classes.append(_event_class(t))
@@ -399,18 +401,18 @@ class _ReadPlan:
             kinds.append(found.pop())
         if len(set(fields)) != len(fields):
             raise ValidationError(f"fields names a field twice: {fields!r}")
-        self.classes = classes
-        self.fields = fields
-        self.kinds = tuple(kinds)
+        self.classes: list[type[Event]] = classes
+        self.fields: tuple[str, ...] = fields
+        self.kinds: tuple[int, ...] = tuple(kinds)
 
-    def allocate(self, np: Any, n: int) -> tuple:
+    def allocate(self, np: Any, n: int) -> tuple[tuple[Any, ...], list[Any], list[Any]]:
         envelope = (np.empty(n, np.int64), np.empty(n, object), np.empty(n, np.int64), np.empty(n, np.int64),
                     np.empty(n, object))
         outs = [np.empty(n, _DTYPES[k]) for k in self.kinds]
         masks = [np.zeros(n, bool) for _ in self.kinds]
         return envelope, outs, masks
 
-    def result(self, np: Any, chunks: list, n: int) -> dict[str, Any]:
+    def result(self, np: Any, chunks: list[list[Any]], n: int) -> dict[str, Any]:
         """The result's arrays: the chunks joined (the only chunk taken as it is)."""
         if len(chunks) == 1 and len(chunks[0][0][0]) == n:
             envelope, outs, masks = chunks[0][:3]
@@ -425,7 +427,7 @@ class _ReadPlan:
                 for dst, src in zip(masks, m):
                     dst[at:at + used] = src[:used]
                 at += used
-        out = dict(zip(ENVELOPE, envelope))
+        out: dict[str, Any] = dict(zip(ENVELOPE, envelope))
         out["recorded_at"] = out["recorded_at"].view("datetime64[us]")
         for name, kind, values, mask in zip(self.fields, self.kinds, outs, masks):
             if kind == KIND_DATETIME:
@@ -438,22 +440,23 @@ _DTYPES = {KIND_INT: "int64", KIND_FLOAT: "float64", KIND_BOOL: "bool", KIND_STR
            KIND_DATETIME: "int64", KIND_OBJECT: "object"}
 
 
-def read_plan(types: Any, fields: Iterable[str]) -> _ReadPlan:
+def read_plan(types: Any, fields: Iterable[str]) -> ReadPlan:
     """read_columns' `types` and `fields` checked: what to fill (ValidationError at the call)."""
-    return _ReadPlan(types, fields)
+    return ReadPlan(types, fields)
 
 
 class ColumnFiller:
     """Pages of events written into preallocated chunks of columns; `result()` joins them. Shared by the
     sync and the asyncio stores (each feeds it the pages of its own read_all)."""
 
-    def __init__(self, plan: _ReadPlan, limit: int | None, page_size: int) -> None:
-        self.np = numpy()
-        self.plan = plan
+    def __init__(self, plan: ReadPlan, limit: int | None, page_size: int) -> None:
+        self.np: Any = numpy()
+        self.plan: ReadPlan = plan
         # Preallocated per chunk: exactly `limit` when it is small, else pages' worth at a time.
-        self.chunk_rows = min(limit, 16 * page_size) if limit is not None else 16 * page_size
-        self.chunks: list = []
-        self.n = 0
+        self.chunk_rows: int = min(limit, 16 * page_size) if limit is not None else 16 * page_size
+        #: [envelope arrays, field arrays, mask arrays, rows filled] per chunk, in feed order.
+        self.chunks: list[list[Any]] = []
+        self.n: int = 0
 
     def add(self, events: list) -> None:
         plan, np = self.plan, self.np
@@ -493,7 +496,7 @@ def read_columns(store: Any, after_position: int = 0, types: Any = None, fields:
 # -- pandas -----------------------------------------------------------------------------------------
 
 
-def frame_columns(df: Any, stream: str, type: Any, fields: Iterable[str] | None) -> tuple[Any, Any, dict]:
+def frame_columns(df: Any, stream: str, type: Any, fields: Iterable[str] | None) -> tuple[Any, Any, dict[str, Any]]:
     """(stream ids, types, data) of ingest_columns from a DataFrame: `stream` names the column of
     stream ids, `type` is one type (name or class) or the name of a column of type names; the other
     columns (or `fields`) are the event fields. Missing values (None, NaN, NaT, pandas.NA) are no value."""

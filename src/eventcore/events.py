@@ -363,7 +363,7 @@ class RejectedItem:
     __slots__ = ("error",)
 
     def __init__(self, error: Exception) -> None:
-        self.error = error
+        self.error: Exception = error
 
 
 def raw_data_problem(data: bytes, decoded: bool = False) -> str | None:

@@ -15,6 +15,7 @@ import datetime as _dt
 from typing import Any
 
 from ..errors import ColumnRowError, EventCoreError, ValidationError
+from ..events import Event
 from ..formats import COLUMN_NAT, KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
@@ -23,7 +24,7 @@ _US = _dt.timedelta(microseconds=1)
 
 
 def encode_column_payloads(
-    cls: type,
+    cls: type[Event],
     encode_event: Any,
     names: tuple[str, ...],
     kinds: tuple[int, ...],
