@@ -456,3 +456,35 @@ def aio_store(request):
 ], ids=["round_trip", "pages", "several_types", "expected_and_resume", "first_bad_row", "frames", "inf", "stream_id"])
 def test_the_asyncio_stores_do_the_same(aio_store, check):
     check(aio_store)
+
+
+# -- the example -------------------------------------------------------------------------------------------
+
+
+def test_the_csv_example_loads_once_and_totals_each_account_by_day(tmp_path):
+    import csv
+    from collections import defaultdict
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "examples" / "columns_csv.py"
+
+    def run():
+        proc = subprocess.run([sys.executable, str(script), "--rows", "3000"], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.splitlines()
+
+    first = run()
+    assert first[0].startswith("loaded 3,000 events from transactions.csv (0 committed before)")
+    expected: dict = defaultdict(lambda: defaultdict(int))
+    with (tmp_path / "transactions.csv").open(newline="") as f:
+        for row in csv.DictReader(f):
+            sign = -1 if row["kind"] == "withdrawal" else 1
+            expected[row["account"]][row["time"][:10]] += sign * int(row["amount_cents"])
+    days = first[1].split(",")[1:]
+    assert days == sorted({d for by_day in expected.values() for d in by_day})
+    table = {line.split(",")[0]: [round(float(v) * 100) for v in line.split(",")[1:]] for line in first[2:]}
+    assert table == {account: [by_day.get(d, 0) for d in days] for account, by_day in expected.items()}
+    again = run()
+    assert again[0].startswith("loaded 0 events from transactions.csv (3,000 committed before)")
+    assert again[1:] == first[1:]
