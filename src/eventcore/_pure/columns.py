@@ -47,12 +47,16 @@ def encode_column_payloads(
     for j in range(width):
         col = columns[j][rows].tolist()
         if kinds[j] == KIND_DATETIME:
-            epoch = _EPOCH if aware[j] else _EPOCH_NAIVE
-            col = [epoch + v * _US for v in col]
+            col = _datetimes(col, _EPOCH if aware[j] else _EPOCH_NAIVE)
         mask = masks[j]
         if mask is not None:
             missing = mask[rows].tolist()
             col = [None if m else v for v, m in zip(col, missing)]
+        if columns[j].dtype.kind == "O":  # any values: each must be of the field's type (or None)
+            wanted = _OBJECT_TYPES.get(kinds[j])
+            if wanted is not None:
+                col = [v if v is None or type(v) in wanted or (str in wanted and isinstance(v, str)) else _WrongType(v)
+                       for v in col]
         values.append(col)
     out = []
     row_numbers = rows.tolist() if hasattr(rows, "tolist") else list(rows)
@@ -62,6 +66,14 @@ def encode_column_payloads(
             v = values[j][i]
             if v is None and not nullable[j]:
                 continue  # no value: the field's default
+            if type(v) is _WrongType:
+                raise ColumnRowError(row, ValidationError(
+                    f"{cls.__name__} ({cls.__event_type__!r}): field {names[j]!r} is "
+                    f"{_OBJECT_TYPES[kinds[j]][0].__name__} in its class, the row holds {v.value!r:.80}"))
+            if v is _OUT_OF_RANGE:
+                raise ColumnRowError(row, ValidationError(
+                    f"{cls.__name__} ({cls.__event_type__!r}): field {names[j]!r} holds a datetime64 outside "
+                    "the years 1-9999 that a datetime can hold"))
             kwargs[names[j]] = v
         try:
             event = cls(**kwargs)
@@ -72,6 +84,33 @@ def encode_column_payloads(
             out.append(encode_event(event)[1])
         except EventCoreError as exc:
             raise ColumnRowError(row, exc) from exc
+    return out
+
+
+#: The Python types an object column may hold for a field of each kind (a str subclass is a str too).
+_OBJECT_TYPES = {KIND_INT: (int,), KIND_FLOAT: (float, int), KIND_BOOL: (bool,), KIND_STR: (str,)}
+
+
+class _WrongType:
+    """A value of the wrong type in an object column (reported when its row is reached)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+
+#: A datetime64 value no datetime can hold (reported when its row is reached: the first bad row is named).
+_OUT_OF_RANGE = object()
+
+
+def _datetimes(microseconds: list, epoch: _dt.datetime) -> list:
+    out = []
+    for v in microseconds:
+        try:
+            out.append(epoch + v * _US)
+        except OverflowError:
+            out.append(_OUT_OF_RANGE)
     return out
 
 

@@ -1,0 +1,223 @@
+# Twin of src/eventcore/_pure/columns.py (encode_column_payloads): each row's payload written from the
+# columns, without an event object per row.
+#
+# The bytes are msgspec's for the same event, by construction: keys, numbers, booleans and datetimes
+# are encoded by msgspec itself, a column at a time (`encode(list)` then split on its commas: none of
+# these values holds one), strings are escaped here as msgspec escapes them, and the class's other
+# fields are its defaults as msgspec encodes them. Anything this path does not write the way msgspec
+# would, or that the row path refuses (a NaN, a NUL, a lone surrogate, a required field without a
+# value, an object column, an oversized payload, a class with omit_defaults, a tag or array_like),
+# sends the whole call to the pure twin, which writes the same bytes or raises the same
+# ColumnRowError. fill_columns has no twin yet: eventcore._impl binds the pure one.
+
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
+from cpython.unicode cimport PyUnicode_AsUTF8AndSize
+from libc.string cimport memcpy
+
+from eventcore._pure import columns as _pure_columns
+from eventcore.formats import (KIND_BOOL as _KIND_BOOL, KIND_DATETIME as _KIND_DATETIME,
+                               KIND_FLOAT as _KIND_FLOAT, KIND_INT as _KIND_INT, KIND_STR as _KIND_STR)
+
+_inspect = _msgspec.inspect
+_EPOCH_NAIVE = _dt.datetime(1970, 1, 1)
+_US = _dt.timedelta(microseconds=1)
+#: Default factories whose value encodes the same every time.
+_PLAIN_FACTORIES = (list, dict, set, frozenset, tuple)
+#: What encoding a column's values may raise: msgspec's errors, and a datetime64 no datetime can hold.
+_ColumnEncodeErrors = (OverflowError,) + _EncodeErrors
+#: cls -> (field names in order, their encoded keys with the separator before them, each field's
+#: encoded default or None when it has none this path can write), or None: not a class this path writes.
+cdef dict _class_layouts = {}
+cdef object _NOT_WRITTEN = object()
+
+
+cdef object _layout(object cls):
+    found = _class_layouts.get(cls, _NOT_WRITTEN)
+    if found is not _NOT_WRITTEN:
+        return found
+    layout = None
+    try:
+        info = _inspect.type_info(cls)
+        config = cls.__struct_config__
+        if info.tag is None and not info.array_like and not config.omit_defaults:
+            names, keys, defaults = [], [], []
+            for i, f in enumerate(info.fields):
+                names.append(f.name)
+                keys.append((b"{" if i == 0 else b",") + _encode(f.encode_name) + b":")
+                default = None
+                if f.default is not _msgspec.NODEFAULT:
+                    default = _encode(f.default)
+                    if f.default is not None and (b"null" in default or b"\\u0000" in default):
+                        default = None  # a non-finite float or a NUL: the row path refuses it
+                elif f.default_factory is not _msgspec.NODEFAULT and f.default_factory in _PLAIN_FACTORIES:
+                    default = _encode(f.default_factory())
+                defaults.append(default)
+            layout = (tuple(names), tuple(keys), tuple(defaults))
+    except _EncodeErrors:
+        layout = None
+    _class_layouts[cls] = layout
+    return layout
+
+
+cdef inline void _append(bytearray buf, const char* p, Py_ssize_t n) except *:
+    cdef Py_ssize_t size = PyByteArray_GET_SIZE(buf)
+    PyByteArray_Resize(buf, size + n)
+    memcpy(PyByteArray_AS_STRING(buf) + size, p, <size_t>n)
+
+
+cdef const char* _HEX = b"0123456789abcdef"
+
+
+cdef bint _append_str(bytearray buf, str s) except -1:
+    """Append `s` as a JSON string, escaped as msgspec escapes it; False (nothing appended) for what
+    the row path refuses or this path does not write: a NUL, a lone surrogate."""
+    cdef Py_ssize_t n, i, start
+    cdef const char* p
+    try:
+        p = PyUnicode_AsUTF8AndSize(s, &n)
+    except UnicodeError:
+        return False
+    cdef unsigned char c
+    cdef char esc[6]
+    for i in range(n):
+        if p[i] == 0:
+            return False
+    _append(buf, b'"', 1)
+    start = 0
+    for i in range(n):
+        c = <unsigned char>p[i]
+        if c >= 0x20 and c != 34 and c != 92:
+            continue
+        if i > start:
+            _append(buf, p + start, i - start)
+        start = i + 1
+        if c == 34:
+            _append(buf, b'\\"', 2)
+        elif c == 92:
+            _append(buf, b"\\\\", 2)
+        elif c == 10:
+            _append(buf, b"\\n", 2)
+        elif c == 13:
+            _append(buf, b"\\r", 2)
+        elif c == 9:
+            _append(buf, b"\\t", 2)
+        elif c == 8:
+            _append(buf, b"\\b", 2)
+        elif c == 12:
+            _append(buf, b"\\f", 2)
+        else:
+            esc[0] = 92
+            esc[1] = 117  # u
+            esc[2] = 48
+            esc[3] = 48
+            esc[4] = _HEX[c >> 4]
+            esc[5] = _HEX[c & 15]
+            _append(buf, esc, 6)
+    if n > start:
+        _append(buf, p + start, n - start)
+    _append(buf, b'"', 1)
+    return True
+
+
+cdef bint _plain_values(list values, object kind):
+    """Whether an object column's values are all of the kind's own Python type (then msgspec writes each
+    without a comma, and as the row path would)."""
+    if kind == _KIND_INT:
+        return all(type(v) is int for v in values)
+    if kind == _KIND_FLOAT:
+        return all(type(v) is float or type(v) is int for v in values)
+    if kind == _KIND_BOOL:
+        return all(type(v) is bool for v in values)
+    return False
+
+
+def encode_column_payloads(cls, encode_event, tuple names, tuple kinds, tuple nullable, tuple aware, list columns,
+                           list masks, rows):
+    """The JSON payload of each row in `rows`, as the pure twin writes it (see there)."""
+    layout = _layout(cls)
+    if layout is None:
+        return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
+                                                    masks, rows)
+    cdef tuple field_names = layout[0]
+    cdef tuple keys = layout[1]
+    cdef tuple defaults = layout[2]
+    cdef Py_ssize_t n = len(rows), width = len(field_names), i, j, k
+    # Per field of the class: the column index (or -1), its values (encoded pieces or str), its mask.
+    cdef list sources = []
+    cdef list pieces, missing
+    by_name = {name: k for k, name in enumerate(names)}
+    for name, default in zip(field_names, defaults):
+        k = by_name.get(name, -1)
+        if k < 0:
+            if default is None:
+                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                            columns, masks, rows)
+            sources.append((-1, None, None))
+            continue
+        kind = kinds[k]
+        values = columns[k][rows].tolist()
+        mask = masks[k]
+        missing = None if mask is None else mask[rows].tolist()
+        if missing is not None:
+            if not nullable[k] and any(missing):
+                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                            columns, masks, rows)
+            if kind != _KIND_STR:
+                values = [0 if m else v for v, m in zip(values, missing)]
+        if columns[k].dtype.kind == "O" and kind != _KIND_STR and not _plain_values(values, kind):
+            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
+                                                        masks, rows)
+        if kind == _KIND_STR:
+            pieces = values
+        elif kind == _KIND_INT or kind == _KIND_FLOAT or kind == _KIND_BOOL or kind == _KIND_DATETIME:
+            try:
+                if kind == _KIND_DATETIME:
+                    epoch = _EPOCH if aware[k] else _EPOCH_NAIVE
+                    values = [epoch + v * _US for v in values]
+                encoded = _encode(values)
+            except _ColumnEncodeErrors:
+                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                            columns, masks, rows)
+            pieces = encoded[1:-1].split(b",") if n else []
+            if kind == _KIND_FLOAT and b"null" in encoded:  # NaN or infinity: refused by the row path
+                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                            columns, masks, rows)
+        else:
+            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
+                                                        masks, rows)
+        sources.append((k, pieces, missing))
+    if width == 0:
+        return [b"{}"] * n
+    cdef list out = []
+    cdef bytearray buf
+    cdef bytes key, piece
+    for i in range(n):
+        buf = bytearray()
+        for j in range(width):
+            key = keys[j]
+            _append(buf, key, len(key))
+            k, pieces, missing = sources[j]
+            if k < 0:
+                piece = defaults[j]
+                _append(buf, piece, len(piece))
+            elif missing is not None and missing[i]:
+                _append(buf, b"null", 4)
+            elif kinds[k] == _KIND_STR:
+                v = pieces[i]
+                if v is None:
+                    if not nullable[k]:
+                        return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable,
+                                                                    aware, columns, masks, rows)
+                    _append(buf, b"null", 4)
+                elif type(v) is not str or not _append_str(buf, v):
+                    return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                                columns, masks, rows)
+            else:
+                piece = pieces[i]
+                _append(buf, piece, len(piece))
+        _append(buf, b"}", 1)
+        if PyByteArray_GET_SIZE(buf) > MAX_PAYLOAD:
+            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
+                                                        masks, rows)
+        out.append(bytes(buf))
+    return out
