@@ -261,6 +261,16 @@ def test_a_required_field_without_a_value_is_refused_naming_the_row(store):
     _bad_row(store, 18, 17, cols=cols, error=ec.ValidationError, fragments=("qty",))
 
 
+def test_object_values_of_another_type_and_datetimes_no_datetime_holds_are_refused_naming_the_row(store):
+    cols = _trades(12)
+    cols["qty"] = np.array(cols["qty"].tolist(), dtype=object)
+    cols["qty"][11] = "11"
+    _bad_row(store, 12, 11, cols=cols, error=ec.ValidationError, fragments=("'qty' is int", "'11'"))
+    cols = _trades(13)
+    cols["at"][12] = np.datetime64("20000-01-01", "us")
+    _bad_row(store, 13, 12, cols=cols, error=ec.ValidationError, fragments=("'at'", "years 1-9999"))
+
+
 def test_a_value_for_a_field_the_rows_type_lacks_is_refused(store):
     kinds = np.array(["test.Deposited"] * 5 + ["test.Noted"] * 7)
     amount = np.ma.MaskedArray(np.arange(12), mask=np.arange(12) >= 5)
@@ -488,3 +498,157 @@ def test_the_csv_example_loads_once_and_totals_each_account_by_day(tmp_path):
     again = run()
     assert again[0].startswith("loaded 0 events from transactions.csv (3,000 committed before)")
     assert again[1:] == first[1:]
+
+
+# -- the compiled twin: the same bytes and the same errors as the pure one ---------------------------------
+
+
+def _speedups():
+    try:
+        from eventcore import _speedups
+    except ImportError as exc:  # the compiled extension is part of every CI build
+        if os.environ.get("CI", "").lower() == "true" or os.environ.get("EVENTCORE_IMPL") == "c":
+            raise
+        pytest.skip(f"compiled extension not built: {exc}")
+    return _speedups
+
+
+class Plain(ec.Event):
+    """Fields the compiled twin writes itself, and defaults it writes from the class."""
+
+    __event_type__ = "test.columns.Plain"
+    n: int
+    x: float
+    s: str
+    b: bool
+    t: dt.datetime
+    maybe: int | None = None
+    label: str = "none"
+    extra: list[int] = []
+
+
+class Renamed(ec.Event, rename="camel"):
+    __event_type__ = "test.columns.Renamed"
+    first_value: int
+    other_text: str = "x"
+
+
+class Defaults(ec.Event, omit_defaults=True):
+    __event_type__ = "test.columns.Defaults"
+    n: int
+    s: str = "d"
+
+
+def _both(cls, columns, rows=None):
+    """(pure outcome, compiled outcome): the payloads, or (row, error type, message) of ColumnRowError."""
+    from eventcore._pure import columns as pure_columns
+    from eventcore.columns import _Plan
+    from eventcore.errors import ColumnRowError
+
+    n = len(next(iter(columns.values()))) if columns else 0
+    plan = _Plan(np, cls, columns)
+    rows = np.arange(n) if rows is None else np.asarray(rows, dtype=np.intp)
+    outcomes = []
+    for encode in (pure_columns.encode_column_payloads, _speedups().encode_column_payloads):
+        try:
+            outcomes.append(encode(cls, pure_codec.encode_event, *plan.args, rows))
+        except ColumnRowError as exc:
+            outcomes.append((exc.row, type(exc.cause), str(exc.cause)))
+    return outcomes
+
+
+def test_the_compiled_twin_writes_plain_columns_itself(monkeypatch):
+    from eventcore._pure import columns as pure_columns
+
+    calls = []
+    pure = pure_columns.encode_column_payloads
+    monkeypatch.setattr(pure_columns, "encode_column_payloads", lambda *a: calls.append(a) or pure(*a))
+    n = 50
+    cols = {"n": np.arange(n) - 25, "x": np.linspace(-1e300, 1e-300, n), "s": np.array([f'q"\\\n\t{i}é\x01' for i in range(n)]),
+            "b": np.arange(n) % 3 == 0, "t": np.datetime64("1999-12-31T23:59:59.999999") + np.arange(n) * np.timedelta64(7, "s"),
+            "maybe": np.ma.MaskedArray(np.arange(n), mask=np.arange(n) % 2 == 0)}
+    got = _speedups().encode_column_payloads(Plain, pure_codec.encode_event, *_plan_args(Plain, cols), np.arange(n))
+    assert calls == []
+    assert got == pure(Plain, pure_codec.encode_event, *_plan_args(Plain, cols), np.arange(n))
+    assert got[0] == pure_codec.encode_event(Plain(n=-25, x=-1e300, s='q"\\\n\t0é\x01', b=True,
+                                                   t=dt.datetime(1999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)))[1]
+    renamed = {"first_value": np.arange(3)}
+    got = _speedups().encode_column_payloads(Renamed, pure_codec.encode_event, *_plan_args(Renamed, renamed),
+                                             np.arange(3))
+    assert calls == []
+    assert got == pure(Renamed, pure_codec.encode_event, *_plan_args(Renamed, renamed), np.arange(3))
+    assert got[0] == b'{"firstValue":0,"otherText":"x"}'
+
+
+def _plan_args(cls, columns):
+    from eventcore.columns import _Plan
+
+    return _Plan(np, cls, columns).args
+
+
+@pytest.mark.parametrize("cls, columns", [
+    (Plain, {"n": [1, 2], "x": [math.nan, 1.0], "s": ["a", "b"], "b": [True, False], "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, math.inf], "s": ["a", "b"], "b": [True, False], "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": ["a\x00", "b"], "b": [True, False], "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": np.array(["a", "\ud800"], dtype=object), "b": [True, False],
+             "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": np.ma.MaskedArray([1, 2], mask=[False, True]), "x": [1.0, 2.0], "s": ["a", "b"], "b": [True, False],
+             "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": np.array([1, "2"], dtype=object), "x": [1.0, 2.0], "s": ["a", "b"], "b": [True, False],
+             "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": np.array([1, True], dtype=object), "x": np.array([1, 2.5], dtype=object), "s": ["a", "b"],
+             "b": np.array([True, 0], dtype=object), "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": ["a", "b"], "b": [True, False],
+             "t": np.array(["2000-01-01", "99999-01-01"], dtype="datetime64[D]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": ["a", "b"], "b": [True, False],
+             "t": np.array(["2000-01-01", "NaT"], dtype="datetime64[D]")}),
+    (Plain, {"n": [1, 2], "s": ["a", "b"], "b": [True, False], "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": ["a", "x" * (MAX_PAYLOAD_BYTES + 1)], "b": [True, False],
+             "t": np.zeros(2, "datetime64[s]")}),
+    (Plain, {"n": [1, 2], "x": [1.0, 2.0], "s": ["a", "b"], "b": [True, False], "t": np.zeros(2, "datetime64[s]"),
+             "extra": np.array([[1], [2, 3]], dtype=object)}),
+    (Defaults, {"n": [1, 2], "s": ["d", "e"]}),
+    (Renamed, {"first_value": [1, 2], "other_text": ["a", "b"]}),
+    (Stamp, {"at": np.array(["2024-01-01T00:00:00.5"], dtype="datetime64[ms]")}),
+], ids=["nan", "inf", "nul", "surrogate", "masked-required", "str-in-int", "object-columns", "year-99999", "nat",
+        "required-missing", "oversized", "object-field", "omit-defaults", "renamed", "naive-datetime"])
+def test_the_twins_agree_on_what_they_write_and_what_they_refuse(cls, columns):
+    columns = {k: v if isinstance(v, np.ndarray) else np.asarray(v) for k, v in columns.items()}
+    pure, compiled = _both(cls, columns)
+    assert pure == compiled
+
+
+def test_the_twins_agree_on_any_columns():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    text = st.text(max_size=12)
+    rows = st.lists(st.tuples(
+        st.integers(-(2 ** 63), 2 ** 63 - 1),
+        st.floats(width=64) | st.sampled_from([0.0, -0.0, 1e16, 1e-7, 5e-324]),
+        text,
+        st.booleans(),
+        st.integers(-(2 ** 62), 2 ** 62) | st.just(-(2 ** 63)),
+        st.booleans(),
+        st.none() | text,
+    ), max_size=25)
+
+    @hypothesis.settings(max_examples=300, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(rows, st.data())
+    def check(rows, data):
+        n = len(rows)
+        cols = list(zip(*rows)) if rows else [()] * 7
+        columns = {
+            "n": np.array(cols[0], dtype=np.int64),
+            "x": np.array(cols[1], dtype=np.float64),
+            "s": np.array(cols[2], dtype=object),
+            "b": np.array(cols[3], dtype=bool),
+            "t": np.array(cols[4], dtype=np.int64).view("datetime64[us]"),
+            "maybe": np.ma.MaskedArray(np.arange(n), mask=np.array(cols[5], dtype=bool)),
+            "label": np.array(cols[6], dtype=object),
+        }
+        subset = data.draw(st.lists(st.integers(0, max(n - 1, 0)), unique=True, max_size=n).map(sorted)) if n else []
+        for rows_given in (None, subset):
+            pure, compiled = _both(Plain, columns, rows_given)
+            assert pure == compiled
+
+    check()
