@@ -86,7 +86,7 @@ def daily_totals(store: ec.EventStore) -> tuple[np.ndarray, np.ndarray, np.ndarr
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Load a CSV of transactions through ingest_columns; daily totals.")
     parser.add_argument("url", nargs="?", default="sqlite:///transactions.db")
     parser.add_argument("--csv", type=Path, default=None, help="load this file (default: write transactions.csv)")
     parser.add_argument("--rows", type=int, default=10_000, help="rows of the generated CSV")
