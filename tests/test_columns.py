@@ -124,6 +124,18 @@ def test_read_columns_pages_limit_prefix_and_after_position(store):
     assert empty["amount"].dtype == np.int64
 
 
+def test_parallel_lanes_keep_each_streams_order(store):
+    n = 300
+    result = store.ingest_columns(_ids(n, 7), Deposited, {"amount": np.arange(n)}, batch_size=40, parallel=2)
+    assert result.events == n
+    out = store.read_columns(types=[Deposited], fields=["amount"])
+    for sid in set(out["stream_id"].tolist()):
+        mine = out["stream_id"] == sid
+        assert out["amount"][mine].tolist() == [i for i in range(n) if f"acct-{i % 7}" == sid]
+        assert out["version"][mine].tolist() == list(range(1, mine.sum() + 1))
+    assert_gap_free(store)
+
+
 def test_envelope_only_reads_every_type_as_stored(store):
     store.append([ec.emit("x", ec.RawEvent("test.columns.NoClass", b'{"a": 1}')), ec.emit("x", Noted("n"))])
     out = store.read_columns()
@@ -300,6 +312,8 @@ def test_the_first_bad_row_is_named_whatever_its_type(store):
     (lambda s: s.ingest_columns(["a"], "test.columns.Unknown", {}), "no ec.Event class is registered"),
     (lambda s: s.ingest_columns(["a"], ["x\x00"], {}), "type name"),
     (lambda s: s.ingest_columns(["a"], 5, {}), "types takes"),
+    (lambda s: s.ingest_columns(["a", "b"], np.ma.MaskedArray(["test.Noted"] * 2, mask=[False, True]), {}),
+     "types has no value at row 1"),
     (lambda s: s.ingest_columns("a", Deposited, {"amount": [1]}), "single str"),
     (lambda s: s.ingest_columns([1], Deposited, {"amount": [1]}), "must hold str"),
     (lambda s: s.ingest_columns(["a"], Deposited, [1]), "mapping of field name"),

@@ -287,7 +287,9 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
         raise ValidationError(f"types takes one type name or ec.Event class, or an array of type names (one per "
                               f"row), got {types!r:.80}")
     else:
-        names = _as_array(np, types, "types", n)
+        names, names_mask = _split_mask(np, _as_array(np, types, "types", n))
+        if names_mask is not None:
+            raise ValidationError(f"types has no value at row {int(np.argmax(names_mask))}: every row needs its type")
         if names.dtype.kind in "UT":
             names = names.astype(object)
         uniques, codes = np.unique(names.astype(object), return_inverse=True) if n else (names, names)
