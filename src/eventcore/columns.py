@@ -304,8 +304,9 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
         valid: dict = {}
         for start in range(0, n, ENCODE_CHUNK_ROWS):
             stop = min(n, start + ENCODE_CHUNK_ROWS)
-            payloads: dict[int, bytes] = {}
-            owner: dict[int, _Plan] = {}
+            # Per row of the chunk: its payload and its class's (type, version).
+            payloads: list = [None] * (stop - start)
+            kinds: list = [None] * (stop - start)
             first_bad: tuple[int, EventCoreError] | None = None
             for k, plan in enumerate(plans):
                 if codes is None:
@@ -330,34 +331,39 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
                         first_bad = (exc.row, exc.cause)
                     rows = rows[rows < exc.row]
                     encoded = plan.encode(rows)
-                for row, payload in zip(rows.tolist(), encoded):
+                type_and_version = (plan.type, plan.version)
+                for row, payload in zip((rows - start).tolist(), encoded):
                     payloads[row] = payload
-                    owner[row] = plan
+                    kinds[row] = type_and_version
             bad_row = stop if first_bad is None else first_bad[0]
-            for row in range(start, bad_row):
-                sid = sids[row]
-                if sid_mask is not None and sid_mask[row]:
-                    sid = None
+            chunk_sids = sids[start:bad_row].tolist()
+            if sid_mask is not None:
+                chunk_sids = [None if m else sid for sid, m in zip(chunk_sids, sid_mask[start:bad_row].tolist())]
+            out = []
+            for offset, sid in enumerate(chunk_sids):
                 known = valid.get(sid) if type(sid) is str else None
                 if known is None:
                     try:
                         known = _stream_id(sid)
                     except EventCoreError as exc:
+                        yield from out
                         yield RejectedItem(exc)
                         return
                     if len(valid) >= _VALID_ID_MEMO:
                         valid.clear()
                     valid[sid] = known
-                plan = owner[row]
                 if md_row is None:
                     md = md_all
                 else:
                     try:
-                        md = md_row(row)
+                        md = md_row(start + offset)
                     except EventCoreError as exc:
+                        yield from out
                         yield RejectedItem(exc)
                         return
-                yield ValidatedItem((known, RawEvent(plan.type, payloads[row], plan.version), md))
+                t, v = kinds[offset]
+                out.append(ValidatedItem((known, RawEvent(t, payloads[offset], v), md)))
+            yield from out
             if first_bad is not None:
                 yield RejectedItem(first_bad[1])
                 return
