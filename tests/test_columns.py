@@ -283,6 +283,39 @@ def test_object_values_of_another_type_and_datetimes_no_datetime_holds_are_refus
     _bad_row(store, 13, 12, cols=cols, error=ec.ValidationError, fragments=("'at'", "years 1-9999"))
 
 
+class Tagged(ec.Event):
+    """Fields an object column carries: each value converted to the field's type, or the row refused."""
+
+    __event_type__ = "test.columns.Tagged"
+    tags: list[int]
+    counts: dict[str, int] = {}
+    when: dt.datetime | None = None
+
+
+def test_object_columns_take_values_of_their_fields_type_and_refuse_others(store):
+    tags = np.empty(12, dtype=object)
+    tags[:] = [[i, i + 1] for i in range(12)]
+    counts = np.empty(12, dtype=object)
+    counts[:] = [{"n": i} for i in range(12)]
+    when = np.array([None, "2024-01-02T03:04:05Z"] * 6, dtype=object)
+    store.ingest_columns(_ids(12), Tagged, {"tags": tags, "counts": counts, "when": when})
+    out = store.read_columns(types=[Tagged], fields=["tags", "counts", "when"])
+    assert out["tags"].tolist() == [[i, i + 1] for i in range(12)]
+    assert out["counts"].tolist() == counts.tolist()
+    assert out["when"].mask.tolist() == [True, False] * 6
+    assert out["when"].compressed().tolist() == [dt.datetime(2024, 1, 2, 3, 4, 5)] * 6
+    tags[11] = ["x"]
+    _bad_row(store, 12, 11, types=Tagged, cols={"tags": tags, "counts": counts}, error=ec.ValidationError,
+             fragments=("'tags'", "['x']"))
+    tags[11] = [1]
+    counts[10] = {"n": 1.5}
+    _bad_row(store, 12, 10, types=Tagged, cols={"tags": tags, "counts": counts}, error=ec.ValidationError,
+             fragments=("'counts'",))
+    when[9] = "not a time"
+    _bad_row(store, 12, 9, types=Tagged, cols={"tags": tags, "when": when}, error=ec.ValidationError,
+             fragments=("'when'",))
+
+
 def test_a_value_for_a_field_the_rows_type_lacks_is_refused(store):
     kinds = np.array(["test.Deposited"] * 5 + ["test.Noted"] * 7)
     amount = np.ma.MaskedArray(np.arange(12), mask=np.arange(12) >= 5)

@@ -297,7 +297,7 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
         codes = codes.reshape(-1).astype(np.intp)
     md_all, md_row = _metadata_rows(np, metadata, n)
     present = {name: ~np.ma.getmaskarray(arr) if isinstance(arr, np.ma.MaskedArray)
-               else (np.ones(n, bool) if arr.dtype.kind != "O" else np.not_equal(arr, None))
+               else (np.ones(n, bool) if arr.dtype.kind != "O" else np.array([v is not None for v in arr.tolist()], bool))
                for name, arr in columns.items()} if any(p.unknown for p in plans) else {}
 
     def items() -> Iterator[Any]:

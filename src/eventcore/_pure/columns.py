@@ -14,6 +14,8 @@ from __future__ import annotations
 import datetime as _dt
 from typing import Any
 
+import msgspec
+
 from ..errors import ColumnRowError, EventCoreError, ValidationError
 from ..events import Event
 from ..formats import COLUMN_NAT, KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
@@ -52,11 +54,12 @@ def encode_column_payloads(
         if mask is not None:
             missing = mask[rows].tolist()
             col = [None if m else v for v, m in zip(col, missing)]
-        if columns[j].dtype.kind == "O":  # any values: each must be of the field's type (or None)
-            wanted = _OBJECT_TYPES.get(kinds[j])
-            if wanted is not None:
-                col = [v if v is None or type(v) in wanted or (str in wanted and isinstance(v, str)) else _WrongType(v)
-                       for v in col]
+        if kinds[j] == KIND_OBJECT:  # any values: each must convert to the field's type (or be None)
+            col = [v if v is None else _converted(v, _field_types(cls)[names[j]]) for v in col]
+        elif columns[j].dtype.kind == "O":  # a scalar field's values held as objects: each of its type (or None)
+            wanted = _OBJECT_TYPES[kinds[j]]
+            col = [v if v is None or type(v) in wanted or (str in wanted and isinstance(v, str)) else _WrongType(v)
+                   for v in col]
         values.append(col)
     out = []
     row_numbers = rows.tolist() if hasattr(rows, "tolist") else list(rows)
@@ -70,6 +73,9 @@ def encode_column_payloads(
                 raise ColumnRowError(row, ValidationError(
                     f"{cls.__name__} ({cls.__event_type__!r}): field {names[j]!r} is "
                     f"{_OBJECT_TYPES[kinds[j]][0].__name__} in its class, the row holds {v.value!r:.80}"))
+            if type(v) is _NotConverted:
+                raise ColumnRowError(row, ValidationError(
+                    f"{cls.__name__} ({cls.__event_type__!r}): field {names[j]!r}: {v.reason}"))
             if v is _OUT_OF_RANGE:
                 raise ColumnRowError(row, ValidationError(
                     f"{cls.__name__} ({cls.__event_type__!r}): field {names[j]!r} holds a datetime64 outside "
@@ -98,6 +104,42 @@ class _WrongType:
 
     def __init__(self, value: Any) -> None:
         self.value = value
+
+
+class _NotConverted:
+    """An object column's value that is not one of its field's type (reported when its row is reached)."""
+
+    __slots__ = ("reason",)
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+
+#: Event class -> field name -> its annotation (for msgspec.convert of object columns' values).
+_types_of: dict = {}
+
+
+def _field_types(cls: type) -> dict:
+    found = _types_of.get(cls)
+    if found is None:
+        found = _types_of[cls] = {f.name: f.type for f in msgspec.structs.fields(cls)}
+    return found
+
+
+def _converted(value: Any, annotation: Any) -> Any:
+    """`value` as its field's type takes it (msgspec.convert, as a decoder would), or _NotConverted."""
+    try:
+        return msgspec.convert(value, annotation)
+    except (msgspec.ValidationError, TypeError, ValueError, OverflowError) as exc:
+        if isinstance(annotation, type):  # a type msgspec takes only as itself (a str subclass: ec.StreamId)
+            if isinstance(value, annotation):
+                return value
+            if issubclass(annotation, str) and isinstance(value, str):
+                try:
+                    return annotation(value)
+                except (TypeError, ValueError) as invalid:
+                    exc = invalid
+        return _NotConverted(f"{value!r:.80} is not a valid value: {exc}")
 
 
 #: A datetime64 value no datetime can hold (reported when its row is reached: the first bad row is named).
