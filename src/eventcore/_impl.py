@@ -163,9 +163,9 @@ for _name in HOT_PATH_NAMES:
 del _name  # pyright: ignore[reportPossiblyUnboundVariable]
 
 #: The column codec's functions (eventcore.columns: ingest_columns and read_columns). Outside HotPath while
-#: only the pure twin (eventcore._pure.columns) exists: bound from the active implementation when it has
-#: them, else from the pure twin under either implementation. When ext/ gains its twin (ext/columns.pxi),
-#: these names move into HotPath and this fallback goes.
+#: the compiled twin is partial (ext/columns.pxi has encode_column_payloads, not yet fill_columns): each is
+#: bound from the active implementation when it has it, else from the pure twin (eventcore._pure.columns).
+#: Once ext/ has both, these names move into HotPath (and _speedups.pyi) and this fallback goes.
 COLUMN_NAMES: tuple[str, ...] = ("encode_column_payloads", "fill_columns")
 if TYPE_CHECKING:
     from ._pure import columns as _typed_columns
