@@ -8,14 +8,15 @@
 # would, or that the row path refuses (a NaN, a NUL, a lone surrogate, a required field without a
 # value, an object column, an oversized payload, a class with omit_defaults, a tag or array_like),
 # sends the whole call to the pure twin, which writes the same bytes or raises the same
-# ColumnRowError. fill_columns has no twin yet: eventcore._impl binds the pure one.
+# ColumnRowError. fill_columns (below) writes a page of events into the result's arrays through typed
+# memoryviews: the same values and masks as the pure twin.
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
 
 from eventcore._pure import columns as _pure_columns
-from eventcore.formats import (KIND_BOOL as _KIND_BOOL, KIND_DATETIME as _KIND_DATETIME,
+from eventcore.formats import (COLUMN_NAT as _COLUMN_NAT, KIND_BOOL as _KIND_BOOL, KIND_DATETIME as _KIND_DATETIME,
                                KIND_FLOAT as _KIND_FLOAT, KIND_INT as _KIND_INT, KIND_STR as _KIND_STR)
 
 _inspect = _msgspec.inspect
@@ -221,3 +222,104 @@ def encode_column_payloads(cls, encode_event, tuple names, tuple kinds, tuple nu
                                                         masks, rows)
         out.append(bytes(buf))
     return out
+
+
+# -- fill_columns: events into preallocated columns ----------------------------------------------------
+
+from cpython.datetime cimport (datetime_day, datetime_hour, datetime_microsecond, datetime_minute, datetime_month,
+                               datetime_second, datetime_tzinfo, datetime_year, import_datetime)
+
+import_datetime()
+
+_UTC = _dt.timezone.utc
+cdef long long _US_PER_DAY = 86_400_000_000
+cdef long long COLUMN_NAT_C = _COLUMN_NAT
+cdef double _NAN = float("nan")
+
+
+cdef long long _days_from_civil(long long y, long long m, long long d) noexcept:
+    # Days since 1970-01-01 of a proleptic Gregorian date (the well-known era/day-of-era arithmetic).
+    if m <= 2:
+        y -= 1
+    cdef long long era = (y if y >= 0 else y - 399) // 400
+    cdef long long yoe = y - era * 400
+    cdef long long doy = (153 * (m - 3 if m > 2 else m + 9) + 2) // 5 + d - 1
+    cdef long long doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+cdef long long _microseconds(object v) except? -1:
+    """Microseconds since the epoch of a datetime: aware ones at their UTC instant, naive ones taken as UTC
+    (as the pure twin's `(v - epoch) // 1 us`)."""
+    cdef long long seconds = (<long long>datetime_hour(v) * 60 + datetime_minute(v)) * 60 + datetime_second(v)
+    cdef long long us = (_days_from_civil(datetime_year(v), datetime_month(v), datetime_day(v)) * _US_PER_DAY
+                         + seconds * 1_000_000 + datetime_microsecond(v))
+    tz = datetime_tzinfo(v)
+    if tz is not None and tz is not _UTC:
+        offset = v.utcoffset()
+        if offset is not None:
+            us -= offset // _US
+    return us
+
+
+def fill_columns(list events, Py_ssize_t offset, tuple fields, tuple kinds, tuple envelope, list outs, list masks):
+    """Write `events` into preallocated columns from index `offset` on (see the pure twin)."""
+    cdef long long[::1] positions = envelope[0]
+    cdef object[::1] stream_ids = envelope[1]
+    cdef long long[::1] versions = envelope[2]
+    cdef long long[::1] recorded = envelope[3]
+    cdef object[::1] types = envelope[4]
+    cdef Py_ssize_t n = len(events), i, j, at
+    for i in range(n):
+        e = events[i]
+        at = offset + i
+        positions[at] = e.position
+        stream_ids[at] = e.stream_id
+        versions[at] = e.version
+        recorded[at] = _microseconds(e.recorded_at)
+        types[at] = e.type
+    cdef long long[::1] ints
+    cdef double[::1] floats
+    cdef unsigned char[::1] flags
+    cdef object[::1] objects
+    cdef unsigned char[::1] missing
+    cdef str name
+    cdef object kind
+    for j in range(len(fields)):
+        name = fields[j]
+        kind = kinds[j]
+        missing = masks[j].view("u1")
+        out = outs[j]
+        if kind == _KIND_INT or kind == _KIND_DATETIME:
+            ints = out
+            for i in range(n):
+                v = getattr(events[i].data, name, None)
+                at = offset + i
+                missing[at] = v is None
+                if v is None:
+                    ints[at] = 0 if kind == _KIND_INT else COLUMN_NAT_C
+                elif kind == _KIND_INT:
+                    ints[at] = v
+                else:
+                    ints[at] = _microseconds(v)
+        elif kind == _KIND_FLOAT:
+            floats = out
+            for i in range(n):
+                v = getattr(events[i].data, name, None)
+                at = offset + i
+                missing[at] = v is None
+                floats[at] = _NAN if v is None else v
+        elif kind == _KIND_BOOL:
+            flags = out.view("u1")
+            for i in range(n):
+                v = getattr(events[i].data, name, None)
+                at = offset + i
+                missing[at] = v is None
+                flags[at] = v is not None and v
+        else:
+            objects = out
+            for i in range(n):
+                v = getattr(events[i].data, name, None)
+                at = offset + i
+                missing[at] = v is None
+                objects[at] = v

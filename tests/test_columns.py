@@ -699,3 +699,83 @@ def test_the_twins_agree_on_any_columns():
             assert pure == compiled
 
     check()
+
+
+def _filled(fill, plan, events, offset=3):
+    """The arrays `fill` writes for `events` at `offset` into fresh columns (envelope, fields, masks)."""
+    envelope, outs, masks = plan.allocate(np, len(events) + offset + 2)
+    for arr in (*envelope, *outs):
+        arr[...] = 0 if arr.dtype != object else None
+    fill(events, offset, plan.fields, plan.kinds, envelope, outs, masks)
+    return [*envelope, *outs, *masks]
+
+
+def _same_arrays(a, b):
+    assert len(a) == len(b)
+    for x, y in zip(a, b):
+        assert x.dtype == y.dtype
+        if x.dtype.kind == "f":
+            assert np.array_equal(x, y, equal_nan=True)
+        else:
+            assert x.tolist() == y.tolist()
+
+
+class Times(ec.Event):
+    __event_type__ = "test.columns.Times"
+    at: dt.datetime
+    naive: Annotated[dt.datetime, msgspec.Meta(tz=False)] | None = None
+    n: int | None = None
+    x: float | None = None
+    ok: bool | None = None
+    text: str | None = None
+    extra: Any = None
+
+
+def _recorded(data, position, at):
+    import uuid
+
+    return ec.RecordedEvent(f"s-{position % 3}", position, position, uuid.UUID(int=position), type(data).__event_type__,
+                            data, ec.Metadata(), at, 1)
+
+
+def test_the_twins_fill_the_same_columns_from_the_same_events():
+    from eventcore._pure import columns as pure_columns
+    from eventcore.columns import read_plan
+
+    tz = [UTC, dt.timezone(dt.timedelta(hours=2)), dt.timezone(-dt.timedelta(hours=9, minutes=30))]
+    events = [
+        _recorded(Times(at=dt.datetime(2024, 2, 29, 23, 59, 59, 999999, tzinfo=tz[i % 3]),
+                        naive=None if i % 4 == 0 else dt.datetime(1 + i * 400, 3, 1, 12),
+                        n=None if i % 5 == 1 else -(2 ** 63) + i, x=None if i % 2 else i / 3,
+                        ok=None if i % 3 == 2 else bool(i % 2), text=None if i == 3 else f"t{i}",
+                        extra={"i": [i]} if i % 2 else None),
+                  i + 1, dt.datetime(1969, 12, 31, 23, 59, 59, i, tzinfo=UTC) + dt.timedelta(days=i * 1000))
+        for i in range(20)
+    ] + [_recorded(Deposited(amount=5), 21, dt.datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC)),
+         _recorded(Noted("n"), 22, dt.datetime(1, 1, 1, tzinfo=UTC))]
+    plan = read_plan([Times, Deposited, Noted], ["at", "naive", "n", "x", "ok", "text", "extra", "amount"])
+    pure = _filled(pure_columns.fill_columns, plan, events)
+    _same_arrays(pure, _filled(_speedups().fill_columns, plan, events))
+    assert pure[3][3:-2].tolist() == [(e.recorded_at - dt.datetime(1970, 1, 1, tzinfo=UTC)) // dt.timedelta(microseconds=1)
+                                      for e in events]
+
+
+def test_the_twins_fill_the_same_datetimes_for_any_instant():
+    hypothesis = pytest.importorskip("hypothesis")
+    st = hypothesis.strategies
+    from eventcore._pure import columns as pure_columns
+    from eventcore.columns import read_plan
+
+    zones = st.sampled_from([None, UTC] + [dt.timezone(dt.timedelta(minutes=m)) for m in (-719, -60, 1, 330, 840)])
+
+    @hypothesis.settings(max_examples=200, deadline=None, derandomize=True, database=None)
+    @hypothesis.given(st.lists(st.tuples(st.datetimes(min_value=dt.datetime(2, 1, 1), max_value=dt.datetime(9998, 12, 31)),
+                                         zones), min_size=1, max_size=10))
+    def check(values):
+        events = [_recorded(Times(at=v.replace(tzinfo=z)), i + 1, v.replace(tzinfo=UTC))
+                  for i, (v, z) in enumerate(values)]
+        plan = read_plan([Times], ["at"])
+        _same_arrays(_filled(pure_columns.fill_columns, plan, events),
+                     _filled(_speedups().fill_columns, plan, events))
+
+    check()
