@@ -1,4 +1,4 @@
-# Twin of src/eventcore/_pure/columns.py (encode_column_payloads): each row's payload written from the
+# Twin of src/eventcore/_pure/columns.py: encode_column_payloads, each row's payload written from the
 # columns, without an event object per row.
 #
 # The bytes are msgspec's for the same event, by construction: keys, numbers, booleans and datetimes

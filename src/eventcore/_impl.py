@@ -36,6 +36,8 @@ if TYPE_CHECKING:
     assign_versions = _typed.assign_versions
     encode_copy_rows = _typed.encode_copy_rows
     encode_copy_events = _typed.encode_copy_events
+    encode_column_payloads = _typed.encode_column_payloads
+    fill_columns = _typed.fill_columns
 
 
 @runtime_checkable
@@ -107,6 +109,28 @@ class HotPath(Protocol):
         `heads` are as they were."""
         ...
 
+    def encode_column_payloads(
+        self,
+        cls: type[Event],
+        encode_event: Any,
+        names: tuple[str, ...],
+        kinds: tuple[int, ...],
+        nullable: tuple[bool, ...],
+        aware: tuple[bool, ...],
+        columns: list,
+        masks: list,
+        rows: Any,
+    ) -> list[bytes]:
+        """The JSON payload of each row in `rows` from numpy columns (eventcore.columns), the bytes the row
+        path writes for the same event; ColumnRowError names the first bad row."""
+        ...
+
+    def fill_columns(self, events: list, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...],
+                     envelope: tuple, outs: list, masks: list) -> None:
+        """Write RecordedEvents into preallocated numpy columns from index `offset` on (envelope, fields,
+        masks where a field has no value)."""
+        ...
+
 
 #: The hot path's function names, in the order HotPath declares them.
 HOT_PATH_NAMES: tuple[str, ...] = tuple(
@@ -162,19 +186,3 @@ for _name in HOT_PATH_NAMES:
     globals()[_name] = getattr(implementation, _name)
 del _name  # pyright: ignore[reportPossiblyUnboundVariable]
 
-#: The column codec's functions (eventcore.columns: ingest_columns and read_columns). Outside HotPath while
-#: the compiled twin is partial (ext/columns.pxi has encode_column_payloads, not yet fill_columns): each is
-#: bound from the active implementation when it has it, else from the pure twin (eventcore._pure.columns).
-#: Once ext/ has both, these names move into HotPath (and _speedups.pyi) and this fallback goes.
-COLUMN_NAMES: tuple[str, ...] = ("encode_column_payloads", "fill_columns")
-if TYPE_CHECKING:
-    from ._pure import columns as _typed_columns
-
-    encode_column_payloads = _typed_columns.encode_column_payloads
-    fill_columns = _typed_columns.fill_columns
-else:
-    from ._pure import columns as _pure_columns
-
-    for _name in COLUMN_NAMES:
-        globals()[_name] = getattr(implementation, _name, None) or getattr(_pure_columns, _name)
-    del _name, _pure_columns

@@ -339,7 +339,7 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
             chunk_sids = sids[start:bad_row].tolist()
             if sid_mask is not None:
                 chunk_sids = [None if m else sid for sid, m in zip(chunk_sids, sid_mask[start:bad_row].tolist())]
-            out = []
+            out: list[Any] = []
             for offset, sid in enumerate(chunk_sids):
                 known = valid.get(sid) if type(sid) is str else None
                 if known is None:
