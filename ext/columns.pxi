@@ -270,6 +270,9 @@ def fill_columns(list events, Py_ssize_t offset, tuple fields, tuple kinds, tupl
     cdef long long[::1] recorded = envelope[3]
     cdef object[::1] types = envelope[4]
     cdef Py_ssize_t n = len(events), i, j, at
+    # Writes below go unchecked (boundscheck=False): every array must have room for them.
+    if offset < 0 or any(len(a) < offset + n for a in (*envelope, *outs, *masks)):
+        raise ValueError(f"fill_columns: {n} events from index {offset} do not fit every array")
     for i in range(n):
         e = events[i]
         at = offset + i

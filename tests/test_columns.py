@@ -779,3 +779,16 @@ def test_the_twins_fill_the_same_datetimes_for_any_instant():
                      _filled(_speedups().fill_columns, plan, events))
 
     check()
+
+
+def test_neither_twin_writes_past_its_arrays():
+    from eventcore._pure import columns as pure_columns
+    from eventcore.columns import read_plan
+
+    plan = read_plan([Deposited], ["amount"])
+    events = [_recorded(Deposited(amount=i), i + 1, dt.datetime(2024, 1, 1, tzinfo=UTC)) for i in range(4)]
+    for fill in (pure_columns.fill_columns, _speedups().fill_columns):
+        for size, offset in ((3, 0), (4, 1), (10, -1)):
+            envelope, outs, masks = plan.allocate(np, size)
+            with pytest.raises(ValueError, match="do not fit"):
+                fill(events, offset, plan.fields, plan.kinds, envelope, outs, masks)

@@ -166,6 +166,8 @@ def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tupl
     the event's data has no such field or holds None there."""
     positions, stream_ids, versions, recorded, types = envelope
     stop = offset + len(events)
+    if offset < 0 or any(len(a) < stop for a in (*envelope, *outs, *masks)):
+        raise ValueError(f"fill_columns: {len(events)} events from index {offset} do not fit every array")
     positions[offset:stop] = [e.position for e in events]
     stream_ids[offset:stop] = [e.stream_id for e in events]
     versions[offset:stop] = [e.version for e in events]
