@@ -14,6 +14,9 @@
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
+from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE
+from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 from eventcore._pure import columns as _pure_columns
 from eventcore.formats import (COLUMN_NAT as _COLUMN_NAT, KIND_BOOL as _KIND_BOOL, KIND_DATETIME as _KIND_DATETIME,
@@ -326,3 +329,205 @@ def fill_columns(list events, Py_ssize_t offset, tuple fields, tuple kinds, tupl
                 at = offset + i
                 missing[at] = v is None
                 objects[at] = v
+
+
+cdef inline int _put_field(object payload, str name, int kind, char* out, unsigned char* missing,
+                          Py_ssize_t at) except -1:
+    """One row's value of one field into its column at index `at` (as fill_columns: None or absent ->
+    masked): `out` points at the column's data (int64, float64, bool or object pointers)."""
+    v = getattr(payload, name, None)
+    missing[at] = v is None
+    cdef PyObject** slot
+    if kind == _KIND_INT:
+        (<int64_t*>out)[at] = 0 if v is None else <int64_t>v
+    elif kind == _KIND_DATETIME:
+        (<int64_t*>out)[at] = COLUMN_NAT_C if v is None else _microseconds(v)
+    elif kind == _KIND_FLOAT:
+        (<double*>out)[at] = _NAN if v is None else <double>v
+    elif kind == _KIND_BOOL:
+        (<unsigned char*>out)[at] = v is not None and v
+    else:
+        slot = (<PyObject**>out) + at
+        Py_INCREF(v)
+        Py_XDECREF(slot[0])
+        slot[0] = <PyObject*>v
+    return 0
+
+
+def decode_copy_columns(buffer, Py_ssize_t offset, tuple fields, tuple kinds, tuple envelope, list outs,
+                        list masks):
+    """Decode a whole binary COPY stream of the events table's columns straight into preallocated
+    columns from index `offset` on (see eventcore._pure.columns.decode_copy_columns)."""
+    cdef Py_buffer view
+    cdef Py_ssize_t nfields = len(fields), j, acquired = 0
+    cdef Py_buffer* views = NULL
+    if len(kinds) != nfields or len(outs) != nfields or len(masks) != nfields or len(envelope) != 5:
+        raise ValueError("decode_copy_columns: one kind, column and mask per field, and five envelope columns")
+    if type(buffer) is not bytes and type(buffer) is not bytearray:
+        buffer = bytes(buffer)
+    # The fields' columns and masks, by pointer: 2 views per field, held for the call.
+    views = <Py_buffer*>PyMem_Malloc(sizeof(Py_buffer) * (2 * nfields + 1))
+    if views == NULL:
+        raise MemoryError()
+    try:
+        for j in range(nfields):
+            PyObject_GetBuffer(outs[j], &views[2 * j], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            acquired += 1
+            PyObject_GetBuffer(masks[j], &views[2 * j + 1], PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS)
+            acquired += 1
+        PyObject_GetBuffer(buffer, &view, PyBUF_SIMPLE)
+        try:
+            return _decode_copy_columns(buffer, <const unsigned char*>view.buf, view.len, offset, fields, kinds,
+                                        envelope, views)
+        finally:
+            PyBuffer_Release(&view)
+    finally:
+        for j in range(acquired):
+            PyBuffer_Release(&views[j])
+        PyMem_Free(views)
+
+
+cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssize_t end, Py_ssize_t offset,
+                                tuple fields, tuple kinds, tuple envelope, Py_buffer* views):
+    cdef long long[::1] positions = envelope[0]
+    cdef object[::1] stream_ids = envelope[1]
+    cdef long long[::1] versions = envelope[2]
+    cdef long long[::1] recorded_at = envelope[3]
+    cdef object[::1] types = envelope[4]
+    cdef Py_ssize_t capacity = positions.shape[0], nfields = len(fields), j
+    cdef Py_ssize_t o, row, size, extension, at = offset, count = 0
+    cdef Py_ssize_t sid_at = 0, sid_len = -1, type_at = 0, type_len = -1
+    cdef int64_t position = 0, last_position = 0, version, recorded
+    cdef int type_version, reads = -1
+    cdef dict cache = {}
+    cdef PyObject* found
+    cdef tuple entry
+    cdef object sid = None, type_name = None, decode = None, data, payload, fast = None, key
+    if offset < 0 or stream_ids.shape[0] != capacity or versions.shape[0] != capacity \
+            or recorded_at.shape[0] != capacity or types.shape[0] != capacity:
+        raise ValueError("decode_copy_columns: the envelope's columns must have one length, and offset >= 0")
+    for j in range(nfields):
+        if views[2 * j].len != capacity * views[2 * j].itemsize or views[2 * j + 1].len != capacity \
+                or views[2 * j].itemsize != (1 if kinds[j] == _KIND_BOOL else 8):
+            raise ValueError(f"decode_copy_columns: the column of {fields[j]!r} or its mask is not of the "
+                             "envelope's length and its kind's item size")
+    if end < COPY_HEADER_SIZE or memcmp(buf, PyBytes_AS_STRING(COPY_SIGNATURE), PyBytes_GET_SIZE(COPY_SIGNATURE)) != 0:
+        raise SerializationError(_copy_header_problem(buffer))
+    extension = _get_i32(buf + COPY_HEADER_SIZE - 4)
+    if (<uint32_t>_get_i32(buf + COPY_HEADER_SIZE - 8)) & COPY_CRITICAL_FLAGS or extension < 0 \
+            or extension > end - COPY_HEADER_SIZE:
+        raise SerializationError(_copy_header_problem(buffer))
+    o = COPY_HEADER_SIZE + extension
+    while True:
+        row = o
+        # Framing as decode_copy checks it, every read preceded by its bound check.
+        if end - o < 18:
+            if end - o == 2 and buf[o] == 0xFF and buf[o + 1] == 0xFF:
+                return count, last_position
+            break
+        if ((buf[o] << 8) | buf[o + 1]) != COPY_FIELDS or _get_i32(buf + o + 2) != 8:
+            break
+        position = <int64_t>_get_u64(buf + o + 6)
+        size = _get_i32(buf + o + 14)
+        o += 18
+        if size < 0 or size > end - o:
+            break
+        if size != sid_len or memcmp(buf + o, buf + sid_at, size) != 0:
+            sid = _text_or_null(buf + o, size)
+            if sid is None:
+                break
+            sid_at = o
+            sid_len = size
+        o += size
+        if end - o < 36 or _get_i32(buf + o) != 8 or _get_i32(buf + o + 12) != 16:
+            break
+        version = <int64_t>_get_u64(buf + o + 4)
+        size = _get_i32(buf + o + 32)
+        o += 36
+        if size < 0 or size > end - o:
+            break
+        if size != type_len or memcmp(buf + o, buf + type_at, size) != 0:
+            type_name = _text_or_null(buf + o, size)
+            if type_name is None:
+                break
+            type_at = o
+            type_len = size
+            fast = None
+        o += size
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        o += 4
+        if size < 1 or size > end - o or buf[o] != JSONB_VERSION:
+            break
+        data = PyBytes_FromStringAndSize(<const char*>buf + o + 1, size - 1) if nfields else None
+        o += size
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        o += 4
+        if size != NULL_LENGTH:  # metadata: framed, never decoded (no column holds it)
+            if size < 1 or size > end - o or buf[o] != JSONB_VERSION:
+                break
+            o += size
+        if end - o < 12 or _get_i32(buf + o) != 8:
+            break
+        recorded = <int64_t>_get_u64(buf + o + 4)
+        o += 12
+        if recorded < RECORDED_AT_MIN_US - PG_EPOCH_OFFSET_US or recorded > RECORDED_AT_MAX_US - PG_EPOCH_OFFSET_US:
+            break
+        if end - o < 4:
+            break
+        size = _get_i32(buf + o)
+        if size == NULL_LENGTH:
+            type_version = 1
+            o += 4
+        elif size != TYPE_VERSION_BYTES or end - o < 6:
+            break
+        else:
+            type_version = <int16_t>((buf[o + 4] << 8) | buf[o + 5])
+            o += 6
+        if at >= capacity:
+            raise ValueError(f"decode_copy_columns: more rows than the {capacity - offset} the columns have room for")
+        if nfields:
+            if fast is None:
+                found = PyDict_GetItem(cache, type_name)
+                if found is NULL:
+                    entry = _decoding(type_name, False, position, sid)
+                    cache[type_name] = entry
+                else:
+                    entry = <tuple>found
+                fast = entry[0]
+                reads = entry[2]
+            if type_version == reads or reads < 0:
+                decode = fast
+            else:
+                key = (type_name, type_version)
+                found = PyDict_GetItem(cache, key)
+                if found is NULL:
+                    decode = _upcasting(type_name, type_version, position, sid)
+                    cache[key] = decode
+                else:
+                    decode = <object>found
+            try:
+                payload = decode(data)
+            except _DecodeErrors as exc:
+                raise SerializationError(
+                    f"cannot decode event of type {type_name!r} at position {position} "
+                    f"(stream {sid!r}, version {version}): "
+                    f"{_row_decode_error_text(exc, decode.__self__, data, None)}"
+                ) from exc
+            except _UpcastError as exc:
+                raise exc.located(position, sid) from exc.__cause__
+            for j in range(nfields):
+                _put_field(payload, <str>fields[j], <int>kinds[j], <char*>views[2 * j].buf,
+                           <unsigned char*>views[2 * j + 1].buf, at)
+        positions[at] = position
+        stream_ids[at] = sid
+        versions[at] = version
+        recorded_at[at] = recorded + PG_EPOCH_OFFSET_US
+        types[at] = type_name
+        at += 1
+        count += 1
+        last_position = position
+    raise SerializationError(_copy_row_problem(buffer, row))

@@ -43,7 +43,7 @@ def test_the_protocol_names_the_hot_path():
     assert HOT_PATH_NAMES == (
         "encode_event", "encode_metadata", "decode_rows", "decode_copy", "copy_from_result", "new_event_ids",
         "check_expected_versions", "assign_versions", "encode_copy_rows", "encode_copy_events",
-        "encode_column_payloads", "fill_columns",
+        "encode_column_payloads", "fill_columns", "decode_copy_columns",
     )
 
 

@@ -38,6 +38,7 @@ if TYPE_CHECKING:
     encode_copy_events = _typed.encode_copy_events
     encode_column_payloads = _typed.encode_column_payloads
     fill_columns = _typed.fill_columns
+    decode_copy_columns = _typed.decode_copy_columns
 
 
 @runtime_checkable
@@ -129,6 +130,12 @@ class HotPath(Protocol):
                      envelope: tuple, outs: list, masks: list) -> None:
         """Write RecordedEvents into preallocated numpy columns from index `offset` on (envelope, fields,
         masks where a field has no value)."""
+        ...
+
+    def decode_copy_columns(self, buffer: Any, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...],
+                            envelope: tuple, outs: list, masks: list) -> tuple[int, int]:
+        """Decode a binary COPY stream of the events' columns straight into preallocated numpy columns from
+        index `offset` on, as fill_columns writes events: (rows written, the last one's position)."""
         ...
 
 

@@ -466,6 +466,19 @@ class ColumnFiller:
         self.chunks: list[list[Any]] = []
         self.n: int = 0
 
+    def reserve(self, n: int) -> tuple[tuple[Any, ...], list[Any], list[Any], int]:
+        """Room for `n` more rows, which a decoder writes straight into: (envelope, fields' columns, masks,
+        the index of the first free row); `commit` then counts those it wrote."""
+        if not self.chunks or len(self.chunks[-1][0][0]) - self.chunks[-1][3] < n:
+            envelope, outs, masks = self.plan.allocate(self.np, max(self.chunk_rows, n, 1))
+            self.chunks.append([envelope, outs, masks, 0])
+        chunk = self.chunks[-1]
+        return chunk[0], chunk[1], chunk[2], chunk[3]
+
+    def commit(self, n: int) -> None:
+        self.chunks[-1][3] += n
+        self.n += n
+
     def add(self, events: list) -> None:
         plan, np = self.plan, self.np
         while events:
@@ -485,10 +498,24 @@ class ColumnFiller:
 
 def read_columns(store: Any, after_position: int = 0, types: Any = None, fields: Iterable[str] = (),
                  stream_prefix: str | None = None, limit: int | None = None,
-                 page_size: int = READ_PAGE_EVENTS) -> dict[str, Any]:
-    """`EventStore.read_columns` (see there) for `store`."""
+                 page_size: int = READ_PAGE_EVENTS, checked: tuple | None = None) -> dict[str, Any]:
+    """`EventStore.read_columns` (see there) for `store`; `checked`: read_all's arguments as
+    stores.base.read_all_args checks them, for a store that decodes pages straight into columns."""
     plan = read_plan(types, fields)
     filler = ColumnFiller(plan, limit, page_size)
+    direct = getattr(store, "_read_columns_page", None)
+    if direct is not None and checked is not None:  # PostgreSQL: each page's COPY decoded into the columns
+        after, names, prefix, limit, page_size, _ = checked
+        remaining = limit
+        while remaining is None or remaining > 0:
+            n = page_size if remaining is None else min(page_size, remaining)
+            got, last = direct(after, names, prefix, n, plan, filler)
+            if got < n:
+                break
+            after = last
+            if remaining is not None:
+                remaining -= got
+        return filler.result()
     page: list = []
     # Fields need the classes (decoded events); the envelope alone reads events as stored, any type.
     for event in store.read_all(after_position=after_position, types=types, stream_prefix=stream_prefix,

@@ -12,13 +12,21 @@ columns (without making the object), and raise ColumnRowError for the same first
 from __future__ import annotations
 
 import datetime as _dt
+import struct
 from typing import Any
 
 import msgspec
 
-from ..errors import ColumnRowError, EventCoreError, ValidationError
+from ..errors import ColumnRowError, EventCoreError, SerializationError, UpcastError, ValidationError
+from ..evolution import decoding, upcasting
+from ..payloads import DECODE_ERRORS
+from ..utf8 import row_decode_error_text
 from ..events import Event
-from ..formats import COLUMN_NAT, KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
+from ..formats import (
+    COLUMN_NAT, COPY_CRITICAL_FLAGS, COPY_FIELDS, COPY_HEADER, COPY_SIGNATURE, JSONB_VERSION, KIND_BOOL, KIND_DATETIME,
+    KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR, NULL_LENGTH, PG_EPOCH_OFFSET_US, RECORDED_AT_MAX_US, RECORDED_AT_MIN_US,
+    TYPE_VERSION_BYTES, copy_header_problem, copy_row_problem,
+)
 
 _EPOCH = _dt.datetime(1970, 1, 1, tzinfo=_dt.timezone.utc)
 _EPOCH_NAIVE = _dt.datetime(1970, 1, 1)
@@ -173,14 +181,21 @@ def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tupl
     versions[offset:stop] = [e.version for e in events]
     recorded[offset:stop] = [(e.recorded_at - _EPOCH) // _US for e in events]
     types[offset:stop] = [e.type for e in events]
+    _fill_fields([e.data for e in events], offset, fields, kinds, outs, masks)
+
+
+def _fill_fields(payloads: list, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...], outs: list,
+                 masks: list) -> None:
+    """Field `fields[j]` of each payload into `outs[j]` (and `masks[j]`), from index `offset` on."""
+    stop = offset + len(payloads)
     for j, name in enumerate(fields):
         kind = kinds[j]
         out, mask = outs[j], masks[j]
         fill = _FILL[kind]
         values = []
         missing = []
-        for e in events:
-            v = getattr(e.data, name, None)
+        for data in payloads:
+            v = getattr(data, name, None)
             if v is None:
                 missing.append(True)
                 values.append(fill)
@@ -202,3 +217,131 @@ def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tupl
 #: What a column holds under the mask where an event has no value, per kind.
 _FILL = {KIND_INT: 0, KIND_FLOAT: float("nan"), KIND_BOOL: False, KIND_STR: None,
          KIND_DATETIME: COLUMN_NAT, KIND_OBJECT: None}
+
+
+def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...], envelope: tuple,
+                        outs: list, masks: list) -> tuple[int, int]:
+    """Decode a whole binary COPY stream of the events table's columns (the layout decode_copy reads)
+    straight into preallocated columns from index `offset` on: (rows written, the last one's position;
+    0 when none). The envelope as fill_columns writes it; each requested field of each event's payload
+    (decoded by its class, older versions through the upcasters) as there. Framing is checked as
+    decode_copy checks it, with the same errors; metadata is framed but never decoded, event ids never
+    read. No field asked: payloads are not decoded either."""
+    positions, stream_ids, versions, recorded_at, types = envelope
+    capacity = len(positions)
+    if len(kinds) != len(fields) or len(outs) != len(fields) or len(masks) != len(fields) or len(envelope) != 5:
+        raise ValueError("decode_copy_columns: one kind, column and mask per field, and five envelope columns")
+    if offset < 0 or any(len(a) != capacity for a in envelope):
+        raise ValueError("decode_copy_columns: the envelope's columns must have one length, and offset >= 0")
+    for j, name in enumerate(fields):
+        if len(outs[j]) != capacity or len(masks[j]) != capacity or \
+                outs[j].itemsize != (1 if kinds[j] == KIND_BOOL else 8):
+            raise ValueError(f"decode_copy_columns: the column of {name!r} or its mask is not of the envelope's "
+                             "length and its kind's item size")
+    buf = buffer if type(buffer) is bytes else bytes(buffer)
+    end = len(buf)
+    if end < len(COPY_HEADER) or buf[:len(COPY_SIGNATURE)] != COPY_SIGNATURE:
+        raise SerializationError(copy_header_problem(buf))
+    flags, extension = _HEADER_TAIL.unpack_from(buf, len(COPY_SIGNATURE))
+    if flags & COPY_CRITICAL_FLAGS or extension < 0 or len(COPY_HEADER) + extension > end:
+        raise SerializationError(copy_header_problem(buf))
+    o = len(COPY_HEADER) + extension
+    cache: dict = {}
+    head, mid, length, stamp, int2 = _ROW_HEAD.unpack_from, _ROW_MID.unpack_from, _I32.unpack_from, \
+        _I64_FIELD.unpack_from, _INT2.unpack_from
+    rows: list = []  # (position, stream id, version, recorded_at µs, type name)
+    payloads: list = []
+    while True:
+        row = o
+        if end - o < 18:
+            if end - o == 2 and buf[o] == 0xFF and buf[o + 1] == 0xFF:
+                break
+            raise SerializationError(copy_row_problem(buf, row))
+        try:
+            count, size, position, size_sid = head(buf, o)
+            if count != COPY_FIELDS or size != 8 or size_sid < 0 or o + 18 + size_sid > end:
+                raise _Bad
+            o += 18
+            sid = buf[o:o + size_sid].decode()
+            o += size_sid
+            size, version, size_id = mid(buf, o)
+            o += 16
+            if size != 8 or size_id != 16 or o + 20 > end:
+                raise _Bad
+            size = length(buf, o + 16)[0]
+            o += 20
+            if size < 0 or o + size > end:
+                raise _Bad
+            type_name = buf[o:o + size].decode()
+            o += size
+            size = length(buf, o)[0]
+            o += 4
+            if size < 1 or o + size > end or buf[o] != JSONB_VERSION:
+                raise _Bad
+            data = buf[o + 1:o + size]
+            o += size
+            size = length(buf, o)[0]
+            o += 4
+            if size != NULL_LENGTH:  # metadata: framed, never decoded
+                if size < 1 or o + size > end or buf[o] != JSONB_VERSION:
+                    raise _Bad
+                o += size
+            size, recorded = stamp(buf, o)
+            o += 12
+            if size != 8 or not RECORDED_AT_MIN_US <= recorded + PG_EPOCH_OFFSET_US <= RECORDED_AT_MAX_US:
+                raise _Bad
+            size = length(buf, o)[0]
+            if size == NULL_LENGTH:
+                type_version = 1
+                o += 4
+            else:
+                size, type_version = int2(buf, o)
+                o += 6
+                if size != TYPE_VERSION_BYTES:
+                    raise _Bad
+        except (_Bad, struct.error, UnicodeDecodeError):
+            raise SerializationError(copy_row_problem(buf, row)) from None
+        if offset + len(rows) >= capacity:
+            raise ValueError(f"decode_copy_columns: more rows than the {capacity - offset} the columns have room for")
+        if fields:
+            entry = cache.get(type_name)
+            if entry is None:
+                entry = cache[type_name] = decoding(type_name, False, position, sid)
+            decode, _, reads = entry
+            if not (type_version == reads or reads < 0):
+                key = (type_name, type_version)
+                decode = cache.get(key)
+                if decode is None:
+                    decode = cache[key] = upcasting(type_name, type_version, position, sid)
+            try:
+                payloads.append(decode(data))
+            except DECODE_ERRORS as exc:
+                raise SerializationError(
+                    f"cannot decode event of type {type_name!r} at position {position} "
+                    f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, decode.__self__, data, None)}"
+                ) from exc
+            except UpcastError as exc:
+                raise exc.located(position, sid) from exc.__cause__
+        rows.append((position, sid, version, recorded + PG_EPOCH_OFFSET_US, type_name))
+    stop = offset + len(rows)
+    if rows:
+        positions[offset:stop] = [r[0] for r in rows]
+        for i, r in enumerate(rows, offset):  # one by one: an object array's slice takes a list as values
+            stream_ids[i] = r[1]
+            types[i] = r[4]
+        versions[offset:stop] = [r[2] for r in rows]
+        recorded_at[offset:stop] = [r[3] for r in rows]
+        _fill_fields(payloads, offset, fields, kinds, outs, masks)
+    return len(rows), (rows[-1][0] if rows else 0)
+
+
+class _Bad(Exception):
+    """A row whose framing fails a check (reported by copy_row_problem)."""
+
+
+_ROW_HEAD = struct.Struct(">hiqi")  # field count; position (length 8, int8); the stream id's length
+_ROW_MID = struct.Struct(">iqi")  # version (length 8, int8); the event id's length
+_HEADER_TAIL = struct.Struct(">Ii")  # flags, header extension length
+_I32 = struct.Struct(">i")
+_I64_FIELD = struct.Struct(">iq")  # length 8, int8
+_INT2 = struct.Struct(">ih")  # length 2, int2

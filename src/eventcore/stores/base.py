@@ -389,7 +389,8 @@ class EventStore(ObservedStore, ABC):
         `X | None` as X, anything else: object), masked where an event has no such field or holds None."""
         from ..columns import read_columns
 
-        return read_columns(self, after_position, types, fields, stream_prefix, limit, page_size)
+        return read_columns(self, after_position, types, fields, stream_prefix, limit, page_size,
+                            read_all_args(after_position, types, stream_prefix, limit, page_size, True))
 
     def ingest_frame(self, df: Any, *, stream: str, type: Any, fields: Iterable[str] | None = None,
                      **options: Any) -> IngestResult:
