@@ -9,6 +9,8 @@ check_expected_versions          expected-version checks under the write lock
 assign_versions                  per-stream version assignment for a batch
 encode_copy_rows                 COPY BINARY framing of pre-encoded rows
 encode_copy_events               ids + versions + msgspec payloads + framing, fused, for ingestion
+encode_column_payloads           JSON payloads written from numpy columns (store.ingest_columns)
+fill_columns                     RecordedEvents written into numpy columns (store.read_columns)
 
 Buffers are sized once per call and written through a raw pointer; every
 length is checked before it is written, so bad input raises a typed error
@@ -26,3 +28,4 @@ include "codec.pxi"
 include "ids.pxi"
 include "versions.pxi"
 include "copy.pxi"
+include "columns.pxi"

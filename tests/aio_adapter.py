@@ -134,6 +134,18 @@ class AioAdapter:
     def ingest(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.async_store.ingest(*args, **kwargs))
 
+    def ingest_columns(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.async_store.ingest_columns(*args, **kwargs))
+
+    def read_columns(self, **kwargs: Any) -> Any:
+        return self._run(self.async_store.read_columns(**kwargs))
+
+    def ingest_frame(self, *args: Any, **kwargs: Any) -> Any:
+        return self._run(self.async_store.ingest_frame(*args, **kwargs))
+
+    def read_frame(self, **kwargs: Any) -> Any:
+        return self._run(self.async_store.read_frame(**kwargs))
+
     def recorded_command(self, *args: Any, **kwargs: Any) -> Any:
         return self._run(self.async_store.recorded_command(*args, **kwargs))
 

@@ -43,6 +43,7 @@ def test_the_protocol_names_the_hot_path():
     assert HOT_PATH_NAMES == (
         "encode_event", "encode_metadata", "decode_rows", "decode_copy", "copy_from_result", "new_event_ids",
         "check_expected_versions", "assign_versions", "encode_copy_rows", "encode_copy_events",
+        "encode_column_payloads", "fill_columns", "decode_copy_columns",
     )
 
 
@@ -55,7 +56,7 @@ def test_pure_twins_satisfy_the_protocol_with_the_same_annotations():
 
 
 # What Cython's embedsignature writes for a typed argument, as the Python type it accepts.
-_C_TYPES = {"bytearray": "bytearray", "list": "list", "dict": "dict", "str": "str", "bytes": "bytes",
+_C_TYPES = {"bytearray": "bytearray", "list": "list", "dict": "dict", "str": "str", "bytes": "bytes", "tuple": "tuple",
             "int64_t": "int", "Py_ssize_t": "int", "bool": "bool"}
 
 

@@ -36,6 +36,9 @@ if TYPE_CHECKING:
     assign_versions = _typed.assign_versions
     encode_copy_rows = _typed.encode_copy_rows
     encode_copy_events = _typed.encode_copy_events
+    encode_column_payloads = _typed.encode_column_payloads
+    fill_columns = _typed.fill_columns
+    decode_copy_columns = _typed.decode_copy_columns
 
 
 @runtime_checkable
@@ -107,6 +110,34 @@ class HotPath(Protocol):
         `heads` are as they were."""
         ...
 
+    def encode_column_payloads(
+        self,
+        cls: type[Event],
+        encode_event: Any,
+        names: tuple[str, ...],
+        kinds: tuple[int, ...],
+        nullable: tuple[bool, ...],
+        aware: tuple[bool, ...],
+        columns: list,
+        masks: list,
+        rows: Any,
+    ) -> list[bytes]:
+        """The JSON payload of each row in `rows` from numpy columns (eventcore.columns), the bytes the row
+        path writes for the same event; ColumnRowError names the first bad row."""
+        ...
+
+    def fill_columns(self, events: list, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...],
+                     envelope: tuple, outs: list, masks: list) -> None:
+        """Write RecordedEvents into preallocated numpy columns from index `offset` on (envelope, fields,
+        masks where a field has no value)."""
+        ...
+
+    def decode_copy_columns(self, buffer: Any, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...],
+                            envelope: tuple, outs: list, masks: list) -> tuple[int, int]:
+        """Decode a binary COPY stream of the events' columns straight into preallocated numpy columns from
+        index `offset` on, as fill_columns writes events: (rows written, the last one's position)."""
+        ...
+
 
 #: The hot path's function names, in the order HotPath declares them.
 HOT_PATH_NAMES: tuple[str, ...] = tuple(
@@ -161,3 +192,4 @@ IMPL, implementation = _load(_requested)
 for _name in HOT_PATH_NAMES:
     globals()[_name] = getattr(implementation, _name)
 del _name  # pyright: ignore[reportPossiblyUnboundVariable]
+

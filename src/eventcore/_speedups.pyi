@@ -35,3 +35,18 @@ def encode_copy_events(
     heads: dict[str, int],
     recorded_at_us: int,
 ) -> list[bytes]: ...
+def encode_column_payloads(
+    cls: type[Event],
+    encode_event: Any,
+    names: tuple[str, ...],
+    kinds: tuple[int, ...],
+    nullable: tuple[bool, ...],
+    aware: tuple[bool, ...],
+    columns: list,
+    masks: list,
+    rows: Any,
+) -> list[bytes]: ...
+def fill_columns(events: list, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...], envelope: tuple,
+                 outs: list, masks: list) -> None: ...
+def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...], envelope: tuple,
+                        outs: list, masks: list) -> tuple[int, int]: ...

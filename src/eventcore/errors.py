@@ -28,6 +28,25 @@ class ValidationError(EventCoreError, ValueError):
     """Bad input (a stream id, an option, an event): rejected before anything is written."""
 
 
+class MissingDependencyError(EventCoreError, ImportError):
+    """A feature needs an optional package that is not installed; the message says which extra to install
+    (e.g. `pip install 'pyeventcore[numpy]'` for columnar I/O)."""
+
+
+class ColumnRowError(EventCoreError):
+    """Internal to store.ingest_columns: row `row` of the columns cannot be an event, `cause` (a
+    ValidationError or SerializationError, as the row path raises for the same event) says why. The
+    ingest reports it as an IngestError naming the row, with `cause` as its __cause__."""
+
+    def __init__(self, row: int, cause: EventCoreError):
+        self.row = row
+        self.cause = cause
+        super().__init__(f"row {row}: {cause}")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.row, self.cause))
+
+
 class BusinessRuleViolation(EventCoreError):
     """A command's `handle` refused the command through `require(...)`. Never retried."""
 

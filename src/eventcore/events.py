@@ -355,6 +355,17 @@ class ValidatedItem(tuple):
     __slots__ = ()
 
 
+class RejectedItem:
+    """An ingest item that is an error (a bad row of `store.ingest_columns`, found while its columns
+    were encoded): `store.ingest` stops at it as at any bad item, naming its index, with nothing of
+    its batch written."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: Exception) -> None:
+        self.error: Exception = error
+
+
 def raw_data_problem(data: bytes, decoded: bool = False) -> str | None:
     """What is wrong with RawEvent data that parses as JSON, or None: too large, not UTF-8
     (msgspec does not check the bytes inside strings it skips), or a NUL (`\\u0000`), which

@@ -146,3 +146,17 @@ def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int) -> str
             position = _I64.unpack_from(values[0])[0]
             where = f"at position {position} (stream {values[1].decode('utf-8')!r})"
     return f"no problem found in the COPY row at byte {offset}"
+
+
+# -- columns (store.ingest_columns, store.read_columns: eventcore.columns) ---------------------------------
+
+#: How a field's values are held in its column, as the column codec (encode_column_payloads and
+#: fill_columns) takes and fills them; eventcore.columns maps a field's annotation to one of these.
+KIND_INT = 0  # int64
+KIND_FLOAT = 1  # float64
+KIND_BOOL = 2  # bool
+KIND_STR = 3  # object array of str
+KIND_DATETIME = 4  # datetime64[us] in UTC, handed to the codec as its int64 view: microseconds since the epoch
+KIND_OBJECT = 5  # object array of any value the field's type takes
+#: What a datetime column holds for no value (NaT, as its int64 view).
+COLUMN_NAT = -(2 ** 63)

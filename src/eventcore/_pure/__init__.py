@@ -9,6 +9,7 @@ byte formats) is not here but in `eventcore.payloads`, `eventcore.utf8` and
 `eventcore.formats`.
 """
 from .codec import decode_rows, encode_event, encode_metadata
+from .columns import decode_copy_columns, encode_column_payloads, fill_columns
 from .copy import copy_from_result, decode_copy, encode_copy_events, encode_copy_rows
 from .ids import new_event_ids
 from .versions import assign_versions, check_expected_versions
@@ -24,4 +25,7 @@ __all__ = [
     "assign_versions",
     "encode_copy_rows",
     "encode_copy_events",
+    "encode_column_payloads",
+    "fill_columns",
+    "decode_copy_columns",
 ]

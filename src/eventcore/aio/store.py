@@ -195,6 +195,60 @@ class AsyncEventStore(ObservedStore, ABC):
         return await ingest(self, items, batch_size=batch_size, expected=expected, metadata=metadata,
                             on_batch=on_batch, parallel=parallel, resume_key=resume_key)
 
+    async def ingest_columns(
+        self,
+        stream_ids: Any,
+        types: Any,
+        data: Any,
+        *,
+        metadata: Any = None,
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        expected: Mapping[str, int] | None = None,
+        on_batch: Callable[[int], object] | None = None,
+        parallel: int = 1,
+        resume_key: str | None = None,
+    ) -> IngestResult:
+        """`ingest` from numpy columns (see EventStore.ingest_columns: the same arguments, guarantees and
+        errors). Columns are checked at the call; rows are encoded on the ingest's own thread."""
+        from ..columns import column_items
+
+        _, items = column_items(stream_ids, types, data, metadata)
+        return await self.ingest(items, batch_size=batch_size, expected=expected, on_batch=on_batch,
+                                 parallel=parallel, resume_key=resume_key)
+
+    async def read_columns(self, *, after_position: int = 0, types: Any = None, fields: Iterable[str] = (),
+                           stream_prefix: str | None = None, limit: int | None = None,
+                           page_size: int = 10_000) -> dict[str, Any]:
+        """The feed as a dict of 1-D numpy arrays (see EventStore.read_columns). Each page is written into
+        the arrays on the event loop as it arrives."""
+        from ..columns import ColumnFiller, read_plan
+
+        plan = read_plan(types, fields)
+        filler = ColumnFiller(plan, limit, page_size)
+        page: list = []
+        async for event in self.read_all(after_position=after_position, types=types, stream_prefix=stream_prefix,
+                                         limit=limit, page_size=page_size, decode=bool(plan.fields)):
+            page.append(event)
+            if len(page) == page_size:
+                filler.add(page)
+                page = []
+        filler.add(page)
+        return filler.result()
+
+    async def ingest_frame(self, df: Any, *, stream: str, type: Any, fields: Iterable[str] | None = None,
+                           **options: Any) -> IngestResult:
+        """`ingest_columns` from a pandas DataFrame (see EventStore.ingest_frame)."""
+        from ..columns import frame_columns
+
+        stream_ids, types, data = frame_columns(df, stream, type, fields)
+        return await self.ingest_columns(stream_ids, types, data, **options)
+
+    async def read_frame(self, **options: Any) -> Any:
+        """`read_columns` as a pandas DataFrame (see EventStore.read_frame)."""
+        from ..columns import to_frame
+
+        return to_frame(await self.read_columns(**options))
+
     # -- reading ----------------------------------------------------------------
 
     async def read_stream(self, stream_id: str, *, from_version: int = 1, limit: int | None = None,

@@ -349,6 +349,67 @@ class EventStore(ObservedStore, ABC):
         return ingest(self, items, batch_size=batch_size, expected=expected, metadata=metadata, on_batch=on_batch,
                       parallel=parallel, resume_key=resume_key)
 
+    def ingest_columns(
+        self,
+        stream_ids: Any,
+        types: Any,
+        data: Any,
+        *,
+        metadata: Any = None,
+        batch_size: int = DEFAULT_INGEST_BATCH,
+        expected: Mapping[str, int] | None = None,
+        on_batch: Callable[[int], object] | None = None,
+        parallel: int = 1,
+        resume_key: str | None = None,
+    ) -> IngestResult:
+        """`ingest` from columns (needs numpy: `pip install 'pyeventcore[numpy]'`): row i is an event of
+        type `types` (one name or Event class, or an array of names, one per row) to stream `stream_ids[i]`,
+        whose fields are taken from `data` (field name -> 1-D array, or a structured array).
+
+        A column follows its field's annotation (int: integer dtype; float: float or integer; bool;
+        str: str_, StringDType or object; datetime: datetime64, read as UTC; anything else: object). A
+        masked entry, or None in an object column, is no value: None for a nullable field, else the
+        field's default. `metadata`: None, one ec.Metadata for every row, or columns of Metadata fields.
+        Every guarantee and option of `ingest` holds, row i being item i: a bad row stops the ingest
+        with IngestError naming it, nothing of its batch written. Column shapes and dtypes are checked
+        at the call (ValidationError, nothing written).
+        """
+        from ..columns import ingest_columns
+
+        return ingest_columns(self, stream_ids, types, data, metadata, batch_size=batch_size, expected=expected,
+                              on_batch=on_batch, parallel=parallel, resume_key=resume_key)
+
+    def read_columns(self, *, after_position: int = 0, types: Any = None, fields: Iterable[str] = (),
+                     stream_prefix: str | None = None, limit: int | None = None,
+                     page_size: int = 10_000) -> dict[str, Any]:
+        """The feed (as `read_all` selects it) as a dict of 1-D numpy arrays (needs numpy): position
+        (int64), stream_id (object), version (int64), recorded_at (datetime64[us], UTC), type (object),
+        and one numpy.ma.MaskedArray per name in `fields`, typed by the field's annotation in the classes
+        of `types` (int: int64, float: float64, bool, str: object, datetime: datetime64[us] in UTC,
+        `X | None` as X, anything else: object), masked where an event has no such field or holds None."""
+        from ..columns import read_columns
+
+        return read_columns(self, after_position, types, fields, stream_prefix, limit, page_size,
+                            read_all_args(after_position, types, stream_prefix, limit, page_size, True))
+
+    def ingest_frame(self, df: Any, *, stream: str, type: Any, fields: Iterable[str] | None = None,
+                     **options: Any) -> IngestResult:
+        """`ingest_columns` from a pandas DataFrame (needs pandas): `stream` names the column of stream
+        ids, `type` is one type (name or class) or the name of a column of type names, the other columns
+        (or those in `fields`) are event fields. None, NaN, NaT and pandas.NA are no value. Options as
+        `ingest_columns`."""
+        from ..columns import frame_columns
+
+        stream_ids, types, data = frame_columns(df, stream, type, fields)
+        return self.ingest_columns(stream_ids, types, data, **options)
+
+    def read_frame(self, **options: Any) -> Any:
+        """`read_columns` as a pandas DataFrame (needs pandas): masked ints and bools become pandas'
+        nullable Int64 and boolean, masked floats NaN, datetimes NaT, objects None."""
+        from ..columns import to_frame
+
+        return to_frame(self.read_columns(**options))
+
     def _ingest_progress(self, key: str) -> dict:
         """lane -> (lanes, input items committed) recorded under an ingest resume key ({} if none).
         A backend that records PreparedAppend.progress overrides this and the two below; the others

@@ -19,7 +19,7 @@ from typing import Any, Callable, Iterable, Mapping
 import msgspec
 
 from ..errors import ConcurrencyError, EventCoreError, ValidationError
-from ..events import Event, EventToWrite, Metadata, RawEvent, ValidatedItem
+from ..events import Event, EventToWrite, Metadata, RawEvent, RejectedItem, ValidatedItem
 from ..evolution import check_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
@@ -178,6 +178,8 @@ def _ingest_item(item, metadata, valid_ids: dict):
     elif type(item) is tuple and 2 <= len(item) <= 3:
         sid, ev = item[0], item[1]
         md = item[2] if len(item) == 3 else None
+    elif type(item) is RejectedItem:
+        raise item.error
     else:
         raise ValidationError(
             f"ingest takes ec.emit(...) items or (stream_id, event[, metadata]) tuples, got {type(item).__name__}"

@@ -1,0 +1,129 @@
+"""`decode_copy_columns`, both twins: a COPY stream of the events' columns decoded straight into numpy columns
+is what `decode_copy` then `fill_columns` make of it, and a corrupt stream fails alike in both, never out of
+bounds. (read_columns on PostgreSQL reads through it: tests/test_columns.py.)"""
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+np = pytest.importorskip("numpy")
+
+from eventcore import _pure  # noqa: E402
+from eventcore.columns import read_plan  # noqa: E402
+from test_copy_read import SHAPES, Blob, Counted, Noted, _rows  # noqa: E402
+
+try:
+    from eventcore import _speedups as C
+except ImportError:  # the compiled extension is part of every CI build
+    if os.environ.get("CI", "").lower() == "true" or os.environ.get("EVENTCORE_IMPL") == "c":
+        raise
+    C = None
+
+TWINS = {"python": _pure.decode_copy_columns, **({"c": C.decode_copy_columns} if C is not None else {})}
+FIELDS = ("text", "n", "ratio", "tags", "value")
+
+
+def _arrays(plan, n):
+    envelope, outs, masks = plan.allocate(np, n)
+    return envelope, outs, masks
+
+
+def _as_lists(envelope, outs, masks, used):
+    """The arrays' first `used` entries as lists (NaN compared by its repr: NaN != NaN)."""
+    return [[repr(x) if isinstance(x, float) else x for x in a[:used].tolist()] for a in (*envelope, *outs, *masks)]
+
+
+def _expected(buf, plan, offset, n):
+    events = _pure.decode_copy(buf)
+    envelope, outs, masks = _arrays(plan, n)
+    _pure.fill_columns(events, offset, plan.fields, plan.kinds, envelope, outs, masks)
+    return events, envelope, outs, masks
+
+
+def _outcome(decode, buf, plan, offset, n):
+    envelope, outs, masks = _arrays(plan, n)
+    try:
+        got = decode(buf, offset, plan.fields, plan.kinds, envelope, outs, masks)
+    except Exception as exc:  # noqa: BLE001 - compared between the twins
+        return type(exc).__name__, str(exc)
+    return got, _as_lists(envelope, outs, masks, offset + got[0])
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("fields", [FIELDS, ()], ids=["fields", "envelope only"])
+def test_both_twins_write_what_decode_copy_and_fill_columns_write(shape, fields):
+    buf, _ = _rows(SHAPES[shape])
+    plan = read_plan([Noted, Counted, Blob], fields)
+    offset = 3
+    n = offset + len(SHAPES[shape]) + 2
+    events, *want = _expected(buf, plan, offset, n)
+    want_lists = _as_lists(*want, offset + len(events))
+    for name, decode in TWINS.items():
+        for given in (buf, bytearray(buf), memoryview(buf)):
+            got = _outcome(decode, given, plan, offset, n)
+            assert got[0] == (len(events), events[-1].position if events else 0), name
+            # rows before `offset` are left as they were (np.empty): compare from offset on
+            assert [a[offset:] for a in got[1]] == [a[offset:] for a in want_lists], name
+
+
+def test_no_room_left_is_a_value_error_in_both():
+    buf, _ = _rows(SHAPES["many types, interleaved"])
+    plan = read_plan([Noted, Counted, Blob], FIELDS)
+    outcomes = {name: _outcome(decode, buf, plan, 25, 30) for name, decode in TWINS.items()}
+    assert {o[0] for o in outcomes.values()} == {"ValueError"}
+    assert len({o for o in outcomes.values()}) == 1, outcomes
+
+
+def test_columns_of_another_length_are_refused_in_both():
+    buf, _ = _rows(SHAPES["one event"])
+    plan = read_plan([Noted, Counted, Blob], FIELDS)
+    for name, decode in TWINS.items():
+        envelope, outs, masks = _arrays(plan, 4)
+        outs[1] = np.empty(3, np.int64)
+        with pytest.raises(ValueError):
+            decode(buf, 0, plan.fields, plan.kinds, envelope, outs, masks)
+
+
+def test_corrupt_streams_fail_alike_in_both_twins():
+    """Random truncations and byte flips of real streams: the same rows or the same error, in both."""
+    rnd = random.Random(20)
+    plan = read_plan([Noted, Counted, Blob], FIELDS)
+    bases = [_rows(SHAPES[s])[0] for s in ("many types, interleaved", "metadata present and absent",
+                                           "unicode stream ids and text")]
+    for i in range(400):
+        buf = bytearray(rnd.choice(bases))
+        if i % 3 == 0:
+            buf = buf[:rnd.randrange(len(buf))]
+        else:
+            for _ in range(rnd.randint(1, 3)):
+                buf[rnd.randrange(len(buf))] = rnd.randrange(256)
+        outcomes = {name: _outcome(decode, bytes(buf), plan, 0, 40) for name, decode in TWINS.items()}
+        first = next(iter(outcomes.values()))
+        assert all(o == first for o in outcomes.values()), (i, outcomes)
+
+
+def test_postgres_reads_columns_by_copy_as_the_row_path_fills_them(pg_dsn, pg_schema):
+    """On PostgreSQL each page's COPY is decoded straight into the columns: the same arrays as read_all's
+    events written into them, for filters, limits and pages that end anywhere."""
+    import eventcore as ec
+    from eventcore import columns
+
+    with ec.connect(pg_dsn, schema=pg_schema) as store:
+        store.append([ec.emit(f"acct-{i % 7}", Counted(i, i / 7, ["t"] * (i % 3))) for i in range(120)])
+        store.append([ec.emit(f"note-{i % 3}", Noted(f"n{i}")) for i in range(30)])
+        store.append([ec.emit("acct-1", Blob({"k": i})) for i in range(5)])
+        assert store._read_columns_page is not None
+        for kw in ({}, {"types": [Counted], "fields": ["n", "ratio", "tags"]},
+                   {"types": [Counted, Noted], "fields": ["n", "text"], "page_size": 13},
+                   {"types": [Counted], "fields": ["n"], "stream_prefix": "acct-3", "limit": 9, "page_size": 4},
+                   {"after_position": store.head_position() - 3, "types": [Blob], "fields": ["value"]},
+                   {"limit": 0}):
+            direct = store.read_columns(**kw)
+            generic = columns.read_columns(store, **kw)  # no `checked`: through read_all's events
+            assert list(direct) == list(generic)
+            for name in direct:
+                assert repr(direct[name].tolist()) == repr(generic[name].tolist()), (kw, name)
+                if isinstance(generic[name], np.ma.MaskedArray):
+                    assert np.ma.getmaskarray(direct[name]).tolist() == np.ma.getmaskarray(generic[name]).tolist()
