@@ -318,7 +318,7 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
             except DECODE_ERRORS as exc:
                 raise SerializationError(
                     f"cannot decode event of type {type_name!r} at position {position} "
-                    f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, decode.__self__, data, None)}"
+                    f"(stream {sid!r}, version {version}): {row_decode_error_text(exc, getattr(decode, '__self__', None), data, None)}"
                 ) from exc
             except UpcastError as exc:
                 raise exc.located(position, sid) from exc.__cause__

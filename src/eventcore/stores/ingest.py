@@ -404,6 +404,9 @@ def ingest(
                         failure = (exc.start, True, exc.cause)
                 lane.pending = None
         pool.shutdown(wait=True)
+    after = getattr(store, "_after_ingest", None)
+    if after is not None:  # the backend's statistics brought up to date (PostgreSQL); never an error
+        after(state["events"])
     if ingest_run is not None:
         observer.operation_ended(ingest_run, state["events"], None if failure is None else failure[2])
     if failure is not None:
