@@ -127,3 +127,26 @@ def test_postgres_reads_columns_by_copy_as_the_row_path_fills_them(pg_dsn, pg_sc
                 assert repr(direct[name].tolist()) == repr(generic[name].tolist()), (kw, name)
                 if isinstance(generic[name], np.ma.MaskedArray):
                     assert np.ma.getmaskarray(direct[name]).tolist() == np.ma.getmaskarray(generic[name]).tolist()
+
+
+def test_an_ingest_that_grows_the_events_table_by_a_tenth_analyzes_it(pg_dsn, pg_schema):
+    """Until the table is analyzed, PostgreSQL plans each page of a read as a sort of the whole feed: an
+    ingest that grows it by more than a tenth of what its statistics count analyzes it at once; a
+    small one leaves it to autovacuum."""
+    import psycopg
+
+    import eventcore as ec
+    from eventcore.stores.postgres.store import ANALYZE_MIN_EVENTS
+
+    def analyzed(conn):
+        return conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE n.nspname = %s AND c.relname = 'events'", (pg_schema,)).fetchone()[0]
+
+    with ec.connect(pg_dsn, schema=pg_schema) as store, psycopg.connect(pg_dsn, autocommit=True) as conn:
+        conn.execute(f'ALTER TABLE "{pg_schema}".events SET (autovacuum_enabled = false)')
+        store.ingest(("small", Noted("x")) for _ in range(ANALYZE_MIN_EVENTS - 1))
+        assert analyzed(conn) <= 0  # never analyzed (-1 on PostgreSQL 14 and later)
+        store.ingest((f"s-{i % 50}", Counted(i)) for i in range(ANALYZE_MIN_EVENTS))
+        assert analyzed(conn) == 2 * ANALYZE_MIN_EVENTS - 1
+        store.ingest(("more", Noted("y")) for _ in range(ANALYZE_MIN_EVENTS))  # +50 %: again
+        assert analyzed(conn) == 3 * ANALYZE_MIN_EVENTS - 1
