@@ -21,7 +21,7 @@ from .errors import EventVersionError, SerializationError, UnknownEventTypeError
 from .events import (
     MAX_EVENT_VERSION, Event, RawEvent, _generation, _registry, _registry_lock, _upcasters, validate_raw_event,
 )
-from .payloads import DECODE_ERRORS, ENCODE_ERRORS, enc_hook
+from .payloads import DECODE_ERRORS, ENCODE_ERRORS, dec_hook, enc_hook
 
 _decoders: dict[type, msgspec.json.Decoder] = {}
 #: The stored JSON object as a dict: what upcasters take.
@@ -39,7 +39,7 @@ def class_decoder(cls: type[Event]) -> msgspec.json.Decoder[Any]:
     """The msgspec JSON decoder of an event class (one per class, kept)."""
     dec = _decoders.get(cls)
     if dec is None:
-        dec = _decoders[cls] = msgspec.json.Decoder(cls)
+        dec = _decoders[cls] = msgspec.json.Decoder(cls, dec_hook=dec_hook)
     return dec
 
 

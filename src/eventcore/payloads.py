@@ -24,10 +24,12 @@ import dataclasses
 import math
 import threading
 
+from typing import Any
+
 import msgspec
 import msgspec.inspect as _mi
 
-from .errors import SerializationError
+from .errors import EventCoreError, SerializationError
 from .utf8 import NESTED_TOO_DEEPLY
 
 #: Largest JSON payload (and, separately, metadata) one event may have, in bytes: 16 MiB.
@@ -42,6 +44,20 @@ def enc_hook(obj: object) -> str:
     if isinstance(obj, str):
         return str(obj)
     raise TypeError(f"objects of type {type(obj).__name__} are not JSON-serializable")
+
+
+def dec_hook(type_: Any, obj: object) -> object:
+    """msgspec's hook for types it does not decode natively: a str subclass (ec.StreamId in an event
+    field) made of the stored str, which it validates (a stored value it refuses cannot be decoded)."""
+    # A TypeError or ValueError raised here msgspec reports as a ValidationError naming the field.
+    if isinstance(type_, type) and issubclass(type_, str):
+        if not isinstance(obj, str):
+            raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")
+        try:
+            return type_(obj)
+        except EventCoreError as exc:
+            raise ValueError(str(exc)) from None
+    raise TypeError(f"{type_!r} cannot be decoded from JSON")
 
 
 #: What msgspec raises for an object that has no JSON form. ValueError: a str with a lone surrogate
