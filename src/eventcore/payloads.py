@@ -50,6 +50,8 @@ def dec_hook(type_: Any, obj: object) -> object:
     """msgspec's hook for types it does not decode natively: a str subclass (ec.StreamId in an event
     field) made of the stored str, which it validates (a stored value it refuses cannot be decoded)."""
     # A TypeError or ValueError raised here msgspec reports as a ValidationError naming the field.
+    if type_ is object:  # any JSON value, as msgspec decodes `object` without a hook
+        return obj
     if isinstance(type_, type) and issubclass(type_, str):
         if not isinstance(obj, str):
             raise TypeError(f"Expected `str`, got `{type(obj).__name__}`")
