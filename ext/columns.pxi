@@ -402,7 +402,7 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
     cdef dict cache = {}
     cdef PyObject* found
     cdef tuple entry
-    cdef object sid = None, type_name = None, decode = None, data, payload, fast = None, key
+    cdef object sid = None, type_name = None, decode = None, data, payload, fast = None, key, delivered = None
     if offset < 0 or stream_ids.shape[0] != capacity or versions.shape[0] != capacity \
             or recorded_at.shape[0] != capacity or types.shape[0] != capacity:
         raise ValueError("decode_copy_columns: the envelope's columns must have one length, and offset >= 0")
@@ -498,6 +498,7 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
                 else:
                     entry = <tuple>found
                 fast = entry[0]
+                delivered = entry[1]
                 reads = entry[2]
             if type_version == reads or reads < 0:
                 decode = fast
@@ -526,7 +527,7 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
         stream_ids[at] = sid
         versions[at] = version
         recorded_at[at] = recorded + PG_EPOCH_OFFSET_US
-        types[at] = type_name
+        types[at] = delivered if nfields else type_name  # decoded: the class's own name (an alias's events too)
         at += 1
         count += 1
         last_position = position

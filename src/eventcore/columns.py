@@ -388,7 +388,7 @@ class ReadPlan:
             fields = (fields,)
         fields = tuple(fields)
         classes: list[type[Event]] = []
-        if types is not None:
+        if types is not None and fields:  # the envelope alone needs no class: any type name, as read_all takes it
             for t in ((types,) if isinstance(types, (str, type)) else types):
                 classes.append(_event_class(t))
         if fields and not classes:
@@ -588,6 +588,9 @@ def to_frame(columns: dict[str, Any]) -> Any:
             else:
                 values = data.copy()
                 values[mask] = None
+        if getattr(values, "dtype", None) == object:
+            # As object, None kept: pandas 3 would infer its str dtype, and None would become NaN.
+            values = pd.Series(values, dtype=object, copy=False)
         out[name] = values
     return pd.DataFrame(out)
 

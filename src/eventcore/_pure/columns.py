@@ -250,6 +250,7 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
     head, mid, length, stamp, int2 = _ROW_HEAD.unpack_from, _ROW_MID.unpack_from, _I32.unpack_from, \
         _I64_FIELD.unpack_from, _INT2.unpack_from
     rows: list = []  # (position, stream id, version, recorded_at µs, type name)
+    delivered = None
     payloads: list = []
     while True:
         row = o
@@ -307,7 +308,7 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
             entry = cache.get(type_name)
             if entry is None:
                 entry = cache[type_name] = decoding(type_name, False, position, sid)
-            decode, _, reads = entry
+            decode, delivered, reads = entry
             if not (type_version == reads or reads < 0):
                 key = (type_name, type_version)
                 decode = cache.get(key)
@@ -322,7 +323,8 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
                 ) from exc
             except UpcastError as exc:
                 raise exc.located(position, sid) from exc.__cause__
-        rows.append((position, sid, version, recorded + PG_EPOCH_OFFSET_US, type_name))
+        # Decoded: the class's own name (an alias's events too), as read_all gives it; else the stored one.
+        rows.append((position, sid, version, recorded + PG_EPOCH_OFFSET_US, delivered if fields else type_name))
     stop = offset + len(rows)
     if rows:
         positions[offset:stop] = [r[0] for r in rows]
