@@ -479,6 +479,10 @@ class ColumnFiller:
         self.chunks[-1][3] += n
         self.n += n
 
+    def _page_decoder(self, limit: int) -> "_PageDecoder":
+        """The decode callback of one COPY page of at most `limit` rows read straight into the columns."""
+        return _PageDecoder(self, limit)
+
     def add(self, events: list) -> None:
         plan, np = self.plan, self.np
         while events:
@@ -496,6 +500,31 @@ class ColumnFiller:
         return self.plan.result(self.np, self.chunks, self.n)
 
 
+class _PageDecoder:
+    """A COPY page decoded straight into a ColumnFiller's columns (`_impl.decode_copy_columns`), part by part
+    as the PostgreSQL stores' COPY readers hand them over (sync and asyncio): call it with each part, then
+    `done()` counts the rows in and gives (rows read, the last one's position)."""
+
+    def __init__(self, filler: ColumnFiller, limit: int) -> None:
+        self.filler, self.plan = filler, filler.plan
+        self.envelope, self.outs, self.masks, self.offset = filler.reserve(limit)
+        self.at, self.last = self.offset, 0
+
+    def __call__(self, buffer: bytearray) -> list:
+        plan = self.plan
+        got, last = _impl.decode_copy_columns(buffer, self.at, plan.fields, plan.kinds, self.envelope, self.outs,
+                                              self.masks)
+        if got:
+            self.at += got
+            self.last = last
+        return []  # nothing for the reader to collect: the rows are in the columns
+
+    def done(self) -> tuple[int, int]:
+        n = self.at - self.offset
+        self.filler.commit(n)
+        return n, self.last
+
+
 def read_columns(store: Any, after_position: int = 0, types: Any = None, fields: Iterable[str] = (),
                  stream_prefix: str | None = None, limit: int | None = None,
                  page_size: int = READ_PAGE_EVENTS, checked: tuple | None = None) -> dict[str, Any]:
@@ -509,7 +538,7 @@ def read_columns(store: Any, after_position: int = 0, types: Any = None, fields:
         remaining = limit
         while remaining is None or remaining > 0:
             n = page_size if remaining is None else min(page_size, remaining)
-            got, last = direct(after, names, prefix, n, plan, filler)
+            got, last = direct(after, names, prefix, n, filler)
             if got < n:
                 break
             after = last

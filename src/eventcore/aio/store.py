@@ -220,11 +220,24 @@ class AsyncEventStore(ObservedStore, ABC):
                            stream_prefix: str | None = None, limit: int | None = None,
                            page_size: int = 10_000) -> dict[str, Any]:
         """The feed as a dict of 1-D numpy arrays (see EventStore.read_columns). Each page is written into
-        the arrays on the event loop as it arrives."""
+        the arrays on the event loop as it arrives (PostgreSQL: its COPY decoded straight into them)."""
         from ..columns import ColumnFiller, read_plan
 
         plan = read_plan(types, fields)
         filler = ColumnFiller(plan, limit, page_size)
+        direct = getattr(self, "_read_columns_page", None)
+        if direct is not None:  # PostgreSQL: each page's COPY decoded straight into the columns
+            after, names, prefix, remaining, size, _ = read_all_args(after_position, types, stream_prefix, limit,
+                                                                     page_size, True)
+            while remaining is None or remaining > 0:
+                n = size if remaining is None else min(size, remaining)
+                got, last = await direct(after, names, prefix, n, filler)
+                if got < n:
+                    break
+                after = last
+                if remaining is not None:
+                    remaining -= got
+            return filler.result()
         page: list = []
         async for event in self.read_all(after_position=after_position, types=types, stream_prefix=stream_prefix,
                                          limit=limit, page_size=page_size, decode=bool(plan.fields)):

@@ -867,23 +867,13 @@ class PostgresStore(EventStore):
         except (psycopg.Error, PoolTimeout) as exc:
             log.debug("events table not analyzed after an ingest of %s events: %s", events, exc)
 
-    def _read_columns_page(self, after, types, prefix, limit, plan, filler):
+    def _read_columns_page(self, after, types, prefix, limit, filler):
         """One page of read_all (the same statement: filters, fence, order) decoded by COPY straight into
         `filler`'s columns (eventcore.columns, read_columns): (rows read, the last one's position)."""
-        envelope, outs, masks, offset = filler.reserve(limit)
-        state = [offset, 0]  # where the next row goes, the last position read
-
-        def decode(buffer: bytearray) -> list:
-            got, last = _impl.decode_copy_columns(buffer, state[0], plan.fields, plan.kinds, envelope, outs, masks)
-            if got:
-                state[0] += got
-                state[1] = last
-            return []  # nothing for read_copy_decoded to collect: the rows are in the columns
-
+        decode = filler._page_decoder(limit)
         self._read(lambda conn, query, values: read_copy_decoded(conn, query, values, decode),
                    self._read_all_sql[types is not None, prefix is not None], read_all_params(after, types, prefix, limit))
-        filler.commit(state[0] - offset)
-        return state[0] - offset, state[1]
+        return decode.done()
 
     def _type_counts(self):
         return self._fetch("type_counts", ())
