@@ -29,7 +29,7 @@ import msgspec
 from . import _impl
 from .errors import ColumnRowError, EventCoreError, MissingDependencyError, ValidationError
 from .formats import KIND_BOOL, KIND_DATETIME, KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR
-from .events import Event, Metadata, RawEvent, RejectedItem, ValidatedItem, event_class, validate_type_name
+from .events import Event, Metadata, RejectedItem, RowBlock, event_class, validate_type_name
 from .streams import stream_id as _stream_id
 
 #: Rows encoded per call of the column encoder: bounds the Python lists a chunk makes (the pure twin)
@@ -266,10 +266,35 @@ def _metadata_rows(np: Any, metadata: Any, n: int) -> tuple[Metadata | None, Any
     return None, row
 
 
+def _checked_ids(given: list, valid: dict) -> tuple[list, tuple[int, EventCoreError] | None]:
+    """(the stream ids of a chunk validated, up to the first bad one; (its offset, the error) or None).
+    `valid` remembers the str ids checked already (bounded): each distinct id is validated once."""
+    try:
+        ids = [valid.get(sid) for sid in given]
+    except TypeError:  # an unhashable value: checked (and refused) below
+        ids = [None] * len(given)
+    if None not in ids:
+        return ids, None
+    for offset, known in enumerate(ids):
+        if known is not None:
+            continue
+        sid = given[offset]
+        try:
+            known = _stream_id(sid)
+        except EventCoreError as exc:
+            return ids[:offset], (offset, exc)
+        if type(sid) is str:
+            if len(valid) >= _VALID_ID_MEMO:
+                valid.clear()
+            valid[sid] = known
+        ids[offset] = known
+    return ids, None
+
+
 def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -> tuple[int, Iterator[Any]]:
-    """(row count, the rows as `store.ingest` items), lazily: each item a validated (stream id,
-    RawEvent, metadata) whose payload was encoded from the columns, or a RejectedItem at the first bad
-    row. Column shapes, dtypes and type names are checked here, at the call (ValidationError)."""
+    """(row count, the rows as `store.ingest` items), lazily: RowBlocks of validated rows, a chunk of
+    rows each (stream ids checked, payloads encoded from the columns), then a RejectedItem at the first
+    bad row if there is one. Column shapes, dtypes and type names are checked here, at the call (ValidationError)."""
     np = numpy()
     if isinstance(stream_ids, (str, bytes)):
         raise ValidationError("stream_ids must be a 1-D array of stream ids (one per row), got a single str")
@@ -304,66 +329,66 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
         valid: dict = {}
         for start in range(0, n, ENCODE_CHUNK_ROWS):
             stop = min(n, start + ENCODE_CHUNK_ROWS)
-            # Per row of the chunk: its payload and its class's (type, version).
-            payloads: list = [None] * (stop - start)
-            kinds: list = [None] * (stop - start)
             first_bad: tuple[int, EventCoreError] | None = None
-            for k, plan in enumerate(plans):
-                if codes is None:
-                    rows = np.arange(start, stop)
-                else:
-                    rows = np.nonzero(codes[start:stop] == k)[0] + start
-                    if not len(rows):
-                        continue
-                for name in plan.unknown:
-                    given = rows[present[name][rows]]
-                    if len(given):
-                        row = int(given[0])
-                        if first_bad is None or row < first_bad[0]:
-                            first_bad = (row, ValidationError(
-                                f"{plan.cls.__name__} ({plan.type!r}) has no field {name!r}: leave it empty "
-                                "(masked, or None in an object column) in that type's rows"))
-                        rows = rows[rows < row]
+            if codes is None and not plans[0].unknown:  # one class: the chunk's rows in order
+                plan = plans[0]
                 try:
-                    encoded = plan.encode(rows)
+                    payloads = plan.encode(np.arange(start, stop))
                 except ColumnRowError as exc:
-                    if first_bad is None or exc.row < first_bad[0]:
-                        first_bad = (exc.row, exc.cause)
-                    rows = rows[rows < exc.row]
-                    encoded = plan.encode(rows)
-                type_and_version = (plan.type, plan.version)
-                for row, payload in zip((rows - start).tolist(), encoded):
-                    payloads[row] = payload
-                    kinds[row] = type_and_version
-            bad_row = stop if first_bad is None else first_bad[0]
-            chunk_sids = sids[start:bad_row].tolist()
+                    first_bad = (exc.row, exc.cause)
+                    payloads = plan.encode(np.arange(start, exc.row))
+                types = [plan.type] * len(payloads)
+                versions = [plan.version] * len(payloads)
+            else:  # per row of the chunk: its payload and its class's type and version
+                payloads = [None] * (stop - start)
+                types = [None] * (stop - start)
+                versions = [None] * (stop - start)
+                for k, plan in enumerate(plans):
+                    if codes is None:
+                        rows = np.arange(start, stop)
+                    else:
+                        rows = np.nonzero(codes[start:stop] == k)[0] + start
+                        if not len(rows):
+                            continue
+                    for name in plan.unknown:
+                        given = rows[present[name][rows]]
+                        if len(given):
+                            row = int(given[0])
+                            if first_bad is None or row < first_bad[0]:
+                                first_bad = (row, ValidationError(
+                                    f"{plan.cls.__name__} ({plan.type!r}) has no field {name!r}: leave it empty "
+                                    "(masked, or None in an object column) in that type's rows"))
+                            rows = rows[rows < row]
+                    try:
+                        encoded = plan.encode(rows)
+                    except ColumnRowError as exc:
+                        if first_bad is None or exc.row < first_bad[0]:
+                            first_bad = (exc.row, exc.cause)
+                        rows = rows[rows < exc.row]
+                        encoded = plan.encode(rows)
+                    for row, payload in zip((rows - start).tolist(), encoded):
+                        payloads[row] = payload
+                        types[row] = plan.type
+                        versions[row] = plan.version
+            good = (stop if first_bad is None else first_bad[0]) - start
+            chunk_sids = sids[start:start + good].tolist()
             if sid_mask is not None:
-                chunk_sids = [None if m else sid for sid, m in zip(chunk_sids, sid_mask[start:bad_row].tolist())]
-            out: list[Any] = []
-            for offset, sid in enumerate(chunk_sids):
-                known = valid.get(sid) if type(sid) is str else None
-                if known is None:
+                chunk_sids = [None if m else sid for sid, m in zip(chunk_sids, sid_mask[start:start + good].tolist())]
+            ids, bad_id = _checked_ids(chunk_sids, valid)
+            if bad_id is not None:
+                good, first_bad = bad_id[0], (start + bad_id[0], bad_id[1])
+            if md_row is None:
+                mds = [md_all] * good
+            else:
+                mds = []
+                for offset in range(good):
                     try:
-                        known = _stream_id(sid)
+                        mds.append(md_row(start + offset))
                     except EventCoreError as exc:
-                        yield from out
-                        yield RejectedItem(exc)
-                        return
-                    if len(valid) >= _VALID_ID_MEMO:
-                        valid.clear()
-                    valid[sid] = known
-                if md_row is None:
-                    md = md_all
-                else:
-                    try:
-                        md = md_row(start + offset)
-                    except EventCoreError as exc:
-                        yield from out
-                        yield RejectedItem(exc)
-                        return
-                t, v = kinds[offset]
-                out.append(ValidatedItem((known, RawEvent(t, payloads[offset], v), md)))
-            yield from out
+                        good, first_bad = offset, (start + offset, exc)
+                        break
+            if good:
+                yield RowBlock(ids[:good], types[:good], versions[:good], payloads[:good], mds[:good])
             if first_bad is not None:
                 yield RejectedItem(first_bad[1])
                 return

@@ -355,6 +355,25 @@ class ValidatedItem(tuple):
     __slots__ = ()
 
 
+class RowBlock:
+    """Consecutive ingest items given as columns (what `store.ingest_columns` hands `store.ingest`): one
+    per row of `stream_ids`, numbered as that many items, each validated already (stream id checked,
+    payload encoded from the columns by the row path's rules). Parallel lists, one entry per row:
+    `store.ingest` moves them into its batches a slice at a time, without an object per row."""
+
+    __slots__ = ("stream_ids", "types", "type_versions", "payloads", "metadatas")
+
+    def __init__(self, stream_ids: list, types: list, type_versions: list, payloads: list, metadatas: list) -> None:
+        self.stream_ids: list = stream_ids  # StreamId
+        self.types: list = types  # str
+        self.type_versions: list = type_versions  # int
+        self.payloads: list = payloads  # bytes: the JSON object
+        self.metadatas: list = metadatas  # Metadata or None
+
+    def __len__(self) -> int:
+        return len(self.stream_ids)
+
+
 class RejectedItem:
     """An ingest item that is an error (a bad row of `store.ingest_columns`, found while its columns
     were encoded): `store.ingest` stops at it as at any bad item, naming its index, with nothing of

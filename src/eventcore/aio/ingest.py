@@ -78,6 +78,9 @@ class _StoreOnLoop:
                       progress: Any = None) -> tuple:
         return self._run(self._store._ingest_batch(stream_ids, events, metadatas, expected, progress))
 
+    def _append_batch(self, prepared: Any) -> tuple:
+        return self._run(self._store._append_batch(prepared))
+
     def _ingest_progress(self, key: str) -> dict:
         return self._run(self._store._ingest_progress(key))
 

@@ -19,12 +19,13 @@ from typing import Any, Callable, Iterable, Mapping
 import msgspec
 
 from ..errors import ConcurrencyError, EventCoreError, ValidationError
-from ..events import Event, EventToWrite, Metadata, RawEvent, RejectedItem, ValidatedItem
+from .. import _impl
+from ..events import Event, EventToWrite, Metadata, RawEvent, RejectedItem, RowBlock, ValidatedItem
 from ..evolution import check_raw_event
 from ..expected import ANY, validate_expected
 from ..streams import StreamId, stream_id as _stream_id
 from .observer import observed
-from .prepare import MAX_EVENTS_PER_BATCH, validate_idempotency_key
+from .prepare import MAX_EVENTS_PER_BATCH, PreparedAppend, validate_idempotency_key
 
 
 class IngestProgress(msgspec.Struct, frozen=True):
@@ -125,14 +126,18 @@ class _BatchFailed(Exception):
 
 
 class _Lane:
-    """One ingest lane: the batch being filled and the batch in flight."""
+    """One ingest lane: the batch being filled and the batch in flight. A batch holds events (`evs`) or,
+    from RowBlocks, rows already encoded (`types`, `tvs`, `payloads`); `sids` and `mds` either way."""
 
-    __slots__ = ("sids", "evs", "mds", "start", "last", "pending", "filled")
+    __slots__ = ("sids", "evs", "mds", "types", "tvs", "payloads", "start", "last", "pending", "filled")
 
     def __init__(self) -> None:
         self.sids: list = []
         self.evs: list = []
         self.mds: list = []
+        self.types: list = []
+        self.tvs: list = []
+        self.payloads: list = []
         self.start = 0  # input index of the batch's first item
         self.last = 0  # input index of the batch's last item
         self.pending = None
@@ -288,12 +293,17 @@ def ingest(
                     rebase.discard(sid)
         with lock:
             exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
+        if type(evs) is PreparedAppend:  # rows of RowBlocks, encoded on the reading thread (see flush)
+            evs.expected, evs.progress, evs.recorded_at_us = exp, progress, time.time_ns() // 1000
+            call, args = store._append_batch, (evs,)
+        else:
+            call, args = store._ingest_batch, (sids, evs, mds, exp, progress)
         try:
             if observer is None:
-                first, last, after = store._ingest_batch(sids, evs, mds, exp, progress)
+                first, last, after = call(*args)
             else:
-                first, last, after = observed(observer, store, "ingest_batch", None, None, store._ingest_batch,
-                                              (sids, evs, mds, exp, progress), lambda _: len(sids))
+                first, last, after = observed(observer, store, "ingest_batch", None, None, call, args,
+                                              lambda _: len(sids))
         except EventCoreError as exc:
             raise _BatchFailed(start, exc) from exc
         with lock:
@@ -325,16 +335,120 @@ def ingest(
             progress = IngestProgress(resume_key, lane_no, parallel, count, done[lane_no], passed, lane.filled,
                                       lane.pending is None)
             done[lane_no] = count
-        batch = (lane.sids, lane.evs, lane.mds, lane.start, progress)
+        if lane.payloads:
+            # Rows of RowBlocks: the batch's rows made ready here, while the lane's batch in flight is
+            # written, so that its worker only sends them (PostgreSQL: frames them into the COPY).
+            n = len(lane.sids)
+            mds = lane.mds
+            md_bytes = [None] * n if mds.count(None) == n else [_impl.encode_metadata(md) for md in mds]
+            # As the events: the payloads (a store whose _append_batch goes through _append hands them
+            # back in RecordedEvents that ingest reads only versions and positions from).
+            evs = PreparedAppend(lane.sids, lane.types, lane.tvs, lane.payloads, md_bytes, _impl.new_event_ids(n),
+                                 lane.payloads, mds, {})
+        else:
+            evs = lane.evs
+        batch = (lane.sids, evs, lane.mds, lane.start, progress)
         lane.sids, lane.evs, lane.mds, lane.filled = [], [], [], []
+        lane.types, lane.tvs, lane.payloads = [], [], []
         if lane.pending is not None:
             lane.pending.result()  # one batch in flight per lane: order within the lane, bounded memory
         lane.pending = pool.submit(write, *batch)
 
+    def admit(index: int, sid: StreamId, lane_no: int) -> bool:
+        """Whether input item `index` (of stream `sid`, in lane `lane_no`) is to be written by this run:
+        not if an earlier run with the resume key committed it (then it is counted as skipped)."""
+        nonlocal skipped
+        if (lane_no, index) in holes:
+            lanes[lane_no].filled.append(index)  # passed over before, an item now: written, once
+            return True
+        if index < done[lane_no]:
+            skipped += 1
+            if sid in checks and sid not in rebase:
+                # An earlier run wrote this stream (and checked `expected` then): from here
+                # on it is checked against the version it has when this run first writes it.
+                with lock:
+                    rebase.add(sid)
+            return False
+        return True
+
+    lane_memo: dict = {}  # stream id -> its lane (parallel > 1), bounded like valid_ids
+
+    def lane_of(sid: str) -> int:
+        lane_no = lane_memo.get(sid)
+        if lane_no is None:
+            # A stream's lane must be the same in every run (resume_key): crc32, not hash(),
+            # which Python salts per process.
+            lane_no = zlib.crc32(sid.encode()) % parallel
+            if len(lane_memo) >= _VALID_ID_MEMO:
+                lane_memo.clear()
+            lane_memo[sid] = lane_no
+        return lane_no
+
+    def add_rows(lane_no: int, index: int, block: RowBlock, picked: list | None) -> None:
+        """Rows of `block` (input items from `index`; all of them, or the offsets `picked`) into lane
+        `lane_no`'s batches, a slice at a time, each batch flushed as it fills."""
+        lane = lanes[lane_no]
+        total = len(block) if picked is None else len(picked)
+        pos = 0
+        while pos < total:
+            take = min(batch_size - len(lane.sids), total - pos)
+            if picked is None:
+                a, b = pos, pos + take
+                if not lane.sids:
+                    lane.start = index + a
+                lane.last = index + b - 1
+                lane.sids += block.stream_ids[a:b]
+                lane.types += block.types[a:b]
+                lane.tvs += block.type_versions[a:b]
+                lane.payloads += block.payloads[a:b]
+                lane.mds += block.metadatas[a:b]
+            else:
+                rows = picked[pos:pos + take]
+                if not lane.sids:
+                    lane.start = index + rows[0]
+                lane.last = index + rows[-1]
+                for column, into in ((block.stream_ids, lane.sids), (block.types, lane.types),
+                                     (block.type_versions, lane.tvs), (block.payloads, lane.payloads),
+                                     (block.metadatas, lane.mds)):
+                    into += [column[i] for i in rows]
+            pos += take
+            if len(lane.sids) >= batch_size:
+                flush(lane_no, lane)
+
+    def place_block(index: int, block: RowBlock) -> None:
+        """A RowBlock's rows (input items `index`..) into their lanes: in bulk, unless an earlier run
+        with the resume key committed some of them (then row by row, as items)."""
+        if metadata is not None and None in block.metadatas:
+            block.metadatas = [metadata if md is None else md for md in block.metadatas]
+        if not holes and index >= max(done):
+            if parallel == 1:
+                add_rows(0, index, block, None)
+            else:
+                row_lanes = [lane_of(sid) for sid in block.stream_ids]
+                for lane_no in range(parallel):
+                    picked = [i for i, at in enumerate(row_lanes) if at == lane_no]
+                    if picked:
+                        add_rows(lane_no, index, block, picked)
+            return
+        for offset, sid in enumerate(block.stream_ids):
+            lane_no = lane_of(sid) if parallel > 1 else 0
+            if admit(index + offset, sid, lane_no):
+                add_rows(lane_no, index, block, [offset])
+
     failure: tuple | None = None  # (item index, in a batch?, cause)
-    read = 0  # input items read (None items included)
+    read = 0  # input items read (None items included; a RowBlock counts its rows)
+    rows_mode: bool | None = None  # whether the input is RowBlocks (they and other items do not mix)
     try:
-        for index, item in enumerate(items):
+        for item in items:
+            index = read
+            if type(item) is RowBlock:
+                read = index + len(item)
+                if rows_mode is False:
+                    failure = (index, False, ValidationError("ingest takes RowBlocks or items, not both"))
+                    break
+                rows_mode = True
+                place_block(index, item)
+                continue
             read = index + 1
             if item is None:  # an input record passed over: it keeps its number
                 if resume_key is not None:
@@ -345,21 +459,14 @@ def ingest(
                 continue
             try:
                 sid, ev, md = _ingest_item(item, metadata, valid_ids)
+                if rows_mode:
+                    raise ValidationError("ingest takes RowBlocks or items, not both")
             except EventCoreError as exc:
                 failure = (index, False, exc)
                 break
-            # A stream's lane must be the same in every run (resume_key): crc32, not hash(),
-            # which Python salts per process.
-            lane_no = zlib.crc32(sid.encode()) % parallel if parallel > 1 else 0
-            if (lane_no, index) in holes:
-                lanes[lane_no].filled.append(index)  # passed over before, an item now: written, once
-            elif index < done[lane_no]:
-                skipped += 1
-                if sid in checks and sid not in rebase:
-                    # An earlier run wrote this stream (and checked `expected` then): from here
-                    # on it is checked against the version it has when this run first writes it.
-                    with lock:
-                        rebase.add(sid)
+            rows_mode = False
+            lane_no = lane_of(sid) if parallel > 1 else 0
+            if not admit(index, sid, lane_no):
                 continue
             if type(ev) is RawEvent and type(item) is not ValidatedItem:
                 # Checked against its class only now that it is to be written: an item an earlier run
