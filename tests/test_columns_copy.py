@@ -150,6 +150,37 @@ def test_an_ingest_that_grows_the_events_table_by_a_tenth_analyzes_it(pg_dsn, pg
         assert analyzed(conn) == 2 * ANALYZE_MIN_EVENTS - 1
         store.ingest(("more", Noted("y")) for _ in range(ANALYZE_MIN_EVENTS))  # +50 %: again
         assert analyzed(conn) == 3 * ANALYZE_MIN_EVENTS - 1
+        # The columns the reads filter and order on have statistics; the payloads are not sampled.
+        columns = {c for (c,) in conn.execute("SELECT attname FROM pg_stats WHERE schemaname = %s AND "
+                                              "tablename = 'events'", (pg_schema,))}
+        assert {"position", "stream_id", "version", "type"} <= columns and not columns & {"data", "metadata"}
+
+
+def test_an_asyncio_ingest_that_grows_the_events_table_analyzes_it(pg_dsn, pg_schema):
+    """The asyncio PostgreSQL store's ingest analyzes the events table as the sync store's does."""
+    import asyncio
+
+    import psycopg
+
+    import eventcore.aio as eca
+    from eventcore.stores.postgres.store import ANALYZE_MIN_EVENTS
+
+    async def main():
+        async with await eca.connect(pg_dsn, schema=pg_schema) as store:
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                conn.execute(f'ALTER TABLE "{pg_schema}".events SET (autovacuum_enabled = false)')
+            await store.ingest(("small", Noted("x")) for _ in range(ANALYZE_MIN_EVENTS - 1))
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                assert analyzed(conn) <= 0
+            await store.ingest((f"s-{i % 50}", Counted(i)) for i in range(ANALYZE_MIN_EVENTS))
+            with psycopg.connect(pg_dsn, autocommit=True) as conn:
+                assert analyzed(conn) == 2 * ANALYZE_MIN_EVENTS - 1
+
+    def analyzed(conn):
+        return conn.execute("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE n.nspname = %s AND c.relname = 'events'", (pg_schema,)).fetchone()[0]
+
+    asyncio.run(main())
 
 
 def test_the_asyncio_postgres_store_reads_columns_by_copy_alike(pg_dsn, pg_schema):

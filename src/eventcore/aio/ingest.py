@@ -81,6 +81,11 @@ class _StoreOnLoop:
     def _append_batch(self, prepared: Any) -> tuple:
         return self._run(self._store._append_batch(prepared))
 
+    def _after_ingest(self, events: int) -> None:
+        after = getattr(self._store, "_after_ingest", None)
+        if after is not None:
+            asyncio.run_coroutine_threadsafe(after(events), self._loop).result()
+
     def _ingest_progress(self, key: str) -> dict:
         return self._run(self._store._ingest_progress(key))
 

@@ -57,7 +57,7 @@ from ..stores.postgres.group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE
 from ..stores.postgres.projections import checkpoint_records, status_params
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
-    _PREPARED_READS, BACKEND_GONE_TIMEOUT_MS, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
+    _PREPARED_READS, ANALYZE_EVENTS, ANALYZE_MIN_EVENTS, BACKEND_GONE_TIMEOUT_MS, EVENTS_ROW_ESTIMATE, needs_analyze, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
     _remember_long, _text_array, after_snapshot, remember_longest, check_progress, committed_rows, configure,
     group_outcomes, save_snapshot_params,
     lost_check_only, no_connection_reason, outcome_unknown, pool_stats_of, progress_params, raise_write_error,
@@ -625,6 +625,21 @@ class AsyncPostgresStore(AsyncEventStore):
         async def run(conn, query, values):
             return await read_copy_decoded(conn, query, values, decode)
         return await self._read(run, name_or_sql, params)
+
+    async def _after_ingest(self, events: int) -> None:
+        """As PostgresStore._after_ingest: the events table analyzed after an ingest that grew it by more
+        than ANALYZE_GROWTH; a failure is only logged."""
+        if events < ANALYZE_MIN_EVENTS:
+            return
+
+        async def run(conn, query, values):
+            found = await (await conn.execute(EVENTS_ROW_ESTIMATE, (self.schema,), prepare=False)).fetchone()
+            if needs_analyze(events, found):
+                await conn.execute(q(ANALYZE_EVENTS, self.schema), prepare=False)
+        try:
+            await self._read(run, EVENTS_ROW_ESTIMATE, ())
+        except EventCoreError as exc:
+            log.debug("events table not analyzed after an ingest of %s events: %s", events, exc)
 
     async def _recorded_command_rows(self, key):
         return await self._fetch("recorded_command", (key,))
