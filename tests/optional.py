@@ -72,3 +72,12 @@ def require(module: str):
     if os.environ.get("CI", "").lower() == "true":
         return importlib.import_module(module)
     return pytest.importorskip(module)
+
+
+#: For a test whose subject does not depend on the implementation (building the distributions, type-checking
+#: the sources): it runs under the compiled one only. The README's test command runs the suite under both,
+#: so such a test ran once already when the pure-Python run skips it; a run under the pure twin alone
+#: (EVENTCORE_IMPL=python) says so.
+once_per_suite = pytest.mark.skipif(
+    os.environ.get("EVENTCORE_IMPL") == "python",
+    reason="does not depend on the implementation: it runs in the EVENTCORE_IMPL=c run of the suite")

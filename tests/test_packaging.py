@@ -25,6 +25,8 @@ from pathlib import Path
 
 import pytest
 
+from optional import once_per_suite
+
 try:
     import tomllib
 except ImportError:  # Python 3.10: tomli, its model, if installed; else the tests that read pyproject skip
@@ -69,6 +71,7 @@ def test_the_pypi_page_links_only_absolute_urls():
     assert all(url.startswith("https://") for url in _pyproject()["project"]["urls"].values())
 
 
+@once_per_suite
 def test_the_pypi_page_example_runs(tmp_path):
     text = (ROOT / _pyproject()["project"]["readme"]).read_text()
     # The first block; the second, a test using the pytest plugin, runs in tests/test_pytest_plugin.py.
@@ -113,6 +116,7 @@ def _sdist_files(tmp_path: Path) -> set[str]:
         return {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
 
 
+@once_per_suite
 def test_the_sdist_carries_what_its_tests_read(tmp_path):
     if os.environ.get("CI", "").lower() == "true" and _build_installed():
         files = _sdist_files(tmp_path)
@@ -227,6 +231,7 @@ def _new_venv(path: Path) -> Path:
     return path / ("Scripts/python.exe" if sys.platform == "win32" else "bin/python")
 
 
+@once_per_suite
 def test_the_built_wheel_installs_from_pypi_like_a_users_and_passes_its_tests(tmp_path):
     """`python -m build --wheel` gives a wheel with the compiled hot path, the licence and the type marker; pip
     installs it into a bare virtualenv, fetching its dependencies from PyPI; and the model and hot-path tests
@@ -273,6 +278,7 @@ def test_the_built_wheel_installs_from_pypi_like_a_users_and_passes_its_tests(tm
         assert checked.returncode == 0, checked.stdout + checked.stderr
 
 
+@once_per_suite
 def test_a_failing_compiler_fails_the_build_unless_pure_python_is_asked_for(tmp_path):
     """A compiler that fails fails `pip install`, and the error names EVENTCORE_PUREPYTHON=1; with it the same
     build succeeds, builds no extension, and the installation runs the pure-Python implementation."""

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from optional import once_per_suite
+
 ROOT = Path(__file__).resolve().parent.parent
 #: What a user's code looks like to the checkers: the examples and the typed user script.
 USER_CODE = ["examples", "tests/typing"]
@@ -49,6 +51,7 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
                           timeout=600)
 
 
+@once_per_suite
 def test_mypy_accepts_the_examples_and_the_user_script_and_refuses_what_they_mark():
     _checker("mypy")
     done = _run("mypy", *USER_CODE)
@@ -59,6 +62,7 @@ def test_mypy_accepts_the_examples_and_the_user_script_and_refuses_what_they_mar
     assert done.returncode == 0, done.stdout + done.stderr
 
 
+@once_per_suite
 def test_pyright_accepts_the_examples_and_the_user_script_and_refuses_what_they_mark():
     _checker("pyright")
     done = _run("pyright", "--pythonpath", sys.executable, *USER_CODE)
@@ -66,6 +70,7 @@ def test_pyright_accepts_the_examples_and_the_user_script_and_refuses_what_they_
     assert "0 errors" in done.stdout, done.stdout
 
 
+@once_per_suite
 def test_pyright_finds_the_public_api_typed():
     _checker("pyright")
     done = _run("pyright", "--pythonpath", sys.executable, "--verifytypes", "eventcore", "--ignoreexternal",
@@ -100,6 +105,7 @@ def _mypy_package_errors() -> Counter[str]:
     return found
 
 
+@once_per_suite
 @pytest.mark.parametrize("checker", ["pyright", "mypy"])
 def test_the_package_gains_no_type_error(checker):
     _checker(checker)
