@@ -145,10 +145,17 @@ ANALYZE_GROWTH = 0.1
 ANALYZE_MIN_EVENTS = 10_000
 #: The events table's statistics after an ingest: its rows' estimate (pg_class.reltuples), and the
 #: ANALYZE of the columns the reads filter and order on. Not the payloads (data, metadata: jsonb), which
-#: no statement filters on and whose sampling was most of ANALYZE's time (see the closing note of issue 20).
+#: no statement filters on.
 EVENTS_ROW_ESTIMATE = ("SELECT c.reltuples FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
                        "WHERE n.nspname = %s AND c.relname = 'events'")
 ANALYZE_EVENTS = "ANALYZE {s}.events (position, stream_id, version, event_id, type, recorded_at, type_version)"
+#: The statistics target of that ANALYZE (SET LOCAL: its transaction only): 30 samples 9,000 rows, enough
+#: for a row count within a fraction of a percent and the types' and streams' commonest values. Measured on
+#: 1M events: 0.04 s, against 0.14 s at the default 100 and 0.19-0.23 s with the payloads sampled too, a
+#: share of a 10 s load the ingest paid after its last batch. Autovacuum analyzes at the server's target
+#: once the table has grown by another tenth.
+ANALYZE_TARGET = 30
+ANALYZE_TARGET_SQL = f"SET LOCAL default_statistics_target = {ANALYZE_TARGET}"
 
 
 def needs_analyze(events: int, row_estimate: Any) -> bool:
@@ -873,7 +880,9 @@ class PostgresStore(EventStore):
         try:
             with self._pool.connection() as conn, self._watched(conn, statements=2):
                 if needs_analyze(events, conn.execute(EVENTS_ROW_ESTIMATE, (self.schema,), prepare=False).fetchone()):
-                    conn.execute(q(ANALYZE_EVENTS, self.schema), prepare=False)
+                    with conn.transaction():
+                        conn.execute(ANALYZE_TARGET_SQL, prepare=False)
+                        conn.execute(q(ANALYZE_EVENTS, self.schema), prepare=False)
         except (psycopg.Error, PoolTimeout) as exc:
             log.debug("events table not analyzed after an ingest of %s events: %s", events, exc)
 
