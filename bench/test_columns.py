@@ -7,7 +7,13 @@ In one session, on the same server and a freshly migrated schema per round:
 * ingest_columns_raw     raw psycopg `COPY ... (FORMAT BINARY)` of the very same rows, pre-encoded in
                          memory outside the timing (the physical limit);
 * read_columns           store.read_columns of the N events, 4 fields typed from the class;
-* read_all               list(store.read_all(...)) of the same events, as objects (today's way).
+* read_all               list(store.read_all(...)) of the same events, as objects (today's way);
+* ingest_columns_eventsourcing
+                         the same N events (the same four fields, the same 1,000 streams) saved by the
+                         `eventsourcing` library in its fastest bulk mode (EventStore.put with its DB
+                         functions, psycopg binary; see bench/test_peer_eventsourcing.py for why that
+                         mode), 100,000 events per put() as ingest_columns' batches; building its
+                         event objects is done outside the timing (it is the caller's input there).
 
 Also the peak Python memory of one ingest_columns run (tracemalloc, numpy's arrays included), and the
 implementation (EVENTCORE_IMPL) in the summary. EVENTCORE_BENCH_EVENTS sets N (default 1,000,000).
@@ -166,6 +172,66 @@ def test_ingest_columns_raw_copy(benchmark, pg_dsn, fresh_schema, preencoded):
     record("ingest_columns_raw", benchmark)
     FIGURES["raw psycopg COPY of the same rows, pre-encoded: events/s"] = (N / MEDIANS["ingest_columns_raw"],
                                                                           "events/s")
+
+
+@pytest.mark.benchmark(group="columns-ingest")
+def test_ingest_columns_eventsourcing(benchmark, pg_dsn, columns):
+    es = pytest.importorskip("eventsourcing.application")
+    domain = pytest.importorskip("eventsourcing.domain")
+    pytest.importorskip("eventsourcing.postgres")
+    import uuid
+
+    from conftest import eventsourcing_env
+
+    class Sensor(domain.Aggregate):
+        class Sampled(domain.Aggregate.Event):
+            sensor: str
+            value: float
+            seq: int
+            at: dt.datetime
+
+    class ColumnsPeer(es.Application):
+        """The peer's application: its events table is <schema>.columnspeer_events."""
+
+    ids = [uuid.uuid5(uuid.NAMESPACE_URL, f"sensor-{k}") for k in range(STREAMS)]
+    data = columns["data"]
+    epoch = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    apps: list = []
+
+    def setup():
+        schema = f"bench_es_cols_{uuid.uuid4().hex[:10]}"
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        app = ColumnsPeer(env=eventsourcing_env(pg_dsn, schema, POSTGRES_ENABLE_DB_FUNCTIONS="y",
+                                                POSTGRES_POOL_SIZE="1", CREATE_TABLE="y"))
+        apps.append((app, schema))
+        now = dt.datetime.now(dt.timezone.utc)
+        events = [Sensor.Sampled(originator_id=ids[i % STREAMS], originator_version=i // STREAMS + 1, timestamp=now,
+                                 sensor=s, value=v, seq=q, at=epoch + dt.timedelta(microseconds=a))
+                  for i, (s, v, q, a) in enumerate(zip(data["sensor"].tolist(), data["value"].tolist(),
+                                                       data["seq"].tolist(), data["at"].view(np.int64).tolist()))]
+        return (app, events), {}
+
+    def run(app, events):
+        for start in range(0, len(events), BATCH):
+            app.events.put(events[start:start + BATCH])
+
+    try:
+        benchmark.pedantic(run, setup=setup, rounds=3, iterations=1)
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            rows = conn.execute(sql.SQL("SELECT count(*) FROM {}.columnspeer_events").format(
+                sql.Identifier(apps[-1][1]))).fetchone()[0]
+        assert rows == N
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            for app, schema in apps:
+                app.close()
+                conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+    record("ingest_columns_eventsourcing", benchmark)
+    FIGURES["eventsourcing's fastest bulk save of the same events: events/s"] = (
+        N / MEDIANS["ingest_columns_eventsourcing"], "events/s")
+    RATIOS.append(("ingest_columns vs eventsourcing's fastest bulk save (same events)", "ingest_columns",
+                   "ingest_columns_eventsourcing", ">= 5x"))
 
 
 @pytest.fixture(scope="module")
