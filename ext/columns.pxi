@@ -356,8 +356,8 @@ cdef inline int _put_field(object payload, str name, int kind, char* out, unsign
 
 def decode_copy_columns(buffer, Py_ssize_t offset, tuple fields, tuple kinds, tuple envelope, list outs,
                         list masks):
-    """Decode a whole binary COPY stream of the events table's columns straight into preallocated
-    columns from index `offset` on (see eventcore._pure.columns.decode_copy_columns)."""
+    """Decode a whole binary COPY stream of read_columns' columns (formats.COLUMNS_COPY_FIELDS) straight into
+    preallocated columns from index `offset` on (see eventcore._pure.columns.decode_copy_columns)."""
     cdef Py_buffer view
     cdef Py_ssize_t nfields = len(fields), j, acquired = 0
     cdef Py_buffer* views = NULL
@@ -425,7 +425,7 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
             if end - o == 2 and buf[o] == 0xFF and buf[o + 1] == 0xFF:
                 return count, last_position
             break
-        if ((buf[o] << 8) | buf[o + 1]) != COPY_FIELDS or _get_i32(buf + o + 2) != 8:
+        if ((buf[o] << 8) | buf[o + 1]) != COLUMNS_COPY_FIELDS or _get_i32(buf + o + 2) != 8:
             break
         position = <int64_t>_get_u64(buf + o + 6)
         size = _get_i32(buf + o + 14)
@@ -439,11 +439,11 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
             sid_at = o
             sid_len = size
         o += size
-        if end - o < 36 or _get_i32(buf + o) != 8 or _get_i32(buf + o + 12) != 16:
+        if end - o < 16 or _get_i32(buf + o) != 8:
             break
         version = <int64_t>_get_u64(buf + o + 4)
-        size = _get_i32(buf + o + 32)
-        o += 36
+        size = _get_i32(buf + o + 12)
+        o += 16
         if size < 0 or size > end - o:
             break
         if size != type_len or memcmp(buf + o, buf + type_at, size) != 0:
@@ -458,17 +458,10 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
             break
         size = _get_i32(buf + o)
         o += 4
-        if size < 1 or size > end - o or buf[o] != JSONB_VERSION:
-            break
-        data = PyBytes_FromStringAndSize(<const char*>buf + o + 1, size - 1) if nfields else None
-        o += size
-        if end - o < 4:
-            break
-        size = _get_i32(buf + o)
-        o += 4
-        if size != NULL_LENGTH:  # metadata: framed, never decoded (no column holds it)
+        if size != NULL_LENGTH or nfields:  # NULL: the envelope alone was read (envelope_columns)
             if size < 1 or size > end - o or buf[o] != JSONB_VERSION:
                 break
+            data = PyBytes_FromStringAndSize(<const char*>buf + o + 1, size - 1) if nfields else None
             o += size
         if end - o < 12 or _get_i32(buf + o) != 8:
             break
@@ -531,4 +524,4 @@ cdef tuple _decode_copy_columns(object buffer, const unsigned char* buf, Py_ssiz
         at += 1
         count += 1
         last_position = position
-    raise SerializationError(_copy_row_problem(buffer, row))
+    raise SerializationError(_copy_row_problem(buffer, row, "columns" if nfields else "envelope"))

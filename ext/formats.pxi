@@ -7,6 +7,7 @@ from libc.stdint cimport int64_t, uint32_t
 from eventcore import events as _events, expected as _expected, formats as _formats
 
 cdef int COPY_FIELDS = _formats.COPY_FIELDS
+cdef int COLUMNS_COPY_FIELDS = _formats.COLUMNS_COPY_FIELDS
 cdef int NULL_LENGTH = _formats.NULL_LENGTH
 cdef char JSONB_VERSION = _formats.JSONB_VERSION
 cdef Py_ssize_t MAX_FIELD_BYTES = _formats.MAX_FIELD_BYTES

@@ -25,6 +25,35 @@ TWINS = {"python": _pure.decode_copy_columns, **({"c": C.decode_copy_columns} if
 FIELDS = ("text", "n", "ratio", "tags", "value")
 
 
+def _columns_layout(buf: bytes, with_data: bool = True) -> bytes:
+    """A COPY stream of the events' columns (formats.COPY_FIELDS) as read_columns' COPY sends the same rows
+    (formats.COLUMNS_COPY_FIELDS; queries.sql column_columns, or envelope_columns: the payload NULL)."""
+    import struct
+
+    from eventcore.formats import COLUMNS_COPY_FIELDS, COPY_FIELDS, COPY_HEADER, COPY_TRAILER
+
+    o = len(COPY_HEADER)
+    out = bytearray(COPY_HEADER)
+    while True:
+        (count,) = struct.unpack_from(">h", buf, o)
+        o += 2
+        if count == -1:
+            break
+        assert count == COPY_FIELDS
+        fields = []
+        for _ in range(count):
+            (size,) = struct.unpack_from(">i", buf, o)
+            o += 4
+            fields.append(None if size < 0 else buf[o:o + size])
+            o += max(size, 0)
+        position, sid, version, _, type_name, data, _, recorded, type_version = fields
+        out += struct.pack(">h", COLUMNS_COPY_FIELDS)
+        for value in (position, sid, version, type_name, data if with_data else None, recorded, type_version):
+            out += struct.pack(">i", -1) if value is None else struct.pack(">i", len(value)) + value
+    out += COPY_TRAILER
+    return bytes(out)
+
+
 def _arrays(plan, n):
     envelope, outs, masks = plan.allocate(np, n)
     return envelope, outs, masks
@@ -54,11 +83,17 @@ def _outcome(decode, buf, plan, offset, n):
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("fields", [FIELDS, ()], ids=["fields", "envelope only"])
 def test_both_twins_write_what_decode_copy_and_fill_columns_write(shape, fields):
-    buf, _ = _rows(SHAPES[shape])
+    full, _ = _rows(SHAPES[shape])
     plan = read_plan([Noted, Counted, Blob], fields)
     offset = 3
     n = offset + len(SHAPES[shape]) + 2
-    events, *want = _expected(buf, plan, offset, n)
+    events, *want = _expected(full, plan, offset, n)
+    # What read_columns' COPY sends: the payload always when fields are read; without them, either.
+    for buf in ((_columns_layout(full),) if fields else (_columns_layout(full), _columns_layout(full, False))):
+        _check_twins(buf, plan, offset, n, events, want)
+
+
+def _check_twins(buf, plan, offset, n, events, want):
     want_lists = _as_lists(*want, offset + len(events))
     for name, decode in TWINS.items():
         for given in (buf, bytearray(buf), memoryview(buf)):
@@ -69,7 +104,7 @@ def test_both_twins_write_what_decode_copy_and_fill_columns_write(shape, fields)
 
 
 def test_no_room_left_is_a_value_error_in_both():
-    buf, _ = _rows(SHAPES["many types, interleaved"])
+    buf = _columns_layout(_rows(SHAPES["many types, interleaved"])[0])
     plan = read_plan([Noted, Counted, Blob], FIELDS)
     outcomes = {name: _outcome(decode, buf, plan, 25, 30) for name, decode in TWINS.items()}
     assert {o[0] for o in outcomes.values()} == {"ValueError"}
@@ -77,7 +112,7 @@ def test_no_room_left_is_a_value_error_in_both():
 
 
 def test_columns_of_another_length_are_refused_in_both():
-    buf, _ = _rows(SHAPES["one event"])
+    buf = _columns_layout(_rows(SHAPES["one event"])[0])
     plan = read_plan([Noted, Counted, Blob], FIELDS)
     for name, decode in TWINS.items():
         envelope, outs, masks = _arrays(plan, 4)
@@ -90,16 +125,22 @@ def test_corrupt_streams_fail_alike_in_both_twins():
     """Random truncations and byte flips of real streams: the same rows or the same error, in both."""
     rnd = random.Random(20)
     plan = read_plan([Noted, Counted, Blob], FIELDS)
-    bases = [_rows(SHAPES[s])[0] for s in ("many types, interleaved", "metadata present and absent",
-                                           "unicode stream ids and text")]
+    bases = [_columns_layout(_rows(SHAPES[s])[0]) for s in ("many types, interleaved", "metadata present and absent",
+                                                            "unicode stream ids and text")]
+    envelope = read_plan([Noted, Counted, Blob], ())
     for i in range(400):
-        buf = bytearray(rnd.choice(bases))
+        if i % 4 == 3:  # the envelope alone: a stream with and one without payloads
+            plan_i = envelope
+            base = rnd.choice(bases + [_columns_layout(_rows(SHAPES["many types, interleaved"])[0], False)])
+        else:
+            plan_i, base = plan, rnd.choice(bases)
+        buf = bytearray(base)
         if i % 3 == 0:
             buf = buf[:rnd.randrange(len(buf))]
         else:
             for _ in range(rnd.randint(1, 3)):
                 buf[rnd.randrange(len(buf))] = rnd.randrange(256)
-        outcomes = {name: _outcome(decode, bytes(buf), plan, 0, 40) for name, decode in TWINS.items()}
+        outcomes = {name: _outcome(decode, bytes(buf), plan_i, 0, 40) for name, decode in TWINS.items()}
         first = next(iter(outcomes.values()))
         assert all(o == first for o in outcomes.values()), (i, outcomes)
 
@@ -208,3 +249,29 @@ def test_the_asyncio_postgres_store_reads_columns_by_copy_alike(pg_dsn, pg_schem
         assert list(w) == list(g)
         for name in w:
             assert repr(w[name].tolist()) == repr(g[name].tolist()), (kw, name)
+
+
+def test_a_row_without_its_payload_is_corrupt_when_fields_are_read_in_both_twins():
+    """envelope_columns sends no payload; a stream of those rows read for fields fails alike in both twins,
+    naming the payload."""
+    from eventcore.errors import SerializationError
+
+    buf = _columns_layout(_rows(SHAPES["many types, interleaved"])[0], with_data=False)
+    plan = read_plan([Noted, Counted, Blob], FIELDS)
+    outcomes = {name: _outcome(decode, buf, plan, 0, 40) for name, decode in TWINS.items()}
+    assert {o[0] for o in outcomes.values()} == {SerializationError.__name__}
+    assert len(set(outcomes.values())) == 1 and "corrupt data" in next(iter(outcomes.values()))[1], outcomes
+
+
+def test_read_columns_statements_are_read_alls_with_other_columns():
+    """read_columns reads by read_all's own statements (conditions, fence, order, parameters) with its own
+    columns in place of the events'."""
+    from eventcore.stores.postgres.sql import QUERIES, copy_read_all_sql, copy_read_columns_sql
+
+    for t in (False, True):
+        for p in (False, True):
+            events = copy_read_all_sql(t, p)
+            for with_data, columns in ((True, "column_columns"), (False, "envelope_columns")):
+                assert copy_read_columns_sql(t, p, with_data) == events.replace(QUERIES["copy_columns"],
+                                                                                 QUERIES[columns])
+                assert QUERIES[columns] in copy_read_columns_sql(t, p, with_data)

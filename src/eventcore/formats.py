@@ -23,6 +23,9 @@ COPY_TRAILER = struct.pack(">h", -1)
 #: Fields per COPY row: position, stream_id, version, event_id, type, data, metadata, recorded_at,
 #: type_version (an int2: the event type's version the payload is in).
 COPY_FIELDS = 9
+#: Fields per row of read_columns' COPY (queries.sql: column_columns): position, stream_id, version, type,
+#: data (NULL when no payload field is read), recorded_at, type_version.
+COLUMNS_COPY_FIELDS = 7
 #: The bytes of the int2 type version field; a reader takes NULL for 1 (what the store's reads send).
 TYPE_VERSION_BYTES = 2
 #: The field length that stands for NULL.
@@ -71,6 +74,7 @@ _I32 = struct.Struct(">i")
 _I64 = struct.Struct(">q")
 _FIELDS = ("position", "stream id", "version", "event id", "type name", "data", "metadata", "recorded_at",
            "type version")
+_COLUMNS_FIELDS = ("position", "stream id", "version", "type name", "data", "recorded_at", "type version")
 
 
 def copy_header_problem(buffer: bytes | bytearray | memoryview) -> str | None:
@@ -90,11 +94,18 @@ def copy_header_problem(buffer: bytes | bytearray | memoryview) -> str | None:
     return None
 
 
-def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int) -> str:
+def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int, layout: str = "events") -> str:
     """What is wrong with the COPY row (or trailer) starting at byte `offset` of `buffer`: the first
     of its fields that is truncated, NULL where a value is due, of the wrong length, not UTF-8, a
     jsonb of an unknown version or a timestamp out of Python's range; the row is named by its
-    position and stream once they are read. A row without a problem is described as such."""
+    position and stream once they are read. A row without a problem is described as such.
+    `layout`: "events" (the events' columns, COPY_FIELDS), or read_columns' (COLUMNS_COPY_FIELDS):
+    "columns" (the payload due) or "envelope" (the payload NULL or not)."""
+    if layout == "events":
+        fields, expected, nullable = _FIELDS, COPY_FIELDS, ("metadata", "type version")
+    else:
+        fields, expected = _COLUMNS_FIELDS, COLUMNS_COPY_FIELDS
+        nullable = ("data", "type version") if layout == "envelope" else ("type version",)
     buf = bytes(buffer)
     end = len(buf)
     if offset + 2 > end:
@@ -104,17 +115,17 @@ def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int) -> str
         if offset + 2 != end:
             return f"{end - offset - 2} bytes after the COPY trailer at byte {offset}"
         return f"no problem found in the COPY trailer at byte {offset}"
-    if count != COPY_FIELDS:
-        return f"the COPY row at byte {offset} has {count} fields, expected {COPY_FIELDS}"
+    if count != expected:
+        return f"the COPY row at byte {offset} has {count} fields, expected {expected}"
     where = f"in the COPY row at byte {offset}"
     o = offset + 2
     values: list = []
-    for i, name in enumerate(_FIELDS):
+    for i, name in enumerate(fields):
         if o + 4 > end:
             return f"truncated {name} {where}: the data ends at byte {end}"
         size = _I32.unpack_from(buf, o)[0]
         o += 4
-        if size == NULL_LENGTH and name in ("metadata", "type version"):
+        if size == NULL_LENGTH and name in nullable:
             values.append(None)
             continue
         if size < 0:

@@ -23,7 +23,7 @@ from ..payloads import DECODE_ERRORS
 from ..utf8 import row_decode_error_text
 from ..events import Event
 from ..formats import (
-    COLUMN_NAT, COPY_CRITICAL_FLAGS, COPY_FIELDS, COPY_HEADER, COPY_SIGNATURE, JSONB_VERSION, KIND_BOOL, KIND_DATETIME,
+    COLUMN_NAT, COLUMNS_COPY_FIELDS, COPY_CRITICAL_FLAGS, COPY_HEADER, COPY_SIGNATURE, JSONB_VERSION, KIND_BOOL, KIND_DATETIME,
     KIND_FLOAT, KIND_INT, KIND_OBJECT, KIND_STR, NULL_LENGTH, PG_EPOCH_OFFSET_US, RECORDED_AT_MAX_US, RECORDED_AT_MIN_US,
     TYPE_VERSION_BYTES, copy_header_problem, copy_row_problem,
 )
@@ -221,12 +221,14 @@ _FILL = {KIND_INT: 0, KIND_FLOAT: float("nan"), KIND_BOOL: False, KIND_STR: None
 
 def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds: tuple[int, ...], envelope: tuple,
                         outs: list, masks: list) -> tuple[int, int]:
-    """Decode a whole binary COPY stream of the events table's columns (the layout decode_copy reads)
-    straight into preallocated columns from index `offset` on: (rows written, the last one's position;
-    0 when none). The envelope as fill_columns writes it; each requested field of each event's payload
+    """Decode a whole binary COPY stream of read_columns' columns (formats.COLUMNS_COPY_FIELDS: position,
+    stream id, version, type, payload, recorded_at, type version; queries.sql: column_columns) straight
+    into preallocated columns from index `offset` on: (rows written, the last one's position; 0 when
+    none). The envelope as fill_columns writes it; each requested field of each event's payload
     (decoded by its class, older versions through the upcasters) as there. Framing is checked as
-    decode_copy checks it, with the same errors; metadata is framed but never decoded, event ids never
-    read. No field asked: payloads are not decoded either."""
+    decode_copy checks it, with errors of copy_row_problem's. No field asked: the payload may be NULL
+    (envelope_columns), and is not decoded."""
+    layout = "columns" if fields else "envelope"
     positions, stream_ids, versions, recorded_at, types = envelope
     capacity = len(positions)
     if len(kinds) != len(fields) or len(outs) != len(fields) or len(masks) != len(fields) or len(envelope) != 5:
@@ -257,35 +259,29 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
         if end - o < 18:
             if end - o == 2 and buf[o] == 0xFF and buf[o + 1] == 0xFF:
                 break
-            raise SerializationError(copy_row_problem(buf, row))
+            raise SerializationError(copy_row_problem(buf, row, layout))
         try:
             count, size, position, size_sid = head(buf, o)
-            if count != COPY_FIELDS or size != 8 or size_sid < 0 or o + 18 + size_sid > end:
+            if count != COLUMNS_COPY_FIELDS or size != 8 or size_sid < 0 or o + 18 + size_sid > end:
                 raise _Bad
             o += 18
             sid = buf[o:o + size_sid].decode()
             o += size_sid
-            size, version, size_id = mid(buf, o)
+            size, version, size_type = mid(buf, o)  # version (length 8, int8); the type name's length
             o += 16
-            if size != 8 or size_id != 16 or o + 20 > end:
+            if size != 8 or size_type < 0 or o + size_type > end:
                 raise _Bad
-            size = length(buf, o + 16)[0]
-            o += 20
-            if size < 0 or o + size > end:
-                raise _Bad
+            size = size_type
             type_name = buf[o:o + size].decode()
             o += size
             size = length(buf, o)[0]
             o += 4
-            if size < 1 or o + size > end or buf[o] != JSONB_VERSION:
-                raise _Bad
-            data = buf[o + 1:o + size]
-            o += size
-            size = length(buf, o)[0]
-            o += 4
-            if size != NULL_LENGTH:  # metadata: framed, never decoded
+            if size == NULL_LENGTH and not fields:  # the envelope alone: no payload sent
+                data = None
+            else:
                 if size < 1 or o + size > end or buf[o] != JSONB_VERSION:
                     raise _Bad
+                data = buf[o + 1:o + size]
                 o += size
             size, recorded = stamp(buf, o)
             o += 12
@@ -301,7 +297,7 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
                 if size != TYPE_VERSION_BYTES:
                     raise _Bad
         except (_Bad, struct.error, UnicodeDecodeError):
-            raise SerializationError(copy_row_problem(buf, row)) from None
+            raise SerializationError(copy_row_problem(buf, row, layout)) from None
         if offset + len(rows) >= capacity:
             raise ValueError(f"decode_copy_columns: more rows than the {capacity - offset} the columns have room for")
         if fields:
@@ -342,7 +338,7 @@ class _Bad(Exception):
 
 
 _ROW_HEAD = struct.Struct(">hiqi")  # field count; position (length 8, int8); the stream id's length
-_ROW_MID = struct.Struct(">iqi")  # version (length 8, int8); the event id's length
+_ROW_MID = struct.Struct(">iqi")  # version (length 8, int8); the next field's length
 _HEADER_TAIL = struct.Struct(">Ii")  # flags, header extension length
 _I32 = struct.Struct(">i")
 _I64_FIELD = struct.Struct(">iq")  # length 8, int8

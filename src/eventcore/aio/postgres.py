@@ -401,6 +401,7 @@ class AsyncPostgresStore(AsyncEventStore):
     #: Statements rendered for the schema (Any: psycopg's types ask for literal strings).
     _sql: dict[str, Any]
     _read_all_sql: dict[tuple[bool, bool], Any]
+    _read_columns_sql: dict[tuple[bool, bool, bool], Any]
     _connect_kwargs: dict[str, Any]
     #: Seconds between looks at the head while `wait_for_events` hears nothing.
     poll_interval: float = POLL_INTERVAL
@@ -732,7 +733,7 @@ class AsyncPostgresStore(AsyncEventStore):
 
         async def run(conn, query, values):
             return await read_copy_decoded(conn, query, values, decode)
-        await self._read(run, self._read_all_sql[types is not None, prefix is not None],
+        await self._read(run, self._read_columns_sql[types is not None, prefix is not None, bool(filler.plan.fields)],
                          read_all_params(after, types, prefix, limit))
         return decode.done()
 

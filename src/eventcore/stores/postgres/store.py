@@ -53,7 +53,7 @@ from .connections import KEEPALIVES, RECONNECT_TIMEOUT, _Connections, _connectio
     _session_options
 from .group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE_EMPTY_MEMBER, _encode_group, _GroupCommitter
 from .sql import BAD_CALL_SQLSTATES, CONFLICT_SQLSTATE, FIRST_ROWS, QUERIES, SCHEMA_VERSION, TOO_MANY_SQLSTATE, \
-    copy_read_all_sql, q, read_all_params
+    copy_read_all_sql, copy_read_columns_sql, q, read_all_params
 from .watchdog import CLIENT_DEADLINE_MARGIN, _Watchdog
 
 log: logging.Logger = logging.getLogger("eventcore.store.postgres")
@@ -397,6 +397,11 @@ def configure(store, dsn: str, schema, pool_size, pool_min_size, connect_timeout
     store._read_all_sql = {
         (t, p): q(copy_read_all_sql(t, p), schema).as_string(None) for t in (False, True) for p in (False, True)
     }
+    # read_columns' pages: read_all's statements with fewer columns (queries.sql: column_columns).
+    store._read_columns_sql = {
+        (t, p, d): q(copy_read_columns_sql(t, p, d), schema).as_string(None)
+        for t in (False, True) for p in (False, True) for d in (False, True)
+    }
     # plan_cache_mode: the prepared statements of these connections are planned for each call's
     # values. A plan cached while the tables were small (a new store, before autovacuum's
     # ANALYZE) stays a sequential scan as they grow: a read of one stream went from 0.3 ms to
@@ -452,6 +457,7 @@ class PostgresStore(EventStore):
     _long_streams: set[str]
     _sql: dict[str, str]
     _read_all_sql: dict[tuple[bool, bool], str]
+    _read_columns_sql: dict[tuple[bool, bool, bool], str]
     #: What every connection of the store is made with, the first one's included.
     _connect_kwargs: dict[str, Any]
 
@@ -891,7 +897,8 @@ class PostgresStore(EventStore):
         `filler`'s columns (eventcore.columns, read_columns): (rows read, the last one's position)."""
         decode = filler._page_decoder(limit)
         self._read(lambda conn, query, values: read_copy_decoded(conn, query, values, decode),
-                   self._read_all_sql[types is not None, prefix is not None], read_all_params(after, types, prefix, limit))
+                   self._read_columns_sql[types is not None, prefix is not None, bool(filler.plan.fields)],
+                   read_all_params(after, types, prefix, limit))
         return decode.done()
 
     def _type_counts(self):

@@ -138,6 +138,16 @@ def copy_read_all_sql(with_types: bool, with_prefix: bool) -> str:
     return QUERIES["copy_" + _READ_ALL[with_types, with_prefix]]
 
 
+def copy_read_columns_sql(with_types: bool, with_prefix: bool, with_data: bool) -> str:
+    """`copy_read_all_sql` with read_columns' columns (column_columns, or envelope_columns when no payload
+    field is read) in place of copy_columns: the same conditions, order and parameters."""
+    text = copy_read_all_sql(with_types, with_prefix)
+    columns = QUERIES["copy_columns"]
+    if text.count(columns) != 1:
+        raise RuntimeError("eventcore: copy_read_all's statements must hold copy_columns once (queries.sql)")
+    return text.replace(columns, QUERIES["column_columns" if with_data else "envelope_columns"])
+
+
 def read_all_params(after: int, types: tuple[str, ...] | None, prefix: str | None, limit: int) -> tuple[Any, ...]:
     """The parameters of `read_all_sql(types is not None, prefix is not None)`, in order."""
     params: list = [after]
