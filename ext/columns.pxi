@@ -11,11 +11,10 @@
 # ColumnRowError. fill_columns (below) writes a page of events into the result's arrays through typed
 # memoryviews: the same values and masks as the pure twin.
 
-from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE, PyByteArray_Resize
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize
 from libc.string cimport memcpy
 from cpython.buffer cimport PyBUF_C_CONTIGUOUS, PyBUF_WRITABLE
-from cpython.mem cimport PyMem_Free, PyMem_Malloc
+from cpython.mem cimport PyMem_Free, PyMem_Malloc, PyMem_Realloc
 from cpython.ref cimport Py_INCREF, Py_XDECREF
 
 from eventcore._pure import columns as _pure_columns
@@ -63,16 +62,102 @@ cdef object _layout(object cls):
     return layout
 
 
-cdef inline void _append(bytearray buf, const char* p, Py_ssize_t n) except *:
-    cdef Py_ssize_t size = PyByteArray_GET_SIZE(buf)
-    PyByteArray_Resize(buf, size + n)
-    memcpy(PyByteArray_AS_STRING(buf) + size, p, <size_t>n)
-
-
 cdef const char* _HEX = b"0123456789abcdef"
 
 
-cdef bint _append_str(bytearray buf, str s) except -1:
+# -- a growable C buffer for one row's payload (reused for every row of a call) ---------------------------
+
+cdef struct _Row:
+    char* data
+    Py_ssize_t size
+    Py_ssize_t cap
+
+
+cdef int _row_put(_Row* r, const char* p, Py_ssize_t n) except -1:
+    cdef Py_ssize_t cap
+    cdef char* grown
+    if r.size + n > r.cap:
+        cap = r.cap * 2 if r.cap * 2 > r.size + n else r.size + n + 256
+        grown = <char*>PyMem_Realloc(r.data, <size_t>cap)
+        if grown == NULL:
+            raise MemoryError()
+        r.data = grown
+        r.cap = cap
+    memcpy(r.data + r.size, p, <size_t>n)
+    r.size += n
+    return 0
+
+
+cdef int _row_int(_Row* r, long long v) except -1:
+    """`v` in decimal, as msgspec writes an int."""
+    cdef char digits[24]
+    cdef int at = 24
+    cdef unsigned long long u = <unsigned long long>(-(v + 1)) + 1 if v < 0 else <unsigned long long>v
+    while True:
+        at -= 1
+        digits[at] = <char>(48 + u % 10)
+        u //= 10
+        if u == 0:
+            break
+    if v < 0:
+        at -= 1
+        digits[at] = 45  # -
+    return _row_put(r, digits + at, 24 - at)
+
+
+cdef inline void _two(char* p, long long v) noexcept:
+    p[0] = <char>(48 + v // 10)
+    p[1] = <char>(48 + v % 10)
+
+
+cdef int _row_datetime(_Row* r, long long us, bint aware) except -1:
+    """Microseconds since the epoch (years 1-9999: checked by the caller) as msgspec writes the datetime:
+    "YYYY-MM-DDTHH:MM:SS", then ".ffffff" unless the microseconds are 0, then "Z" if aware, quoted."""
+    cdef long long days = us // _US_PER_DAY, rem = us - days * _US_PER_DAY
+    if rem < 0:
+        days -= 1
+        rem += _US_PER_DAY
+    # The civil date of a day number (days since 1970-01-01): the inverse of _days_from_civil, by 400-year
+    # eras of 146,097 days counted from 0000-03-01.
+    cdef long long z = days + 719468
+    cdef long long era = (z if z >= 0 else z - 146096) // 146097
+    cdef long long doe = z - era * 146097
+    cdef long long yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    cdef long long doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    cdef long long mp = (5 * doy + 2) // 153
+    cdef long long day = doy - (153 * mp + 2) // 5 + 1
+    cdef long long month = mp + 3 if mp < 10 else mp - 9
+    cdef long long year = yoe + era * 400 + (1 if month <= 2 else 0)
+    cdef long long seconds = rem // 1_000_000, micros = rem % 1_000_000
+    cdef char text[32]
+    text[0] = 34  # "
+    _two(text + 1, year // 100)
+    _two(text + 3, year % 100)
+    text[5] = 45
+    _two(text + 6, month)
+    text[8] = 45
+    _two(text + 9, day)
+    text[11] = 84  # T
+    _two(text + 12, seconds // 3600)
+    text[14] = 58
+    _two(text + 15, (seconds // 60) % 60)
+    text[17] = 58
+    _two(text + 18, seconds % 60)
+    cdef int n = 20
+    if micros:
+        text[20] = 46  # .
+        _two(text + 21, micros // 10000)
+        _two(text + 23, (micros // 100) % 100)
+        _two(text + 25, micros % 100)
+        n = 27
+    if aware:
+        text[n] = 90  # Z
+        n += 1
+    text[n] = 34
+    return _row_put(r, text, n + 1)
+
+
+cdef bint _row_str(_Row* r, str s) except -1:
     """Append `s` as a JSON string, escaped as msgspec escapes it; False (nothing appended) for what
     the row path refuses or this path does not write: a NUL, a lone surrogate."""
     cdef Py_ssize_t n, i, start
@@ -86,29 +171,29 @@ cdef bint _append_str(bytearray buf, str s) except -1:
     for i in range(n):
         if p[i] == 0:
             return False
-    _append(buf, b'"', 1)
+    _row_put(r, b'"', 1)
     start = 0
     for i in range(n):
         c = <unsigned char>p[i]
         if c >= 0x20 and c != 34 and c != 92:
             continue
         if i > start:
-            _append(buf, p + start, i - start)
+            _row_put(r, p + start, i - start)
         start = i + 1
         if c == 34:
-            _append(buf, b'\\"', 2)
+            _row_put(r, b'\\"', 2)
         elif c == 92:
-            _append(buf, b"\\\\", 2)
+            _row_put(r, b"\\\\", 2)
         elif c == 10:
-            _append(buf, b"\\n", 2)
+            _row_put(r, b"\\n", 2)
         elif c == 13:
-            _append(buf, b"\\r", 2)
+            _row_put(r, b"\\r", 2)
         elif c == 9:
-            _append(buf, b"\\t", 2)
+            _row_put(r, b"\\t", 2)
         elif c == 8:
-            _append(buf, b"\\b", 2)
+            _row_put(r, b"\\b", 2)
         elif c == 12:
-            _append(buf, b"\\f", 2)
+            _row_put(r, b"\\f", 2)
         else:
             esc[0] = 92
             esc[1] = 117  # u
@@ -116,11 +201,20 @@ cdef bint _append_str(bytearray buf, str s) except -1:
             esc[3] = 48
             esc[4] = _HEX[c >> 4]
             esc[5] = _HEX[c & 15]
-            _append(buf, esc, 6)
+            _row_put(r, esc, 6)
     if n > start:
-        _append(buf, p + start, n - start)
-    _append(buf, b'"', 1)
+        _row_put(r, p + start, n - start)
+    _row_put(r, b'"', 1)
     return True
+
+
+# How encode_column_payloads writes a field of the class in each row.
+cdef enum:
+    _FROM_DEFAULT = 0  # the class's default, encoded once
+    _FROM_PIECES = 1  # the row's number as msgspec wrote it (a column encoded as one list)
+    _FROM_STR = 2  # the row's str, escaped here
+    _FROM_INT64 = 3  # the row's int64, in decimal
+    _FROM_DATETIME64 = 4  # the row's microseconds since the epoch, as an ISO datetime
 
 
 cdef bint _plain_values(list values, object kind):
@@ -148,7 +242,8 @@ def encode_column_payloads(cls, encode_event, tuple names, tuple kinds, tuple nu
     cdef Py_ssize_t n = len(rows), width = len(field_names), i, j, k
     # Per field of the class: the column index (or -1), its values (encoded pieces or str), its mask.
     cdef list sources = []
-    cdef list pieces, missing
+    cdef object pieces
+    cdef list missing
     by_name = {name: k for k, name in enumerate(names)}
     for name, default in zip(field_names, defaults):
         k = by_name.get(name, -1)
@@ -159,15 +254,27 @@ def encode_column_payloads(cls, encode_event, tuple names, tuple kinds, tuple nu
             sources.append((-1, None, None))
             continue
         kind = kinds[k]
-        values = columns[k][rows].tolist()
         mask = masks[k]
         missing = None if mask is None else mask[rows].tolist()
-        if missing is not None:
-            if not nullable[k] and any(missing):
-                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
-                                                            columns, masks, rows)
-            if kind != _KIND_STR:
-                values = [0 if m else v for v, m in zip(values, missing)]
+        if missing is not None and not nullable[k] and any(missing):
+            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                        columns, masks, rows)
+        column = columns[k]
+        if (kind == _KIND_INT or kind == _KIND_DATETIME) and column.dtype.kind == "i" and column.dtype.itemsize == 8 \
+                and column.dtype.isnative:
+            # Written here from the int64 values (datetimes: microseconds since the epoch), no object per row;
+            # a fancy-indexed copy, so contiguous whatever the column's strides.
+            direct = column[rows]
+            if kind == _KIND_DATETIME and len(direct):
+                present = direct if missing is None else direct[[not m for m in missing]]
+                if len(present) and (present.min() < RECORDED_AT_MIN_US or present.max() > RECORDED_AT_MAX_US):
+                    return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                                columns, masks, rows)
+            sources.append((k, direct, missing))
+            continue
+        values = column[rows].tolist()
+        if missing is not None and kind != _KIND_STR:
+            values = [0 if m else v for v, m in zip(values, missing)]
         if columns[k].dtype.kind == "O" and kind != _KIND_STR and not _plain_values(values, kind):
             return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
                                                         masks, rows)
@@ -193,37 +300,76 @@ def encode_column_payloads(cls, encode_event, tuple names, tuple kinds, tuple nu
     if width == 0:
         return [b"{}"] * n
     cdef list out = []
-    cdef bytearray buf
+    cdef _Row r
+    r.data = NULL
+    r.size = 0
+    r.cap = 0
     cdef bytes key, piece
-    for i in range(n):
-        buf = bytearray()
+    cdef object v
+    # Per field, for the loop over rows: how it is written, and where from.
+    cdef list field_pieces = [None] * width  # bytes per row (numbers msgspec wrote), or str per row
+    cdef list field_missing = [None] * width  # bool per row, or None: nothing missing
+    cdef int* modes = <int*>PyMem_Malloc(sizeof(int) * width)
+    cdef const long long** int64s = <const long long**>PyMem_Malloc(sizeof(long long*) * width)
+    if modes == NULL or int64s == NULL:
+        PyMem_Free(modes)
+        PyMem_Free(int64s)
+        raise MemoryError()
+    try:
         for j in range(width):
-            key = keys[j]
-            _append(buf, key, len(key))
             k, pieces, missing = sources[j]
+            field_missing[j] = missing
+            int64s[j] = NULL
             if k < 0:
-                piece = defaults[j]
-                _append(buf, piece, len(piece))
-            elif missing is not None and missing[i]:
-                _append(buf, b"null", 4)
+                modes[j] = _FROM_DEFAULT
             elif kinds[k] == _KIND_STR:
-                v = pieces[i]
-                if v is None:
-                    if not nullable[k]:
+                modes[j] = _FROM_STR
+                field_pieces[j] = pieces
+            elif isinstance(pieces, list):
+                modes[j] = _FROM_PIECES
+                field_pieces[j] = pieces
+            else:  # the int64 values, contiguous (a fancy-indexed copy), kept alive by `sources`
+                modes[j] = _FROM_DATETIME64 if kinds[k] == _KIND_DATETIME else _FROM_INT64
+                field_pieces[j] = aware[k]
+                int64s[j] = <const long long*><size_t>pieces.__array_interface__["data"][0]
+        for i in range(n):
+            r.size = 0
+            for j in range(width):
+                key = <bytes>keys[j]
+                _row_put(&r, PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key))
+                if modes[j] == _FROM_DEFAULT:
+                    piece = <bytes>defaults[j]
+                    _row_put(&r, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
+                    continue
+                missing = <list>field_missing[j]
+                if missing is not None and missing[i]:
+                    _row_put(&r, b"null", 4)
+                elif modes[j] == _FROM_INT64:
+                    _row_int(&r, int64s[j][i])
+                elif modes[j] == _FROM_DATETIME64:
+                    _row_datetime(&r, int64s[j][i], field_pieces[j])
+                elif modes[j] == _FROM_PIECES:
+                    piece = <bytes>(<list>field_pieces[j])[i]
+                    _row_put(&r, PyBytes_AS_STRING(piece), PyBytes_GET_SIZE(piece))
+                else:
+                    v = (<list>field_pieces[j])[i]
+                    if v is None:
+                        if not nullable[sources[j][0]]:
+                            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable,
+                                                                        aware, columns, masks, rows)
+                        _row_put(&r, b"null", 4)
+                    elif type(v) is not str or not _row_str(&r, v):
                         return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable,
                                                                     aware, columns, masks, rows)
-                    _append(buf, b"null", 4)
-                elif type(v) is not str or not _append_str(buf, v):
-                    return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
-                                                                columns, masks, rows)
-            else:
-                piece = pieces[i]
-                _append(buf, piece, len(piece))
-        _append(buf, b"}", 1)
-        if PyByteArray_GET_SIZE(buf) > MAX_PAYLOAD:
-            return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware, columns,
-                                                        masks, rows)
-        out.append(bytes(buf))
+            _row_put(&r, b"}", 1)
+            if r.size > MAX_PAYLOAD:
+                return _pure_columns.encode_column_payloads(cls, encode_event, names, kinds, nullable, aware,
+                                                            columns, masks, rows)
+            out.append(PyBytes_FromStringAndSize(r.data, r.size))
+    finally:
+        PyMem_Free(r.data)
+        PyMem_Free(modes)
+        PyMem_Free(int64s)
     return out
 
 

@@ -269,10 +269,9 @@ def _metadata_rows(np: Any, metadata: Any, n: int) -> tuple[Metadata | None, Any
 def _checked_ids(given: list, valid: dict) -> tuple[list, tuple[int, EventCoreError] | None]:
     """(the stream ids of a chunk validated, up to the first bad one; (its offset, the error) or None).
     `valid` remembers the str ids checked already (bounded): each distinct id is validated once."""
-    try:
-        ids = [valid.get(sid) for sid in given]
-    except TypeError:  # an unhashable value: checked (and refused) below
-        ids = [None] * len(given)
+    # Only a str itself is looked up: a subclass or another object may hash and compare equal to an id it
+    # is not (or raise doing so); each is validated as the row path validates it.
+    ids = [valid.get(sid) if type(sid) is str else None for sid in given]
     if None not in ids:
         return ids, None
     for offset, known in enumerate(ids):
