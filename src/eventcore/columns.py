@@ -290,10 +290,15 @@ def _checked_ids(given: list, valid: dict) -> tuple[list, tuple[int, EventCoreEr
     return ids, None
 
 
-def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -> tuple[int, Iterator[Any]]:
+def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
+                 committed: tuple[int, set] | None = None) -> tuple[int, Iterator[Any]]:
     """(row count, the rows as `store.ingest` items), lazily: RowBlocks of validated rows, a chunk of
     rows each (stream ids checked, payloads encoded from the columns), then a RejectedItem at the first
-    bad row if there is one. Column shapes, dtypes and type names are checked here, at the call (ValidationError)."""
+    bad row if there is one. Column shapes, dtypes and type names are checked here, at the call
+    (ValidationError). `committed`: (below, holes) of a resumed ingest (see committed_resume): the rows
+    below `below` but those in `holes` were committed by an earlier run, and store.ingest passes them
+    over; their payloads are neither encoded nor checked (a resumed ingest must be able to finish, as
+    a resumed JSON Lines ingest does, whatever such a row holds now)."""
     np = numpy()
     if isinstance(stream_ids, (str, bytes)):
         raise ValidationError("stream_ids must be a 1-D array of stream ids (one per row), got a single str")
@@ -320,16 +325,22 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
         plans = [_Plan(np, _event_class(t), columns) for t in uniques.tolist()]
         codes = codes.reshape(-1).astype(np.intp)
     md_all, md_row = _metadata_rows(np, metadata, n)
+    if md_all is not None:
+        _impl.encode_metadata(md_all)  # one ec.Metadata for every row: refused at the call, nothing written
     present = {name: ~np.ma.getmaskarray(arr) if isinstance(arr, np.ma.MaskedArray)
                else (np.ones(n, bool) if arr.dtype.kind != "O" else np.array([v is not None for v in arr.tolist()], bool))
                for name, arr in columns.items()} if any(p.unknown for p in plans) else {}
+
+    below, holes = committed if committed is not None else (0, set())
+    hole_rows = np.array(sorted(holes), dtype=np.intp)
 
     def items() -> Iterator[Any]:
         valid: dict = {}
         for start in range(0, n, ENCODE_CHUNK_ROWS):
             stop = min(n, start + ENCODE_CHUNK_ROWS)
             first_bad: tuple[int, EventCoreError] | None = None
-            if codes is None and not plans[0].unknown:  # one class: the chunk's rows in order
+            passed_over = start < below  # rows of the chunk an earlier run committed: not encoded
+            if codes is None and not plans[0].unknown and not passed_over:  # one class: the chunk's rows in order
                 plan = plans[0]
                 try:
                     payloads = plan.encode(np.arange(start, stop))
@@ -339,16 +350,20 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
                 types = [plan.type] * len(payloads)
                 versions = [plan.version] * len(payloads)
             else:  # per row of the chunk: its payload and its class's type and version
-                payloads = [None] * (stop - start)
-                types = [None] * (stop - start)
-                versions = [None] * (stop - start)
+                # A row passed over keeps a placeholder (store.ingest does not write it).
+                placeholder = (b"{}", plans[0].type, plans[0].version) if passed_over else (None, None, None)
+                payloads = [placeholder[0]] * (stop - start)
+                types = [placeholder[1]] * (stop - start)
+                versions = [placeholder[2]] * (stop - start)
                 for k, plan in enumerate(plans):
                     if codes is None:
                         rows = np.arange(start, stop)
                     else:
                         rows = np.nonzero(codes[start:stop] == k)[0] + start
-                        if not len(rows):
-                            continue
+                    if passed_over:
+                        rows = rows[(rows >= below) | np.isin(rows, hole_rows)]
+                    if not len(rows):
+                        continue
                     for name in plan.unknown:
                         given = rows[present[name][rows]]
                         if len(given):
@@ -382,7 +397,9 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
                 mds = []
                 for offset in range(good):
                     try:
-                        mds.append(md_row(start + offset))
+                        md = md_row(start + offset)
+                        _impl.encode_metadata(md)  # checked here: a value it refuses is this row's error
+                        mds.append(md)
                     except EventCoreError as exc:
                         good, first_bad = offset, (start + offset, exc)
                         break
@@ -395,9 +412,28 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None) -
     return n, items()
 
 
+def committed_resume(options: dict, progress: Any, holes: Any) -> tuple[int, set] | None:
+    """column_items' `committed` for an ingest with these options, from the store's records of its resume
+    key: `progress(key)` and `holes(key)` (the store's _ingest_progress and _ingest_holes); None when no
+    resume key is given or nothing of it is committed. A key or lane count store.ingest will refuse,
+    or a store that cannot resume, gives None: store.ingest then says why."""
+    from .stores.ingest import MAX_INGEST_LANES, committed_below
+
+    key, parallel = options.get("resume_key"), options.get("parallel", 1)
+    if type(key) is not str or type(parallel) is not int or not 1 <= parallel <= MAX_INGEST_LANES:
+        return None
+    try:
+        below = committed_below(progress(key), parallel)
+        return (below, {item for _, item in holes(key)}) if below else None
+    except EventCoreError:
+        return None
+
+
 def ingest_columns(store: Any, stream_ids: Any, types: Any, data: Any, metadata: Any = None, **options: Any) -> Any:
     """`EventStore.ingest_columns` (see there) for `store`."""
-    _, items = column_items(stream_ids, types, data, metadata)
+    committed = committed_resume(options, store._ingest_progress, store._ingest_holes) \
+        if options.get("resume_key") is not None else None
+    _, items = column_items(stream_ids, types, data, metadata, committed)
     return store.ingest(items, **options)
 
 

@@ -16,7 +16,7 @@ import weakref
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, Any, AsyncIterator, Callable, Iterable, Mapping
 
-from ..errors import DuplicateCommandError, ValidationError
+from ..errors import DuplicateCommandError, EventCoreError, ValidationError
 from ..events import EventToWrite, Metadata, RecordedEvent
 from ..stores.base import (
     _NOT_MADE, DEFAULT_PAGE_SIZE, BatchResult, ObservedStore, SnapshotInfo, StoreHealth, _command_cache_factory, _events_in, _stream_heads,
@@ -210,9 +210,19 @@ class AsyncEventStore(ObservedStore, ABC):
     ) -> IngestResult:
         """`ingest` from numpy columns (see EventStore.ingest_columns: the same arguments, guarantees and
         errors). Columns are checked at the call; rows are encoded on the ingest's own thread."""
-        from ..columns import column_items
+        from ..columns import column_items, committed_resume
 
-        _, items = column_items(stream_ids, types, data, metadata)
+        committed = None
+        if type(resume_key) is str:  # the store's records of the key, read on the loop (see committed_resume)
+            try:
+                recorded = await self._ingest_progress(resume_key)
+                holes = await self._ingest_holes(resume_key) if recorded else set()
+            except EventCoreError:
+                recorded = None  # store.ingest says why
+            if recorded:
+                committed = committed_resume({"resume_key": resume_key, "parallel": parallel}, lambda _: recorded,
+                                             lambda _: holes)
+        _, items = column_items(stream_ids, types, data, metadata, committed)
         return await self.ingest(items, batch_size=batch_size, expected=expected, on_batch=on_batch,
                                  parallel=parallel, resume_key=resume_key)
 

@@ -215,13 +215,19 @@ def committed_items(store: Any, resume_key: str | None, parallel: int) -> Callab
     if resume_key is None:
         return None
     recorded = store._ingest_progress(resume_key)
-    if not recorded:
-        return None
-    below = min(recorded.get(lane, (0, 0))[1] for lane in range(parallel))
+    below = committed_below(recorded, parallel)
     if below == 0:
         return None
     holes = {item for _, item in store._ingest_holes(resume_key)}
     return lambda index: index < below and index not in holes
+
+
+def committed_below(recorded: dict, parallel: int) -> int:
+    """The input index below which an earlier run committed every item but holes, from the progress its
+    lanes recorded (store._ingest_progress: lane -> (lanes, count)); 0 when nothing is."""
+    if not recorded:
+        return 0
+    return min(recorded.get(lane, (0, 0))[1] for lane in range(parallel))
 
 
 def ingest(
@@ -242,6 +248,8 @@ def ingest(
         raise ValidationError(f"parallel must be an int in 1..{MAX_INGEST_LANES}, got {parallel!r}")
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
+    if metadata is not None:
+        _impl.encode_metadata(metadata)  # every item may take it: a value it refuses is refused at the call
     if on_batch is not None and not callable(on_batch):
         raise ValidationError(f"on_batch must be a function or None, got {on_batch!r:.80}")
     checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
@@ -340,7 +348,10 @@ def ingest(
             # written, so that its worker only sends them (PostgreSQL: frames them into the COPY).
             n = len(lane.sids)
             mds = lane.mds
-            md_bytes = [None] * n if mds.count(None) == n else [_impl.encode_metadata(md) for md in mds]
+            try:  # RowBlocks' metadata was checked when they were made (columns.column_items)
+                md_bytes = [None] * n if mds.count(None) == n else [_impl.encode_metadata(md) for md in mds]
+            except EventCoreError as exc:
+                raise _BatchFailed(lane.start, exc) from exc
             # As the events: the payloads (a store whose _append_batch goes through _append hands them
             # back in RecordedEvents that ingest reads only versions and positions from).
             evs = PreparedAppend(lane.sids, lane.types, lane.tvs, lane.payloads, md_bytes, _impl.new_event_ids(n),
@@ -501,7 +512,9 @@ def ingest(
             observer.operation_ended(ingest_run, state["events"], exc)
         raise
     finally:
-        # Settle every batch in flight (they may still commit) before reporting what is committed.
+        # Settle every batch in flight (they may still commit) before reporting what is committed, or
+        # before an error that is not a batch's (on_batch raised, the input raised) leaves.
+        unsettled: BaseException | None = None
         for lane in lanes:
             if lane.pending is not None:
                 try:
@@ -509,8 +522,15 @@ def ingest(
                 except _BatchFailed as exc:
                     if failure is None:
                         failure = (exc.start, True, exc.cause)
+                except BaseException as exc:  # noqa: BLE001 - raised once every lane is settled
+                    if unsettled is None:
+                        unsettled = exc
                 lane.pending = None
         pool.shutdown(wait=True)
+    if unsettled is not None:
+        if ingest_run is not None:
+            observer.operation_ended(ingest_run, state["events"], unsettled)
+        raise unsettled
     after = getattr(store, "_after_ingest", None)
     if after is not None:  # the backend's statistics brought up to date (PostgreSQL); never an error
         after(state["events"])

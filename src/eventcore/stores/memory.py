@@ -72,7 +72,8 @@ class MemoryStore(EventStore):
             rows = self._rows
             first = len(rows) + 1
             positions = range(first, first + len(p))
-            at = p.recorded_at_us
+            # Stamped under the write lock: a stream's later versions never carry an earlier time.
+            at = p.recorded_at_us = time.time_ns() // 1000
             for sid, v, pos, eid, t, data, md, tv in zip(
                 p.stream_ids, versions, positions, p.event_ids, p.types, p.payloads, p.metadatas, p.type_versions
             ):

@@ -405,7 +405,8 @@ class SQLiteStore(EventStore):
                 _impl.check_expected_versions(p.expected, current)
                 versions = _impl.assign_versions(p.stream_ids, current)
                 positions = range(head + 1, head + 1 + len(p))
-                at = p.recorded_at_us
+                # Stamped under the write lock: a stream's later versions never carry an earlier time.
+                at = p.recorded_at_us = time.time_ns() // 1000
                 conn.executemany(
                     _SQL_INSERT,
                     [

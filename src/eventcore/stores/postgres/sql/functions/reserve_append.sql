@@ -2,7 +2,7 @@
 -- p_counts: how many events each gets (0: read-only), p_n: their sum. Locks every participant,
 -- checks every expectation before writing anything, advances the heads, records the reservation
 -- (checked at COMMIT to have been written: see check_reservation_written), and returns the heads
--- as they were, the first position for this append's events and the commit timestamp. The caller
+-- as they were, the first position for this append's events and their timestamp (see 6.). The caller
 -- inserts the events (the batch writer's COPY) in the same transaction; check_inserted_events
 -- checks them.
 CREATE OR REPLACE FUNCTION {s}.reserve_append(
@@ -89,6 +89,9 @@ BEGIN
 
     -- 5. Positions: this transaction's id, shifted (see the fence in queries.sql).
     v_base := (pg_current_xact_id()::text::bigint) << {POSITION_SHIFT};
-    RETURN QUERY SELECT v_versions, v_base + 1, (extract(epoch FROM now()) * 1000000)::bigint;
+    -- 6. The events' timestamp: the clock now that the streams are locked (not now(), the transaction's
+    --    start, which may precede that of a transaction that locked the same streams first): so a stream's
+    --    later versions never carry an earlier time.
+    RETURN QUERY SELECT v_versions, v_base + 1, (extract(epoch FROM clock_timestamp()) * 1000000)::bigint;
 END $$;
 REVOKE ALL ON FUNCTION {s}.reserve_append(text[], bigint[], int[], int) FROM PUBLIC;
