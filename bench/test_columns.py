@@ -265,6 +265,47 @@ def test_read_columns(benchmark, pg_dsn, filled, columns):
 
 
 @pytest.mark.benchmark(group="columns-read")
+def test_read_columns_envelope(benchmark, pg_dsn, filled):
+    with ec.connect(pg_dsn, schema=filled, pool_size=1) as store:
+        out = benchmark.pedantic(lambda: store.read_columns(), rounds=3, iterations=1)
+    assert len(out["position"]) == N
+    record("read_columns_envelope", benchmark)
+    FIGURES[f"read_columns ({ec.__impl__}), {N:,} events, the envelope alone: events/s"] = (
+        N / MEDIANS["read_columns_envelope"], "events/s")
+
+
+@pytest.mark.benchmark(group="columns-read")
+def test_read_columns_raw_copy(benchmark, pg_dsn, filled):
+    """The floor of read_columns: the server's COPY of the very columns it reads (queries.sql column_columns),
+    in one statement, every message taken from libpq as the store's reader takes them, and dropped."""
+    from eventcore.stores.postgres.copy_reader import _COMMAND_OK, _results
+    from eventcore.stores.postgres.sql import QUERIES
+
+    query = sql.SQL("COPY (SELECT " + QUERIES["column_columns"] + " FROM {}.events ORDER BY position) "
+                    "TO STDOUT (FORMAT BINARY)").format(sql.Identifier(filled))
+
+    def run():
+        rows = 0
+        with psycopg.connect(pg_dsn) as conn, conn.cursor().copy(query):
+            get = conn.pgconn.get_copy_data
+            while True:
+                size, _ = get(0)  # 0: waits for the next message
+                if size < 0:
+                    break
+                rows += 1
+            _results(conn, conn.pgconn, (_COMMAND_OK,))  # the COPY's own result, as the store's reader reads it
+        return rows
+
+    rows = benchmark.pedantic(run, rounds=3, iterations=1)
+    assert rows == N + 1  # each row one message; the trailer one more
+    record("read_columns_raw", benchmark)
+    FIGURES["raw COPY of read_columns' columns, read and dropped: events/s"] = (N / MEDIANS["read_columns_raw"],
+                                                                              "events/s")
+    RATIOS.append(("read_columns vs raw COPY of its columns (read and dropped)", "read_columns",
+                   "read_columns_raw", "1.0x is the floor"))
+
+
+@pytest.mark.benchmark(group="columns-read")
 def test_read_all_objects(benchmark, pg_dsn, filled):
     with ec.connect(pg_dsn, schema=filled, pool_size=1) as store:
         events = benchmark.pedantic(lambda: list(store.read_all(types=[Sampled], page_size=10_000)), rounds=3,
