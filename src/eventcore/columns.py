@@ -291,7 +291,7 @@ def _checked_ids(given: list, valid: dict) -> tuple[list, tuple[int, EventCoreEr
 
 
 def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
-                 committed: tuple[int, set] | None = None) -> tuple[int, Iterator[Any]]:
+                 committed: tuple[int, set[int]] | None = None) -> tuple[int, Iterator[Any]]:
     """(row count, the rows as `store.ingest` items), lazily: RowBlocks of validated rows, a chunk of
     rows each (stream ids checked, payloads encoded from the columns), then a RejectedItem at the first
     bad row if there is one. Column shapes, dtypes and type names are checked here, at the call
@@ -351,7 +351,8 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
                 versions = [plan.version] * len(payloads)
             else:  # per row of the chunk: its payload and its class's type and version
                 # A row passed over keeps a placeholder (store.ingest does not write it).
-                placeholder = (b"{}", plans[0].type, plans[0].version) if passed_over else (None, None, None)
+                placeholder: tuple[Any, Any, Any] = (b"{}", plans[0].type, plans[0].version) if passed_over \
+                    else (None, None, None)
                 payloads = [placeholder[0]] * (stop - start)
                 types = [placeholder[1]] * (stop - start)
                 versions = [placeholder[2]] * (stop - start)
@@ -412,7 +413,7 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
     return n, items()
 
 
-def committed_resume(options: dict, progress: Any, holes: Any) -> tuple[int, set] | None:
+def committed_resume(options: dict[str, Any], progress: Any, holes: Any) -> tuple[int, set[int]] | None:
     """column_items' `committed` for an ingest with these options, from the store's records of its resume
     key: `progress(key)` and `holes(key)` (the store's _ingest_progress and _ingest_holes); None when no
     resume key is given or nothing of it is committed. A key or lane count store.ingest will refuse,

@@ -363,12 +363,13 @@ class RowBlock:
 
     __slots__ = ("stream_ids", "types", "type_versions", "payloads", "metadatas")
 
-    def __init__(self, stream_ids: list, types: list, type_versions: list, payloads: list, metadatas: list) -> None:
-        self.stream_ids: list = stream_ids  # StreamId
-        self.types: list = types  # str
-        self.type_versions: list = type_versions  # int
-        self.payloads: list = payloads  # bytes: the JSON object
-        self.metadatas: list = metadatas  # Metadata or None
+    def __init__(self, stream_ids: list[StreamId], types: list[str], type_versions: list[int], payloads: list[bytes],
+                 metadatas: list[Metadata | None]) -> None:
+        self.stream_ids: list[StreamId] = stream_ids
+        self.types: list[str] = types
+        self.type_versions: list[int] = type_versions
+        self.payloads: list[bytes] = payloads  # each the JSON object
+        self.metadatas: list[Metadata | None] = metadatas
 
     def __len__(self) -> int:
         return len(self.stream_ids)

@@ -101,6 +101,8 @@ def copy_row_problem(buffer: bytes | bytearray | memoryview, offset: int, layout
     position and stream once they are read. A row without a problem is described as such.
     `layout`: "events" (the events' columns, COPY_FIELDS), or read_columns' (COLUMNS_COPY_FIELDS):
     "columns" (the payload due) or "envelope" (the payload NULL or not)."""
+    fields: tuple[str, ...]
+    nullable: tuple[str, ...]
     if layout == "events":
         fields, expected, nullable = _FIELDS, COPY_FIELDS, ("metadata", "type version")
     else:

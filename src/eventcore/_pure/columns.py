@@ -276,8 +276,8 @@ def decode_copy_columns(buffer: Any, offset: int, fields: tuple[str, ...], kinds
             o += size
             size = length(buf, o)[0]
             o += 4
-            if size == NULL_LENGTH and not fields:  # the envelope alone: no payload sent
-                data = None
+            if size == NULL_LENGTH and not fields:  # the envelope alone: no payload sent (none decoded)
+                data = b""
             else:
                 if size < 1 or o + size > end or buf[o] != JSONB_VERSION:
                     raise _Bad

@@ -57,7 +57,8 @@ from ..stores.postgres.group_commit import GROUPS_IN_FLIGHT, _EMPTY_GROUP, _LONE
 from ..stores.postgres.projections import checkpoint_records, status_params
 from ..stores.postgres.sql import PROJECTION_QUERIES, QUERIES, SCHEMA_VERSION, q, read_all_params, read_all_sql
 from ..stores.postgres.store import (
-    _PREPARED_READS, ANALYZE_EVENTS, ANALYZE_MIN_EVENTS, ANALYZE_TARGET_SQL, BACKEND_GONE_TIMEOUT_MS, EVENTS_ROW_ESTIMATE, needs_analyze, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
+    _PREPARED_READS, ANALYZE_EVENTS, ANALYZE_MIN_EVENTS, ANALYZE_TARGET_SQL, BACKEND_GONE_TIMEOUT_MS,
+    EVENTS_ROW_ESTIMATE, needs_analyze, DEFAULT_POOL_SIZE, FIRST_ROWS, PostgresStore, _prepared_name,
     _remember_long, _text_array, after_snapshot, remember_longest, check_progress, committed_rows, configure,
     group_outcomes, save_snapshot_params,
     lost_check_only, no_connection_reason, outcome_unknown, pool_stats_of, progress_params, raise_write_error,
@@ -640,7 +641,7 @@ class AsyncPostgresStore(AsyncEventStore):
                     await conn.execute(ANALYZE_TARGET_SQL, prepare=False)
                     await conn.execute(q(ANALYZE_EVENTS, self.schema), prepare=False)
         try:
-            await self._read(run, EVENTS_ROW_ESTIMATE, ())
+            await self._read(run, "events_row_estimate", ())  # `run` states its own statements
         except EventCoreError as exc:
             log.debug("events table not analyzed after an ingest of %s events: %s", events, exc)
 

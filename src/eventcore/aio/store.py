@@ -213,10 +213,12 @@ class AsyncEventStore(ObservedStore, ABC):
         from ..columns import column_items, committed_resume
 
         committed = None
+        holes: set = set()
         if type(resume_key) is str:  # the store's records of the key, read on the loop (see committed_resume)
             try:
                 recorded = await self._ingest_progress(resume_key)
-                holes = await self._ingest_holes(resume_key) if recorded else set()
+                if recorded:
+                    holes = await self._ingest_holes(resume_key)
             except EventCoreError:
                 recorded = None  # store.ingest says why
             if recorded:

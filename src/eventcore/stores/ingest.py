@@ -222,7 +222,7 @@ def committed_items(store: Any, resume_key: str | None, parallel: int) -> Callab
     return lambda index: index < below and index not in holes
 
 
-def committed_below(recorded: dict, parallel: int) -> int:
+def committed_below(recorded: dict[int, tuple[int, int]], parallel: int) -> int:
     """The input index below which an earlier run committed every item but holes, from the progress its
     lanes recorded (store._ingest_progress: lane -> (lanes, count)); 0 when nothing is."""
     if not recorded:
@@ -343,11 +343,13 @@ def ingest(
             progress = IngestProgress(resume_key, lane_no, parallel, count, done[lane_no], passed, lane.filled,
                                       lane.pending is None)
             done[lane_no] = count
+        evs: Any
         if lane.payloads:
             # Rows of RowBlocks: the batch's rows made ready here, while the lane's batch in flight is
             # written, so that its worker only sends them (PostgreSQL: frames them into the COPY).
             n = len(lane.sids)
             mds = lane.mds
+            md_bytes: list[bytes | None]
             try:  # RowBlocks' metadata was checked when they were made (columns.column_items)
                 md_bytes = [None] * n if mds.count(None) == n else [_impl.encode_metadata(md) for md in mds]
             except EventCoreError as exc:
@@ -528,7 +530,7 @@ def ingest(
                 lane.pending = None
         pool.shutdown(wait=True)
     if unsettled is not None:
-        if ingest_run is not None:
+        if ingest_run is not None and observer is not None:
             observer.operation_ended(ingest_run, state["events"], unsettled)
         raise unsettled
     after = getattr(store, "_after_ingest", None)
