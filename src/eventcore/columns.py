@@ -419,11 +419,13 @@ def committed_resume(options: dict[str, Any], progress: Any, holes: Any) -> tupl
     resume key is given or nothing of it is committed. A key or lane count store.ingest will refuse,
     or a store that cannot resume, gives None: store.ingest then says why."""
     from .stores.ingest import MAX_INGEST_LANES, committed_below
+    from .stores.prepare import validate_idempotency_key
 
     key, parallel = options.get("resume_key"), options.get("parallel", 1)
-    if type(key) is not str or type(parallel) is not int or not 1 <= parallel <= MAX_INGEST_LANES:
+    if key is None or type(parallel) is not int or not 1 <= parallel <= MAX_INGEST_LANES:
         return None
     try:
+        key = validate_idempotency_key(key, "resume key")  # as store.ingest takes it (a UUID: its text)
         below = committed_below(progress(key), parallel)
         return (below, {item for _, item in holes(key)}) if below else None
     except EventCoreError:

@@ -82,9 +82,14 @@ class _StoreOnLoop:
         return self._run(self._store._append_batch(prepared))
 
     def _after_ingest(self, events: int) -> None:
+        """The store's statistics after the ingest (never an error): not once the caller was cancelled."""
         after = getattr(self._store, "_after_ingest", None)
-        if after is not None:
+        if after is None or self._stopped.is_set():
+            return
+        try:
             asyncio.run_coroutine_threadsafe(after(events), self._loop).result()
+        except concurrent.futures.CancelledError:
+            pass  # the loop is shutting down: the statistics wait for autovacuum
 
     def _ingest_progress(self, key: str) -> dict:
         return self._run(self._store._ingest_progress(key))

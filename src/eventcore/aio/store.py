@@ -214,15 +214,16 @@ class AsyncEventStore(ObservedStore, ABC):
 
         committed = None
         holes: set = set()
-        if type(resume_key) is str:  # the store's records of the key, read on the loop (see committed_resume)
+        if resume_key is not None:  # the store's records of the key, read on the loop (see committed_resume)
             try:
-                recorded = await self._ingest_progress(resume_key)
+                key = validate_idempotency_key(resume_key, "resume key")  # as store.ingest takes it
+                recorded = await self._ingest_progress(key)
                 if recorded:
-                    holes = await self._ingest_holes(resume_key)
+                    holes = await self._ingest_holes(key)
             except EventCoreError:
                 recorded = None  # store.ingest says why
             if recorded:
-                committed = committed_resume({"resume_key": resume_key, "parallel": parallel}, lambda _: recorded,
+                committed = committed_resume({"resume_key": key, "parallel": parallel}, lambda _: recorded,
                                              lambda _: holes)
         _, items = column_items(stream_ids, types, data, metadata, committed)
         return await self.ingest(items, batch_size=batch_size, expected=expected, on_batch=on_batch,
