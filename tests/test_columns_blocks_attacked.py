@@ -495,13 +495,10 @@ def test_threads_ingesting_columns_into_one_store(store, chunk):
 
 @pytest.mark.parametrize("path", ["columns", "items"])
 def test_recorded_at_never_goes_back_within_a_stream(store, chunk, path):
-    """FINDING (PostgreSQL and SQLite, both paths, so not the blocks' doing): with several ingests
-    writing one stream at once, a later version of a stream can have an earlier recorded_at (by a few
-    hundred microseconds). PostgreSQL: reserve_append.sql stamps a batch with now() - the transaction's
-    start, not its commit (its header calls it "the commit timestamp") - and a transaction that started
-    first can take the stream lock second. SQLite: the stamp is taken on the client before the write
-    lock (PreparedAppend.recorded_at_us; ingest's write() for RowBlock batches). Timing-dependent: the
-    memory store happened to pass; SQLite fails most runs, PostgreSQL every run here."""
+    """With several ingests writing one stream at once, a later version never carries an earlier
+    recorded_at (found by this tester: PostgreSQL stamped a batch with now(), its transaction's start,
+    which may precede that of a transaction that locked the stream first; SQLite and memory stamped
+    before the write lock). Timing-dependent: a run that interleaves nothing passes either way."""
     chunk(5)
     for attempt in range(3):
         _, by_stream = _threads(store, path, tag=f"thr{attempt}")

@@ -36,6 +36,7 @@ DECLARE
     v_parts    bigint;
     v_distinct bigint;
     v_void     text;
+    v_at       timestamptz;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
         RAISE EXCEPTION 'eventcore: one append per transaction (this transaction has already written)'
@@ -91,7 +92,11 @@ BEGIN
     --    a participant of its member gets no version, which NOT NULL refuses. A member whose
     --    idempotency key is recorded already (or taken by an earlier member of the group) is
     --    reported with conflict (JSON) duplicate = key and writes nothing; a member that writes
-    --    records its key with its first position and event count.
+    --    records its key with its first position and event count. The events' time is the clock
+    --    now that the streams are locked (not now(), the transaction's start, which may precede
+    --    that of a writer that locked the same streams first): a stream's later versions never
+    --    carry an earlier time (reserve_append's does the same).
+    v_at := clock_timestamp();
     RETURN QUERY
     WITH heads AS (
         SELECT m.ord::int AS m, p.ord AS o, p.doc->>0 AS s, (p.doc->>1)::bigint AS e,
@@ -146,7 +151,7 @@ BEGIN
     ), inserted AS (
         INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at,
                                 type_version)
-        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, now(), x.tv FROM numbered x, base
+        SELECT base.b + x.n, x.s, x.v, x.id, x.t, x.d, x.md, v_at, x.tv FROM numbered x, base
     ), keyed AS (
         INSERT INTO {s}.command_keys (key, first_position, event_count)
         SELECT mb.key, min(base.b + x.n), count(*)
@@ -154,7 +159,7 @@ BEGIN
          WHERE mb.key IS NOT NULL
          GROUP BY mb.key
     )
-    SELECT mb.m, mb.heads, (SELECT base.b FROM base), mb.conflict, (extract(epoch FROM now()) * 1000000)::bigint
+    SELECT mb.m, mb.heads, (SELECT base.b FROM base), mb.conflict, (extract(epoch FROM v_at) * 1000000)::bigint
       FROM members mb
      ORDER BY mb.m;
 END $$;

@@ -31,6 +31,7 @@ DECLARE
     v_distinct bigint;
     v_version  bigint;
     v_ordinal  bigint;
+    v_at       timestamptz;
     i          int;
 BEGIN
     IF pg_current_xact_id_if_assigned() IS NOT NULL THEN
@@ -120,10 +121,12 @@ BEGIN
         END LOOP;
     END IF;
 
-    -- 4. The writes. An event's position is base + its ordinal (an ordinal outside
+    -- 4. The writes, stamped with the clock now that the streams are locked (as append_group's). An
+    --    event's position is base + its ordinal (an ordinal outside
     --    1 .. {MAX_EVENTS_PER_TRANSACTION} becomes NULL, which the position's NOT NULL refuses), its version its
     --    stream's head + its rank in the stream; an event whose stream is not a participant gets no
     --    version, which NOT NULL refuses.
+    v_at := clock_timestamp();
     IF conflict IS NULL AND v_ne > 0 THEN
         base_position := (pg_current_xact_id()::text::bigint) << {POSITION_SHIFT};
         IF v_ne = 1 THEN
@@ -133,7 +136,7 @@ BEGIN
             INSERT INTO {s}.events (position, stream_id, version, event_id, type, data, metadata, recorded_at,
                                     type_version)
             VALUES (base_position + v_ordinal, v_events->0->>0, v_version, (v_events->0->>1)::uuid,
-                    v_events->0->>2, v_events->0->3, nullif(v_events->0->4, 'null'::jsonb), now(),
+                    v_events->0->>2, v_events->0->3, nullif(v_events->0->4, 'null'::jsonb), v_at,
                     coalesce((v_events->0->>6)::smallint, 1::smallint));
             INSERT INTO {s}.streams AS st (stream_id, version) VALUES (v_events->0->>0, v_version)
             ON CONFLICT (stream_id) DO UPDATE SET version = excluded.version;
@@ -143,7 +146,7 @@ BEGIN
                                         type_version)
                 SELECT base_position + x.n, x.s,
                        versions[array_position(v_streams, x.s)] + row_number() OVER (PARTITION BY x.s ORDER BY x.n),
-                       x.id, x.t, x.d, x.md, now(), x.tv
+                       x.id, x.t, x.d, x.md, v_at, x.tv
                   FROM (SELECT CASE WHEN (e.doc->>5)::bigint BETWEEN 1 AND {MAX_EVENTS_PER_TRANSACTION}
                                     THEN (e.doc->>5)::bigint END AS n,
                                e.doc->>0 AS s, (e.doc->>1)::uuid AS id, e.doc->>2 AS t, e.doc->3 AS d,
@@ -160,7 +163,7 @@ BEGIN
               FROM jsonb_array_elements(v_events) AS e(doc);
         END IF;
     END IF;
-    recorded_at_us := (extract(epoch FROM now()) * 1000000)::bigint;
+    recorded_at_us := (extract(epoch FROM v_at) * 1000000)::bigint;
     RETURN NEXT;
 END $$;
 REVOKE ALL ON FUNCTION {s}.append_one(jsonb) FROM PUBLIC;
