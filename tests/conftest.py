@@ -116,3 +116,14 @@ def store(backend, request):
         yield s
     finally:
         getattr(s, "shutdown", s.close)()  # an AioAdapter also stops its loop
+
+
+@pytest.fixture(params=["aio-memory", "aio-sqlite", "aio-postgres"])
+def aio_store(request):
+    """An empty asyncio store of each backend behind the sync facade (aio_adapter), shut down after: for
+    the tests that run sync checks against the asyncio stores too."""
+    s = AIO_BACKENDS[request.param](request)
+    try:
+        yield s
+    finally:
+        s.shutdown()

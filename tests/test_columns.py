@@ -489,18 +489,6 @@ def test_round_trips_any_values():
 # -- the asyncio stores ------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["aio-memory", "aio-sqlite", "aio-postgres"])
-def aio_store(request):
-    """An empty asyncio store of each backend behind the sync facade (aio_adapter), shut down after."""
-    from conftest import AIO_BACKENDS
-
-    s = AIO_BACKENDS[request.param](request)
-    try:
-        yield s
-    finally:
-        s.shutdown()
-
-
 @pytest.mark.parametrize("check", [
     test_columns_round_trip_on_every_backend,
     test_read_columns_pages_limit_prefix_and_after_position,

@@ -131,18 +131,6 @@ def test_blocks_and_items_do_not_mix(store):
     assert info.value.item == 1 and info.value.committed == 0
 
 
-@pytest.fixture(params=["aio-memory", "aio-sqlite", "aio-postgres"])
-def aio_store(request):
-    """An empty asyncio store of each backend behind the sync facade (aio_adapter), shut down after."""
-    from conftest import AIO_BACKENDS
-
-    s = AIO_BACKENDS[request.param](request)
-    try:
-        yield s
-    finally:
-        s.shutdown()
-
-
 @pytest.mark.parametrize("check", [
     lambda s: test_blocks_write_what_items_write(s, 2, 5),
     lambda s: test_blocks_resume_as_items_resume(s, 1),

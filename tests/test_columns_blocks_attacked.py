@@ -510,17 +510,6 @@ def test_recorded_at_never_goes_back_within_a_stream(store, chunk, path):
 # -- the asyncio stores ----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(params=["aio-memory", "aio-sqlite", "aio-postgres"])
-def aio_store(request):
-    from conftest import AIO_BACKENDS
-
-    s = AIO_BACKENDS[request.param](request)
-    try:
-        yield s
-    finally:
-        s.shutdown()
-
-
 @pytest.mark.parametrize("check", [
     lambda s, r, c: test_bad_row_at_chunk_and_batch_edges_stops_as_items_do(s, r, c, "nul_id"),
     lambda s, r, c: test_resume_after_failures_at_various_points_writes_each_row_once(s, c, 3),
