@@ -215,6 +215,7 @@ class AsyncEventStore(ObservedStore, ABC):
         committed = None
         holes: set = set()
         if resume_key is not None:  # the store's records of the key, read on the loop (see committed_resume)
+            key: Any = resume_key
             try:
                 key = validate_idempotency_key(resume_key, "resume key")  # as store.ingest takes it
                 recorded = await self._ingest_progress(key)
