@@ -325,8 +325,8 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
         plans = [_Plan(np, _event_class(t), columns) for t in uniques.tolist()]
         codes = codes.reshape(-1).astype(np.intp)
     md_all, md_row = _metadata_rows(np, metadata, n)
-    if md_all is not None:
-        _impl.encode_metadata(md_all)  # one ec.Metadata for every row: refused at the call, nothing written
+    # One ec.Metadata for every row: encoded (and a value it refuses refused) once, at the call.
+    md_all_json = _impl.encode_metadata(md_all)
     present = {name: ~np.ma.getmaskarray(arr) if isinstance(arr, np.ma.MaskedArray)
                else (np.ones(n, bool) if arr.dtype.kind != "O" else np.array([v is not None for v in arr.tolist()], bool))
                for name, arr in columns.items()} if any(p.unknown for p in plans) else {}
@@ -392,15 +392,14 @@ def column_items(stream_ids: Any, types: Any, data: Any, metadata: Any = None,
             ids, bad_id = _checked_ids(chunk_sids, valid)
             if bad_id is not None:
                 good, first_bad = bad_id[0], (start + bad_id[0], bad_id[1])
+            mds: list[bytes | None]
             if md_row is None:
-                mds = [md_all] * good
+                mds = [md_all_json] * good
             else:
                 mds = []
                 for offset in range(good):
-                    try:
-                        md = md_row(start + offset)
-                        _impl.encode_metadata(md)  # checked here: a value it refuses is this row's error
-                        mds.append(md)
+                    try:  # encoded here: a value it refuses is this row's error
+                        mds.append(_impl.encode_metadata(md_row(start + offset)))
                     except EventCoreError as exc:
                         good, first_bad = offset, (start + offset, exc)
                         break

@@ -358,18 +358,19 @@ class ValidatedItem(tuple):
 class RowBlock:
     """Consecutive ingest items given as columns (what `store.ingest_columns` hands `store.ingest`): one
     per row of `stream_ids`, numbered as that many items, each validated already (stream id checked,
-    payload encoded from the columns by the row path's rules). Parallel lists, one entry per row:
+    payload and metadata encoded by the row path's rules). Parallel lists, one entry per row:
     `store.ingest` moves them into its batches a slice at a time, without an object per row."""
 
     __slots__ = ("stream_ids", "types", "type_versions", "payloads", "metadatas")
 
     def __init__(self, stream_ids: list[StreamId], types: list[str], type_versions: list[int], payloads: list[bytes],
-                 metadatas: list[Metadata | None]) -> None:
+                 metadatas: list[bytes | None]) -> None:
         self.stream_ids: list[StreamId] = stream_ids
         self.types: list[str] = types
         self.type_versions: list[int] = type_versions
         self.payloads: list[bytes] = payloads  # each the JSON object
-        self.metadatas: list[Metadata | None] = metadatas
+        #: Each row's ec.Metadata as encode_metadata writes it, or None: none (then the ingest's own applies).
+        self.metadatas: list[bytes | None] = metadatas
 
     def __len__(self) -> int:
         return len(self.stream_ids)

@@ -126,8 +126,9 @@ class _BatchFailed(Exception):
 
 
 class _Lane:
-    """One ingest lane: the batch being filled and the batch in flight. A batch holds events (`evs`) or,
-    from RowBlocks, rows already encoded (`types`, `tvs`, `payloads`); `sids` and `mds` either way."""
+    """One ingest lane: the batch being filled and the batch in flight. A batch holds events (`evs`) and
+    their ec.Metadata (`mds`) or, from RowBlocks, rows already encoded (`types`, `tvs`, `payloads`, and in
+    `mds` the metadata's JSON); `sids` either way."""
 
     __slots__ = ("sids", "evs", "mds", "types", "tvs", "payloads", "start", "last", "pending", "filled")
 
@@ -248,8 +249,8 @@ def ingest(
         raise ValidationError(f"parallel must be an int in 1..{MAX_INGEST_LANES}, got {parallel!r}")
     if metadata is not None and not isinstance(metadata, Metadata):
         raise ValidationError(f"metadata must be an ec.Metadata, got {type(metadata).__name__}")
-    if metadata is not None:
-        _impl.encode_metadata(metadata)  # every item may take it: a value it refuses is refused at the call
+    # Every item may take it: a value it refuses is refused at the call; RowBlocks take it encoded.
+    metadata_json = _impl.encode_metadata(metadata)
     if on_batch is not None and not callable(on_batch):
         raise ValidationError(f"on_batch must be a function or None, got {on_batch!r:.80}")
     checks = {_stream_id(s): validate_expected(s, v) for s, v in (expected or {}).items()}
@@ -302,7 +303,7 @@ def ingest(
         with lock:
             exp = {sid: checks.get(sid, ANY) for sid in dict.fromkeys(sids)}
         if type(evs) is PreparedAppend:  # rows of RowBlocks, encoded on the reading thread (see flush)
-            evs.expected, evs.progress, evs.recorded_at_us = exp, progress, time.time_ns() // 1000
+            evs.expected, evs.progress = exp, progress  # (every store stamps the time under its write lock)
             call, args = store._append_batch, (evs,)
         else:
             call, args = store._ingest_batch, (sids, evs, mds, exp, progress)
@@ -348,16 +349,11 @@ def ingest(
             # Rows of RowBlocks: the batch's rows made ready here, while the lane's batch in flight is
             # written, so that its worker only sends them (PostgreSQL: frames them into the COPY).
             n = len(lane.sids)
-            mds = lane.mds
-            md_bytes: list[bytes | None]
-            try:  # RowBlocks' metadata was checked when they were made (columns.column_items)
-                md_bytes = [None] * n if mds.count(None) == n else [_impl.encode_metadata(md) for md in mds]
-            except EventCoreError as exc:
-                raise _BatchFailed(lane.start, exc) from exc
-            # As the events: the payloads (a store whose _append_batch goes through _append hands them
-            # back in RecordedEvents that ingest reads only versions and positions from).
-            evs = PreparedAppend(lane.sids, lane.types, lane.tvs, lane.payloads, md_bytes, _impl.new_event_ids(n),
-                                 lane.payloads, mds, {})
+            # As the events and their metadata objects: the payloads and None (a store whose _append_batch
+            # goes through _append hands them back in RecordedEvents, of which ingest reads only versions
+            # and positions).
+            evs = PreparedAppend(lane.sids, lane.types, lane.tvs, lane.payloads, lane.mds, _impl.new_event_ids(n),
+                                 lane.payloads, [None] * n, {})
         else:
             evs = lane.evs
         batch = (lane.sids, evs, lane.mds, lane.start, progress)
@@ -431,8 +427,8 @@ def ingest(
     def place_block(index: int, block: RowBlock) -> None:
         """A RowBlock's rows (input items `index`..) into their lanes: in bulk, unless an earlier run
         with the resume key committed some of them (then row by row, as items)."""
-        if metadata is not None and None in block.metadatas:
-            block.metadatas = [metadata if md is None else md for md in block.metadatas]
+        if metadata_json is not None and None in block.metadatas:
+            block.metadatas = [metadata_json if md is None else md for md in block.metadatas]
         if not holes and index >= max(done):
             if parallel == 1:
                 add_rows(0, index, block, None)
